@@ -1,0 +1,290 @@
+"""An x86-64 ELF object on disk: its loadable segments, sections and symbols.
+
+    >>> obj = ElfObject.open("/usr/bin/python3.11")
+    >>> obj.kind, hex(obj.vaddr_to_offset(0x4f20d4))
+    ('exec', '0xf20d4')
+    >>> obj.describe_address(0x4f20d4)
+    '_PyEval_EvalFrameDefault+0x1a24'
+
+pyelftools reads the headers; the symbol tables themselves are decoded in bulk (see ``symbols.py``) because
+big objects such as ``libjvm.so`` carry tens of thousands of symbols.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import lzma
+import os
+from dataclasses import dataclass
+
+from elftools.common.exceptions import ELFError as _PyElfError
+from elftools.elf.constants import P_FLAGS
+from elftools.elf.elffile import ELFFile
+
+from ..errors import ElfError, ResolveError
+from .symbols import Symbol, SymbolTable, read_symbol_table
+
+__all__ = ["ElfObject", "LoadSegment"]
+
+_ELF_MAGIC = b"\x7fELF"
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSegment:
+    """One PT_LOAD program header: ``[vaddr, vaddr+memsz)`` maps file bytes ``[offset, offset+filesz)``."""
+
+    vaddr: int
+    memsz: int
+    offset: int
+    filesz: int
+    flags: int
+
+    @property
+    def executable(self) -> bool:
+        return bool(self.flags & P_FLAGS.PF_X)
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.flags & P_FLAGS.PF_W)
+
+    def contains_vaddr(self, vaddr: int) -> bool:
+        return self.vaddr <= vaddr < self.vaddr + self.memsz
+
+    def contains_offset(self, offset: int) -> bool:
+        return self.offset <= offset < self.offset + self.filesz
+
+
+@dataclass(frozen=True, slots=True)
+class _Section:
+    name: str
+    addr: int
+    offset: int
+    size: int
+    type: str
+    flags: int
+    link: int
+
+
+class ElfObject:
+    """A 64-bit x86-64 ELF file opened for probing. Use :meth:`open`; instances are cached per file version."""
+
+    def __init__(self, path: str, data: bytes) -> None:
+        self.path = path
+        self._data = data
+        try:
+            self._elf = ELFFile(io.BytesIO(data))
+            header = self._elf.header
+            self.elf_type = header["e_type"]
+            self.entry = header["e_entry"]
+            self.segments = tuple(
+                LoadSegment(seg["p_vaddr"], seg["p_memsz"], seg["p_offset"], seg["p_filesz"], seg["p_flags"])
+                for seg in self._elf.iter_segments(type="PT_LOAD")
+            )
+            self._sections = {
+                sec.name: _Section(sec.name, sec["sh_addr"], sec["sh_offset"], sec["sh_size"], sec["sh_type"],
+                                   sec["sh_flags"], sec["sh_link"])
+                for sec in self._elf.iter_sections()
+            }
+            self.build_id = self._read_build_id()
+            self.debuglink = self._read_debuglink()
+        except (_PyElfError, ValueError, KeyError, IndexError, UnicodeDecodeError, OverflowError) as exc:
+            raise ElfError(f"{path}: malformed ELF file ({exc}); is it truncated?") from None
+        for seg in self.segments:
+            if seg.filesz and seg.offset + seg.filesz > len(data):
+                raise ElfError(f"{path}: truncated ELF file: a segment ends at byte {seg.offset + seg.filesz:#x} "
+                               f"but the file has {len(data):#x} bytes")
+
+    @classmethod
+    def open(cls, path: str) -> ElfObject:
+        """Open ``path`` (following symlinks); raise :class:`ElfError` with a one-line reason if unusable."""
+        real = os.path.realpath(path)
+        try:
+            st = os.stat(real)
+        except FileNotFoundError:
+            raise ElfError(f"{path}: no such file") from None
+        except OSError as exc:
+            raise ElfError(f"{path}: cannot open: {exc.strerror}") from None
+        return _open_cached(real, st.st_ino, st.st_dev, st.st_mtime_ns, st.st_size)
+
+    @classmethod
+    def from_bytes(cls, name: str, data: bytes) -> ElfObject:
+        """An object held in memory, such as the MiniDebugInfo ELF inside ``.gnu_debugdata``."""
+        _check_ident(name, data)
+        return cls(name, data)
+
+    # -- layout -----------------------------------------------------------------------------------------
+
+    @property
+    def kind(self) -> str:
+        """``exec`` (non-PIE executable), ``pie``, ``shared`` (library), ``debug`` (separate debug file)."""
+        if self.elf_type == "ET_EXEC":
+            return "debug" if self._is_debug_only() else "exec"
+        if self.elf_type == "ET_DYN":
+            if self._is_debug_only():
+                return "debug"
+            return "pie" if ".interp" in self._sections else "shared"
+        return self.elf_type
+
+    def _is_debug_only(self) -> bool:
+        text = self._sections.get(".text")
+        return text is not None and text.type == "SHT_NOBITS"
+
+    def section(self, name: str) -> _Section | None:
+        return self._sections.get(name)
+
+    def section_bytes(self, name: str) -> bytes | None:
+        sec = self._sections.get(name)
+        if sec is None or sec.type == "SHT_NOBITS":
+            return None
+        return self._data[sec.offset:sec.offset + sec.size]
+
+    def segment_for_vaddr(self, vaddr: int) -> LoadSegment | None:
+        return next((seg for seg in self.segments if seg.contains_vaddr(vaddr)), None)
+
+    def vaddr_to_offset(self, vaddr: int) -> int:
+        """File offset of the byte at link-time address ``vaddr``; it must be backed by the file."""
+        for seg in self.segments:
+            if seg.vaddr <= vaddr < seg.vaddr + seg.filesz:
+                return vaddr - seg.vaddr + seg.offset
+        raise ResolveError(f"{self.path}: address {vaddr:#x} is not in any loadable segment of the file")
+
+    def offset_to_vaddr(self, offset: int) -> int:
+        """Link-time address at which file offset ``offset`` is loaded."""
+        for seg in self.segments:
+            if seg.contains_offset(offset):
+                return offset - seg.offset + seg.vaddr
+        raise ResolveError(f"{self.path}: file offset {offset:#x} is not in any loadable segment of the file")
+
+    def read(self, vaddr: int, size: int) -> bytes:
+        """``size`` bytes of the file image at link-time address ``vaddr``."""
+        offset = self.vaddr_to_offset(vaddr)
+        return self._data[offset:offset + size]
+
+    @property
+    def text_bias(self) -> int:
+        """``p_vaddr - p_offset`` of the first executable segment (0 for most PIEs and libraries)."""
+        seg = next((s for s in self.segments if s.executable), None)
+        return seg.vaddr - seg.offset if seg else 0
+
+    # -- symbols ----------------------------------------------------------------------------------------
+
+    @functools.cached_property
+    def symbols(self) -> SymbolTable:
+        """Every defined symbol: ``.symtab``, ``.dynsym``, MiniDebugInfo and a separate debug file if found."""
+        from .debuginfo import find_debug_file  # local: debuginfo opens ElfObjects itself
+
+        tables = [self._own_symbols("symtab"), self._own_symbols("dynsym")]
+        if not tables[0]:
+            tables.append(self._minidebuginfo_symbols())
+            debug_path = find_debug_file(self)
+            if debug_path:
+                tables.append(ElfObject.open(debug_path)._own_symbols("symtab"))
+        return SymbolTable([sym for table in tables for sym in table])
+
+    @property
+    def has_symtab(self) -> bool:
+        return ".symtab" in self._sections
+
+    def _own_symbols(self, which: str) -> list[Symbol]:
+        sections = {"symtab": ".symtab", "dynsym": ".dynsym"}
+        sec = self._elf.get_section_by_name(sections[which])
+        if sec is None or sec["sh_type"] == "SHT_NOBITS":
+            return []
+        strtab = self._elf.get_section(sec["sh_link"])
+        versions = self._versions(sec) if which == "dynsym" else None
+        try:
+            return read_symbol_table(self._data, sec["sh_offset"], sec["sh_size"], strtab["sh_offset"],
+                                     strtab["sh_size"], origin=which, versions=versions)
+        except ValueError as exc:
+            raise ElfError(f"{self.path}: malformed {sections[which]}: {exc}") from None
+
+    def _versions(self, dynsym) -> list[tuple[str, bool] | None] | None:
+        """Per ``.dynsym`` entry: (version name, is default) or None, from ``.gnu.version`` and ``.gnu.version_d``."""
+        versym = self._elf.get_section_by_name(".gnu.version")
+        verdef = self._elf.get_section_by_name(".gnu.version_d")
+        if versym is None or verdef is None:
+            return None
+        names = {}
+        for version, auxiliaries in verdef.iter_versions():
+            aux = next(iter(auxiliaries), None)
+            if aux is not None and not version["vd_flags"] & 1:  # VER_FLG_BASE names the file, not a version
+                names[version["vd_ndx"]] = aux.name
+        raw = self.section_bytes(".gnu.version") or b""
+        result: list[tuple[str, bool] | None] = []
+        for i in range(0, len(raw) - 1, 2):
+            index = int.from_bytes(raw[i:i + 2], "little")
+            name = names.get(index & 0x7FFF)
+            result.append((name, not index & 0x8000) if name else None)
+        return result
+
+    def _minidebuginfo_symbols(self) -> list[Symbol]:
+        packed = self.section_bytes(".gnu_debugdata")
+        if not packed:
+            return []
+        try:
+            inner = ElfObject.from_bytes(f"{self.path}[.gnu_debugdata]", lzma.decompress(packed))
+        except (lzma.LZMAError, ElfError):
+            raise ElfError(f"{self.path}: .gnu_debugdata (MiniDebugInfo) is not an xz-compressed ELF file") from None
+        return [sym.with_origin("minidebuginfo") for sym in inner._own_symbols("symtab")]
+
+    def describe_address(self, vaddr: int) -> str:
+        """``symbol+0xoff`` for display, or the bare address when no symbol covers it."""
+        sym = self.symbols.containing(vaddr)
+        if sym is None:
+            return f"{vaddr:#x}"
+        return sym.name if vaddr == sym.value else f"{sym.name}+{vaddr - sym.value:#x}"
+
+    # -- notes ------------------------------------------------------------------------------------------
+
+    def iter_notes(self, section_name: str):
+        """pyelftools note containers of one SHT_NOTE section (empty if absent)."""
+        sec = self._elf.get_section_by_name(section_name)
+        if sec is None or sec["sh_type"] != "SHT_NOTE":
+            return iter(())
+        return sec.iter_notes()
+
+    def _read_build_id(self) -> str | None:
+        for note in self.iter_notes(".note.gnu.build-id"):
+            if note["n_type"] == "NT_GNU_BUILD_ID" and note["n_name"] == "GNU":
+                return note["n_desc"] if isinstance(note["n_desc"], str) else note["n_desc"].hex()
+        return None
+
+    def _read_debuglink(self) -> str | None:
+        raw = self.section_bytes(".gnu_debuglink")
+        if not raw or b"\0" not in raw:
+            return None
+        return raw[:raw.index(b"\0")].decode("utf-8", "replace")
+
+    def __repr__(self) -> str:
+        return f"<ElfObject {self.path} {self.kind}>"
+
+
+def _check_ident(path: str, data: bytes) -> None:
+    if len(data) < 64 and data[:4] == _ELF_MAGIC:
+        raise ElfError(f"{path}: truncated ELF file ({len(data)} bytes, shorter than an ELF header)")
+    if data[:4] != _ELF_MAGIC:
+        raise ElfError(f"{path}: not an ELF file")
+    if data[4] != 2:
+        raise ElfError(f"{path}: 32-bit ELF file; uprobes probes x86-64 (64-bit) objects only")
+    if data[5] != 1:
+        raise ElfError(f"{path}: big-endian ELF file; uprobes probes x86-64 objects only")
+    machine = int.from_bytes(data[18:20], "little")
+    if machine != 62:  # EM_X86_64
+        raise ElfError(f"{path}: ELF file for another machine (e_machine {machine}); uprobes probes x86-64 only")
+
+
+@functools.lru_cache(maxsize=64)
+def _open_cached(real: str, ino: int, dev: int, mtime_ns: int, size: int) -> ElfObject:
+    # Keyed by inode and mtime as well as path so a rebuilt file is read again.
+    if not os.path.isfile(real):
+        raise ElfError(f"{real}: not a regular file")
+    try:
+        with open(real, "rb") as f:
+            data = f.read()
+    except PermissionError:
+        raise ElfError(f"{real}: permission denied (run as a user who can read it)") from None
+    except OSError as exc:
+        raise ElfError(f"{real}: cannot read: {exc.strerror}") from None
+    _check_ident(real, data)
+    return ElfObject(real, data)

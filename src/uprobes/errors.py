@@ -1,0 +1,28 @@
+"""Errors a user can act on.
+
+Every error that can reach a user derives from :class:`UprobesError`; its ``str()`` is one line that names
+the problem and, where there is one, what to do about it. The CLI prints it and exits 2; anything else is
+a bug in uprobes.
+"""
+
+__all__ = ["UprobesError", "ElfError", "ProbeSyntaxError", "ResolveError", "ProcessError"]
+
+
+class UprobesError(Exception):
+    """An error caused by input or environment, reported to the user as one line."""
+
+
+class ElfError(UprobesError):
+    """A file cannot be used as an ELF object: missing, not ELF, wrong class/machine, malformed."""
+
+
+class ProbeSyntaxError(UprobesError):
+    """A probe or fetch-argument text does not parse; the message names the bad token."""
+
+
+class ResolveError(UprobesError):
+    """A well-formed probe names something that is not there: a symbol, a marker, an offset."""
+
+
+class ProcessError(UprobesError):
+    """A process cannot be inspected: gone, or not ours to read."""

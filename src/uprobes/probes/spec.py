@@ -1,0 +1,173 @@
+"""The probe syntax, one parser for every engine.
+
+Two families are accepted, each followed by optional fetch arguments separated by spaces:
+
+- the kernel's ``uprobe_events`` form::
+
+      p[:[GRP/]EVENT] PATH:OFFSET[%return][(REF_CTR_OFFSET)] [FETCHARGS]
+      r[:[GRP/]EVENT] PATH:OFFSET[(REF_CTR_OFFSET)] [FETCHARGS]
+
+  where OFFSET is a file offset read as the kernel reads it (``0x`` hex, leading ``0`` octal, else decimal),
+  or ``SYMBOL[+OFFSET]``;
+- bpftrace-style names: ``uprobe:PATH:SYMBOL[+OFFSET]``, ``uprobe:PATH:0xADDR`` (a link-time address),
+  ``uretprobe:PATH:SYMBOL``, ``usdt:PATH:[PROVIDER:]NAME``.
+
+PATH may be a bare name (``libc``, ``python3``). ``*`` and ``?`` in SYMBOL, PROVIDER and NAME are globs.
+Parsing only reads text; :mod:`uprobes.probes.resolve` turns a :class:`ProbeSpec` into probe points.
+
+    >>> parse_probe("uretprobe:libc:malloc ret=$retval")
+    ProbeSpec(text='uretprobe:libc:malloc ret=$retval', is_return=True, target='libc', symbol='malloc', ...)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import ProbeSyntaxError
+
+__all__ = ["ProbeSpec", "parse_probe", "parse_kernel_number", "MAX_NAME_LEN"]
+
+MAX_NAME_LEN = 63  # the kernel's MAX_EVENT_NAME_LEN is 64, including the NUL
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_SYMBOL = re.compile(r"[A-Za-z_.$?*\[\]][\w.$@?*\[\]:<>~,-]*\Z")
+_KERNEL_HEAD = re.compile(r"(?P<kind>[pr])(?::(?:(?P<group>[^/\s]*)/)?(?P<event>[^/\s]*))?\Z")
+_REF_SUFFIX = re.compile(r"\((?P<ref>[^()]*)\)\Z")
+_BPFTRACE_KINDS = {"uprobe": False, "uretprobe": True}
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """A probe as the user wrote it, parsed but not yet looked up in any file."""
+
+    text: str
+    is_return: bool
+    target: str
+    group: str | None = None
+    event: str | None = None
+    offset: int | None = None  # file offset (kernel form)
+    address: int | None = None  # link-time virtual address (uprobe:PATH:0xADDR)
+    symbol: str | None = None  # name or glob
+    symbol_offset: int = 0
+    provider: str | None = None  # USDT provider glob; None matches any provider
+    marker: str | None = None  # USDT name glob
+    ref_ctr_offset: int | None = None
+    fetchargs: tuple[str, ...] = ()
+
+    @property
+    def is_usdt(self) -> bool:
+        return self.marker is not None
+
+
+def parse_kernel_number(text: str, what: str, probe: str) -> int:
+    """An unsigned number as the kernel's ``kstrtoul(s, 0)`` reads it: ``0x`` hex, leading ``0`` octal."""
+    try:
+        if text[:2].lower() == "0x":
+            value = int(text[2:], 16) if text[2:] else None
+        elif len(text) > 1 and text.startswith("0"):
+            value = int(text[1:], 8)
+        else:
+            value = int(text, 10) if text.isdigit() else None
+    except ValueError:
+        value = None
+    if value is None or value >= 1 << 64:
+        raise ProbeSyntaxError(f"probe '{probe}': {what} '{text}' is not a number (write 0x1234, 0755 or 4660)")
+    return value
+
+
+def parse_probe(text: str) -> ProbeSpec:
+    """Parse one probe with its fetch arguments; raise :class:`ProbeSyntaxError` naming the bad token."""
+    tokens = text.split()
+    if not tokens:
+        raise ProbeSyntaxError("empty probe: write e.g. 'uprobe:/bin/bash:readline' or 'p /bin/bash:0x1234'")
+    head, rest = tokens[0], tuple(tokens[1:])
+    prefix = head.split(":", 1)[0]
+    if prefix in _BPFTRACE_KINDS or prefix == "usdt":
+        return _parse_bpftrace(text, head, rest)
+    head_match = _KERNEL_HEAD.match(head)
+    if head_match and rest:
+        return _parse_kernel(text, head_match, rest[0], rest[1:])
+    if head_match:
+        raise ProbeSyntaxError(f"probe '{text}': '{head}' must be followed by PATH:OFFSET")
+    raise ProbeSyntaxError(f"probe '{text}': unknown probe type '{prefix}' "
+                           f"(use uprobe:, uretprobe:, usdt:, or the kernel's p: and r: forms)")
+
+
+def _parse_kernel(text: str, head: re.Match, location: str, fetchargs: tuple[str, ...]) -> ProbeSpec:
+    is_return = head["kind"] == "r"
+    group = _check_name(head["group"], "group", text) if head["group"] else None
+    event = _check_name(head["event"], "event", text) if head["event"] else None
+    ref_ctr = None
+    ref_match = _REF_SUFFIX.search(location)
+    if ref_match:
+        ref_ctr = parse_kernel_number(ref_match["ref"], "reference counter offset", text)
+        location = location[:ref_match.start()]
+    elif "(" in location:
+        raise ProbeSyntaxError(f"probe '{text}': reference counter brace is not closed in '{location}'")
+    if location.endswith("%return"):
+        if is_return:
+            raise ProbeSyntaxError(f"probe '{text}': '%return' is for p: probes; r: is already a return probe")
+        is_return, location = True, location[:-len("%return")]
+    elif "%" in location:
+        raise ProbeSyntaxError(f"probe '{text}': invalid suffix '{location[location.index('%'):]}' "
+                               f"(only %return is allowed)")
+    path, colon, where = location.rpartition(":")
+    if not colon or not path or not where:
+        raise ProbeSyntaxError(f"probe '{text}': '{location}' is not PATH:OFFSET or PATH:SYMBOL[+OFFSET]")
+    if where[0].isdigit():
+        offset = parse_kernel_number(where, "offset", text)
+        return ProbeSpec(text, is_return, path, group, event, offset=offset, ref_ctr_offset=ref_ctr,
+                         fetchargs=fetchargs)
+    symbol, symbol_offset = _split_symbol(where, text)
+    return ProbeSpec(text, is_return, path, group, event, symbol=symbol, symbol_offset=symbol_offset,
+                     ref_ctr_offset=ref_ctr, fetchargs=fetchargs)
+
+
+def _parse_bpftrace(text: str, head: str, fetchargs: tuple[str, ...]) -> ProbeSpec:
+    kind, _, rest = head.partition(":")
+    if kind == "usdt":
+        return _parse_usdt(text, rest, fetchargs)
+    is_return = _BPFTRACE_KINDS[kind]
+    path, colon, where = rest.rpartition(":")
+    if not colon or not path or not where:
+        raise ProbeSyntaxError(f"probe '{text}': write {kind}:PATH:SYMBOL[+OFFSET]"
+                               f"{'' if is_return else ' or uprobe:PATH:0xADDRESS'}")
+    if where[0].isdigit():
+        address = parse_kernel_number(where, "address", text)
+        return ProbeSpec(text, is_return, path, address=address, fetchargs=fetchargs)
+    symbol, symbol_offset = _split_symbol(where, text)
+    if is_return and symbol_offset:
+        raise ProbeSyntaxError(f"probe '{text}': a return probe goes on a function's entry, not '{where}'")
+    return ProbeSpec(text, is_return, path, symbol=symbol, symbol_offset=symbol_offset, fetchargs=fetchargs)
+
+
+def _parse_usdt(text: str, rest: str, fetchargs: tuple[str, ...]) -> ProbeSpec:
+    parts = rest.split(":")
+    if len(parts) < 2 or not parts[0] or not parts[-1]:
+        raise ProbeSyntaxError(f"probe '{text}': write usdt:PATH:[PROVIDER:]NAME")
+    provider = None
+    if len(parts) >= 3 and parts[-2]:
+        path, provider = ":".join(parts[:-2]), parts[-2]
+    else:
+        path = ":".join(parts[:-1]).rstrip(":")
+    for label, value in (("provider", provider), ("marker name", parts[-1])):
+        if value is not None and not re.fullmatch(r"[\w?*\[\]-]+", value):
+            raise ProbeSyntaxError(f"probe '{text}': invalid {label} '{value}'")
+    return ProbeSpec(text, False, path, provider=provider, marker=parts[-1], fetchargs=fetchargs)
+
+
+def _split_symbol(where: str, text: str) -> tuple[str, int]:
+    symbol, plus, offset_text = where.partition("+")
+    if not _SYMBOL.match(symbol):
+        raise ProbeSyntaxError(f"probe '{text}': invalid symbol '{symbol}'")
+    offset = parse_kernel_number(offset_text, "symbol offset", text) if plus else 0
+    return symbol, offset
+
+
+def _check_name(name: str, what: str, text: str) -> str:
+    if not _NAME.match(name):
+        raise ProbeSyntaxError(f"probe '{text}': {what} name '{name}' must be a C identifier "
+                               f"(letters, digits, '_', not starting with a digit)")
+    if len(name) > MAX_NAME_LEN:
+        raise ProbeSyntaxError(f"probe '{text}': {what} name '{name[:20]}...' is longer than {MAX_NAME_LEN} characters")
+    return name
