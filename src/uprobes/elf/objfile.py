@@ -115,7 +115,7 @@ class ElfObject:
 
     # -- layout -----------------------------------------------------------------------------------------
 
-    @property
+    @functools.cached_property
     def kind(self) -> str:
         """``exec`` (non-PIE executable), ``pie``, ``shared`` (library), ``debug`` (separate debug file)."""
         if self.elf_type == "ET_EXEC":
@@ -123,8 +123,15 @@ class ElfObject:
         if self.elf_type == "ET_DYN":
             if self._is_debug_only():
                 return "debug"
-            return "pie" if ".interp" in self._sections else "shared"
+            return "pie" if self._is_pie() else "shared"
         return self.elf_type
+
+    def _is_pie(self) -> bool:
+        dynamic = self._elf.get_section_by_name(".dynamic")
+        tags = {tag.entry.d_tag: tag.entry.d_val for tag in dynamic.iter_tags()} if dynamic else {}
+        if "DT_FLAGS_1" in tags:
+            return bool(tags["DT_FLAGS_1"] & 0x08000000)  # DF_1_PIE
+        return ".interp" in self._sections and "DT_SONAME" not in tags
 
     def _is_debug_only(self) -> bool:
         text = self._sections.get(".text")

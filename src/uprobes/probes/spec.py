@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from ..errors import ProbeSyntaxError
 
-__all__ = ["ProbeSpec", "parse_probe", "parse_kernel_number", "MAX_NAME_LEN"]
+__all__ = ["ProbeSpec", "parse_probe", "parse_kernel_number", "group_probe_words", "MAX_NAME_LEN"]
 
 MAX_NAME_LEN = 63  # the kernel's MAX_EVENT_NAME_LEN is 64, including the NUL
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -91,6 +91,27 @@ def parse_probe(text: str) -> ProbeSpec:
         raise ProbeSyntaxError(f"probe '{text}': '{head}' must be followed by PATH:OFFSET")
     raise ProbeSyntaxError(f"probe '{text}': unknown probe type '{prefix}' "
                            f"(use uprobe:, uretprobe:, usdt:, or the kernel's p: and r: forms)")
+
+
+def _starts_probe(word: str) -> bool:
+    return word.split(":", 1)[0] in ("uprobe", "uretprobe", "usdt") or bool(_KERNEL_HEAD.match(word))
+
+
+def group_probe_words(words: list[str]) -> list[str]:
+    """Probe texts from command-line words: a word that does not start a probe belongs to the one before.
+
+    ``['uretprobe:libc:malloc', 'ret=$retval', 'p', '/bin/x:0x10']`` gives
+    ``['uretprobe:libc:malloc ret=$retval', 'p /bin/x:0x10']``.
+    """
+    probes: list[str] = []
+    for word in words:
+        if probes and not _starts_probe(word.split(None, 1)[0] if word.strip() else word):
+            probes[-1] += " " + word
+        elif probes and _KERNEL_HEAD.match(probes[-1]):  # "p:grp/ev" waits for its PATH:OFFSET
+            probes[-1] += " " + word
+        else:
+            probes.append(word)
+    return probes
 
 
 def _parse_kernel(text: str, head: re.Match, location: str, fetchargs: tuple[str, ...]) -> ProbeSpec:

@@ -1,0 +1,7 @@
+"""``python -m uprobes``."""
+
+import sys
+
+from .cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,124 @@
+"""``uprobes list``: the functions and SDT markers of a file, or of every object a process maps."""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import sys
+from dataclasses import asdict
+
+from ..elf.locate import find_object
+from ..elf.objfile import ElfObject
+from ..errors import UprobesError
+from ..proc.maps import mapped_objects, path_in_process
+from ..sdt.arguments import SdtArgument
+from ..sdt.notes import SdtMarker, read_markers
+
+__all__ = ["run_list", "describe_argument"]
+
+
+def run_list(args: argparse.Namespace) -> int:
+    if args.pid is None and args.target is None:
+        raise UprobesError("list needs a TARGET file or -p PID")
+    if args.pid is not None:
+        if args.target is not None and args.pattern == "*":  # `list -p PID PATTERN`
+            args.pattern, args.target = args.target, None
+        if args.target is not None:
+            raise UprobesError("give either a TARGET or -p PID, not both")
+        paths = [path_in_process(args.pid, p) for p in mapped_objects(args.pid)]
+    else:
+        paths = [find_object(args.target)]
+    listings = []
+    for path in paths:
+        try:
+            listings.append(_listing(ElfObject.open(path), args.pattern))
+        except UprobesError as exc:
+            if args.pid is None:
+                raise
+            print(f"uprobes: warning: skipping {exc}", file=sys.stderr)
+    out = sys.stdout
+    if args.json:
+        document = {"pid": args.pid, "objects": listings} if args.pid is not None else listings[0]
+        json.dump(document, out, indent=1)
+        out.write("\n")
+    else:
+        for listing in listings:
+            _print_text(listing, out)
+    return 0
+
+
+def _listing(obj: ElfObject, pattern: str) -> dict:
+    functions = [sym for sym in obj.symbols.functions
+                 if fnmatch.fnmatchcase(sym.name, pattern) or fnmatch.fnmatchcase(sym.display_name, pattern)]
+    markers = [m for m in read_markers(obj)
+               if fnmatch.fnmatchcase(m.qualified_name, pattern) or fnmatch.fnmatchcase(m.name, pattern)]
+    return {
+        "path": obj.path,
+        "kind": obj.kind,
+        "build_id": obj.build_id,
+        "functions": [{"name": sym.display_name, "address": sym.value, "offset": _offset(obj, sym.value),
+                       "size": sym.size, "type": sym.type, "binding": sym.binding, "origin": sym.origin}
+                      for sym in functions],
+        "markers": [_marker_record(m) for m in markers],
+    }
+
+
+def _offset(obj: ElfObject, vaddr: int) -> int | None:
+    try:
+        return obj.vaddr_to_offset(vaddr)
+    except UprobesError:
+        return None
+
+
+def _marker_record(marker: SdtMarker) -> dict:
+    return {
+        "provider": marker.provider,
+        "name": marker.name,
+        "sites": [{"address": site.address, "offset": site.offset, "semaphore": site.semaphore,
+                   "semaphore_offset": site.semaphore_offset, "args": site.args_text,
+                   "arguments": [asdict(arg) for arg in site.args]}
+                  for site in marker.sites],
+    }
+
+
+def describe_argument(arg: SdtArgument) -> str:
+    """A parsed marker argument for people: ``s32 %eax``, ``u64 -16(%rbp)``, ``invalid: unknown register``."""
+    if arg.kind == "invalid":
+        return f"invalid ({arg.error})"
+    kind = f"{'f' if arg.is_float else 's' if arg.signed else 'u'}{arg.size * 8}"
+    if arg.kind == "const":
+        return f"{kind} {arg.value}"
+    if arg.kind == "reg":
+        return f"{kind} %{arg.reg}" + (f">>{arg.shift}" if arg.shift else "")
+    base = f"%{arg.base}" if arg.base else ""
+    registers = f"{base},%{arg.index},{arg.scale}" if arg.index else base
+    disp = f"{arg.disp:#x}" if arg.disp or not (arg.symbol or registers) else ""
+    symbol = f"{arg.symbol}{'+' if disp and arg.disp > 0 else ''}" if arg.symbol else ""
+    return f"{kind} {symbol}{disp}({registers})" if registers else f"{kind} {symbol}{disp}"
+
+
+def _print_text(listing: dict, out) -> None:
+    build_id = f", build-id {listing['build_id']}" if listing["build_id"] else ""
+    out.write(f"{listing['path']} ({listing['kind']}{build_id})\n")
+    functions, markers = listing["functions"], listing["markers"]
+    if functions:
+        out.write(f"  {'ADDRESS':>18}  {'OFFSET':>10}  {'SIZE':>7}  FUNCTION\n")
+        out.writelines(f"  {f['address']:#18x}  {_hex(f['offset']):>10}  {f['size']:>7}  {f['name']}\n"
+                       for f in functions)
+    for marker in markers:
+        sites = marker["sites"]
+        out.write(f"  marker {marker['provider']}:{marker['name']}  ({len(sites)} site{'s' if len(sites) > 1 else ''})\n")
+        for site in sites:
+            semaphore = f"semaphore offset {_hex(site['semaphore_offset'])}" if site["semaphore"] else "no semaphore"
+            out.write(f"    offset {site['offset']:#x}  address {site['address']:#x}  {semaphore}  "
+                      f"args: {site['args'] or '(none)'}\n")
+            parsed = [SdtArgument(**a) for a in site["arguments"]]
+            if parsed:
+                out.write("      " + "  ".join(f"arg{i}={describe_argument(a)}" for i, a in enumerate(parsed)) + "\n")
+    if not functions and not markers:
+        out.write("  (nothing matches)\n")
+
+
+def _hex(value: int | None) -> str:
+    return "-" if value is None else f"{value:#x}"

@@ -1,0 +1,72 @@
+"""The ``uprobes`` command line: argument parsing, dispatch, and turning errors into one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+from ..errors import UprobesError
+
+__all__ = ["main"]
+
+_EXAMPLES = """\
+examples:
+  uprobes list /usr/bin/python3.11 'python:*'     SDT markers of python3.11, with semaphores and arguments
+  uprobes list libc 'malloc*'                      functions of libc.so.6 whose names start with malloc
+  uprobes list -p 1234                             every object mapped in process 1234
+  uprobes resolve 'uretprobe:libc:malloc ret=$retval:x64'
+                                                   the uprobe_events line the probe stands for
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 2, as for every other input error
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="uprobes", description="Linux user-space probes for x86-64 programs.",
+                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    listing = commands.add_parser("list", help="list the functions and SDT markers of a file or a process",
+                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)
+    listing.add_argument("target", nargs="?", metavar="TARGET",
+                         help="a path, a program in PATH (python3) or a library (libc, libc.so.6)")
+    listing.add_argument("pattern", nargs="?", default="*", metavar="PATTERN",
+                         help="glob over function names and PROVIDER:NAME of markers (default: everything)")
+    listing.add_argument("-p", "--pid", type=int, help="list every object mapped in this process")
+    listing.add_argument("--json", action="store_true", help="one JSON document instead of text")
+
+    resolve = commands.add_parser("resolve", help="show the probe points a probe names, as uprobe_events lines",
+                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)
+    resolve.add_argument("probes", nargs="+", metavar="PROBE", help="a probe with its fetch arguments, quoted")
+    resolve.add_argument("--json", action="store_true", help="one JSON object per probe point")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``uprobes`` console script; returns the exit status."""
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.command == "list":
+            from .listing import run_list
+
+            return run_list(args)
+        from .resolving import run_resolve
+
+        return run_resolve(args)
+    except UprobesError as exc:
+        print(f"uprobes: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    except BrokenPipeError:  # `uprobes list ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

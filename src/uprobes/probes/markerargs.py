@@ -1,0 +1,139 @@
+"""USDT marker arguments as fetch arguments: ``arg0..argN`` replaced by where each site keeps them.
+
+A marker argument is a *value* (``8@%rbx`` is the value of rbx, ``-4@-20(%rbp)`` the int stored at
+rbp-20). Typed ``string`` or as an array, the user means what that value points to, so the value is
+dereferenced once more. What tracefs cannot express (an index register, an xmm register, a 16-byte
+register value) is left out of the probe and reported per argument; the probe still attaches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..elf.objfile import ElfObject
+from ..errors import ProbeSyntaxError
+from ..sdt.arguments import SdtArgument
+from ..sdt.notes import SdtSite
+from .fetchargs import (Address, Deref, FetchArg, FetchType, FileOffset, Immediate, Register, UsdtArg,
+                        parse_fetcharg, parse_fetchargs)
+
+__all__ = ["marker_fetchargs", "Unexpressible"]
+
+_KERNEL_REGISTER = {"rax": "ax", "rbx": "bx", "rcx": "cx", "rdx": "dx", "rsi": "si", "rdi": "di", "rbp": "bp",
+                    "rsp": "sp", "rip": "ip", **{f"r{n}": f"r{n}" for n in range(8, 16)}}
+_ARRAY_ELEMENT = {16: 2, 24: 3}  # struct-by-value arguments: read as u64[2] / u64[3]
+
+
+class Unexpressible(Exception):
+    """A marker argument tracefs has no way to fetch; the message says why."""
+
+
+def marker_fetchargs(site: SdtSite, tokens: tuple[str, ...], obj: ElfObject) -> tuple[tuple[FetchArg, ...],
+                                                                                       tuple[str, ...]]:
+    """Fetch arguments for one site: the user's ``tokens`` with ``argN`` substituted, or every marker argument.
+
+    Returns the arguments and one message per argument that had to be left out.
+    """
+    values = [_value(arg, site, obj) for arg in site.args]
+    if not tokens:
+        tokens = tuple(f"arg{i}" for i in range(len(site.args)))
+    parsed = parse_fetchargs(tokens, is_return=False, usdt_args=len(site.args))
+    result, unavailable = [], []
+    for position, fetcharg in enumerate(parsed, 1):
+        if isinstance(fetcharg.source, UsdtArg) and not fetcharg.explicit_name:
+            fetcharg = replace(fetcharg, name=f"arg{fetcharg.source.index}")
+        try:
+            result.append(_substitute(fetcharg, values, site, position))
+        except Unexpressible as exc:
+            unavailable.append(f"{fetcharg.name}: {exc}")
+    return tuple(result), tuple(unavailable)
+
+
+def _value(arg: SdtArgument, site: SdtSite, obj: ElfObject) -> tuple[object, FetchType] | Unexpressible:
+    """Where the value of ``arg`` is, as a fetch source, and its natural type; or why it cannot be fetched."""
+    try:
+        return _source(arg, site, obj), _natural_type(arg)
+    except Unexpressible as exc:
+        return Unexpressible(f"{arg.text}: {exc}")
+
+
+def _source(arg: SdtArgument, site: SdtSite, obj: ElfObject):
+    if arg.kind == "invalid":
+        raise Unexpressible(arg.error or "unparsable")
+    if arg.kind == "const":
+        return Immediate(arg.value)
+    if arg.kind == "reg":
+        if arg.size > 8:
+            raise Unexpressible(f"a {arg.size}-byte value held in registers cannot be fetched by tracefs")
+        return _register(arg.reg)
+    if arg.index is not None:
+        raise Unexpressible("tracefs cannot add an index register (base + index * scale)")
+    if arg.symbol is not None:
+        symbols = obj.symbols.lookup(arg.symbol)
+        if not symbols:
+            raise Unexpressible(f"symbol '{arg.symbol}' is not in the symbol tables of {obj.path}")
+        # @+FOFFS is read at (probe address - probe file offset + FOFFS), i.e. mapped like the probe's code.
+        return FileOffset(symbols[0].value + arg.disp - site.address + site.offset)
+    if arg.base is None:
+        return Address(arg.disp & (1 << 64) - 1)
+    if arg.base == "rip":
+        raise Unexpressible("a %rip-relative operand without a symbol has no meaning at a marker")
+    return Deref(arg.disp, _register(arg.base))
+
+
+def _register(name: str) -> Register:
+    if name not in _KERNEL_REGISTER:
+        raise Unexpressible(f"tracefs cannot read %{name}")
+    return Register(_KERNEL_REGISTER[name])
+
+
+def _natural_type(arg: SdtArgument) -> FetchType:
+    if arg.shift:  # %ah and friends: bits 8..15 of the register
+        return FetchType("u8", bitfield=(8, arg.shift, 64))
+    if arg.size in _ARRAY_ELEMENT:
+        return FetchType("u64", array=_ARRAY_ELEMENT[arg.size])
+    prefix = "x" if arg.is_float else "s" if arg.signed else "u"
+    return FetchType(f"{prefix}{arg.size * 8}")
+
+
+def _substitute(fetcharg: FetchArg, values: list, site: SdtSite, position: int) -> FetchArg:
+    source, fetch_type = fetcharg.source, fetcharg.type
+    if isinstance(source, UsdtArg):
+        value, natural = _lookup(values, source.index)
+        if fetch_type is None:
+            source, fetch_type = value, natural
+        elif fetch_type.is_string or fetch_type.array:
+            source = _pointee(value)
+        else:
+            source = value
+    else:
+        source = _replace_usdt(source, values)
+    if isinstance(source, Immediate) and fetch_type is not None and fetch_type.array:
+        raise Unexpressible("an array of a constant cannot be fetched")
+    text = replace(fetcharg, source=source, type=fetch_type).format()
+    try:
+        return parse_fetcharg(text, position, is_return=False)
+    except ProbeSyntaxError as exc:
+        raise ProbeSyntaxError(f"at {site.qualified_name} ({site.address:#x}): {exc}") from None
+
+
+def _lookup(values: list, index: int):
+    value = values[index]
+    if isinstance(value, Unexpressible):
+        raise value
+    return value
+
+
+def _replace_usdt(source, values: list):
+    if isinstance(source, UsdtArg):
+        return _lookup(values, source.index)[0]
+    if isinstance(source, Deref):
+        return replace(source, inner=_replace_usdt(source.inner, values))
+    return source
+
+
+def _pointee(value):
+    """The memory a value points to: ``+0(value)``, or ``@ADDR`` when the value is a constant."""
+    if isinstance(value, Immediate):
+        return Address(value.value & (1 << 64) - 1)
+    return Deref(0, value)

@@ -1,0 +1,199 @@
+"""From a parsed probe to probe points: a file, a file offset, a name and fetch arguments.
+
+A :class:`Probe` is the plain value both engines consume. It prints back as the ``uprobe_events`` line the
+kernel accepts for it:
+
+    >>> [p.uprobe_events_line() for p in resolve_probe(parse_probe("uprobe:/usr/bin/python3.11:Py_Initialize"))]
+    ['p:uprobes/Py_Initialize /usr/bin/python3.11:0x1e4d90']
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+
+from ..elf.locate import find_object
+from ..elf.objfile import ElfObject
+from ..elf.symbols import Symbol
+from ..errors import ResolveError
+from ..sdt.notes import SdtSite, read_markers
+from ..x86_64.decode import instruction_containing
+from .fetchargs import FetchArg, parse_fetchargs
+from .markerargs import marker_fetchargs
+from .spec import MAX_NAME_LEN, ProbeSpec, parse_probe
+
+__all__ = ["Probe", "resolve_probe", "resolve_text", "DEFAULT_GROUP"]
+
+DEFAULT_GROUP = "uprobes"
+_MAX_INSTRUCTION = 15
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One probe point: what to trap (``path`` at file ``offset``), what to call it and what to fetch."""
+
+    spec: str
+    is_return: bool
+    group: str
+    event: str
+    path: str
+    offset: int
+    address: int  # link-time virtual address of the probed instruction
+    location: str  # for display: "process_order+0x4", "demo:order__start"
+    ref_ctr_offset: int | None = None
+    fetchargs: tuple[FetchArg, ...] = ()
+    site: SdtSite | None = None
+    unavailable: tuple[str, ...] = ()  # marker arguments tracefs cannot express, with the reason
+
+    def uprobe_events_line(self) -> str:
+        """The exact line to append to ``/sys/kernel/tracing/uprobe_events`` for this probe."""
+        ref = f"({self.ref_ctr_offset:#x})" if self.ref_ctr_offset is not None else ""
+        args = "".join(" " + arg.format() for arg in self.fetchargs)
+        return f"{'r' if self.is_return else 'p'}:{self.group}/{self.event} {self.path}:{self.offset:#x}{ref}{args}"
+
+
+def resolve_text(text: str) -> list[Probe]:
+    """Parse and resolve one probe text."""
+    return resolve_probe(parse_probe(text))
+
+
+def resolve_probe(spec: ProbeSpec) -> list[Probe]:
+    """Every probe point ``spec`` names; raise :class:`ResolveError` when it names nothing."""
+    obj = ElfObject.open(find_object(spec.target))
+    if spec.is_usdt:
+        return _resolve_marker(spec, obj)
+    if spec.symbol is not None:
+        points = [(address, obj.describe_address(address), sym) for address, sym in _symbol_addresses(spec, obj)]
+    else:
+        address = spec.address if spec.address is not None else _offset_to_address(obj, spec.offset, spec)
+        points = [(address, obj.describe_address(address), None)]
+    fetchargs = parse_fetchargs(spec.fetchargs, is_return=spec.is_return)
+    probes = []
+    for address, location, sym in points:
+        _check_code_address(obj, address, spec)
+        if spec.is_return:
+            _check_function_entry(obj, address, spec)
+        event = _event_name(spec, obj, address, sym, len(points) > 1)
+        probes.append(Probe(spec.text, spec.is_return, spec.group or DEFAULT_GROUP, event, obj.path,
+                            obj.vaddr_to_offset(address), address, location, spec.ref_ctr_offset, fetchargs))
+    return probes
+
+
+def _offset_to_address(obj: ElfObject, offset: int, spec: ProbeSpec) -> int:
+    try:
+        return obj.offset_to_vaddr(offset)
+    except ResolveError:
+        raise ResolveError(f"probe '{spec.text}': file offset {offset:#x} is not inside any loadable segment "
+                           f"of {obj.path}") from None
+
+
+def _symbol_addresses(spec: ProbeSpec, obj: ElfObject) -> list[tuple[int, Symbol]]:
+    matches = obj.symbols.match(spec.symbol)
+    if not matches:
+        raise ResolveError(_no_symbol_message(spec, obj))
+    by_address: dict[int, Symbol] = {}
+    for sym in matches:  # aliases at one address are one probe point, named after the plainest alias
+        known = by_address.get(sym.value)
+        if known is None or _alias_rank(sym) < _alias_rank(known):
+            by_address[sym.value] = sym
+    points = []
+    for value, sym in sorted(by_address.items()):
+        if sym.size and spec.symbol_offset >= sym.size:
+            raise ResolveError(f"probe '{spec.text}': offset {spec.symbol_offset:#x} is past the end of "
+                               f"{sym.name} ({sym.size:#x} bytes)")
+        points.append((value + spec.symbol_offset, sym))
+    return points
+
+
+def _alias_rank(sym: Symbol) -> tuple:
+    return (sym.binding != "global", sym.name.startswith("_"), len(sym.name), sym.name)
+
+
+def _no_symbol_message(spec: ProbeSpec, obj: ElfObject) -> str:
+    message = f"probe '{spec.text}': no function matches '{spec.symbol}' in {obj.path}"
+    close = obj.symbols.closest_names(spec.symbol)
+    if close:
+        return f"{message}; closest: {', '.join(close)}"
+    if not obj.has_symtab and not obj.symbols.functions:
+        return f"{message}: the file is stripped (no .symtab); install its debug symbols or probe PATH:OFFSET"
+    return message
+
+
+def _check_code_address(obj: ElfObject, address: int, spec: ProbeSpec) -> None:
+    segment = obj.segment_for_vaddr(address)
+    if segment is None or not segment.executable or address >= segment.vaddr + segment.filesz:
+        raise ResolveError(f"probe '{spec.text}': {address:#x} is not in the code of {obj.path} "
+                           f"(no executable segment holds it)")
+    sym = obj.symbols.containing(address)
+    if sym is None or sym.value == address:
+        return
+    code = obj.read(sym.value, address - sym.value + _MAX_INSTRUCTION)
+    instr = instruction_containing(code, sym.value, address)
+    if instr is not None and instr.address != address:
+        where = obj.describe_address(instr.address)
+        raise ResolveError(
+            f"probe '{spec.text}': {obj.describe_address(address)} (file offset {obj.vaddr_to_offset(address):#x}) "
+            f"is inside the instruction '{instr.text}' at {where} (file offset {obj.vaddr_to_offset(instr.address):#x},"
+            f" {instr.length} bytes); probe its first byte or the next instruction")
+
+
+def _check_function_entry(obj: ElfObject, address: int, spec: ProbeSpec) -> None:
+    sym = obj.symbols.containing(address)
+    if sym is not None and sym.value != address:
+        raise ResolveError(f"probe '{spec.text}': a return probe must be on a function's first instruction, "
+                           f"not {obj.describe_address(address)}")
+
+
+def _event_name(spec: ProbeSpec, obj: ElfObject, address: int, sym: Symbol | None, many: bool) -> str:
+    if spec.event:
+        return _identifier(f"{spec.event}_{sym.name}") if many and sym else spec.event
+    if sym is not None:
+        name = sym.name if address == sym.value else f"{sym.name}_{address - sym.value:#x}"
+        return _identifier(name + ("__return" if spec.is_return else ""))
+    # The kernel's own default: p_<file name up to the first '.', '-' or '_'>_0x<offset>.
+    stem = re.split(r"[.\-_]", obj.path.rsplit("/", 1)[-1], maxsplit=1)[0]
+    return _identifier(f"p_{stem}_{obj.vaddr_to_offset(address):#x}")
+
+
+def _identifier(name: str) -> str:
+    name = re.sub(r"\W", "_", name)
+    if not name or name[0].isdigit():
+        name = "_" + name
+    return name[:MAX_NAME_LEN]
+
+
+def _resolve_marker(spec: ProbeSpec, obj: ElfObject) -> list[Probe]:
+    markers = read_markers(obj)
+    chosen = [m for m in markers
+              if fnmatch.fnmatchcase(m.name, spec.marker)
+              and (spec.provider is None or fnmatch.fnmatchcase(m.provider, spec.provider))]
+    if not chosen:
+        raise ResolveError(_no_marker_message(spec, obj, [m.qualified_name for m in markers]))
+    probes = []
+    for marker in chosen:
+        base = spec.event or _identifier(f"{marker.provider}_{marker.name}")
+        # Sites of one event must agree on argument names and types (the kernel refuses siblings that
+        # differ), so sites whose arguments differ get events of their own: base, base_2, base_3...
+        signatures: dict[tuple, str] = {}
+        for site in marker.sites:
+            fetchargs, unavailable = marker_fetchargs(site, spec.fetchargs, obj)
+            signature = tuple((arg.name, arg.type) for arg in fetchargs)
+            event = signatures.setdefault(signature, _identifier(f"{base}_{len(signatures) + 1}")
+                                          if signatures else base)
+            probes.append(Probe(spec.text, False, spec.group or DEFAULT_GROUP, event, obj.path, site.offset,
+                                site.address, site.qualified_name, site.semaphore_offset, fetchargs, site,
+                                unavailable))
+    return probes
+
+
+def _no_marker_message(spec: ProbeSpec, obj: ElfObject, names: list[str]) -> str:
+    import difflib
+
+    wanted = f"{spec.provider}:{spec.marker}" if spec.provider else spec.marker
+    if not names:
+        return f"probe '{spec.text}': {obj.path} has no SDT markers (no .note.stapsdt section)"
+    pool = names if spec.provider else [n.split(":", 1)[1] for n in names]
+    close = difflib.get_close_matches(wanted, pool, n=3, cutoff=0.5)
+    hint = f"; closest: {', '.join(close)}" if close else f"; it has {', '.join(names[:5])}"
+    return f"probe '{spec.text}': no SDT marker matches '{wanted}' in {obj.path}{hint}"

@@ -1,0 +1,71 @@
+"""What a live process has mapped, from ``/proc/PID/maps``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..errors import ProcessError
+
+__all__ = ["Mapping", "read_maps", "mapped_objects", "path_in_process"]
+
+
+@dataclass(frozen=True, slots=True)
+class Mapping:
+    """One line of ``/proc/PID/maps``."""
+
+    start: int
+    end: int
+    perms: str
+    offset: int
+    inode: int
+    path: str
+
+    @property
+    def executable(self) -> bool:
+        return self.perms[2] == "x"
+
+    @property
+    def file_backed(self) -> bool:
+        return self.inode != 0 and self.path.startswith("/")
+
+
+def read_maps(pid: int) -> list[Mapping]:
+    """Mappings of process ``pid``; :class:`ProcessError` if it is gone or not ours to read."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise ProcessError(f"process {pid} does not exist") from None
+    except PermissionError:
+        raise ProcessError(f"cannot read /proc/{pid}/maps: permission denied "
+                           f"(the process belongs to another user; run as root or as its owner)") from None
+    if not lines and not os.path.exists(f"/proc/{pid}"):
+        raise ProcessError(f"process {pid} does not exist")
+    mappings = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        start, _, end = fields[0].partition("-")
+        mappings.append(Mapping(int(start, 16), int(end, 16), fields[1], int(fields[2], 16), int(fields[4]),
+                                fields[5] if len(fields) > 5 else ""))
+    return mappings
+
+
+def mapped_objects(pid: int) -> list[str]:
+    """Paths of the files mapped executable in ``pid``, the main program first, each once."""
+    paths = dict.fromkeys(m.path for m in read_maps(pid) if m.executable and m.file_backed)
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        exe = None
+    if exe in paths:
+        paths = {exe: None, **paths}
+    return list(paths)
+
+
+def path_in_process(pid: int, path: str) -> str:
+    """A path to open ``path`` as process ``pid`` sees it, across mount namespaces (containers)."""
+    if path.endswith(" (deleted)"):
+        path = path[: -len(" (deleted)")]
+    through_root = f"/proc/{pid}/root{path}"
+    return through_root if os.path.exists(through_root) else path
