@@ -1,0 +1,58 @@
+"""Shared fixtures: the C targets (built once per session by tests/targets/Makefile) and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+TARGETS_DIR = Path(__file__).parent / "targets"
+BUILD_DIR = TARGETS_DIR / "build"
+TRACEFS = Path("/sys/kernel/tracing")
+
+
+@pytest.fixture(scope="session")
+def targets() -> Path:
+    """Directory of the compiled test targets (demo, demo-nopie, libprobed.so, forms, ...)."""
+    subprocess.run(["make", "-s", "-C", str(TARGETS_DIR)], check=True)
+    return BUILD_DIR
+
+
+@dataclass
+class CliResult:
+    status: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str, check: bool = False) -> CliResult:
+    """Run ``python -m uprobes ARGS`` as a user would; assert nothing ever prints a traceback."""
+    proc = subprocess.run([sys.executable, "-m", "uprobes", *args], capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+def tool_output(*command: str) -> str:
+    """stdout of an oracle tool (readelf, nm, objdump)."""
+    return subprocess.run(command, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture(scope="session")
+def tracefs() -> Path:
+    """The mounted tracefs, mounting it if needed; skips when not root."""
+    if os.geteuid() != 0:
+        pytest.skip("writing uprobe_events needs root")
+    if not (TRACEFS / "uprobe_events").exists():
+        subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACEFS)], check=True)
+    return TRACEFS

@@ -1,0 +1,76 @@
+"""Independent answers from binutils, to check ours against: never numbers from an earlier run of uprobes."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from dataclasses import dataclass
+
+
+def _run(*command: str) -> str:
+    return subprocess.run(command, check=True, capture_output=True, text=True).stdout
+
+
+@dataclass(frozen=True)
+class ReadelfNote:
+    provider: str
+    name: str
+    location: int
+    base: int
+    semaphore: int
+    arguments: str
+
+
+def readelf_sdt_notes(path: str) -> list[ReadelfNote]:
+    """Every stapsdt note as ``readelf -n`` prints it."""
+    notes = []
+    pattern = re.compile(r"Provider: (\S+)\n\s+Name: (\S+)\n\s+Location: (0x[0-9a-f]+), Base: (0x[0-9a-f]+), "
+                         r"Semaphore: (0x[0-9a-f]+)\n\s+Arguments: ?(.*)")
+    for m in pattern.finditer(_run("readelf", "-n", "--wide", path)):
+        notes.append(ReadelfNote(m[1], m[2], int(m[3], 16), int(m[4], 16), int(m[5], 16), m[6].strip()))
+    return notes
+
+
+@dataclass(frozen=True)
+class ReadelfSegment:
+    offset: int
+    vaddr: int
+    filesz: int
+    memsz: int
+    flags: str
+
+
+def readelf_load_segments(path: str) -> list[ReadelfSegment]:
+    """PT_LOAD rows of ``readelf -lW``."""
+    rows = []
+    for line in _run("readelf", "-lW", path).splitlines():
+        fields = line.split()
+        if fields and fields[0] == "LOAD":
+            rows.append(ReadelfSegment(int(fields[1], 16), int(fields[2], 16), int(fields[4], 16),
+                                       int(fields[5], 16), " ".join(fields[6:-1])))
+    return rows
+
+
+def file_offset(path: str, vaddr: int) -> int:
+    """File offset of ``vaddr`` through the PT_LOAD segment ``readelf`` says holds it."""
+    for seg in readelf_load_segments(path):
+        if seg.vaddr <= vaddr < seg.vaddr + seg.memsz:
+            return vaddr - seg.vaddr + seg.offset
+    raise AssertionError(f"{vaddr:#x} is in no PT_LOAD segment of {path}")
+
+
+def nm_functions(path: str, dynamic: bool = False) -> dict[str, tuple[int, int]]:
+    """Function name -> (address, size) from ``nm -S --defined-only``."""
+    out = _run("nm", "-S", "--defined-only", *(["-D"] if dynamic else []), path)
+    functions = {}
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) == 4 and fields[2] in "TtWwi":
+            functions[fields[3]] = (int(fields[0], 16), int(fields[1], 16))
+    return functions
+
+
+def objdump_instruction_starts(path: str, symbol: str) -> list[int]:
+    """Addresses of the instructions ``objdump -d`` lists for one function."""
+    out = _run("objdump", "-d", "--no-show-raw-insn", f"--disassemble={symbol}", path)
+    return [int(m[1], 16) for m in re.finditer(r"^\s+([0-9a-f]+):\t", out, re.M)]

@@ -1,0 +1,91 @@
+"""SDT markers read from .note.stapsdt agree with readelf, on our targets and on real programs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from oracles import file_offset, readelf_sdt_notes
+from uprobes.elf.objfile import ElfObject
+from uprobes.sdt.notes import read_markers
+
+PYTHON = "/usr/bin/python3.11"
+POSTGRES = "/usr/lib/postgresql/15/bin/postgres"
+LIBSTDCXX = "/usr/lib/x86_64-linux-gnu/libstdc++.so.6"
+REAL_OBJECTS = [PYTHON, POSTGRES, LIBSTDCXX]
+
+
+def _sites(path: str):
+    return [site for marker in read_markers(ElfObject.open(path)) for site in marker.sites]
+
+
+def _check_against_readelf(path: str) -> None:
+    expected = readelf_sdt_notes(path)
+    sites = _sites(path)
+    assert expected, f"readelf found no markers in {path}"
+    assert len(sites) == len(expected)
+    ours = {(s.provider, s.name, s.address): s for s in sites}
+    for note in expected:
+        site = ours[(note.provider, note.name, note.location)]
+        assert site.args_text == note.arguments
+        assert site.offset == file_offset(path, note.location)
+        if note.semaphore:
+            assert site.semaphore == note.semaphore
+            assert site.semaphore_offset == file_offset(path, note.semaphore)
+        else:
+            assert site.semaphore is None and site.semaphore_offset is None
+        # one argument per "N@"; size-less assembly arguments are separated by spaces
+        assert len(site.args) == (note.arguments.count("@") or len(note.arguments.split()))
+
+
+@pytest.mark.parametrize("name", ["demo", "demo-nopie", "libprobed.so", "forms", "demo-stripped", "demo.debug"])
+def test_markers_of_our_targets_match_readelf(targets, name):
+    _check_against_readelf(str(targets / name))
+
+
+@pytest.mark.parametrize("path", REAL_OBJECTS)
+def test_markers_of_real_programs_match_readelf(path):
+    if not os.path.exists(path):
+        pytest.skip(f"{path} is not installed (scripts/install-deps installs it)")
+    _check_against_readelf(os.path.realpath(path))
+
+
+def test_every_python_marker_has_a_semaphore():
+    markers = read_markers(ElfObject.open(PYTHON))
+    names = {m.name for m in markers}
+    assert {"function__entry", "function__return", "line", "gc__start", "gc__done", "audit",
+            "import__find__load__start", "import__find__load__done"} <= names
+    assert all(m.has_semaphore for m in markers)
+
+
+def test_libstdcxx_markers_have_no_semaphore():
+    markers = read_markers(ElfObject.open(LIBSTDCXX))
+    assert {m.qualified_name for m in markers} >= {"libstdcxx:throw", "libstdcxx:rethrow", "libstdcxx:catch"}
+    assert not any(m.has_semaphore for m in markers)
+
+
+def test_postgres_symbol_operands_parse():
+    sites = {s.qualified_name: s for s in _sites(POSTGRES)}
+    args = sites["postgresql:checkpoint__done"].args
+    assert [a.kind for a in args] == ["mem"] * 5
+    assert {a.symbol for a in args} == {"CheckpointStats", "NBuffers"}
+    assert all(a.base == "rip" and a.size == 4 and a.signed for a in args)
+
+
+def test_semaphore_markers_point_at_the_writable_segment(targets):
+    obj = ElfObject.open(str(targets / "demo"))
+    for marker in read_markers(obj):
+        for site in marker.sites:
+            assert obj.segment_for_vaddr(site.semaphore).writable
+            assert obj.read(site.address, 1) == b"\x90"  # the marker's nop
+
+
+def test_inlined_marker_keeps_each_sites_arguments(targets):
+    marker = next(m for m in read_markers(ElfObject.open(str(targets / "forms"))) if m.name == "inlined")
+    assert [s.args_text for s in marker.sites] == ["8@%rdi", "-4@%esi"]
+    assert [(a.size, a.signed) for s in marker.sites for a in s.args] == [(8, False), (4, True)]
+
+
+def test_object_without_markers_has_none(targets):
+    assert read_markers(ElfObject.open(str(targets / "uselib"))) == []
