@@ -59,14 +59,21 @@ def file_offset(path: str, vaddr: int) -> int:
     raise AssertionError(f"{vaddr:#x} is in no PT_LOAD segment of {path}")
 
 
-def nm_functions(path: str, dynamic: bool = False) -> dict[str, tuple[int, int]]:
-    """Function name -> (address, size) from ``nm -S --defined-only``."""
-    out = _run("nm", "-S", "--defined-only", *(["-D"] if dynamic else []), path)
+def function_symbols(path: str, dynamic: bool = False) -> dict[str, tuple[int, int]]:
+    """Defined FUNC/IFUNC symbols, name -> (address, size), from ``readelf -sW`` (``--dyn-syms`` for .dynsym).
+
+    Versioned dynamic names keep readelf's spelling (``malloc@@GLIBC_2.2.5``) and are also listed bare.
+    """
+    out = _run("readelf", "-sW", *(["--dyn-syms"] if dynamic else []), path)
     functions = {}
     for line in out.splitlines():
         fields = line.split()
-        if len(fields) == 4 and fields[2] in "TtWwi":
-            functions[fields[3]] = (int(fields[0], 16), int(fields[1], 16))
+        if len(fields) < 8 or not fields[0].endswith(":") or fields[3] not in ("FUNC", "IFUNC") or fields[6] == "UND":
+            continue
+        size = int(fields[2], 16) if fields[2].startswith("0x") else int(fields[2])
+        entry = (int(fields[1], 16), size)
+        functions[fields[7]] = entry
+        functions.setdefault(fields[7].split("@")[0], entry)
     return functions
 
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from conftest import tool_output
-from oracles import file_offset, nm_functions, objdump_instruction_starts, readelf_sdt_notes
+from oracles import file_offset, function_symbols, objdump_instruction_starts, readelf_sdt_notes
 from uprobes.errors import ProbeSyntaxError, ResolveError, UprobesError
 from uprobes.probes.resolve import resolve_text
 from uprobes.probes.spec import group_probe_words, parse_probe
@@ -88,7 +88,7 @@ def test_command_line_words_group_into_probes():
 @pytest.mark.parametrize("name", ["demo", "demo-nopie", "libprobed.so"])
 def test_symbol_probes_land_on_the_file_offset_nm_and_readelf_give(targets, name):
     path = str(targets / name)
-    for function, (address, _size) in nm_functions(path).items():
+    for function, (address, _size) in function_symbols(path).items():
         if function.startswith(("_", "deregister", "register", "frame_dummy")):
             continue
         probe = _one(f"uprobe:{path}:{function}")
@@ -98,7 +98,7 @@ def test_symbol_probes_land_on_the_file_offset_nm_and_readelf_give(targets, name
 
 def test_the_same_point_written_five_ways_gives_one_line(targets):
     path = str(targets / "demo-nopie")
-    address, _ = nm_functions(path)["process_order"]
+    address, _ = function_symbols(path)["process_order"]
     offset = file_offset(path, address)
     forms = [f"uprobe:{path}:process_order", f"p {path}:process_order", f"p {path}:{offset:#x}",
              f"p {path}:{offset}", f"uprobe:{path}:{address:#x}", f"p {path}:0{offset:o}"]
@@ -109,7 +109,7 @@ def test_the_same_point_written_five_ways_gives_one_line(targets):
 def test_offsets_inside_an_instruction_are_refused_naming_it(targets):
     path = str(targets / "demo")
     starts = objdump_instruction_starts(path, "process_order")
-    start, size = nm_functions(path)["process_order"]
+    start, size = function_symbols(path)["process_order"]
     for delta in range(size):
         address = start + delta
         if address in starts:
@@ -124,7 +124,7 @@ def test_offsets_inside_an_instruction_are_refused_naming_it(targets):
 
 def test_return_probe_must_be_at_a_function_entry(targets):
     path = str(targets / "demo")
-    start, _ = nm_functions(path)["process_order"]
+    start, _ = function_symbols(path)["process_order"]
     second = objdump_instruction_starts(path, "process_order")[1]
     assert _one(f"uretprobe:{path}:process_order").is_return
     with pytest.raises(ResolveError, match="first instruction"):
@@ -132,10 +132,10 @@ def test_return_probe_must_be_at_a_function_entry(targets):
 
 
 def _libc_functions() -> dict[str, tuple[int, int]]:
-    """libc's functions per nm: its .dynsym, plus the full .symtab of libc6-dbg's file found by build-id."""
+    """libc's functions per readelf: its .dynsym, plus the full .symtab of libc6-dbg's file found by build-id."""
     build_id = re.search(r"Build ID: ([0-9a-f]+)", tool_output("readelf", "-n", LIBC))[1]
     debug = f"/usr/lib/debug/.build-id/{build_id[:2]}/{build_id[2:]}.debug"
-    return {**(nm_functions(debug) if os.path.exists(debug) else {}), **nm_functions(LIBC, dynamic=True)}
+    return {**(function_symbols(debug) if os.path.exists(debug) else {}), **function_symbols(LIBC, dynamic=True)}
 
 
 def test_wildcards_expand_to_every_match_and_aliases_collapse():

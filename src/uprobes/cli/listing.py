@@ -40,8 +40,7 @@ def run_list(args: argparse.Namespace) -> int:
     out = sys.stdout
     if args.json:
         document = {"pid": args.pid, "objects": listings} if args.pid is not None else listings[0]
-        json.dump(document, out, indent=1)
-        out.write("\n")
+        out.write(json.dumps(document) + "\n")  # no indent: the C encoder is ten times faster on big objects
     else:
         for listing in listings:
             _print_text(listing, out)

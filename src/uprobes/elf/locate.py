@@ -66,7 +66,23 @@ def _looks_like_library(name: str) -> bool:
 
 
 def _from_path(name: str) -> str | None:
-    return shutil.which(name)
+    """The first ELF program called ``name`` in PATH; wrapper scripts (pyenv shims, ...) are passed over."""
+    found = []
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        candidate = shutil.which(name, path=directory or ".")
+        if candidate:
+            found.append(candidate)
+            if _is_elf(candidate):
+                return candidate
+    return found[0] if found else None
+
+
+def _is_elf(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
 
 
 def _from_ld_cache(name: str) -> str | None:

@@ -72,6 +72,10 @@ def _source(arg: SdtArgument, site: SdtSite, obj: ElfObject):
         symbols = obj.symbols.lookup(arg.symbol)
         if not symbols:
             raise Unexpressible(f"symbol '{arg.symbol}' is not in the symbol tables of {obj.path}")
+        if arg.base not in (None, "rip"):  # sym(%reg): the symbol's address is a displacement
+            if obj.kind != "exec":
+                raise Unexpressible(f"'{arg.symbol}(%{arg.base})' needs the load address of a position-independent object")
+            return Deref(symbols[0].value + arg.disp, _register(arg.base))
         # @+FOFFS is read at (probe address - probe file offset + FOFFS), i.e. mapped like the probe's code.
         return FileOffset(symbols[0].value + arg.disp - site.address + site.offset)
     if arg.base is None:

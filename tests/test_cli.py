@@ -1,0 +1,145 @@
+"""The command line as a user meets it: `uprobes list`, `uprobes resolve`, and one-line errors with exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import run_cli
+from oracles import file_offset, function_symbols, readelf_sdt_notes
+
+PYTHON = "/usr/bin/python3.11"
+
+
+def test_list_python_markers_shows_every_semaphore_readelf_shows():
+    result = run_cli("list", PYTHON, "python:*", check=True)
+    notes = readelf_sdt_notes(PYTHON)
+    assert len(notes) == 8
+    for note in notes:
+        block = re.search(rf"marker {note.provider}:{note.name} .*\n\s+offset (0x[0-9a-f]+) .*semaphore offset "
+                          rf"(0x[0-9a-f]+)\s+args: (.*)\n", result.stdout)
+        assert block, note
+        assert int(block[1], 16) == file_offset(PYTHON, note.location)
+        assert int(block[2], 16) == file_offset(PYTHON, note.semaphore)
+        assert block[3] == note.arguments
+    assert "FUNCTION" not in result.stdout  # the pattern selects markers only
+
+
+def test_list_json_agrees_with_nm_and_readelf(targets):
+    path = str(targets / "demo")
+    listing = json.loads(run_cli("list", path, "--json", check=True).stdout)
+    assert listing["path"] == path and listing["kind"] == "pie"
+    functions = {f["name"]: f for f in listing["functions"]}
+    for name, (address, size) in function_symbols(path).items():
+        assert functions[name]["address"] == address and functions[name]["size"] == size
+        assert functions[name]["offset"] == file_offset(path, address)
+    sites = {(m["provider"], m["name"]): m["sites"] for m in listing["markers"]}
+    for note in readelf_sdt_notes(path):
+        (site,) = sites[(note.provider, note.name)]
+        assert site["offset"] == file_offset(path, note.location)
+        assert site["semaphore_offset"] == file_offset(path, note.semaphore)
+        assert site["args"] == note.arguments
+        assert [a["text"] for a in site["arguments"]] == note.arguments.split()
+
+
+def test_list_glob_filters_functions(targets):
+    out = run_cli("list", str(targets / "demo"), "pr*", check=True).stdout
+    assert [line.split()[-1] for line in out.splitlines()[2:]] == ["price_of", "process_order"]
+    assert "marker" not in out
+
+
+def test_list_finds_libraries_and_programs_by_name():
+    out = run_cli("list", "libc", "malloc", check=True).stdout
+    assert out.startswith(os.path.realpath("/lib/x86_64-linux-gnu/libc.so.6"))
+    assert re.search(r"\smalloc@@GLIBC_2\.2\.5\n", out)
+    assert run_cli("list", "python3.11", "Py_Initialize", check=True).stdout.startswith(PYTHON)
+
+
+def test_list_of_a_process_covers_every_mapped_object(targets):
+    proc = subprocess.Popen([str(targets / "uselib")], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    demo = subprocess.Popen([str(targets / "demo"), "100000", "50"], stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        listing = json.loads(run_cli("list", "-p", str(demo.pid), "--json", check=True).stdout)
+        paths = [o["path"] for o in listing["objects"]]
+        assert paths[0] == str(targets / "demo")
+        assert os.path.realpath("/lib/x86_64-linux-gnu/libc.so.6") in paths
+        assert listing["pid"] == demo.pid
+        text = run_cli("list", "-p", str(demo.pid), "process_order", check=True).stdout
+        assert "process_order" in text and "marker" not in text
+    finally:
+        for p in (proc, demo):
+            p.kill()
+            p.wait()
+
+
+def test_list_of_a_gone_process_is_a_clear_error(targets):
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    result = run_cli("list", "-p", str(proc.pid))
+    assert result.status == 2
+    assert result.stderr == f"uprobes: error: process {proc.pid} does not exist\n"
+
+
+def test_resolve_prints_uprobe_events_lines(targets):
+    demo = str(targets / "demo")
+    result = run_cli("resolve", f"uprobe:{demo}:price_of", "item=+0(%di):string", f"usdt:{demo}:demo:order__done",
+                     check=True)
+    offset = file_offset(demo, function_symbols(demo)["price_of"][0])
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"p:uprobes/price_of {demo}:{offset:#x} item=+0(%di):string"
+    assert lines[1].startswith(f"p:uprobes/demo_order__done {demo}:")
+    assert lines[1].endswith("arg0=%r8:s32 arg1=%ax:s64")
+
+
+def test_resolve_reports_arguments_tracefs_cannot_fetch(targets):
+    result = run_cli("resolve", f"usdt:{targets / 'forms'}:forms:floats", check=True)
+    assert result.stdout.strip().endswith("arg0=%ax:x32 arg1=%cx:x64")
+    assert "left out arg2: 8@%xmm0: tracefs cannot read %xmm0" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["list", "/nonexistent/prog"], "uprobes: error: /nonexistent/prog: no such file\n"),
+    (["list", "no-such-program-anywhere"], "no such file, program in PATH or library"),
+    (["list", "/etc/passwd"], "uprobes: error: /etc/passwd: not an ELF file\n"),
+    (["list", "/tmp"], "not a regular file"),
+    (["list"], "list needs a TARGET file or -p PID"),
+    (["resolve", "uprobe:/usr/bin/python3.11:no_such_function_here"], "no function matches"),
+    (["resolve", "p /usr/bin/python3.11:0xzz"], "offset '0xzz' is not a number"),
+    (["resolve", "uprobe:/usr/bin/python3.11:Py_Initialize", "x=%foo"], "unknown register '%foo'"),
+    (["resolve", "kprobe:do_sys_open"], "unknown probe type 'kprobe'"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    result = run_cli(*args)
+    assert result.status == 2
+    assert message in result.stderr
+    assert result.stderr.count("\n") == 1 and result.stdout == ""
+
+
+def test_console_script_and_module_are_the_same_command():
+    script = shutil.which("uprobes") or os.path.join(os.path.dirname(sys.executable), "uprobes")
+    via_script = subprocess.run([script, "list", PYTHON, "python:audit"], capture_output=True, text=True)
+    via_module = run_cli("list", PYTHON, "python:audit", check=True)
+    assert via_script.returncode == 0 and via_script.stdout == via_module.stdout
+
+
+@pytest.mark.parametrize("path", ["/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0",
+                                  "/usr/lib/jvm/java-17-openjdk-amd64/lib/server/libjvm.so"])
+def test_listing_big_objects_reports_its_time(path):
+    """Speed is a benchmark figure, not an assertion: the time is printed (pytest -s shows it)."""
+    if not os.path.exists(path):
+        pytest.skip(f"{path} is not installed")
+    start = time.perf_counter()
+    listing = json.loads(run_cli("list", path, "--json", check=True).stdout)
+    elapsed = time.perf_counter() - start
+    print(f"\nuprobes list --json {path}: {elapsed:.2f} s for {len(listing['functions'])} functions, "
+          f"{sum(len(m['sites']) for m in listing['markers'])} marker sites (includes interpreter start-up)")
+    assert listing["functions"] and listing["markers"]
