@@ -8,6 +8,7 @@ TARGETS := tests/targets/build
 
 demo: venv targets
 	$(VENV)/bin/uprobes list $(TARGETS)/demo
+	$(VENV)/bin/uprobes resolve 'usdt:$(TARGETS)/demo:demo:order__start' 'uretprobe:$(TARGETS)/demo:price_of ret=$$retval:s64'
 
 test: venv targets
 	$(PY) -m pytest -q
