@@ -19,20 +19,20 @@ __all__ = ["run_list", "describe_argument"]
 
 
 def run_list(args: argparse.Namespace) -> int:
-    if args.pid is None and args.target is None:
-        raise UprobesError("list needs a TARGET file or -p PID")
+    pattern = args.pattern
     if args.pid is not None:
-        if args.target is not None and args.pattern == "*":  # `list -p PID PATTERN`
-            args.pattern, args.target = args.target, None
-        if args.target is not None:
+        if args.pattern != "*":
             raise UprobesError("give either a TARGET or -p PID, not both")
+        pattern = args.target or "*"  # with -p, the one positional word is the pattern
         paths = [path_in_process(args.pid, p) for p in mapped_objects(args.pid)]
+    elif args.target is None:
+        raise UprobesError("list needs a TARGET file or -p PID")
     else:
         paths = [find_object(args.target)]
     listings = []
     for path in paths:
         try:
-            listings.append(_listing(ElfObject.open(path), args.pattern))
+            listings.append(_listing(ElfObject.open(path), pattern))
         except UprobesError as exc:
             if args.pid is None:
                 raise
