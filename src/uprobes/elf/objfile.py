@@ -103,6 +103,8 @@ class ElfObject:
             st = os.stat(real)
         except FileNotFoundError:
             raise ElfError(f"{path}: no such file") from None
+        except PermissionError:
+            raise ElfError(f"{path}: permission denied (run as a user who can read it)") from None
         except OSError as exc:
             raise ElfError(f"{path}: cannot open: {exc.strerror}") from None
         return _open_cached(real, st.st_ino, st.st_dev, st.st_mtime_ns, st.st_size)
