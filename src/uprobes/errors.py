@@ -5,7 +5,7 @@ the problem and, where there is one, what to do about it. The CLI prints it and 
 a bug in uprobes.
 """
 
-__all__ = ["UprobesError", "ElfError", "ProbeSyntaxError", "ResolveError", "ProcessError"]
+__all__ = ["UprobesError", "ElfError", "ProbeSyntaxError", "ResolveError", "ProcessError", "KernelEngineError"]
 
 
 class UprobesError(Exception):
@@ -26,3 +26,7 @@ class ResolveError(UprobesError):
 
 class ProcessError(UprobesError):
     """A process cannot be inspected: gone, or not ours to read."""
+
+
+class KernelEngineError(UprobesError):
+    """The kernel's uprobes cannot be used or refused a probe: not root, no tracefs, a rejected definition."""

@@ -8,6 +8,7 @@ import signal
 import sys
 
 from ..errors import UprobesError
+from .tracing import add_tracing_options
 
 __all__ = ["main"]
 
@@ -40,6 +41,16 @@ def _build_parser() -> argparse.ArgumentParser:
     listing.add_argument("-p", "--pid", type=int, help="list every object mapped in this process")
     listing.add_argument("--json", action="store_true", help="one JSON document instead of text")
 
+    trace = commands.add_parser("trace", help="print every hit of the probes, with its arguments",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)
+    add_tracing_options(trace)
+    trace.add_argument("-n", "--max-events", type=int, metavar="N", help="stop after N events")
+    count = commands.add_parser("count", help="count the hits of each probe",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)
+    add_tracing_options(count)
+    count.add_argument("--interval", type=float, metavar="SECONDS", help="also print the counts every SECONDS")
+    commands.add_parser("cleanup", help="delete the kernel uprobe events that runs which died left behind")
+
     resolve = commands.add_parser("resolve", help="show the probe points a probe names, as uprobe_events lines",
                                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)
     resolve.add_argument("probes", nargs="+", metavar="PROBE", help="a probe with its fetch arguments, quoted")
@@ -47,17 +58,21 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _split_dash_command(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``uprobes trace PROBE... -- CMD ARGS``: what follows ``--`` is the command, untouched."""
+    if "--" in argv:
+        at = argv.index("--")
+        return argv[:at], argv[at + 1:]
+    return argv, []
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``uprobes`` console script; returns the exit status."""
+    argv, dash_command = _split_dash_command(sys.argv[1:] if argv is None else argv)
     args = _build_parser().parse_args(argv)
+    args.dash_command = dash_command
     try:
-        if args.command == "list":
-            from .listing import run_list
-
-            return run_list(args)
-        from .resolving import run_resolve
-
-        return run_resolve(args)
+        return _dispatch(args)
     except UprobesError as exc:
         print(f"uprobes: error: {exc}", file=sys.stderr)
         return 2
@@ -66,6 +81,24 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `uprobes list ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "list":
+        from .listing import run_list
+
+        return run_list(args)
+    if args.command == "resolve":
+        from .resolving import run_resolve
+
+        return run_resolve(args)
+    if args.command == "cleanup":
+        from .cleanup import run_cleanup
+
+        return run_cleanup(args)
+    from .tracing import run_count, run_trace
+
+    return run_trace(args) if args.command == "trace" else run_count(args)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,14 @@ class Probe:
     fetchargs: tuple[FetchArg, ...] = ()
     site: SdtSite | None = None
     unavailable: tuple[str, ...] = ()  # marker arguments tracefs cannot express, with the reason
+    explicit_event: bool = False
+
+    @property
+    def name(self) -> str:
+        """What events of this probe are called: the user's event name, else where it is (``malloc%return``)."""
+        if self.explicit_event:
+            return self.event
+        return f"{self.location}%return" if self.is_return else self.location
 
     def uprobe_events_line(self) -> str:
         """The exact line to append to ``/sys/kernel/tracing/uprobe_events`` for this probe."""
@@ -76,7 +84,8 @@ def resolve_probe(spec: ProbeSpec) -> list[Probe]:
             _check_function_entry(obj, address, spec)
         event = _event_name(spec, obj, address, sym, len(points) > 1)
         probes.append(Probe(spec.text, spec.is_return, spec.group or DEFAULT_GROUP, event, obj.path,
-                            obj.vaddr_to_offset(address), address, location, spec.ref_ctr_offset, fetchargs))
+                            obj.vaddr_to_offset(address), address, location, spec.ref_ctr_offset, fetchargs,
+                            explicit_event=spec.event is not None))
     return probes
 
 
@@ -183,7 +192,7 @@ def _resolve_marker(spec: ProbeSpec, obj: ElfObject) -> list[Probe]:
                                           if signatures else base)
             probes.append(Probe(spec.text, False, spec.group or DEFAULT_GROUP, event, obj.path, site.offset,
                                 site.address, site.qualified_name, site.semaphore_offset, fetchargs, site,
-                                unavailable))
+                                unavailable, explicit_event=spec.event is not None))
     return probes
 
 

@@ -1,0 +1,189 @@
+"""``uprobes trace`` and ``uprobes count``: run probes on a command, a process or the whole system."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import signal
+import sys
+import time
+from contextlib import ExitStack
+
+from ..errors import UprobesError
+from ..output.writers import EventWriter, count_records, format_count_table
+from ..probes.resolve import Probe, resolve_text
+from ..probes.spec import group_probe_words
+from ..proc.launch import HeldCommand
+from ..proc.maps import read_maps
+
+__all__ = ["add_tracing_options", "run_trace", "run_count"]
+
+_POLL_SECONDS = 0.1
+
+
+class _Stop(Exception):
+    """Raised by SIGTERM and SIGHUP handlers so that every exit path runs the same clean-up."""
+
+
+def add_tracing_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", choices=("auto", "kernel", "ptrace"), default="auto",
+                        help="kernel: the kernel's uprobes through tracefs and perf (root); "
+                             "ptrace: our own engine; auto: the kernel engine where it is usable")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("-p", "--pid", type=int, help="only this process (and the threads and children it makes)")
+    target.add_argument("-c", "--command", dest="command_line", metavar="CMD", help="run CMD with every probe in place, and trace it")
+    parser.add_argument("-d", "--duration", type=float, metavar="SECONDS", help="stop after SECONDS")
+    parser.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    parser.add_argument("--json", action="store_true", help="JSON lines instead of text")
+    parser.add_argument("words", nargs="+", metavar="PROBE", help="probes, each with its fetch arguments")
+
+
+def _split_command(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
+    """Probe texts and the command to run, from PROBE... [-- CMD ARGS...] or -c 'CMD'."""
+    words = list(args.words)
+    command = shlex.split(args.command_line) if args.command_line else None
+    if args.dash_command:
+        if command is not None or args.pid is not None:
+            raise UprobesError("give the command once: with -c 'CMD' or after --, not with -p")
+        command = args.dash_command
+    return group_probe_words(words), command
+
+
+def _engine(name: str):
+    if name == "ptrace":
+        raise UprobesError("the ptrace engine is not available yet; use --engine kernel (as root)")
+    from ..engines.kernel.engine import KernelEngine
+
+    return KernelEngine()
+
+
+class _Run:
+    """What trace and count share: probes resolved, engine attached, command launched, signals handled."""
+
+    def __init__(self, args: argparse.Namespace, stack: ExitStack) -> None:
+        texts, command = _split_command(args)
+        self.probes: list[Probe] = [p for text in texts for p in resolve_text(text)]
+        self.pid = args.pid
+        if self.pid is not None:
+            read_maps(self.pid)  # a clear error now if the process is gone or not ours
+        self.engine = stack.enter_context(_engine(args.engine))
+        self.child = HeldCommand(command) if command else None
+        stack.callback(self._stop_child)
+        for note in (f"{p.name} at {p.path}:{p.offset:#x}: left out {u}" for p in self.probes for u in p.unavailable):
+            print(f"uprobes: warning: {note}", file=sys.stderr)
+        self.engine.attach(self.probes, self.child.pid if self.child else self.pid)
+        self.deadline = time.monotonic() + args.duration if args.duration else None
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, _raise_stop)
+        if self.child:
+            self.child.release()
+        self.status = 0
+
+    def _stop_child(self) -> None:
+        if self.child and self.child.poll() is None:
+            self.child.stop()
+
+    def finished(self) -> bool:
+        """True once the command or process has ended or the duration is over."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return True
+        if self.child is not None:
+            status = self.child.poll()
+            if status is not None:
+                self.status = status
+                return True
+        if self.pid is not None:
+            try:
+                read_maps(self.pid)
+            except UprobesError:
+                return True
+        return False
+
+    def interrupted(self) -> None:
+        """Ctrl-C or SIGTERM: the command, if we started it, gets the same chance to end, and its status."""
+        if self.child is not None:
+            self.child.stop()
+            self.status = self.child.wait()
+        else:
+            self.status = 128 + signal.SIGINT
+
+
+def _raise_stop(signum, frame) -> None:
+    raise _Stop()
+
+
+def _open_output(args: argparse.Namespace, stack: ExitStack):
+    if not args.output:
+        return sys.stdout
+    try:
+        return stack.enter_context(open(args.output, "w", buffering=1 << 16))
+    except OSError as exc:
+        raise UprobesError(f"cannot write {args.output}: {exc.strerror}") from None
+
+
+def run_trace(args: argparse.Namespace) -> int:
+    with ExitStack() as stack:
+        out = _open_output(args, stack)
+        writer = EventWriter(out, args.json)
+        run = _Run(args, stack)
+        seen = 0
+        try:
+            while True:
+                finished = run.finished()
+                for event in run.engine.poll(0 if finished else _POLL_SECONDS):
+                    writer.event(event)
+                    seen += 1
+                    if args.max_events and seen >= args.max_events:
+                        finished = True
+                        break
+                if finished:
+                    break
+                out.flush()
+        except (KeyboardInterrupt, _Stop):
+            run.interrupted()
+        _report_lost(writer, run.engine.lost)
+        out.flush()
+        return run.status
+
+
+def _report_lost(writer: EventWriter, lost: int) -> None:
+    writer.lost(lost)
+    if lost:
+        print(f"uprobes: lost {lost} events (the ring buffers overflowed; try fewer probes or --json -o FILE)",
+              file=sys.stderr)
+
+
+def run_count(args: argparse.Namespace) -> int:
+    with ExitStack() as stack:
+        out = _open_output(args, stack)
+        run = _Run(args, stack)
+        hits = [0] * len(run.probes)
+        next_report = time.monotonic() + args.interval if args.interval else None
+        try:
+            while True:
+                finished = run.finished()
+                for event in run.engine.poll(0 if finished else _POLL_SECONDS):
+                    hits[event.probe_index] += 1
+                if finished:
+                    break
+                if next_report is not None and time.monotonic() >= next_report:
+                    _write_counts(out, run.probes, hits, args.json)
+                    next_report += args.interval
+        except (KeyboardInterrupt, _Stop):
+            run.interrupted()
+            for event in run.engine.poll(0):  # nothing hit before the stop is lost
+                hits[event.probe_index] += 1
+        _write_counts(out, run.probes, hits, args.json)
+        if run.engine.lost:
+            print(f"uprobes: lost {run.engine.lost} events; counts are low by that much", file=sys.stderr)
+        return run.status
+
+
+def _write_counts(out, probes: list[Probe], hits: list[int], as_json: bool) -> None:
+    counts = [(p.name, p.path, p.offset, n) for p, n in zip(probes, hits)]
+    if as_json:
+        out.writelines(json.dumps(record) + "\n" for record in count_records(counts))
+    else:
+        out.write(format_count_table(counts))
+    out.flush()

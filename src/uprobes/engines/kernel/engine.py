@@ -1,0 +1,118 @@
+"""The kernel engine: our probes as the kernel's own uprobe events, read from perf ring buffers.
+
+Each probe point becomes one event in a group owned by this run (``uprobes_<pid>``), so hits are told apart
+per site. Events are opened through ``perf_event_open`` (which is when the kernel registers the uprobe and
+raises a marker's semaphore through ``REF_CTR_OFFSET``), filtered to one process and its descendants when
+a pid is given, system-wide otherwise. Everything we defined is deleted when the engine closes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass, replace
+
+from ...errors import KernelEngineError, UprobesError
+from ...output.event import Event
+from ...probes.fetchargs import Comm, FetchArg, FetchType, RetVal
+from ...probes.resolve import Probe
+from .eventformat import EventFormat, load_event_format
+from .perfbuf import TracepointReader
+from .tracefs import GROUP_PREFIX, DefinedEvent, Tracefs
+
+__all__ = ["KernelEngine"]
+
+# Fetched with every hit: the thread's name while it is alive, and a return probe's value.
+_COMM_ARG = FetchArg("__comm", True, Comm(), FetchType("string"))
+_RETVAL_ARG = FetchArg("__retval", True, RetVal(), FetchType("s64"))
+_HIDDEN_FIELDS = frozenset({"__comm", "__retval", "__probe_ip", "__probe_func", "__probe_ret_ip"})
+_ENOTSUPP = 524
+
+
+@dataclass
+class _Attached:
+    index: int
+    probe: Probe
+    event: DefinedEvent
+    format: EventFormat
+
+
+class KernelEngine:
+    """Probes through tracefs and perf. Use as a context manager so that every event is deleted."""
+
+    name = "kernel"
+
+    def __init__(self, pages_per_cpu: int = 256) -> None:
+        self.tracefs = Tracefs()
+        self.group = f"{GROUP_PREFIX}{os.getpid()}"
+        self._pages = pages_per_cpu
+        self._attached: dict[int, _Attached] = {}  # tracepoint id -> probe
+        self._defined: list[DefinedEvent] = []
+        self._reader: TracepointReader | None = None
+
+    def __enter__(self) -> KernelEngine:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    @property
+    def lost(self) -> int:
+        return self._reader.lost if self._reader else 0
+
+    def attach(self, probes: list[Probe], pid: int | None) -> None:
+        """Define every probe and start collecting its hits (of ``pid`` and its descendants, or of everyone)."""
+        for index, probe in enumerate(probes):
+            event_name = f"e{index}_{probe.event}"[:63]
+            extra = (_COMM_ARG, _RETVAL_ARG) if probe.is_return else (_COMM_ARG,)
+            kernel_probe = replace(probe, group=self.group, event=event_name, fetchargs=probe.fetchargs + extra)
+            defined = self.tracefs.define(kernel_probe.uprobe_events_line(), probe.spec)
+            self._defined.append(defined)
+            event_format = load_event_format(self.tracefs.root, defined.group, defined.event)
+            self._attached[event_format.id] = _Attached(index, probe, defined, event_format)
+        try:
+            self._reader = TracepointReader(list(self._attached), pid, pages=self._pages)
+            self._reader.enable()
+        except OSError as exc:
+            raise self._explain(exc) from None
+
+    def _explain(self, exc: OSError) -> UprobesError:
+        if exc.errno == _ENOTSUPP:
+            return KernelEngineError("the kernel cannot probe this instruction: its uprobes refuse some "
+                                     "instructions (see `uprobes resolve` for the offsets; try --engine ptrace)")
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return KernelEngineError("perf_event_open was refused: the kernel engine needs root or CAP_PERFMON")
+        return KernelEngineError(f"cannot enable the uprobe events: {os.strerror(exc.errno or 0)}")
+
+    def poll(self, timeout: float) -> list[Event]:
+        """Events that arrived, waiting up to ``timeout`` seconds for the first."""
+        reader = self._reader
+        if reader is None:
+            return []
+        if not reader.poll(timeout):
+            return []
+        events = []
+        for sample in reader.read():
+            attached = self._attached.get(sample.event_id)
+            if attached is None:
+                continue
+            events.append(self._event(attached, sample))
+        return events
+
+    def _event(self, attached: _Attached, sample) -> Event:
+        fields = attached.format.decode(sample.raw)
+        probe = attached.probe
+        args = {name: value for name, value in fields.items()
+                if name not in _HIDDEN_FIELDS and not name.startswith("common_")}
+        retval = fields.get("__retval")
+        ip = fields.get("__probe_ip", fields.get("__probe_func", 0))
+        return Event(probe.name, sample.pid, sample.tid, fields.get("__comm", ""), sample.time_ns, sample.cpu, ip,
+                     args, retval, fields.errors or None, probe.is_return, attached.index)
+
+    def close(self) -> None:
+        """Stop collecting and delete every event this run defined; safe to call twice."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        while self._defined:
+            self.tracefs.delete(self._defined.pop())

@@ -1,0 +1,138 @@
+"""The tracefs side of the kernel engine: defining, and deleting, uprobe events under one group per run.
+
+Definitions are appended to ``uprobe_events`` one line at a time; after a refused write the last entry of
+``error_log`` is turned into one line that names the probe and the token the kernel pointed at. Groups are
+called ``uprobes_<pid>`` after the run that owns them, so ``cleanup`` can tell which runs are gone.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...errors import KernelEngineError
+
+__all__ = ["Tracefs", "GROUP_PREFIX", "stale_groups"]
+
+TRACEFS = Path("/sys/kernel/tracing")
+GROUP_PREFIX = "uprobes_"
+_GROUP = re.compile(rf"{GROUP_PREFIX}(\d+)\Z")
+_SAFE_LINE = re.compile(r"[pr]:\w+/\w+ [^\s#]+(?: [^\s#]+)*\Z")
+_ERROR_ENTRY = re.compile(r"error: (?P<message>.*)\n\s+Command: (?P<command>.*)\n(?P<caret>\s*)\^", re.M)
+
+
+@dataclass(frozen=True)
+class DefinedEvent:
+    group: str
+    event: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.group}/{self.event}"
+
+
+class Tracefs:
+    """The tracing file system, mounted if it is not yet."""
+
+    def __init__(self, root: Path = TRACEFS) -> None:
+        self.root = root
+        if os.geteuid() != 0:
+            raise KernelEngineError("the kernel engine needs root (it writes /sys/kernel/tracing/uprobe_events); "
+                                    "run as root or use --engine ptrace")
+        if not (root / "uprobe_events").exists():
+            self._mount()
+
+    def _mount(self) -> None:
+        result = subprocess.run(["mount", "-t", "tracefs", "nodev", str(self.root)], capture_output=True, text=True)
+        if result.returncode != 0 or not (self.root / "uprobe_events").exists():
+            reason = result.stderr.strip() or "no uprobe_events after mounting (kernel without CONFIG_UPROBE_EVENTS?)"
+            raise KernelEngineError(f"tracefs is not usable at {self.root}: {reason}; use --engine ptrace")
+
+    def _append(self, name: str, line: str) -> None:
+        fd = os.open(self.root / name, os.O_WRONLY | os.O_APPEND)  # Python's "a" mode seeks; tracefs refuses that
+        try:
+            os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
+
+    def define(self, line: str, probe_text: str) -> DefinedEvent:
+        """Append one ``p:``/``r:`` definition; a refusal raises with the kernel's reason and token."""
+        if not _SAFE_LINE.match(line):
+            # Names and fetch arguments are validated by the parsers; this catches a path with blanks or
+            # any text that would make the kernel read a second command or a comment.
+            raise KernelEngineError(f"probe '{probe_text}': cannot be written to uprobe_events as one command "
+                                    f"(a path with blanks or '#'? use a symlink without them)")
+        try:
+            self._append("uprobe_events", line)
+        except OSError as exc:
+            raise KernelEngineError(f"probe '{probe_text}': the kernel refused it: {self._last_error(exc)}") from None
+        group, event = line.split(" ", 1)[0][2:].split("/")
+        return DefinedEvent(group, event)
+
+    def _last_error(self, exc: OSError) -> str:
+        try:
+            log = (self.root / "error_log").read_text()
+        except OSError:
+            log = ""
+        entries = list(_ERROR_ENTRY.finditer(log))
+        if not entries:
+            return os.strerror(exc.errno) if exc.errno else str(exc)
+        last = entries[-1]
+        column = len(last["caret"]) - 2  # the command line is indented by two spaces, like the caret
+        token = last["command"][column:].split(" ", 1)[0] if 0 <= column < len(last["command"]) else ""
+        return f"{last['message']} (at '{token}')" if token else last["message"]
+
+    def delete(self, event: DefinedEvent) -> None:
+        """Remove one event; a missing one is not an error (a previous cleanup may have taken it)."""
+        try:
+            self._append("uprobe_events", f"-:{event.name}")
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise KernelEngineError(f"cannot delete uprobe event {event.name}: {os.strerror(exc.errno)}") from None
+
+    def event_dir(self, event: DefinedEvent) -> Path:
+        return self.root / "events" / event.group / event.event
+
+    def event_id(self, event: DefinedEvent) -> int:
+        return int((self.event_dir(event) / "id").read_text())
+
+    def defined_events(self) -> list[DefinedEvent]:
+        """Every uprobe event now defined, as ``uprobe_events`` lists them."""
+        events = []
+        for line in (self.root / "uprobe_events").read_text().splitlines():
+            head = line.split(" ", 1)[0]
+            if ":" in head and "/" in head:
+                group, event = head.split(":", 1)[1].split("/", 1)
+                events.append(DefinedEvent(group, event))
+        return events
+
+    def hit_counts(self) -> dict[tuple[str, str], int]:
+        """(path, event) -> hits, from ``uprobe_profile`` (system-wide, as the kernel counts them)."""
+        counts = {}
+        for line in (self.root / "uprobe_profile").read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 3:
+                counts[(" ".join(fields[:-2]), fields[-2])] = int(fields[-1])
+        return counts
+
+
+def stale_groups(events: list[DefinedEvent]) -> list[str]:
+    """Our groups whose run (the pid in the name) is no longer alive."""
+    stale = []
+    for group in sorted({e.group for e in events}):
+        match = _GROUP.match(group)
+        if match and not _is_uprobes_process(int(match[1])):
+            stale.append(group)
+    return stale
+
+
+def _is_uprobes_process(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"uprobes" in f.read()
+    except OSError:
+        return False

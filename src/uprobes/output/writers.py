@@ -1,0 +1,60 @@
+"""Writing events and hit counts as text for people or JSON lines for programs."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TextIO
+
+from .event import ArgValue, Event
+
+__all__ = ["EventWriter", "format_count_table", "count_records"]
+
+
+def _value(value: ArgValue) -> str:
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if value is None:
+        return "?"
+    return str(value)
+
+
+class EventWriter:
+    """Writes one line per event, and the lost-event report at the end."""
+
+    def __init__(self, out: TextIO, as_json: bool) -> None:
+        self.out = out
+        self.as_json = as_json
+        # CLOCK_MONOTONIC timestamps are shown as wall-clock time of day.
+        self._wall_offset_ns = time.time_ns() - time.monotonic_ns()
+
+    def event(self, event: Event) -> None:
+        if self.as_json:
+            self.out.write(event.to_json() + "\n")
+            return
+        wall = (event.ts_ns + self._wall_offset_ns) / 1e9
+        clock = time.strftime("%H:%M:%S", time.localtime(wall)) + f".{int(wall % 1 * 1e6):06d}"
+        args = " ".join(f"{name}={_value(value)}" for name, value in event.args.items())
+        ret = f" retval={_value(event.retval)}" if event.is_return else ""
+        errors = "".join(f" ({name}: {reason})" for name, reason in (event.errors or {}).items())
+        self.out.write(f"{clock} {event.comm:<16} {event.pid}/{event.tid} {event.probe}"
+                       f"{' ' + args if args else ''}{ret}{errors}\n")
+
+    def lost(self, count: int) -> None:
+        if self.as_json:
+            self.out.write(json.dumps({"lost": count}) + "\n")
+
+
+def count_records(counts: list[tuple[str, str, int, int]]) -> list[dict]:
+    """(probe, path, offset, hits) tuples as JSON-ready records, most hits first."""
+    ordered = sorted(counts, key=lambda c: (-c[3], c[0], c[2]))
+    return [{"probe": probe, "path": path, "offset": offset, "hits": hits} for probe, path, offset, hits in ordered]
+
+
+def format_count_table(counts: list[tuple[str, str, int, int]]) -> str:
+    """Hits per probe point, most first, as an aligned table."""
+    records = count_records(counts)
+    width = max([len(r["probe"]) for r in records] + [5])
+    lines = [f"{'PROBE':<{width}}  {'HITS':>10}  WHERE"]
+    lines += [f"{r['probe']:<{width}}  {r['hits']:>10}  {r['path']}:{r['offset']:#x}" for r in records]
+    return "\n".join(lines) + "\n"
