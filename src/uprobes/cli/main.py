@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     except UprobesError as exc:
         print(f"uprobes: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 128 + signal.SIGINT
+    except KeyboardInterrupt as stop:  # before a run started; a run's own clean-up has happened already
+        return 128 + getattr(stop, "signum", signal.SIGINT)
     except BrokenPipeError:  # `uprobes list ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -22,8 +22,12 @@ __all__ = ["add_tracing_options", "run_trace", "run_count"]
 _POLL_SECONDS = 0.1
 
 
-class _Stop(Exception):
-    """Raised by SIGTERM and SIGHUP handlers so that every exit path runs the same clean-up."""
+class _Stop(KeyboardInterrupt):
+    """Raised by the SIGTERM and SIGHUP handlers, so that they end a run exactly as Ctrl-C does."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def add_tracing_options(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +66,8 @@ class _Run:
     """What trace and count share: probes resolved, engine attached, command launched, signals handled."""
 
     def __init__(self, args: argparse.Namespace, stack: ExitStack) -> None:
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, _raise_stop)
         texts, command = _split_command(args)
         self.probes: list[Probe] = [p for text in texts for p in resolve_text(text)]
         self.pid = args.pid
@@ -73,9 +79,10 @@ class _Run:
         for note in (f"{p.name} at {p.path}:{p.offset:#x}: left out {u}" for p in self.probes for u in p.unavailable):
             print(f"uprobes: warning: {note}", file=sys.stderr)
         self.engine.attach(self.probes, self.child.pid if self.child else self.pid)
+        scope = f"pid {self.pid}" if self.pid else "the command" if self.child else "every process"
+        print(f"uprobes: {len(self.probes)} probe points attached ({self.engine.name} engine, {scope})",
+              file=sys.stderr, flush=True)
         self.deadline = time.monotonic() + args.duration if args.duration else None
-        for signum in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, _raise_stop)
         if self.child:
             self.child.release()
         self.status = 0
@@ -100,17 +107,17 @@ class _Run:
                 return True
         return False
 
-    def interrupted(self) -> None:
-        """Ctrl-C or SIGTERM: the command, if we started it, gets the same chance to end, and its status."""
+    def interrupted(self, stop: KeyboardInterrupt) -> None:
+        """Ctrl-C, SIGTERM or SIGHUP: a command we started is stopped too and its status becomes ours."""
         if self.child is not None:
             self.child.stop()
             self.status = self.child.wait()
         else:
-            self.status = 128 + signal.SIGINT
+            self.status = 128 + getattr(stop, "signum", signal.SIGINT)
 
 
 def _raise_stop(signum, frame) -> None:
-    raise _Stop()
+    raise _Stop(signum)
 
 
 def _open_output(args: argparse.Namespace, stack: ExitStack):
@@ -140,8 +147,8 @@ def run_trace(args: argparse.Namespace) -> int:
                 if finished:
                     break
                 out.flush()
-        except (KeyboardInterrupt, _Stop):
-            run.interrupted()
+        except KeyboardInterrupt as stop:
+            run.interrupted(stop)
         _report_lost(writer, run.engine.lost)
         out.flush()
         return run.status
@@ -170,8 +177,8 @@ def run_count(args: argparse.Namespace) -> int:
                 if next_report is not None and time.monotonic() >= next_report:
                     _write_counts(out, run.probes, hits, args.json)
                     next_report += args.interval
-        except (KeyboardInterrupt, _Stop):
-            run.interrupted()
+        except KeyboardInterrupt as stop:
+            run.interrupted(stop)
             for event in run.engine.poll(0):  # nothing hit before the stop is lost
                 hits[event.probe_index] += 1
         _write_counts(out, run.probes, hits, args.json)

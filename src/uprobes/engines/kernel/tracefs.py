@@ -22,7 +22,7 @@ TRACEFS = Path("/sys/kernel/tracing")
 GROUP_PREFIX = "uprobes_"
 _GROUP = re.compile(rf"{GROUP_PREFIX}(\d+)\Z")
 _SAFE_LINE = re.compile(r"[pr]:\w+/\w+ [^\s#]+(?: [^\s#]+)*\Z")
-_ERROR_ENTRY = re.compile(r"error: (?P<message>.*)\n\s+Command: (?P<command>.*)\n(?P<caret>\s*)\^", re.M)
+_ERROR_ENTRY = re.compile(r"error: (?P<message>.*)\n(?P<prefix>\s+Command: )(?P<command>.*)\n(?P<caret> *)\^")
 
 
 @dataclass(frozen=True)
@@ -82,9 +82,12 @@ class Tracefs:
         if not entries:
             return os.strerror(exc.errno) if exc.errno else str(exc)
         last = entries[-1]
-        column = len(last["caret"]) - 2  # the command line is indented by two spaces, like the caret
-        token = last["command"][column:].split(" ", 1)[0] if 0 <= column < len(last["command"]) else ""
-        return f"{last['message']} (at '{token}')" if token else last["message"]
+        command, column = last["command"], len(last["caret"]) - len(last["prefix"])
+        if not 0 <= column < len(command):
+            return last["message"]
+        # The caret points into one word of the command; name that whole word (a fetch argument, say).
+        start = command.rfind(" ", 0, column) + 1
+        return f"{last['message']} (at '{command[start:].split(' ', 1)[0]}')"
 
     def delete(self, event: DefinedEvent) -> None:
         """Remove one event; a missing one is not an error (a previous cleanup may have taken it)."""
