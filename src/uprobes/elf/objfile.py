@@ -16,9 +16,11 @@ import functools
 import io
 import lzma
 import os
+import struct
 from dataclasses import dataclass
 
 from elftools.common.exceptions import ELFError as _PyElfError
+from elftools.construct import ConstructError as _ConstructError
 from elftools.elf.constants import P_FLAGS
 from elftools.elf.elffile import ELFFile
 
@@ -28,6 +30,9 @@ from .symbols import Symbol, SymbolTable, read_symbol_table
 __all__ = ["ElfObject", "LoadSegment"]
 
 _ELF_MAGIC = b"\x7fELF"
+_DT_SONAME, _DT_FLAGS_1 = 14, 0x6FFFFFFB
+# What pyelftools (and the construct library under it) raise on malformed input, beyond its own ELFError.
+_MALFORMED = (_PyElfError, _ConstructError, ValueError, KeyError, IndexError, UnicodeDecodeError, OverflowError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +93,7 @@ class ElfObject:
             }
             self.build_id = self._read_build_id()
             self.debuglink = self._read_debuglink()
-        except (_PyElfError, ValueError, KeyError, IndexError, UnicodeDecodeError, OverflowError) as exc:
+        except _MALFORMED as exc:
             raise ElfError(f"{path}: malformed ELF file ({exc}); is it truncated?") from None
         for seg in self.segments:
             if seg.filesz and seg.offset + seg.filesz > len(data):
@@ -129,11 +134,16 @@ class ElfObject:
         return self.elf_type
 
     def _is_pie(self) -> bool:
-        dynamic = self._elf.get_section_by_name(".dynamic")
-        tags = {tag.entry.d_tag: tag.entry.d_val for tag in dynamic.iter_tags()} if dynamic else {}
-        if "DT_FLAGS_1" in tags:
-            return bool(tags["DT_FLAGS_1"] & 0x08000000)  # DF_1_PIE
-        return ".interp" in self._sections and "DT_SONAME" not in tags
+        # Elf64_Dyn records read directly: pyelftools' iter_tags() asserts or fails on a damaged .dynamic.
+        raw = self.section_bytes(".dynamic") or b""
+        tags: dict[int, int] = {}
+        for tag, value in struct.iter_unpack("<qQ", raw[:len(raw) - len(raw) % 16]):
+            if tag == 0:  # DT_NULL
+                break
+            tags.setdefault(tag, value)
+        if _DT_FLAGS_1 in tags:
+            return bool(tags[_DT_FLAGS_1] & 0x08000000)  # DF_1_PIE
+        return ".interp" in self._sections and _DT_SONAME not in tags
 
     def _is_debug_only(self) -> bool:
         text = self._sections.get(".text")
@@ -197,15 +207,15 @@ class ElfObject:
 
     def _own_symbols(self, which: str) -> list[Symbol]:
         sections = {"symtab": ".symtab", "dynsym": ".dynsym"}
-        sec = self._elf.get_section_by_name(sections[which])
-        if sec is None or sec["sh_type"] == "SHT_NOBITS":
-            return []
-        strtab = self._elf.get_section(sec["sh_link"])
-        versions = self._versions(sec) if which == "dynsym" else None
         try:
+            sec = self._elf.get_section_by_name(sections[which])
+            if sec is None or sec["sh_type"] == "SHT_NOBITS":
+                return []
+            strtab = self._elf.get_section(sec["sh_link"])
+            versions = self._versions(sec) if which == "dynsym" else None
             return read_symbol_table(self._data, sec["sh_offset"], sec["sh_size"], strtab["sh_offset"],
                                      strtab["sh_size"], origin=which, versions=versions)
-        except ValueError as exc:
+        except _MALFORMED as exc:
             raise ElfError(f"{self.path}: malformed {sections[which]}: {exc}") from None
 
     def _versions(self, dynsym) -> list[tuple[str, bool] | None] | None:

@@ -76,16 +76,25 @@ def read_symbol_table(data: bytes, offset: int, size: int, str_offset: int, str_
 
 
 class SymbolTable:
-    """Defined symbols merged from several tables, deduplicated by (name, value)."""
+    """Defined symbols merged from several tables, deduplicated by (name, value, version).
+
+    One name at one address may carry several versions (libc's ``clock_gettime@GLIBC_2.2.5`` and
+    ``clock_gettime@@GLIBC_2.17``): each version is kept, and an unversioned copy (from ``.symtab``) is dropped.
+    """
 
     def __init__(self, symbols: list[Symbol]) -> None:
         seen: dict[tuple[str, int], Symbol] = {}
+        other_versions: dict[tuple[str, int, str, bool], Symbol] = {}
         for sym in symbols:
             key = (sym.name, sym.value)
             known = seen.get(key)
             if known is None or (known.version is None and sym.version is not None):
                 seen[key] = sym
-        self._symbols = sorted(seen.values(), key=lambda s: (s.value, -s.size, s.name))
+            elif sym.version is not None and (sym.version, sym.default_version) != (known.version,
+                                                                                     known.default_version):
+                other_versions.setdefault((*key, sym.version, sym.default_version), sym)
+        kept = [*seen.values(), *other_versions.values()]
+        self._symbols = sorted(kept, key=lambda s: (s.value, -s.size, s.name, s.display_name))
         self._by_name: dict[str, list[Symbol]] = {}
         for sym in self._symbols:
             self._by_name.setdefault(sym.name, []).append(sym)
@@ -105,7 +114,7 @@ class SymbolTable:
 
     @property
     def functions(self) -> list[Symbol]:
-        """Function symbols, one per (name, address), sorted by address."""
+        """Function symbols, one per (name, version, address), sorted by address."""
         return self._functions
 
     def lookup(self, name: str) -> list[Symbol]:
