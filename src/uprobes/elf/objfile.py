@@ -198,7 +198,10 @@ class ElfObject:
             tables.append(self._minidebuginfo_symbols())
             debug_path = find_debug_file(self)
             if debug_path:
-                tables.append(ElfObject.open(debug_path)._own_symbols("symtab"))
+                try:
+                    tables.append(ElfObject.open(debug_path)._own_symbols("symtab"))
+                except ElfError:
+                    pass  # a damaged debug file must not make the object itself unusable
         return SymbolTable([sym for table in tables for sym in table])
 
     @property
