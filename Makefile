@@ -7,8 +7,12 @@ TARGETS := tests/targets/build
 .PHONY: demo test deps venv targets clean
 
 demo: venv targets
-	$(VENV)/bin/uprobes list $(TARGETS)/demo
-	$(VENV)/bin/uprobes resolve 'usdt:$(TARGETS)/demo:demo:order__start' 'uretprobe:$(TARGETS)/demo:price_of ret=$$retval:s64'
+	$(VENV)/bin/uprobes list $(TARGETS)/demo 'demo:*'
+	$(VENV)/bin/uprobes trace -c '$(TARGETS)/demo 3' \
+	    'uprobe:$(TARGETS)/demo:price_of item=+0(%di):string quantity=%si:s64' \
+	    'uretprobe:$(TARGETS)/demo:price_of' \
+	    'usdt:$(TARGETS)/demo:demo:order__start id=arg0 item=arg1:string quantity=arg2' \
+	    'usdt:$(TARGETS)/demo:demo:order__done'
 
 test: venv targets
 	$(PY) -m pytest -q

@@ -1,0 +1,1 @@
+"""Engines: the ways of making a traced process report its probe hits."""

@@ -1,0 +1,380 @@
+"""Read tracepoint samples (uprobe events among them) from perf's per-CPU ring buffers, with ctypes only.
+
+One perf event is opened per (tracepoint, online CPU), as the kernel wants for a task event that is
+inherited and mapped. Each CPU gets one ring buffer; the other events of that CPU write into it through
+``PERF_EVENT_IOC_SET_OUTPUT``. A sample carries the event's perf id, which :class:`TracepointReader` maps
+back to the tracepoint id, and the raw tracepoint record that
+:meth:`~uprobes.engines.kernel.eventformat.EventFormat.decode` understands. ::
+
+    with TracepointReader([hit_id, ret_id], pid=child.pid) as reader:
+        reader.enable()
+        while child.poll() is None:
+            if reader.poll(0.1):
+                show(reader.read())
+        show(reader.read())     # what was written before the exit
+
+Lost samples, as the kernel accounts them (kernel/events/ring_buffer.c, ``__perf_output_begin()``): a
+sample that does not fit is dropped and counted in the buffer's ``rb->lost`` and in the event's
+``lost_samples``. The ``PERF_RECORD_LOST`` that reports ``rb->lost`` is only written in front of the
+*next* record that fits in that buffer, so drops at the end of a run stay unreported until more traffic
+comes; :attr:`TracepointReader.lost` counts reported drops, :meth:`TracepointReader.count_lost` reads the
+exact per-event counters (``PERF_FORMAT_LOST``, Linux 6.0+).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+import select
+import struct
+from collections.abc import Sequence
+from operator import itemgetter
+from pathlib import Path
+from typing import NamedTuple
+
+from ...errors import KernelEngineError
+
+__all__ = ["Sample", "TracepointReader", "online_cpus"]
+
+_NR_PERF_EVENT_OPEN = 298  # x86-64
+_PERF_TYPE_TRACEPOINT = 2
+_PERF_FLAG_FD_CLOEXEC = 1 << 3
+_CLOCK_MONOTONIC = 1
+_PERF_ATTR_SIZE_VER8 = 136
+_ENOTSUPP = 524  # kernel-internal errno, which arch_uprobe_analyze_insn() returns for refused instructions
+# Wake a poller when a buffer is this fraction full, not at every sample: on the 2-vCPU test VM a
+# cross-CPU wakeup per sample made a traced hit ~10x slower (23 us instead of 2.3 us).
+_WAKEUP_FRACTION = 8
+
+# enum perf_event_sample_format: the record layout below depends on exactly these bits.
+_PERF_SAMPLE_TID = 1 << 1
+_PERF_SAMPLE_TIME = 1 << 2
+_PERF_SAMPLE_CPU = 1 << 7
+_PERF_SAMPLE_RAW = 1 << 10
+_PERF_SAMPLE_IDENTIFIER = 1 << 16
+_SAMPLE_TYPE = _PERF_SAMPLE_IDENTIFIER | _PERF_SAMPLE_TID | _PERF_SAMPLE_TIME | _PERF_SAMPLE_CPU | _PERF_SAMPLE_RAW
+_PERF_FORMAT_LOST = 1 << 4
+
+# ioctls: _IO('$', n), and PERF_EVENT_IOC_ID = _IOR('$', 7, __u64 *)
+_PERF_EVENT_IOC_ENABLE = 0x2400
+_PERF_EVENT_IOC_DISABLE = 0x2401
+_PERF_EVENT_IOC_SET_OUTPUT = 0x2405
+_PERF_EVENT_IOC_ID = 0x80082407
+
+# enum perf_event_type
+_PERF_RECORD_LOST = 2
+_PERF_RECORD_SAMPLE = 9
+
+# struct perf_event_mmap_page: the first page of the mapping; the data area follows at data_offset.
+_DATA_HEAD = 1024
+_DATA_TAIL = 1032
+_DATA_OFFSET = 1040
+_DATA_SIZE = 1048
+
+_U64 = struct.Struct("<Q")
+# struct perf_event_header (type, misc, size), then for PERF_RECORD_SAMPLE with _SAMPLE_TYPE:
+# id; pid, tid; time; cpu, res; raw size -- the raw record follows.
+_SAMPLE = struct.Struct("<IHHQIIQIII")
+# A LOST record is shorter than a sample's fixed part; zeros after the last record let every record be
+# unpacked as a sample first (one call per record) and told apart by its type afterwards.
+_PAD = bytes(_SAMPLE.size)
+_LOST = struct.Struct("<8xQQ")  # PERF_RECORD_LOST after the header: id, lost
+_READ_LOST = struct.Struct("<QQ")  # read() with read_format PERF_FORMAT_LOST: value, lost
+_BY_TIME = itemgetter(3)  # Sample.time_ns
+
+_ERRNO_REASONS = {
+    errno.EACCES: "perf_event_open needs root or CAP_PERFMON",
+    errno.EPERM: "perf_event_open needs root or CAP_PERFMON",
+    errno.EMFILE: "too many open files (one descriptor per event and CPU); raise the limit with ulimit -n",
+    # perf_trace_init() finds no event with that id; perf_copy_attr() refuses PERF_FORMAT_LOST before 6.0
+    errno.EINVAL: "no such tracepoint id (was the event deleted?), or a kernel older than Linux 6.0",
+    # perf_trace_init() registers the uprobe at open, so instruction analysis fails here, when a process
+    # maps the file (uprobe_register -> arch_uprobe_analyze_insn)
+    _ENOTSUPP: "the kernel's uprobes refuse the instruction at this offset (lock prefix, syscall, int3, ...)",
+    errno.ENOEXEC: "the kernel cannot decode an instruction at this offset (not an instruction boundary?)",
+    # probe_event_enable() refuses perf while the event is enabled through tracefs (TP_FLAG_TRACE)
+    errno.EINTR: "the event is enabled in tracefs (events/GROUP/EVENT/enable); write 0 there first",
+}
+
+
+class Sample(NamedTuple):
+    """One ``PERF_RECORD_SAMPLE``: ``event_id`` is the tracepoint id, ``time_ns`` is CLOCK_MONOTONIC."""
+
+    event_id: int
+    pid: int
+    tid: int
+    time_ns: int
+    cpu: int
+    raw: bytes
+
+
+class _Wakeup(ctypes.Union):
+    _fields_ = [("wakeup_events", ctypes.c_uint32), ("wakeup_watermark", ctypes.c_uint32)]
+
+
+class _PerfEventAttr(ctypes.Structure):
+    """``struct perf_event_attr`` up to ``config3`` (PERF_ATTR_SIZE_VER8)."""
+
+    _anonymous_ = ("_wakeup",)
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("size", ctypes.c_uint32),
+        ("config", ctypes.c_uint64),
+        ("sample_period", ctypes.c_uint64),
+        ("sample_type", ctypes.c_uint64),
+        ("read_format", ctypes.c_uint64),
+        ("disabled", ctypes.c_uint64, 1),
+        ("inherit", ctypes.c_uint64, 1),
+        ("pinned", ctypes.c_uint64, 1),
+        ("exclusive", ctypes.c_uint64, 1),
+        ("exclude_user", ctypes.c_uint64, 1),
+        ("exclude_kernel", ctypes.c_uint64, 1),
+        ("exclude_hv", ctypes.c_uint64, 1),
+        ("exclude_idle", ctypes.c_uint64, 1),
+        ("mmap", ctypes.c_uint64, 1),
+        ("comm", ctypes.c_uint64, 1),
+        ("freq", ctypes.c_uint64, 1),
+        ("inherit_stat", ctypes.c_uint64, 1),
+        ("enable_on_exec", ctypes.c_uint64, 1),
+        ("task", ctypes.c_uint64, 1),
+        ("watermark", ctypes.c_uint64, 1),
+        ("precise_ip", ctypes.c_uint64, 2),
+        ("mmap_data", ctypes.c_uint64, 1),
+        ("sample_id_all", ctypes.c_uint64, 1),
+        ("exclude_host", ctypes.c_uint64, 1),
+        ("exclude_guest", ctypes.c_uint64, 1),
+        ("exclude_callchain_kernel", ctypes.c_uint64, 1),
+        ("exclude_callchain_user", ctypes.c_uint64, 1),
+        ("mmap2", ctypes.c_uint64, 1),
+        ("comm_exec", ctypes.c_uint64, 1),
+        ("use_clockid", ctypes.c_uint64, 1),
+        ("context_switch", ctypes.c_uint64, 1),
+        ("write_backward", ctypes.c_uint64, 1),
+        ("namespaces", ctypes.c_uint64, 1),
+        ("ksymbol", ctypes.c_uint64, 1),
+        ("bpf_event", ctypes.c_uint64, 1),
+        ("aux_output", ctypes.c_uint64, 1),
+        ("cgroup", ctypes.c_uint64, 1),
+        ("text_poke", ctypes.c_uint64, 1),
+        ("build_id", ctypes.c_uint64, 1),
+        ("inherit_thread", ctypes.c_uint64, 1),
+        ("remove_on_exec", ctypes.c_uint64, 1),
+        ("sigtrap", ctypes.c_uint64, 1),
+        ("__reserved_1", ctypes.c_uint64, 26),
+        ("_wakeup", _Wakeup),
+        ("bp_type", ctypes.c_uint32),
+        ("config1", ctypes.c_uint64),
+        ("config2", ctypes.c_uint64),
+        ("branch_sample_type", ctypes.c_uint64),
+        ("sample_regs_user", ctypes.c_uint64),
+        ("sample_stack_user", ctypes.c_uint32),
+        ("clockid", ctypes.c_int32),
+        ("sample_regs_intr", ctypes.c_uint64),
+        ("aux_watermark", ctypes.c_uint32),
+        ("sample_max_stack", ctypes.c_uint16),
+        ("__reserved_2", ctypes.c_uint16),
+        ("aux_sample_size", ctypes.c_uint32),
+        ("aux_action", ctypes.c_uint32),
+        ("sig_data", ctypes.c_uint64),
+        ("config3", ctypes.c_uint64),
+    ]
+
+
+assert ctypes.sizeof(_PerfEventAttr) == _PERF_ATTR_SIZE_VER8
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+
+def _perf_event_open(attr: _PerfEventAttr, pid: int, cpu: int) -> int:
+    """The raw syscall; returns the fd or raises OSError. Arguments are longs: syscall(2) is variadic."""
+    fd = _syscall(ctypes.c_long(_NR_PERF_EVENT_OPEN), ctypes.byref(attr), ctypes.c_long(pid),
+                  ctypes.c_long(cpu), ctypes.c_long(-1), ctypes.c_long(_PERF_FLAG_FD_CLOEXEC))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return fd
+
+
+def online_cpus(path: Path = Path("/sys/devices/system/cpu/online")) -> list[int]:
+    """The CPUs in a kernel cpu list such as ``0-3,6,8-9``."""
+    cpus: list[int] = []
+    for part in path.read_text().strip().split(","):
+        first, _, last = part.partition("-")
+        cpus.extend(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+class _RingBuffer:
+    """One CPU's mapping: the control page (``perf_event_mmap_page``), then ``data_size`` bytes of records."""
+
+    __slots__ = ("fd", "map", "offset", "size")
+
+    def __init__(self, fd: int, pages: int) -> None:
+        self.fd = fd
+        self.map = mmap.mmap(fd, (1 + pages) * mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.offset = _U64.unpack_from(self.map, _DATA_OFFSET)[0]
+        self.size = _U64.unpack_from(self.map, _DATA_SIZE)[0]
+
+    def pending(self) -> bool:
+        return _U64.unpack_from(self.map, _DATA_HEAD)[0] != _U64.unpack_from(self.map, _DATA_TAIL)[0]
+
+    def take(self) -> bytes:
+        """Every complete record written since the last call, as one contiguous copy followed by ``_PAD``;
+        frees their space. Empty when there is nothing new.
+
+        The kernel publishes ``data_head`` after the records are written, and only reuses space behind
+        ``data_tail``; on x86 (TSO) plain loads and stores keep that order, which the uapi comments ask
+        for with smp_rmb()/smp_mb().
+        """
+        buf = self.map
+        head = _U64.unpack_from(buf, _DATA_HEAD)[0]
+        tail = _U64.unpack_from(buf, _DATA_TAIL)[0]
+        if head == tail:
+            return b""
+        start = self.offset + tail % self.size
+        end = start + (head - tail)
+        limit = self.offset + self.size
+        # A record may straddle the end of the data area; copying both pieces into one bytes object
+        # makes every record contiguous.
+        if end <= limit:
+            chunk = buf[start:end] + _PAD
+        else:
+            chunk = buf[start:limit] + buf[self.offset:end - self.size] + _PAD
+        _U64.pack_into(buf, _DATA_TAIL, head)
+        return chunk
+
+    def close(self) -> None:
+        self.map.close()
+
+
+class TracepointReader:
+    """Samples of the tracepoints ``event_ids`` from process ``pid`` (its threads and later children), or
+    from every process when ``pid`` is None; ``pages`` (a power of two) data pages per CPU.
+
+    Events start disabled: call :meth:`enable`. Close it (or use ``with``) before deleting the events:
+    the kernel refuses to delete an event a perf descriptor still holds (EBUSY).
+    """
+
+    def __init__(self, event_ids: Sequence[int], pid: int | None, pages: int = 64) -> None:
+        if pages < 1 or pages & (pages - 1):
+            raise KernelEngineError(f"perf buffer pages must be a power of two, not {pages}")
+        self.lost = 0
+        self._fds: list[int] = []
+        self._buffers: list[_RingBuffer] = []
+        self._tracepoint_of: dict[int, int] = {}  # perf event id (PERF_EVENT_IOC_ID) -> tracepoint id
+        self._poll = select.poll()
+        try:
+            for cpu in online_cpus():
+                buffer = None
+                for event_id in event_ids:
+                    fd = self._open(event_id, pid, cpu, pages)
+                    if buffer is None:
+                        buffer = self._map(fd, pages)
+                    else:
+                        fcntl.ioctl(fd, _PERF_EVENT_IOC_SET_OUTPUT, buffer.fd)
+                    ident = bytearray(_U64.size)
+                    fcntl.ioctl(fd, _PERF_EVENT_IOC_ID, ident)
+                    self._tracepoint_of[_U64.unpack(ident)[0]] = event_id
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, event_id: int, pid: int | None, cpu: int, pages: int) -> int:
+        attr = _PerfEventAttr(type=_PERF_TYPE_TRACEPOINT, size=ctypes.sizeof(_PerfEventAttr), config=event_id,
+                              sample_period=1, sample_type=_SAMPLE_TYPE, read_format=_PERF_FORMAT_LOST,
+                              disabled=1, inherit=int(pid is not None), watermark=1,
+                              wakeup_watermark=pages * mmap.PAGESIZE // _WAKEUP_FRACTION,
+                              use_clockid=1, clockid=_CLOCK_MONOTONIC)
+        try:
+            fd = _perf_event_open(attr, -1 if pid is None else pid, cpu)
+        except OSError as exc:
+            raise KernelEngineError(_open_error(exc.errno, event_id, pid, cpu)) from None
+        self._fds.append(fd)
+        return fd
+
+    def _map(self, fd: int, pages: int) -> _RingBuffer:
+        try:
+            buffer = _RingBuffer(fd, pages)
+        except OSError as exc:
+            raise KernelEngineError(f"cannot map a perf buffer of {pages} pages: {exc.strerror} "
+                                    f"(see /proc/sys/kernel/perf_event_mlock_kb)") from None
+        self._buffers.append(buffer)
+        self._poll.register(fd, select.POLLIN)
+        return buffer
+
+    def enable(self) -> None:
+        """Start sampling (the uprobes are inserted now)."""
+        for fd in self._fds:
+            fcntl.ioctl(fd, _PERF_EVENT_IOC_ENABLE, 0)
+
+    def disable(self) -> None:
+        """Stop sampling; samples already in the buffers can still be read."""
+        for fd in self._fds:
+            fcntl.ioctl(fd, _PERF_EVENT_IOC_DISABLE, 0)
+
+    def poll(self, timeout_s: float) -> bool:
+        """True when :meth:`read` has samples: at once if a buffer holds some, else after waiting for a
+        buffer to be an eighth full, or at the end of ``timeout_s`` if any arrived meanwhile.
+
+        So at low rates a sample waits at most ``timeout_s``. Once a traced process has exited, its events
+        report POLLHUP and this returns True at once, every time: loop on the process's state, not on this.
+        """
+        if self._pending():
+            return True
+        return bool(self._poll.poll(max(0, round(timeout_s * 1000)))) or self._pending()
+
+    def _pending(self) -> bool:
+        return any(buffer.pending() for buffer in self._buffers)
+
+    def read(self) -> list[Sample]:
+        """Drain every buffer. Samples come sorted by time within one call; a later call can still return
+        a sample of another CPU that is older than one returned now."""
+        samples: list[Sample] = []
+        append = samples.append
+        tracepoint_of = self._tracepoint_of
+        # NamedTuple's own __new__ is Python code; tuple.__new__ builds the same Sample at C speed.
+        unpack, new = _SAMPLE.unpack_from, tuple.__new__
+        for buffer in self._buffers:
+            chunk = buffer.take()
+            pos, end = 0, len(chunk) - len(_PAD)
+            while pos < end:
+                kind, _misc, size, ident, pid, tid, time_ns, cpu, _res, raw_size = unpack(chunk, pos)
+                if kind == _PERF_RECORD_SAMPLE:
+                    raw_start = pos + _SAMPLE.size
+                    append(new(Sample, (tracepoint_of[ident], pid, tid, time_ns, cpu,
+                                        chunk[raw_start:raw_start + raw_size])))
+                elif kind == _PERF_RECORD_LOST:
+                    self.lost += _LOST.unpack_from(chunk, pos)[1]
+                pos += size
+        samples.sort(key=_BY_TIME)
+        return samples
+
+    def count_lost(self) -> int:
+        """Samples the kernel dropped so far, exactly (``PERF_FORMAT_LOST``): unlike :attr:`lost`, this
+        includes drops no ``PERF_RECORD_LOST`` has reported yet."""
+        return sum(_READ_LOST.unpack(os.read(fd, _READ_LOST.size))[1] for fd in self._fds)
+
+    def close(self) -> None:
+        """Unmap the buffers and close every descriptor; closing twice is harmless."""
+        for buffer in self._buffers:
+            buffer.close()
+        for fd in self._fds:
+            os.close(fd)
+        self._buffers, self._fds = [], []
+
+    def __enter__(self) -> TracepointReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _open_error(err: int, event_id: int, pid: int | None, cpu: int) -> str:
+    if err == errno.ESRCH and pid is not None:
+        return f"process {pid} does not exist"
+    return f"tracepoint {event_id} on CPU {cpu}: {_ERRNO_REASONS.get(err, os.strerror(err))}"
