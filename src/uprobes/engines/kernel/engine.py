@@ -8,11 +8,10 @@ a pid is given, system-wide otherwise. Everything we defined is deleted when the
 
 from __future__ import annotations
 
-import errno
 import os
 from dataclasses import dataclass, replace
 
-from ...errors import KernelEngineError, UprobesError
+from ...errors import KernelEngineError
 from ...output.event import Event
 from ...probes.fetchargs import Comm, FetchArg, FetchType, RetVal
 from ...probes.resolve import Probe
@@ -26,7 +25,6 @@ __all__ = ["KernelEngine"]
 _COMM_ARG = FetchArg("__comm", True, Comm(), FetchType("string"))
 _RETVAL_ARG = FetchArg("__retval", True, RetVal(), FetchType("s64"))
 _HIDDEN_FIELDS = frozenset({"__comm", "__retval", "__probe_ip", "__probe_func", "__probe_ret_ip"})
-_ENOTSUPP = 524
 
 
 @dataclass
@@ -58,7 +56,8 @@ class KernelEngine:
 
     @property
     def lost(self) -> int:
-        return self._reader.lost if self._reader else 0
+        """Hits the kernel dropped because a ring buffer was full, exactly (not only those reported so far)."""
+        return self._reader.count_lost() if self._reader else 0
 
     def attach(self, probes: list[Probe], pid: int | None) -> None:
         """Define every probe and start collecting its hits (of ``pid`` and its descendants, or of everyone)."""
@@ -70,19 +69,12 @@ class KernelEngine:
             self._defined.append(defined)
             event_format = load_event_format(self.tracefs.root, defined.group, defined.event)
             self._attached[event_format.id] = _Attached(index, probe, defined, event_format)
+        # The kernel inserts the breakpoints when the perf events open; the reader explains its refusals.
+        self._reader = TracepointReader(list(self._attached), pid, pages=self._pages)
         try:
-            self._reader = TracepointReader(list(self._attached), pid, pages=self._pages)
             self._reader.enable()
         except OSError as exc:
-            raise self._explain(exc) from None
-
-    def _explain(self, exc: OSError) -> UprobesError:
-        if exc.errno == _ENOTSUPP:
-            return KernelEngineError("the kernel cannot probe this instruction: its uprobes refuse some "
-                                     "instructions (see `uprobes resolve` for the offsets; try --engine ptrace)")
-        if exc.errno in (errno.EACCES, errno.EPERM):
-            return KernelEngineError("perf_event_open was refused: the kernel engine needs root or CAP_PERFMON")
-        return KernelEngineError(f"cannot enable the uprobe events: {os.strerror(exc.errno or 0)}")
+            raise KernelEngineError(f"cannot enable the uprobe events: {os.strerror(exc.errno or 0)}") from None
 
     def poll(self, timeout: float) -> list[Event]:
         """Events that arrived, waiting up to ``timeout`` seconds for the first."""
