@@ -90,18 +90,22 @@ def test_python_audit_marker_prints_the_hello_event():
     assert "hello" in names and len(names) > 1  # among the interpreter's own audit events
 
 
-def test_counts_agree_with_the_kernels_uprobe_profile(targets):
+@pytest.mark.parametrize("counting", [False, True], ids=["events", "counters"])
+def test_counts_agree_with_the_kernels_uprobe_profile(targets, counting):
     calls, lib = targets / "calls", targets / "libprobed.so"
     probes = [p for text in (f"uprobe:{calls}:work", f"uretprobe:{calls}:work", f"usdt:{calls}:calls:step",
                              f"uprobe:{lib}:lib_twice") for p in resolve_text(text)]
     with KernelEngine() as engine:
         child = HeldCommand([str(calls), str(N)])
-        engine.attach(probes, child.pid)
+        engine.attach(probes, child.pid, counting=counting)
         child.release()
         assert child.wait() == 0
-        hits = [0] * len(probes)
-        for event in engine.poll(1.0) + engine.poll(0):
-            hits[event.probe_index] += 1
+        if counting:
+            hits = engine.hit_counts()
+        else:
+            hits = [0] * len(probes)
+            for event in engine.poll(1.0) + engine.poll(0):
+                hits[event.probe_index] += 1
         profile = engine.tracefs.hit_counts()
         kernel = [profile[(p.path, e.event)] for p, e in zip(probes, engine._defined)]
     assert hits == kernel == [N, N, N, N]
@@ -115,6 +119,20 @@ def test_count_command_reports_hits_per_probe_point(targets):
     assert {(r["probe"], r["hits"]) for r in records} == {("work", N), ("calls:step", N), ("work%return", N)}
     work = next(r for r in records if r["probe"] == "work")
     assert work["path"] == str(calls) and work["offset"] == resolve_text(f"uprobe:{calls}:work")[0].offset
+
+
+def test_count_reports_along_the_way_and_loses_nothing_at_the_end(targets):
+    calls = targets / "calls"
+    result = run_cli("count", "--json", "--interval", "0.3", f"uprobe:{calls}:work", "--", str(calls), "30", "20",
+                     check=True)
+    reports = [json.loads(line)["hits"] for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) >= 2 and reports == sorted(reports)  # interval reports, then the final one
+    assert reports[-1] == 30
+
+
+def test_a_fetch_argument_cannot_smuggle_a_second_definition(targets):
+    result = run_cli("trace", "-d", "1", f"p:grp/ev {targets / 'calls'}:work\n-:grp/other")
+    assert result.status == 2 and "bad fetch argument '-:grp/other'" in result.stderr
 
 
 def _start_tracer(*args: str) -> subprocess.Popen:

@@ -65,7 +65,7 @@ def _engine(name: str):
 class _Run:
     """What trace and count share: probes resolved, engine attached, command launched, signals handled."""
 
-    def __init__(self, args: argparse.Namespace, stack: ExitStack) -> None:
+    def __init__(self, args: argparse.Namespace, stack: ExitStack, counting: bool = False) -> None:
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, _raise_stop)
         texts, command = _split_command(args)
@@ -78,7 +78,7 @@ class _Run:
         stack.callback(self._stop_child)
         for note in (f"{p.name} at {p.path}:{p.offset:#x}: left out {u}" for p in self.probes for u in p.unavailable):
             print(f"uprobes: warning: {note}", file=sys.stderr)
-        self.engine.attach(self.probes, self.child.pid if self.child else self.pid)
+        self.engine.attach(self.probes, self.child.pid if self.child else self.pid, counting=counting)
         scope = f"pid {self.pid}" if self.pid else "the command" if self.child else "every process"
         print(f"uprobes: {len(self.probes)} probe points attached ({self.engine.name} engine, {scope})",
               file=sys.stderr, flush=True)
@@ -164,26 +164,18 @@ def _report_lost(writer: EventWriter, lost: int) -> None:
 def run_count(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         out = _open_output(args, stack)
-        run = _Run(args, stack)
-        hits = [0] * len(run.probes)
+        run = _Run(args, stack, counting=True)
         next_report = time.monotonic() + args.interval if args.interval else None
         try:
-            while True:
-                finished = run.finished()
-                for event in run.engine.poll(0 if finished else _POLL_SECONDS):
-                    hits[event.probe_index] += 1
-                if finished:
-                    break
+            while not run.finished():
+                time.sleep(_POLL_SECONDS)
                 if next_report is not None and time.monotonic() >= next_report:
-                    _write_counts(out, run.probes, hits, args.json)
+                    _write_counts(out, run.probes, run.engine.hit_counts(), args.json)
                     next_report += args.interval
         except KeyboardInterrupt as stop:
             run.interrupted(stop)
-            for event in run.engine.poll(0):  # nothing hit before the stop is lost
-                hits[event.probe_index] += 1
-        _write_counts(out, run.probes, hits, args.json)
-        if run.engine.lost:
-            print(f"uprobes: lost {run.engine.lost} events; counts are low by that much", file=sys.stderr)
+        # The kernel's counters hold every hit up to now, so nothing is lost between reports.
+        _write_counts(out, run.probes, run.engine.hit_counts(), args.json)
         return run.status
 
 

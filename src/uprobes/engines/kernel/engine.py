@@ -59,8 +59,11 @@ class KernelEngine:
         """Hits the kernel dropped because a ring buffer was full, exactly (not only those reported so far)."""
         return self._reader.count_lost() if self._reader else 0
 
-    def attach(self, probes: list[Probe], pid: int | None) -> None:
-        """Define every probe and start collecting its hits (of ``pid`` and its descendants, or of everyone)."""
+    def attach(self, probes: list[Probe], pid: int | None, *, counting: bool = False) -> None:
+        """Define every probe and start collecting its hits (of ``pid`` and its descendants, or of everyone).
+
+        ``counting`` only counts hits (read them with :meth:`hit_counts`): no events, none lost.
+        """
         for index, probe in enumerate(probes):
             event_name = f"e{index}_{probe.event}"[:63]
             extra = (_COMM_ARG, _RETVAL_ARG) if probe.is_return else (_COMM_ARG,)
@@ -70,11 +73,19 @@ class KernelEngine:
             event_format = load_event_format(self.tracefs.root, defined.group, defined.event)
             self._attached[event_format.id] = _Attached(index, probe, defined, event_format)
         # The kernel inserts the breakpoints when the perf events open; the reader explains its refusals.
-        self._reader = TracepointReader(list(self._attached), pid, pages=self._pages)
+        self._reader = TracepointReader(list(self._attached), pid, pages=self._pages, sampling=not counting)
         try:
             self._reader.enable()
         except OSError as exc:
             raise KernelEngineError(f"cannot enable the uprobe events: {os.strerror(exc.errno or 0)}") from None
+
+    def hit_counts(self) -> list[int]:
+        """Hits so far per probe, in the order given to :meth:`attach`, as the kernel's counters say."""
+        counts = self._reader.counts() if self._reader else {}
+        hits = [0] * len(self._attached)
+        for event_id, attached in self._attached.items():
+            hits[attached.index] = counts.get(event_id, 0)
+        return hits
 
     def poll(self, timeout: float) -> list[Event]:
         """Events that arrived, waiting up to ``timeout`` seconds for the first."""

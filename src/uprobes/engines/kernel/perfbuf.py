@@ -260,7 +260,7 @@ class TracepointReader:
     the kernel refuses to delete an event a perf descriptor still holds (EBUSY).
     """
 
-    def __init__(self, event_ids: Sequence[int], pid: int | None, pages: int = 64) -> None:
+    def __init__(self, event_ids: Sequence[int], pid: int | None, pages: int = 64, sampling: bool = True) -> None:
         if pages < 1 or pages & (pages - 1):
             raise KernelEngineError(f"perf buffer pages must be a power of two, not {pages}")
         self.lost = 0
@@ -268,11 +268,16 @@ class TracepointReader:
         self._buffers: list[_RingBuffer] = []
         self._tracepoint_of: dict[int, int] = {}  # perf event id (PERF_EVENT_IOC_ID) -> tracepoint id
         self._poll = select.poll()
+        self._sampling = sampling
+        self._event_of_fd: dict[int, int] = {}
         try:
             for cpu in online_cpus():
                 buffer = None
                 for event_id in event_ids:
                     fd = self._open(event_id, pid, cpu, pages)
+                    self._event_of_fd[fd] = event_id
+                    if not sampling:
+                        continue
                     if buffer is None:
                         buffer = self._map(fd, pages)
                     else:
@@ -286,10 +291,11 @@ class TracepointReader:
 
     def _open(self, event_id: int, pid: int | None, cpu: int, pages: int) -> int:
         attr = _PerfEventAttr(type=_PERF_TYPE_TRACEPOINT, size=ctypes.sizeof(_PerfEventAttr), config=event_id,
-                              sample_period=1, sample_type=_SAMPLE_TYPE, read_format=_PERF_FORMAT_LOST,
-                              disabled=1, inherit=int(pid is not None), watermark=1,
-                              wakeup_watermark=pages * mmap.PAGESIZE // _WAKEUP_FRACTION,
-                              use_clockid=1, clockid=_CLOCK_MONOTONIC)
+                              read_format=_PERF_FORMAT_LOST, disabled=1, inherit=int(pid is not None))
+        if self._sampling:
+            attr.sample_period, attr.sample_type = 1, _SAMPLE_TYPE
+            attr.watermark, attr.wakeup_watermark = 1, pages * mmap.PAGESIZE // _WAKEUP_FRACTION
+            attr.use_clockid, attr.clockid = 1, _CLOCK_MONOTONIC
         try:
             fd = _perf_event_open(attr, -1 if pid is None else pid, cpu)
         except OSError as exc:
@@ -354,6 +360,14 @@ class TracepointReader:
         samples.sort(key=_BY_TIME)
         return samples
 
+    def counts(self) -> dict[int, int]:
+        """Hits per tracepoint id as the kernel counts them, summed over CPUs (and, with a pid, over the
+        threads and children that ended; the kernel adds an inherited event's count to its parent's)."""
+        totals = dict.fromkeys(self._event_of_fd.values(), 0)
+        for fd, event_id in self._event_of_fd.items():
+            totals[event_id] += _READ_LOST.unpack(os.read(fd, _READ_LOST.size))[0]
+        return totals
+
     def count_lost(self) -> int:
         """Samples the kernel dropped so far, exactly (``PERF_FORMAT_LOST``): unlike :attr:`lost`, this
         includes drops no ``PERF_RECORD_LOST`` has reported yet."""
@@ -365,7 +379,7 @@ class TracepointReader:
             buffer.close()
         for fd in self._fds:
             os.close(fd)
-        self._buffers, self._fds = [], []
+        self._buffers, self._fds, self._event_of_fd = [], [], {}
 
     def __enter__(self) -> TracepointReader:
         return self
