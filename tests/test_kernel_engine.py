@@ -67,6 +67,14 @@ def test_trace_sees_every_call_with_its_arguments_and_return_value(targets):
     assert records[-1] == {"lost": 0}
 
 
+def test_a_failed_fetch_is_null_with_the_reason(targets):
+    calls = targets / "calls"
+    records, proc = _trace_json("-c", f"{calls} 3", f"uprobe:{calls}:work i=%di:s32 bad=+0(%di):string")
+    events = [r for r in records if "probe" in r]
+    assert [e["args"] for e in events] == [{"i": i, "bad": None} for i in range(3)]
+    assert all(e["errors"] == {"bad": "fault"} for e in events)
+
+
 def test_trace_reaches_a_function_in_a_shared_library(targets):
     records, proc = _trace_json("-c", f"{targets / 'calls'} {N}", f"uprobe:{targets / 'libprobed.so'}:lib_add a=%di:s32 b=%si:s32")
     assert proc.returncode == 0

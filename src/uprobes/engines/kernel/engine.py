@@ -107,6 +107,8 @@ class KernelEngine:
         probe = attached.probe
         args = {name: value for name, value in fields.items()
                 if name not in _HIDDEN_FIELDS and not name.startswith("common_")}
+        for name in fields.errors:
+            args[name] = None  # the reason is in errors
         retval = fields.get("__retval")
         ip = fields.get("__probe_ip", fields.get("__probe_func", 0))
         return Event(probe.name, sample.pid, sample.tid, fields.get("__comm", ""), sample.time_ns, sample.cpu, ip,
