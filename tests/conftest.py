@@ -56,3 +56,36 @@ def tracefs() -> Path:
     if not (TRACEFS / "uprobe_events").exists():
         subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACEFS)], check=True)
     return TRACEFS
+
+
+NOBODY = 65534
+
+
+def error_as_nobody(action) -> str:
+    """Run ``action`` as uid/gid nobody in a forked child; return the message of the UprobesError it raised
+    ("no error" if none, "unexpected ..." for any other exception, which the caller's assertion shows)."""
+    from uprobes.errors import UprobesError
+
+    if os.geteuid() != 0:
+        pytest.skip("dropping to another user needs root")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            action()
+            message = "no error"
+        except UprobesError as exc:
+            message = str(exc)
+        except BaseException as exc:
+            message = f"unexpected {type(exc).__name__}: {exc}"
+        os.write(write_end, message.encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        message = pipe.read()
+    os.waitpid(pid, 0)
+    return message

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import error_as_nobody, run_cli
 from uprobes.engines.kernel.engine import KernelEngine
 from uprobes.engines.kernel.tracefs import Tracefs
 from uprobes.errors import KernelEngineError
@@ -238,21 +238,7 @@ def test_ptrace_engine_is_not_there_yet(targets):
 
 
 def test_not_root_suggests_the_ptrace_engine():
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.setgid(65534)
-        os.setuid(65534)
-        try:
-            Tracefs()
-            message = "no error"
-        except KernelEngineError as exc:
-            message = str(exc)
-        os.write(write_end, message.encode())
-        os._exit(0)
-    os.close(write_end)
-    message = os.read(read_end, 4096).decode()
-    os.waitpid(pid, 0)
+    message = error_as_nobody(Tracefs)
     assert "needs root" in message and "--engine ptrace" in message
 
 

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import error_as_nobody
 from uprobes.engines.kernel.eventformat import FAULT, EventFormat, load_event_format, parse_event_format
 from uprobes.engines.kernel.perfbuf import Sample, TracepointReader, online_cpus
 from uprobes.engines.kernel.tracefs import DefinedEvent, Tracefs
 from uprobes.errors import KernelEngineError
 
 N = 1000
-NOBODY = 65534
 
 PROGRAM = r"""
 #include <stdio.h>
@@ -348,24 +348,5 @@ def test_an_instruction_the_kernel_refuses_is_named_when_a_process_maps_it(trace
 
 
 def test_an_unprivileged_user_is_told_what_is_needed(events):
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        try:
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            TracepointReader(events.ids, None).close()
-            message = "no error"
-        except KernelEngineError as exc:
-            message = str(exc)
-        except BaseException as exc:  # anything else is a bug the test must show
-            message = f"unexpected {type(exc).__name__}: {exc}"
-        os.write(write_end, message.encode())
-        os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end) as pipe:
-        message = pipe.read()
-    os.waitpid(pid, 0)
+    message = error_as_nobody(lambda: TracepointReader(events.ids, None).close())
     assert message == f"tracepoint {events.hit.id} on CPU {online_cpus()[0]}: perf_event_open needs root or CAP_PERFMON"
