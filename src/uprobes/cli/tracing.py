@@ -54,12 +54,24 @@ def _split_command(args: argparse.Namespace) -> tuple[list[str], list[str] | Non
     return group_probe_words(words), command
 
 
-def _engine(name: str):
-    if name == "ptrace":
-        raise UprobesError("the ptrace engine is not available yet; use --engine kernel (as root)")
-    from ..engines.kernel.engine import KernelEngine
+def _engine(name: str, system_wide: bool):
+    """The engine asked for; ``auto`` is the kernel engine where it is usable, else the ptrace engine."""
+    from ..errors import KernelEngineError
 
-    return KernelEngine()
+    if name in ("kernel", "auto"):
+        from ..engines.kernel.engine import KernelEngine
+
+        try:
+            return KernelEngine()
+        except KernelEngineError:
+            if name == "kernel" or system_wide:
+                raise
+    from ..engines.ptrace.engine import PtraceEngine
+
+    if system_wide:
+        raise UprobesError("the ptrace engine traces one process: give -p PID or a command (-c 'CMD' or -- CMD); "
+                           "system-wide tracing needs the kernel engine (root)")
+    return PtraceEngine()
 
 
 class _Run:
@@ -73,12 +85,13 @@ class _Run:
         self.pid = args.pid
         if self.pid is not None:
             read_maps(self.pid)  # a clear error now if the process is gone or not ours
-        self.engine = stack.enter_context(_engine(args.engine))
+        self.engine = stack.enter_context(_engine(args.engine, system_wide=self.pid is None and not command))
         self.child = HeldCommand(command) if command else None
         stack.callback(self._stop_child)
         for note in (f"{p.name} at {p.path}:{p.offset:#x}: left out {u}" for p in self.probes for u in p.unavailable):
             print(f"uprobes: warning: {note}", file=sys.stderr)
-        self.engine.attach(self.probes, self.child.pid if self.child else self.pid, counting=counting)
+        self.engine.attach(self.probes, self.child.pid if self.child else self.pid, counting=counting,
+                           held=self.child is not None)
         scope = f"pid {self.pid}" if self.pid else "the command" if self.child else "every process"
         print(f"uprobes: {len(self.probes)} probe points attached ({self.engine.name} engine, {scope})",
               file=sys.stderr, flush=True)
@@ -96,6 +109,9 @@ class _Run:
         if self.deadline is not None and time.monotonic() >= self.deadline:
             return True
         if self.child is not None:
+            reaped = self.engine.exited(self.child.pid)  # a tracer that reaped the child knows how it ended
+            if reaped is not None:
+                self.child.returncode = reaped
             status = self.child.poll()
             if status is not None:
                 self.status = status
@@ -110,6 +126,7 @@ class _Run:
     def interrupted(self, stop: KeyboardInterrupt) -> None:
         """Ctrl-C, SIGTERM or SIGHUP: a command we started is stopped too and its status becomes ours."""
         if self.child is not None:
+            self.engine.close()  # a traced child must be let go before it can be stopped and waited for
             self.child.stop()
             self.status = self.child.wait()
         else:
@@ -168,7 +185,7 @@ def run_count(args: argparse.Namespace) -> int:
         next_report = time.monotonic() + args.interval if args.interval else None
         try:
             while not run.finished():
-                time.sleep(_POLL_SECONDS)
+                run.engine.poll(_POLL_SECONDS)  # the ptrace engine services its target in here
                 if next_report is not None and time.monotonic() >= next_report:
                     _write_counts(out, run.probes, run.engine.hit_counts(), args.json)
                     next_report += args.interval

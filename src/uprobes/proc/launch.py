@@ -48,7 +48,10 @@ class HeldCommand:
     def poll(self) -> int | None:
         """The exit status (see :func:`exit_status`) once the child has ended, else None."""
         if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped by a tracer of ours, which reports the status itself
+                return None
             if pid:
                 self.returncode = os.waitstatus_to_exitcode(status)
         return None if self.returncode is None else exit_status(self.returncode)

@@ -59,10 +59,11 @@ class KernelEngine:
         """Hits the kernel dropped because a ring buffer was full, exactly (not only those reported so far)."""
         return self._reader.count_lost() if self._reader else 0
 
-    def attach(self, probes: list[Probe], pid: int | None, *, counting: bool = False) -> None:
+    def attach(self, probes: list[Probe], pid: int | None, *, counting: bool = False, held: bool = False) -> None:
         """Define every probe and start collecting its hits (of ``pid`` and its descendants, or of everyone).
 
-        ``counting`` only counts hits (read them with :meth:`hit_counts`): no events, none lost.
+        ``counting`` only counts hits (read them with :meth:`hit_counts`): no events, none lost. ``held``
+        (a launched command held before exec) needs nothing special: perf events follow the exec.
         """
         for index, probe in enumerate(probes):
             event_name = f"e{index}_{probe.event}"[:63]
@@ -78,6 +79,10 @@ class KernelEngine:
             self._reader.enable()
         except OSError as exc:
             raise KernelEngineError(f"cannot enable the uprobe events: {os.strerror(exc.errno or 0)}") from None
+
+    def exited(self, pid: int) -> int | None:
+        """The kernel engine never reaps a process; its parent does."""
+        return None
 
     def hit_counts(self) -> list[int]:
         """Hits so far per probe, in the order given to :meth:`attach`, as the kernel's counters say."""

@@ -1,0 +1,688 @@
+"""The ptrace engine: uprobes in user space, with breakpoints and single-step out of line.
+
+Each probe point is an ``int3`` over the first byte of an instruction, placed in every mapping of the
+probed file. At a hit the thread's registers are read once, every consumer of the point runs (fetch
+arguments, a Python handler), and the displaced instruction is either emulated or single-stepped from a
+slot of the out-of-line area; the ``int3`` never leaves, so no other thread misses the probe meanwhile.
+What to do with an instruction is decided once, at insertion, by :mod:`uprobes.x86_64.analysis`.
+
+Every ptrace call comes from the thread that calls :meth:`PtraceEngine.attach` and :meth:`poll`.
+Hazards of section 4 of the ptrace note are named where they are handled (``hazard N``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ...errors import ProcessError, UprobesError
+from ...output.event import Event
+from ...probes.evaluate import HitContext, evaluate
+from ...probes.resolve import Probe
+from ...proc.maps import read_maps
+from ...x86_64.analysis import EmulationFault, Plan, analyze
+from .memory import ProcessMemory
+from .syscalls import (EVENT_CLONE, EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_STOP, EVENT_VFORK, EXITKILL, OPTIONS,
+                       SI_KERNEL, WALL, Regs, ptrace_cont, ptrace_detach, ptrace_geteventmsg, ptrace_getregs,
+                       ptrace_getsiginfo, ptrace_interrupt, ptrace_listen, ptrace_seize, ptrace_setregs,
+                       ptrace_singlestep)
+from .xol import XolArea
+
+__all__ = ["PtraceEngine", "Hit", "REMOVE"]
+
+REMOVE = object()  # a handler returns this to be removed from its probe
+_MAX_INSTRUCTION = 16
+_GROUP_STOP_SIGNALS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
+_FAULT_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
+_AT_ENTRY = 9
+
+
+@dataclass
+class Hit:
+    """What a Python handler receives: the probe, the thread, its registers and a safe memory reader."""
+
+    probe: Probe
+    pid: int
+    tid: int
+    regs: Regs
+    memory: ProcessMemory  # read() raises OSError on a bad address; the target is never harmed
+    args: dict
+    errors: dict
+
+
+@dataclass
+class _Breakpoint:
+    address: int
+    original: bytes  # the instruction's bytes as they were (the first one is under the int3)
+    plan: Plan | None  # None for the engine's own entry breakpoint
+    probes: list[int] = field(default_factory=list)
+    file_offset: int = 0
+
+
+@dataclass
+class _Step:
+    breakpoint: _Breakpoint
+    slot: int
+    saved: dict
+
+
+@dataclass
+class _Thread:
+    tid: int
+    process: _Process
+    running: bool = True
+    step: _Step | None = None
+    waiting_slot: _Breakpoint | None = None
+    held_signals: list[int] = field(default_factory=list)
+    comm: str | None = None
+
+
+@dataclass
+class _Process:
+    pid: int
+    memory: ProcessMemory
+    breakpoints: dict[int, _Breakpoint] = field(default_factory=dict)
+    xol: XolArea | None = None
+    entry_pending: bool = False  # probes on libraries wait for the program's entry point
+    vfork_parent: _Process | None = None  # a vfork child shares this process's memory
+
+
+class PtraceEngine:
+    """Probes placed and serviced by this process through ptrace. Use as a context manager."""
+
+    name = "ptrace"
+
+    def __init__(self) -> None:
+        self._probes: list[Probe] = []
+        self._handlers: dict[int, list[Callable]] = {}
+        self._hits: list[int] = []
+        self._events: list[Event] = []
+        self._counting = False
+        self._processes: dict[int, _Process] = {}
+        self._threads: dict[int, _Thread] = {}
+        self._exit_status: dict[int, int] = {}
+        self._newborn: dict[int, int] = {}  # stops of tids we have not been told about yet (hazard 7)
+        self._children: dict[int, tuple[int, _Process]] = {}  # fork/vfork children announced, not yet stopped
+        self._slot_waiters: list[_Thread] = []
+        self._sigchld_blocked = False
+        self.lost = 0
+
+    def __enter__(self) -> PtraceEngine:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # -- attaching ---------------------------------------------------------------------------------------
+
+    def attach(self, probes: list[Probe], pid: int | None, *, counting: bool = False, held: bool = False,
+               handlers: dict[int, list[Callable]] | None = None) -> None:
+        """Place ``probes`` in process ``pid``: a running one (every thread is seized), or, with ``held``, a
+        child held before its exec (probes go in at the exec, before the program's first instruction)."""
+        if pid is None:
+            raise UprobesError("the ptrace engine traces one process: give -p PID or a command to run")
+        self._probes = list(probes)
+        self._hits = [0] * len(probes)
+        self._counting = counting
+        self._handlers = {i: list(h) for i, h in (handlers or {}).items()}
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # waited for with sigtimedwait
+        self._sigchld_blocked = True
+        if held:
+            self._seize(pid, pid, OPTIONS | EXITKILL)
+            self._processes[pid] = _Process(pid, ProcessMemory(pid))
+            return  # the probes go in at PTRACE_EVENT_EXEC
+        process = _Process(pid, ProcessMemory(pid))
+        self._processes[pid] = process
+        self._seize_all_threads(process)
+        try:
+            self._insert(process, next(iter(t for t in self._threads.values() if t.process is process)).tid)
+        finally:
+            for thread in list(self._threads.values()):
+                self._resume(thread)
+
+    def _seize(self, pid: int, tid: int, options: int) -> None:
+        try:
+            ptrace_seize(tid, options)
+        except OSError as exc:
+            raise ProcessError(_explain_seize_error(pid, exc)) from None
+
+    def _seize_all_threads(self, process: _Process) -> None:
+        """SEIZE and INTERRUPT every thread, re-reading the task list until no new thread turns up (hazard 6)."""
+        pid = process.pid
+        while True:
+            try:
+                tids = {int(t) for t in os.listdir(f"/proc/{pid}/task")}
+            except FileNotFoundError:
+                raise ProcessError(f"process {pid} does not exist") from None
+            new = tids - self._threads.keys()
+            if not new:
+                break
+            for tid in sorted(new):
+                try:
+                    self._seize(pid, tid, OPTIONS)  # SEIZE, never ATTACH: no stray SIGSTOP (hazards 1-2)
+                    ptrace_interrupt(tid)
+                except ProcessError:
+                    if tid == pid:
+                        raise
+                    continue  # the thread exited meanwhile
+                self._threads[tid] = _Thread(tid, process)
+        for thread in list(self._threads.values()):
+            self._wait_interrupt_stop(thread)
+
+    def _wait_interrupt_stop(self, thread: _Thread) -> None:
+        while True:
+            _, status = os.waitpid(thread.tid, WALL)
+            if not os.WIFSTOPPED(status):
+                del self._threads[thread.tid]
+                return
+            if status >> 16 == EVENT_STOP:
+                thread.running = False
+                return
+            sig = os.WSTOPSIG(status)
+            if status >> 16 == 0 and sig != signal.SIGTRAP:
+                thread.held_signals.append(sig)  # delivered when the thread goes on
+            ptrace_cont(thread.tid, 0)
+
+    def _insert(self, process: _Process, tid: int, at_exec: bool = False) -> None:
+        """Place every probe whose file ``process`` maps now; analyse them all before writing a byte."""
+        planned: list[tuple[int, int, int, bytes]] = []  # (address, probe index, file offset, code)
+        mappings = read_maps(process.pid)
+        for index, probe in enumerate(self._probes):
+            for address in _addresses(mappings, probe):
+                if address in process.breakpoints:
+                    if index not in process.breakpoints[address].probes:
+                        process.breakpoints[address].probes.append(index)
+                    continue
+                code = process.memory.read(address, _MAX_INSTRUCTION)
+                planned.append((address, index, probe.offset, code))
+        plans = {}
+        for address, index, _offset, code in planned:
+            if address not in plans:
+                plans[address] = analyze(code, address)  # raises UnprobeableInstruction: nothing written yet
+        if plans and process.xol is None and any(p.kind == "step" or p.slot_code for p in plans.values()):
+            process.xol = XolArea(tid, process.memory)  # on demand, at the first probe
+        for address, index, offset, code in planned:
+            breakpoint = process.breakpoints.get(address)
+            if breakpoint is None:
+                breakpoint = _Breakpoint(address, code, plans[address], file_offset=offset)
+                process.memory.write(address, b"\xcc", tid)
+                process.breakpoints[address] = breakpoint
+            if index not in breakpoint.probes:
+                breakpoint.probes.append(index)
+        pending = {i for i, p in enumerate(self._probes)} - {i for b in process.breakpoints.values() for i in b.probes}
+        if pending and at_exec and not process.entry_pending and self._entry_breakpoint(process, tid):
+            process.entry_pending = True
+
+    def _entry_breakpoint(self, process: _Process, tid: int) -> bool:
+        """Right after an exec only the program and ld.so are mapped; libraries it links come before its
+        entry point runs, so an engine breakpoint there inserts the probes that are still missing."""
+        entry = _auxv_entry(process.pid)
+        if entry is None or entry in process.breakpoints:
+            return False
+        original = process.memory.read(entry, _MAX_INSTRUCTION)
+        process.memory.write(entry, b"\xcc", tid)
+        process.breakpoints[entry] = _Breakpoint(entry, original, None)
+        return True
+
+    # -- running -----------------------------------------------------------------------------------------
+
+    def hit_counts(self) -> list[int]:
+        return list(self._hits)
+
+    def exited(self, pid: int) -> int | None:
+        """How ``pid`` ended (as ``os.waitstatus_to_exitcode``) once it has, if this engine reaped it."""
+        return self._exit_status.get(pid)
+
+    def poll(self, timeout: float) -> list[Event]:
+        """Service the target for up to ``timeout`` seconds; return the events of the hits meanwhile."""
+        deadline = time.monotonic() + timeout
+        while True:
+            handled = self._drain()
+            if self._events and not handled:
+                break
+            remaining = deadline - time.monotonic()
+            if not self._threads or remaining <= 0:
+                break
+            if not handled:
+                signal.sigtimedwait({signal.SIGCHLD}, remaining)
+        events, self._events = self._events, []
+        return events
+
+    def _drain(self) -> bool:
+        """Handle every stop already reported (round-robin, so no thread starves: hazard 8)."""
+        handled = False
+        while True:
+            try:
+                tid, status = os.waitpid(-1, os.WNOHANG | WALL)  # __WALL: every thread (hazard 5)
+            except ChildProcessError:
+                return handled
+            if tid == 0:
+                return handled
+            handled = True
+            self._on_status(tid, status)
+
+    def _on_status(self, tid: int, status: int) -> None:
+        thread = self._threads.get(tid)
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            self._gone(tid, status)
+            return
+        if thread is None:
+            self._unknown_stop(tid, status)
+            return
+        thread.running = False
+        event, sig = status >> 16, os.WSTOPSIG(status)
+        try:
+            if event:
+                self._on_event(thread, event, sig)
+            elif sig == signal.SIGTRAP:
+                self._on_trap(thread)
+            else:
+                self._on_signal(thread, sig)
+        except ProcessLookupError:
+            self._gone(tid, None)  # the thread died between two ptrace calls (hazard 12)
+
+    def _gone(self, tid: int, status: int | None) -> None:
+        thread = self._threads.pop(tid, None)
+        if thread is not None and thread.step is not None and thread.process.xol:
+            thread.process.xol.release(thread.step.slot)  # a thread that exits mid-step frees its slot
+            self._wake_slot_waiter(thread.process)
+        if thread in self._slot_waiters:
+            self._slot_waiters.remove(thread)
+        if status is not None and tid in self._processes:
+            self._exit_status[tid] = os.waitstatus_to_exitcode(status)
+        process = self._processes.get(tid)
+        if process is not None and not any(t.process is process for t in self._threads.values()):
+            if process.vfork_parent is None:  # a vfork child borrowed its parent's memory
+                process.memory.close()
+            del self._processes[tid]
+
+    def _unknown_stop(self, tid: int, status: int) -> None:
+        """A new thread or child whose first stop came before its parent's event (hazard 7)."""
+        announced = self._children.pop(tid, None)
+        if announced is not None:
+            self._adopt_child(tid, *announced)
+            return
+        tgid = _tgid(tid)
+        parent = self._processes.get(tgid)
+        if parent is not None and tgid != tid:
+            thread = _Thread(tid, parent, running=False)
+            self._threads[tid] = thread
+            self._resume(thread)
+        else:
+            self._newborn[tid] = status
+
+    def _on_event(self, thread: _Thread, event: int, sig: int) -> None:
+        if event == EVENT_STOP:
+            if sig in _GROUP_STOP_SIGNALS:
+                ptrace_listen(thread.tid)  # a group-stop stays a stop (hazard 4)
+                thread.running = True
+                return
+            self._resume(thread)  # the stop of PTRACE_INTERRUPT or of a new thread
+        elif event == EVENT_CLONE:
+            new_tid = ptrace_geteventmsg(thread.tid)
+            if new_tid not in self._threads:
+                self._threads[new_tid] = _Thread(new_tid, thread.process, running=False)
+                if self._newborn.pop(new_tid, None) is not None:
+                    self._resume(self._threads[new_tid])
+            self._resume(thread)
+        elif event in (EVENT_FORK, EVENT_VFORK):
+            child = ptrace_geteventmsg(thread.tid)
+            kind = "vfork" if event == EVENT_VFORK else "fork"
+            if self._newborn.pop(child, None) is not None:
+                self._adopt_child(child, kind, thread.process)
+            else:
+                self._children[child] = (kind, thread.process)
+            self._resume(thread)
+        elif event == EVENT_EXEC:
+            self._on_exec(thread)
+        elif event == EVENT_EXIT:
+            self._resume(thread)  # the exit goes on; WIFEXITED follows (hazard 13)
+        else:
+            self._resume(thread)
+
+    def _adopt_child(self, pid: int, kind: str, parent: _Process) -> None:
+        """A fork child inherits every int3 (hazard 14): take them out of its copy and let it go. A vfork child
+        shares its parent's memory, so it is serviced like a thread until it execs or exits (hazard 15)."""
+        if kind == "vfork":
+            child = _Process(pid, parent.memory, parent.breakpoints, parent.xol, vfork_parent=parent)
+            self._processes[pid] = child
+            thread = _Thread(pid, child, running=False)
+            self._threads[pid] = thread
+            self._resume(thread)
+            return
+        memory = ProcessMemory(pid)
+        try:
+            for breakpoint in parent.breakpoints.values():
+                memory.write(breakpoint.address, breakpoint.original[:1], pid)
+        finally:
+            memory.close()
+        ptrace_detach(pid, 0)
+
+    def _on_exec(self, thread: _Thread) -> None:
+        """A new image: the old breakpoints and area went with the old memory (hazards 9-10)."""
+        old = thread.process
+        pid = old.pid
+        for tid, other in list(self._threads.items()):
+            if other.process is old and tid != thread.tid:
+                del self._threads[tid]  # the other threads are gone; the exec'ing one now has tid == pid
+        if thread.tid != pid:
+            del self._threads[thread.tid]
+            thread.tid = pid
+            self._threads[pid] = thread
+        if old.vfork_parent is not None:  # a vfork child that execs leaves the shared memory: let it go
+            del self._threads[pid]
+            del self._processes[pid]
+            ptrace_detach(pid, 0)
+            return
+        old.memory.close()
+        process = _Process(pid, ProcessMemory(pid))
+        self._processes[pid] = process
+        thread.process = process
+        thread.step = None
+        self._insert(process, pid, at_exec=True)
+        self._resume(thread)
+
+    def _on_trap(self, thread: _Thread) -> None:
+        if thread.step is not None:
+            self._finish_step(thread)
+            return
+        info = ptrace_getsiginfo(thread.tid)
+        regs = ptrace_getregs(thread.tid)
+        address = regs.rip - 1
+        breakpoint = thread.process.breakpoints.get(address)
+        if info.si_code != SI_KERNEL or breakpoint is None:
+            self._resume(thread, signal.SIGTRAP)  # the program's own int3, or a sent SIGTRAP (hazard 22)
+            return
+        regs.rip = address
+        if breakpoint.plan is None:
+            self._reached_entry(thread, breakpoint, regs)
+            return
+        self._report(thread, breakpoint, regs)
+        self._execute(thread, breakpoint, regs)
+
+    def _reached_entry(self, thread: _Thread, breakpoint: _Breakpoint, regs: Regs) -> None:
+        process = thread.process
+        process.memory.write(breakpoint.address, breakpoint.original[:1], thread.tid)
+        del process.breakpoints[breakpoint.address]
+        ptrace_setregs(thread.tid, regs)
+        self._insert(process, thread.tid)
+        self._resume(thread)
+
+    def _report(self, thread: _Thread, breakpoint: _Breakpoint, regs: Regs) -> None:
+        for index in list(breakpoint.probes):
+            self._hits[index] += 1
+            if self._counting and index not in self._handlers:
+                continue
+            probe = self._probes[index]
+            context = HitContext(regs, thread.process.memory, breakpoint.address, breakpoint.file_offset,
+                                 self._comm(thread))
+            args, errors = evaluate(probe.fetchargs, context)
+            if not self._counting:
+                self._events.append(Event(probe.name, thread.process.pid, thread.tid, context.comm,
+                                          time.monotonic_ns(), _cpu_of(thread), breakpoint.address, args, None,
+                                          errors or None, probe.is_return, index))
+            for handler in list(self._handlers.get(index, ())):
+                if handler(Hit(probe, thread.process.pid, thread.tid, regs, thread.process.memory, args,
+                               errors)) is REMOVE:
+                    self._handlers[index].remove(handler)
+
+    def _comm(self, thread: _Thread) -> str:
+        if thread.comm is None:
+            try:
+                with open(f"/proc/{thread.process.pid}/task/{thread.tid}/comm") as f:
+                    thread.comm = f.read().rstrip("\n")
+            except OSError:
+                thread.comm = ""
+        return thread.comm
+
+    def _execute(self, thread: _Thread, breakpoint: _Breakpoint, regs: Regs) -> None:
+        plan = breakpoint.plan
+        if plan.kind == "emulate":
+            try:
+                plan.emulate(regs, thread.process.memory)
+                ptrace_setregs(thread.tid, regs)
+                self._resume(thread)
+                return
+            except EmulationFault:
+                regs.rip = breakpoint.address  # e.g. a push that must grow the stack: step it instead
+        self._start_step(thread, breakpoint, regs)
+
+    def _start_step(self, thread: _Thread, breakpoint: _Breakpoint, regs: Regs) -> None:
+        xol = thread.process.xol
+        slot = xol.acquire(breakpoint.plan.slot_code)
+        if slot is None:  # every slot is lent: wait, stopped, for one
+            thread.waiting_slot = breakpoint
+            self._slot_waiters.append(thread)
+            return
+        saved = breakpoint.plan.prepare_step(regs, slot)
+        ptrace_setregs(thread.tid, regs)
+        thread.step = _Step(breakpoint, slot, saved)
+        ptrace_singlestep(thread.tid, 0)
+        thread.running = True
+
+    def _finish_step(self, thread: _Thread) -> None:
+        step = thread.step
+        regs = ptrace_getregs(thread.tid)
+        step.breakpoint.plan.finish_step(regs, step.slot, step.saved, thread.process.memory)
+        ptrace_setregs(thread.tid, regs)
+        self._end_step(thread)
+        self._resume(thread, thread.held_signals.pop(0) if thread.held_signals else 0)
+
+    def _end_step(self, thread: _Thread) -> None:
+        thread.process.xol.release(thread.step.slot)
+        thread.step = None
+        self._wake_slot_waiter(thread.process)
+
+    def _wake_slot_waiter(self, process: _Process) -> None:
+        for waiter in self._slot_waiters:
+            if waiter.process.xol is process.xol:
+                self._slot_waiters.remove(waiter)
+                breakpoint, waiter.waiting_slot = waiter.waiting_slot, None
+                regs = ptrace_getregs(waiter.tid)
+                regs.rip = breakpoint.address
+                self._start_step(waiter, breakpoint, regs)
+                return
+
+    def _on_signal(self, thread: _Thread, sig: int) -> None:
+        step = thread.step
+        if step is None:
+            self._resume(thread, sig)  # signals reach the target unchanged
+            return
+        regs = ptrace_getregs(thread.tid)
+        info = ptrace_getsiginfo(thread.tid)
+        if regs.rip == step.slot and sig in _FAULT_SIGNALS and info.si_code > 0:
+            # The stepped instruction itself faulted: deliver the fault at the original address (hazard 18).
+            step.breakpoint.plan.abort_step(regs, step.saved)
+            ptrace_setregs(thread.tid, regs)
+            self._end_step(thread)
+            self._resume(thread, sig)
+            return
+        # A signal arrived during the step: hold it, finish the step, deliver it after (hazard 17).
+        thread.held_signals.append(sig)
+        ptrace_singlestep(thread.tid, 0)
+        thread.running = True
+
+    def _resume(self, thread: _Thread, sig: int = 0) -> None:
+        if thread.running:
+            return
+        if sig == 0 and thread.held_signals and thread.step is None:
+            sig = thread.held_signals.pop(0)
+        ptrace_cont(thread.tid, sig)
+        thread.running = True
+
+    # -- detaching ---------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop every thread, finish or undo what is in flight, restore every byte, unmap the area, detach."""
+        try:
+            self._stop_all()
+            for process in list(self._processes.values()):
+                self._restore(process)
+            for thread in list(self._threads.values()):
+                try:
+                    sig = thread.held_signals.pop(0) if thread.held_signals else 0
+                    ptrace_detach(thread.tid, sig)
+                except ProcessLookupError:
+                    pass
+        finally:
+            self._threads.clear()
+            for process in self._processes.values():
+                if process.vfork_parent is None:
+                    process.memory.close()
+            self._processes.clear()
+            if self._sigchld_blocked:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+                self._sigchld_blocked = False
+
+    def _stop_all(self) -> None:
+        """Interrupt every running thread and wait until each is stopped with nothing in flight (hazard 24)."""
+        for thread in list(self._threads.values()):
+            if thread.running and thread.step is None:
+                try:
+                    ptrace_interrupt(thread.tid)
+                except ProcessLookupError:
+                    self._threads.pop(thread.tid, None)
+        for waiter in self._slot_waiters:  # never stepped: take it back to the probe's address
+            regs = ptrace_getregs(waiter.tid)
+            regs.rip = waiter.waiting_slot.address
+            ptrace_setregs(waiter.tid, regs)
+        self._slot_waiters.clear()
+        deadline = time.monotonic() + 10
+        while any(t.running for t in self._threads.values()) and time.monotonic() < deadline:
+            try:
+                tid, status = os.waitpid(-1, WALL)
+            except ChildProcessError:
+                break
+            self._on_status_stopping(tid, status)
+
+    def _on_status_stopping(self, tid: int, status: int) -> None:
+        thread = self._threads.get(tid)
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            self._gone(tid, status)
+            return
+        if thread is None:
+            return
+        thread.running = False
+        event, sig = status >> 16, os.WSTOPSIG(status)
+        try:
+            if thread.step is not None:
+                if sig == signal.SIGTRAP and event == 0:
+                    regs = ptrace_getregs(tid)
+                    thread.step.breakpoint.plan.finish_step(regs, thread.step.slot, thread.step.saved,
+                                                            thread.process.memory)
+                else:
+                    regs = ptrace_getregs(tid)
+                    thread.step.breakpoint.plan.abort_step(regs, thread.step.saved)
+                    if not event:
+                        thread.held_signals.append(sig)
+                ptrace_setregs(tid, regs)
+                self._end_step(thread)  # the thread stays stopped, outside the slot
+                return
+            if event == 0 and sig == signal.SIGTRAP:
+                regs = ptrace_getregs(tid)
+                if regs.rip - 1 in thread.process.breakpoints:  # hit a probe being removed: rewind, no report
+                    regs.rip -= 1
+                    ptrace_setregs(tid, regs)
+                    return
+                thread.held_signals.append(sig)
+            elif event == 0:
+                thread.held_signals.append(sig)
+            elif event in (EVENT_CLONE, EVENT_FORK, EVENT_VFORK):
+                self._on_event(thread, event, sig)
+                if thread.running:
+                    ptrace_interrupt(tid)
+        except ProcessLookupError:
+            self._gone(tid, None)
+
+    def _restore(self, process: _Process) -> None:
+        if process.vfork_parent is not None:
+            return
+        stopped = next((t for t in self._threads.values() if t.process is process and not t.running), None)
+        if stopped is None:
+            return
+        for breakpoint in process.breakpoints.values():
+            try:
+                process.memory.write(breakpoint.address, breakpoint.original[:1], stopped.tid)
+            except OSError:
+                pass  # the mapping went away with its library
+        process.breakpoints.clear()
+        if process.xol is not None:
+            process.xol.unmap(stopped.tid)
+            process.xol = None
+
+
+def _addresses(mappings, probe: Probe) -> list[int]:
+    """Runtime addresses of ``probe`` in every executable mapping of its file."""
+    try:
+        inode = os.stat(probe.path).st_ino
+    except OSError:
+        return []
+    return [m.start + probe.offset - m.offset for m in mappings
+            if m.executable and m.inode == inode and m.path == probe.path
+            and m.offset <= probe.offset < m.offset + (m.end - m.start)]
+
+
+def _auxv_entry(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/auxv", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    for i in range(0, len(data) - 15, 16):
+        key, value = int.from_bytes(data[i:i + 8], "little"), int.from_bytes(data[i + 8:i + 16], "little")
+        if key == _AT_ENTRY:
+            return value
+    return None
+
+
+def _tgid(tid: int) -> int:
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            for line in f:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return tid
+
+
+def _cpu_of(thread: _Thread) -> int:
+    try:
+        with open(f"/proc/{thread.process.pid}/task/{thread.tid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[36])  # field 39: the CPU it last ran on
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _explain_seize_error(pid: int, exc: OSError) -> str:
+    """Why we may not trace ``pid``, the way strace diagnoses EPERM (hazard 29)."""
+    if exc.errno == errno.ESRCH:
+        return f"process {pid} does not exist"
+    if exc.errno != errno.EPERM:
+        return f"cannot trace process {pid}: {os.strerror(exc.errno)}"
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
+    except OSError:
+        status = {}
+    tracer = status.get("TracerPid", "0").strip()
+    if tracer not in ("", "0"):
+        return f"cannot trace process {pid}: it is already traced by process {tracer} (a debugger or tracer)"
+    uids = status.get("Uid", "").split()
+    if uids and os.geteuid() != 0 and str(os.geteuid()) not in uids[:1]:
+        return f"cannot trace process {pid}: it belongs to uid {uids[0]}, not to you (run as that user or root)"
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
+            scope = f.read().strip()
+    except OSError:
+        scope = "0"
+    if scope != "0" and os.geteuid() != 0:
+        return (f"cannot trace process {pid}: kernel.yama.ptrace_scope is {scope}, which allows tracing only "
+                f"your own children (launch it with -c, or set the sysctl to 0, or run as root)")
+    if uids and len(set(uids)) > 1:
+        return f"cannot trace process {pid}: it is setuid (its user ids differ); only root may trace it"
+    return f"cannot trace process {pid}: permission denied (not dumpable, or refused by a security module)"

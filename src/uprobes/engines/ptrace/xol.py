@@ -1,0 +1,137 @@
+"""The out-of-line area: one r-x page mapped into the target on demand, cut into slots.
+
+The page is mapped by making a stopped thread run ``mmap`` from an existing ``syscall`` instruction (section
+6 of the ptrace note): registers and the signal mask are saved, every signal is blocked, ``orig_rax`` is
+set to -1, the call is run with ``PTRACE_SYSCALL`` to its exit, and everything is put back. The page is
+never writable: slots are written through ``/proc/PID/mem``. ``MADV_DONTFORK`` keeps it out of children.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from ...errors import UprobesError
+from ...proc.maps import read_maps
+from .memory import ProcessMemory
+from .syscalls import (Regs, ptrace_getregs, ptrace_getsigmask, ptrace_setregs, ptrace_setsigmask,
+                       ptrace_syscall, WALL)
+
+__all__ = ["XolArea", "inject_syscall", "PAGE_SIZE", "SLOT_SIZE"]
+
+PAGE_SIZE = 4096
+SLOT_SIZE = 32  # an instruction is at most 15 bytes; the rest is int3 padding
+_NR_MMAP, _NR_MUNMAP, _NR_MADVISE, _NR_RESTART_SYSCALL = 9, 11, 28, 219
+_PROT_READ_EXEC = 0x1 | 0x4
+_MAP_PRIVATE_ANONYMOUS = 0x02 | 0x20
+_MADV_DONTFORK = 10
+_RESTART_ERRNOS = {512, 513, 514}  # ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND: the kernel re-runs the call
+_ERESTART_RESTARTBLOCK = 516
+_ALL_SIGNALS = (1 << 64) - 1
+
+
+class InjectionError(UprobesError):
+    """The target could not be made to run a system call for us."""
+
+
+def _find_syscall_instruction(pid: int, memory: ProcessMemory) -> int:
+    """Address of an existing ``syscall`` (0f 05) in an executable mapping: we never write one into live code."""
+    mappings = sorted((m for m in read_maps(pid) if m.executable), key=lambda m: m.path != "[vdso]")
+    for mapping in mappings:
+        try:
+            code = memory.read(mapping.start, min(mapping.end - mapping.start, 1 << 20))
+        except OSError:
+            continue
+        at = code.find(b"\x0f\x05")
+        if at >= 0:
+            return mapping.start + at
+    raise InjectionError(f"process {pid} maps no code with a syscall instruction to borrow")
+
+
+def inject_syscall(tid: int, memory: ProcessMemory, number: int, *args: int) -> int:
+    """Run syscall ``number`` in stopped thread ``tid``; return its result. The thread is left as it was."""
+    saved = ptrace_getregs(tid)
+    saved_mask = ptrace_getsigmask(tid)
+    regs = saved.copy()
+    regs.rax, regs.orig_rax = number, (1 << 64) - 1  # orig_rax -1: no syscall restart logic (hazard 21)
+    for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
+        setattr(regs, name, value & (1 << 64) - 1)
+    regs.rip = _find_syscall_instruction(memory.pid, memory)
+    ptrace_setsigmask(tid, _ALL_SIGNALS)
+    try:
+        ptrace_setregs(tid, regs)
+        for _stage in ("entry", "exit"):
+            ptrace_syscall(tid)
+            _wait_syscall_stop(tid)
+        result = ptrace_getregs(tid).rax
+    finally:
+        _restore(tid, saved)
+        ptrace_setsigmask(tid, saved_mask)
+    return result - (1 << 64) if result >= 1 << 63 else result
+
+
+def _wait_syscall_stop(tid: int) -> None:
+    while True:
+        _, status = os.waitpid(tid, WALL)
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            raise InjectionError(f"thread {tid} exited while running a system call for uprobes")
+        if os.WIFSTOPPED(status) and os.WSTOPSIG(status) == (0x80 | 5):  # SIGTRAP | 0x80: TRACESYSGOOD
+            return
+        ptrace_syscall(tid)  # every signal is blocked; anything else is a group-stop or an event: go on
+
+
+def _restore(tid: int, saved: Regs) -> None:
+    """Put the registers back. A thread we stopped inside a restartable system call would otherwise return
+    -ERESTARTSYS to its program, because our syscall consumed the restart; so restart it by hand."""
+    regs = saved.copy()
+    in_syscall = regs.orig_rax < 1 << 63
+    error = (1 << 64) - regs.rax
+    if in_syscall and error in _RESTART_ERRNOS:
+        regs.rax, regs.rip = regs.orig_rax, regs.rip - 2
+    elif in_syscall and error == _ERESTART_RESTARTBLOCK:
+        regs.rax, regs.rip = _NR_RESTART_SYSCALL, regs.rip - 2
+    ptrace_setregs(tid, regs)
+
+
+class XolArea:
+    """Slots of one page in one address space; a slot is lent to one stepping thread at a time."""
+
+    def __init__(self, tid: int, memory: ProcessMemory) -> None:
+        address = inject_syscall(tid, memory, _NR_MMAP, 0, PAGE_SIZE, _PROT_READ_EXEC, _MAP_PRIVATE_ANONYMOUS,
+                                 (1 << 64) - 1, 0)
+        if -4096 < address < 0:
+            raise InjectionError(f"mmap of the out-of-line area failed in process {memory.pid}: "
+                                 f"{os.strerror(-address)} (seccomp or an execmem policy?)")
+        inject_syscall(tid, memory, _NR_MADVISE, address, PAGE_SIZE, _MADV_DONTFORK)
+        self.address = address
+        self.memory = memory
+        self._free = list(range(PAGE_SIZE // SLOT_SIZE - 1, -1, -1))
+        self._content: dict[int, bytes] = {}
+
+    def acquire(self, code: bytes) -> int | None:
+        """A slot holding ``code``, or None when every slot is lent (the caller waits for one)."""
+        if not self._free:
+            return None
+        # Prefer a free slot that already holds this code: no write needed.
+        for i in range(len(self._free) - 1, -1, -1):
+            if self._content.get(self._free[i]) == code:
+                return self.address + self._free.pop(i) * SLOT_SIZE
+        slot = self._free.pop()
+        padded = code + b"\xcc" * (SLOT_SIZE - len(code))
+        self.memory.write(self.address + slot * SLOT_SIZE, padded)
+        self._content[slot] = code
+        return self.address + slot * SLOT_SIZE
+
+    def release(self, address: int) -> None:
+        self._free.append((address - self.address) // SLOT_SIZE)
+
+    def contains(self, address: int) -> bool:
+        return self.address <= address < self.address + PAGE_SIZE
+
+    def unmap(self, tid: int) -> None:
+        """Remove the page from the target (at detach, when no thread is inside it)."""
+        try:
+            inject_syscall(tid, self.memory, _NR_MUNMAP, self.address, PAGE_SIZE)
+        except OSError as exc:
+            if exc.errno != errno.ESRCH:
+                raise

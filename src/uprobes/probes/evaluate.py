@@ -1,0 +1,129 @@
+"""Evaluating fetch arguments at a hit, from a thread's registers and its process's memory.
+
+An engine that sees the registers itself (the ptrace engine) calls :func:`evaluate` with them; the values
+mean what the kernel's uprobe tracer would fetch for the same arguments. A bad pointer gives ``None`` and a
+reason, never an exception.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from .fetchargs import (Address, Comm, Deref, FetchArg, FileOffset, Immediate, ImmediateString, Register, RetVal,
+                        StackPointer, StackSlot)
+
+__all__ = ["HitContext", "Memory", "evaluate"]
+
+_MASK64 = (1 << 64) - 1
+# Kernel pt_regs names (what fetch arguments use) -> struct user_regs_struct fields.
+_REGS = {"ax": "rax", "bx": "rbx", "cx": "rcx", "dx": "rdx", "si": "rsi", "di": "rdi", "bp": "rbp", "sp": "rsp",
+         "ip": "rip", "flags": "eflags", "orig_ax": "orig_rax", "cs": "cs", "ss": "ss",
+         **{f"r{n}": f"r{n}" for n in range(8, 16)}}
+_INT_SIZES = {"8": 1, "16": 2, "32": 4, "64": 8}
+_MEMORY_SOURCES = (Deref, Address, FileOffset)
+
+
+class Memory(Protocol):
+    def read(self, address: int, size: int) -> bytes: ...
+    def read_string(self, address: int, limit: int = 4096) -> bytes: ...
+
+
+@dataclass
+class HitContext:
+    """What a fetch can see: registers (``struct user_regs_struct`` fields), memory, where the probe is."""
+
+    regs: object
+    memory: Memory
+    probe_address: int  # runtime address of the probed instruction
+    probe_offset: int  # its file offset (``@+FOFFS`` is relative to the same mapping)
+    comm: str
+    retval: int | None = None
+
+
+class _Fault(Exception):
+    pass
+
+
+def evaluate(fetchargs: tuple[FetchArg, ...], hit: HitContext) -> tuple[dict, dict[str, str]]:
+    """Values of ``fetchargs`` by name, and for each that could not be read, why (its value is None)."""
+    values: dict = {}
+    errors: dict[str, str] = {}
+    for arg in fetchargs:
+        try:
+            values[arg.name] = _fetch(arg, hit)
+        except _Fault as fault:
+            values[arg.name] = None
+            errors[arg.name] = str(fault)
+    return values, errors
+
+
+def _read(hit: HitContext, address: int, size: int) -> bytes:
+    try:
+        return hit.memory.read(address, size)
+    except OSError:
+        raise _Fault(f"fault reading {size} bytes at {address:#x}") from None
+
+
+def _address(source, hit: HitContext) -> int:
+    """The address a memory source reads at."""
+    if isinstance(source, Deref):
+        return (_word(source.inner, hit) + source.offset) & _MASK64
+    if isinstance(source, Address):
+        return source.addr
+    return (hit.probe_address - hit.probe_offset + source.offset) & _MASK64  # FileOffset
+
+
+def _word(source, hit: HitContext) -> int:
+    """The 64-bit value of a source, as the inside of a dereference uses it."""
+    if isinstance(source, Register):
+        return getattr(hit.regs, _REGS[source.name])
+    if isinstance(source, Immediate):
+        return source.value & _MASK64
+    if isinstance(source, StackPointer):
+        return hit.regs.rsp
+    if isinstance(source, StackSlot):
+        return int.from_bytes(_read(hit, hit.regs.rsp + 8 * source.n, 8), "little")
+    if isinstance(source, RetVal):
+        return (hit.retval or 0) & _MASK64
+    if isinstance(source, _MEMORY_SOURCES):
+        return int.from_bytes(_read(hit, _address(source, hit), 8), "little")
+    raise _Fault(f"{source.format()} has no numeric value")
+
+
+def _fetch(arg: FetchArg, hit: HitContext):
+    source, fetch_type = arg.source, arg.type
+    name = fetch_type.name if fetch_type else ("string" if isinstance(source, (Comm, ImmediateString)) else "x64")
+    if name in ("string", "ustring"):
+        return _string(source, hit)
+    if fetch_type is not None and fetch_type.array:
+        size = _INT_SIZES.get(name.lstrip("usx"), 1)
+        raw = _read(hit, _address(source, hit), size * fetch_type.array)
+        return [_integer(raw[i:i + size], name) for i in range(0, len(raw), size)]
+    size = 1 if name == "char" else _INT_SIZES[name.lstrip("usxb")] if name[0] in "usx" else 8
+    if isinstance(source, _MEMORY_SOURCES):
+        raw = _read(hit, _address(source, hit), size)
+    else:
+        raw = (_word(source, hit) & ((1 << 8 * size) - 1)).to_bytes(size, "little")
+    if fetch_type is not None and fetch_type.bitfield:
+        width, offset, _container = fetch_type.bitfield
+        return (int.from_bytes(raw, "little") >> offset) & ((1 << width) - 1)
+    return _integer(raw, name)
+
+
+def _integer(raw: bytes, type_name: str):
+    if type_name == "char":
+        return raw.decode("latin-1")
+    return int.from_bytes(raw, "little", signed=type_name.startswith("s"))
+
+
+def _string(source, hit: HitContext) -> str:
+    if isinstance(source, ImmediateString):
+        return source.text
+    if isinstance(source, Comm):
+        return hit.comm
+    address = source.value & _MASK64 if isinstance(source, Immediate) else _address(source, hit)
+    try:
+        return hit.memory.read_string(address).decode("utf-8", "replace")
+    except OSError:
+        raise _Fault(f"fault reading a string at {address:#x}") from None
