@@ -48,19 +48,23 @@ class HeldCommand:
     def poll(self) -> int | None:
         """The exit status (see :func:`exit_status`) once the child has ended, else None."""
         if self.returncode is None:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:  # reaped by a tracer of ours, which reports the status itself
-                return None
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
+            self._reap(os.WNOHANG)
         return None if self.returncode is None else exit_status(self.returncode)
 
     def wait(self) -> int:
         if self.returncode is None:
-            _, status = os.waitpid(self.pid, 0)
-            self.returncode = os.waitstatus_to_exitcode(status)
-        return exit_status(self.returncode)
+            self._reap(0)
+        return exit_status(self.returncode) if self.returncode is not None else 0
+
+    def _reap(self, flags: int) -> None:
+        # waitid with WEXITED only: a traced child's ptrace stops are its tracer's business, not ours.
+        try:
+            result = os.waitid(os.P_PID, self.pid, os.WEXITED | flags)
+        except ChildProcessError:  # reaped by a tracer of ours, which reports the status itself
+            return
+        if result is not None:
+            exited = result.si_code == os.CLD_EXITED
+            self.returncode = result.si_status if exited else -result.si_status
 
     def stop(self) -> None:
         """Unblock the child without letting it run the command, or terminate the command if it runs."""

@@ -133,7 +133,9 @@ class PtraceEngine:
         self._sigchld_blocked = True
         if held:
             self._seize(pid, pid, OPTIONS | EXITKILL)
-            self._processes[pid] = _Process(pid, ProcessMemory(pid))
+            process = _Process(pid, ProcessMemory(pid))
+            self._processes[pid] = process
+            self._threads[pid] = _Thread(pid, process)
             return  # the probes go in at PTRACE_EVENT_EXEC
         process = _Process(pid, ProcessMemory(pid))
         self._processes[pid] = process

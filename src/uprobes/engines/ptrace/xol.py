@@ -59,10 +59,19 @@ def inject_syscall(tid: int, memory: ProcessMemory, number: int, *args: int) -> 
     regs.rip = _find_syscall_instruction(memory.pid, memory)
     ptrace_setsigmask(tid, _ALL_SIGNALS)
     try:
-        ptrace_setregs(tid, regs)
-        for _stage in ("entry", "exit"):
+        for _attempt in range(3):
+            ptrace_setregs(tid, regs)
             ptrace_syscall(tid)
             _wait_syscall_stop(tid)
+            entry = ptrace_getregs(tid)
+            if entry.orig_rax == number and entry.rip == regs.rip + 2:
+                break
+            # A thread stopped inside a system call (at an exec event, say) first reports that call's exit,
+            # which also wrote its result over our rax: set ours up again.
+        else:
+            raise InjectionError(f"thread {tid} did not enter the system call uprobes gave it")
+        ptrace_syscall(tid)
+        _wait_syscall_stop(tid)
         result = ptrace_getregs(tid).rax
     finally:
         _restore(tid, saved)
