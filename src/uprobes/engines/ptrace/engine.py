@@ -76,7 +76,7 @@ class _Thread:
     process: _Process
     running: bool = True
     step: _Step | None = None
-    waiting_slot: _Breakpoint | None = None
+    hit: _Breakpoint | None = None  # trapped on this probe, its instruction not yet run or given a step
     held_signals: list[int] = field(default_factory=list)
     comm: str | None = None
 
@@ -109,6 +109,7 @@ class PtraceEngine:
         self._children: dict[int, tuple[int, _Process]] = {}  # fork/vfork children announced, not yet stopped
         self._slot_waiters: list[_Thread] = []
         self._sigchld_blocked = False
+        self._stopping = False
         self.lost = 0
 
     def __enter__(self) -> PtraceEngine:
@@ -403,6 +404,7 @@ class PtraceEngine:
         if breakpoint.plan is None:
             self._reached_entry(thread, breakpoint, regs)
             return
+        thread.hit = breakpoint
         self._report(thread, breakpoint, regs)
         self._execute(thread, breakpoint, regs)
 
@@ -447,6 +449,7 @@ class PtraceEngine:
             try:
                 plan.emulate(regs, thread.process.memory)
                 ptrace_setregs(thread.tid, regs)
+                thread.hit = None
                 self._resume(thread)
                 return
             except EmulationFault:
@@ -456,13 +459,13 @@ class PtraceEngine:
     def _start_step(self, thread: _Thread, breakpoint: _Breakpoint, regs: Regs) -> None:
         xol = thread.process.xol
         slot = xol.acquire(breakpoint.plan.slot_code)
-        if slot is None:  # every slot is lent: wait, stopped, for one
-            thread.waiting_slot = breakpoint
+        if slot is None:  # every slot is lent: wait, stopped (its hit pending), for one
             self._slot_waiters.append(thread)
             return
         saved = breakpoint.plan.prepare_step(regs, slot)
-        ptrace_setregs(thread.tid, regs)
         thread.step = _Step(breakpoint, slot, saved)
+        ptrace_setregs(thread.tid, regs)
+        thread.hit = None
         ptrace_singlestep(thread.tid, 0)
         thread.running = True
 
@@ -477,13 +480,14 @@ class PtraceEngine:
     def _end_step(self, thread: _Thread) -> None:
         thread.process.xol.release(thread.step.slot)
         thread.step = None
-        self._wake_slot_waiter(thread.process)
+        if not self._stopping:
+            self._wake_slot_waiter(thread.process)
 
     def _wake_slot_waiter(self, process: _Process) -> None:
         for waiter in self._slot_waiters:
             if waiter.process.xol is process.xol:
                 self._slot_waiters.remove(waiter)
-                breakpoint, waiter.waiting_slot = waiter.waiting_slot, None
+                breakpoint = waiter.hit
                 regs = ptrace_getregs(waiter.tid)
                 regs.rip = breakpoint.address
                 self._start_step(waiter, breakpoint, regs)
@@ -520,6 +524,7 @@ class PtraceEngine:
 
     def close(self) -> None:
         """Stop every thread, finish or undo what is in flight, restore every byte, unmap the area, detach."""
+        self._stopping = True
         try:
             self._stop_all()
             for process in list(self._processes.values()):
@@ -548,11 +553,6 @@ class PtraceEngine:
                     ptrace_interrupt(thread.tid)
                 except ProcessLookupError:
                     self._threads.pop(thread.tid, None)
-        for waiter in self._slot_waiters:  # never stepped: take it back to the probe's address
-            regs = ptrace_getregs(waiter.tid)
-            regs.rip = waiter.waiting_slot.address
-            ptrace_setregs(waiter.tid, regs)
-        self._slot_waiters.clear()
         deadline = time.monotonic() + 10
         while any(t.running for t in self._threads.values()) and time.monotonic() < deadline:
             try:
@@ -560,6 +560,27 @@ class PtraceEngine:
             except ChildProcessError:
                 break
             self._on_status_stopping(tid, status)
+        self._slot_waiters.clear()
+        for thread in list(self._threads.values()):
+            try:
+                self._settle(thread)
+            except ProcessLookupError:
+                self._gone(thread.tid, None)
+
+    def _settle(self, thread: _Thread) -> None:
+        """A stopped thread caught in the middle of a hit (a handler raised, Ctrl-C, waiting for a slot):
+        undo the step it was given, or take it back to the probe's address, so it runs the real instruction."""
+        if thread.step is None and thread.hit is None:
+            return
+        regs = ptrace_getregs(thread.tid)
+        if thread.step is not None:
+            thread.step.breakpoint.plan.abort_step(regs, thread.step.saved)
+            ptrace_setregs(thread.tid, regs)
+            self._end_step(thread)
+        else:
+            regs.rip = thread.hit.address
+            ptrace_setregs(thread.tid, regs)
+        thread.hit = None
 
     def _on_status_stopping(self, tid: int, status: int) -> None:
         thread = self._threads.get(tid)
@@ -586,7 +607,8 @@ class PtraceEngine:
                 return
             if event == 0 and sig == signal.SIGTRAP:
                 regs = ptrace_getregs(tid)
-                if regs.rip - 1 in thread.process.breakpoints:  # hit a probe being removed: rewind, no report
+                fresh_int3 = ptrace_getsiginfo(tid).si_code == SI_KERNEL
+                if fresh_int3 and regs.rip - 1 in thread.process.breakpoints:  # hit while detaching: no report
                     regs.rip -= 1
                     ptrace_setregs(tid, regs)
                     return

@@ -1,0 +1,92 @@
+"""Probing from Python: handlers that run at every hit, in this process, with the ptrace engine.
+
+    >>> from uprobes.api import Session
+    >>> seen = []
+    >>> with Session(command=["tests/targets/build/calls", "3"]) as session:
+    ...     session.probe("uprobe:tests/targets/build/calls:work i=%di:s32",
+    ...                   lambda hit: seen.append((hit.args["i"], hit.memory.read_string(hit.regs.rdx))))
+    ...     status = session.run()
+    >>> seen
+    [(0, b's0'), (1, b's1'), (2, b's2')]
+
+A handler receives a :class:`~uprobes.engines.ptrace.engine.Hit`: the probe, pid and tid, the registers
+(``struct user_regs_struct`` fields: ``rdi``, ``rip``...), a memory reader that raises ``OSError`` on a bad
+address and never harms the target, and the probe's fetch arguments already evaluated. Returning
+:data:`REMOVE` removes the handler; an exception in a handler ends the run with a clean detach.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .engines.ptrace.engine import REMOVE, Hit, PtraceEngine
+from .errors import UprobesError
+from .output.event import Event
+from .probes.resolve import Probe, resolve_text
+from .proc.launch import HeldCommand
+
+__all__ = ["Session", "Hit", "REMOVE"]
+
+Handler = Callable[[Hit], object]
+
+
+class Session:
+    """Probes in one process: a running one (``pid``) or a ``command`` started for the session."""
+
+    def __init__(self, pid: int | None = None, command: list[str] | None = None) -> None:
+        if (pid is None) == (command is None):
+            raise UprobesError("give a Session either a pid or a command")
+        self._pid = pid
+        self._command = command
+        self._probes: list[Probe] = []
+        self._handlers: dict[int, list[Handler]] = {}
+        self._engine = PtraceEngine()
+        self._child: HeldCommand | None = None
+        self._attached = False
+        self.events: list[Event] = []
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def probe(self, text: str, handler: Handler | None = None) -> list[Probe]:
+        """Add a probe (any syntax ``uprobes`` accepts) and, optionally, a handler for its hits."""
+        probes = resolve_text(text)
+        for probe in probes:
+            if handler is not None:
+                self._handlers.setdefault(len(self._probes), []).append(handler)
+            self._probes.append(probe)
+        return probes
+
+    def run(self, duration: float | None = None) -> int | None:
+        """Attach, then service the process until it ends (its exit status is returned) or ``duration``
+        seconds pass (None is returned)."""
+        import time
+
+        if not self._attached:
+            self._attached = True
+            if self._command is not None:
+                self._child = HeldCommand(self._command)
+                self._engine.attach(self._probes, self._child.pid, held=True, handlers=self._handlers)
+                self._child.release()
+            else:
+                self._engine.attach(self._probes, self._pid, handlers=self._handlers)
+        deadline = None if duration is None else time.monotonic() + duration
+        pid = self._child.pid if self._child else self._pid
+        while deadline is None or time.monotonic() < deadline:
+            self.events += self._engine.poll(0.1)
+            status = self._engine.exited(pid)
+            if status is not None:
+                self.close()
+                return 128 - status if status < 0 else status
+        return None
+
+    def hit_counts(self) -> list[int]:
+        """Hits per probe so far, in the order they were added."""
+        return self._engine.hit_counts()
+
+    def close(self) -> None:
+        """Detach: every byte restored, the out-of-line area unmapped. A started command is not stopped."""
+        self._engine.close()
