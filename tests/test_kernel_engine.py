@@ -232,9 +232,9 @@ def test_a_path_that_would_split_the_definition_is_refused(targets, tmp_path):
     assert result.status == 2 and "cannot be written to uprobe_events as one command" in result.stderr
 
 
-def test_ptrace_engine_is_not_there_yet(targets):
+def test_system_wide_tracing_with_the_ptrace_engine_is_refused_clearly(targets):
     result = run_cli("trace", "--engine", "ptrace", "-d", "1", f"uprobe:{targets / 'calls'}:work")
-    assert result.status == 2 and "ptrace engine is not available yet" in result.stderr
+    assert result.status == 2 and "system-wide tracing needs the kernel engine" in result.stderr
 
 
 def test_not_root_suggests_the_ptrace_engine():

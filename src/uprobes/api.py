@@ -69,6 +69,7 @@ class Session:
             self._attached = True
             if self._command is not None:
                 self._child = HeldCommand(self._command)
+                self._child.traced = True
                 self._engine.attach(self._probes, self._child.pid, held=True, handlers=self._handlers)
                 self._child.release()
             else:

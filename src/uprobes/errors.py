@@ -5,7 +5,8 @@ the problem and, where there is one, what to do about it. The CLI prints it and 
 a bug in uprobes.
 """
 
-__all__ = ["UprobesError", "ElfError", "ProbeSyntaxError", "ResolveError", "ProcessError", "KernelEngineError"]
+__all__ = ["UprobesError", "ElfError", "ProbeSyntaxError", "ResolveError", "ProcessError", "KernelEngineError",
+           "UnprobeableInstruction"]
 
 
 class UprobesError(Exception):
@@ -30,3 +31,7 @@ class ProcessError(UprobesError):
 
 class KernelEngineError(UprobesError):
     """The kernel's uprobes cannot be used or refused a probe: not root, no tracefs, a rejected definition."""
+
+
+class UnprobeableInstruction(UprobesError):
+    """The instruction at a probe address can be neither emulated nor stepped out of line; the message says why."""

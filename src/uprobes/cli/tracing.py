@@ -90,6 +90,8 @@ class _Run:
         stack.callback(self._stop_child)
         for note in (f"{p.name} at {p.path}:{p.offset:#x}: left out {u}" for p in self.probes for u in p.unavailable):
             print(f"uprobes: warning: {note}", file=sys.stderr)
+        if self.child is not None:
+            self.child.traced = self.engine.reaps_children
         self.engine.attach(self.probes, self.child.pid if self.child else self.pid, counting=counting,
                            held=self.child is not None)
         scope = f"pid {self.pid}" if self.pid else "the command" if self.child else "every process"
@@ -127,6 +129,7 @@ class _Run:
         """Ctrl-C, SIGTERM or SIGHUP: a command we started is stopped too and its status becomes ours."""
         if self.child is not None:
             self.engine.close()  # a traced child must be let go before it can be stopped and waited for
+            self.child.traced = False
             self.child.stop()
             self.status = self.child.wait()
         else:

@@ -37,6 +37,9 @@ class HeldCommand:
             os._exit(127)
         os.close(read_end)
         self.returncode: int | None = None
+        # While a tracer in this process traces the child, waiting here would take its ptrace stops
+        # (the kernel reports them to the tracing thread whatever the flags); the tracer sets returncode.
+        self.traced = False
 
     def release(self) -> None:
         """Let the child exec its program."""
@@ -47,7 +50,7 @@ class HeldCommand:
 
     def poll(self) -> int | None:
         """The exit status (see :func:`exit_status`) once the child has ended, else None."""
-        if self.returncode is None:
+        if self.returncode is None and not self.traced:
             self._reap(os.WNOHANG)
         return None if self.returncode is None else exit_status(self.returncode)
 

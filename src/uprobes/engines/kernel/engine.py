@@ -39,6 +39,7 @@ class KernelEngine:
     """Probes through tracefs and perf. Use as a context manager so that every event is deleted."""
 
     name = "kernel"
+    reaps_children = False
 
     def __init__(self, pages_per_cpu: int = 256) -> None:
         self.tracefs = Tracefs()

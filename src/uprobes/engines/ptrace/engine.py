@@ -95,6 +95,7 @@ class PtraceEngine:
     """Probes placed and serviced by this process through ptrace. Use as a context manager."""
 
     name = "ptrace"
+    reaps_children = True  # the tracing thread collects its tracees' exits; ask exited() for them
 
     def __init__(self) -> None:
         self._probes: list[Probe] = []
