@@ -91,3 +91,11 @@ class Session:
     def close(self) -> None:
         """Detach: every byte restored, the out-of-line area unmapped. A started command is not stopped."""
         self._engine.close()
+        if self._child is not None:
+            self._child.traced = False
+
+    def wait(self) -> int:
+        """After :meth:`close`: wait for a started command to end; its exit status."""
+        if self._child is None:
+            raise UprobesError("this session started no command")
+        return self._child.wait()

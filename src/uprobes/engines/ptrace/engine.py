@@ -15,15 +15,18 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ...elf.objfile import ElfObject
 from ...errors import ProcessError, UprobesError
 from ...output.event import Event
 from ...probes.evaluate import HitContext, evaluate
 from ...probes.resolve import Probe
 from ...proc.maps import read_maps
+from ...errors import UnprobeableInstruction
 from ...x86_64.analysis import EmulationFault, Plan, analyze
 from .memory import ProcessMemory
 from .syscalls import (EVENT_CLONE, EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_STOP, EVENT_VFORK, EXITKILL, OPTIONS,
@@ -38,7 +41,7 @@ REMOVE = object()  # a handler returns this to be removed from its probe
 _MAX_INSTRUCTION = 16
 _GROUP_STOP_SIGNALS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
 _FAULT_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
-_AT_ENTRY = 9
+_AT_BASE = 7
 
 
 @dataclass
@@ -58,9 +61,10 @@ class Hit:
 class _Breakpoint:
     address: int
     original: bytes  # the instruction's bytes as they were (the first one is under the int3)
-    plan: Plan | None  # None for the engine's own entry breakpoint
+    plan: Plan
     probes: list[int] = field(default_factory=list)
     file_offset: int = 0
+    internal: bool = False  # the engine's own breakpoint in the dynamic linker
 
 
 @dataclass
@@ -87,7 +91,6 @@ class _Process:
     memory: ProcessMemory
     breakpoints: dict[int, _Breakpoint] = field(default_factory=dict)
     xol: XolArea | None = None
-    entry_pending: bool = False  # probes on libraries wait for the program's entry point
     vfork_parent: _Process | None = None  # a vfork child shares this process's memory
 
 
@@ -191,46 +194,68 @@ class PtraceEngine:
                 thread.held_signals.append(sig)  # delivered when the thread goes on
             ptrace_cont(thread.tid, 0)
 
-    def _insert(self, process: _Process, tid: int, at_exec: bool = False) -> None:
-        """Place every probe whose file ``process`` maps now; analyse them all before writing a byte."""
-        planned: list[tuple[int, int, int, bytes]] = []  # (address, probe index, file offset, code)
+    def _insert(self, process: _Process, tid: int, at_exec: bool = False, strict: bool = True) -> None:
+        """Place every probe whose file ``process`` maps now; analyse them all before writing a byte.
+
+        ``strict``: an instruction that cannot be probed is an error (at attach and exec, before anything is
+        written); later (a library loaded by the program) that probe is left out with a warning.
+        """
+        planned: dict[int, tuple[list[int], int, bytes]] = {}  # address -> (probe indices, file offset, code)
         mappings = read_maps(process.pid)
+        wanted = set()
         for index, probe in enumerate(self._probes):
             for address in _addresses(mappings, probe):
+                wanted.add(address)
                 if address in process.breakpoints:
                     if index not in process.breakpoints[address].probes:
                         process.breakpoints[address].probes.append(index)
-                    continue
-                code = process.memory.read(address, _MAX_INSTRUCTION)
-                planned.append((address, index, probe.offset, code))
+                elif address in planned:
+                    planned[address][0].append(index)
+                else:
+                    planned[address] = ([index], probe.offset, process.memory.read(address, _MAX_INSTRUCTION))
+        for address in [a for a, b in process.breakpoints.items() if not b.internal and a not in wanted]:
+            del process.breakpoints[address]  # its object was unmapped (dlclose): nothing left to restore
         plans = {}
-        for address, index, _offset, code in planned:
-            if address not in plans:
-                plans[address] = analyze(code, address)  # raises UnprobeableInstruction: nothing written yet
-        if plans and process.xol is None and any(p.kind == "step" or p.slot_code for p in plans.values()):
-            process.xol = XolArea(tid, process.memory)  # on demand, at the first probe
-        for address, index, offset, code in planned:
-            breakpoint = process.breakpoints.get(address)
-            if breakpoint is None:
-                breakpoint = _Breakpoint(address, code, plans[address], file_offset=offset)
-                process.memory.write(address, b"\xcc", tid)
-                process.breakpoints[address] = breakpoint
-            if index not in breakpoint.probes:
-                breakpoint.probes.append(index)
-        pending = {i for i, p in enumerate(self._probes)} - {i for b in process.breakpoints.values() for i in b.probes}
-        if pending and at_exec and not process.entry_pending and self._entry_breakpoint(process, tid):
-            process.entry_pending = True
+        for address, (indices, _offset, code) in planned.items():
+            try:
+                plans[address] = analyze(code, address)
+            except UnprobeableInstruction as exc:
+                if strict:
+                    raise  # nothing is written yet
+                names = ", ".join(self._probes[i].name for i in indices)
+                print(f"uprobes: warning: {names} left out: {exc}", file=sys.stderr)
+        if plans:
+            self._ensure_xol(process, tid)
+        for address, plan in plans.items():
+            indices, offset, code = planned[address]
+            process.memory.write(address, b"\xcc", tid)
+            process.breakpoints[address] = _Breakpoint(address, code, plan, indices, offset)
+        if at_exec:
+            self._rendezvous_breakpoint(process, tid)
 
-    def _entry_breakpoint(self, process: _Process, tid: int) -> bool:
-        """Right after an exec only the program and ld.so are mapped; libraries it links come before its
-        entry point runs, so an engine breakpoint there inserts the probes that are still missing."""
-        entry = _auxv_entry(process.pid)
-        if entry is None or entry in process.breakpoints:
-            return False
-        original = process.memory.read(entry, _MAX_INSTRUCTION)
-        process.memory.write(entry, b"\xcc", tid)
-        process.breakpoints[entry] = _Breakpoint(entry, original, None)
-        return True
+    def _ensure_xol(self, process: _Process, tid: int) -> None:
+        if process.xol is None:
+            process.xol = XolArea(tid, process.memory)  # on demand, at the first probe
+
+    def _rendezvous_breakpoint(self, process: _Process, tid: int) -> None:
+        """The dynamic linker calls ``_dl_debug_state`` (``r_debug.r_brk``) after it maps or unmaps objects
+        and before their constructors run: an engine breakpoint there places the probes of every object a
+        program links or dlopens (section 5 of the ptrace note)."""
+        base = _auxv(process.pid, _AT_BASE)
+        interpreter = next((m.path for m in read_maps(process.pid) if m.start == base and m.path), None)
+        if not base or interpreter is None:
+            return  # a static program: nothing is loaded later
+        try:
+            symbols = ElfObject.open(interpreter).symbols.lookup("_dl_debug_state")
+        except UprobesError:
+            return
+        if not symbols:
+            return
+        address = base + symbols[0].value
+        code = process.memory.read(address, _MAX_INSTRUCTION)
+        self._ensure_xol(process, tid)
+        process.memory.write(address, b"\xcc", tid)
+        process.breakpoints[address] = _Breakpoint(address, code, analyze(code, address), internal=True)
 
     # -- running -----------------------------------------------------------------------------------------
 
@@ -402,20 +427,11 @@ class PtraceEngine:
             self._resume(thread, signal.SIGTRAP)  # the program's own int3, or a sent SIGTRAP (hazard 22)
             return
         regs.rip = address
-        if breakpoint.plan is None:
-            self._reached_entry(thread, breakpoint, regs)
-            return
         thread.hit = breakpoint
+        if breakpoint.internal:
+            self._insert(thread.process, thread.tid, strict=False)  # objects were mapped or unmapped
         self._report(thread, breakpoint, regs)
         self._execute(thread, breakpoint, regs)
-
-    def _reached_entry(self, thread: _Thread, breakpoint: _Breakpoint, regs: Regs) -> None:
-        process = thread.process
-        process.memory.write(breakpoint.address, breakpoint.original[:1], thread.tid)
-        del process.breakpoints[breakpoint.address]
-        ptrace_setregs(thread.tid, regs)
-        self._insert(process, thread.tid)
-        self._resume(thread)
 
     def _report(self, thread: _Thread, breakpoint: _Breakpoint, regs: Regs) -> None:
         for index in list(breakpoint.probes):
@@ -651,16 +667,16 @@ def _addresses(mappings, probe: Probe) -> list[int]:
             and m.offset <= probe.offset < m.offset + (m.end - m.start)]
 
 
-def _auxv_entry(pid: int) -> int | None:
+def _auxv(pid: int, key: int) -> int | None:
+    """One value of the process's auxiliary vector (AT_BASE: where the dynamic linker is loaded)."""
     try:
         with open(f"/proc/{pid}/auxv", "rb") as f:
             data = f.read()
     except OSError:
         return None
     for i in range(0, len(data) - 15, 16):
-        key, value = int.from_bytes(data[i:i + 8], "little"), int.from_bytes(data[i + 8:i + 16], "little")
-        if key == _AT_ENTRY:
-            return value
+        if int.from_bytes(data[i:i + 8], "little") == key:
+            return int.from_bytes(data[i + 8:i + 16], "little")
     return None
 
 

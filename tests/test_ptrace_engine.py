@@ -1,0 +1,202 @@
+"""The ptrace engine on real processes: threads, signals, attach and detach, refusals, an unprivileged user,
+the Python API. Its counts are checked against the kernel engine's where both can run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from oracles import file_offset, function_symbols, objdump_instruction_starts
+from uprobes.api import REMOVE, Session
+
+ROOT = Path(__file__).parent.parent
+LIBC = os.path.realpath("/lib/x86_64-linux-gnu/libc.so.6")
+
+
+def _count(engine: str, probes: list[str], command: list[str], *extra: str) -> tuple[dict, subprocess.CompletedProcess]:
+    out = Path(f"/tmp/uprobes-count-{os.getpid()}-{engine}.jsonl")
+    proc = subprocess.run([sys.executable, "-m", "uprobes", "count", "--engine", engine, "--json", "-o", str(out),
+                           *extra, *probes, "--", *command], capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    out.unlink(missing_ok=True)
+    return {(r["path"], r["offset"]): r["hits"] for r in records}, proc
+
+
+def _text_matches_file(pid: int) -> list[str]:
+    """Executable file mappings of ``pid`` whose bytes differ from the file's (should be none)."""
+    differing = []
+    with open(f"/proc/{pid}/mem", "rb") as mem:
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            fields = line.split()
+            if len(fields) < 6 or "x" not in fields[1] or not fields[5].startswith("/"):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            with open(fields[5], "rb") as f:
+                f.seek(int(fields[2], 16))
+                expected = f.read(end - start)
+            mem.seek(start)
+            actual = mem.read(len(expected))
+            if actual != expected:
+                differing.append(fields[5])
+    return differing
+
+
+def _anonymous_executable(pid: int) -> list[str]:
+    return [line for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+            if line.split()[1][2] == "x" and len(line.split()) < 6]
+
+
+def test_counts_of_every_function_match_the_kernel_engine(targets):
+    calls = targets / "calls"
+    probes = [f"uprobe:{calls}:*", f"uprobe:{targets / 'libprobed.so'}:*"]
+    ours, traced = _count("ptrace", probes, [str(calls), "40", "0", "3"])
+    kernel, reference = _count("kernel", probes, [str(calls), "40", "0", "3"])
+    assert traced.returncode == reference.returncode == 3
+    assert traced.stdout == reference.stdout
+    assert ours == kernel
+    assert ours[(str(calls), file_offset(str(calls), function_symbols(str(calls))["work"][0]))] == 40
+
+
+def test_eight_threads_lose_no_hit(targets):
+    threads, calls = 8, 2000
+    ours, proc = _count("ptrace", [f"uprobe:{targets / 'threads'}:hit"],
+                        [str(targets / "threads"), str(threads), str(calls)])
+    assert proc.returncode == 0
+    assert proc.stdout == subprocess.run([str(targets / "threads"), str(threads), str(calls)],
+                                         capture_output=True, text=True).stdout
+    assert list(ours.values()) == [threads * calls]
+
+
+def test_a_storm_of_handled_signals_changes_nothing(targets):
+    command = [str(targets / "sigstorm"), "3000", "4000"]
+    untraced = subprocess.run(command, capture_output=True, text=True)
+    # every instruction of work: emulated and stepped ones both meet signals arriving mid-hit
+    path = str(targets / "sigstorm")
+    probes = [f"p {path}:{file_offset(path, a):#x}" for a in objdump_instruction_starts(path, "work")]
+    ours, traced = _count("ptrace", probes, command)
+    assert untraced.stdout == traced.stdout == f"signals 3000 of 3000 check {untraced.stdout.split()[-1]}\n"
+    assert traced.returncode == 0
+    assert max(ours.values()) == 4000
+
+
+def test_attach_trace_and_detach_a_running_multithreaded_program(targets):
+    command = [str(targets / "threads"), "4", "2500", "2000"]
+    target = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.3)
+        maps_before = Path(f"/proc/{target.pid}/maps").read_text()
+        path = str(targets / "threads")
+        probes = [f"p {path}:{file_offset(path, a):#x}" for a in objdump_instruction_starts(path, "hit")]
+        result = run_cli("trace", "--engine", "ptrace", "--json", "-p", str(target.pid), "-d", "1.5", *probes,
+                         check=True)
+        events = [json.loads(line) for line in result.stdout.splitlines()]
+        hits = [e for e in events if "probe" in e]
+        assert hits and events[-1] == {"lost": 0}
+        assert {e["pid"] for e in hits} == {target.pid} and len({e["tid"] for e in hits}) == 4
+        assert all(e["comm"] == "threads" for e in hits)
+        # after detach: text byte-identical to the file, no out-of-line area, the same mappings
+        assert _text_matches_file(target.pid) == []
+        assert _anonymous_executable(target.pid) == []
+        assert Path(f"/proc/{target.pid}/maps").read_text() == maps_before
+        out, _ = target.communicate(timeout=60)
+        assert target.returncode == 0
+        assert out == "threads 4 calls 2500 total " + str(sum(t * 3 * 2500 + sum(i & 7 for i in range(2500))
+                                                               for t in range(4))) + "\n"
+    finally:
+        target.kill()
+        target.wait()
+
+
+def test_refused_instruction_gives_its_reason_and_changes_no_byte(targets):
+    path = LIBC
+    start, size = function_symbols(path, dynamic=True)["getpid"]
+    listing = subprocess.run(["objdump", "-d", f"--start-address={start:#x}", f"--stop-address={start + size:#x}",
+                              path], capture_output=True, text=True).stdout
+    syscall_at = int(re.search(r"^\s+([0-9a-f]+):\s+0f 05\s+syscall", listing, re.M)[1], 16)
+    target = subprocess.Popen([str(targets / "calls"), "1000", "5"], stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(0.2)
+        result = run_cli("trace", "--engine", "ptrace", "-p", str(target.pid), "-d", "1",
+                         f"uprobe:{targets / 'calls'}:work", f"p {path}:{file_offset(path, syscall_at):#x}")
+        assert result.status == 2
+        assert re.search(r"cannot probe 'syscall' at 0x[0-9a-f]+: .*system call", result.stderr), result.stderr
+        assert _text_matches_file(target.pid) == [] and _anonymous_executable(target.pid) == []
+        assert target.poll() is None  # it goes on
+    finally:
+        target.kill()
+        target.wait()
+
+
+def test_a_process_that_is_gone_is_a_clear_error():
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    result = run_cli("trace", "--engine", "ptrace", "-p", str(gone.pid), "uprobe:libc:malloc")
+    assert result.status == 2 and f"process {gone.pid} does not exist" in result.stderr
+
+
+def test_an_unprivileged_user_traces_a_command_it_launches(targets, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to become nobody")
+    site = next((ROOT / ".venv" / "lib").glob("python3*/site-packages"))
+    python = "/usr/bin/python3.11"
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT / 'src'}:{site}", "HOME": str(tmp_path)}
+    os.chmod(tmp_path, 0o777)
+    result = subprocess.run([shutil.which("runuser"), "-u", "nobody", "--", python, "-m", "uprobes", "count", "--json",
+                             f"uprobe:{targets / 'calls'}:work", f"usdt:{targets / 'calls'}:calls:step", "--",
+                             str(targets / "calls"), "30"],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert "Traceback" not in result.stderr and result.returncode == 0, result.stderr
+    assert "ptrace engine" in result.stderr  # auto picks it: the kernel engine needs root
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert {(r["probe"], r["hits"]) for r in records} == {("work", 30), ("calls:step", 0)}
+    assert "guarded 0" in result.stdout  # semaphores are not raised by the ptrace engine yet
+
+
+def test_python_handlers_see_registers_memory_and_arguments(targets):
+    seen, removed = [], []
+
+    def on_work(hit):
+        seen.append((hit.args["i"], hit.memory.read_string(hit.regs.rdx), hit.tid == hit.pid))
+
+    def once(hit):
+        removed.append(hit.args["a"])
+        return REMOVE
+
+    with Session(command=[str(targets / "calls"), "4"]) as session:
+        session.probe(f"uprobe:{targets / 'calls'}:work i=%di:s32", on_work)
+        session.probe(f"uprobe:{targets / 'libprobed.so'}:lib_add a=%di:s32", once)
+        status = session.run()
+        counts = session.hit_counts()
+    assert status == 0
+    assert seen == [(i, f"s{i}".encode(), True) for i in range(4)]
+    assert removed == [0] and counts == [4, 4]
+
+
+def test_a_bad_pointer_gives_an_error_value_not_a_crash(targets):
+    records = run_cli("trace", "--engine", "ptrace", "--json", f"uprobe:{targets / 'calls'}:work bad=+0(%di):string",
+                      "x=+8(%di):u64", "--", str(targets / "calls"), "2", check=True).stdout.splitlines()
+    events = [json.loads(line) for line in records if line.startswith('{"probe"')]
+    assert [e["args"] for e in events] == [{"bad": None, "x": None}] * 2
+    assert set(events[0]["errors"]) == {"bad", "x"}
+
+
+def test_a_handler_that_raises_ends_in_a_clean_detach(targets):
+    def boom(hit):
+        raise RuntimeError("handler failed")
+
+    session = Session(command=[str(targets / "calls"), "5", "20", "9"])
+    with pytest.raises(RuntimeError):
+        with session:
+            session.probe(f"uprobe:{targets / 'calls'}:work", boom)
+            session.run()
+    assert session.wait() == 9  # the command went on untraced and ended as it would have
