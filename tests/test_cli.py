@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -141,3 +142,13 @@ def test_listing_big_objects_reports_its_time(path):
     print(f"\nuprobes list --json {path}: {elapsed:.2f} s for {len(listing['functions'])} functions, "
           f"{sum(len(m['sites']) for m in listing['markers'])} marker sites (includes interpreter start-up)")
     assert listing["functions"] and listing["markers"]
+
+
+def test_readme_python_example_runs_as_written():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    example = re.search(r"```python\nfrom uprobes.api import Session\n(.*?)```", readme, re.S)[0]
+    code = example.removeprefix("```python\n").removesuffix("```")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=Path(__file__).parent.parent, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith("0 [(0, b's0'), (1, b's1'), (2, b's2')]\n")
