@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TARGETS := tests/targets/build
 
-.PHONY: demo test deps venv targets clean
+.PHONY: demo test stress deps venv targets clean
 
 demo: venv targets
 	$(VENV)/bin/uprobes list $(TARGETS)/demo 'demo:*'
@@ -16,6 +16,9 @@ demo: venv targets
 
 test: venv targets
 	$(PY) -m pytest -q
+
+stress: venv targets
+	$(PY) -m pytest -q -m stress
 
 deps:
 	@scripts/install-deps

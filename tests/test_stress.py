@@ -1,0 +1,42 @@
+"""Long runs, behind `make stress` (not part of `make test`): many hits, many threads, repeated attach."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.stress
+
+
+def test_eight_threads_times_100000_calls_give_exactly_800000_hits(targets):
+    command = [str(targets / "threads"), "8", "100000"]
+    expected = subprocess.run(command, capture_output=True, text=True).stdout
+    result = run_cli("count", "--engine", "ptrace", "--json", f"uprobe:{targets / 'threads'}:hit", "--", *command,
+                     check=True)
+    lines = result.stdout.splitlines()
+    assert expected in result.stdout
+    assert json.loads(lines[-1])["hits"] == 800_000
+
+
+def test_attach_and_detach_twenty_times_while_threads_run(targets):
+    command = [str(targets / "threads"), "8", "20000", "500"]
+    target = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        for _ in range(20):
+            result = run_cli("count", "--engine", "ptrace", "--json", "-p", str(target.pid), "-d", "0.3",
+                             f"uprobe:{targets / 'threads'}:hit", f"uprobe:{targets / 'threads'}:hit+4")
+            assert result.status == 0, result.stderr
+            time.sleep(0.05)
+        out, _ = target.communicate(timeout=120)
+        assert target.returncode == 0
+        expected = subprocess.run([str(targets / "threads"), "8", "20000"], capture_output=True, text=True).stdout
+        assert out == expected
+    finally:
+        target.kill()
+        target.wait()
