@@ -42,6 +42,8 @@ _MAX_INSTRUCTION = 16
 _GROUP_STOP_SIGNALS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
 _FAULT_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
 _AT_BASE = 7
+MAX_RETURN_DEPTH = 64  # the kernel's MAX_URETPROBE_DEPTH
+_MASK64 = (1 << 64) - 1
 
 
 @dataclass
@@ -68,6 +70,18 @@ class _Breakpoint:
 
 
 @dataclass
+class _Return:
+    """A pending return: the return address at ``stack`` was replaced by the trampoline (section 6 of the
+    kernel note). ``chained``: a tail call found the trampoline there already and shares the caller's return."""
+
+    stack: int
+    original: int
+    breakpoint: _Breakpoint
+    probes: list[int]
+    chained: bool = False
+
+
+@dataclass
 class _Step:
     breakpoint: _Breakpoint
     slot: int
@@ -83,6 +97,7 @@ class _Thread:
     hit: _Breakpoint | None = None  # trapped on this probe, its instruction not yet run or given a step
     held_signals: list[int] = field(default_factory=list)
     comm: str | None = None
+    returns: list[_Return] = field(default_factory=list)
 
 
 @dataclass
@@ -110,11 +125,12 @@ class PtraceEngine:
         self._threads: dict[int, _Thread] = {}
         self._exit_status: dict[int, int] = {}
         self._newborn: dict[int, int] = {}  # stops of tids we have not been told about yet (hazard 7)
-        self._children: dict[int, tuple[int, _Process]] = {}  # fork/vfork children announced, not yet stopped
+        self._children: dict[int, tuple] = {}  # fork/vfork children announced, not yet stopped
         self._slot_waiters: list[_Thread] = []
         self._sigchld_blocked = False
         self._stopping = False
         self.lost = 0
+        self.skipped_returns = 0  # return probes left out past the depth cap, reported at the end
 
     def __enter__(self) -> PtraceEngine:
         return self
@@ -361,10 +377,11 @@ class PtraceEngine:
         elif event in (EVENT_FORK, EVENT_VFORK):
             child = ptrace_geteventmsg(thread.tid)
             kind = "vfork" if event == EVENT_VFORK else "fork"
+            announced = (kind, thread.process, list(thread.returns))
             if self._newborn.pop(child, None) is not None:
-                self._adopt_child(child, kind, thread.process)
+                self._adopt_child(child, *announced)
             else:
-                self._children[child] = (kind, thread.process)
+                self._children[child] = announced
             self._resume(thread)
         elif event == EVENT_EXEC:
             self._on_exec(thread)
@@ -373,7 +390,7 @@ class PtraceEngine:
         else:
             self._resume(thread)
 
-    def _adopt_child(self, pid: int, kind: str, parent: _Process) -> None:
+    def _adopt_child(self, pid: int, kind: str, parent: _Process, returns: list[_Return]) -> None:
         """A fork child inherits every int3 (hazard 14): take them out of its copy and let it go. A vfork child
         shares its parent's memory, so it is serviced like a thread until it execs or exits (hazard 15)."""
         if kind == "vfork":
@@ -387,6 +404,7 @@ class PtraceEngine:
         try:
             for breakpoint in parent.breakpoints.values():
                 memory.write(breakpoint.address, breakpoint.original[:1], pid)
+            _restore_returns(memory, returns, parent.xol, pid)  # the trampoline is not in the child
         finally:
             memory.close()
         ptrace_detach(pid, 0)
@@ -412,6 +430,7 @@ class PtraceEngine:
         self._processes[pid] = process
         thread.process = process
         thread.step = None
+        thread.returns.clear()
         self._insert(process, pid, at_exec=True)
         self._resume(thread)
 
@@ -423,6 +442,10 @@ class PtraceEngine:
         regs = ptrace_getregs(thread.tid)
         address = regs.rip - 1
         breakpoint = thread.process.breakpoints.get(address)
+        xol = thread.process.xol
+        if info.si_code == SI_KERNEL and xol is not None and address == xol.trampoline:
+            self._returned(thread, regs)
+            return
         if info.si_code != SI_KERNEL or breakpoint is None:
             self._resume(thread, signal.SIGTRAP)  # the program's own int3, or a sent SIGTRAP (hazard 22)
             return
@@ -430,21 +453,68 @@ class PtraceEngine:
         thread.hit = breakpoint
         if breakpoint.internal:
             self._insert(thread.process, thread.tid, strict=False)  # objects were mapped or unmapped
-        self._report(thread, breakpoint, regs)
+        self._report(thread, breakpoint, regs, [i for i in breakpoint.probes if not self._probes[i].is_return])
+        returning = [i for i in breakpoint.probes if self._probes[i].is_return]
+        if returning:
+            self._hijack_return(thread, breakpoint, regs, returning)
         self._execute(thread, breakpoint, regs)
 
-    def _report(self, thread: _Thread, breakpoint: _Breakpoint, regs: Regs) -> None:
-        for index in list(breakpoint.probes):
+    def _hijack_return(self, thread: _Thread, breakpoint: _Breakpoint, regs: Regs, probes: list[int]) -> None:
+        """At a function's first instruction, [rsp] is its return address: send it to the trampoline."""
+        memory, trampoline = thread.process.memory, thread.process.xol.trampoline
+        # Frames left by longjmp or an exception are below the stack pointer now: drop them, unreported.
+        while thread.returns and thread.returns[-1].stack <= regs.rsp:
+            thread.returns.pop()
+        if len(thread.returns) >= MAX_RETURN_DEPTH:
+            self.skipped_returns += 1
+            return
+        try:
+            original = int.from_bytes(memory.read(regs.rsp, 8), "little")
+            chained = original == trampoline  # a tail call: the caller's return is already ours
+            if chained:
+                if not thread.returns:
+                    return
+                original = thread.returns[-1].original
+            else:
+                memory.write(regs.rsp, trampoline.to_bytes(8, "little"), thread.tid)
+        except OSError:
+            self.skipped_returns += 1
+            return
+        thread.returns.append(_Return(regs.rsp, original, breakpoint, probes, chained))
+
+    def _returned(self, thread: _Thread, regs: Regs, report: bool = True) -> None:
+        """A hijacked function returned to the trampoline: its ``ret`` popped the slot at ``rsp - 8``."""
+        frame = regs.rsp - 8
+        while thread.returns and thread.returns[-1].stack < frame:
+            thread.returns.pop()  # returns skipped by longjmp (their frames are gone)
+        if not thread.returns:
+            self._resume(thread, signal.SIGILL)  # nothing to return to: as the kernel does
+            return
+        while True:
+            instance = thread.returns.pop()
+            regs.rip = instance.breakpoint.address  # events of a return probe carry the function's address
+            if report:
+                self._report(thread, instance.breakpoint, regs, instance.probes, retval=_signed(regs.rax))
+            if not instance.chained or not thread.returns:
+                break
+        regs.rip = instance.original
+        ptrace_setregs(thread.tid, regs)
+        if report:
+            self._resume(thread)
+
+    def _report(self, thread: _Thread, breakpoint: _Breakpoint, regs: Regs, probes: list[int],
+                retval: int | None = None) -> None:
+        for index in probes:
             self._hits[index] += 1
             if self._counting and index not in self._handlers:
                 continue
             probe = self._probes[index]
             context = HitContext(regs, thread.process.memory, breakpoint.address, breakpoint.file_offset,
-                                 self._comm(thread))
+                                 self._comm(thread), retval)
             args, errors = evaluate(probe.fetchargs, context)
             if not self._counting:
                 self._events.append(Event(probe.name, thread.process.pid, thread.tid, context.comm,
-                                          time.monotonic_ns(), _cpu_of(thread), breakpoint.address, args, None,
+                                          time.monotonic_ns(), _cpu_of(thread), breakpoint.address, args, retval,
                                           errors or None, probe.is_return, index))
             for handler in list(self._handlers.get(index, ())):
                 if handler(Hit(probe, thread.process.pid, thread.tid, regs, thread.process.memory, args,
@@ -625,6 +695,10 @@ class PtraceEngine:
             if event == 0 and sig == signal.SIGTRAP:
                 regs = ptrace_getregs(tid)
                 fresh_int3 = ptrace_getsiginfo(tid).si_code == SI_KERNEL
+                xol = thread.process.xol
+                if fresh_int3 and xol is not None and regs.rip - 1 == xol.trampoline:
+                    self._returned(thread, regs, report=False)  # returning while we detach: go on quietly
+                    return
                 if fresh_int3 and regs.rip - 1 in thread.process.breakpoints:  # hit while detaching: no report
                     regs.rip -= 1
                     ptrace_setregs(tid, regs)
@@ -645,6 +719,10 @@ class PtraceEngine:
         stopped = next((t for t in self._threads.values() if t.process is process and not t.running), None)
         if stopped is None:
             return
+        for thread in self._threads.values():
+            if thread.process is process:
+                _restore_returns(process.memory, thread.returns, process.xol, stopped.tid)
+                thread.returns.clear()
         for breakpoint in process.breakpoints.values():
             try:
                 process.memory.write(breakpoint.address, breakpoint.original[:1], stopped.tid)
@@ -678,6 +756,22 @@ def _auxv(pid: int, key: int) -> int | None:
         if int.from_bytes(data[i:i + 8], "little") == key:
             return int.from_bytes(data[i + 8:i + 16], "little")
     return None
+
+
+def _restore_returns(memory: ProcessMemory, returns: list[_Return], xol: XolArea | None, tid: int) -> None:
+    """Put back every return address we replaced with the trampoline (at detach, and in a fork child)."""
+    if xol is None:
+        return
+    for instance in returns:
+        try:
+            if int.from_bytes(memory.read(instance.stack, 8), "little") == xol.trampoline:
+                memory.write(instance.stack, instance.original.to_bytes(8, "little"), tid)
+        except OSError:
+            pass  # that stack is gone
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def _tgid(tid: int) -> int:

@@ -103,7 +103,10 @@ def _restore(tid: int, saved: Regs) -> None:
 
 
 class XolArea:
-    """Slots of one page in one address space; a slot is lent to one stepping thread at a time."""
+    """Slots of one page in one address space; a slot is lent to one stepping thread at a time.
+
+    Slot 0 is the return trampoline: an ``int3`` that return probes put in place of a return address.
+    """
 
     def __init__(self, tid: int, memory: ProcessMemory) -> None:
         address = inject_syscall(tid, memory, _NR_MMAP, 0, PAGE_SIZE, _PROT_READ_EXEC, _MAP_PRIVATE_ANONYMOUS,
@@ -114,7 +117,9 @@ class XolArea:
         inject_syscall(tid, memory, _NR_MADVISE, address, PAGE_SIZE, _MADV_DONTFORK)
         self.address = address
         self.memory = memory
-        self._free = list(range(PAGE_SIZE // SLOT_SIZE - 1, -1, -1))
+        self.trampoline = address
+        memory.write(self.trampoline, b"\xcc" * SLOT_SIZE, tid)
+        self._free = list(range(PAGE_SIZE // SLOT_SIZE - 1, 0, -1))
         self._content: dict[int, bytes] = {}
 
     def acquire(self, code: bytes) -> int | None:
