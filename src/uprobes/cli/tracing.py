@@ -37,6 +37,8 @@ def add_tracing_options(parser: argparse.ArgumentParser) -> None:
     target = parser.add_mutually_exclusive_group()
     target.add_argument("-p", "--pid", type=int, help="only this process (and the threads and children it makes)")
     target.add_argument("-c", "--command", dest="command_line", metavar="CMD", help="run CMD with every probe in place, and trace it")
+    parser.add_argument("--no-follow", action="store_true",
+                        help="leave the children the process forks alone (by default they are traced too)")
     parser.add_argument("-d", "--duration", type=float, metavar="SECONDS", help="stop after SECONDS")
     parser.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     parser.add_argument("--json", action="store_true", help="JSON lines instead of text")
@@ -93,7 +95,7 @@ class _Run:
         if self.child is not None:
             self.child.traced = self.engine.reaps_children
         self.engine.attach(self.probes, self.child.pid if self.child else self.pid, counting=counting,
-                           held=self.child is not None)
+                           held=self.child is not None, follow_forks=not args.no_follow)
         scope = f"pid {self.pid}" if self.pid else "the command" if self.child else "every process"
         print(f"uprobes: {len(self.probes)} probe points attached ({self.engine.name} engine, {scope})",
               file=sys.stderr, flush=True)

@@ -60,7 +60,8 @@ class KernelEngine:
         """Hits the kernel dropped because a ring buffer was full, exactly (not only those reported so far)."""
         return self._reader.count_lost() if self._reader else 0
 
-    def attach(self, probes: list[Probe], pid: int | None, *, counting: bool = False, held: bool = False) -> None:
+    def attach(self, probes: list[Probe], pid: int | None, *, counting: bool = False, held: bool = False,
+               follow_forks: bool = True) -> None:
         """Define every probe and start collecting its hits (of ``pid`` and its descendants, or of everyone).
 
         ``counting`` only counts hits (read them with :meth:`hit_counts`): no events, none lost. ``held``
@@ -75,7 +76,8 @@ class KernelEngine:
             event_format = load_event_format(self.tracefs.root, defined.group, defined.event)
             self._attached[event_format.id] = _Attached(index, probe, defined, event_format)
         # The kernel inserts the breakpoints when the perf events open; the reader explains its refusals.
-        self._reader = TracepointReader(list(self._attached), pid, pages=self._pages, sampling=not counting)
+        self._reader = TracepointReader(list(self._attached), pid, pages=self._pages, sampling=not counting,
+                                        inherit=follow_forks)
         try:
             self._reader.enable()
         except OSError as exc:

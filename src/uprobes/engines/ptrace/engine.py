@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ...elf.objfile import ElfObject
 from ...errors import ProcessError, UprobesError
@@ -130,7 +130,8 @@ class PtraceEngine:
         self._sigchld_blocked = False
         self._stopping = False
         self.lost = 0
-        self.skipped_returns = 0  # return probes left out past the depth cap, reported at the end
+        self.skipped_returns = 0
+        self._follow_forks = True  # return probes left out past the depth cap, reported at the end
 
     def __enter__(self) -> PtraceEngine:
         return self
@@ -141,14 +142,17 @@ class PtraceEngine:
     # -- attaching ---------------------------------------------------------------------------------------
 
     def attach(self, probes: list[Probe], pid: int | None, *, counting: bool = False, held: bool = False,
-               handlers: dict[int, list[Callable]] | None = None) -> None:
+               follow_forks: bool = True, handlers: dict[int, list[Callable]] | None = None) -> None:
         """Place ``probes`` in process ``pid``: a running one (every thread is seized), or, with ``held``, a
-        child held before its exec (probes go in at the exec, before the program's first instruction)."""
+        child held before its exec (probes go in at the exec, before the program's first instruction).
+        Children it forks are traced too, unless ``follow_forks`` is False: then they are let go, every
+        byte we wrote taken out of their copy of memory first."""
         if pid is None:
             raise UprobesError("the ptrace engine traces one process: give -p PID or a command to run")
         self._probes = list(probes)
         self._hits = [0] * len(probes)
         self._counting = counting
+        self._follow_forks = follow_forks
         self._handlers = {i: list(h) for i, h in (handlers or {}).items()}
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # waited for with sigtimedwait
         self._sigchld_blocked = True
@@ -400,6 +404,9 @@ class PtraceEngine:
             self._threads[pid] = thread
             self._resume(thread)
             return
+        if self._follow_forks:
+            self._follow(pid, parent, returns)
+            return
         memory = ProcessMemory(pid)
         try:
             for breakpoint in parent.breakpoints.values():
@@ -408,6 +415,22 @@ class PtraceEngine:
         finally:
             memory.close()
         ptrace_detach(pid, 0)
+
+    def _follow(self, pid: int, parent: _Process, returns: list[_Return]) -> None:
+        """Trace a fork child as its parent: the same breakpoints (its copy of memory has the int3s already),
+        its own out-of-line area at the parent's address, and the pending returns of the forking thread."""
+        child = _Process(pid, ProcessMemory(pid))
+        child.breakpoints = {address: replace(b, probes=list(b.probes)) for address, b in parent.breakpoints.items()}
+        self._processes[pid] = child
+        thread = _Thread(pid, child, running=False)
+        self._threads[pid] = thread
+        if parent.xol is not None:
+            child.xol = XolArea(pid, child.memory, at=parent.xol.address)
+            if child.xol.trampoline == parent.xol.trampoline:
+                thread.returns = [replace(r) for r in returns]
+            else:
+                _restore_returns(child.memory, returns, parent.xol, pid)
+        self._resume(thread)
 
     def _on_exec(self, thread: _Thread) -> None:
         """A new image: the old breakpoints and area went with the old memory (hazards 9-10)."""
@@ -420,12 +443,13 @@ class PtraceEngine:
             del self._threads[thread.tid]
             thread.tid = pid
             self._threads[pid] = thread
-        if old.vfork_parent is not None:  # a vfork child that execs leaves the shared memory: let it go
+        if old.vfork_parent is not None and not self._follow_forks:  # it leaves the shared memory: let it go
             del self._threads[pid]
             del self._processes[pid]
             ptrace_detach(pid, 0)
             return
-        old.memory.close()
+        if old.vfork_parent is None:  # a vfork child borrowed its parent's memory: nothing of its own to close
+            old.memory.close()
         process = _Process(pid, ProcessMemory(pid))
         self._processes[pid] = process
         thread.process = process

@@ -24,6 +24,7 @@ SLOT_SIZE = 32  # an instruction is at most 15 bytes; the rest is int3 padding
 _NR_MMAP, _NR_MUNMAP, _NR_MADVISE, _NR_RESTART_SYSCALL = 9, 11, 28, 219
 _PROT_READ_EXEC = 0x1 | 0x4
 _MAP_PRIVATE_ANONYMOUS = 0x02 | 0x20
+_MAP_FIXED_NOREPLACE = 0x100000
 _MADV_DONTFORK = 10
 _RESTART_ERRNOS = {512, 513, 514}  # ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND: the kernel re-runs the call
 _ERESTART_RESTARTBLOCK = 516
@@ -108,9 +109,14 @@ class XolArea:
     Slot 0 is the return trampoline: an ``int3`` that return probes put in place of a return address.
     """
 
-    def __init__(self, tid: int, memory: ProcessMemory) -> None:
-        address = inject_syscall(tid, memory, _NR_MMAP, 0, PAGE_SIZE, _PROT_READ_EXEC, _MAP_PRIVATE_ANONYMOUS,
-                                 (1 << 64) - 1, 0)
+    def __init__(self, tid: int, memory: ProcessMemory, at: int = 0) -> None:
+        """Map the page, at address ``at`` if given and free (a fork child gets its parent's address, so the
+        return addresses that point at the trampoline stay right)."""
+        flags = _MAP_PRIVATE_ANONYMOUS | (_MAP_FIXED_NOREPLACE if at else 0)
+        address = inject_syscall(tid, memory, _NR_MMAP, at, PAGE_SIZE, _PROT_READ_EXEC, flags, (1 << 64) - 1, 0)
+        if at and address != at:  # taken (or an old kernel): anywhere will do
+            address = inject_syscall(tid, memory, _NR_MMAP, 0, PAGE_SIZE, _PROT_READ_EXEC, _MAP_PRIVATE_ANONYMOUS,
+                                     (1 << 64) - 1, 0)
         if -4096 < address < 0:
             raise InjectionError(f"mmap of the out-of-line area failed in process {memory.pid}: "
                                  f"{os.strerror(-address)} (seccomp or an execmem policy?)")

@@ -1,0 +1,133 @@
+/* A program for the tests of a program's life under probes.
+ *   lifecycle fork N K      N children each call handle(child, j) K times; the parent calls it once
+ *   lifecycle vfork PROGRAM ARGS...   vfork, the child calls handle(0, 0) then execs PROGRAM
+ *   lifecycle exec N        calls handle(N, 0), then execs itself with N-1 until 0
+ *   lifecycle dlopen LIB N  dlopen LIB (whose constructor calls lib_ctor), call lib_work N times,
+ *                           dlclose, and again
+ *   lifecycle recurse N T   T threads each compute fact(1..N) recursively, and a longjmp out of deep()
+ * Prints what it computed, so the tests can compare it with what the probes saw. */
+#include <dlfcn.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+__attribute__((noinline)) long handle(long who, long j)
+{
+    __asm__ volatile("" ::: "memory");
+    return who * 100 + j;
+}
+
+__attribute__((noinline)) long fact(long n)
+{
+    if (n <= 1)
+        return 1;
+    return n * fact(n - 1);
+}
+
+static jmp_buf escape;
+
+__attribute__((noinline)) long deep(long n)
+{
+    if (n <= 0)
+        longjmp(escape, 1);
+    return n > 100 ? 0 : deep(n - 1) + 1;
+}
+
+static long recurse_n;
+
+static void *recurser(void *arg)
+{
+    long sum = 0;
+    for (long i = 1; i <= recurse_n; i++)
+        sum += fact(i);
+    return (void *)sum;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2)
+        return 2;
+    const char *mode = argv[1];
+    if (!strcmp(mode, "fork")) {
+        int n = atoi(argv[2]), k = atoi(argv[3]);
+        for (int c = 0; c < n; c++) {
+            pid_t pid = fork();
+            if (pid == 0) {
+                long sum = 0;
+                for (int j = 0; j < k; j++)
+                    sum += handle(c, j);
+                printf("child %d pid %d sum %ld\n", c, getpid(), sum);
+                fflush(stdout);
+                _exit(c);
+            }
+        }
+        int status, exits = 0;
+        while (wait(&status) > 0)
+            exits += WEXITSTATUS(status);
+        printf("parent %ld exits %d\n", handle(-1, 0), exits);
+        return 0;
+    }
+    if (!strcmp(mode, "vfork")) {
+        pid_t pid = vfork();
+        if (pid == 0) {
+            handle(0, 0);
+            execv(argv[2], argv + 2);
+            _exit(127);
+        }
+        int status;
+        waitpid(pid, &status, 0);
+        printf("vfork child %d status %d handle %ld\n", pid, WEXITSTATUS(status), handle(1, 1));
+        return 0;
+    }
+    if (!strcmp(mode, "exec")) {
+        long n = atol(argv[2]);
+        printf("exec %ld handle %ld pid %d\n", n, handle(n, 0), getpid());
+        fflush(stdout);
+        if (n > 0) {
+            char next[32];
+            snprintf(next, sizeof next, "%ld", n - 1);
+            execl("/proc/self/exe", argv[0], "exec", next, (char *)NULL);
+            return 127;
+        }
+        return 0;
+    }
+    if (!strcmp(mode, "dlopen")) {
+        int n = atoi(argv[3]);
+        long sum = 0;
+        for (int round = 0; round < 2; round++) {
+            void *lib = dlopen(argv[2], RTLD_NOW);
+            if (!lib) {
+                fprintf(stderr, "%s\n", dlerror());
+                return 1;
+            }
+            long (*work)(long) = (long (*)(long))dlsym(lib, "lib_work");
+            for (int i = 0; i < n; i++)
+                sum += work(i);
+            dlclose(lib);
+        }
+        printf("dlopen sum %ld\n", sum);
+        return 0;
+    }
+    if (!strcmp(mode, "recurse")) {
+        recurse_n = atol(argv[2]);
+        int threads = atoi(argv[3]);
+        pthread_t tids[16];
+        long total = 0;
+        for (int t = 0; t < threads; t++)
+            pthread_create(&tids[t], NULL, recurser, NULL);
+        for (int t = 0; t < threads; t++) {
+            void *sum;
+            pthread_join(tids[t], &sum);
+            total += (long)sum;
+        }
+        if (!setjmp(escape))
+            deep(5);
+        printf("recurse total %ld after longjmp %ld\n", total, fact(4));
+        return 0;
+    }
+    return 2;
+}
