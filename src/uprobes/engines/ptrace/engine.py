@@ -42,6 +42,7 @@ _MAX_INSTRUCTION = 16
 _GROUP_STOP_SIGNALS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
 _FAULT_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
 _AT_BASE = 7
+_UNWINDERS = ("_Unwind_RaiseException", "_Unwind_ForcedUnwind", "_Unwind_Resume_or_Rethrow")
 MAX_RETURN_DEPTH = 64  # the kernel's MAX_URETPROBE_DEPTH
 _MASK64 = (1 << 64) - 1
 
@@ -66,7 +67,7 @@ class _Breakpoint:
     plan: Plan
     probes: list[int] = field(default_factory=list)
     file_offset: int = 0
-    internal: bool = False  # the engine's own breakpoint in the dynamic linker
+    internal: str | None = None  # the engine's own breakpoints: "rendezvous" (ld.so), "unwind" (libgcc_s)
 
 
 @dataclass
@@ -252,6 +253,8 @@ class PtraceEngine:
             process.breakpoints[address] = _Breakpoint(address, code, plan, indices, offset)
         if at_exec:
             self._rendezvous_breakpoint(process, tid)
+        if any(probe.is_return for probe in self._probes):
+            self._unwind_breakpoints(process, tid, mappings)
 
     def _ensure_xol(self, process: _Process, tid: int) -> None:
         if process.xol is None:
@@ -262,20 +265,34 @@ class PtraceEngine:
         and before their constructors run: an engine breakpoint there places the probes of every object a
         program links or dlopens (section 5 of the ptrace note)."""
         base = _auxv(process.pid, _AT_BASE)
-        interpreter = next((m.path for m in read_maps(process.pid) if m.start == base and m.path), None)
-        if not base or interpreter is None:
-            return  # a static program: nothing is loaded later
+        interpreter = next((m for m in read_maps(process.pid) if m.start == base and m.path), None)
+        if base and interpreter is not None:  # else a static program: nothing is loaded later
+            self._internal_breakpoint(process, tid, interpreter, "_dl_debug_state", "rendezvous")
+
+    def _unwind_breakpoints(self, process: _Process, tid: int, mappings) -> None:
+        """The C++ unwinder cannot walk through a return address replaced by the trampoline (the kernel's
+        uretprobes make such a throw end in std::terminate). So when a thread starts unwinding, its pending
+        returns are put back first: the exception works, and those returns go unreported (and counted)."""
+        for mapping in mappings:
+            if mapping.executable and os.path.basename(mapping.path).startswith("libgcc_s.so"):
+                for symbol in _UNWINDERS:
+                    self._internal_breakpoint(process, tid, mapping, symbol, "unwind")
+
+    def _internal_breakpoint(self, process: _Process, tid: int, mapping, symbol: str, role: str) -> None:
         try:
-            symbols = ElfObject.open(interpreter).symbols.lookup("_dl_debug_state")
+            obj = ElfObject.open(mapping.path)
+            found = obj.symbols.lookup(symbol)
+            if not found:
+                return
+            address = mapping.start - mapping.offset + obj.vaddr_to_offset(found[0].value)
         except UprobesError:
             return
-        if not symbols:
+        if address in process.breakpoints:
             return
-        address = base + symbols[0].value
         code = process.memory.read(address, _MAX_INSTRUCTION)
         self._ensure_xol(process, tid)
         process.memory.write(address, b"\xcc", tid)
-        process.breakpoints[address] = _Breakpoint(address, code, analyze(code, address), internal=True)
+        process.breakpoints[address] = _Breakpoint(address, code, analyze(code, address), internal=role)
 
     # -- running -----------------------------------------------------------------------------------------
 
@@ -475,8 +492,12 @@ class PtraceEngine:
             return
         regs.rip = address
         thread.hit = breakpoint
-        if breakpoint.internal:
+        if breakpoint.internal == "rendezvous":
             self._insert(thread.process, thread.tid, strict=False)  # objects were mapped or unmapped
+        elif breakpoint.internal == "unwind" and thread.returns:
+            self.skipped_returns += len(thread.returns)
+            _restore_returns(thread.process.memory, thread.returns, thread.process.xol, thread.tid)
+            thread.returns.clear()
         self._report(thread, breakpoint, regs, [i for i in breakpoint.probes if not self._probes[i].is_return])
         returning = [i for i in breakpoint.probes if self._probes[i].is_return]
         if returning:
