@@ -18,6 +18,9 @@ examples:
   uprobes list libc 'malloc*'                      functions of libc.so.6 whose names start with malloc
   uprobes list -p 1234                             every object mapped in process 1234
   uprobes resolve 'uretprobe:libc:malloc ret=$retval:x64'
+  uprobes trace -c 'ls /' 'uretprobe:libc:malloc ret=$retval'   every malloc of ls and what it returned
+  uprobes count -d 5 'uprobe:libc:mem*'                     calls of libc's mem* functions, system-wide, 5 s
+  uprobes latency -p 1234 'uprobe:libc:malloc'             how long malloc takes in process 1234
                                                    the uprobe_events line the probe stands for
 """
 
@@ -49,6 +52,9 @@ def _build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)
     add_tracing_options(count)
     count.add_argument("--interval", type=float, metavar="SECONDS", help="also print the counts every SECONDS")
+    latency = commands.add_parser("latency", help="time each call of a function, as a log2 histogram",
+                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)
+    add_tracing_options(latency)
     commands.add_parser("cleanup", help="delete the kernel uprobe events that runs which died left behind")
 
     resolve = commands.add_parser("resolve", help="show the probe points a probe names, as uprobe_events lines",
@@ -96,9 +102,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .cleanup import run_cleanup
 
         return run_cleanup(args)
-    from .tracing import run_count, run_trace
+    from .tracing import run_count, run_latency, run_trace
 
-    return run_trace(args) if args.command == "trace" else run_count(args)
+    return {"trace": run_trace, "count": run_count, "latency": run_latency}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from ..probes.spec import group_probe_words
 from ..proc.launch import HeldCommand
 from ..proc.maps import read_maps
 
-__all__ = ["add_tracing_options", "run_trace", "run_count"]
+__all__ = ["add_tracing_options", "run_trace", "run_count", "run_latency"]
 
 _POLL_SECONDS = 0.1
 
@@ -79,11 +79,14 @@ def _engine(name: str, system_wide: bool):
 class _Run:
     """What trace and count share: probes resolved, engine attached, command launched, signals handled."""
 
-    def __init__(self, args: argparse.Namespace, stack: ExitStack, counting: bool = False) -> None:
+    def __init__(self, args: argparse.Namespace, stack: ExitStack, counting: bool = False,
+                 pair_returns: bool = False) -> None:
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, _raise_stop)
         texts, command = _split_command(args)
         self.probes: list[Probe] = [p for text in texts for p in resolve_text(text)]
+        if pair_returns:
+            self.probes = _entry_and_return(self.probes)
         self.pid = args.pid
         if self.pid is not None:
             read_maps(self.pid)  # a clear error now if the process is gone or not ours
@@ -136,6 +139,19 @@ class _Run:
             self.status = self.child.wait()
         else:
             self.status = 128 + getattr(stop, "signum", signal.SIGINT)
+
+
+def _entry_and_return(probes: list[Probe]) -> list[Probe]:
+    """For ``latency``: one function's entry probe and its return probe, without fetch arguments."""
+    from dataclasses import replace
+
+    functions = {(p.path, p.offset) for p in probes}
+    if len(functions) != 1 or any(p.site is not None for p in probes):
+        raise UprobesError("latency takes one function: give uprobe:PATH:FUNCTION (a glob must match one)")
+    entry = replace(probes[0], is_return=False, fetchargs=(), event=probes[0].event.removesuffix("__return"),
+                    explicit_event=False)
+    returned = replace(entry, is_return=True, event=f"{entry.event}__return")
+    return [entry, returned]
 
 
 def _raise_stop(signum, frame) -> None:
@@ -198,6 +214,37 @@ def run_count(args: argparse.Namespace) -> int:
             run.interrupted(stop)
         # The kernel's counters hold every hit up to now, so nothing is lost between reports.
         _write_counts(out, run.probes, run.engine.hit_counts(), args.json)
+        return run.status
+
+
+def run_latency(args: argparse.Namespace) -> int:
+    """Time each call of a function from entry to return; a log2 histogram at the end."""
+    from ..output.histogram import Log2Histogram
+
+    with ExitStack() as stack:
+        out = _open_output(args, stack)
+        run = _Run(args, stack, pair_returns=True)
+        histogram = Log2Histogram()
+        started: dict[int, list[int]] = {}  # tid -> entry times of the calls in flight (innermost last)
+        try:
+            while True:
+                finished = run.finished()
+                for event in run.engine.poll(0 if finished else _POLL_SECONDS):
+                    calls = started.setdefault(event.tid, [])
+                    if not event.is_return:
+                        calls.append(event.ts_ns)
+                    elif calls:
+                        histogram.add(event.ts_ns - calls.pop())
+                if finished:
+                    break
+        except KeyboardInterrupt as stop:
+            run.interrupted(stop)
+        if args.json:
+            out.write(json.dumps({"probe": run.probes[0].name, **histogram.summary(),
+                                  "buckets": [{"low_ns": lo, "high_ns": hi, "count": n}
+                                              for lo, hi, n in histogram.buckets()]}) + "\n")
+        else:
+            out.write(f"{run.probes[0].name}: time from entry to return\n{histogram.render()}")
         return run.status
 
 
