@@ -148,6 +148,8 @@ def _entry_and_return(probes: list[Probe]) -> list[Probe]:
     functions = {(p.path, p.offset) for p in probes}
     if len(functions) != 1 or any(p.site is not None for p in probes):
         raise UprobesError("latency takes one function: give uprobe:PATH:FUNCTION (a glob must match one)")
+    if "+" in probes[0].location or probes[0].location.startswith("0x"):  # not at a symbol's first byte
+        raise UprobesError(f"latency times a function from its first instruction, not {probes[0].location}")
     entry = replace(probes[0], is_return=False, fetchargs=(), event=probes[0].event.removesuffix("__return"),
                     explicit_event=False)
     returned = replace(entry, is_return=True, event=f"{entry.event}__return")

@@ -1,0 +1,143 @@
+"""Probes across a program's life, on both engines with equal results: libraries loaded later (their
+constructors included), dlclose, fork, vfork, exec, return probes through recursion, longjmp and C++
+exceptions, and latency."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+
+ENGINES = ["kernel", "ptrace"]
+
+
+def _run(engine: str, command_name: str, probes: list[str], command: list[str], *options: str):
+    out = Path(f"/tmp/uprobes-life-{os.getpid()}-{engine}.jsonl")
+    proc = subprocess.run([sys.executable, "-m", "uprobes", command_name, "--engine", engine, "--json", "-o",
+                           str(out), *options, *probes, "--", *command], capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    out.unlink(missing_ok=True)
+    return records, proc
+
+
+def _hits(records) -> dict[str, int]:
+    return {r["probe"]: r["hits"] for r in records}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_library_loaded_later_is_probed_before_its_constructor_runs(targets, engine):
+    lifecycle, lib = targets / "lifecycle", targets / "libctor.so"
+    records, proc = _run(engine, "count", [f"uprobe:{lib}:lib_ctor", f"uprobe:{lib}:lib_work"],
+                         [str(lifecycle), "dlopen", str(lib), "3"])
+    assert proc.stdout == "dlopen sum 12\n" and proc.returncode == 0
+    assert _hits(records) == {"lib_ctor": 2, "lib_work": 6}  # two dlopen/dlclose rounds
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_forking_server_reports_each_child_with_its_pid(targets, engine):
+    lifecycle = targets / "lifecycle"
+    records, proc = _run(engine, "trace", [f"uprobe:{lifecycle}:handle who=%di:s64 j=%si:s64"],
+                         [str(lifecycle), "fork", "3", "4"])
+    assert proc.returncode == 0
+    children = {int(m[1]): int(m[2]) for m in re.finditer(r"child (\d+) pid (\d+) sum", proc.stdout)}
+    events = [r for r in records if "probe" in r]
+    for child, pid in children.items():
+        assert [e["args"]["j"] for e in events if e["pid"] == pid] == [0, 1, 2, 3]
+        assert {e["args"]["who"] for e in events if e["pid"] == pid} == {child}
+    assert len(events) == 13  # 3 children x 4 calls, and the parent's one
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_no_follow_leaves_children_alone_and_alive(targets, engine):
+    lifecycle = targets / "lifecycle"
+    records, proc = _run(engine, "count", [f"uprobe:{lifecycle}:handle"], [str(lifecycle), "fork", "3", "4"],
+                         "--no-follow")
+    assert proc.returncode == 0 and "parent -100 exits 3" in proc.stdout
+    assert len(re.findall(r"child \d pid \d+ sum", proc.stdout)) == 3
+    assert _hits(records) == {"handle": 1}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_vfork_then_exec_of_another_probed_program(targets, engine):
+    lifecycle, calls = targets / "lifecycle", targets / "calls"
+    records, proc = _run(engine, "count", [f"uprobe:{lifecycle}:handle", f"uprobe:{calls}:work"],
+                         [str(lifecycle), "vfork", str(calls), "3"])
+    assert proc.returncode == 0 and "vfork child" in proc.stdout and "calls 3 sum" in proc.stdout
+    assert _hits(records) == {"handle": 2, "work": 3}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_program_that_execs_itself(targets, engine):
+    lifecycle = targets / "lifecycle"
+    records, proc = _run(engine, "trace", [f"uprobe:{lifecycle}:handle n=%di:s64"], [str(lifecycle), "exec", "3"])
+    assert proc.returncode == 0
+    assert [r["args"]["n"] for r in records if "probe" in r] == [3, 2, 1, 0]
+    assert len({r["pid"] for r in records if "probe" in r}) == 1
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_return_values_of_recursion_from_eight_threads_and_a_longjmp(targets, engine):
+    lifecycle = targets / "lifecycle"
+    records, proc = _run(engine, "trace", [f"uretprobe:{lifecycle}:fact", f"uretprobe:{lifecycle}:deep"],
+                         [str(lifecycle), "recurse", "6", "8"])
+    assert proc.returncode == 0
+    assert proc.stdout == f"recurse total {8 * sum(_fact(i) for i in range(1, 7))} after longjmp 24\n"
+    events = [r for r in records if "probe" in r]
+    # every thread's returns, innermost first: fact(1)=1 (six times), 2, 6, 24, 120, 720...
+    by_thread: dict[int, list[int]] = {}
+    for e in events:
+        if e["probe"] == "fact%return":
+            by_thread.setdefault(e["tid"], []).append(e["retval"])
+    expected = [_fact(k) for n in range(1, 7) for k in range(1, n + 1)]
+    assert sorted(by_thread.values()) == [expected] * 8 + [[1, 2, 6, 24]]  # 8 threads, then main's fact(4)
+    assert not [e for e in events if e["probe"] == "deep%return"]  # left by longjmp: no return to report
+    assert records[-1] == {"lost": 0}
+
+
+def _fact(n: int) -> int:
+    return 1 if n <= 1 else n * _fact(n - 1)
+
+
+def test_a_cxx_exception_through_probed_frames(targets):
+    cxx = targets / "cxxthrow"
+    probes = [f"uretprobe:{cxx}:_Z5innerl", f"uretprobe:{cxx}:_Z5outerl"]
+    records, proc = _run("ptrace", "trace", probes, [str(cxx)])
+    assert proc.returncode == 0 and proc.stdout == "sum 1125\n"
+    returns = [(r["probe"], r["retval"]) for r in records if "probe" in r]
+    assert returns == [(name, value) for n in (0, 1, 2, 4, 5)
+                       for name, value in (("_Z5innerl%return", 10 * n), ("_Z5outerl%return", 10 * n + 1))]
+
+
+def test_the_kernels_uretprobes_break_a_cxx_exception_that_ours_survive(targets):
+    """Documents the difference: the unwinder cannot pass the kernel's trampoline and std::terminate runs."""
+    cxx = targets / "cxxthrow"
+    _, proc = _run("kernel", "count", [f"uretprobe:{cxx}:_Z5innerl"], [str(cxx)])
+    assert proc.returncode != 0 and "terminate called" in proc.stderr
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_latency_histogram_counts_every_call(targets, engine):
+    lifecycle = targets / "lifecycle"
+    records, proc = _run(engine, "latency", [f"uprobe:{lifecycle}:fact"], [str(lifecycle), "recurse", "6", "2"])
+    (report,) = records
+    assert report["count"] == 2 * 21 + 4  # fact(1..6) from two threads, and fact(4)
+    assert sum(b["count"] for b in report["buckets"]) == report["count"]
+    assert report["min_ns"] <= report["p50_ns"] <= report["p99_ns"] <= report["max_ns"]
+    text = run_cli("latency", "--engine", engine, f"uprobe:{lifecycle}:fact", "--", str(lifecycle), "recurse", "3",
+                   "1", check=True).stdout
+    assert re.search(r"count 10  mean \S+  p50 \S+  p99 \S+  max \S+", text) and "|@" in text
+
+
+def test_a_return_probe_must_start_at_a_function_entry(targets):
+    result = run_cli("latency", f"uprobe:{targets / 'lifecycle'}:fact+5", "--", str(targets / "calls"))
+    assert result.status == 2 and "from its first instruction, not fact+0x5" in result.stderr
+    result = run_cli("trace", f"uretprobe:{targets / 'lifecycle'}:fact+5", "--", str(targets / "calls"))
+    assert result.status == 2 and "a return probe goes on a function's entry" in result.stderr
