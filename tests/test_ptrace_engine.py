@@ -158,8 +158,8 @@ def test_an_unprivileged_user_traces_a_command_it_launches(targets, tmp_path):
     assert "Traceback" not in result.stderr and result.returncode == 0, result.stderr
     assert "ptrace engine" in result.stderr  # auto picks it: the kernel engine needs root
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert {(r["probe"], r["hits"]) for r in records} == {("work", 30), ("calls:step", 0)}
-    assert "guarded 0" in result.stdout  # semaphores are not raised by the ptrace engine yet
+    assert {(r["probe"], r["hits"]) for r in records} == {("work", 30), ("calls:step", 30)}
+    assert "guarded 30" in result.stdout  # the marker's semaphore was raised for it
 
 
 def test_python_handlers_see_registers_memory_and_arguments(targets):
@@ -200,3 +200,23 @@ def test_a_handler_that_raises_ends_in_a_clean_detach(targets):
             session.probe(f"uprobe:{targets / 'calls'}:work", boom)
             session.run()
     assert session.wait() == 9  # the command went on untraced and ended as it would have
+
+
+def test_semaphores_are_raised_while_attached_and_lowered_after(targets):
+    calls = targets / "calls"
+    target = subprocess.Popen([str(calls), "300", "10"], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.3)
+        result = run_cli("trace", "--engine", "ptrace", "--json", "-p", str(target.pid), "-d", "1",
+                         f"usdt:{calls}:calls:step", f"usdt:{targets / 'libprobed.so'}:demo:order__done", check=True)
+        events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"probe"')]
+        steps = [e for e in events if e["probe"] == "calls:step"]
+        done = [e for e in events if e["probe"] == "demo:order__done"]
+        assert len(steps) > 10 and abs(len(done) - len(steps)) <= 1  # the library's marker: once per loop
+        assert _text_matches_file(target.pid) == []
+        out, _ = target.communicate(timeout=30)
+        guarded = int(out.split()[-1])
+        assert len(steps) <= guarded < 300  # open while we listened, closed again after
+    finally:
+        target.kill()
+        target.wait()

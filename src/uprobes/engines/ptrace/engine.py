@@ -29,6 +29,7 @@ from ...proc.maps import read_maps
 from ...errors import UnprobeableInstruction
 from ...x86_64.analysis import EmulationFault, Plan, analyze
 from .memory import ProcessMemory
+from .semaphores import Semaphores
 from .syscalls import (EVENT_CLONE, EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_STOP, EVENT_VFORK, EXITKILL, OPTIONS,
                        SI_KERNEL, WALL, Regs, ptrace_cont, ptrace_detach, ptrace_geteventmsg, ptrace_getregs,
                        ptrace_getsiginfo, ptrace_interrupt, ptrace_listen, ptrace_seize, ptrace_setregs,
@@ -108,6 +109,7 @@ class _Process:
     breakpoints: dict[int, _Breakpoint] = field(default_factory=dict)
     xol: XolArea | None = None
     vfork_parent: _Process | None = None  # a vfork child shares this process's memory
+    semaphores: Semaphores = field(default_factory=Semaphores)
 
 
 class PtraceEngine:
@@ -251,6 +253,7 @@ class PtraceEngine:
             indices, offset, code = planned[address]
             process.memory.write(address, b"\xcc", tid)
             process.breakpoints[address] = _Breakpoint(address, code, plan, indices, offset)
+        process.semaphores.raise_armed(process.memory, mappings, self._probes, tid)
         if at_exec:
             self._rendezvous_breakpoint(process, tid)
         if any(probe.is_return for probe in self._probes):
@@ -415,7 +418,8 @@ class PtraceEngine:
         """A fork child inherits every int3 (hazard 14): take them out of its copy and let it go. A vfork child
         shares its parent's memory, so it is serviced like a thread until it execs or exits (hazard 15)."""
         if kind == "vfork":
-            child = _Process(pid, parent.memory, parent.breakpoints, parent.xol, vfork_parent=parent)
+            child = _Process(pid, parent.memory, parent.breakpoints, parent.xol, vfork_parent=parent,
+                             semaphores=parent.semaphores)
             self._processes[pid] = child
             thread = _Thread(pid, child, running=False)
             self._threads[pid] = thread
@@ -429,6 +433,7 @@ class PtraceEngine:
             for breakpoint in parent.breakpoints.values():
                 memory.write(breakpoint.address, breakpoint.original[:1], pid)
             _restore_returns(memory, returns, parent.xol, pid)  # the trampoline is not in the child
+            Semaphores(parent.semaphores.raised).lower_all(memory, pid)
         finally:
             memory.close()
         ptrace_detach(pid, 0)
@@ -436,7 +441,7 @@ class PtraceEngine:
     def _follow(self, pid: int, parent: _Process, returns: list[_Return]) -> None:
         """Trace a fork child as its parent: the same breakpoints (its copy of memory has the int3s already),
         its own out-of-line area at the parent's address, and the pending returns of the forking thread."""
-        child = _Process(pid, ProcessMemory(pid))
+        child = _Process(pid, ProcessMemory(pid), semaphores=Semaphores(parent.semaphores.raised))
         child.breakpoints = {address: replace(b, probes=list(b.probes)) for address, b in parent.breakpoints.items()}
         self._processes[pid] = child
         thread = _Thread(pid, child, running=False)
@@ -774,6 +779,7 @@ class PtraceEngine:
             except OSError:
                 pass  # the mapping went away with its library
         process.breakpoints.clear()
+        process.semaphores.lower_all(process.memory, stopped.tid)
         if process.xol is not None:
             process.xol.unmap(stopped.tid)
             process.xol = None

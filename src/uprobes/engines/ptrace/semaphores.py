@@ -1,0 +1,64 @@
+"""SDT semaphores raised by the ptrace engine: each counter once per process while we are attached.
+
+A marker guarded by ``PROVIDER_NAME_ENABLED()`` fires only while its 2-byte counter is above zero. We add
+one to the counter of every armed site when its writable mapping exists (a library mapped later is raised
+when the engine places its probes), and take that one back at detach, in a fork child we let go, and
+never below zero. A kernel-engine consumer of the same marker adds and removes its own count.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ...probes.resolve import Probe
+from ...proc.maps import Mapping
+from .memory import ProcessMemory
+
+__all__ = ["Semaphores"]
+
+
+class Semaphores:
+    """The counters this engine raised in one address space, by runtime address."""
+
+    def __init__(self, raised: set[int] | None = None) -> None:
+        self.raised: set[int] = set(raised or ())
+
+    def raise_armed(self, memory: ProcessMemory, mappings: list[Mapping], probes: list[Probe], tid: int) -> None:
+        """Raise the semaphore of each probe whose counter is mapped now and not raised by us yet."""
+        for probe in probes:
+            if probe.ref_ctr_offset is None:
+                continue
+            address = _runtime_address(mappings, probe.path, probe.ref_ctr_offset)
+            if address is None or address in self.raised:
+                continue
+            try:
+                _add(memory, address, 1, tid)
+            except OSError:
+                continue
+            self.raised.add(address)
+
+    def lower_all(self, memory: ProcessMemory, tid: int) -> None:
+        """Take back every count we added (the mapping may be gone with its library: nothing to do then)."""
+        for address in self.raised:
+            try:
+                _add(memory, address, -1, tid)
+            except OSError:
+                pass
+        self.raised.clear()
+
+
+def _add(memory: ProcessMemory, address: int, delta: int, tid: int) -> None:
+    value = int.from_bytes(memory.read(address, 2), "little")
+    memory.write(address, max(0, min(0xFFFF, value + delta)).to_bytes(2, "little"), tid)
+
+
+def _runtime_address(mappings: list[Mapping], path: str, file_offset: int) -> int | None:
+    """Where the byte at ``file_offset`` of ``path`` is in the process: through a writable mapping of it."""
+    try:
+        inode = os.stat(path).st_ino
+    except OSError:
+        return None
+    for m in mappings:
+        if m.inode == inode and m.path == path and "w" in m.perms and m.offset <= file_offset < m.offset + m.end - m.start:
+            return m.start + file_offset - m.offset
+    return None
