@@ -141,3 +141,10 @@ def test_a_return_probe_must_start_at_a_function_entry(targets):
     assert result.status == 2 and "from its first instruction, not fact+0x5" in result.stderr
     result = run_cli("trace", f"uretprobe:{targets / 'lifecycle'}:fact+5", "--", str(targets / "calls"))
     assert result.status == 2 and "a return probe goes on a function's entry" in result.stderr
+
+
+def test_a_probe_whose_object_never_loads_is_reported_not_an_error(targets):
+    result = run_cli("count", "--engine", "ptrace", f"uprobe:{targets / 'calls'}:work",
+                     f"uprobe:{targets / 'libctor.so'}:lib_work", "--", str(targets / "calls"), "2", check=True)
+    assert f"never mapped: lib_work ({targets / 'libctor.so'})" in result.stderr
+    assert re.search(r"work\s+2\s", result.stdout) and re.search(r"lib_work\s+0\s", result.stdout)

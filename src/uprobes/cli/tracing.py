@@ -190,8 +190,14 @@ def run_trace(args: argparse.Namespace) -> int:
         except KeyboardInterrupt as stop:
             run.interrupted(stop)
         _report_lost(writer, run.engine.lost)
+        _report_notes(run)
         out.flush()
         return run.status
+
+
+def _report_notes(run: _Run) -> None:
+    for note in run.engine.report():
+        print(f"uprobes: {note}", file=sys.stderr)
 
 
 def _report_lost(writer: EventWriter, lost: int) -> None:
@@ -216,6 +222,7 @@ def run_count(args: argparse.Namespace) -> int:
             run.interrupted(stop)
         # The kernel's counters hold every hit up to now, so nothing is lost between reports.
         _write_counts(out, run.probes, run.engine.hit_counts(), args.json)
+        _report_notes(run)
         return run.status
 
 
@@ -247,6 +254,7 @@ def run_latency(args: argparse.Namespace) -> int:
                                               for lo, hi, n in histogram.buckets()]}) + "\n")
         else:
             out.write(f"{run.probes[0].name}: time from entry to return\n{histogram.render()}")
+        _report_notes(run)
         return run.status
 
 

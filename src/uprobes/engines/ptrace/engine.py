@@ -134,6 +134,7 @@ class PtraceEngine:
         self._stopping = False
         self.lost = 0
         self.skipped_returns = 0
+        self._placed: set[int] = set()  # probes placed in some process at some time
         self._follow_forks = True  # return probes left out past the depth cap, reported at the end
 
     def __enter__(self) -> PtraceEngine:
@@ -249,8 +250,10 @@ class PtraceEngine:
                 print(f"uprobes: warning: {names} left out: {exc}", file=sys.stderr)
         if plans:
             self._ensure_xol(process, tid)
+        self._placed.update(i for b in process.breakpoints.values() for i in b.probes)
         for address, plan in plans.items():
             indices, offset, code = planned[address]
+            self._placed.update(indices)
             process.memory.write(address, b"\xcc", tid)
             process.breakpoints[address] = _Breakpoint(address, code, plan, indices, offset)
         process.semaphores.raise_armed(process.memory, mappings, self._probes, tid)
@@ -301,6 +304,15 @@ class PtraceEngine:
 
     def hit_counts(self) -> list[int]:
         return list(self._hits)
+
+    def report(self) -> list[str]:
+        """What the user should hear at the end: probes that never found their object, skipped returns."""
+        notes = [f"never mapped: {probe.name} ({probe.path}); the program did not load it"
+                 for index, probe in enumerate(self._probes) if index not in self._placed]
+        if self.skipped_returns:
+            notes.append(f"{self.skipped_returns} return probes skipped (nesting deeper than {MAX_RETURN_DEPTH}, "
+                         f"an unreadable stack, or frames unwound by a C++ exception)")
+        return notes
 
     def exited(self, pid: int) -> int | None:
         """How ``pid`` ended (as ``os.waitstatus_to_exitcode``) once it has, if this engine reaped it."""
