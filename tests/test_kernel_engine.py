@@ -16,7 +16,7 @@ import pytest
 
 from conftest import error_as_nobody, run_cli
 from uprobes.engines.kernel.engine import KernelEngine
-from uprobes.engines.kernel.tracefs import Tracefs
+from uprobes.engines.kernel.tracefs import Tracefs, stale_groups
 from uprobes.errors import KernelEngineError
 from uprobes.probes.resolve import resolve_text
 from uprobes.proc.launch import HeldCommand
@@ -29,10 +29,10 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the kernel engine nee
 
 @pytest.fixture(autouse=True)
 def nothing_left_behind(tracefs):
+    """After every test, no run that has ended left an event of its group in uprobe_events (runs still going,
+    of other test sessions on this machine, may own groups of their own)."""
     yield
-    leftovers = [line for line in (tracefs / "uprobe_events").read_text().splitlines()
-                 if re.match(r"[pr]:uprobes_\d+/", line)]
-    assert leftovers == []
+    assert stale_groups(Tracefs().defined_events()) == []
 
 
 def _trace_json(*args: str, timeout: float = 60) -> tuple[list[dict], subprocess.CompletedProcess]:
