@@ -220,3 +220,26 @@ def test_semaphores_are_raised_while_attached_and_lowered_after(targets):
     finally:
         target.kill()
         target.wait()
+
+
+def test_list_of_a_process_shows_which_markers_are_enabled_now(targets):
+    calls = targets / "calls"
+    target = subprocess.Popen([str(calls), "100000", "10"], stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        before = run_cli("list", "-p", str(target.pid), "calls:*", check=True).stdout
+        tracer = subprocess.Popen([sys.executable, "-m", "uprobes", "trace", "--engine", "ptrace", "-p",
+                                   str(target.pid), "-d", "30", f"usdt:{calls}:calls:step"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        assert "attached" in tracer.stderr.readline()
+        during = run_cli("list", "-p", str(target.pid), "calls:*", "--json", check=True).stdout
+        tracer.terminate()
+        tracer.communicate(timeout=30)
+        after = run_cli("list", "-p", str(target.pid), "calls:*", check=True).stdout
+        assert "= 0 (disabled)" in before and "= 0 (disabled)" in after
+        (site,) = json.loads(during)["objects"][0]["markers"][0]["sites"]
+        assert site["semaphore_value"] == 1
+        assert "libc" not in before  # objects with nothing that matches are left out
+    finally:
+        target.kill()
+        target.wait()

@@ -11,7 +11,7 @@ from dataclasses import asdict
 from ..elf.locate import find_object
 from ..elf.objfile import ElfObject
 from ..errors import UprobesError
-from ..proc.maps import mapped_objects, path_in_process
+from ..proc.maps import mapped_objects, path_in_process, read_maps, runtime_addresses
 from ..sdt.arguments import SdtArgument
 from ..sdt.notes import SdtMarker, read_markers
 
@@ -30,9 +30,12 @@ def run_list(args: argparse.Namespace) -> int:
     else:
         paths = [find_object(args.target)]
     listings = []
+    mappings = read_maps(args.pid) if args.pid is not None else None
     for path in paths:
         try:
             listings.append(_listing(ElfObject.open(path), pattern))
+            if mappings is not None:
+                _read_semaphores(listings[-1], args.pid, mappings)
         except UprobesError as exc:
             if args.pid is None:
                 raise
@@ -43,7 +46,8 @@ def run_list(args: argparse.Namespace) -> int:
         out.write(json.dumps(document) + "\n")  # no indent: the C encoder is ten times faster on big objects
     else:
         for listing in listings:
-            _print_text(listing, out)
+            if args.pid is None or pattern == "*" or listing["functions"] or listing["markers"]:
+                _print_text(listing, out)
     return 0
 
 
@@ -61,6 +65,25 @@ def _listing(obj: ElfObject, pattern: str) -> dict:
                       for sym in functions],
         "markers": [_marker_record(m) for m in markers],
     }
+
+
+def _read_semaphores(listing: dict, pid: int, mappings) -> None:
+    """Each site's semaphore as it is in process ``pid`` now: above zero, the marker is enabled."""
+    try:
+        memory = open(f"/proc/{pid}/mem", "rb", buffering=0)
+    except OSError:
+        return  # not ours to read: leave the values out
+    with memory:
+        for marker in listing["markers"]:
+            for site in marker["sites"]:
+                if site["semaphore_offset"] is None:
+                    continue
+                for address in runtime_addresses(mappings, listing["path"], site["semaphore_offset"], "w"):
+                    try:
+                        memory.seek(address)
+                        site["semaphore_value"] = int.from_bytes(memory.read(2), "little")
+                    except OSError:
+                        pass
 
 
 def _offset(obj: ElfObject, vaddr: int) -> int | None:
@@ -110,6 +133,9 @@ def _print_text(listing: dict, out) -> None:
         out.write(f"  marker {marker['provider']}:{marker['name']}  ({len(sites)} site{'s' if len(sites) > 1 else ''})\n")
         for site in sites:
             semaphore = f"semaphore offset {_hex(site['semaphore_offset'])}" if site["semaphore"] else "no semaphore"
+            if "semaphore_value" in site:
+                value = site["semaphore_value"]
+                semaphore += f" = {value} ({'enabled' if value else 'disabled'})"
             out.write(f"    offset {site['offset']:#x}  address {site['address']:#x}  {semaphore}  "
                       f"args: {site['args'] or '(none)'}\n")
             parsed = [SdtArgument(**a) for a in site["arguments"]]

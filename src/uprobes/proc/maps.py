@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..errors import ProcessError
 
-__all__ = ["Mapping", "read_maps", "mapped_objects", "path_in_process"]
+__all__ = ["Mapping", "read_maps", "mapped_objects", "path_in_process", "runtime_addresses"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,3 +69,15 @@ def path_in_process(pid: int, path: str) -> str:
         path = path[: -len(" (deleted)")]
     through_root = f"/proc/{pid}/root{path}"
     return through_root if os.path.exists(through_root) else path
+
+
+def runtime_addresses(mappings: list[Mapping], path: str, file_offset: int, permission: str) -> list[int]:
+    """Where the byte at ``file_offset`` of ``path`` is, in every mapping of that file with ``permission``
+    ("x" for code, "w" for data such as SDT semaphores)."""
+    try:
+        inode = os.stat(path).st_ino
+    except OSError:
+        return []
+    return [m.start + file_offset - m.offset for m in mappings
+            if m.inode == inode and m.path == path and permission in m.perms
+            and m.offset <= file_offset < m.offset + (m.end - m.start)]

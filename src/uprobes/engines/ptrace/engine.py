@@ -25,7 +25,7 @@ from ...errors import ProcessError, UprobesError
 from ...output.event import Event
 from ...probes.evaluate import HitContext, evaluate
 from ...probes.resolve import Probe
-from ...proc.maps import read_maps
+from ...proc.maps import read_maps, runtime_addresses
 from ...errors import UnprobeableInstruction
 from ...x86_64.analysis import EmulationFault, Plan, analyze
 from .memory import ProcessMemory
@@ -228,7 +228,7 @@ class PtraceEngine:
         mappings = read_maps(process.pid)
         wanted = set()
         for index, probe in enumerate(self._probes):
-            for address in _addresses(mappings, probe):
+            for address in runtime_addresses(mappings, probe.path, probe.offset, "x"):
                 wanted.add(address)
                 if address in process.breakpoints:
                     if index not in process.breakpoints[address].probes:
@@ -795,30 +795,6 @@ class PtraceEngine:
         if process.xol is not None:
             process.xol.unmap(stopped.tid)
             process.xol = None
-
-
-def _addresses(mappings, probe: Probe) -> list[int]:
-    """Runtime addresses of ``probe`` in every executable mapping of its file."""
-    try:
-        inode = os.stat(probe.path).st_ino
-    except OSError:
-        return []
-    return [m.start + probe.offset - m.offset for m in mappings
-            if m.executable and m.inode == inode and m.path == probe.path
-            and m.offset <= probe.offset < m.offset + (m.end - m.start)]
-
-
-def _auxv(pid: int, key: int) -> int | None:
-    """One value of the process's auxiliary vector (AT_BASE: where the dynamic linker is loaded)."""
-    try:
-        with open(f"/proc/{pid}/auxv", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    for i in range(0, len(data) - 15, 16):
-        if int.from_bytes(data[i:i + 8], "little") == key:
-            return int.from_bytes(data[i + 8:i + 16], "little")
-    return None
 
 
 def _restore_returns(memory: ProcessMemory, returns: list[_Return], xol: XolArea | None, tid: int) -> None:

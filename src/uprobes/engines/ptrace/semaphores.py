@@ -8,10 +8,8 @@ never below zero. A kernel-engine consumer of the same marker adds and removes i
 
 from __future__ import annotations
 
-import os
-
 from ...probes.resolve import Probe
-from ...proc.maps import Mapping
+from ...proc.maps import Mapping, runtime_addresses
 from .memory import ProcessMemory
 
 __all__ = ["Semaphores"]
@@ -28,14 +26,14 @@ class Semaphores:
         for probe in probes:
             if probe.ref_ctr_offset is None:
                 continue
-            address = _runtime_address(mappings, probe.path, probe.ref_ctr_offset)
-            if address is None or address in self.raised:
-                continue
-            try:
-                _add(memory, address, 1, tid)
-            except OSError:
-                continue
-            self.raised.add(address)
+            for address in runtime_addresses(mappings, probe.path, probe.ref_ctr_offset, "w"):
+                if address in self.raised:
+                    continue
+                try:
+                    _add(memory, address, 1, tid)
+                except OSError:
+                    continue
+                self.raised.add(address)
 
     def lower_all(self, memory: ProcessMemory, tid: int) -> None:
         """Take back every count we added (the mapping may be gone with its library: nothing to do then)."""
@@ -50,15 +48,3 @@ class Semaphores:
 def _add(memory: ProcessMemory, address: int, delta: int, tid: int) -> None:
     value = int.from_bytes(memory.read(address, 2), "little")
     memory.write(address, max(0, min(0xFFFF, value + delta)).to_bytes(2, "little"), tid)
-
-
-def _runtime_address(mappings: list[Mapping], path: str, file_offset: int) -> int | None:
-    """Where the byte at ``file_offset`` of ``path`` is in the process: through a writable mapping of it."""
-    try:
-        inode = os.stat(path).st_ino
-    except OSError:
-        return None
-    for m in mappings:
-        if m.inode == inode and m.path == path and "w" in m.perms and m.offset <= file_offset < m.offset + m.end - m.start:
-            return m.start + file_offset - m.offset
-    return None
