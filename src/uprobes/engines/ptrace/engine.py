@@ -797,6 +797,19 @@ class PtraceEngine:
             process.xol = None
 
 
+def _auxv(pid: int, key: int) -> int | None:
+    """One value of the process's auxiliary vector (AT_BASE: where the dynamic linker is loaded)."""
+    try:
+        with open(f"/proc/{pid}/auxv", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    for i in range(0, len(data) - 15, 16):
+        if int.from_bytes(data[i:i + 8], "little") == key:
+            return int.from_bytes(data[i + 8:i + 16], "little")
+    return None
+
+
 def _restore_returns(memory: ProcessMemory, returns: list[_Return], xol: XolArea | None, tid: int) -> None:
     """Put back every return address we replaced with the trampoline (at detach, and in a fork child)."""
     if xol is None:
