@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -240,6 +241,31 @@ def test_list_of_a_process_shows_which_markers_are_enabled_now(targets):
         (site,) = json.loads(during)["objects"][0]["markers"][0]["sites"]
         assert site["semaphore_value"] == 1
         assert "libc" not in before  # objects with nothing that matches are left out
+    finally:
+        target.kill()
+        target.wait()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_to_the_tool_ends_in_a_clean_detach(targets, signum):
+    path = str(targets / "threads")
+    command = [path, "4", "3000", "300"]
+    target = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.2)
+        probes = [f"p {path}:{file_offset(path, a):#x}" for a in objdump_instruction_starts(path, "hit")]
+        tracer = subprocess.Popen([sys.executable, "-m", "uprobes", "count", "--engine", "ptrace", "-p",
+                                   str(target.pid), *probes], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert "attached" in tracer.stderr.readline()
+        time.sleep(0.5)
+        tracer.send_signal(signum)
+        out, err = tracer.communicate(timeout=60)
+        assert "Traceback" not in err and tracer.returncode == 128 + signum
+        assert re.search(r"hit\s+\d+", out)  # the counts so far are still printed
+        assert _text_matches_file(target.pid) == [] and _anonymous_executable(target.pid) == []
+        result, _ = target.communicate(timeout=60)
+        expected = subprocess.run([path, "4", "3000"], capture_output=True, text=True).stdout
+        assert target.returncode == 0 and result == expected
     finally:
         target.kill()
         target.wait()
