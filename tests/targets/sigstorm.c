@@ -40,7 +40,7 @@ int main(int argc, char **argv)
     for (long i = 0; i < calls; i++)
         check += work(i);
     pthread_join(sender, NULL);
-    for (int i = 0; i < 1000 && received < signals; i++)
+    for (int i = 0; i < 20000 && received < signals; i++)
         usleep(1000);
     printf("signals %d of %ld check %ld\n", (int)received, signals, check);
     return 0;

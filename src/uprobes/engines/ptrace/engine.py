@@ -224,6 +224,11 @@ class PtraceEngine:
         ``strict``: an instruction that cannot be probed is an error (at attach and exec, before anything is
         written); later (a library loaded by the program) that probe is left out with a warning.
         """
+        if _shadow_stack(process.pid):
+            # Emulated calls, stepped calls and returns through our trampoline would disagree with the CET
+            # shadow stack and kill the process (hazard 31): refuse rather than disturb it.
+            raise ProcessError(f"process {process.pid} runs with a CET shadow stack, which the ptrace engine "
+                               f"cannot keep consistent; use --engine kernel")
         planned: dict[int, tuple[list[int], int, bytes]] = {}  # address -> (probe indices, file offset, code)
         mappings = read_maps(process.pid)
         wanted = set()
@@ -808,6 +813,14 @@ def _auxv(pid: int, key: int) -> int | None:
         if int.from_bytes(data[i:i + 8], "little") == key:
             return int.from_bytes(data[i + 8:i + 16], "little")
     return None
+
+
+def _shadow_stack(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.startswith("x86_Thread_features:") and "shstk" in line for line in f)
+    except OSError:
+        return False
 
 
 def _restore_returns(memory: ProcessMemory, returns: list[_Return], xol: XolArea | None, tid: int) -> None:
