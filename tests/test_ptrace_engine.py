@@ -152,15 +152,19 @@ def test_an_unprivileged_user_traces_a_command_it_launches(targets, tmp_path):
     python = "/usr/bin/python3.11"
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT / 'src'}:{site}", "HOME": str(tmp_path)}
     os.chmod(tmp_path, 0o777)
+    probes = ["uprobe:./calls:*", "usdt:./calls:calls:step"]  # as the README's user would write them
     result = subprocess.run([shutil.which("runuser"), "-u", "nobody", "--", python, "-m", "uprobes", "count", "--json",
-                             f"uprobe:{targets / 'calls'}:work", f"usdt:{targets / 'calls'}:calls:step", "--",
-                             str(targets / "calls"), "30"],
-                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+                             *probes, "--", "./calls", "30"],
+                            capture_output=True, text=True, env=env, cwd=targets, timeout=120)
     assert "Traceback" not in result.stderr and result.returncode == 0, result.stderr
     assert "ptrace engine" in result.stderr  # auto picks it: the kernel engine needs root
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert {(r["probe"], r["hits"]) for r in records} == {("work", 30), ("calls:step", 30)}
+    ours = {(r["path"], r["offset"]): r["hits"] for r in records}
+    assert ours[(str(targets / "calls"), file_offset(str(targets / "calls"),
+                                                     function_symbols(str(targets / "calls"))["work"][0]))] == 30
     assert "guarded 30" in result.stdout  # the marker's semaphore was raised for it
+    kernel, _ = _count("kernel", [p.replace("./", f"{targets}/") for p in probes], [str(targets / "calls"), "30"])
+    assert ours == kernel  # exactly the kernel engine's counts
 
 
 def test_python_handlers_see_registers_memory_and_arguments(targets):
