@@ -44,9 +44,10 @@ ITERATIONS = "3"
 PYTHON_FUNCTIONS = ("PyUnicode_InternInPlace", "PyUnicode_FromString", "_PyObject_LookupAttr", "PyObject_IsTrue",
                     "PyObject_Calloc", "PySet_New", "PyTuple_GetSlice", "PyWideStringList_Insert")
 PYTHON_SCRIPT = "import sys; d = {str(i): i * i for i in range(50)}; print(sorted(d.items())[:5]); sys.exit(len(d) % 7)"
-# The same work in every run: a fixed hash seed, and no address randomisation (pointer hashes place objects in
-# dicts and sets), so that two runs take the same branches.
-PYTHON_COMMAND = ("env", "PYTHONHASHSEED=0", "setarch", "-R", PYTHON, "-s", "-c", PYTHON_SCRIPT)
+# The same work in every run, so that two runs take the same branches: a fixed hash seed, no address
+# randomisation (pointer hashes place objects in dicts and sets), and nothing looked up in the current directory
+# (-P) or the user's site directory (-s), which may change between runs.
+PYTHON_COMMAND = ("env", "PYTHONHASHSEED=0", "setarch", "-R", PYTHON, "-s", "-P", "-c", PYTHON_SCRIPT)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the kernel engine (the oracle) needs root")
 
