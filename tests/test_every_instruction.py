@@ -8,6 +8,8 @@ program runs untraced, under ``uprobes count --engine ptrace`` with every probe,
 both traced runs must print what the untraced run printed and exit with its status, and every probe must have
 the same hit count under both engines.
 
+Most of the run time is the kernel's: it takes some 70 ms to unregister each uprobe when its perf events close.
+
 The kernel is an oracle only for the instructions it handles, so some are left out of its run (never out of
 the ptrace run). Which ones is decided from objdump's raw bytes with the rules of arch/x86/kernel/uprobes.c,
 never from our own decoder: see :func:`kernel_mishandles`. Each instruction left out that falls through is
@@ -43,7 +45,8 @@ ITERATIONS = "3"
 # registers and a 66-prefixed nop (PyObject_IsTrue).
 PYTHON_FUNCTIONS = ("PyUnicode_InternInPlace", "PyUnicode_FromString", "_PyObject_LookupAttr", "PyObject_IsTrue",
                     "PyObject_Calloc", "PySet_New", "PyTuple_GetSlice", "PyWideStringList_Insert")
-PYTHON_SCRIPT = "import sys; d = {str(i): i * i for i in range(50)}; print(sorted(d.items())[:5]); sys.exit(len(d) % 7)"
+PYTHON_SCRIPT = ("import sys; d = {str(i): i * i for i in range(50)}; print(sorted(d.items())[:5]); "
+                 "sys.exit(len(d) % 7)")
 # The same work in every run, so that two runs take the same branches: a fixed hash seed, no address
 # randomisation (pointer hashes place objects in dicts and sets), and nothing looked up in the current directory
 # (-P) or the user's site directory (-s), which may change between runs.
@@ -198,8 +201,8 @@ def plan_kinds(path: str, instructions: list[Instruction]) -> Counter:
 
 
 def probe_every_instruction(path: str, instructions: list[Instruction], command: tuple[str, ...],
-                            tmp_path: Path) -> dict[int, int]:
-    """The whole check for one program; returns the kernel's hits per file offset."""
+                            tmp_path: Path) -> None:
+    """The whole check for one program."""
     untraced = run_untraced(command)
     ptrace, traced = count_hits("ptrace", path, instructions, command, tmp_path / "ptrace.jsonl")
     assert (traced.stdout, traced.returncode) == (untraced.stdout, untraced.returncode), traced.stderr
@@ -212,7 +215,9 @@ def probe_every_instruction(path: str, instructions: list[Instruction], command:
     differ = [f"{i.function} {i.address:#x} {i.raw.hex(' ')} '{i.text}': ptrace {ptrace[i.offset]}, kernel "
               f"{kernel[i.offset]}" for i in kernel_probed if ptrace[i.offset] != kernel[i.offset]]
     assert not differ, "hit counts differ:\n" + "\n".join(differ)
-    assert sum(kernel.values()) > 0
+    entries = {i.function: i.offset for i in reversed(instructions)}  # each function's first instruction
+    assert [name for name, offset in entries.items() if kernel.get(offset, ptrace[offset]) == 0] == [], \
+        "functions that never ran"
     neighbours = check_left_out(instructions, set(reasons), ptrace, kernel)
 
     kinds = plan_kinds(path, instructions)
@@ -220,7 +225,6 @@ def probe_every_instruction(path: str, instructions: list[Instruction], command:
     print(f"\n{path}: {len(instructions)} probes ({kinds['emulate']} emulated, {kinds['step']} stepped), "
           f"{sum(ptrace.values())} hits; left out of the kernel run: {dict(left_out)}, {neighbours} of them "
           f"checked against the next instruction")
-    return kernel
 
 
 # -- the tests -------------------------------------------------------------------------------------------------
@@ -238,8 +242,9 @@ def test_every_instruction_of_insns(targets, tmp_path, level):
 
 
 @pytest.mark.skipif(not os.path.exists(PYTHON), reason=f"{PYTHON} is not installed")
+@pytest.mark.skipif(os.path.realpath(sys.executable) == os.path.realpath(PYTHON),
+                    reason="the kernel engine's events count the launched child from its fork, so the kernel would "
+                           "also count uprobes' own interpreter code in the child before it execs the command")
 def test_every_instruction_of_python_functions(tmp_path):
     instructions = function_instructions(PYTHON, PYTHON_FUNCTIONS, dynamic=True)
-    kernel = probe_every_instruction(PYTHON, instructions, PYTHON_COMMAND, tmp_path)
-    entries = {i.function: i.offset for i in reversed(instructions)}  # each function's first instruction
-    assert [name for name, offset in entries.items() if kernel[offset] == 0] == []  # they all ran
+    probe_every_instruction(PYTHON, instructions, PYTHON_COMMAND, tmp_path)
