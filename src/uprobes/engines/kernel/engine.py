@@ -65,7 +65,8 @@ class KernelEngine:
         """Define every probe and start collecting its hits (of ``pid`` and its descendants, or of everyone).
 
         ``counting`` only counts hits (read them with :meth:`hit_counts`): no events, none lost. ``held``
-        (a launched command held before exec) needs nothing special: perf events follow the exec.
+        (a launched command held before exec): the events are enabled by its exec, so nothing the child runs
+        before it (our own code) is counted.
         """
         for index, probe in enumerate(probes):
             event_name = f"e{index}_{probe.event}"[:63]
@@ -76,10 +77,12 @@ class KernelEngine:
             event_format = load_event_format(self.tracefs.root, defined.group, defined.event)
             self._attached[event_format.id] = _Attached(index, probe, defined, event_format)
         # The kernel inserts the breakpoints when the perf events open; the reader explains its refusals.
+        # A held child is still our own code until it execs: its events start at the exec, not before.
         self._reader = TracepointReader(list(self._attached), pid, pages=self._pages, sampling=not counting,
-                                        inherit=follow_forks)
+                                        inherit=follow_forks, enable_on_exec=held)
         try:
-            self._reader.enable()
+            if not held:
+                self._reader.enable()
         except OSError as exc:
             raise KernelEngineError(f"cannot enable the uprobe events: {os.strerror(exc.errno or 0)}") from None
 

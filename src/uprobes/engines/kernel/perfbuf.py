@@ -261,7 +261,7 @@ class TracepointReader:
     """
 
     def __init__(self, event_ids: Sequence[int], pid: int | None, pages: int = 64, sampling: bool = True,
-                 inherit: bool = True) -> None:
+                 inherit: bool = True, enable_on_exec: bool = False) -> None:
         if pages < 1 or pages & (pages - 1):
             raise KernelEngineError(f"perf buffer pages must be a power of two, not {pages}")
         self.lost = 0
@@ -271,6 +271,7 @@ class TracepointReader:
         self._poll = select.poll()
         self._sampling = sampling
         self._inherit = inherit
+        self._enable_on_exec = enable_on_exec
         self._event_of_fd: dict[int, int] = {}
         try:
             for cpu in online_cpus():
@@ -294,7 +295,8 @@ class TracepointReader:
     def _open(self, event_id: int, pid: int | None, cpu: int, pages: int) -> int:
         attr = _PerfEventAttr(type=_PERF_TYPE_TRACEPOINT, size=ctypes.sizeof(_PerfEventAttr), config=event_id,
                               read_format=_PERF_FORMAT_LOST, disabled=1,
-                              inherit=int(pid is not None and self._inherit))
+                              inherit=int(pid is not None and self._inherit),
+                              enable_on_exec=int(self._enable_on_exec))
         if self._sampling:
             attr.sample_period, attr.sample_type = 1, _SAMPLE_TYPE
             attr.watermark, attr.wakeup_watermark = 1, pages * mmap.PAGESIZE // _WAKEUP_FRACTION
