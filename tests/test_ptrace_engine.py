@@ -253,7 +253,7 @@ def test_list_of_a_process_shows_which_markers_are_enabled_now(targets):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_to_the_tool_ends_in_a_clean_detach(targets, signum):
     path = str(targets / "threads")
-    command = [path, "4", "3000", "300"]
+    command = [path, "4", "20000", "300"]
     target = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         time.sleep(0.2)
@@ -268,7 +268,7 @@ def test_a_signal_to_the_tool_ends_in_a_clean_detach(targets, signum):
         assert re.search(r"hit\s+\d+", out)  # the counts so far are still printed
         assert _text_matches_file(target.pid) == [] and _anonymous_executable(target.pid) == []
         result, _ = target.communicate(timeout=60)
-        expected = subprocess.run([path, "4", "3000"], capture_output=True, text=True).stdout
+        expected = subprocess.run([path, "4", "20000"], capture_output=True, text=True).stdout
         assert target.returncode == 0 and result == expected
     finally:
         target.kill()
