@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -36,6 +37,18 @@ def run_cli(*args: str, check: bool = False) -> CliResult:
     if check:
         assert proc.returncode == 0, proc.stderr
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def run_json(command: str, *args: str, timeout: float = 300) -> tuple[list[dict], subprocess.CompletedProcess]:
+    """Run ``uprobes COMMAND --json -o FILE ARGS`` (our records apart from the traced command's own output);
+    return the records and the finished process, whose stdout is the command's."""
+    out = Path(f"/tmp/uprobes-test-{os.getpid()}-{os.urandom(4).hex()}.jsonl")
+    proc = subprocess.run([sys.executable, "-m", "uprobes", command, "--json", "-o", str(out), *args],
+                          capture_output=True, text=True, timeout=timeout)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    out.unlink(missing_ok=True)
+    return records, proc
 
 
 @pytest.fixture

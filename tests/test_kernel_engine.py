@@ -10,11 +10,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import error_as_nobody, run_cli
+from conftest import error_as_nobody, run_cli, run_json
 from uprobes.engines.kernel.engine import KernelEngine
 from uprobes.engines.kernel.tracefs import Tracefs, stale_groups
 from uprobes.errors import KernelEngineError
@@ -36,14 +35,7 @@ def nothing_left_behind(tracefs):
 
 
 def _trace_json(*args: str, timeout: float = 60) -> tuple[list[dict], subprocess.CompletedProcess]:
-    """Run ``uprobes trace --json -o FILE ARGS``; return its records and the finished process."""
-    out = Path(f"/tmp/uprobes-test-{os.getpid()}.jsonl")
-    proc = subprocess.run([sys.executable, "-m", "uprobes", "trace", "--json", "-o", str(out), *args],
-                          capture_output=True, text=True, timeout=timeout)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
-    out.unlink(missing_ok=True)
-    return records, proc
+    return run_json("trace", *args, timeout=timeout)
 
 
 def _work_expected(i: int) -> int:

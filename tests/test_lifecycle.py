@@ -4,28 +4,17 @@ exceptions, and latency."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, run_json
 
 ENGINES = ["kernel", "ptrace"]
 
 
 def _run(engine: str, command_name: str, probes: list[str], command: list[str], *options: str):
-    out = Path(f"/tmp/uprobes-life-{os.getpid()}-{engine}.jsonl")
-    proc = subprocess.run([sys.executable, "-m", "uprobes", command_name, "--engine", engine, "--json", "-o",
-                           str(out), *options, *probes, "--", *command], capture_output=True, text=True, timeout=120)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
-    out.unlink(missing_ok=True)
-    return records, proc
+    return run_json(command_name, "--engine", engine, *options, *probes, "--", *command, timeout=120)
 
 
 def _hits(records) -> dict[str, int]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, run_json
 from oracles import file_offset, function_symbols, objdump_instruction_starts
 from uprobes.api import REMOVE, Session
 
@@ -24,12 +24,7 @@ LIBC = os.path.realpath("/lib/x86_64-linux-gnu/libc.so.6")
 
 
 def _count(engine: str, probes: list[str], command: list[str], *extra: str) -> tuple[dict, subprocess.CompletedProcess]:
-    out = Path(f"/tmp/uprobes-count-{os.getpid()}-{engine}.jsonl")
-    proc = subprocess.run([sys.executable, "-m", "uprobes", "count", "--engine", engine, "--json", "-o", str(out),
-                           *extra, *probes, "--", *command], capture_output=True, text=True, timeout=300)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
-    out.unlink(missing_ok=True)
+    records, proc = run_json("count", "--engine", engine, *extra, *probes, "--", *command)
     return {(r["path"], r["offset"]): r["hits"] for r in records}, proc
 
 
