@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -140,26 +141,37 @@ def test_a_process_that_is_gone_is_a_clear_error():
     assert result.status == 2 and f"process {gone.pid} does not exist" in result.stderr
 
 
-def test_an_unprivileged_user_traces_a_command_it_launches(targets, tmp_path):
+def test_an_unprivileged_user_traces_a_command_it_launches(targets):
     if os.geteuid() != 0:
         pytest.skip("needs root to become nobody")
-    site = next((ROOT / ".venv" / "lib").glob("python3*/site-packages"))
-    python = "/usr/bin/python3.11"
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{ROOT / 'src'}:{site}", "HOME": str(tmp_path)}
-    os.chmod(tmp_path, 0o777)
-    probes = ["uprobe:./calls:*", "usdt:./calls:calls:step"]  # as the README's user would write them
-    result = subprocess.run([shutil.which("runuser"), "-u", "nobody", "--", python, "-m", "uprobes", "count", "--json",
-                             *probes, "--", "./calls", "30"],
-                            capture_output=True, text=True, env=env, cwd=targets, timeout=120)
-    assert "Traceback" not in result.stderr and result.returncode == 0, result.stderr
-    assert "ptrace engine" in result.stderr  # auto picks it: the kernel engine needs root
-    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    ours = {(r["path"], r["offset"]): r["hits"] for r in records}
-    assert ours[(str(targets / "calls"), file_offset(str(targets / "calls"),
-                                                     function_symbols(str(targets / "calls"))["work"][0]))] == 30
-    assert "guarded 30" in result.stdout  # the marker's semaphore was raised for it
-    kernel, _ = _count("kernel", [p.replace("./", f"{targets}/") for p in probes], [str(targets / "calls"), "30"])
-    assert ours == kernel  # exactly the kernel engine's counts
+    # The checkout may sit where nobody cannot read (a private temporary directory): give nobody a copy of
+    # the package, its two dependencies and the target in a directory it can read.
+    work = Path(tempfile.mkdtemp(prefix="uprobes-nobody-"))
+    try:
+        site = next((ROOT / ".venv" / "lib").glob("python3*/site-packages"))
+        shutil.copytree(ROOT / "src" / "uprobes", work / "lib" / "uprobes")
+        for package in ("elftools", "iced_x86"):
+            shutil.copytree(site / package, work / "lib" / package)
+        (work / "bin").mkdir()
+        for name in ("calls", "libprobed.so"):
+            shutil.copy2(targets / name, work / "bin" / name)
+        subprocess.run(["chmod", "-R", "a+rX", str(work)], check=True)
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(work / "lib"), "HOME": str(work)}
+        probes = ["uprobe:./calls:*", "usdt:./calls:calls:step"]  # as the README's user would write them
+        result = subprocess.run([shutil.which("runuser"), "-u", "nobody", "--", "/usr/bin/python3.11", "-m", "uprobes",
+                                 "count", "--json", *probes, "--", "./calls", "30"],
+                                capture_output=True, text=True, env=env, cwd=work / "bin", timeout=120)
+        assert "Traceback" not in result.stderr and result.returncode == 0, result.stderr
+        assert "ptrace engine" in result.stderr  # auto picks it: the kernel engine needs root
+        records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+        ours = {(r["path"], r["offset"]): r["hits"] for r in records}
+        calls = str(work / "bin" / "calls")
+        assert ours[(calls, file_offset(calls, function_symbols(calls)["work"][0]))] == 30
+        assert "guarded 30" in result.stdout  # the marker's semaphore was raised for it
+        kernel, _ = _count("kernel", [p.replace("./", f"{work / 'bin'}/") for p in probes], [calls, "30"])
+        assert ours == kernel  # exactly the kernel engine's counts
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def test_python_handlers_see_registers_memory_and_arguments(targets):
