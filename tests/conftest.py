@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+
 TARGETS_DIR = Path(__file__).parent / "targets"
 BUILD_DIR = TARGETS_DIR / "build"
 TRACEFS = Path("/sys/kernel/tracing")
@@ -54,11 +55,6 @@ def run_json(command: str, *args: str, timeout: float = 300) -> tuple[list[dict]
 @pytest.fixture
 def cli():
     return run_cli
-
-
-def tool_output(*command: str) -> str:
-    """stdout of an oracle tool (readelf, nm, objdump)."""
-    return subprocess.run(command, check=True, capture_output=True, text=True).stdout
 
 
 @pytest.fixture(scope="session")

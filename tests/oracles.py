@@ -7,8 +7,9 @@ import subprocess
 from dataclasses import dataclass
 
 
-def _run(*command: str) -> str:
-    return subprocess.run(command, check=True, capture_output=True, text=True).stdout
+def tool_output(*command: str) -> str:
+    """stdout of an oracle tool (readelf, nm, objdump); raw bytes it prints (a debuglink's CRC) are replaced."""
+    return subprocess.run(command, check=True, capture_output=True).stdout.decode("utf-8", "replace")
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ def readelf_sdt_notes(path: str) -> list[ReadelfNote]:
     notes = []
     pattern = re.compile(r"Provider: (\S+)\n\s+Name: (\S+)\n\s+Location: (0x[0-9a-f]+), Base: (0x[0-9a-f]+), "
                          r"Semaphore: (0x[0-9a-f]+)\n\s+Arguments: ?(.*)")
-    for m in pattern.finditer(_run("readelf", "-n", "--wide", path)):
+    for m in pattern.finditer(tool_output("readelf", "-n", "--wide", path)):
         notes.append(ReadelfNote(m[1], m[2], int(m[3], 16), int(m[4], 16), int(m[5], 16), m[6].strip()))
     return notes
 
@@ -43,7 +44,7 @@ class ReadelfSegment:
 def readelf_load_segments(path: str) -> list[ReadelfSegment]:
     """PT_LOAD rows of ``readelf -lW``."""
     rows = []
-    for line in _run("readelf", "-lW", path).splitlines():
+    for line in tool_output("readelf", "-lW", path).splitlines():
         fields = line.split()
         if fields and fields[0] == "LOAD":
             rows.append(ReadelfSegment(int(fields[1], 16), int(fields[2], 16), int(fields[4], 16),
@@ -64,7 +65,7 @@ def function_symbols(path: str, dynamic: bool = False) -> dict[str, tuple[int, i
 
     Versioned dynamic names keep readelf's spelling (``malloc@@GLIBC_2.2.5``) and are also listed bare.
     """
-    out = _run("readelf", "-sW", *(["--dyn-syms"] if dynamic else []), path)
+    out = tool_output("readelf", "-sW", *(["--dyn-syms"] if dynamic else []), path)
     functions = {}
     for line in out.splitlines():
         fields = line.split()
@@ -79,5 +80,5 @@ def function_symbols(path: str, dynamic: bool = False) -> dict[str, tuple[int, i
 
 def objdump_instruction_starts(path: str, symbol: str) -> list[int]:
     """Addresses of the instructions ``objdump -d`` lists for one function."""
-    out = _run("objdump", "-d", "--no-show-raw-insn", f"--disassemble={symbol}", path)
+    out = tool_output("objdump", "-d", "--no-show-raw-insn", f"--disassemble={symbol}", path)
     return [int(m[1], 16) for m in re.finditer(r"^\s+([0-9a-f]+):\t", out, re.M)]

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, tool_output
+from conftest import run_cli
+from oracles import tool_output
 from uprobes.elf import objfile
 from uprobes.elf.debuginfo import find_debug_file
 from uprobes.elf.locate import find_object

@@ -8,8 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from conftest import tool_output
-from oracles import file_offset, function_symbols, objdump_instruction_starts, readelf_sdt_notes
+from oracles import file_offset, function_symbols, objdump_instruction_starts, readelf_sdt_notes, tool_output
 from uprobes.errors import ProbeSyntaxError, ResolveError, UprobesError
 from uprobes.probes.resolve import resolve_text
 from uprobes.probes.spec import group_probe_words, parse_probe
