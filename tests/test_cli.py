@@ -101,7 +101,7 @@ def test_resolve_prints_uprobe_events_lines(targets):
 def test_resolve_reports_arguments_tracefs_cannot_fetch(targets):
     result = run_cli("resolve", f"usdt:{targets / 'forms'}:forms:floats", check=True)
     assert result.stdout.strip().endswith("arg0=%ax:x32 arg1=%cx:x64")
-    assert "left out arg2: 8@%xmm0: tracefs cannot read %xmm0" in result.stderr
+    assert "the kernel leaves out arg2: 8@%xmm0: tracefs cannot read %xmm0" in result.stderr
 
 
 @pytest.mark.parametrize("args, message", [

@@ -195,10 +195,15 @@ def test_marker_arguments_become_fetch_arguments():
     assert all(a.format().split("=")[1].startswith("@+") for a in probe.fetchargs)
 
 
-def test_unexpressible_marker_arguments_are_reported_not_fatal(targets):
+def test_marker_arguments_tracefs_cannot_express_are_left_to_the_ptrace_engine(targets):
     (probe,) = resolve_text(f"usdt:{targets / 'forms'}:forms:sib")
-    assert probe.fetchargs == ()
-    assert len(probe.unavailable) == 3 and all("index register" in u for u in probe.unavailable)
+    assert [a.name for a in probe.fetchargs] == ["arg0", "arg1", "arg2"] and probe.kernel_fetchargs == ()
+    assert probe.uprobe_events_line().endswith(f":{probe.offset:#x}")
+    assert probe.unavailable == () and len(probe.kernel_unavailable) == 3
+    assert all("index register" in u for u in probe.kernel_unavailable)
+    (wide,) = resolve_text(f"usdt:{targets / 'forms'}:forms:wide")
+    assert [a.name for a in wide.fetchargs] == ["arg1"]  # 16@%rax means nothing: left out for every engine
+    assert "16-byte value" in wide.unavailable[0]
 
 
 def test_marker_argument_out_of_range_is_an_error():

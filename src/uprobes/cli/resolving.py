@@ -19,10 +19,13 @@ def run_resolve(args: argparse.Namespace) -> int:
             record = {"probe": f"{probe.group}/{probe.event}", "path": probe.path, "offset": probe.offset,
                       "address": probe.address, "location": probe.location, "return": probe.is_return,
                       "ref_ctr_offset": probe.ref_ctr_offset, "line": probe.uprobe_events_line(),
-                      "unavailable": list(probe.unavailable)}
+                      "unavailable": list(probe.unavailable), "kernel_unavailable": list(probe.kernel_unavailable)}
             print(json.dumps(record))
             continue
         print(probe.uprobe_events_line())
         for reason in probe.unavailable:
             print(f"# {probe.location} at {probe.address:#x}: left out {reason}", file=sys.stderr)
+        for reason in probe.kernel_unavailable:
+            print(f"# {probe.location} at {probe.address:#x}: the kernel leaves out {reason} (the ptrace engine "
+                  f"fetches it)", file=sys.stderr)
     return 0

@@ -93,7 +93,8 @@ class _Run:
         self.engine = stack.enter_context(_engine(args.engine, system_wide=self.pid is None and not command))
         self.child = HeldCommand(command) if command else None
         stack.callback(self._stop_child)
-        for note in (f"{p.name} at {p.path}:{p.offset:#x}: left out {u}" for p in self.probes for u in p.unavailable):
+        for note in (f"{p.name} at {p.path}:{p.offset:#x}: left out {u}" for p in self.probes
+                     for u in p.unavailable + (p.kernel_unavailable if self.engine.name == "kernel" else ())):
             print(f"uprobes: warning: {note}", file=sys.stderr)
         if self.child is not None:
             self.child.traced = self.engine.reaps_children

@@ -7,11 +7,13 @@ reason, never an exception.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from .fetchargs import (Address, Comm, Deref, FetchArg, FileOffset, Immediate, ImmediateString, Register, RetVal,
                         StackPointer, StackSlot)
+from .markerargs import MarkerOperand
 
 __all__ = ["HitContext", "Memory", "evaluate"]
 
@@ -22,6 +24,7 @@ _REGS = {"ax": "rax", "bx": "rbx", "cx": "rcx", "dx": "rdx", "si": "rsi", "di": 
          **{f"r{n}": f"r{n}" for n in range(8, 16)}}
 _INT_SIZES = {"8": 1, "16": 2, "32": 4, "64": 8}
 _MEMORY_SOURCES = (Deref, Address, FileOffset)
+_FXSAVE_XMM = 160  # where xmm0 starts in the FXSAVE area (struct user_fpregs_struct)
 
 
 class Memory(Protocol):
@@ -39,6 +42,7 @@ class HitContext:
     probe_offset: int  # its file offset (``@+FOFFS`` is relative to the same mapping)
     comm: str
     retval: int | None = None
+    fpregs: Callable[[], bytes] | None = None  # the FXSAVE area (xmm0..15), read only when an argument needs it
 
 
 class _Fault(Exception):
@@ -88,7 +92,28 @@ def _word(source, hit: HitContext) -> int:
         return (hit.retval or 0) & _MASK64
     if isinstance(source, _MEMORY_SOURCES):
         return int.from_bytes(_read(hit, _address(source, hit), 8), "little")
+    if isinstance(source, MarkerOperand):
+        return int.from_bytes(_operand_bytes(source, hit)[:8], "little")
     raise _Fault(f"{source.format()} has no numeric value")
+
+
+def _operand_bytes(operand: MarkerOperand, hit: HitContext) -> bytes:
+    """The value of a marker argument, ``arg.size`` bytes, decoded from its spec as the spec says."""
+    arg = operand.arg
+    if arg.kind == "reg":  # an xmm register: tracefs cannot read those
+        number = int(arg.reg[3:])
+        if hit.fpregs is None or number >= 16:
+            raise _Fault(f"%{arg.reg} cannot be read here")
+        start = _FXSAVE_XMM + 16 * number
+        return hit.fpregs()[start:start + arg.size]
+    address = arg.disp
+    if operand.symbol_address is not None:
+        address += operand.symbol_address + hit.probe_address - operand.site_address
+    if arg.base not in (None, "rip"):
+        address += getattr(hit.regs, arg.base)
+    if arg.index is not None:
+        address += getattr(hit.regs, arg.index) * arg.scale
+    return _read(hit, address & _MASK64, arg.size)
 
 
 def _fetch(arg: FetchArg, hit: HitContext):
@@ -98,11 +123,16 @@ def _fetch(arg: FetchArg, hit: HitContext):
         return _string(source, hit)
     if fetch_type is not None and fetch_type.array:
         size = _INT_SIZES.get(name.lstrip("usx"), 1)
-        raw = _read(hit, _address(source, hit), size * fetch_type.array)
+        if isinstance(source, MarkerOperand):
+            raw = _operand_bytes(source, hit)[:size * fetch_type.array]
+        else:
+            raw = _read(hit, _address(source, hit), size * fetch_type.array)
         return [_integer(raw[i:i + size], name) for i in range(0, len(raw), size)]
     size = 1 if name == "char" else _INT_SIZES[name.lstrip("usxb")] if name[0] in "usx" else 8
     if isinstance(source, _MEMORY_SOURCES):
         raw = _read(hit, _address(source, hit), size)
+    elif isinstance(source, MarkerOperand):
+        raw = _operand_bytes(source, hit)[:size].ljust(size, b"\0")
     else:
         raw = (_word(source, hit) & ((1 << 8 * size) - 1)).to_bytes(size, "little")
     if fetch_type is not None and fetch_type.bitfield:

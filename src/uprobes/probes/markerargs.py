@@ -2,13 +2,15 @@
 
 A marker argument is a *value* (``8@%rbx`` is the value of rbx, ``-4@-20(%rbp)`` the int stored at
 rbp-20). Typed ``string`` or as an array, the user means what that value points to, so the value is
-dereferenced once more. What tracefs cannot express (an index register, an xmm register, a 16-byte
-register value) is left out of the probe and reported per argument; the probe still attaches.
+dereferenced once more. What tracefs cannot express (an index register, an xmm register, a symbol in a
+position-independent object addressed through a register) becomes a :class:`MarkerOperand`, which an
+engine that reads the registers itself decodes exactly as the spec says; the kernel engine leaves those
+arguments out and reports them, and the probe still attaches.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from ..elf.objfile import ElfObject
 from ..errors import ProbeSyntaxError
@@ -17,7 +19,7 @@ from ..sdt.notes import SdtSite
 from .fetchargs import (Address, Deref, FetchArg, FetchType, FileOffset, Immediate, Register, UsdtArg,
                         parse_fetcharg, parse_fetchargs)
 
-__all__ = ["marker_fetchargs", "Unexpressible"]
+__all__ = ["MarkerFetch", "MarkerOperand", "marker_fetchargs", "kernel_limitation", "Unexpressible"]
 
 _KERNEL_REGISTER = {"rax": "ax", "rbx": "bx", "rcx": "cx", "rdx": "dx", "rsi": "si", "rdi": "di", "rbp": "bp",
                     "rsp": "sp", "rip": "ip", **{f"r{n}": f"r{n}" for n in range(8, 16)}}
@@ -25,28 +27,84 @@ _ARRAY_ELEMENT = {16: 2, 24: 3}  # struct-by-value arguments: read as u64[2] / u
 
 
 class Unexpressible(Exception):
-    """A marker argument tracefs has no way to fetch; the message says why."""
+    """A marker argument that cannot be fetched at all, or not by tracefs; the message says why."""
 
 
-def marker_fetchargs(site: SdtSite, tokens: tuple[str, ...], obj: ElfObject) -> tuple[tuple[FetchArg, ...],
-                                                                                       tuple[str, ...]]:
+@dataclass(frozen=True)
+class MarkerOperand:
+    """A marker argument's value where tracefs has no way to fetch it, decoded from the spec itself.
+
+    ``symbol_address`` is the link-time address of the argument's symbol, ``site_address`` the marker's, so
+    the load bias is the probe's runtime address minus ``site_address``.
+    """
+
+    arg: SdtArgument
+    site_address: int
+    symbol_address: int | None = None
+    why_not_tracefs: str = ""
+
+    def format(self) -> str:
+        raise Unexpressible(self.why_not_tracefs)
+
+
+@dataclass(frozen=True)
+class MarkerFetch:
+    """What one marker site fetches: the arguments, those left out (for every engine, and for the kernel's) with
+    the reason, and those whose fetched bits mean another type than tracefs can give: ``(name, "f32")``."""
+
+    fetchargs: tuple[FetchArg, ...]
+    unavailable: tuple[str, ...]
+    kernel_unavailable: tuple[str, ...]
+    retyped: tuple[tuple[str, str], ...]
+
+
+def marker_fetchargs(site: SdtSite, tokens: tuple[str, ...], obj: ElfObject) -> MarkerFetch:
     """Fetch arguments for one site: the user's ``tokens`` with ``argN`` substituted, or every marker argument.
 
-    Returns the arguments and one message per argument that had to be left out.
+    An argument that cannot be fetched at all (an unparsable spec, an unknown symbol) is left out and reported.
     """
     values = [_value(arg, site, obj) for arg in site.args]
     if not tokens:
         tokens = tuple(f"arg{i}" for i in range(len(site.args)))
     parsed = parse_fetchargs(tokens, is_return=False, usdt_args=len(site.args))
-    result, unavailable = [], []
+    result, unavailable, kernel_unavailable, retyped = [], [], [], []
     for position, fetcharg in enumerate(parsed, 1):
         if isinstance(fetcharg.source, UsdtArg) and not fetcharg.explicit_name:
             fetcharg = replace(fetcharg, name=f"arg{fetcharg.source.index}")
         try:
-            result.append(_substitute(fetcharg, values, site, position))
+            substituted = _substitute(fetcharg, values, site, position)
         except Unexpressible as exc:
             unavailable.append(f"{fetcharg.name}: {exc}")
-    return tuple(result), tuple(unavailable)
+            continue
+        result.append(substituted)
+        if kernel_limitation(substituted):
+            kernel_unavailable.append(f"{fetcharg.name}: {kernel_limitation(substituted)}")
+        if isinstance(fetcharg.source, UsdtArg) and fetcharg.type is None:
+            value_type = _value_type(site.args[fetcharg.source.index])
+            if value_type:
+                retyped.append((substituted.name, value_type))
+    return MarkerFetch(tuple(result), tuple(unavailable), tuple(kernel_unavailable), tuple(retyped))
+
+
+def _value_type(arg: SdtArgument) -> str | None:
+    """The spec's type where tracefs has none: a float, or a signed high-byte register (bitfields are unsigned)."""
+    if arg.is_float and arg.size in (4, 8):
+        return f"f{arg.size * 8}"
+    if arg.shift and arg.signed:
+        return "s8"
+    return None
+
+
+def kernel_limitation(fetcharg: FetchArg) -> str | None:
+    """Why tracefs cannot fetch ``fetcharg`` (a :class:`MarkerOperand` inside it), or None when it can."""
+    operand = _operand(fetcharg.source)
+    return operand.why_not_tracefs if operand else None
+
+
+def _operand(source) -> MarkerOperand | None:
+    while isinstance(source, Deref):
+        source = source.inner
+    return source if isinstance(source, MarkerOperand) else None
 
 
 def _value(arg: SdtArgument, site: SdtSite, obj: ElfObject) -> tuple[object, FetchType] | Unexpressible:
@@ -63,25 +121,33 @@ def _source(arg: SdtArgument, site: SdtSite, obj: ElfObject):
     if arg.kind == "const":
         return Immediate(arg.value)
     if arg.kind == "reg":
+        if arg.reg.startswith("xmm"):
+            return MarkerOperand(arg, site.address, why_not_tracefs=f"{arg.text}: tracefs cannot read %{arg.reg}")
         if arg.size > 8:
-            raise Unexpressible(f"a {arg.size}-byte value held in registers cannot be fetched by tracefs")
+            raise Unexpressible(f"a {arg.size}-byte value cannot be held in a 64-bit register")
         return _register(arg.reg)
-    if arg.index is not None:
-        raise Unexpressible("tracefs cannot add an index register (base + index * scale)")
+    symbol_address = None
     if arg.symbol is not None:
         symbols = obj.symbols.lookup(arg.symbol)
         if not symbols:
             raise Unexpressible(f"symbol '{arg.symbol}' is not in the symbol tables of {obj.path}")
+        symbol_address = symbols[0].value
+    if arg.base == "rip" and arg.symbol is None:
+        raise Unexpressible("a %rip-relative operand without a symbol has no meaning at a marker")
+    if arg.index is not None:
+        return MarkerOperand(arg, site.address, symbol_address,
+                             f"{arg.text}: tracefs cannot add an index register (base + index * scale)")
+    if arg.symbol is not None:
         if arg.base not in (None, "rip"):  # sym(%reg): the symbol's address is a displacement
             if obj.kind != "exec":
-                raise Unexpressible(f"'{arg.symbol}(%{arg.base})' needs the load address of a position-independent object")
+                return MarkerOperand(arg, site.address, symbol_address,
+                                     f"{arg.text}: tracefs cannot add the load address of a position-independent"
+                                     f" object to a register")
             return Deref(symbols[0].value + arg.disp, _register(arg.base))
         # @+FOFFS is read at (probe address - probe file offset + FOFFS), i.e. mapped like the probe's code.
         return FileOffset(symbols[0].value + arg.disp - site.address + site.offset)
     if arg.base is None:
         return Address(arg.disp & (1 << 64) - 1)
-    if arg.base == "rip":
-        raise Unexpressible("a %rip-relative operand without a symbol has no meaning at a marker")
     return Deref(arg.disp, _register(arg.base))
 
 
@@ -114,6 +180,8 @@ def _substitute(fetcharg: FetchArg, values: list, site: SdtSite, position: int) 
         source = _replace_usdt(source, values)
     if isinstance(source, Immediate) and fetch_type is not None and fetch_type.array:
         raise Unexpressible("an array of a constant cannot be fetched")
+    if _operand(source) is not None:  # nothing for the kernel's grammar to check
+        return replace(fetcharg, source=source, type=fetch_type)
     text = replace(fetcharg, source=source, type=fetch_type).format()
     try:
         return parse_fetcharg(text, position, is_return=False)

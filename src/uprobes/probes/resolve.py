@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import struct
 from dataclasses import dataclass
 
 from ..elf.locate import find_object
@@ -20,7 +21,7 @@ from ..errors import ResolveError
 from ..sdt.notes import SdtSite, read_markers
 from ..x86_64.decode import instruction_containing
 from .fetchargs import FetchArg, parse_fetchargs
-from .markerargs import marker_fetchargs
+from .markerargs import kernel_limitation, marker_fetchargs
 from .spec import MAX_NAME_LEN, ProbeSpec, parse_probe
 
 __all__ = ["Probe", "resolve_probe", "resolve_text", "DEFAULT_GROUP"]
@@ -44,8 +45,28 @@ class Probe:
     ref_ctr_offset: int | None = None
     fetchargs: tuple[FetchArg, ...] = ()
     site: SdtSite | None = None
-    unavailable: tuple[str, ...] = ()  # marker arguments tracefs cannot express, with the reason
+    unavailable: tuple[str, ...] = ()  # marker arguments no engine can fetch, with the reason
     explicit_event: bool = False
+    kernel_unavailable: tuple[str, ...] = ()  # marker arguments only the kernel engine leaves out, and why
+    retyped: tuple[tuple[str, str], ...] = ()  # (argument, "f32" | "f64" | "s8"): bits tracefs cannot type
+
+    @property
+    def kernel_fetchargs(self) -> tuple[FetchArg, ...]:
+        """The fetch arguments tracefs can express (all but the marker operands only an engine can decode)."""
+        return tuple(arg for arg in self.fetchargs if kernel_limitation(arg) is None)
+
+    def typed(self, values: dict) -> dict:
+        """``values`` as fetched, retyped as the marker's spec says: float bits as numbers, signed high bytes."""
+        for name, value_type in self.retyped:
+            bits = values.get(name)
+            if not isinstance(bits, int):
+                continue
+            if value_type == "s8":
+                values[name] = (bits & 0xFF) - ((bits & 0x80) << 1)
+            else:
+                size = int(value_type[1:]) // 8
+                values[name] = struct.unpack("<f" if size == 4 else "<d", bits.to_bytes(size, "little"))[0]
+        return values
 
     @property
     def name(self) -> str:
@@ -57,7 +78,7 @@ class Probe:
     def uprobe_events_line(self) -> str:
         """The exact line to append to ``/sys/kernel/tracing/uprobe_events`` for this probe."""
         ref = f"({self.ref_ctr_offset:#x})" if self.ref_ctr_offset is not None else ""
-        args = "".join(" " + arg.format() for arg in self.fetchargs)
+        args = "".join(" " + arg.format() for arg in self.kernel_fetchargs)
         return f"{'r' if self.is_return else 'p'}:{self.group}/{self.event} {self.path}:{self.offset:#x}{ref}{args}"
 
 
@@ -186,13 +207,14 @@ def _resolve_marker(spec: ProbeSpec, obj: ElfObject) -> list[Probe]:
         # differ), so sites whose arguments differ get events of their own: base, base_2, base_3...
         signatures: dict[tuple, str] = {}
         for site in marker.sites:
-            fetchargs, unavailable = marker_fetchargs(site, spec.fetchargs, obj)
-            signature = tuple((arg.name, arg.type) for arg in fetchargs)
+            fetch = marker_fetchargs(site, spec.fetchargs, obj)
+            signature = tuple((arg.name, arg.type, kernel_limitation(arg)) for arg in fetch.fetchargs)
             event = signatures.setdefault(signature, _identifier(f"{base}_{len(signatures) + 1}")
                                           if signatures else base)
             probes.append(Probe(spec.text, False, spec.group or DEFAULT_GROUP, event, obj.path, site.offset,
-                                site.address, site.qualified_name, site.semaphore_offset, fetchargs, site,
-                                unavailable, explicit_event=spec.event is not None))
+                                site.address, site.qualified_name, site.semaphore_offset, fetch.fetchargs, site,
+                                fetch.unavailable, spec.event is not None, fetch.kernel_unavailable,
+                                fetch.retyped))
     return probes
 
 

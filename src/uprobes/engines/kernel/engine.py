@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from ...errors import KernelEngineError
 from ...output.event import Event
 from ...probes.fetchargs import Comm, FetchArg, FetchType, RetVal
+from ...probes.markerargs import kernel_limitation
 from ...probes.resolve import Probe
 from .eventformat import EventFormat, load_event_format
 from .perfbuf import TracepointReader
@@ -122,12 +123,16 @@ class KernelEngine:
         probe = attached.probe
         args = {name: value for name, value in fields.items()
                 if name not in _HIDDEN_FIELDS and not name.startswith("common_")}
-        for name in fields.errors:
+        errors = dict(fields.errors)
+        for name in errors:
             args[name] = None  # the reason is in errors
+        for arg in probe.fetchargs:
+            if arg.name not in args:  # a marker operand tracefs cannot fetch
+                args[arg.name], errors[arg.name] = None, f"the kernel engine cannot fetch it: {kernel_limitation(arg)}"
         retval = fields.get("__retval")
         ip = fields.get("__probe_ip", fields.get("__probe_func", 0))
         return Event(probe.name, sample.pid, sample.tid, fields.get("__comm", ""), sample.time_ns, sample.cpu, ip,
-                     args, retval, fields.errors or None, probe.is_return, attached.index)
+                     probe.typed(args), retval, errors or None, probe.is_return, attached.index)
 
     def close(self) -> None:
         """Stop collecting and delete every event this run defined; safe to call twice."""

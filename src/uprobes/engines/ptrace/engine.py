@@ -13,6 +13,7 @@ Hazards of section 4 of the ptrace note are named where they are handled (``haza
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import signal
 import sys
@@ -32,8 +33,8 @@ from .memory import ProcessMemory
 from .semaphores import Semaphores
 from .syscalls import (EVENT_CLONE, EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_STOP, EVENT_VFORK, EXITKILL, OPTIONS,
                        SI_KERNEL, WALL, Regs, ptrace_cont, ptrace_detach, ptrace_geteventmsg, ptrace_getregs,
-                       ptrace_getsiginfo, ptrace_interrupt, ptrace_listen, ptrace_seize, ptrace_setregs,
-                       ptrace_singlestep)
+                       SigInfo, ptrace_getfpregs, ptrace_getsiginfo, ptrace_getsigmask, ptrace_interrupt, ptrace_listen,
+                       ptrace_seize, ptrace_setregs, ptrace_setsiginfo, ptrace_setsigmask, ptrace_singlestep, tgkill)
 from .xol import XolArea
 
 __all__ = ["PtraceEngine", "Hit", "REMOVE"]
@@ -42,9 +43,14 @@ REMOVE = object()  # a handler returns this to be removed from its probe
 _MAX_INSTRUCTION = 16
 _GROUP_STOP_SIGNALS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
 _FAULT_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
+# Blocked while a step is in flight once one signal has been held. A fault signal or SIGTRAP raised while
+# blocked would reset the program's handler to SIG_DFL, so those stay open (SIGKILL and SIGSTOP cannot close).
+_DEFERRABLE = sum(1 << (sig - 1) for sig in range(1, 65)
+                  if sig not in _FAULT_SIGNALS | {signal.SIGTRAP, signal.SIGKILL, signal.SIGSTOP})
 _AT_BASE = 7
 _UNWINDERS = ("_Unwind_RaiseException", "_Unwind_ForcedUnwind", "_Unwind_Resume_or_Rethrow")
 MAX_RETURN_DEPTH = 64  # the kernel's MAX_URETPROBE_DEPTH
+_TOOL_STOPPERS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 _MASK64 = (1 << 64) - 1
 
 
@@ -88,6 +94,7 @@ class _Step:
     breakpoint: _Breakpoint
     slot: int
     saved: dict
+    mask: int | None = None  # the thread's own signal mask, while we defer its signals
 
 
 @dataclass
@@ -97,7 +104,8 @@ class _Thread:
     running: bool = True
     step: _Step | None = None
     hit: _Breakpoint | None = None  # trapped on this probe, its instruction not yet run or given a step
-    held_signals: list[int] = field(default_factory=list)
+    held: list[tuple[int, SigInfo]] = field(default_factory=list)  # signals that arrived during a step
+    at_signal_stop: bool = False  # stopped in a signal-delivery-stop, where a signal can be injected
     comm: str | None = None
     returns: list[_Return] = field(default_factory=list)
 
@@ -110,6 +118,19 @@ class _Process:
     xol: XolArea | None = None
     vfork_parent: _Process | None = None  # a vfork child shares this process's memory
     semaphores: Semaphores = field(default_factory=Semaphores)
+
+
+def _uninterrupted(method):
+    """Ctrl-C, SIGTERM and SIGHUP to the tool wait until ``method`` is done: the exception their handler raises
+    halfway through a stop would lose it, and leave a thread stopped past a probe's int3 (hazard 24)."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _TOOL_STOPPERS)
+        try:
+            return method(*args, **kwargs)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _TOOL_STOPPERS - previous)
+    return wrapper
 
 
 class PtraceEngine:
@@ -145,6 +166,7 @@ class PtraceEngine:
 
     # -- attaching ---------------------------------------------------------------------------------------
 
+    @_uninterrupted
     def attach(self, probes: list[Probe], pid: int | None, *, counting: bool = False, held: bool = False,
                follow_forks: bool = True, handlers: dict[int, list[Callable]] | None = None) -> None:
         """Place ``probes`` in process ``pid``: a running one (every thread is seized), or, with ``held``, a
@@ -214,9 +236,7 @@ class PtraceEngine:
                 thread.running = False
                 return
             sig = os.WSTOPSIG(status)
-            if status >> 16 == 0 and sig != signal.SIGTRAP:
-                thread.held_signals.append(sig)  # delivered when the thread goes on
-            ptrace_cont(thread.tid, 0)
+            ptrace_cont(thread.tid, sig if status >> 16 == 0 and sig != signal.SIGTRAP else 0)  # nothing is placed yet
 
     def _insert(self, process: _Process, tid: int, at_exec: bool = False, strict: bool = True) -> None:
         """Place every probe whose file ``process`` maps now; analyse them all before writing a byte.
@@ -338,6 +358,7 @@ class PtraceEngine:
         events, self._events = self._events, []
         return events
 
+    @_uninterrupted
     def _drain(self) -> bool:
         """Handle every stop already reported (round-robin, so no thread starves: hazard 8)."""
         handled = False
@@ -361,6 +382,7 @@ class PtraceEngine:
             return
         thread.running = False
         event, sig = status >> 16, os.WSTOPSIG(status)
+        thread.at_signal_stop = not event
         try:
             if event:
                 self._on_event(thread, event, sig)
@@ -577,8 +599,9 @@ class PtraceEngine:
                 continue
             probe = self._probes[index]
             context = HitContext(regs, thread.process.memory, breakpoint.address, breakpoint.file_offset,
-                                 self._comm(thread), retval)
+                                 self._comm(thread), retval, lambda: ptrace_getfpregs(thread.tid))
             args, errors = evaluate(probe.fetchargs, context)
+            probe.typed(args)
             if not self._counting:
                 self._events.append(Event(probe.name, thread.process.pid, thread.tid, context.comm,
                                           time.monotonic_ns(), _cpu_of(thread), breakpoint.address, args, retval,
@@ -629,9 +652,11 @@ class PtraceEngine:
         step.breakpoint.plan.finish_step(regs, step.slot, step.saved, thread.process.memory)
         ptrace_setregs(thread.tid, regs)
         self._end_step(thread)
-        self._resume(thread, thread.held_signals.pop(0) if thread.held_signals else 0)
+        self._resume(thread, self._held_signal(thread))
 
     def _end_step(self, thread: _Thread) -> None:
+        if thread.step.mask is not None:
+            ptrace_setsigmask(thread.tid, thread.step.mask)
         thread.process.xol.release(thread.step.slot)
         thread.step = None
         if not self._stopping:
@@ -659,23 +684,38 @@ class PtraceEngine:
             step.breakpoint.plan.abort_step(regs, step.saved)
             ptrace_setregs(thread.tid, regs)
             self._end_step(thread)
-            self._resume(thread, sig)
+            self._resume(thread, self._held_signal(thread, sig))
             return
-        # A signal arrived during the step: hold it, finish the step, deliver it after (hazard 17).
-        thread.held_signals.append(sig)
+        # A signal arrived during the step (hazard 17): hold it, with its siginfo, and defer the others in the
+        # kernel's queue, as the kernel's uprobe_deny_signal() does, until the step is done.
+        thread.held.append((sig, info))
+        if step.mask is None:
+            step.mask = ptrace_getsigmask(thread.tid)
+            ptrace_setsigmask(thread.tid, step.mask | _DEFERRABLE)
         ptrace_singlestep(thread.tid, 0)
         thread.running = True
+
+    def _held_signal(self, thread: _Thread, current: int = 0) -> int:
+        """The signal to restart ``thread`` with: ``current``, the signal of this stop, or else the first one
+        held during its step, delivered with its own siginfo. Any other held signal is sent again: only a signal
+        that cannot be deferred (SIGSTOP, a sent fault signal) comes after the first."""
+        held, thread.held = thread.held, []
+        if not current and held and thread.at_signal_stop:
+            current, info = held.pop(0)
+            ptrace_setsiginfo(thread.tid, info)
+        for sig, _ in held:
+            tgkill(thread.process.pid, thread.tid, sig)
+        return current
 
     def _resume(self, thread: _Thread, sig: int = 0) -> None:
         if thread.running:
             return
-        if sig == 0 and thread.held_signals and thread.step is None:
-            sig = thread.held_signals.pop(0)
         ptrace_cont(thread.tid, sig)
         thread.running = True
 
     # -- detaching ---------------------------------------------------------------------------------------
 
+    @_uninterrupted
     def close(self) -> None:
         """Stop every thread, finish or undo what is in flight, restore every byte, unmap the area, detach."""
         self._stopping = True
@@ -685,8 +725,7 @@ class PtraceEngine:
                 self._restore(process)
             for thread in list(self._threads.values()):
                 try:
-                    sig = thread.held_signals.pop(0) if thread.held_signals else 0
-                    ptrace_detach(thread.tid, sig)
+                    ptrace_detach(thread.tid, self._held_signal(thread))
                 except ProcessLookupError:
                     pass
         finally:
@@ -710,9 +749,12 @@ class PtraceEngine:
         deadline = time.monotonic() + 10
         while any(t.running for t in self._threads.values()) and time.monotonic() < deadline:
             try:
-                tid, status = os.waitpid(-1, WALL)
+                tid, status = os.waitpid(-1, WALL | os.WNOHANG)
             except ChildProcessError:
                 break
+            if tid == 0:
+                signal.sigtimedwait({signal.SIGCHLD}, 0.05)
+                continue
             self._on_status_stopping(tid, status)
         self._slot_waiters.clear()
         for thread in list(self._threads.values()):
@@ -745,6 +787,7 @@ class PtraceEngine:
             return
         thread.running = False
         event, sig = status >> 16, os.WSTOPSIG(status)
+        thread.at_signal_stop = not event
         try:
             if thread.step is not None:
                 if sig == signal.SIGTRAP and event == 0:
@@ -755,7 +798,7 @@ class PtraceEngine:
                     regs = ptrace_getregs(tid)
                     thread.step.breakpoint.plan.abort_step(regs, thread.step.saved)
                     if not event:
-                        thread.held_signals.append(sig)
+                        thread.held.append((sig, ptrace_getsiginfo(tid)))
                 ptrace_setregs(tid, regs)
                 self._end_step(thread)  # the thread stays stopped, outside the slot
                 return
@@ -770,13 +813,19 @@ class PtraceEngine:
                     regs.rip -= 1
                     ptrace_setregs(tid, regs)
                     return
-                thread.held_signals.append(sig)
+                thread.held.append((sig, ptrace_getsiginfo(tid)))
             elif event == 0:
-                thread.held_signals.append(sig)
+                thread.held.append((sig, ptrace_getsiginfo(tid)))
             elif event in (EVENT_CLONE, EVENT_FORK, EVENT_VFORK):
                 self._on_event(thread, event, sig)
                 if thread.running:
                     ptrace_interrupt(tid)
+            elif event == EVENT_EXIT:  # the process is dying: let it, or its leader waits for this thread
+                self._resume(thread)
+            elif event == EVENT_STOP and _trap_pending(thread.process.pid, tid):
+                # Our interrupt was reported before the SIGTRAP of an int3 the thread has just hit: let it
+                # take that SIGTRAP now, so it is rewound above, and not after we are gone (hazard 24).
+                self._resume(thread)
         except ProcessLookupError:
             self._gone(tid, None)
 
@@ -837,6 +886,16 @@ def _restore_returns(memory: ProcessMemory, returns: list[_Return], xol: XolArea
 
 def _signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _trap_pending(pid: int, tid: int) -> bool:
+    """Whether a SIGTRAP waits in thread ``tid``'s own pending set."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            pending = next(line for line in f if line.startswith("SigPnd:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(pending.split()[1], 16) & 1 << signal.SIGTRAP - 1)
 
 
 def _tgid(tid: int) -> int:

@@ -13,7 +13,7 @@ import signal
 __all__ = [
     "Regs", "SigInfo", "ptrace_seize", "ptrace_interrupt", "ptrace_cont", "ptrace_singlestep", "ptrace_listen",
     "ptrace_detach", "ptrace_getregs", "ptrace_setregs", "ptrace_geteventmsg", "ptrace_getsiginfo",
-    "ptrace_getsigmask", "ptrace_setsigmask", "ptrace_syscall", "ptrace_poketext", "ptrace_peektext",
+    "ptrace_setsiginfo", "ptrace_getfpregs", "ptrace_getsigmask", "ptrace_setsigmask", "tgkill", "ptrace_syscall", "ptrace_poketext", "ptrace_peektext",
     "OPTIONS", "EVENT_CLONE", "EVENT_EXEC", "EVENT_EXIT", "EVENT_FORK", "EVENT_VFORK", "EVENT_VFORK_DONE",
     "EVENT_STOP", "WALL", "SI_KERNEL", "TRAP_TRACE", "TRAP_BRKPT",
 ]
@@ -24,10 +24,12 @@ _PTRACE_CONT = 7
 _PTRACE_SINGLESTEP = 9
 _PTRACE_GETREGS = 12
 _PTRACE_SETREGS = 13
+_PTRACE_GETFPREGS = 14
 _PTRACE_DETACH = 17
 _PTRACE_SYSCALL = 24
 _PTRACE_GETEVENTMSG = 0x4201
 _PTRACE_GETSIGINFO = 0x4202
+_PTRACE_SETSIGINFO = 0x4203
 _PTRACE_SEIZE = 0x4206
 _PTRACE_INTERRUPT = 0x4207
 _PTRACE_LISTEN = 0x4208
@@ -68,12 +70,14 @@ class Regs(ctypes.Structure):
 
 
 class SigInfo(ctypes.Structure):
-    """The head of ``siginfo_t``: enough to tell an int3 from a step, a fault from a sent signal."""
+    """``siginfo_t``: its head tells an int3 from a step, a fault from a sent signal; the whole is kept to
+    deliver a held signal as it was sent."""
 
     _fields_ = [("si_signo", ctypes.c_int), ("si_errno", ctypes.c_int), ("si_code", ctypes.c_int),
                 ("_pad", ctypes.c_int), ("si_addr", ctypes.c_uint64), ("_rest", ctypes.c_byte * 104)]
 
 
+_SYS_TGKILL = 234
 _libc = ctypes.CDLL(None, use_errno=True)
 _ptrace = _libc.ptrace
 _ptrace.restype = ctypes.c_long
@@ -128,6 +132,13 @@ def ptrace_setregs(tid: int, regs: Regs) -> None:
     _call(_PTRACE_SETREGS, tid, 0, ctypes.addressof(regs))
 
 
+def ptrace_getfpregs(tid: int) -> bytes:
+    """The thread's FXSAVE area (``struct user_fpregs_struct``, 512 bytes): x87, mxcsr, xmm0..15."""
+    area = ctypes.create_string_buffer(512)
+    _call(_PTRACE_GETFPREGS, tid, 0, ctypes.addressof(area))
+    return area.raw
+
+
 def ptrace_geteventmsg(tid: int) -> int:
     value = ctypes.c_ulong()
     _call(_PTRACE_GETEVENTMSG, tid, 0, ctypes.addressof(value))
@@ -138,6 +149,16 @@ def ptrace_getsiginfo(tid: int) -> SigInfo:
     info = SigInfo()
     _call(_PTRACE_GETSIGINFO, tid, 0, ctypes.addressof(info))
     return info
+
+
+def ptrace_setsiginfo(tid: int, info: SigInfo) -> None:
+    _call(_PTRACE_SETSIGINFO, tid, 0, ctypes.addressof(info))
+
+
+def tgkill(tgid: int, tid: int, sig: int) -> None:
+    if _libc.syscall(_SYS_TGKILL, tgid, tid, sig) == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, f"tgkill({tgid}, {tid}, {sig}): {os.strerror(err)}")
 
 
 def ptrace_getsigmask(tid: int) -> int:
