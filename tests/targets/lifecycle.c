@@ -5,6 +5,8 @@
  *   lifecycle dlopen LIB N  dlopen LIB (whose constructor calls lib_ctor), call lib_work N times,
  *                           dlclose, and again
  *   lifecycle recurse N T   T threads each compute fact(1..N) recursively, and a longjmp out of deep()
+ *   lifecycle marker LIB N  dlopen LIB (libprobed.so), print its marker's semaphore, call lib_add(i, 2i) N times
+ *   lifecycle watch LIB     dlopen LIB, then print its marker's semaphore for each line read from stdin
  * Prints what it computed, so the tests can compare it with what the probes saw. */
 #include <dlfcn.h>
 #include <pthread.h>
@@ -110,6 +112,29 @@ int main(int argc, char **argv)
             dlclose(lib);
         }
         printf("dlopen sum %ld\n", sum);
+        return 0;
+    }
+    if (!strcmp(mode, "marker") || !strcmp(mode, "watch")) {
+        void *lib = dlopen(argv[2], RTLD_NOW);
+        if (!lib) {
+            fprintf(stderr, "%s\n", dlerror());
+            return 1;
+        }
+        unsigned (*semaphore)(void) = (unsigned (*)(void))dlsym(lib, "lib_order_done_semaphore");
+        char line[64];
+        if (!strcmp(mode, "watch")) {
+            while (fgets(line, sizeof line, stdin)) {
+                printf("semaphore %u\n", semaphore());
+                fflush(stdout);
+            }
+            return 0;
+        }
+        int (*add)(int, int) = (int (*)(int, int))dlsym(lib, "lib_add");
+        printf("semaphore %u\n", semaphore());
+        long total = 0;
+        for (int i = 0; i < atoi(argv[3]); i++)
+            total += add(i, 2 * i);
+        printf("total %ld\n", total);
         return 0;
     }
     if (!strcmp(mode, "recurse")) {

@@ -129,6 +129,7 @@ class KernelEngine:
         for arg in probe.fetchargs:
             if arg.name not in args:  # a marker operand tracefs cannot fetch
                 args[arg.name], errors[arg.name] = None, f"the kernel engine cannot fetch it: {kernel_limitation(arg)}"
+        args = {**{arg.name: args.pop(arg.name) for arg in probe.fetchargs}, **args}  # in the order asked for
         retval = fields.get("__retval")
         ip = fields.get("__probe_ip", fields.get("__probe_func", 0))
         return Event(probe.name, sample.pid, sample.tid, fields.get("__comm", ""), sample.time_ns, sample.cpu, ip,

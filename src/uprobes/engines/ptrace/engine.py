@@ -267,6 +267,7 @@ class PtraceEngine:
         plans = {}
         for address, (indices, _offset, code) in planned.items():
             try:
+                _check_not_taken(code, self._probes[indices[0]], address)
                 plans[address] = analyze(code, address)
             except UnprobeableInstruction as exc:
                 if strict:
@@ -886,6 +887,20 @@ def _restore_returns(memory: ProcessMemory, returns: list[_Return], xol: XolArea
 
 def _signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _check_not_taken(code: bytes, probe: Probe, address: int) -> None:
+    """Refuse an instruction another tracer has already replaced with an int3 that is not in the file."""
+    if code[0] != 0xCC:
+        return
+    with open(probe.path, "rb") as f:
+        f.seek(probe.offset)
+        if f.read(1) == b"\xcc":
+            return  # the program's own int3
+    raise UnprobeableInstruction(
+        f"cannot probe {probe.name} at {address:#x}: another tracer's breakpoint is already there, most likely a "
+        f"kernel uprobe (perf, bpftrace, uprobes --engine kernel), and the kernel takes its traps; stop that "
+        f"tracer or use --engine kernel")
 
 
 def _trap_pending(pid: int, tid: int) -> bool:

@@ -1,7 +1,8 @@
-"""SDT semaphores raised by the ptrace engine: each counter once per process while we are attached.
+"""SDT semaphores raised by the ptrace engine: once per armed site and process while we are attached.
 
-A marker guarded by ``PROVIDER_NAME_ENABLED()`` fires only while its 2-byte counter is above zero. We add
-one to the counter of every armed site when its writable mapping exists (a library mapped later is raised
+A marker guarded by ``PROVIDER_NAME_ENABLED()`` fires only while its 2-byte counter is above zero. As the
+kernel does for each uprobe it installs, we add one to the counter for every armed site when its writable
+mapping exists (a library mapped later is raised
 when the engine places its probes), and take that one back at detach, in a fork child we let go, and
 never below zero. A kernel-engine consumer of the same marker adds and removes its own count.
 """
@@ -16,28 +17,29 @@ __all__ = ["Semaphores"]
 
 
 class Semaphores:
-    """The counters this engine raised in one address space, by runtime address."""
+    """The counts this engine added in one address space: (counter's runtime address, site's path, site's offset)."""
 
-    def __init__(self, raised: set[int] | None = None) -> None:
-        self.raised: set[int] = set(raised or ())
+    def __init__(self, raised: set[tuple[int, str, int]] | None = None) -> None:
+        self.raised: set[tuple[int, str, int]] = set(raised or ())
 
     def raise_armed(self, memory: ProcessMemory, mappings: list[Mapping], probes: list[Probe], tid: int) -> None:
-        """Raise the semaphore of each probe whose counter is mapped now and not raised by us yet."""
+        """Add one to the semaphore of each probe (a marker site) whose counter is mapped now, once."""
         for probe in probes:
             if probe.ref_ctr_offset is None:
                 continue
             for address in runtime_addresses(mappings, probe.path, probe.ref_ctr_offset, "w"):
-                if address in self.raised:
+                count = (address, probe.path, probe.offset)
+                if count in self.raised:
                     continue
                 try:
                     _add(memory, address, 1, tid)
                 except OSError:
                     continue
-                self.raised.add(address)
+                self.raised.add(count)
 
     def lower_all(self, memory: ProcessMemory, tid: int) -> None:
         """Take back every count we added (the mapping may be gone with its library: nothing to do then)."""
-        for address in self.raised:
+        for address, _path, _offset in self.raised:
             try:
                 _add(memory, address, -1, tid)
             except OSError:
