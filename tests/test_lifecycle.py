@@ -31,6 +31,16 @@ def test_a_library_loaded_later_is_probed_before_its_constructor_runs(targets, e
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_a_probed_load_that_faults_is_delivered_at_its_own_address(targets, engine):
+    """The handler sees the fault at the load itself (not in our out-of-line area), opens the page and the
+    load runs again: the program's result is unchanged and the probe counts both attempts, as the kernel's."""
+    lifecycle = targets / "lifecycle"
+    records, proc = _run(engine, "count", [f"uprobe:{lifecycle}:load"], [str(lifecycle), "fault"])
+    assert proc.returncode == 0 and proc.stdout == "fault load 1 faults 1 at the load\n"
+    assert _hits(records) == {"load": 2}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_a_forking_server_reports_each_child_with_its_pid(targets, engine):
     lifecycle = targets / "lifecycle"
     records, proc = _run(engine, "trace", [f"uprobe:{lifecycle}:handle who=%di:s64 j=%si:s64"],

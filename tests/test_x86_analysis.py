@@ -760,3 +760,22 @@ def test_every_instruction_of_every_function_is_planned_or_refused(path, floor):
     print(f"\n{path}: {functions} functions; entries {dict(entries)}; all instructions {dict(everything)}")
     assert sum(entries.values()) == functions
     assert entries["emulate"] / functions >= floor
+
+
+@pytest.mark.parametrize("code, boosted", [
+    (b"\x83\xe6\x07", True),  # and $7,%esi: runs anywhere, falls through
+    (b"\xf0\x48\x0f\xc1\x07", True),  # lock xadd %rax,(%rdi)
+    (b"\x48\x8b\x05\x10\x00\x00\x00", False),  # mov 0x10(%rip),%rax: its scratch register must be put back
+    (b"\xff\xd0", False),  # call *%rax: the pushed return address must be fixed
+    (b"\xf3\xa4", False),  # rep movsb: may stop with iterations left
+    (b"\x74\x05", False),  # je: emulated, no slot at all
+])
+def test_boosted_instructions_jump_back_to_the_next_one_by_themselves(code, boosted):
+    address = 0x401000
+    plan = analyze(code + b"\x90" * 15, address)
+    if not boosted:
+        assert plan.boost_code is None
+        return
+    back = (address + plan.length).to_bytes(8, "little")
+    assert plan.boost_code == plan.slot_code + b"\xff\x25\x00\x00\x00\x00" + back  # jmp *0(%rip); .quad next
+    assert plan.slot_code == code

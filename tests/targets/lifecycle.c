@@ -7,20 +7,43 @@
  *   lifecycle recurse N T   T threads each compute fact(1..N) recursively, and a longjmp out of deep()
  *   lifecycle marker LIB N  dlopen LIB (libprobed.so), print its marker's semaphore, call lib_add(i, 2i) N times
  *   lifecycle watch LIB     dlopen LIB, then print its marker's semaphore for each line read from stdin
+ *   lifecycle fault         load() reads a PROT_NONE page; the SIGSEGV handler opens it and the load runs again
  * Prints what it computed, so the tests can compare it with what the probes saw. */
+#define _GNU_SOURCE
 #include <dlfcn.h>
 #include <pthread.h>
 #include <setjmp.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
+#include <ucontext.h>
 #include <unistd.h>
 
 __attribute__((noinline)) long handle(long who, long j)
 {
     __asm__ volatile("" ::: "memory");
     return who * 100 + j;
+}
+
+static char *guarded;
+static volatile sig_atomic_t faults;
+
+long load(volatile long *p);
+
+static void open_guarded(int sig, siginfo_t *info, void *context)
+{
+    (void)sig;
+    greg_t ip = ((ucontext_t *)context)->uc_mcontext.gregs[REG_RIP];
+    if (info->si_addr == guarded && mprotect(guarded, 4096, PROT_READ | PROT_WRITE) == 0)
+        faults += ip == (greg_t)load ? 1 : 100;  /* the load is load()'s first instruction */
+}
+
+__attribute__((noinline)) long load(volatile long *p)
+{
+    return *p * 3 + 1;
 }
 
 __attribute__((noinline)) long fact(long n)
@@ -135,6 +158,14 @@ int main(int argc, char **argv)
         for (int i = 0; i < atoi(argv[3]); i++)
             total += add(i, 2 * i);
         printf("total %ld\n", total);
+        return 0;
+    }
+    if (!strcmp(mode, "fault")) {
+        guarded = mmap(NULL, 4096, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        struct sigaction sa = {.sa_sigaction = open_guarded, .sa_flags = SA_SIGINFO};
+        sigaction(SIGSEGV, &sa, NULL);
+        long value = load((volatile long *)guarded);
+        printf("fault load %ld faults %d at %s\n", value, (int)faults, faults ? "the load" : "nowhere");
         return 0;
     }
     if (!strcmp(mode, "recurse")) {

@@ -52,6 +52,10 @@ add/sub $imm, r64                             emulate   with exact OF SF ZF AF P
 everything else                               step      with the fixups below
 ============================================  ========  ================================================================
 
+A stepped instruction that needs no fixup afterwards (no rip-relative operand, no branch, call or rep
+prefix) is *boosted*: :attr:`Plan.boost_code` is the instruction followed by an absolute jump to the next one,
+placed once in a slot the probe keeps, and the thread runs through it by itself (one stop per hit, no step).
+
 Every plan that is not refused carries valid :attr:`Plan.slot_code`, emulated ones included: when
 :meth:`Plan.emulate` raises :class:`EmulationFault` (a push or call whose stack write fails, for instance because
 the stack has to grow, which a ptrace write does not do), the engine steps instead, and the copy takes the real
@@ -91,6 +95,7 @@ Neither path updates a CET shadow stack: the engine must not probe calls and ret
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -462,6 +467,15 @@ class Plan:
     @property
     def _next(self) -> int:
         return (self.address + self.length) & _MASK64
+
+    @functools.cached_property
+    def boost_code(self) -> bytes | None:
+        """The instruction followed by an absolute jump to the next one, for a slot a thread runs through by
+        itself (the kernel's kprobes call this boosting): one stop per hit instead of two. None when the
+        instruction needs a fixup after it runs (rip-relative, branches, calls, rep strings)."""
+        if self.kind != "step" or self.scratch or self._rip is not _Rip.NEXT or self._may_repeat:
+            return None
+        return self.slot_code + b"\xff\x25\x00\x00\x00\x00" + self._next.to_bytes(8, "little")  # jmp *0(%rip)
 
     def emulate(self, regs: Any, memory: Any) -> None:
         """Apply the instruction's effect to ``regs`` (and ``memory``), rip included.

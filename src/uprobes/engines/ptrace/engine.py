@@ -632,6 +632,14 @@ class PtraceEngine:
                 return
             except EmulationFault:
                 regs.rip = breakpoint.address  # e.g. a push that must grow the stack: step it instead
+        elif plan.boost_code is not None:
+            slot = thread.process.xol.boost(breakpoint.address, plan.boost_code, breakpoint.address + plan.length)
+            if slot is not None:  # the thread runs the instruction and jumps back by itself: no step
+                regs.rip = slot
+                ptrace_setregs(thread.tid, regs)
+                thread.hit = None
+                self._resume(thread)
+                return
         self._start_step(thread, breakpoint, regs)
 
     def _start_step(self, thread: _Thread, breakpoint: _Breakpoint, regs: Regs) -> None:
@@ -676,7 +684,8 @@ class PtraceEngine:
     def _on_signal(self, thread: _Thread, sig: int) -> None:
         step = thread.step
         if step is None:
-            self._resume(thread, sig)  # signals reach the target unchanged
+            if not self._leave_boost_slot(thread, sig):
+                self._resume(thread, sig)  # signals reach the target unchanged
             return
         regs = ptrace_getregs(thread.tid)
         info = ptrace_getsiginfo(thread.tid)
@@ -695,6 +704,30 @@ class PtraceEngine:
             ptrace_setsigmask(thread.tid, step.mask | _DEFERRABLE)
         ptrace_singlestep(thread.tid, 0)
         thread.running = True
+
+    def _leave_boost_slot(self, thread: _Thread, sig: int) -> bool:
+        """A signal for a thread inside a boost slot: never deliver it there, since a handler's frame would
+        point into the area. At the jump back, go to the next instruction; before the instruction, deliver a
+        fault it raised at the probed address, or step the instruction and deliver the signal after it."""
+        regs = ptrace_getregs(thread.tid)
+        boosted = thread.process.xol and thread.process.xol.boosted_probe(regs.rip)
+        if not boosted:
+            return False
+        slot, address, following = boosted
+        breakpoint = thread.process.breakpoints.get(address)
+        if breakpoint is None or regs.rip != slot:
+            regs.rip = following if regs.rip != slot else address
+            ptrace_setregs(thread.tid, regs)
+            self._resume(thread, sig)
+            return True
+        if sig in _FAULT_SIGNALS and ptrace_getsiginfo(thread.tid).si_code > 0:
+            regs.rip = address
+            ptrace_setregs(thread.tid, regs)
+            self._resume(thread, sig)
+            return True
+        thread.step = _Step(breakpoint, slot, {})
+        self._on_signal(thread, sig)  # held, the others deferred, the step started
+        return True
 
     def _held_signal(self, thread: _Thread, current: int = 0) -> int:
         """The signal to restart ``thread`` with: ``current``, the signal of this stop, or else the first one
@@ -765,11 +798,18 @@ class PtraceEngine:
                 self._gone(thread.tid, None)
 
     def _settle(self, thread: _Thread) -> None:
-        """A stopped thread caught in the middle of a hit (a handler raised, Ctrl-C, waiting for a slot):
-        undo the step it was given, or take it back to the probe's address, so it runs the real instruction."""
+        """A stopped thread caught in the middle of a hit (a handler raised, Ctrl-C, waiting for a slot, inside
+        a boost slot): undo the step it was given, or take it back to the probe's address, so it runs the real
+        instruction."""
+        regs = ptrace_getregs(thread.tid)
+        boosted = thread.process.xol and thread.process.xol.boosted_probe(regs.rip)
+        if thread.step is None and boosted:
+            slot, address, following = boosted
+            regs.rip = address if regs.rip == slot else following
+            ptrace_setregs(thread.tid, regs)
+            return
         if thread.step is None and thread.hit is None:
             return
-        regs = ptrace_getregs(thread.tid)
         if thread.step is not None:
             thread.step.breakpoint.plan.abort_step(regs, thread.step.saved)
             ptrace_setregs(thread.tid, regs)

@@ -20,7 +20,8 @@ from .syscalls import (Regs, ptrace_getregs, ptrace_getsigmask, ptrace_setregs, 
 __all__ = ["XolArea", "inject_syscall", "PAGE_SIZE", "SLOT_SIZE"]
 
 PAGE_SIZE = 4096
-SLOT_SIZE = 32  # an instruction is at most 15 bytes; the rest is int3 padding
+SLOT_SIZE = 32  # an instruction (at most 15 bytes) and a 14-byte jump back; the rest is int3 padding
+_STEP_SLOTS = 16  # slots boosting never takes: threads stepping at once
 _NR_MMAP, _NR_MUNMAP, _NR_MADVISE, _NR_RESTART_SYSCALL = 9, 11, 28, 219
 _PROT_READ_EXEC = 0x1 | 0x4
 _MAP_PRIVATE_ANONYMOUS = 0x02 | 0x20
@@ -106,7 +107,9 @@ def _restore(tid: int, saved: Regs) -> None:
 class XolArea:
     """Slots of one page in one address space; a slot is lent to one stepping thread at a time.
 
-    Slot 0 is the return trampoline: an ``int3`` that return probes put in place of a return address.
+    Slot 0 is the return trampoline: an ``int3`` that return probes put in place of a return address. A
+    boosted probe owns a slot for as long as the area lives: its instruction and a jump back, which any
+    number of threads run through at once.
     """
 
     def __init__(self, tid: int, memory: ProcessMemory, at: int = 0) -> None:
@@ -127,6 +130,8 @@ class XolArea:
         memory.write(self.trampoline, b"\xcc" * SLOT_SIZE, tid)
         self._free = list(range(PAGE_SIZE // SLOT_SIZE - 1, 0, -1))
         self._content: dict[int, bytes] = {}
+        self._boosts: dict[int, int] = {}  # probe address -> its slot's address
+        self._boosted: dict[int, tuple[int, int]] = {}  # slot address -> (probe address, next instruction)
 
     def acquire(self, code: bytes) -> int | None:
         """A slot holding ``code``, or None when every slot is lent (the caller waits for one)."""
@@ -143,7 +148,25 @@ class XolArea:
         return self.address + slot * SLOT_SIZE
 
     def release(self, address: int) -> None:
-        self._free.append((address - self.address) // SLOT_SIZE)
+        if address not in self._boosted:
+            self._free.append((address - self.address) // SLOT_SIZE)
+
+    def boost(self, probe_address: int, code: bytes, next_address: int) -> int | None:
+        """The slot a thread runs ``code`` from for the probe at ``probe_address``, ``code`` ending in a jump
+        to ``next_address``; None once only the slots kept for stepping are left."""
+        slot = self._boosts.get(probe_address)
+        if slot is None and len(self._free) > _STEP_SLOTS:
+            slot = self.acquire(code)
+            self._boosts[probe_address], self._boosted[slot] = slot, (probe_address, next_address)
+        return slot
+
+    def boosted_probe(self, address: int) -> tuple[int, int, int] | None:
+        """(slot, probe address, next instruction's address) of the boost slot ``address`` lies in, if any."""
+        if not self.contains(address):
+            return None
+        slot = address - (address - self.address) % SLOT_SIZE
+        probe = self._boosted.get(slot)
+        return None if probe is None else (slot, *probe)
 
     def contains(self, address: int) -> bool:
         return self.address <= address < self.address + PAGE_SIZE
