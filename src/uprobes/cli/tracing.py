@@ -189,6 +189,8 @@ def run_trace(args: argparse.Namespace) -> int:
                     break
                 out.flush()
         except KeyboardInterrupt as stop:
+            for event in run.engine.poll(0):  # what was seen before the signal
+                writer.event(event)
             run.interrupted(stop)
         _report_lost(writer, run.engine.lost)
         _report_notes(run)

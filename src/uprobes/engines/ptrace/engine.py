@@ -17,6 +17,7 @@ import functools
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -51,6 +52,7 @@ _AT_BASE = 7
 _UNWINDERS = ("_Unwind_RaiseException", "_Unwind_ForcedUnwind", "_Unwind_Resume_or_Rethrow")
 MAX_RETURN_DEPTH = 64  # the kernel's MAX_URETPROBE_DEPTH
 _TOOL_STOPPERS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+_WAKERS = _TOOL_STOPPERS | {signal.SIGCHLD}
 _MASK64 = (1 << 64) - 1
 
 
@@ -344,6 +346,7 @@ class PtraceEngine:
         """How ``pid`` ended (as ``os.waitstatus_to_exitcode``) once it has, if this engine reaped it."""
         return self._exit_status.get(pid)
 
+    @_uninterrupted
     def poll(self, timeout: float) -> list[Event]:
         """Service the target for up to ``timeout`` seconds; return the events of the hits meanwhile."""
         deadline = time.monotonic() + timeout
@@ -355,11 +358,14 @@ class PtraceEngine:
             if not self._threads or remaining <= 0:
                 break
             if not handled:
-                signal.sigtimedwait({signal.SIGCHLD}, remaining)
+                woken = signal.sigtimedwait(_WAKERS, remaining)
+                if woken is not None and woken.si_signo in _TOOL_STOPPERS:
+                    # Sent again, to be handled once we return; the events wait for the next poll.
+                    signal.pthread_kill(threading.get_ident(), woken.si_signo)
+                    return []
         events, self._events = self._events, []
         return events
 
-    @_uninterrupted
     def _drain(self) -> bool:
         """Handle every stop already reported (round-robin, so no thread starves: hazard 8)."""
         handled = False
@@ -524,16 +530,18 @@ class PtraceEngine:
         if thread.step is not None:
             self._finish_step(thread)
             return
-        info = ptrace_getsiginfo(thread.tid)
         regs = ptrace_getregs(thread.tid)
         address = regs.rip - 1
         breakpoint = thread.process.breakpoints.get(address)
         xol = thread.process.xol
-        if info.si_code == SI_KERNEL and xol is not None and address == xol.trampoline:
+        if xol is not None and address == xol.trampoline:  # only its int3 leads there
             self._returned(thread, regs)
             return
-        if info.si_code != SI_KERNEL or breakpoint is None:
-            self._resume(thread, signal.SIGTRAP)  # the program's own int3, or a sent SIGTRAP (hazard 22)
+        # The program's own int3, or a sent SIGTRAP (hazard 22). Only after a one-byte instruction can a thread
+        # stand just past a probe without having run its int3, so only then is the siginfo worth asking.
+        if breakpoint is None or (breakpoint.plan.length == 1
+                                  and ptrace_getsiginfo(thread.tid).si_code != SI_KERNEL):
+            self._resume(thread, signal.SIGTRAP)
             return
         regs.rip = address
         thread.hit = breakpoint
