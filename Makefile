@@ -1,10 +1,11 @@
 # Two commands for a newcomer: `make demo` and `make test`. Both install what is missing first.
+# `make bench` (not part of `make test`) also installs bpftrace, gdb and perf, then runs bench/run.py.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 TARGETS := tests/targets/build
 
-.PHONY: demo test stress deps venv targets clean
+.PHONY: demo test stress bench bench-deps deps venv targets clean
 
 demo: venv targets
 	$(VENV)/bin/uprobes list $(TARGETS)/demo 'demo:*'
@@ -20,8 +21,16 @@ test: venv targets
 stress: venv targets
 	$(PY) -m pytest -q -m stress
 
+# The per-hit table, insertion, listing, trace-rate and memory figures: bench/results.json and a table on stdout.
+bench: venv targets bench-deps
+	@$(MAKE) -s -C bench/targets
+	$(PY) bench/run.py
+
 deps:
 	@scripts/install-deps
+
+bench-deps: | deps
+	@scripts/install-deps --bench
 
 venv: $(VENV)/.installed
 
@@ -36,4 +45,4 @@ targets: | deps
 	@$(MAKE) -s -C tests/targets
 
 clean:
-	rm -rf $(VENV) $(TARGETS) build src/*.egg-info
+	rm -rf $(VENV) $(TARGETS) bench/targets/build build src/*.egg-info

@@ -1,0 +1,103 @@
+/* The benchmark's target: `hits SITE N` runs N iterations that each hit exactly one probe site of kind SITE,
+ * then prints N on a line of its own. `hits sleep` waits (for probes to be inserted into a running process).
+ *
+ * Every probe site is the first byte of its own global function, written in assembly so that the compiler
+ * cannot change the probed instruction, and so that every tool can name it by symbol with no offset:
+ *
+ *   entry   site_entry:  push %rbp       (function entry; both engines emulate a push)
+ *   alu     site_alu:    imul (%rsi),%rdi (an ALU instruction with a memory operand: stepped out of line)
+ *   riprel  site_riprel: mov bench_global(%rip),%rax (a rip-relative load: stepped with a fixup)
+ *   ret     site_ret     (a whole function: probed with a return probe, uretprobe:PATH:site_ret)
+ *   usdt    the STAP_PROBE3 marker bench:hit with three arguments, in usdt_once()
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/sdt.h>
+
+long bench_global = 3;
+volatile long sink;
+
+long site_entry(long x);
+long site_alu(long x, long *p);
+long site_riprel(long x);
+long site_ret(long x);
+
+__asm__(
+    ".text\n"
+    ".globl site_entry\n.type site_entry,@function\n"
+    "site_entry:\n"
+    "    push %rbp\n"
+    "    mov %rsp,%rbp\n"
+    "    lea 1(%rdi),%rax\n"
+    "    pop %rbp\n"
+    "    ret\n"
+    ".size site_entry,.-site_entry\n"
+
+    ".globl site_alu\n.type site_alu,@function\n"
+    "site_alu:\n"
+    "    imul (%rsi),%rdi\n"
+    "    mov %rdi,%rax\n"
+    "    ret\n"
+    ".size site_alu,.-site_alu\n"
+
+    ".globl site_riprel\n.type site_riprel,@function\n"
+    "site_riprel:\n"
+    "    mov bench_global(%rip),%rax\n"
+    "    add %rdi,%rax\n"
+    "    ret\n"
+    ".size site_riprel,.-site_riprel\n"
+
+    ".globl site_ret\n.type site_ret,@function\n"
+    "site_ret:\n"
+    "    push %rbp\n"
+    "    mov %rsp,%rbp\n"
+    "    lea 2(%rdi),%rax\n"
+    "    pop %rbp\n"
+    "    ret\n"
+    ".size site_ret,.-site_ret\n"
+);
+
+__attribute__((noinline)) static long usdt_once(long i, long *p)
+{
+    long a = i, b = *p, c = i ^ 0x55;
+    STAP_PROBE3(bench, hit, a, b, c);
+    __asm__ volatile("" ::: "memory");
+    return a + b;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc == 2 && strcmp(argv[1], "sleep") == 0) {
+        printf("%d\n", getpid());
+        fflush(stdout);
+        for (;;)
+            pause();
+    }
+    if (argc != 3) {
+        fprintf(stderr, "usage: hits entry|alu|riprel|ret|usdt N\n       hits sleep\n");
+        return 2;
+    }
+    const char *site = argv[1];
+    long n = atol(argv[2]), sum = 0, i;
+    long value = 7;
+    volatile long *vp = &value;
+    if (strcmp(site, "entry") == 0)
+        for (i = 0; i < n; i++) sum += site_entry(i);
+    else if (strcmp(site, "alu") == 0)
+        for (i = 0; i < n; i++) sum += site_alu(i, (long *)vp);
+    else if (strcmp(site, "riprel") == 0)
+        for (i = 0; i < n; i++) sum += site_riprel(i);
+    else if (strcmp(site, "ret") == 0)
+        for (i = 0; i < n; i++) sum += site_ret(i);
+    else if (strcmp(site, "usdt") == 0)
+        for (i = 0; i < n; i++) sum += usdt_once(i, (long *)vp);
+    else {
+        fprintf(stderr, "hits: unknown site %s\n", site);
+        return 2;
+    }
+    sink = sum;  /* so that the loop is kept */
+    printf("%ld\n", i);
+    return 0;
+}

@@ -1,0 +1,28 @@
+"""A smoke test of the benchmark (`make bench`): one cheap site with two tools, no timing asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+RUN = Path(__file__).parent.parent / "bench" / "run.py"
+
+
+def test_bench_quick_entry_baseline_and_ptrace(tmp_path):
+    output = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, str(RUN), "--quick", "--only", "entry/baseline,entry/ptrace",
+                           "--output", str(output)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    results = json.loads(output.read_text())
+    assert results["failures"] == []
+    cells = results["hits"]["entry"]
+    assert set(cells) == {"baseline", "ptrace"}
+    for tool in ("baseline", "ptrace"):
+        assert cells[tool]["status"] == "ok", cells[tool]
+        assert cells[tool]["ns"] > 0 and cells[tool]["n"] >= 400
+    assert results["sites"]["entry"]["instruction"] == "push %rbp"
+    assert results["machine"]["cores"] >= 1 and results["machine"]["kernel"]
+    assert "| entry: push %rbp" in proc.stdout  # the table
