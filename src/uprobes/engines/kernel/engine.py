@@ -79,8 +79,10 @@ class KernelEngine:
             self._attached[event_format.id] = _Attached(index, probe, defined, event_format)
         # The kernel inserts the breakpoints when the perf events open; the reader explains its refusals.
         # A held child is still our own code until it execs: its events start at the exec, not before.
+        names = {event_id: f"probe {a.probe.name} at {a.probe.path}:{a.probe.offset:#x}"
+                 for event_id, a in self._attached.items()}
         self._reader = TracepointReader(list(self._attached), pid, pages=self._pages, sampling=not counting,
-                                        inherit=follow_forks, enable_on_exec=held)
+                                        inherit=follow_forks, enable_on_exec=held, names=names)
         try:
             if not held:
                 self._reader.enable()

@@ -261,7 +261,8 @@ class TracepointReader:
     """
 
     def __init__(self, event_ids: Sequence[int], pid: int | None, pages: int = 64, sampling: bool = True,
-                 inherit: bool = True, enable_on_exec: bool = False) -> None:
+                 inherit: bool = True, enable_on_exec: bool = False, names: dict[int, str] | None = None) -> None:
+        """``names``: what each tracepoint stands for, to name it in an error."""
         if pages < 1 or pages & (pages - 1):
             raise KernelEngineError(f"perf buffer pages must be a power of two, not {pages}")
         self.lost = 0
@@ -273,6 +274,7 @@ class TracepointReader:
         self._inherit = inherit
         self._enable_on_exec = enable_on_exec
         self._event_of_fd: dict[int, int] = {}
+        self._names = names or {}
         try:
             for cpu in online_cpus():
                 buffer = None
@@ -304,7 +306,8 @@ class TracepointReader:
         try:
             fd = _perf_event_open(attr, -1 if pid is None else pid, cpu)
         except OSError as exc:
-            raise KernelEngineError(_open_error(exc.errno, event_id, pid, cpu)) from None
+            what = self._names.get(event_id, f"tracepoint {event_id}")
+            raise KernelEngineError(_open_error(exc.errno, what, pid, cpu)) from None
         self._fds.append(fd)
         return fd
 
@@ -393,7 +396,7 @@ class TracepointReader:
         self.close()
 
 
-def _open_error(err: int, event_id: int, pid: int | None, cpu: int) -> str:
+def _open_error(err: int, what: str, pid: int | None, cpu: int) -> str:
     if err == errno.ESRCH and pid is not None:
         return f"process {pid} does not exist"
-    return f"tracepoint {event_id} on CPU {cpu}: {_ERRNO_REASONS.get(err, os.strerror(err))}"
+    return f"{what} on CPU {cpu}: {_ERRNO_REASONS.get(err, os.strerror(err))}"
