@@ -77,8 +77,9 @@ def marker_fetchargs(site: SdtSite, tokens: tuple[str, ...], obj: ElfObject) -> 
             unavailable.append(f"{fetcharg.name}: {exc}")
             continue
         result.append(substituted)
-        if kernel_limitation(substituted):
-            kernel_unavailable.append(f"{fetcharg.name}: {kernel_limitation(substituted)}")
+        limitation = kernel_limitation(substituted)
+        if limitation:
+            kernel_unavailable.append(f"{fetcharg.name}: {limitation}")
         if isinstance(fetcharg.source, UsdtArg) and fetcharg.type is None:
             value_type = _value_type(site.args[fetcharg.source.index])
             if value_type:

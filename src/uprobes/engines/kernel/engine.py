@@ -8,6 +8,7 @@ a pid is given, system-wide otherwise. Everything we defined is deleted when the
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, replace
 
@@ -34,6 +35,12 @@ class _Attached:
     probe: Probe
     event: DefinedEvent
     format: EventFormat
+
+    @functools.cached_property
+    def left_out(self) -> dict[str, str]:
+        """The marker operands tracefs cannot fetch, by name: each event gives them as None, with this reason."""
+        return {arg.name: f"the kernel engine cannot fetch it: {kernel_limitation(arg)}"
+                for arg in self.probe.fetchargs if kernel_limitation(arg)}
 
 
 class KernelEngine:
@@ -125,13 +132,12 @@ class KernelEngine:
         probe = attached.probe
         args = {name: value for name, value in fields.items()
                 if name not in _HIDDEN_FIELDS and not name.startswith("common_")}
-        errors = dict(fields.errors)
+        errors = fields.errors
         for name in errors:
             args[name] = None  # the reason is in errors
-        for arg in probe.fetchargs:
-            if arg.name not in args:  # a marker operand tracefs cannot fetch
-                args[arg.name], errors[arg.name] = None, f"the kernel engine cannot fetch it: {kernel_limitation(arg)}"
-        args = {**{arg.name: args.pop(arg.name) for arg in probe.fetchargs}, **args}  # in the order asked for
+        if attached.left_out:
+            errors = {**errors, **attached.left_out}
+            args = {arg.name: args.get(arg.name) for arg in probe.fetchargs} | args  # in the order asked for
         retval = fields.get("__retval")
         ip = fields.get("__probe_ip", fields.get("__probe_func", 0))
         return Event(probe.name, sample.pid, sample.tid, fields.get("__comm", ""), sample.time_ns, sample.cpu, ip,

@@ -723,18 +723,14 @@ class PtraceEngine:
             return False
         slot, address, following = boosted
         breakpoint = thread.process.breakpoints.get(address)
-        if breakpoint is None or regs.rip != slot:
-            regs.rip = following if regs.rip != slot else address
-            ptrace_setregs(thread.tid, regs)
-            self._resume(thread, sig)
+        faulted = sig in _FAULT_SIGNALS and ptrace_getsiginfo(thread.tid).si_code > 0
+        if regs.rip == slot and breakpoint is not None and not faulted:
+            thread.step = _Step(breakpoint, slot, {})
+            self._on_signal(thread, sig)  # held, the others deferred, the step started
             return True
-        if sig in _FAULT_SIGNALS and ptrace_getsiginfo(thread.tid).si_code > 0:
-            regs.rip = address
-            ptrace_setregs(thread.tid, regs)
-            self._resume(thread, sig)
-            return True
-        thread.step = _Step(breakpoint, slot, {})
-        self._on_signal(thread, sig)  # held, the others deferred, the step started
+        regs.rip = following if regs.rip != slot else address  # past the instruction, or back to it
+        ptrace_setregs(thread.tid, regs)
+        self._resume(thread, sig)
         return True
 
     def _held_signal(self, thread: _Thread, current: int = 0) -> int:
