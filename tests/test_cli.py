@@ -152,3 +152,18 @@ def test_readme_python_example_runs_as_written():
                             cwd=Path(__file__).parent.parent, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.endswith("0 [(0, b's0'), (1, b's1'), (2, b's2')]\n")
+
+
+@pytest.mark.parametrize("is_return", [False, True])
+def test_json_events_are_what_json_reads_back(is_return):
+    """Events are formatted by hand for speed: names, strings and errors with quotes, newlines, non-ASCII
+    text and nulls must still read back as the same values."""
+    from uprobes.output.event import Event
+
+    event = Event('a"b\\c', 7, 8, "wörk\n\t\x01", 2**63, 1, 0x55D0, {"s": 'x"y\n', "v": [1, -2], "f": 1.5, "n": None},
+                  None if is_return else 3, {"n": "fault"}, is_return, 0)
+    record = json.loads(event.to_json())
+    assert record == {"probe": event.probe, "pid": 7, "tid": 8, "comm": event.comm, "ts_ns": 2**63, "cpu": 1,
+                      "ip": 0x55D0, "args": event.args, "errors": {"n": "fault"}} | ({"retval": None} if is_return else {})
+    assert list(record)[:8] == ["probe", "pid", "tid", "comm", "ts_ns", "cpu", "ip", "args"]
+    assert "ö" in event.to_json()  # kept as it is, not \u-escaped

@@ -1,5 +1,7 @@
 /* The benchmark's target: `hits SITE N` runs N iterations that each hit exactly one probe site of kind SITE,
- * then prints N on a line of its own. `hits sleep` waits (for probes to be inserted into a running process).
+ * then prints N on a line of its own. `hits SITE N RATE` paces them at RATE iterations per second (sleeping
+ * between batches of 100) and also prints how many nanoseconds they took, as `elapsed_ns=T`.
+ * `hits sleep` waits (for probes to be inserted into a running process).
  *
  * Every probe site is the first byte of its own global function, written in assembly so that the compiler
  * cannot change the probed instruction, and so that every tool can name it by symbol with no offset:
@@ -15,6 +17,7 @@
 #include <string.h>
 #include <unistd.h>
 #include <sys/sdt.h>
+#include <time.h>
 
 long bench_global = 3;
 volatile long sink;
@@ -67,6 +70,32 @@ __attribute__((noinline)) static long usdt_once(long i, long *p)
     return a + b;
 }
 
+static long now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+/* N calls of site_entry at RATE per second: each batch of 100 starts when the schedule says, not earlier. */
+static int paced_entries(long n, long rate)
+{
+    long start = now_ns(), sum = 0, i;
+    for (i = 0; i < n; i++) {
+        if (i % 100 == 0) {
+            long due = start + (long)((double)i * 1e9 / rate), ahead = due - now_ns();
+            if (ahead > 0) {
+                struct timespec wait = {ahead / 1000000000L, ahead % 1000000000L};
+                nanosleep(&wait, NULL);
+            }
+        }
+        sum += site_entry(i);
+    }
+    sink = sum;
+    printf("%ld\nelapsed_ns=%ld\n", i, now_ns() - start);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc == 2 && strcmp(argv[1], "sleep") == 0) {
@@ -75,14 +104,16 @@ int main(int argc, char **argv)
         for (;;)
             pause();
     }
-    if (argc != 3) {
-        fprintf(stderr, "usage: hits entry|alu|riprel|ret|usdt N\n       hits sleep\n");
+    if (argc != 3 && !(argc == 4 && strcmp(argv[1], "entry") == 0)) {
+        fprintf(stderr, "usage: hits entry|alu|riprel|ret|usdt N\n       hits entry N RATE\n       hits sleep\n");
         return 2;
     }
     const char *site = argv[1];
     long n = atol(argv[2]), sum = 0, i;
     long value = 7;
     volatile long *vp = &value;
+    if (argc == 4)
+        return paced_entries(n, atol(argv[3]));
     if (strcmp(site, "entry") == 0)
         for (i = 0; i < n; i++) sum += site_entry(i);
     else if (strcmp(site, "alu") == 0)

@@ -37,6 +37,16 @@ class _Attached:
     format: EventFormat
 
     @functools.cached_property
+    def positions(self) -> tuple[tuple[tuple[str, int], ...], int, int, int | None]:
+        """Where in a record's values (:meth:`EventFormat.unpack`) the arguments are, by name, and the
+        thread's name, the probed address and the return value."""
+        index = {f.name: i for i, f in enumerate(self.format.fields)}
+        args = tuple((name, i) for name, i in index.items()
+                     if name not in _HIDDEN_FIELDS and not name.startswith("common_"))
+        ip = index["__probe_func" if self.probe.is_return else "__probe_ip"]
+        return args, index["__comm"], ip, index.get("__retval")
+
+    @functools.cached_property
     def left_out(self) -> dict[str, str]:
         """The marker operands tracefs cannot fetch, by name: each event gives them as None, with this reason."""
         return {arg.name: f"the kernel engine cannot fetch it: {kernel_limitation(arg)}"
@@ -128,20 +138,20 @@ class KernelEngine:
         return events
 
     def _event(self, attached: _Attached, sample) -> Event:
-        fields = attached.format.decode(sample.raw)
+        values, errors = attached.format.unpack(sample.raw)
+        arg_positions, comm, ip, retval = attached.positions
+        args = {name: values[i] for name, i in arg_positions}
         probe = attached.probe
-        args = {name: value for name, value in fields.items()
-                if name not in _HIDDEN_FIELDS and not name.startswith("common_")}
-        errors = fields.errors
-        for name in errors:
-            args[name] = None  # the reason is in errors
+        if errors:
+            errors.pop("__comm", None)  # a thread that is gone: its name is ""
+            for name in errors.keys() & args.keys():
+                args[name] = None  # the reason is in errors
         if attached.left_out:
             errors = {**errors, **attached.left_out}
             args = {arg.name: args.get(arg.name) for arg in probe.fetchargs} | args  # in the order asked for
-        retval = fields.get("__retval")
-        ip = fields.get("__probe_ip", fields.get("__probe_func", 0))
-        return Event(probe.name, sample.pid, sample.tid, fields.get("__comm", ""), sample.time_ns, sample.cpu, ip,
-                     probe.typed(args), retval, errors or None, probe.is_return, attached.index)
+        return Event(probe.name, sample.pid, sample.tid, values[comm], sample.time_ns, sample.cpu, values[ip],
+                     probe.typed(args) if probe.retyped else args, None if retval is None else values[retval],
+                     errors or None, probe.is_return, attached.index)
 
     def close(self) -> None:
         """Stop collecting and delete every event this run defined; safe to call twice."""

@@ -111,7 +111,7 @@ class EventFormat:
     fields: list[Field]
     _struct: struct.Struct = field(init=False, repr=False)
     _names: tuple[str, ...] = field(init=False, repr=False)
-    _fixups: tuple[tuple[str, FieldKind, struct.Struct | None], ...] = field(init=False, repr=False)
+    _fixups: tuple[tuple[int, str, FieldKind, struct.Struct | None], ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.fields = sorted(self.fields, key=lambda f: f.offset)
@@ -125,27 +125,37 @@ class EventFormat:
         self._struct = struct.Struct("".join(layout))
         self._names = tuple(f.name for f in self.fields)
         # Only these need work after the one unpack; integers (nearly every field) are a plain zip.
-        self._fixups = tuple((f.name, f.kind, _item_struct(f)) for f in self.fields
+        self._fixups = tuple((index, f.name, f.kind, _item_struct(f)) for index, f in enumerate(self.fields)
                              if f.kind not in (FieldKind.INT, FieldKind.BYTES))
 
     def decode(self, raw: bytes) -> Record:
         """Decode one raw record (``PERF_SAMPLE_RAW`` data, which starts at ``common_type``)."""
-        record = Record(zip(self._names, self._struct.unpack_from(raw)))
-        record.errors = {}
-        for name, kind, items in self._fixups:
-            value = record[name]
-            if kind is FieldKind.STRING:
-                record[name] = _data_loc_string(raw, value, name, record.errors)
-            elif kind is FieldKind.STRINGS:
-                record[name] = [_data_loc_string(raw, loc, f"{name}[{i}]", record.errors)
-                                for i, loc in enumerate(items.unpack(value))]
-            elif kind is FieldKind.INTS:
-                record[name] = list(items.unpack(value))
-            elif kind is FieldKind.CHARS:
-                record[name] = value.split(b"\0", 1)[0].decode("utf-8", "replace")
-            elif kind is FieldKind.CHAR:
-                record[name] = value.decode("latin-1")
+        values, errors = self.unpack(raw)
+        record = Record(zip(self._names, values))
+        record.errors = errors
         return record
+
+    def unpack(self, raw: bytes) -> tuple[list | tuple, dict[str, str]]:
+        """The values of :meth:`decode`, in the order of :attr:`fields`, and its ``errors``; no dict built."""
+        values = self._struct.unpack_from(raw)
+        errors: dict[str, str] = {}
+        if not self._fixups:
+            return values, errors
+        values = list(values)
+        for index, name, kind, items in self._fixups:
+            value = values[index]
+            if kind is FieldKind.STRING:
+                values[index] = _data_loc_string(raw, value, name, errors)
+            elif kind is FieldKind.STRINGS:
+                values[index] = [_data_loc_string(raw, loc, f"{name}[{i}]", errors)
+                                 for i, loc in enumerate(items.unpack(value))]
+            elif kind is FieldKind.INTS:
+                values[index] = list(items.unpack(value))
+            elif kind is FieldKind.CHARS:
+                values[index] = value.split(b"\0", 1)[0].decode("utf-8", "replace")
+            elif kind is FieldKind.CHAR:
+                values[index] = value.decode("latin-1")
+        return values, errors
 
 
 def _item_struct(f: Field) -> struct.Struct | None:
