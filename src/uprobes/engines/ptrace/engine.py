@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import math
 import os
 import signal
 import sys
@@ -54,6 +55,9 @@ MAX_RETURN_DEPTH = 64  # the kernel's MAX_URETPROBE_DEPTH
 _TOOL_STOPPERS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 _WAKERS = _TOOL_STOPPERS | {signal.SIGCHLD}
 _MASK64 = (1 << 64) - 1
+# While stops come closer together than this, the next one is awaited by polling waitpid, not by sleeping:
+# on a VM, waking a sleeping tracer costs more than the hit itself (perf-levers.md; bench/ measures it).
+_SPIN_S = 0.002
 
 
 @dataclass
@@ -159,6 +163,8 @@ class PtraceEngine:
         self.skipped_returns = 0
         self._placed: set[int] = set()  # probes placed in some process at some time
         self._follow_forks = True  # return probes left out past the depth cap, reported at the end
+        self._last_stop = 0.0  # time.perf_counter() when stops were last handled
+        self._stop_gap = math.inf  # and how long before that the previous ones were
 
     def __enter__(self) -> PtraceEngine:
         return self
@@ -352,12 +358,15 @@ class PtraceEngine:
         deadline = time.monotonic() + timeout
         while True:
             handled = self._drain()
+            if handled:
+                now = time.perf_counter()
+                self._stop_gap, self._last_stop = now - self._last_stop, now
             if self._events and not handled:
                 break
             remaining = deadline - time.monotonic()
             if not self._threads or remaining <= 0:
                 break
-            if not handled:
+            if not handled and not self._spin():
                 woken = signal.sigtimedwait(_WAKERS, remaining)
                 if woken is not None and woken.si_signo in _TOOL_STOPPERS:
                     # Sent again, to be handled once we return; the events wait for the next poll.
@@ -365,6 +374,18 @@ class PtraceEngine:
                     return []
         events, self._events = self._events, []
         return events
+
+    def _spin(self) -> bool:
+        """Poll for a stop until _SPIN_S after the last one, if stops have been coming faster than that;
+        True if one came. When none does, the next waits sleep until stops come quickly again."""
+        if self._stop_gap >= _SPIN_S:
+            return False
+        end = self._last_stop + _SPIN_S
+        while time.perf_counter() < end:
+            if self._drain():
+                return True
+        self._stop_gap = math.inf
+        return False
 
     def _drain(self) -> bool:
         """Handle every stop already reported (round-robin, so no thread starves: hazard 8)."""
