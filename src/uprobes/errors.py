@@ -12,6 +12,10 @@ __all__ = ["UprobesError", "ElfError", "ProbeSyntaxError", "ResolveError", "Proc
 class UprobesError(Exception):
     """An error caused by input or environment, reported to the user as one line."""
 
+    def __str__(self) -> str:
+        # Messages quote what the user gave, which may hold newlines or other control characters.
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in super().__str__())
+
 
 class ElfError(UprobesError):
     """A file cannot be used as an ELF object: missing, not ELF, wrong class/machine, malformed."""
