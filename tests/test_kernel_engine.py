@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+from pathlib import Path
 
 from conftest import error_as_nobody, run_cli, run_json
 from uprobes.engines.kernel.engine import KernelEngine
@@ -208,11 +209,34 @@ def test_the_kernels_refusal_names_the_token(tracefs):
                                "$retval is not available on probe (at 'x=$retval')")
 
 
-def test_a_path_that_would_split_the_definition_is_refused(targets, tmp_path):
-    weird = tmp_path / "we#ird"
-    weird.write_bytes((targets / "calls").read_bytes())
-    result = run_cli("trace", "-d", "1", f"uprobe:{weird}:work")
-    assert result.status == 2 and "cannot be written to uprobe_events as one command" in result.stderr
+@pytest.mark.parametrize("name", ["we#ird", "we ird", "we\nr:evil"])
+def test_a_path_that_would_inject_a_second_command_is_refused(targets, tmp_path, tracefs, name):
+    """A file name with a newline, blank or '#' would make uprobe_events read a second definition or a comment:
+    refused by `resolve` and the kernel engine alike, nothing written; the ptrace engine needs no such line."""
+    weird = tmp_path / name
+    weird.write_bytes((targets / "demo").read_bytes())
+    weird.chmod(0o755)
+    link = tmp_path / "link"  # the probe syntax cannot name such a path; a symlink resolves to it
+    link.symlink_to(weird)
+    before = (Path(tracefs) / "uprobe_events").read_text()
+    for command in (["resolve"], ["trace", "-d", "1"]):
+        result = run_cli(*command, f"uprobe:{link}:price_of")
+        assert result.status == 2
+        assert result.stderr.count("\n") == 1 and "cannot take a path with blanks, '#' or control" in result.stderr
+    assert (Path(tracefs) / "uprobe_events").read_text() == before
+    records, proc = run_json("trace", "--engine", "ptrace", f"uprobe:{link}:price_of", "--", str(weird), "1")
+    hits = [r for r in records if "probe" in r]
+    assert proc.returncode == 0 and hits and all(r["probe"] == "price_of" for r in hits)
+
+
+@pytest.mark.parametrize("text", ["p:grp/ev\nr:grp/evil /bin/true:0x10 /bin/true:0x10",
+                                  "uprobe:/bin/true:0x10 x\n=%di", "uprobe:/bin/true:0x10 s=\\\"a\nb\\\"",
+                                  "uprobe:/bin/true:0x10 x=%di#comment", "uprobe:/bin/true:0x10 x=%di:string\nr:x"])
+def test_names_and_arguments_that_would_inject_a_line_are_rejected(tracefs, text):
+    before = (Path(tracefs) / "uprobe_events").read_text()
+    result = run_cli("trace", "-d", "1", *text.split(" "))
+    assert result.status == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert (Path(tracefs) / "uprobe_events").read_text() == before
 
 
 def test_system_wide_tracing_with_the_ptrace_engine_is_refused_clearly(targets):

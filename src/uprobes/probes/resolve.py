@@ -24,6 +24,8 @@ from .fetchargs import FetchArg, parse_fetchargs
 from .markerargs import kernel_limitation, marker_fetchargs
 from .spec import MAX_NAME_LEN, ProbeSpec, parse_probe
 
+_NOT_IN_A_COMMAND = re.compile(r"[\s#]")
+
 __all__ = ["Probe", "resolve_probe", "resolve_text", "DEFAULT_GROUP"]
 
 DEFAULT_GROUP = "uprobes"
@@ -79,6 +81,11 @@ class Probe:
         """The exact line to append to ``/sys/kernel/tracing/uprobe_events`` for this probe."""
         ref = f"({self.ref_ctr_offset:#x})" if self.ref_ctr_offset is not None else ""
         args = "".join(" " + arg.format() for arg in self.kernel_fetchargs)
+        if _NOT_IN_A_COMMAND.search(self.path) or not self.path.isprintable():
+            # Names and fetch arguments are checked by their parsers; the path is the file's real name, which
+            # may hold blanks, '#' or a newline: the kernel would read a second command or a comment.
+            raise ResolveError(f"{self.path}: the kernel's uprobe_events cannot take a path with blanks, '#' or "
+                               f"control characters; make a hard link without them (ln), or use --engine ptrace")
         return f"{'r' if self.is_return else 'p'}:{self.group}/{self.event} {self.path}:{self.offset:#x}{ref}{args}"
 
 

@@ -33,7 +33,8 @@ class Mapping:
 def read_maps(pid: int) -> list[Mapping]:
     """Mappings of process ``pid``; :class:`ProcessError` if it is gone or not ours to read."""
     try:
-        with open(f"/proc/{pid}/maps") as f:
+        # File names are bytes: surrogateescape keeps any that are not UTF-8 usable with os functions.
+        with open(f"/proc/{pid}/maps", errors="surrogateescape") as f:
             lines = f.read().splitlines()
     except FileNotFoundError:
         raise ProcessError(f"process {pid} does not exist") from None
@@ -46,8 +47,9 @@ def read_maps(pid: int) -> list[Mapping]:
     for line in lines:
         fields = line.split(maxsplit=5)
         start, _, end = fields[0].partition("-")
-        mappings.append(Mapping(int(start, 16), int(end, 16), fields[1], int(fields[2], 16), int(fields[4]),
-                                fields[5] if len(fields) > 5 else ""))
+        # The kernel writes a newline in a file name as \012 (show_map_vma -> seq_file_path).
+        path = fields[5].replace("\\012", "\n") if len(fields) > 5 else ""
+        mappings.append(Mapping(int(start, 16), int(end, 16), fields[1], int(fields[2], 16), int(fields[4]), path))
     return mappings
 
 

@@ -21,7 +21,6 @@ __all__ = ["Tracefs", "GROUP_PREFIX", "stale_groups"]
 TRACEFS = Path("/sys/kernel/tracing")
 GROUP_PREFIX = "uprobes_"
 _GROUP = re.compile(rf"{GROUP_PREFIX}(\d+)\Z")
-_SAFE_LINE = re.compile(r"[pr]:\w+/\w+ [^\s#]+(?: [^\s#]+)*\Z")
 _ERROR_ENTRY = re.compile(r"error: (?P<message>.*)\n(?P<prefix>\s+Command: )(?P<command>.*)\n(?P<caret> *)\^")
 
 
@@ -61,11 +60,6 @@ class Tracefs:
 
     def define(self, line: str, probe_text: str) -> DefinedEvent:
         """Append one ``p:``/``r:`` definition; a refusal raises with the kernel's reason and token."""
-        if not _SAFE_LINE.match(line):
-            # Names and fetch arguments are validated by the parsers; this catches a path with blanks or
-            # any text that would make the kernel read a second command or a comment.
-            raise KernelEngineError(f"probe '{probe_text}': cannot be written to uprobe_events as one command "
-                                    f"(a path with blanks or '#'? use a symlink without them)")
         try:
             self._append("uprobe_events", line)
         except OSError as exc:
