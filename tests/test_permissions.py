@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
 
 from conftest import error_as_nobody
 from uprobes.elf.objfile import ElfObject
@@ -15,10 +19,48 @@ def test_another_users_process_is_refused_with_the_reason():
                        "run as root or as its owner)")
 
 
-def test_an_unreadable_file_is_refused_with_the_reason(targets, tmp_path):
-    secret = tmp_path / "secret-demo"
+def test_an_unreadable_file_is_refused_with_the_reason(targets, public_dir):
+    secret = public_dir / "secret-demo"
     shutil.copy(targets / "demo", secret)
     os.chmod(secret, 0o600)
-    os.chmod(tmp_path, 0o755)
     message = error_as_nobody(lambda: ElfObject.open(str(secret)))
     assert message == f"{secret}: permission denied (run as a user who can read it)"
+
+
+@pytest.fixture
+def public_dir():
+    """A directory every user can reach (pytest's own tmp_path is under a root-only directory)."""
+    path = Path(tempfile.mkdtemp(prefix="uprobes-perm-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def test_a_setuid_or_setgid_command_is_refused_when_not_root(targets, public_dir):
+    """Under ptrace by a user, the kernel would exec it without its privileges: it would not behave as it does."""
+    from uprobes.proc.launch import HeldCommand
+
+    for bit, word in ((0o4755, "setuid"), (0o2755, "setgid")):
+        program = public_dir / f"demo-{word}"
+        shutil.copy(targets / "demo", program)
+        os.chmod(program, bit)
+        message = error_as_nobody(lambda: HeldCommand([str(program), "1"], ptraced_by_user=True))
+        assert message == (f"{program} is {word}: traced by a user who is not root, the kernel would run it "
+                           f"without those privileges; run as root (or use the kernel engine, as root)")
+    message = error_as_nobody(lambda: HeldCommand(["/usr/bin/passwd", "-S"], ptraced_by_user=True))
+    assert message.startswith("/usr/bin/passwd is setuid: ")
+
+
+def test_the_cli_refuses_a_setuid_command_for_the_ptrace_engine_as_a_user(targets, public_dir):
+    import subprocess
+    import sys
+
+    program = public_dir / "demo-setuid"
+    shutil.copy(targets / "demo", program)
+    os.chmod(program, 0o4755)
+    proc = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-m",
+                           "uprobes", "trace", "--engine", "ptrace", f"uprobe:{program}:price_of", "--", str(program), "1"],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == f"uprobes: error: {program} is setuid: traced by a user who is not root, the kernel would " \
+                          f"run it without those privileges; run as root (or use the kernel engine, as root)\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import signal
 import sys
@@ -91,7 +92,8 @@ class _Run:
         if self.pid is not None:
             read_maps(self.pid)  # a clear error now if the process is gone or not ours
         self.engine = stack.enter_context(_engine(args.engine, system_wide=self.pid is None and not command))
-        self.child = HeldCommand(command) if command else None
+        self.child = (HeldCommand(command, ptraced_by_user=self.engine.reaps_children and os.geteuid() != 0)
+                      if command else None)
         stack.callback(self._stop_child)
         for note in (f"{p.name} at {p.path}:{p.offset:#x}: left out {u}" for p in self.probes
                      for u in p.unavailable + (p.kernel_unavailable if self.engine.name == "kernel" else ())):

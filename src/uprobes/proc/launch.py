@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import stat
 
 from ..errors import UprobesError
 
@@ -18,11 +19,16 @@ class HeldCommand:
     attach to it before the program's first instruction.
     """
 
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(self, argv: list[str], ptraced_by_user: bool = False) -> None:
+        """``ptraced_by_user``: a tracer without root will ptrace it, so a program that gains privileges at
+        exec is refused (the kernel would run it without them, and it would not behave as it does)."""
         if not argv:
             raise UprobesError("no command to run")
-        if shutil.which(argv[0]) is None:
+        program = shutil.which(argv[0])
+        if program is None:
             raise UprobesError(f"command not found: {argv[0]}")
+        if ptraced_by_user:
+            _refuse_privileged(program)
         read_end, self._release_fd = os.pipe()
         # subprocess.Popen waits for the exec, so a child held before it is forked by hand.
         self.pid = os.fork()
@@ -76,6 +82,26 @@ class HeldCommand:
             self._release_fd = None
         elif self.poll() is None:
             os.kill(self.pid, signal.SIGTERM)
+
+
+def _refuse_privileged(program: str) -> None:
+    try:
+        mode = os.stat(program).st_mode
+        capabilities = _file_capabilities(program)
+    except OSError:
+        return  # exec will say what is wrong
+    gains = [what for what, present in (("setuid", mode & stat.S_ISUID), ("setgid", mode & stat.S_ISGID),
+                                        ("given file capabilities", capabilities)) if present]
+    if gains:
+        raise UprobesError(f"{program} is {' and '.join(gains)}: traced by a user who is not root, the kernel would "
+                           f"run it without those privileges; run as root (or use the kernel engine, as root)")
+
+
+def _file_capabilities(path: str) -> bool:
+    try:
+        return bool(os.getxattr(path, "security.capability"))
+    except OSError:
+        return False  # no such attribute, or no xattr support
 
 
 def exit_status(returncode: int) -> int:
