@@ -1,10 +1,15 @@
 /* THREADS threads each call hit() CALLS times; prints the total the calls returned.
- * Usage: threads [THREADS [CALLS [DELAY_US]]]  -- DELAY_US sleeps between calls (for attach/detach tests). */
+ * Usage: threads [THREADS [CALLS [DELAY_US]]]  -- DELAY_US sleeps between calls (for attach/detach tests).
+ * Each call's result is checked (a wrong one aborts: a probe changed what the program computes), and each
+ * iteration passes the semaphore-guarded marker threads:tick (so a tracer raises and restores a semaphore). */
+#define _SDT_HAS_SEMAPHORES 1
+#include <sys/sdt.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
 
+unsigned short threads_tick_semaphore __attribute__((section(".probes"))) = 0;
 static long calls = 1000;
 static long delay_us = 0;
 
@@ -18,7 +23,12 @@ static void *worker(void *arg)
 {
     long thread = (long)arg, sum = 0;
     for (long i = 0; i < calls; i++) {
-        sum += hit(thread, i);
+        long r = hit(thread, i);
+        if (r != thread * 3 + (i & 7))
+            abort();
+        sum += r;
+        if (threads_tick_semaphore)
+            STAP_PROBE2(threads, tick, thread, i);
         if (delay_us)
             usleep(delay_us);
     }

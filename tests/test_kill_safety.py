@@ -1,0 +1,122 @@
+"""Kill safety: SIGINT, SIGTERM and SIGHUP sent to the tool at random moments (while it starts, attaches,
+serves hits or has just attached) while it probes a busy multi-threaded process. After each trial the target
+lives on, its text is the file's, its semaphore is back to 0, no out-of-line page is left and no tracer is
+attached; the target checks every probed call's result itself (tests/targets/threads.c aborts on a wrong one).
+
+`make test` runs a few trials per signal; `make stress` runs KILL_TRIALS (100) per signal and prints a tally
+(RELIABILITY.md). Random delays come from a seeded generator: a failing trial can be replayed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from oracles import file_offset, objdump_instruction_starts
+
+KILL_TRIALS = int(os.environ.get("KILL_TRIALS", "100"))
+SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+
+
+def _text_differs(pid: int) -> list[str]:
+    """Executable file mappings of ``pid`` whose bytes differ from the file's."""
+    differing = []
+    with open(f"/proc/{pid}/mem", "rb") as mem:
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            fields = line.split()
+            if len(fields) < 6 or "x" not in fields[1] or not fields[5].startswith("/"):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            with open(fields[5], "rb") as f:
+                f.seek(int(fields[2], 16))
+                expected = f.read(end - start)
+            mem.seek(start)
+            if mem.read(len(expected)) != expected:
+                differing.append(line)
+    return differing
+
+
+def _semaphore(pid: int, path: str) -> int:
+    """threads_tick_semaphore in process ``pid``, read through the writable mapping of ``path``."""
+    offset = file_offset(path, int(subprocess.run(["nm", path], capture_output=True, text=True, check=True).stdout
+                                   .split("threads_tick_semaphore")[0].split("\n")[-1].split()[0], 16))
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split()
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        map_offset = int(fields[2], 16)
+        if len(fields) == 6 and fields[5] == path and "w" in fields[1] and map_offset <= offset < map_offset + end - start:
+            with open(f"/proc/{pid}/mem", "rb") as mem:
+                mem.seek(start + offset - map_offset)
+                return int.from_bytes(mem.read(2), "little")
+    raise AssertionError(f"no writable mapping of {path} holds the semaphore")
+
+
+def _left_behind(pid: int, path: str) -> list[str]:
+    """What a trial left in the target: changed text, a raised semaphore, an anonymous executable page, a tracer."""
+    problems = [f"text differs: {line}" for line in _text_differs(pid)]
+    if _semaphore(pid, path):
+        problems.append(f"semaphore is {_semaphore(pid, path)}")
+    maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    problems += [f"out-of-line page left: {line}" for line in maps if line.split()[1][2] == "x" and len(line.split()) < 6]
+    tracer = re.search(r"^TracerPid:\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M)[1]
+    if tracer != "0":
+        problems.append(f"still traced by {tracer}")
+    return problems
+
+
+def kill_trials(targets: Path, signum: int, trials: int, seed: int) -> dict:
+    """``trials`` runs of `uprobes trace` on one busy target, each ended by ``signum`` at a random moment.
+    Returns a tally; raises AssertionError at the first trial that leaves the target dead or changed."""
+    path = str(targets / "threads")
+    probes = [f"p {path}:{file_offset(path, a):#x}" for a in objdump_instruction_starts(path, "hit")]
+    probes += [f"usdt:{path}:threads:tick"]
+    rng = random.Random(seed)
+    target = subprocess.Popen([path, "4", "1000000000", "200"], stdout=subprocess.DEVNULL)
+    tally = {"trials": 0, "before_attached": 0, "after_attached": 0, "target_alive": 0, "clean": 0}
+    try:
+        time.sleep(0.2)
+        for trial in range(trials):
+            delay = rng.uniform(0, 1.2)
+            tool = subprocess.Popen([sys.executable, "-m", "uprobes", "trace", "--engine", "ptrace", "-p",
+                                     str(target.pid), "-o", os.devnull, *probes],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            time.sleep(delay)
+            tool.send_signal(signum)
+            _, err = tool.communicate(timeout=120)
+            attached = "attached" in err
+            tally["trials"] += 1
+            tally["after_attached" if attached else "before_attached"] += 1
+            what = f"trial {trial} (seed {seed}, {signal.Signals(signum).name} after {delay:.3f} s)"
+            assert target.poll() is None, f"{what}: the target died: {target.returncode}; tool said {err!r}"
+            tally["target_alive"] += 1
+            assert "Traceback" not in err, f"{what}: {err}"
+            assert tool.returncode in (128 + signum, -signum), f"{what}: exit {tool.returncode}: {err!r}"
+            problems = _left_behind(target.pid, path)
+            assert not problems, f"{what}: {problems}"
+            tally["clean"] += 1
+    finally:
+        target.kill()
+        target.wait()
+    return tally
+
+
+@pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: signal.Signals(s).name)
+def test_a_few_signals_at_random_moments_leave_the_target_as_it_was(targets, signum):
+    tally = kill_trials(targets, signum, trials=4, seed=signum)
+    assert tally["clean"] == 4
+
+
+@pytest.mark.stress
+@pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: signal.Signals(s).name)
+def test_a_hundred_signals_at_random_moments_leave_the_target_as_it_was(targets, signum):
+    tally = kill_trials(targets, signum, trials=KILL_TRIALS, seed=1000 + signum)
+    print(f"\nkill safety, {signal.Signals(signum).name}: {tally}")
+    assert tally["clean"] == KILL_TRIALS
