@@ -203,6 +203,10 @@ def run_trace(args: argparse.Namespace) -> int:
 def _report_notes(run: _Run) -> None:
     for note in run.engine.report():
         print(f"uprobes: {note}", file=sys.stderr)
+    returncode = run.child.returncode if run.child else None
+    if returncode is not None and returncode < 0:
+        signum = signal.Signals(-returncode)
+        print(f"uprobes: the command was killed by {signum.name} ({signal.strsignal(signum)})", file=sys.stderr)
 
 
 def _report_lost(writer: EventWriter, lost: int) -> None:
