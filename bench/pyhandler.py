@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
         nonlocal hits
         hits += 1
 
-    with Session(command=command) as session:
+    with Session(command=command, keep_events=False) as session:
         session.probe(probe, handler)
         status = session.run()
     print(f"pyhandler: hits={hits}", file=sys.stderr)

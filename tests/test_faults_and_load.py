@@ -100,3 +100,14 @@ def test_a_million_hits_with_the_tools_memory_flat(targets):
     later = [rss for hits, rss in samples if hits >= 100_000]
     print(f"\nRSS from 100,000 to 1,000,000 hits: {min(later)}-{max(later)} KiB over {len(later)} samples")
     assert max(later) - min(later) < 2048, samples
+
+
+def test_a_session_that_keeps_no_events_runs_its_handlers_with_flat_memory(targets):
+    from uprobes.api import Session
+
+    seen = []
+    with Session(command=[str(targets / "faults"), "wide", "2", "5000"], keep_events=False) as session:
+        session.probe(f"uprobe:{targets / 'faults'}:stepped x=%di", lambda hit: seen.append(hit.args["x"]))
+        assert session.run() == 0
+        assert session.events == [] and session.hit_counts() == [10_000]
+    assert sorted(seen) == sorted(list(range(5000)) * 2)

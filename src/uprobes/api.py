@@ -33,7 +33,9 @@ Handler = Callable[[Hit], object]
 class Session:
     """Probes in one process: a running one (``pid``) or a ``command`` started for the session."""
 
-    def __init__(self, pid: int | None = None, command: list[str] | None = None) -> None:
+    def __init__(self, pid: int | None = None, command: list[str] | None = None, keep_events: bool = True) -> None:
+        """``keep_events``: collect an :class:`Event` per hit in :attr:`events`; for a long session whose
+        handlers do the work, False keeps memory flat (hits are still counted, handlers still run)."""
         if (pid is None) == (command is None):
             raise UprobesError("give a Session either a pid or a command")
         self._pid = pid
@@ -43,6 +45,7 @@ class Session:
         self._engine = PtraceEngine()
         self._child: HeldCommand | None = None
         self._attached = False
+        self._keep_events = keep_events
         self.events: list[Event] = []
 
     def __enter__(self) -> Session:
@@ -70,10 +73,11 @@ class Session:
             if self._command is not None:
                 self._child = HeldCommand(self._command)
                 self._child.traced = True
-                self._engine.attach(self._probes, self._child.pid, held=True, handlers=self._handlers)
+                self._engine.attach(self._probes, self._child.pid, held=True, handlers=self._handlers,
+                                    counting=not self._keep_events)
                 self._child.release()
             else:
-                self._engine.attach(self._probes, self._pid, handlers=self._handlers)
+                self._engine.attach(self._probes, self._pid, handlers=self._handlers, counting=not self._keep_events)
         deadline = None if duration is None else time.monotonic() + duration
         pid = self._child.pid if self._child else self._pid
         while deadline is None or time.monotonic() < deadline:
