@@ -1,5 +1,6 @@
-"""Kill safety: SIGINT, SIGTERM and SIGHUP sent to the tool at random moments (while it starts, attaches,
-serves hits or has just attached) while it probes a busy multi-threaded process. After each trial the target
+"""Kill safety: SIGINT, SIGTERM, SIGHUP and SIGKILL sent to the tool at random moments (while it starts,
+attaches, serves hits or has just attached) while it probes a busy multi-threaded process (SIGKILL: the pid
+the user holds, whose child does the work and detaches when it dies; src/uprobes/cli/guard.py). After each trial the target
 lives on, its text is the file's, its semaphore is back to 0, no out-of-line page is left and no tracer is
 attached; the target checks every probed call's result itself (tests/targets/threads.c aborts on a wrong one).
 
@@ -23,7 +24,7 @@ import pytest
 from oracles import file_offset, objdump_instruction_starts
 
 KILL_TRIALS = int(os.environ.get("KILL_TRIALS", "100"))
-SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL]
 
 
 def _text_differs(pid: int) -> list[str]:
@@ -72,6 +73,26 @@ def _left_behind(pid: int, path: str) -> list[str]:
     return problems
 
 
+def _children(pid: int) -> list[int]:
+    children = []
+    for entry in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if entry.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            children.append(int(entry))
+    return children
+
+
+def _wait_gone(pids: list[int], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while Path(f"/proc/{pid}").exists():
+            assert time.monotonic() < deadline, f"process {pid} is still there"
+            time.sleep(0.01)
+
+
 def kill_trials(targets: Path, signum: int, trials: int, seed: int) -> dict:
     """``trials`` runs of `uprobes trace` on one busy target, each ended by ``signum`` at a random moment.
     Returns a tally; raises AssertionError at the first trial that leaves the target dead or changed."""
@@ -89,16 +110,24 @@ def kill_trials(targets: Path, signum: int, trials: int, seed: int) -> dict:
                                      str(target.pid), "-o", os.devnull, *probes],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             time.sleep(delay)
+            workers = _children(tool.pid)
             tool.send_signal(signum)
             _, err = tool.communicate(timeout=120)
+            _wait_gone(workers)  # after a SIGKILL of the front, its child detaches on its own
             attached = "attached" in err
             tally["trials"] += 1
             tally["after_attached" if attached else "before_attached"] += 1
             what = f"trial {trial} (seed {seed}, {signal.Signals(signum).name} after {delay:.3f} s)"
             assert target.poll() is None, f"{what}: the target died: {target.returncode}; tool said {err!r}"
             tally["target_alive"] += 1
-            assert "Traceback" not in err, f"{what}: {err}"
-            assert tool.returncode in (128 + signum, -signum), f"{what}: exit {tool.returncode}: {err!r}"
+            if signum != signal.SIGKILL and (attached or "uprobes" in err):
+                # A signal in the first milliseconds can stop the interpreter itself while it starts (a
+                # KeyboardInterrupt out of runpy, before any of our code): nothing is attached then, and only
+                # the target matters. From our first line on, the end is quiet.
+                assert "Traceback" not in err, f"{what}: {err}"
+                assert tool.returncode in (128 + signum, -signum), f"{what}: exit {tool.returncode}: {err!r}"
+            else:
+                tally["interpreter_start"] = tally.get("interpreter_start", 0) + ("Traceback" in err)
             problems = _left_behind(target.pid, path)
             assert not problems, f"{what}: {problems}"
             tally["clean"] += 1

@@ -103,8 +103,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .cleanup import run_cleanup
 
         return run_cleanup(args)
-    from .tracing import run_count, run_latency, run_trace
+    from .tracing import launches_command, run_count, run_latency, run_trace
 
+    if not launches_command(args):
+        from .guard import work_in_a_child
+
+        work_in_a_child()  # the traced process survives a SIGKILL of the pid the user holds
     return {"trace": run_trace, "count": run_count, "latency": run_latency}[args.command](args)
 
 

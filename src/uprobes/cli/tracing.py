@@ -46,6 +46,11 @@ def add_tracing_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("words", nargs="+", metavar="PROBE", help="probes, each with its fetch arguments")
 
 
+def launches_command(args: argparse.Namespace) -> bool:
+    """Whether the run starts a command (-c or --), rather than attaching to a process or to everyone."""
+    return bool(args.command_line or args.dash_command)
+
+
 def _split_command(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
     """Probe texts and the command to run, from PROBE... [-- CMD ARGS...] or -c 'CMD'."""
     words = list(args.words)
