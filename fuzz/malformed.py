@@ -33,7 +33,7 @@ def malformed_elves(data: bytes) -> dict[str, bytes]:
     """One defect per entry; see the module docstring."""
     elf = ELFFile(io.BytesIO(data))
     header = _EHDR.unpack_from(data)
-    phoff, shoff, phnum, shnum = header[5], header[6], header[9], header[11]
+    phoff, shoff, phnum = header[5], header[6], header[9]
     corpus: dict[str, bytes] = {}
 
     for size in (0, 4, 16, 63, 64, phoff + 20, len(data) // 2, shoff + 10, len(data) - 1):

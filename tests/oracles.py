@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 
 def tool_output(*command: str) -> str:
@@ -82,3 +83,28 @@ def objdump_instruction_starts(path: str, symbol: str) -> list[int]:
     """Addresses of the instructions ``objdump -d`` lists for one function."""
     out = tool_output("objdump", "-d", "--no-show-raw-insn", f"--disassemble={symbol}", path)
     return [int(m[1], 16) for m in re.finditer(r"^\s+([0-9a-f]+):\t", out, re.M)]
+
+
+def text_differs_from_files(pid: int) -> list[str]:
+    """Executable file mappings of process ``pid`` whose bytes in memory differ from the file's (after a
+    tracer has left, there should be none)."""
+    differing = []
+    with open(f"/proc/{pid}/mem", "rb") as mem:
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            fields = line.split()
+            if len(fields) < 6 or "x" not in fields[1] or not fields[5].startswith("/"):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            with open(fields[5], "rb") as f:
+                f.seek(int(fields[2], 16))
+                expected = f.read(end - start)
+            mem.seek(start)
+            if mem.read(len(expected)) != expected:
+                differing.append(line)
+    return differing
+
+
+def anonymous_executable_mappings(pid: int) -> list[str]:
+    """Executable mappings of no file in process ``pid``: an out-of-line area a tracer left behind."""
+    return [line for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+            if line.split()[1][2] == "x" and len(line.split()) < 6]

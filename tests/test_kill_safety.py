@@ -21,28 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from oracles import file_offset, objdump_instruction_starts
+from oracles import (anonymous_executable_mappings, file_offset, objdump_instruction_starts,
+                     text_differs_from_files)
 
 KILL_TRIALS = int(os.environ.get("KILL_TRIALS", "100"))
 SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL]
-
-
-def _text_differs(pid: int) -> list[str]:
-    """Executable file mappings of ``pid`` whose bytes differ from the file's."""
-    differing = []
-    with open(f"/proc/{pid}/mem", "rb") as mem:
-        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-            fields = line.split()
-            if len(fields) < 6 or "x" not in fields[1] or not fields[5].startswith("/"):
-                continue
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            with open(fields[5], "rb") as f:
-                f.seek(int(fields[2], 16))
-                expected = f.read(end - start)
-            mem.seek(start)
-            if mem.read(len(expected)) != expected:
-                differing.append(line)
-    return differing
 
 
 def _semaphore(pid: int, path: str) -> int:
@@ -62,11 +45,10 @@ def _semaphore(pid: int, path: str) -> int:
 
 def _left_behind(pid: int, path: str) -> list[str]:
     """What a trial left in the target: changed text, a raised semaphore, an anonymous executable page, a tracer."""
-    problems = [f"text differs: {line}" for line in _text_differs(pid)]
+    problems = [f"text differs: {line}" for line in text_differs_from_files(pid)]
     if _semaphore(pid, path):
         problems.append(f"semaphore is {_semaphore(pid, path)}")
-    maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
-    problems += [f"out-of-line page left: {line}" for line in maps if line.split()[1][2] == "x" and len(line.split()) < 6]
+    problems += [f"out-of-line page left: {line}" for line in anonymous_executable_mappings(pid)]
     tracer = re.search(r"^TracerPid:\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M)[1]
     if tracer != "0":
         problems.append(f"still traced by {tracer}")

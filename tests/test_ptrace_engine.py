@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli, run_json
-from oracles import file_offset, function_symbols, objdump_instruction_starts
+from oracles import (anonymous_executable_mappings, file_offset, function_symbols, objdump_instruction_starts,
+                     text_differs_from_files)
 from uprobes.api import REMOVE, Session
 
 ROOT = Path(__file__).parent.parent
@@ -27,30 +28,6 @@ LIBC = os.path.realpath("/lib/x86_64-linux-gnu/libc.so.6")
 def _count(engine: str, probes: list[str], command: list[str], *extra: str) -> tuple[dict, subprocess.CompletedProcess]:
     records, proc = run_json("count", "--engine", engine, *extra, *probes, "--", *command)
     return {(r["path"], r["offset"]): r["hits"] for r in records}, proc
-
-
-def _text_matches_file(pid: int) -> list[str]:
-    """Executable file mappings of ``pid`` whose bytes differ from the file's (should be none)."""
-    differing = []
-    with open(f"/proc/{pid}/mem", "rb") as mem:
-        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-            fields = line.split()
-            if len(fields) < 6 or "x" not in fields[1] or not fields[5].startswith("/"):
-                continue
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            with open(fields[5], "rb") as f:
-                f.seek(int(fields[2], 16))
-                expected = f.read(end - start)
-            mem.seek(start)
-            actual = mem.read(len(expected))
-            if actual != expected:
-                differing.append(fields[5])
-    return differing
-
-
-def _anonymous_executable(pid: int) -> list[str]:
-    return [line for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
-            if line.split()[1][2] == "x" and len(line.split()) < 6]
 
 
 def test_counts_of_every_function_match_the_kernel_engine(targets):
@@ -103,8 +80,8 @@ def test_attach_trace_and_detach_a_running_multithreaded_program(targets):
         assert {e["pid"] for e in hits} == {target.pid} and len({e["tid"] for e in hits}) == 4
         assert all(e["comm"] == "threads" for e in hits)
         # after detach: text byte-identical to the file, no out-of-line area, the same mappings
-        assert _text_matches_file(target.pid) == []
-        assert _anonymous_executable(target.pid) == []
+        assert text_differs_from_files(target.pid) == []
+        assert anonymous_executable_mappings(target.pid) == []
         assert Path(f"/proc/{target.pid}/maps").read_text() == maps_before
         out, _ = target.communicate(timeout=60)
         assert target.returncode == 0
@@ -128,7 +105,7 @@ def test_refused_instruction_gives_its_reason_and_changes_no_byte(targets):
                          f"uprobe:{targets / 'calls'}:work", f"p {path}:{file_offset(path, syscall_at):#x}")
         assert result.status == 2
         assert re.search(r"cannot probe 'syscall' at 0x[0-9a-f]+: .*system call", result.stderr), result.stderr
-        assert _text_matches_file(target.pid) == [] and _anonymous_executable(target.pid) == []
+        assert text_differs_from_files(target.pid) == [] and anonymous_executable_mappings(target.pid) == []
         assert target.poll() is None  # it goes on
     finally:
         target.kill()
@@ -226,7 +203,7 @@ def test_semaphores_are_raised_while_attached_and_lowered_after(targets):
         steps = [e for e in events if e["probe"] == "calls:step"]
         done = [e for e in events if e["probe"] == "demo:order__done"]
         assert len(steps) >= 5 and abs(len(done) - len(steps)) <= 1  # the library's marker: once per loop
-        assert _text_matches_file(target.pid) == []
+        assert text_differs_from_files(target.pid) == []
         out, _ = target.communicate(timeout=30)
         guarded = int(out.split()[-1])
         assert len(steps) <= guarded < 300  # open while we listened, closed again after
@@ -274,7 +251,7 @@ def test_a_signal_to_the_tool_ends_in_a_clean_detach(targets, signum):
         out, err = tracer.communicate(timeout=60)
         assert "Traceback" not in err and tracer.returncode == 128 + signum
         assert re.search(r"hit\s+\d+", out)  # the counts so far are still printed
-        assert _text_matches_file(target.pid) == [] and _anonymous_executable(target.pid) == []
+        assert text_differs_from_files(target.pid) == [] and anonymous_executable_mappings(target.pid) == []
         result, _ = target.communicate(timeout=60)
         expected = subprocess.run([path, "4", "20000"], capture_output=True, text=True).stdout
         assert target.returncode == 0 and result == expected
