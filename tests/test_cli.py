@@ -163,7 +163,8 @@ def test_json_events_are_what_json_reads_back(is_return):
     event = Event('a"b\\c', 7, 8, "wörk\n\t\x01", 2**63, 1, 0x55D0, {"s": 'x"y\n', "v": [1, -2], "f": 1.5, "n": None},
                   None if is_return else 3, {"n": "fault"}, is_return, 0)
     record = json.loads(event.to_json())
-    assert record == {"probe": event.probe, "pid": 7, "tid": 8, "comm": event.comm, "ts_ns": 2**63, "cpu": 1,
-                      "ip": 0x55D0, "args": event.args, "errors": {"n": "fault"}} | ({"retval": None} if is_return else {})
+    expected = {"probe": event.probe, "pid": 7, "tid": 8, "comm": event.comm, "ts_ns": 2**63, "cpu": 1, "ip": 0x55D0,
+                "args": event.args, "errors": {"n": "fault"}}
+    assert record == expected | ({"retval": None} if is_return else {})
     assert list(record)[:8] == ["probe", "pid", "tid", "comm", "ts_ns", "cpu", "ip", "args"]
     assert "ö" in event.to_json()  # kept as it is, not \u-escaped

@@ -1,8 +1,9 @@
 """Kill safety: SIGINT, SIGTERM, SIGHUP and SIGKILL sent to the tool at random moments (while it starts,
 attaches, serves hits or has just attached) while it probes a busy multi-threaded process (SIGKILL: the pid
-the user holds, whose child does the work and detaches when it dies; src/uprobes/cli/guard.py). After each trial the target
-lives on, its text is the file's, its semaphore is back to 0, no out-of-line page is left and no tracer is
-attached; the target checks every probed call's result itself (tests/targets/threads.c aborts on a wrong one).
+the user holds, whose child does the work and detaches when it dies; src/uprobes/cli/guard.py). After each
+trial the target lives on, its text is the file's, its semaphore is back to 0, no out-of-line page is left
+and no tracer is attached; the target checks every probed call's result itself (tests/targets/threads.c
+aborts on a wrong one).
 
 `make test` runs a few trials per signal; `make stress` runs KILL_TRIALS (100) per signal and prints a tally
 (RELIABILITY.md). Random delays come from a seeded generator: a failing trial can be replayed.
@@ -36,7 +37,7 @@ def _semaphore(pid: int, path: str) -> int:
         fields = line.split()
         start, end = (int(x, 16) for x in fields[0].split("-"))
         map_offset = int(fields[2], 16)
-        if len(fields) == 6 and fields[5] == path and "w" in fields[1] and map_offset <= offset < map_offset + end - start:
+        if len(fields) == 6 and fields[5] == path and "w" in fields[1] and 0 <= offset - map_offset < end - start:
             with open(f"/proc/{pid}/mem", "rb") as mem:
                 mem.seek(start + offset - map_offset)
                 return int.from_bytes(mem.read(2), "little")

@@ -58,8 +58,9 @@ def test_the_cli_refuses_a_setuid_command_for_the_ptrace_engine_as_a_user(target
     program = public_dir / "demo-setuid"
     shutil.copy(targets / "demo", program)
     os.chmod(program, 0o4755)
-    proc = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-m",
-                           "uprobes", "trace", "--engine", "ptrace", f"uprobe:{program}:price_of", "--", str(program), "1"],
+    as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    proc = subprocess.run([*as_nobody, sys.executable, "-m", "uprobes", "trace", "--engine", "ptrace",
+                           f"uprobe:{program}:price_of", "--", str(program), "1"],
                           capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr == f"uprobes: error: {program} is setuid: traced by a user who is not root, the kernel would " \
