@@ -21,16 +21,18 @@ test: venv targets
 stress: venv targets
 	$(PY) -m pytest -q -m stress
 
-# Every parser fed FUZZ_RUNS inputs by atheris (coverage-guided); stops at the first input that raises
-# anything but our own error or hangs (saved under build/fuzz/TARGET/). `make test` runs a short hypothesis run.
+# Every parser fed FUZZ_RUNS inputs by atheris (coverage-guided), or for FUZZ_SECONDS each if that comes first
+# (0: no limit); stops at the first input that raises anything but our own error or hangs (saved under
+# build/fuzz/TARGET/). `make test` runs a short hypothesis run of each.
 FUZZ_RUNS ?= 1000000
+FUZZ_SECONDS ?= 0
 FUZZ_TARGETS := usdt-arguments probe fetchargs sdt-notes elf
 fuzz: venv targets
 	$(PY) -m pip install -q -e '.[test,fuzz]'
 	@mkdir -p build
 	@for target in $(FUZZ_TARGETS); do \
 	    echo "fuzz $$target: $(FUZZ_RUNS) inputs"; \
-	    $(PY) fuzz/run.py $$target $(FUZZ_RUNS) > build/fuzz-$$target.log 2>&1 || { tail -40 build/fuzz-$$target.log; exit 1; }; \
+	    $(PY) fuzz/run.py $$target $(FUZZ_RUNS) $(FUZZ_SECONDS) > build/fuzz-$$target.log 2>&1 || { tail -40 build/fuzz-$$target.log; exit 1; }; \
 	    grep -E '^(Done|stat::(number_of_executed_units|average_exec_per_sec|new_units_added|peak_rss_mb))' build/fuzz-$$target.log; \
 	done
 
