@@ -74,11 +74,11 @@ def _split_dash_command(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``uprobes`` console script; returns the exit status."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is a KeyboardInterrupt again
     argv, dash_command = _split_dash_command(sys.argv[1:] if argv is None else argv)
     args = _build_parser().parse_args(argv)
     args.dash_command = dash_command
     try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is a KeyboardInterrupt again
         return _dispatch(args)
     except UprobesError as exc:
         print(f"uprobes: error: {exc}", file=sys.stderr)
