@@ -107,9 +107,9 @@ def kill_trials(targets: Path, signum: int, trials: int, seed: int) -> dict:
                 assert "Traceback" not in err, f"{what}: {err}"
                 assert tool.returncode in (128 + signum, -signum), f"{what}: exit {tool.returncode}: {err!r}"
             elif "Traceback" in err:
-                # A signal in the first milliseconds, while the interpreter starts and imports our modules
-                # (before their handlers are in place), can end it with a KeyboardInterrupt: nothing is
-                # attached then, and only the target matters. Counted and reported.
+                # A SIGINT in the first milliseconds, while the interpreter starts (before our first module has
+                # put its handlers in place), ends it with a KeyboardInterrupt: nothing is attached then, and
+                # only the target matters. Counted and reported.
                 assert err.rstrip().endswith("KeyboardInterrupt") and not attached, f"{what}: {err}"
                 tally["startup_tracebacks"] = tally.get("startup_tracebacks", 0) + 1
             problems = _left_behind(target.pid, path)
