@@ -258,3 +258,14 @@ def test_a_signal_to_the_tool_ends_in_a_clean_detach(targets, signum):
     finally:
         target.kill()
         target.wait()
+
+
+def test_a_process_that_ends_as_we_attach_is_a_clear_error(targets):
+    """The race the attach/detach stress run met: the process is gone by the time its memory is opened."""
+    from uprobes.engines.ptrace.memory import ProcessMemory
+    from uprobes.errors import ProcessError
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    with pytest.raises(ProcessError, match=rf"process {child.pid} does not exist \(it has ended\)"):
+        ProcessMemory(child.pid)

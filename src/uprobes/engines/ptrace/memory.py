@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 
+from ...errors import ProcessError
 from .syscalls import ptrace_peektext, ptrace_poketext
 
 __all__ = ["ProcessMemory"]
@@ -20,7 +21,13 @@ class ProcessMemory:
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self._fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            self._fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        except (FileNotFoundError, ProcessLookupError):
+            raise ProcessError(f"process {pid} does not exist (it has ended)") from None
+        except PermissionError:
+            raise ProcessError(f"cannot open /proc/{pid}/mem: permission denied (the process belongs to another "
+                               f"user or is not dumpable; run as root or as its owner)") from None
         self._poke = False
 
     def read(self, address: int, size: int) -> bytes:
