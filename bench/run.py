@@ -531,6 +531,11 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
+def _outcome(record: dict, describe) -> str:
+    """What a measurement found (``describe(record)``), or why it has no figure: FAILED/MISSING and the reason."""
+    return describe(record) if record["status"] == "ok" else f"{record['status'].upper()}: {record['reason']}"
+
+
 def table(results: dict) -> str:
     out = []
     hits = results["hits"]
@@ -550,34 +555,23 @@ def table(results: dict) -> str:
     extra = []
     for key, record in sorted(results["insert"].items(), key=lambda kv: (kv[0].split("/")[0], int(kv[0].split("/")[1]))):
         engine, count = key.split("/")
-        what = f"insert + remove {int(count):,} probes ({engine} engine)"
-        if record["status"] == "ok":
-            extra.append([what, f"insert {record['attach_s']:.3f} s, remove {record['close_s']:.3f} s (resolving "
-                                f"the probe texts: {record['resolve_s']:.2f} s; peak RSS "
-                                f"{record['vm_hwm_kb'] / 1024:.0f} MiB)"])
-        else:
-            extra.append([what, f"{record['status'].upper()}: {record['reason']}"])
+        extra.append([f"insert + remove {int(count):,} probes ({engine} engine)", _outcome(record, lambda r: (
+            f"insert {r['attach_s']:.3f} s, remove {r['close_s']:.3f} s (resolving the probe texts: "
+            f"{r['resolve_s']:.2f} s; peak RSS {r['vm_hwm_kb'] / 1024:.0f} MiB)"))])
     for key, record in results["list"].items():
-        if record["status"] == "ok":
-            extra.append([f"uprobes list --json {os.path.basename(record['path'])}",
-                          f"{record['s']:.2f} s ({record['min_s']:.2f}–{record['max_s']:.2f}; {record['functions']:,} "
-                          f"functions, {record['marker_sites']} marker sites)"])
-        else:
-            extra.append([f"uprobes list {key}", f"{record['status'].upper()}: {record['reason']}"])
+        what = (f"uprobes list --json {os.path.basename(record['path'])}" if record["status"] == "ok"
+                else f"uprobes list {key}")
+        extra.append([what, _outcome(record, lambda r: (
+            f"{r['s']:.2f} s ({r['min_s']:.2f}–{r['max_s']:.2f}; {r['functions']:,} functions, "
+            f"{r['marker_sites']} marker sites)"))])
     for engine, record in results["trace"].items():
-        what = f"uprobes trace --json -o FILE ({engine} engine)"
-        if record["status"] == "ok":
-            extra.append([what, f"{record['events_per_s']:,.0f} events/s with none lost ({record['min']:,.0f}–"
-                                f"{record['max']:,.0f}; the target paced at {', '.join(f'{r:,}' for r in TRACE_RATES)} "
-                                f"hits/s, up to the first rate with a loss)"])
-        else:
-            extra.append([what, f"{record['status'].upper()}: {record['reason']}"])
+        extra.append([f"uprobes trace --json -o FILE ({engine} engine)", _outcome(record, lambda r: (
+            f"{r['events_per_s']:,.0f} events/s with none lost ({r['min']:,.0f}–{r['max']:,.0f}; the target paced at "
+            f"{', '.join(f'{rate:,}' for rate in TRACE_RATES)} hits/s, up to the first rate with a loss)"))])
     for engine, record in results["rss"].items():
-        what = f"peak RSS of uprobes count -p PID holding {record.get('probes', 'many'):,} probes ({engine} engine)"
-        if record["status"] == "ok":
-            extra.append([what, f"{record['vm_hwm_kb'] / 1024:.0f} MiB (VmHWM; the run took {record['wall_s']:.1f} s)"])
-        else:
-            extra.append([what, f"{record['status'].upper()}: {record['reason']}"])
+        extra.append([f"peak RSS of uprobes count -p PID holding {record.get('probes', 'many'):,} probes ({engine} "
+                      f"engine)", _outcome(record, lambda r: (
+                          f"{r['vm_hwm_kb'] / 1024:.0f} MiB (VmHWM; the run took {r['wall_s']:.1f} s)"))])
     if extra:
         out += ["", _markdown(["measurement", "result"], extra)]
     notes = [f"- {site}/{tool}: {cell['status'].upper()}: {cell['reason']}" for site, cells in hits.items()
