@@ -53,11 +53,12 @@ def readelf_load_segments(path: str) -> list[ReadelfSegment]:
     return rows
 
 
-def file_offset(path: str, vaddr: int) -> int:
-    """File offset of ``vaddr`` through the PT_LOAD segment ``readelf`` says holds it."""
+def file_offset(path: str, vaddr: int) -> int | None:
+    """File offset of ``vaddr`` through the PT_LOAD segment ``readelf`` says holds it; None when that segment
+    has no bytes of the file there (``.bss``, or every segment of a separate debug file)."""
     for seg in readelf_load_segments(path):
         if seg.vaddr <= vaddr < seg.vaddr + seg.memsz:
-            return vaddr - seg.vaddr + seg.offset
+            return vaddr - seg.vaddr + seg.offset if vaddr < seg.vaddr + seg.filesz else None
     raise AssertionError(f"{vaddr:#x} is in no PT_LOAD segment of {path}")
 
 

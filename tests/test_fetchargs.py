@@ -95,11 +95,11 @@ VALID = [
     ("a=+0(%di):string[2]", {}, "a", Deref(0, Register("di")), FetchType("string", array=2)),
     ("a=+0(%di):b2@2/8[3]", {}, "a", Deref(0, Register("di")), FetchType("u8", (2, 2, 8), 3)),
     ("a=\\0x1000:string[2]", {}, "a", Immediate(0x1000), FetchType("string", array=2)),
-    ("arg0", {"usdt_args": 1}, "arg1", UsdtArg(0), None),
+    ("arg0", {"usdt_args": 1}, "arg0", UsdtArg(0), None),
     ("arg1:string", {"usdt_args": 2}, "arg1", UsdtArg(1), FetchType("string")),
     ("+8(arg0)", {"usdt_args": 1}, "arg1", Deref(8, UsdtArg(0)), None),
     ("name=arg2:u16", {"usdt_args": 3}, "name", UsdtArg(2), FetchType("u16")),
-    ("arg0:u8[4]", {"usdt_args": 1}, "arg1", UsdtArg(0), FetchType("u8", array=4)),
+    ("arg0:u8[4]", {"usdt_args": 1}, "arg0", UsdtArg(0), FetchType("u8", array=4)),
 ]
 
 

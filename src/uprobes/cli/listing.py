@@ -136,7 +136,7 @@ def _print_text(listing: dict, out) -> None:
             if "semaphore_value" in site:
                 value = site["semaphore_value"]
                 semaphore += f" = {value} ({'enabled' if value else 'disabled'})"
-            out.write(f"    offset {site['offset']:#x}  address {site['address']:#x}  {semaphore}  "
+            out.write(f"    offset {_hex(site['offset'])}  address {site['address']:#x}  {semaphore}  "
                       f"args: {site['args'] or '(none)'}\n")
             parsed = [SdtArgument(**a) for a in site["arguments"]]
             if parsed:

@@ -25,6 +25,7 @@ from elftools.elf.constants import P_FLAGS
 from elftools.elf.elffile import ELFFile
 
 from ..errors import ElfError, ResolveError
+from .ehframe import FunctionStarts
 from .symbols import Symbol, SymbolTable, read_symbol_table
 
 __all__ = ["ElfObject", "LoadSegment"]
@@ -249,6 +250,18 @@ class ElfObject:
         except (lzma.LZMAError, ElfError):
             raise ElfError(f"{self.path}: .gnu_debugdata (MiniDebugInfo) is not an xz-compressed ELF file") from None
         return [sym.with_origin("minidebuginfo") for sym in inner._own_symbols("symtab")]
+
+    @functools.cached_property
+    def _unwind_starts(self) -> FunctionStarts:
+        header = self._sections.get(".eh_frame_hdr")
+        return FunctionStarts(self.section_bytes(".eh_frame_hdr"), header.addr if header else 0)
+
+    def function_start(self, vaddr: int) -> int | None:
+        """Where the function holding ``vaddr`` starts, from its symbol or its unwind entry; None if unknown."""
+        sym = self.symbols.containing(vaddr)
+        starts = [start for start in (sym.value if sym else None, self._unwind_starts.start_of(vaddr))
+                  if start is not None]
+        return max(starts, default=None)
 
     def describe_address(self, vaddr: int) -> str:
         """``symbol+0xoff`` for display, or the bare address when no symbol covers it."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import fnmatch
+import re
 import struct
 from dataclasses import dataclass, replace
 
@@ -154,11 +155,12 @@ class SymbolTable:
         return best
 
     def closest_names(self, name: str, limit: int = 3) -> list[str]:
-        """Names that look like ``name``, for "did you mean" hints."""
+        """Names that look like ``name`` (a name, a versioned name or a glob), for "did you mean" hints."""
         import difflib
 
-        names = {s.name for s in self._functions}
-        lowered = name.lower().strip("*?")
-        contains = sorted(n for n in names if lowered and lowered in n.lower())
+        versioned = "@" in name
+        names = {s.display_name if versioned else s.name for s in self._functions}
+        fixed = [part.lower() for part in re.split(r"[*?]|\[[^]]*\]|@.*", name) if part]
+        contains = sorted(n for n in names if fixed and all(part in n.lower() for part in fixed))
         close = difflib.get_close_matches(name, names, n=limit, cutoff=0.6)
         return list(dict.fromkeys(close + sorted(contains, key=len)))[:limit]

@@ -566,6 +566,8 @@ def parse_fetcharg(token: str, position: int, *, is_return: bool, usdt_args: int
             f"dereferences are nested too deeply: {ops} kernel fetch steps, at most {MAX_FETCH_OPS}"
         )
 
+    if isinstance(source, UsdtArg) and not equals:  # a marker argument keeps its own name: arg0, arg1...
+        name = f"arg{source.index}"
     arg = FetchArg(name=name, explicit_name=bool(equals), source=source, type=ftype)
     if not usdt and len(arg.body()) > MAX_ARGSTR_LEN:
         raise parser.error(
@@ -587,14 +589,17 @@ def parse_fetchargs(
         parse_fetcharg(token, position, is_return=is_return, usdt_args=usdt_args)
         for position, token in enumerate(tokens, start=1)
     )
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, FetchArg]] = {}
     for token, arg in zip(tokens, args):
         if arg.name in seen:
+            first_token, first = seen[arg.name]
+            positional = any(not a.explicit_name and not isinstance(a.source, UsdtArg) for a in (first, arg))
             raise ProbeSyntaxError(
-                f"bad fetch argument '{token}': the name '{arg.name}' is already used by '{seen[arg.name]}'"
-                + ("" if arg.explicit_name else " (unnamed arguments are called arg1, arg2, ... by position)")
+                f"bad fetch argument '{token}': the name '{arg.name}' is already used by '{first_token}'"
+                + (" (unnamed arguments are called arg1, arg2, ... by position)" if positional else "")
+                + "; name it: NAME=..."
             )
-        seen[arg.name] = token
+        seen[arg.name] = token, arg
     size = sum(arg.size for arg in args)
     if size > MAX_PROBE_EVENT_SIZE:
         raise ProbeSyntaxError(

@@ -69,8 +69,6 @@ def marker_fetchargs(site: SdtSite, tokens: tuple[str, ...], obj: ElfObject) -> 
     parsed = parse_fetchargs(tokens, is_return=False, usdt_args=len(site.args))
     result, unavailable, kernel_unavailable, retyped = [], [], [], []
     for position, fetcharg in enumerate(parsed, 1):
-        if isinstance(fetcharg.source, UsdtArg) and not fetcharg.explicit_name:
-            fetcharg = replace(fetcharg, name=f"arg{fetcharg.source.index}")
         try:
             substituted = _substitute(fetcharg, values, site, position)
         except Unexpressible as exc:

@@ -97,6 +97,9 @@ def resolve_text(text: str) -> list[Probe]:
 def resolve_probe(spec: ProbeSpec) -> list[Probe]:
     """Every probe point ``spec`` names; raise :class:`ResolveError` when it names nothing."""
     obj = ElfObject.open(find_object(spec.target))
+    if obj.kind == "debug":
+        raise ResolveError(f"probe '{spec.text}': {obj.path} is a separate debug file, which holds no code; "
+                           f"probe the program or library it belongs to")
     if spec.is_usdt:
         return _resolve_marker(spec, obj)
     if spec.symbol is not None:
@@ -154,7 +157,7 @@ def _no_symbol_message(spec: ProbeSpec, obj: ElfObject) -> str:
         return f"{message}; closest: {', '.join(close)}"
     if not obj.has_symtab and not obj.symbols.functions:
         return f"{message}: the file is stripped (no .symtab); install its debug symbols or probe PATH:OFFSET"
-    return message
+    return f"{message}; 'uprobes list {obj.path}' shows its {len(obj.symbols.functions)} functions"
 
 
 def _check_code_address(obj: ElfObject, address: int, spec: ProbeSpec) -> None:
@@ -162,11 +165,11 @@ def _check_code_address(obj: ElfObject, address: int, spec: ProbeSpec) -> None:
     if segment is None or not segment.executable or address >= segment.vaddr + segment.filesz:
         raise ResolveError(f"probe '{spec.text}': {address:#x} is not in the code of {obj.path} "
                            f"(no executable segment holds it)")
-    sym = obj.symbols.containing(address)
-    if sym is None or sym.value == address:
+    start = obj.function_start(address)
+    if start is None or start == address:
         return
-    code = obj.read(sym.value, address - sym.value + _MAX_INSTRUCTION)
-    instr = instruction_containing(code, sym.value, address)
+    code = obj.read(start, address - start + _MAX_INSTRUCTION)
+    instr = instruction_containing(code, start, address)
     if instr is not None and instr.address != address:
         where = obj.describe_address(instr.address)
         raise ResolveError(
@@ -184,20 +187,23 @@ def _check_function_entry(obj: ElfObject, address: int, spec: ProbeSpec) -> None
 
 def _event_name(spec: ProbeSpec, obj: ElfObject, address: int, sym: Symbol | None, many: bool) -> str:
     if spec.event:
-        return _identifier(f"{spec.event}_{sym.name}") if many and sym else spec.event
+        return _identifier(spec.event, f"_{sym.name}") if many and sym else spec.event
     if sym is not None:
-        name = sym.name if address == sym.value else f"{sym.name}_{address - sym.value:#x}"
-        return _identifier(name + ("__return" if spec.is_return else ""))
+        where = "" if address == sym.value else f"_{address - sym.value:#x}"
+        return _identifier(sym.name, where + ("__return" if spec.is_return else ""))
     # The kernel's own default: p_<file name up to the first '.', '-' or '_'>_0x<offset>.
     stem = re.split(r"[.\-_]", obj.path.rsplit("/", 1)[-1], maxsplit=1)[0]
     return _identifier(f"p_{stem}_{obj.vaddr_to_offset(address):#x}")
 
 
-def _identifier(name: str) -> str:
-    name = re.sub(r"\W", "_", name)
+def _identifier(stem: str, suffix: str = "") -> str:
+    """``stem + suffix`` as a C identifier of at most the kernel's length; a long stem is cut, never the suffix
+    that tells an entry from a return or one site's event from another's."""
+    name = re.sub(r"\W", "_", stem)
     if not name or name[0].isdigit():
         name = "_" + name
-    return name[:MAX_NAME_LEN]
+    suffix = re.sub(r"\W", "_", suffix)
+    return name[:MAX_NAME_LEN - len(suffix)] + suffix
 
 
 def _resolve_marker(spec: ProbeSpec, obj: ElfObject) -> list[Probe]:
@@ -216,7 +222,7 @@ def _resolve_marker(spec: ProbeSpec, obj: ElfObject) -> list[Probe]:
         for site in marker.sites:
             fetch = marker_fetchargs(site, spec.fetchargs, obj)
             signature = tuple((arg.name, arg.type, kernel_limitation(arg)) for arg in fetch.fetchargs)
-            event = signatures.setdefault(signature, _identifier(f"{base}_{len(signatures) + 1}")
+            event = signatures.setdefault(signature, _identifier(base, f"_{len(signatures) + 1}")
                                           if signatures else base)
             probes.append(Probe(spec.text, False, spec.group or DEFAULT_GROUP, event, obj.path, site.offset,
                                 site.address, site.qualified_name, site.semaphore_offset, fetch.fetchargs, site,

@@ -7,6 +7,8 @@ Two families are accepted, each followed by optional fetch arguments separated b
       p[:[GRP/]EVENT] PATH:OFFSET[%return][(REF_CTR_OFFSET)] [FETCHARGS]
       r[:[GRP/]EVENT] PATH:OFFSET[(REF_CTR_OFFSET)] [FETCHARGS]
 
+  (``GRP.EVENT`` is read as ``GRP/EVENT``, as the kernel reads it)
+
   where OFFSET is a file offset read as the kernel reads it (``0x`` hex, leading ``0`` octal, else decimal),
   or ``SYMBOL[+OFFSET]``;
 - bpftrace-style names: ``uprobe:PATH:SYMBOL[+OFFSET]``, ``uprobe:PATH:0xADDR`` (a link-time address),
@@ -31,7 +33,7 @@ __all__ = ["ProbeSpec", "parse_probe", "parse_kernel_number", "group_probe_words
 MAX_NAME_LEN = 63  # the kernel's MAX_EVENT_NAME_LEN is 64, including the NUL
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _SYMBOL = re.compile(r"[A-Za-z_.$?*\[\]][\w.$@?*\[\]:<>~,-]*\Z")
-_KERNEL_HEAD = re.compile(r"(?P<kind>[pr])(?::(?:(?P<group>[^/\s]*)/)?(?P<event>[^/\s]*))?\Z")
+_KERNEL_HEAD = re.compile(r"(?P<kind>[pr])(?::(?P<name>\S*))?\Z")
 _REF_SUFFIX = re.compile(r"\((?P<ref>[^()]*)\)\Z")
 _BPFTRACE_KINDS = {"uprobe": False, "uretprobe": True}
 
@@ -116,8 +118,7 @@ def group_probe_words(words: list[str]) -> list[str]:
 
 def _parse_kernel(text: str, head: re.Match, location: str, fetchargs: tuple[str, ...]) -> ProbeSpec:
     is_return = head["kind"] == "r"
-    group = _check_name(head["group"], "group", text) if head["group"] else None
-    event = _check_name(head["event"], "event", text) if head["event"] else None
+    group, event = _group_and_event(head["name"], text)
     ref_ctr = None
     ref_match = _REF_SUFFIX.search(location)
     if ref_match:
@@ -183,6 +184,21 @@ def _split_symbol(where: str, text: str) -> tuple[str, int]:
         raise ProbeSyntaxError(f"probe '{text}': invalid symbol '{symbol}'")
     offset = parse_kernel_number(offset_text, "symbol offset", text) if plus else 0
     return symbol, offset
+
+
+def _group_and_event(name: str | None, text: str) -> tuple[str | None, str | None]:
+    """``[GRP/]EVENT`` or ``GRP.EVENT`` after ``p:``, as the kernel's traceprobe_parse_event_name splits it."""
+    if name is None:
+        return None, None
+    separator = "/" if "/" in name else "." if "." in name else None
+    if separator is None:
+        return None, _check_name(name, "event", text)
+    group, _, event = name.partition(separator)
+    if not group:
+        raise ProbeSyntaxError(f"probe '{text}': no group name before '{separator}' (write p:GROUP/EVENT or p:EVENT)")
+    if not event:
+        raise ProbeSyntaxError(f"probe '{text}': no event name after '{group}{separator}'")
+    return _check_name(group, "group", text), _check_name(event, "event", text)
 
 
 def _check_name(name: str, what: str, text: str) -> str:

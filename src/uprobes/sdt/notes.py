@@ -32,9 +32,9 @@ class SdtSite:
     provider: str
     name: str
     address: int  # link-time virtual address of the probed nop
-    offset: int  # file offset of the probed nop
+    offset: int | None  # file offset of the probed nop (None in a separate debug file, which holds no code)
     semaphore: int | None  # link-time address of the 2-byte counter
-    semaphore_offset: int | None  # its file offset, through the segment that maps it
+    semaphore_offset: int | None  # its file offset, through the segment that maps it (None: as for offset)
     args_text: str
     args: tuple[SdtArgument, ...] = field(compare=False)
 
@@ -100,12 +100,14 @@ def _read_site(obj: ElfObject, desc: bytes, base_now: int, index: int) -> SdtSit
     segment = obj.segment_for_vaddr(pc)
     if segment is None or not segment.executable:
         raise ElfError(f"{obj.path}: SDT marker {provider}:{name} points at {pc:#x}, outside the object's code")
+    in_file = obj.kind != "debug"  # a debug file keeps the program's headers but none of its bytes
     semaphore_offset = None
     if semaphore:
         holder = obj.segment_for_vaddr(semaphore)
         if holder is None:
             raise ElfError(f"{obj.path}: semaphore of SDT marker {provider}:{name} at {semaphore:#x} "
                            f"is outside every loadable segment")
-        semaphore_offset = semaphore - holder.vaddr + holder.offset
-    return SdtSite(provider, name, pc, pc - segment.vaddr + segment.offset, semaphore or None, semaphore_offset,
+        semaphore_offset = semaphore - holder.vaddr + holder.offset if in_file else None
+    offset = pc - segment.vaddr + segment.offset if in_file else None
+    return SdtSite(provider, name, pc, offset, semaphore or None, semaphore_offset,
                    args_text, tuple(parse_arguments(args_text)))
