@@ -4,7 +4,11 @@ exceptions, and latency."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -65,6 +69,57 @@ def test_no_follow_leaves_children_alone_and_alive(targets, engine):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("follow", [True, False], ids=["follow", "no-follow"])
+def test_children_that_outlive_their_parent_and_the_tool_run_untouched(targets, engine, follow):
+    """The tool ends with the command it launched; children forked just before are let go, not killed, and
+    each finds its own code byte-identical to the file a second later."""
+    lifecycle = targets / "lifecycle"
+    records, proc = _run(engine, "count", [f"uprobe:{lifecycle}:handle"], [str(lifecycle), "orphans", "3"],
+                         *([] if follow else ["--no-follow"]))
+    assert proc.returncode == 0 and "parent handle -100" in proc.stdout
+    assert sorted(re.findall(r"orphan \d handle \d+ \w+", proc.stdout)) == [
+        f"orphan {c} handle {c * 100} clean" for c in range(3)]
+    assert _hits(records) == {"handle": 1}  # the parent's; the children call handle after the tool is gone
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("follow", [True, False], ids=["follow", "no-follow"])
+def test_children_made_by_clone_vm_share_the_probes_of_their_parent(targets, engine, follow):
+    """clone(CLONE_VM) without CLONE_THREAD: a process of its own in its parent's memory. Followed, its hits are
+    reported; not followed, they are not, and the parent's probes are not taken out of the shared memory."""
+    lifecycle = targets / "lifecycle"
+    records, proc = _run(engine, "count", [f"uprobe:{lifecycle}:handle"], [str(lifecycle), "clonevm", "3"],
+                         *([] if follow else ["--no-follow"]))
+    match = re.fullmatch(r"clonevm sum 303 handle -100 areas (\d)\n", proc.stdout)
+    assert proc.returncode == 0 and match, proc.stdout
+    assert int(match[1]) <= (1 if engine == "ptrace" else 0)  # one out-of-line area at most, never one per child
+    assert _hits(records) == {"handle": 4 if follow else 1}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_library_loaded_after_attaching_to_a_running_process(targets, engine):
+    lifecycle, lib = targets / "lifecycle", targets / "libctor.so"
+    target = subprocess.Popen([str(lifecycle), "later", str(lib)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    out = f"/tmp/uprobes-test-{os.getpid()}-later.jsonl"
+    try:
+        tracer = subprocess.Popen([sys.executable, "-m", "uprobes", "count", "--engine", engine, "--json", "-o",
+                                   out, "-p", str(target.pid), f"uprobe:{lib}:lib_ctor", f"uprobe:{lib}:lib_work"],
+                                  stderr=subprocess.PIPE, text=True)
+        assert "attached" in tracer.stderr.readline()
+        assert target.communicate("go\n", timeout=60)[0] == "later sum 6\n"
+        _, err = tracer.communicate(timeout=60)
+        assert tracer.returncode == 0 and "Traceback" not in err and "never mapped" not in err
+        with open(out) as f:
+            assert _hits(json.loads(line) for line in f) == {"lib_ctor": 1, "lib_work": 3}
+    finally:
+        target.kill()
+        target.wait()
+        if os.path.exists(out):
+            os.unlink(out)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_vfork_then_exec_of_another_probed_program(targets, engine):
     lifecycle, calls = targets / "lifecycle", targets / "calls"
     records, proc = _run(engine, "count", [f"uprobe:{lifecycle}:handle", f"uprobe:{calls}:work"],
@@ -80,6 +135,19 @@ def test_a_program_that_execs_itself(targets, engine):
     assert proc.returncode == 0
     assert [r["args"]["n"] for r in records if "probe" in r] == [3, 2, 1, 0]
     assert len({r["pid"] for r in records if "probe" in r}) == 1
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_tail_calls_return_once_through_their_callers_frame(targets, engine):
+    """tail_f jumps to tail_g, acc jumps to itself: the return probes of the chain all fire at the one return,
+    innermost first, with the value it returns."""
+    lifecycle = targets / "lifecycle"
+    probes = [f"uretprobe:{lifecycle}:{name}" for name in ("tail_f", "tail_g", "tail_h", "acc")]
+    records, proc = _run(engine, "trace", probes, [str(lifecycle), "tail", "4"])
+    assert proc.returncode == 0 and proc.stdout == "tail f 15 h 16 acc 10\n"
+    returns = [(r["probe"], r["retval"]) for r in records if "probe" in r]
+    assert returns == [("tail_g%return", 15), ("tail_f%return", 15), ("tail_g%return", 15),
+                       ("tail_f%return", 15), ("tail_h%return", 16)] + [("acc%return", 10)] * 5
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -113,6 +181,19 @@ def test_a_cxx_exception_through_probed_frames(targets):
     returns = [(r["probe"], r["retval"]) for r in records if "probe" in r]
     assert returns == [(name, value) for n in (0, 1, 2, 4, 5)
                        for name, value in (("_Z5innerl%return", 10 * n), ("_Z5outerl%return", 10 * n + 1))]
+
+
+def test_a_cxx_exception_caught_inside_probed_frames_leaves_them_probed(targets):
+    """risky() throws for odd numbers and guarded() catches: only risky's frame is unwound (its return is
+    counted as skipped); guarded and total go on returning through the trampoline."""
+    cxx = targets / "cxxthrow"
+    probes = [f"uretprobe:{cxx}:{name}" for name in ("_Z5riskyl", "_Z7guardedl", "_Z5totall")]
+    records, proc = _run("ptrace", "trace", probes, [str(cxx), "caught"])
+    assert proc.returncode == 0 and proc.stdout == "total 20\n"
+    returns = [(r["probe"].split("%")[0][3:-1], r["retval"]) for r in records if "probe" in r]
+    assert returns == [("risky", 0), ("guarded", 0), ("guarded", -1), ("risky", 2), ("guarded", 2),
+                       ("guarded", -3), ("risky", 4), ("guarded", 4), ("total", 20)]
+    assert "2 return probes skipped" in proc.stderr
 
 
 def test_the_kernels_uretprobes_break_a_cxx_exception_that_ours_survive(targets):

@@ -8,6 +8,12 @@
  *   lifecycle marker LIB N  dlopen LIB (libprobed.so), print its marker's semaphore, call lib_add(i, 2i) N times
  *   lifecycle watch LIB     dlopen LIB, then print its marker's semaphore for each line read from stdin
  *   lifecycle fault         load() reads a PROT_NONE page; the SIGSEGV handler opens it and the load runs again
+ *   lifecycle tail N        tail calls: tail_f(N) jumps to tail_g, tail_h calls tail_f; acc() jumps to itself
+ *   lifecycle later LIB     waits for a line on stdin, then dlopens LIB and calls lib_work(0..2)
+ *   lifecycle orphans N     N children call handle(c, 0) after their parent has exited, and check that their
+ *                           code is the file's, byte for byte
+ *   lifecycle clonevm N     N children made by clone(CLONE_VM) (memory shared, not threads) call handle(c, 1);
+ *                           prints how many anonymous executable mappings the process has at the end
  * Prints what it computed, so the tests can compare it with what the probes saw. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -17,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <ucontext.h>
@@ -63,6 +70,66 @@ __attribute__((noinline)) long deep(long n)
 }
 
 static long recurse_n;
+
+__attribute__((noinline)) long tail_g(long x)
+{
+    __asm__ volatile("" ::: "memory");
+    return x * 3;
+}
+
+__attribute__((noinline, optimize("optimize-sibling-calls"))) long tail_f(long x)
+{
+    __asm__ volatile("" ::: "memory");
+    return tail_g(x + 1); /* a sibling call at -O2: jmp tail_g */
+}
+
+__attribute__((noinline)) long tail_h(long x)
+{
+    long r = tail_f(x) + 1;
+    __asm__ volatile("" ::: "memory");
+    return r;
+}
+
+typedef long (*accumulator)(long, long, void *);
+
+__attribute__((noinline, optimize("optimize-sibling-calls"))) long acc(long n, long sum, void *self)
+{
+    if (n == 0)
+        return sum;
+    return ((accumulator)self)(n - 1, sum + n, self); /* jmp *%rdx */
+}
+
+/* Whether this process's code in memory is its file's, byte for byte (no int3 or other byte left). */
+static int text_is_clean(void)
+{
+    FILE *maps = fopen("/proc/self/maps", "r");
+    char line[512], exe[256] = "";
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    int clean = maps != NULL && n > 0;
+    exe[n > 0 ? n : 0] = 0;
+    while (clean && fgets(line, sizeof line, maps)) {
+        unsigned long start, end, offset;
+        char perms[8], path[256] = "";
+        if (sscanf(line, "%lx-%lx %7s %lx %*s %*s %255s", &start, &end, perms, &offset, path) < 4 ||
+            perms[2] != 'x' || strcmp(path, exe))
+            continue;
+        FILE *file = fopen(exe, "rb");
+        char *expected = malloc(end - start);
+        size_t got = file && fseek(file, offset, SEEK_SET) == 0 ? fread(expected, 1, end - start, file) : 0;
+        clean = got > 0 && memcmp(expected, (void *)start, got) == 0;
+        free(expected);
+        if (file)
+            fclose(file);
+    }
+    if (maps)
+        fclose(maps);
+    return clean;
+}
+
+static int clone_child(void *arg)
+{
+    return (int)handle((long)arg, 1);
+}
 
 static void *recurser(void *arg)
 {
@@ -166,6 +233,66 @@ int main(int argc, char **argv)
         sigaction(SIGSEGV, &sa, NULL);
         long value = load((volatile long *)guarded);
         printf("fault load %ld faults %d at %s\n", value, (int)faults, faults ? "the load" : "nowhere");
+        return 0;
+    }
+    if (!strcmp(mode, "tail")) {
+        long n = atol(argv[2]);
+        long f = tail_f(n);
+        long h = tail_h(n);
+        printf("tail f %ld h %ld acc %ld\n", f, h, acc(n, 0, (void *)acc));
+        return 0;
+    }
+    if (!strcmp(mode, "later")) {
+        char line[16];
+        if (!fgets(line, sizeof line, stdin))
+            return 1;
+        void *lib = dlopen(argv[2], RTLD_NOW);
+        if (!lib) {
+            fprintf(stderr, "%s\n", dlerror());
+            return 1;
+        }
+        long (*work)(long) = (long (*)(long))dlsym(lib, "lib_work");
+        long sum = 0;
+        for (int i = 0; i < 3; i++)
+            sum += work(i);
+        printf("later sum %ld\n", sum);
+        return 0;
+    }
+    if (!strcmp(mode, "orphans")) {
+        int n = atoi(argv[2]);
+        for (int c = 0; c < n; c++) {
+            if (fork() == 0) {
+                sleep(1); /* the parent, and a tracer that ends with it, are gone by then */
+                printf("orphan %d handle %ld %s\n", c, handle(c, 0), text_is_clean() ? "clean" : "CHANGED");
+                fflush(stdout);
+                _exit(0);
+            }
+        }
+        printf("parent handle %ld\n", handle(-1, 0));
+        return 0;
+    }
+    if (!strcmp(mode, "clonevm")) {
+        int n = atoi(argv[2]);
+        long sum = 0;
+        for (int c = 0; c < n; c++) {
+            char *stack = malloc(65536);
+            int status;
+            pid_t pid = clone(clone_child, stack + 65536, CLONE_VM | SIGCHLD, (void *)(long)c);
+            waitpid(pid, &status, 0);
+            sum += WEXITSTATUS(status);
+            free(stack);
+        }
+        FILE *maps = fopen("/proc/self/maps", "r");
+        char line[512];
+        int areas = 0;
+        while (maps && fgets(line, sizeof line, maps)) {
+            char perms[8], path[256] = "";
+            if (sscanf(line, "%*s %7s %*s %*s %*s %255s", perms, path) >= 1 && perms[2] == 'x' && !path[0])
+                areas++;
+        }
+        if (maps)
+            fclose(maps);
+        printf("clonevm sum %ld handle %ld areas %d\n", sum, handle(-1, 0), areas);
         return 0;
     }
     if (!strcmp(mode, "recurse")) {

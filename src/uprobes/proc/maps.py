@@ -36,7 +36,7 @@ def read_maps(pid: int) -> list[Mapping]:
         # File names are bytes: surrogateescape keeps any that are not UTF-8 usable with os functions.
         with open(f"/proc/{pid}/maps", errors="surrogateescape") as f:
             lines = f.read().splitlines()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # ESRCH: it ended while we read
         raise ProcessError(f"process {pid} does not exist") from None
     except PermissionError:
         raise ProcessError(f"cannot read /proc/{pid}/maps: permission denied "

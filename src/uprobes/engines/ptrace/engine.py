@@ -36,7 +36,8 @@ from .semaphores import Semaphores
 from .syscalls import (EVENT_CLONE, EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_STOP, EVENT_VFORK, EXITKILL, OPTIONS,
                        SI_KERNEL, WALL, Regs, ptrace_cont, ptrace_detach, ptrace_geteventmsg, ptrace_getregs,
                        SigInfo, ptrace_getfpregs, ptrace_getsiginfo, ptrace_getsigmask, ptrace_interrupt, ptrace_listen,
-                       ptrace_seize, ptrace_setregs, ptrace_setsiginfo, ptrace_setsigmask, ptrace_singlestep, tgkill)
+                       ptrace_seize, ptrace_setregs, ptrace_setsiginfo, ptrace_setsigmask, ptrace_singlestep, same_memory,
+                       tgkill)
 from .xol import XolArea
 
 __all__ = ["PtraceEngine", "Hit", "REMOVE"]
@@ -80,7 +81,7 @@ class _Breakpoint:
     plan: Plan
     probes: list[int] = field(default_factory=list)
     file_offset: int = 0
-    internal: str | None = None  # the engine's own breakpoints: "rendezvous" (ld.so), "unwind" (libgcc_s)
+    internal: str | None = None  # the engine's own breakpoints: "rendezvous" (ld.so), "unwind" (libgcc_s), "catch" (libstdc++)
 
 
 @dataclass
@@ -122,7 +123,7 @@ class _Process:
     memory: ProcessMemory
     breakpoints: dict[int, _Breakpoint] = field(default_factory=dict)
     xol: XolArea | None = None
-    vfork_parent: _Process | None = None  # a vfork child shares this process's memory
+    memory_owner: _Process | None = None  # a vfork or clone(CLONE_VM) child shares this process's memory
     semaphores: Semaphores = field(default_factory=Semaphores)
 
 
@@ -291,8 +292,7 @@ class PtraceEngine:
             process.memory.write(address, b"\xcc", tid)
             process.breakpoints[address] = _Breakpoint(address, code, plan, indices, offset)
         process.semaphores.raise_armed(process.memory, mappings, self._probes, tid)
-        if at_exec:
-            self._rendezvous_breakpoint(process, tid)
+        self._rendezvous_breakpoint(process, tid)  # at exec, and in a process attached with -p
         if any(probe.is_return for probe in self._probes):
             self._unwind_breakpoints(process, tid, mappings)
 
@@ -312,11 +312,15 @@ class PtraceEngine:
     def _unwind_breakpoints(self, process: _Process, tid: int, mappings) -> None:
         """The C++ unwinder cannot walk through a return address replaced by the trampoline (the kernel's
         uretprobes make such a throw end in std::terminate). So when a thread starts unwinding, its pending
-        returns are put back first: the exception works, and those returns go unreported (and counted)."""
+        return addresses are put back; where the exception is caught (``__cxa_begin_catch``), the frames it
+        unwound are dropped (and counted) and the trampoline goes back into the frames still alive."""
         for mapping in mappings:
-            if mapping.executable and os.path.basename(mapping.path).startswith("libgcc_s.so"):
+            name = os.path.basename(mapping.path)
+            if mapping.executable and name.startswith("libgcc_s.so"):
                 for symbol in _UNWINDERS:
                     self._internal_breakpoint(process, tid, mapping, symbol, "unwind")
+            elif mapping.executable and name.startswith("libstdc++.so"):
+                self._internal_breakpoint(process, tid, mapping, "__cxa_begin_catch", "catch")
 
     def _internal_breakpoint(self, process: _Process, tid: int, mapping, symbol: str, role: str) -> None:
         try:
@@ -432,7 +436,7 @@ class PtraceEngine:
             self._exit_status[tid] = os.waitstatus_to_exitcode(status)
         process = self._processes.get(tid)
         if process is not None and not any(t.process is process for t in self._threads.values()):
-            if process.vfork_parent is None:  # a vfork child borrowed its parent's memory
+            if process.memory_owner is None:  # a vfork child borrowed its parent's memory
                 process.memory.close()
             del self._processes[tid]
 
@@ -482,10 +486,12 @@ class PtraceEngine:
             self._resume(thread)
 
     def _adopt_child(self, pid: int, kind: str, parent: _Process, returns: list[_Return]) -> None:
-        """A fork child inherits every int3 (hazard 14): take them out of its copy and let it go. A vfork child
-        shares its parent's memory, so it is serviced like a thread until it execs or exits (hazard 15)."""
-        if kind == "vfork":
-            child = _Process(pid, parent.memory, parent.breakpoints, parent.xol, vfork_parent=parent,
+        """A fork child inherits every int3 (hazard 14): take them out of its copy and let it go. A vfork child,
+        or one made by clone(CLONE_VM) without CLONE_THREAD, shares its parent's memory, so it is serviced like a
+        thread until it execs or exits (hazard 15)."""
+        if kind == "vfork" or _shares_memory(parent.pid, pid):
+            owner = parent.memory_owner or parent
+            child = _Process(pid, parent.memory, parent.breakpoints, parent.xol, memory_owner=owner,
                              semaphores=parent.semaphores)
             self._processes[pid] = child
             thread = _Thread(pid, child, running=False)
@@ -494,7 +500,11 @@ class PtraceEngine:
             return
         if self._follow_forks:
             self._follow(pid, parent, returns)
-            return
+        else:
+            self._let_go(pid, parent, returns)
+
+    def _let_go(self, pid: int, parent: _Process, returns: list[_Return]) -> None:
+        """Detach a fork child after taking every byte we wrote out of its copy of its parent's memory."""
         memory = ProcessMemory(pid)
         try:
             for breakpoint in parent.breakpoints.values():
@@ -532,12 +542,12 @@ class PtraceEngine:
             del self._threads[thread.tid]
             thread.tid = pid
             self._threads[pid] = thread
-        if old.vfork_parent is not None and not self._follow_forks:  # it leaves the shared memory: let it go
+        if old.memory_owner is not None and not self._follow_forks:  # it leaves the shared memory: let it go
             del self._threads[pid]
             del self._processes[pid]
             ptrace_detach(pid, 0)
             return
-        if old.vfork_parent is None:  # a vfork child borrowed its parent's memory: nothing of its own to close
+        if old.memory_owner is None:  # a vfork child borrowed its parent's memory: nothing of its own to close
             old.memory.close()
         process = _Process(pid, ProcessMemory(pid))
         self._processes[pid] = process
@@ -569,9 +579,9 @@ class PtraceEngine:
         if breakpoint.internal == "rendezvous":
             self._insert(thread.process, thread.tid, strict=False)  # objects were mapped or unmapped
         elif breakpoint.internal == "unwind" and thread.returns:
-            self.skipped_returns += len(thread.returns)
             _restore_returns(thread.process.memory, thread.returns, thread.process.xol, thread.tid)
-            thread.returns.clear()
+        elif breakpoint.internal == "catch" and thread.returns:
+            self._caught(thread, regs)
         self._report(thread, breakpoint, regs, [i for i in breakpoint.probes if not self._probes[i].is_return])
         returning = [i for i in breakpoint.probes if self._probes[i].is_return]
         if returning:
@@ -581,15 +591,21 @@ class PtraceEngine:
     def _hijack_return(self, thread: _Thread, breakpoint: _Breakpoint, regs: Regs, probes: list[int]) -> None:
         """At a function's first instruction, [rsp] is its return address: send it to the trampoline."""
         memory, trampoline = thread.process.memory, thread.process.xol.trampoline
-        # Frames left by longjmp or an exception are below the stack pointer now: drop them, unreported.
-        while thread.returns and thread.returns[-1].stack <= regs.rsp:
+        try:
+            original = int.from_bytes(memory.read(regs.rsp, 8), "little")
+        except OSError:
+            self.skipped_returns += 1
+            return
+        chained = original == trampoline  # a tail call: the caller's return is already ours, in this slot
+        # Frames left by longjmp are below the stack pointer now: drop them, unreported. A tail call's caller
+        # shares this very slot and stays (the kernel's RP_CHECK_CHAIN_CALL).
+        while thread.returns and (thread.returns[-1].stack < regs.rsp
+                                  or thread.returns[-1].stack == regs.rsp and not chained):
             thread.returns.pop()
         if len(thread.returns) >= MAX_RETURN_DEPTH:
             self.skipped_returns += 1
             return
         try:
-            original = int.from_bytes(memory.read(regs.rsp, 8), "little")
-            chained = original == trampoline  # a tail call: the caller's return is already ours
             if chained:
                 if not thread.returns:
                     return
@@ -600,6 +616,20 @@ class PtraceEngine:
             self.skipped_returns += 1
             return
         thread.returns.append(_Return(regs.rsp, original, breakpoint, probes, chained))
+
+    def _caught(self, thread: _Thread, regs: Regs) -> None:
+        """An exception is caught in the frame calling ``__cxa_begin_catch``: the frames at or below its return
+        address were unwound; the others return as usual again, through the trampoline."""
+        alive = [instance for instance in thread.returns if instance.stack > regs.rsp]
+        self.skipped_returns += len(thread.returns) - len(alive)
+        thread.returns[:] = alive
+        memory, trampoline = thread.process.memory, thread.process.xol.trampoline
+        for instance in alive:
+            try:
+                if int.from_bytes(memory.read(instance.stack, 8), "little") == instance.original:
+                    memory.write(instance.stack, trampoline.to_bytes(8, "little"), thread.tid)
+            except OSError:
+                pass  # left as the program wrote it; the return goes unreported
 
     def _returned(self, thread: _Thread, regs: Regs, report: bool = True) -> None:
         """A hijacked function returned to the trampoline: its ``ret`` popped the slot at ``rsp - 8``."""
@@ -623,6 +653,8 @@ class PtraceEngine:
 
     def _report(self, thread: _Thread, breakpoint: _Breakpoint, regs: Regs, probes: list[int],
                 retval: int | None = None) -> None:
+        if thread.process.memory_owner is not None and not self._follow_forks:
+            return  # a child serviced only because it shares its parent's memory (and our int3s): not followed
         for index in probes:
             self._hits[index] += 1
             if self._counting and index not in self._handlers:
@@ -780,6 +812,7 @@ class PtraceEngine:
         self._stopping = True
         try:
             self._stop_all()
+            self._release_unadopted_children()
             for process in list(self._processes.values()):
                 self._restore(process)
             for thread in list(self._threads.values()):
@@ -790,7 +823,7 @@ class PtraceEngine:
         finally:
             self._threads.clear()
             for process in self._processes.values():
-                if process.vfork_parent is None:
+                if process.memory_owner is None:
                     process.memory.close()
             self._processes.clear()
             if self._sigchld_blocked:
@@ -821,6 +854,27 @@ class PtraceEngine:
                 self._settle(thread)
             except ProcessLookupError:
                 self._gone(thread.tid, None)
+
+    def _release_unadopted_children(self) -> None:
+        """Children forked just before we stopped, whose first stop is not reported yet: each is traced (our
+        options are inherited), so it would die with us (EXITKILL) unless let go, clean, like a thread."""
+        deadline = time.monotonic() + 2
+        while self._children and time.monotonic() < deadline:
+            for pid in list(self._children):
+                try:
+                    stopped, _ = os.waitpid(pid, WALL | os.WNOHANG)
+                except ChildProcessError:
+                    stopped = pid  # gone already
+                if stopped:
+                    kind, parent, returns = self._children.pop(pid)
+                    try:
+                        if kind == "vfork" or _shares_memory(parent.pid, pid):
+                            ptrace_detach(pid, 0)  # its memory is its parent's, restored with it
+                        else:
+                            self._let_go(pid, parent, returns)
+                    except (ProcessLookupError, ProcessError):
+                        pass
+            signal.sigtimedwait({signal.SIGCHLD}, 0.01)
 
     def _settle(self, thread: _Thread) -> None:
         """A stopped thread caught in the middle of a hit (a handler raised, Ctrl-C, waiting for a slot, inside
@@ -896,7 +950,7 @@ class PtraceEngine:
             self._gone(tid, None)
 
     def _restore(self, process: _Process) -> None:
-        if process.vfork_parent is not None:
+        if process.memory_owner is not None:
             return
         stopped = next((t for t in self._threads.values() if t.process is process and not t.running), None)
         if stopped is None:
@@ -948,6 +1002,13 @@ def _restore_returns(memory: ProcessMemory, returns: list[_Return], xol: XolArea
                 memory.write(instance.stack, instance.original.to_bytes(8, "little"), tid)
         except OSError:
             pass  # that stack is gone
+
+
+def _shares_memory(pid: int, child: int) -> bool:
+    try:
+        return same_memory(pid, child)
+    except OSError:
+        return False  # kcmp is missing (a kernel without CONFIG_KCMP) or the parent is gone: a fork, as before
 
 
 def _signed(value: int) -> int:

@@ -13,7 +13,7 @@ import signal
 __all__ = [
     "Regs", "SigInfo", "ptrace_seize", "ptrace_interrupt", "ptrace_cont", "ptrace_singlestep", "ptrace_listen",
     "ptrace_detach", "ptrace_getregs", "ptrace_setregs", "ptrace_geteventmsg", "ptrace_getsiginfo",
-    "ptrace_setsiginfo", "ptrace_getfpregs", "ptrace_getsigmask", "ptrace_setsigmask", "tgkill", "ptrace_syscall", "ptrace_poketext", "ptrace_peektext",
+    "ptrace_setsiginfo", "ptrace_getfpregs", "ptrace_getsigmask", "ptrace_setsigmask", "tgkill", "same_memory", "ptrace_syscall", "ptrace_poketext", "ptrace_peektext",
     "OPTIONS", "EVENT_CLONE", "EVENT_EXEC", "EVENT_EXIT", "EVENT_FORK", "EVENT_VFORK", "EVENT_VFORK_DONE",
     "EVENT_STOP", "WALL", "SI_KERNEL", "TRAP_TRACE", "TRAP_BRKPT",
 ]
@@ -78,6 +78,7 @@ class SigInfo(ctypes.Structure):
 
 
 _SYS_TGKILL = 234
+_SYS_KCMP, _KCMP_VM = 312, 1
 _libc = ctypes.CDLL(None, use_errno=True)
 _ptrace = _libc.ptrace
 _ptrace.restype = ctypes.c_long
@@ -159,6 +160,15 @@ def tgkill(tgid: int, tid: int, sig: int) -> None:
     if _libc.syscall(_SYS_TGKILL, tgid, tid, sig) == -1:
         err = ctypes.get_errno()
         raise OSError(err, f"tgkill({tgid}, {tid}, {sig}): {os.strerror(err)}")
+
+
+def same_memory(pid: int, other: int) -> bool:
+    """Whether two processes share one address space (a vfork or ``clone(CLONE_VM)`` child), by kcmp(2)."""
+    result = _libc.syscall(_SYS_KCMP, pid, other, _KCMP_VM, 0, 0)
+    if result == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, f"kcmp({pid}, {other}): {os.strerror(err)}")
+    return result == 0
 
 
 def ptrace_getsigmask(tid: int) -> int:
