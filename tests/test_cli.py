@@ -168,3 +168,24 @@ def test_json_events_are_what_json_reads_back(is_return):
     assert record == expected | ({"retval": None} if is_return else {})
     assert list(record)[:8] == ["probe", "pid", "tid", "comm", "ts_ns", "cpu", "ip", "args"]
     assert "ö" in event.to_json()  # kept as it is, not \u-escaped
+
+
+@pytest.mark.parametrize("ending", [["-d", "1"], ["-n", "2"]], ids=["duration", "max-events"])
+def test_a_command_still_running_when_the_run_ends_is_terminated_and_its_status_is_ours(targets, ending):
+    calls = str(targets / "calls")
+    result = run_cli("trace", "--engine", "ptrace", *ending, f"uprobe:{calls}:work", "--", calls, "1000", "20")
+    assert result.status == 128 + 15 and "the command was killed by SIGTERM" in result.stderr
+    assert 2 <= len(re.findall(r" work", result.stdout)) < 1000
+
+
+def test_an_output_file_that_cannot_be_written_is_one_line(targets):
+    calls = str(targets / "calls")
+    result = run_cli("trace", "--engine", "ptrace", "-o", "/dev/full", f"uprobe:{calls}:work", "--", calls, "3")
+    assert result.status == 2
+    assert result.stderr.splitlines()[-1] == "uprobes: error: cannot write /dev/full: No space left on device"
+
+
+def test_latency_refuses_fetch_arguments(targets):
+    lifecycle = str(targets / "lifecycle")
+    result = run_cli("latency", f"uprobe:{lifecycle}:fact n=%di", "--", lifecycle, "recurse", "3", "1")
+    assert result.status == 2 and "drop the fetch arguments" in result.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shlex
@@ -141,12 +142,19 @@ class _Run:
     def interrupted(self, stop: KeyboardInterrupt) -> None:
         """Ctrl-C, SIGTERM or SIGHUP: a command we started is stopped too and its status becomes ours."""
         if self.child is not None:
-            self.engine.close()  # a traced child must be let go before it can be stopped and waited for
-            self.child.traced = False
-            self.child.stop()
-            self.status = self.child.wait()
+            self.end_command()
         else:
             self.status = 128 + getattr(stop, "signum", signal.SIGINT)
+
+    def end_command(self) -> None:
+        """The run is over (the command exited, -d, -n or a signal): a command we started that still runs is
+        terminated, and its exit status becomes ours."""
+        if self.child is None:
+            return
+        self.engine.close()  # a traced child must be let go before it can be stopped and waited for
+        self.child.traced = False
+        self.child.stop()
+        self.status = self.child.wait()
 
 
 def _entry_and_return(probes: list[Probe]) -> list[Probe]:
@@ -156,6 +164,8 @@ def _entry_and_return(probes: list[Probe]) -> list[Probe]:
     functions = {(p.path, p.offset) for p in probes}
     if len(functions) != 1 or any(p.site is not None for p in probes):
         raise UprobesError("latency takes one function: give uprobe:PATH:FUNCTION (a glob must match one)")
+    if probes[0].fetchargs:
+        raise UprobesError(f"latency times calls and fetches nothing: drop the fetch arguments of '{probes[0].spec}'")
     if "+" in probes[0].location or probes[0].location.startswith("0x"):  # not at a symbol's first byte
         raise UprobesError(f"latency times a function from its first instruction, not {probes[0].location}")
     entry = replace(probes[0], is_return=False, fetchargs=(), event=probes[0].event.removesuffix("__return"),
@@ -168,13 +178,24 @@ def _raise_stop(signum, frame) -> None:
     raise _Stop(signum)
 
 
+class _OutputFile(io.FileIO):
+    """The -o file: a failed write (a full disk, say) is a one-line error, and the run still cleans up."""
+
+    def write(self, data) -> int:
+        try:
+            return super().write(data)
+        except OSError as exc:
+            raise UprobesError(f"cannot write {self.name}: {exc.strerror}") from None
+
+
 def _open_output(args: argparse.Namespace, stack: ExitStack):
     if not args.output:
         return sys.stdout
     try:
-        return stack.enter_context(open(args.output, "w", buffering=1 << 16))
+        raw = _OutputFile(args.output, "w")
     except OSError as exc:
         raise UprobesError(f"cannot write {args.output}: {exc.strerror}") from None
+    return stack.enter_context(io.TextIOWrapper(io.BufferedWriter(raw, 1 << 16), encoding="utf-8"))
 
 
 def run_trace(args: argparse.Namespace) -> int:
@@ -199,6 +220,7 @@ def run_trace(args: argparse.Namespace) -> int:
             for event in run.engine.poll(0):  # what was seen before the signal
                 writer.event(event)
             run.interrupted(stop)
+        run.end_command()
         _report_lost(writer, run.engine.lost)
         _report_notes(run)
         out.flush()
@@ -234,6 +256,7 @@ def run_count(args: argparse.Namespace) -> int:
                     next_report += args.interval
         except KeyboardInterrupt as stop:
             run.interrupted(stop)
+        run.end_command()
         # The kernel's counters hold every hit up to now, so nothing is lost between reports.
         _write_counts(out, run.probes, run.engine.hit_counts(), args.json)
         _report_notes(run)
@@ -262,6 +285,7 @@ def run_latency(args: argparse.Namespace) -> int:
                     break
         except KeyboardInterrupt as stop:
             run.interrupted(stop)
+        run.end_command()
         if args.json:
             out.write(json.dumps({"probe": run.probes[0].name, **histogram.summary(),
                                   "buckets": [{"low_ns": lo, "high_ns": hi, "count": n}
