@@ -189,3 +189,15 @@ def test_latency_refuses_fetch_arguments(targets):
     lifecycle = str(targets / "lifecycle")
     result = run_cli("latency", f"uprobe:{lifecycle}:fact n=%di", "--", lifecycle, "recurse", "3", "1")
     assert result.status == 2 and "drop the fetch arguments" in result.stderr
+
+
+def test_list_of_a_process_says_when_nothing_matches(targets):
+    target = subprocess.Popen([str(targets / "calls"), "100000", "10"], stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(0.2)
+        result = run_cli("list", "-p", str(target.pid), "no_such_function*", check=True)
+        assert re.fullmatch(rf"process {target.pid}: nothing matches 'no_such_function\*' in the \d+ objects it "
+                            rf"maps\n", result.stdout)
+    finally:
+        target.kill()
+        target.wait()

@@ -30,6 +30,7 @@ def _one(text: str):
     ("p /bin/true:0x10", dict(is_return=False, target="/bin/true", offset=0x10)),
     ("p:grp/ev /bin/true:0x10 a=%di", dict(group="grp", event="ev", offset=0x10, fetchargs=("a=%di",))),
     ("p:ev /bin/true:16", dict(group=None, event="ev", offset=16)),
+    ("p:grp.ev /bin/true:16", dict(group="grp", event="ev")),  # the kernel reads GRP.EVENT as GRP/EVENT
     ("p /bin/true:010", dict(offset=8)),  # a leading 0 is octal, as kstrtoul(s, 0) reads it
     ("r:g/e /bin/true:0x10(0x20) $retval", dict(is_return=True, ref_ctr_offset=0x20, fetchargs=("$retval",))),
     ("p /bin/true:0x10%return(0x20)", dict(is_return=True, ref_ctr_offset=0x20)),
@@ -55,6 +56,8 @@ def test_every_syntax_form_parses(text, fields):
     ("", "empty probe"),
     ("kprobe:foo", "'kprobe'"),
     ("p", "PATH:OFFSET"),
+    ("p:/ev /bin/true:0x10", "no group name"),
+    ("p:grp/ /bin/true:0x10", "no event name after 'grp/'"),
     ("p /bin/true", "/bin/true"),
     ("p /bin/true:0xzz", "'0xzz'"),
     ("p /bin/true:09", "'09'"),
@@ -105,14 +108,16 @@ def test_the_same_point_written_five_ways_gives_one_line(targets):
     assert lines == {f"{path}:{offset:#x}"}
 
 
-def test_offsets_inside_an_instruction_are_refused_naming_it(targets):
-    path = str(targets / "demo")
-    starts = objdump_instruction_starts(path, "process_order")
-    start, size = function_symbols(path)["process_order"]
+@pytest.mark.parametrize("name", ["demo", "demo-stripped"])
+def test_offsets_inside_an_instruction_are_refused_naming_it(targets, name):
+    """Decoded from the function's symbol, or in a stripped copy from its .eh_frame_hdr entry."""
+    oracle, path = str(targets / "demo"), str(targets / name)
+    starts = objdump_instruction_starts(oracle, "process_order")
+    start, size = function_symbols(oracle)["process_order"]
     for delta in range(size):
         address = start + delta
         if address in starts:
-            assert _one(f"uprobe:{path}:process_order+{delta:#x}").address == address
+            assert _one(f"p {path}:{file_offset(path, address):#x}").address == address
             continue
         with pytest.raises(ResolveError) as info:
             resolve_text(f"p {path}:{file_offset(path, address):#x}")
@@ -150,6 +155,39 @@ def test_unknown_symbol_names_the_closest_candidates(targets):
     with pytest.raises(ResolveError) as info:
         resolve_text(f"uprobe:{targets / 'demo'}:process_ordr")
     assert "closest: process_order" in str(info.value)
+
+
+def test_a_glob_or_version_that_matches_nothing_says_where_to_look(targets):
+    with pytest.raises(ResolveError) as info:
+        resolve_text(f"uprobe:{targets / 'demo'}:zz*")
+    assert f"'uprobes list {targets / 'demo'}' shows its" in str(info.value)
+    with pytest.raises(ResolveError, match="closest: malloc@@GLIBC_2.2.5"):
+        resolve_text("uprobe:libc:malloc@GLIBC_2.2.5")
+
+
+def test_long_names_keep_what_tells_an_entry_from_a_return():
+    symbol = "_ZNKSt7__cxx1112basic_stringIcSt11char_traitsIcESaIcEE7compareEmmRKS4_mm"
+    entry, = resolve_text(f"uprobe:libstdc++:{symbol}")
+    returned, = resolve_text(f"uretprobe:libstdc++:{symbol}")
+    inside, = resolve_text(f"uprobe:libstdc++:{symbol}+4")
+    assert len({entry.event, returned.event, inside.event}) == 3
+    assert all(len(p.event) <= 63 for p in (entry, returned, inside))
+    assert returned.event.endswith("__return") and inside.event.endswith("_0x4")
+
+
+def test_marker_arguments_cannot_be_named_twice(targets):
+    demo = targets / "demo"
+    for args in ("arg0 arg0", "%di %si arg1", "arg1=arg0 arg1"):
+        with pytest.raises(ProbeSyntaxError, match="is already used"):
+            resolve_text(f"usdt:{demo}:demo:order__done {args}")
+    assert [a.name for a in _one(f"usdt:{demo}:demo:order__done arg1 x=arg0").fetchargs] == ["arg1", "x"]
+
+
+def test_a_separate_debug_file_is_listed_but_not_probed(targets):
+    with pytest.raises(ResolveError, match="separate debug file"):
+        resolve_text(f"uprobe:{targets / 'demo.debug'}:price_of")
+    with pytest.raises(ResolveError, match="separate debug file"):
+        resolve_text(f"usdt:{targets / 'demo.debug'}:demo:order__done")
 
 
 def test_stripped_file_says_so(targets):
@@ -289,3 +327,11 @@ def test_local_functions_come_from_the_debug_file_found_by_build_id():
     probe = _one("uprobe:libc:malloc_consolidate")
     assert probe.address == functions["malloc_consolidate"][0]
     assert probe.offset == file_offset(LIBC, probe.address)
+
+
+def test_a_high_byte_marker_argument_takes_no_type(targets):
+    forms = targets / "forms"
+    assert _one(f"usdt:{forms}:forms:high_byte arg0").uprobe_events_line().endswith("arg0=%ax:b8@8/64")
+    for typed in ("arg0:u16", "arg0:string"):
+        with pytest.raises(ProbeSyntaxError, match="high-byte register .-1@%ah.*give it no type"):
+            resolve_text(f"usdt:{forms}:forms:high_byte {typed}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 
 import pytest
 
@@ -89,3 +90,18 @@ def test_inlined_marker_keeps_each_sites_arguments(targets):
 
 def test_object_without_markers_has_none(targets):
     assert read_markers(ElfObject.open(str(targets / "uselib"))) == []
+
+
+def test_a_prelinked_object_is_corrected_by_its_stapsdt_base(targets, tmp_path):
+    """prelink moves .stapsdt.base without touching the notes: sites and semaphores move by the difference."""
+    path = targets / "demo"
+    note = readelf_sdt_notes(str(path))[0]
+    base = ElfObject.open(str(path)).section(".stapsdt.base").addr
+    data = path.read_bytes()
+    record = struct.pack("<QQQ", note.location, base, note.semaphore)
+    assert data.count(record) == 1
+    moved = tmp_path / "demo-prelinked"
+    moved.write_bytes(data.replace(record, struct.pack("<QQQ", note.location, base - 0x10, note.semaphore)))
+    site = next(s for s in _sites(str(moved)) if (s.provider, s.name) == (note.provider, note.name))
+    assert (site.address, site.semaphore) == (note.location + 0x10, note.semaphore + 0x10)
+    assert site.offset == file_offset(str(path), note.location) + 0x10

@@ -45,9 +45,12 @@ def run_list(args: argparse.Namespace) -> int:
         document = {"pid": args.pid, "objects": listings} if args.pid is not None else listings[0]
         out.write(json.dumps(document) + "\n")  # no indent: the C encoder is ten times faster on big objects
     else:
-        for listing in listings:
-            if args.pid is None or pattern == "*" or listing["functions"] or listing["markers"]:
-                _print_text(listing, out)
+        shown = [listing for listing in listings
+                 if args.pid is None or pattern == "*" or listing["functions"] or listing["markers"]]
+        for listing in shown:
+            _print_text(listing, out)
+        if not shown:
+            out.write(f"process {args.pid}: nothing matches '{pattern}' in the {len(listings)} objects it maps\n")
     return 0
 
 

@@ -169,6 +169,10 @@ def _substitute(fetcharg: FetchArg, values: list, site: SdtSite, position: int) 
     source, fetch_type = fetcharg.source, fetcharg.type
     if isinstance(source, UsdtArg):
         value, natural = _lookup(values, source.index)
+        if fetch_type is not None and natural.bitfield is not None:
+            raise ProbeSyntaxError(f"bad fetch argument {fetcharg.name}: arg{source.index} of {site.qualified_name} "
+                                   f"is a high-byte register ({site.args[source.index].text}), which tracefs reads "
+                                   f"as a bitfield: give it no type")
         if fetch_type is None:
             source, fetch_type = value, natural
         elif fetch_type.is_string or fetch_type.array:
