@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import re
 import sys
 from dataclasses import asdict
 
@@ -55,10 +56,9 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def _listing(obj: ElfObject, pattern: str) -> dict:
-    functions = [sym for sym in obj.symbols.functions
-                 if fnmatch.fnmatchcase(sym.name, pattern) or fnmatch.fnmatchcase(sym.display_name, pattern)]
-    markers = [m for m in read_markers(obj)
-               if fnmatch.fnmatchcase(m.qualified_name, pattern) or fnmatch.fnmatchcase(m.name, pattern)]
+    matches = re.compile(fnmatch.translate(pattern)).match
+    functions = [sym for sym in obj.symbols.functions if matches(sym.name) or matches(sym.display_name)]
+    markers = [m for m in read_markers(obj) if matches(m.qualified_name) or matches(m.name)]
     return {
         "path": obj.path,
         "kind": obj.kind,
