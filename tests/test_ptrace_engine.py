@@ -269,3 +269,23 @@ def test_a_process_that_ends_as_we_attach_is_a_clear_error(targets):
     child.wait()
     with pytest.raises(ProcessError, match=rf"process {child.pid} does not exist \(it has ended\)"):
         ProcessMemory(child.pid)
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_ctrl_c_in_the_terminal_reaches_tool_and_command_and_ends_both_cleanly(targets, trial):
+    """A terminal's Ctrl-C signals the whole process group: the command dies of SIGINT as it would alone, the
+    tool detaches every thread first (none is left stopped at its exit for a tracer gone) and exits 130."""
+    path = str(targets / "threads")
+    tool = subprocess.Popen([sys.executable, "-m", "uprobes", "count", "--engine", "ptrace", f"uprobe:{path}:hit",
+                             "--", path, "4", "20000", "300"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        assert "attached" in tool.stderr.readline()
+        time.sleep(0.5 + 0.3 * trial)
+        os.killpg(tool.pid, signal.SIGINT)
+        out, err = tool.communicate(timeout=60)
+    finally:
+        if tool.poll() is None:
+            os.killpg(tool.pid, signal.SIGKILL)
+    assert "Traceback" not in err and tool.returncode == 130, err
+    assert "the command was killed by SIGINT" in err and re.search(r"hit\s+\d+", out)

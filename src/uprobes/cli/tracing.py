@@ -125,9 +125,7 @@ class _Run:
         if self.deadline is not None and time.monotonic() >= self.deadline:
             return True
         if self.child is not None:
-            reaped = self.engine.exited(self.child.pid)  # a tracer that reaped the child knows how it ended
-            if reaped is not None:
-                self.child.returncode = reaped
+            self._take_reaped_status()
             status = self.child.poll()
             if status is not None:
                 self.status = status
@@ -142,19 +140,25 @@ class _Run:
     def interrupted(self, stop: KeyboardInterrupt) -> None:
         """Ctrl-C, SIGTERM or SIGHUP: a command we started is stopped too and its status becomes ours."""
         if self.child is not None:
-            self.end_command()
+            self.end_command(grace=0.5)
         else:
             self.status = 128 + getattr(stop, "signum", signal.SIGINT)
 
-    def end_command(self) -> None:
-        """The run is over (the command exited, -d, -n or a signal): a command we started that still runs is
-        terminated, and its exit status becomes ours."""
+    def end_command(self, grace: float = 0.0) -> None:
+        """The run is over (the command exited, -d, -n or a signal): a command we started that still runs
+        ``grace`` seconds later is terminated, and its exit status becomes ours."""
         if self.child is None:
             return
         self.engine.close()  # a traced child must be let go before it can be stopped and waited for
+        self._take_reaped_status()
         self.child.traced = False
-        self.child.stop()
+        self.child.stop(grace)
         self.status = self.child.wait()
+
+    def _take_reaped_status(self) -> None:
+        reaped = self.engine.exited(self.child.pid)  # a tracer that reaped the child knows how it ended
+        if reaped is not None:
+            self.child.returncode = reaped
 
 
 def _entry_and_return(probes: list[Probe]) -> list[Probe]:

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import stat
+import time
 
 from ..errors import UprobesError
 
@@ -75,13 +76,21 @@ class HeldCommand:
             exited = result.si_code == os.CLD_EXITED
             self.returncode = result.si_status if exited else -result.si_status
 
-    def stop(self) -> None:
-        """Unblock the child without letting it run the command, or terminate the command if it runs."""
+    def stop(self, grace: float = 0.0) -> None:
+        """Unblock the child without letting it run the command, or terminate the command if it still runs
+        after ``grace`` seconds (a Ctrl-C reaches the command too, and ends it by itself)."""
         if self._release_fd is not None:
             os.close(self._release_fd)  # the child reads EOF and exits without exec
             self._release_fd = None
-        elif self.poll() is None:
-            os.kill(self.pid, signal.SIGTERM)
+            return
+        deadline = time.monotonic() + grace
+        while self.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass  # reaped by a tracer meanwhile; it knows the status
 
 
 def _refuse_privileged(program: str) -> None:

@@ -815,11 +815,15 @@ class PtraceEngine:
             self._release_unadopted_children()
             for process in list(self._processes.values()):
                 self._restore(process)
-            for thread in list(self._threads.values()):
+            # A held signal may end the process (Ctrl-C reached it too): its threads still traced would then stop
+            # at their exit for a tracer that has left, and the process would never end. So those go last.
+            dying = []
+            for thread in sorted(self._threads.values(), key=lambda t: bool(t.held)):
                 try:
                     ptrace_detach(thread.tid, self._held_signal(thread))
                 except ProcessLookupError:
-                    pass
+                    dying.append(thread.tid)  # not in a stop any more: killed on its way to its exit stop
+            _detach_when_stopped(dying)
         finally:
             self._threads.clear()
             for process in self._processes.values():
@@ -1002,6 +1006,25 @@ def _restore_returns(memory: ProcessMemory, returns: list[_Return], xol: XolArea
                 memory.write(instance.stack, instance.original.to_bytes(8, "little"), tid)
         except OSError:
             pass  # that stack is gone
+
+
+def _detach_when_stopped(tids: list[int]) -> None:
+    """Detach threads that were running to their exit when we let the others go: each reports a last stop
+    (PTRACE_EVENT_EXIT) or its end within moments."""
+    deadline = time.monotonic() + 5
+    waiting = set(tids)
+    while waiting and time.monotonic() < deadline:
+        for tid in list(waiting):
+            try:
+                stopped, status = os.waitpid(tid, WALL | os.WNOHANG)
+                if stopped and os.WIFSTOPPED(status):
+                    ptrace_detach(tid, 0)
+            except (ChildProcessError, ProcessLookupError):
+                stopped = tid  # gone, or reaped with its process
+            if stopped:
+                waiting.discard(tid)
+        if waiting:
+            signal.sigtimedwait({signal.SIGCHLD}, 0.01)
 
 
 def _shares_memory(pid: int, child: int) -> bool:
