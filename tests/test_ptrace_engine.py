@@ -20,6 +20,8 @@ from conftest import run_cli, run_json
 from oracles import (anonymous_executable_mappings, file_offset, function_symbols, objdump_instruction_starts,
                      text_differs_from_files)
 from uprobes.api import REMOVE, Session
+from uprobes.probes.resolve import resolve_text
+from uprobes.proc.maps import read_maps
 
 ROOT = Path(__file__).parent.parent
 LIBC = os.path.realpath("/lib/x86_64-linux-gnu/libc.so.6")
@@ -169,7 +171,54 @@ def test_python_handlers_see_registers_memory_and_arguments(targets):
         counts = session.hit_counts()
     assert status == 0
     assert seen == [(i, f"s{i}".encode(), True) for i in range(4)]
-    assert removed == [0] and counts == [4, 4]
+    assert removed == [0] and counts == [4, 1]  # lib_add went with its only handler
+
+
+def _tracer_of(pid: int) -> int:
+    return int(re.search(r"TracerPid:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())[1])
+
+
+def test_the_last_handler_removed_takes_its_probe_out_at_once_and_filters_pick_a_process(targets):
+    calls = str(targets / "calls")
+    target = subprocess.Popen([calls, "100000", "5"], stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(0.2)
+        (work,) = resolve_text(f"uprobe:{calls}:work")
+        address = next(m.start - m.offset + work.offset for m in read_maps(target.pid)
+                       if m.path == work.path and m.executable)
+        ours, others = [], []
+        with Session(pid=target.pid) as session:
+            session.probe(f"uprobe:{calls}:work", lambda hit: ours.append(hit.pid) or REMOVE, pid=target.pid)
+            session.probe(f"uprobe:{calls}:work", others.append, pid=1)  # never this process
+            session.run(duration=1)
+            with open(f"/proc/{target.pid}/mem", "rb") as mem:
+                mem.seek(address)
+                byte_while_attached = mem.read(1)
+            counts = session.hit_counts()
+        assert ours == [target.pid] and others == [] and counts[0] == 1
+        assert counts[1] > 1  # the other probe on the same instruction kept its breakpoint until detach
+        assert byte_while_attached == b"\xcc"
+    finally:
+        target.kill()
+        target.wait()
+
+
+def test_a_lone_handler_removed_restores_its_byte_while_attached(targets):
+    calls = str(targets / "calls")
+    target = subprocess.Popen([calls, "100000", "5"], stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(0.2)
+        with Session(pid=target.pid) as session:
+            session.probe(f"uprobe:{calls}:work", lambda hit: REMOVE)
+            session.run(duration=1)
+            assert session.hit_counts() == [1]
+            # while still attached (ld.so keeps the engine's own breakpoint at the rendezvous)
+            assert [line for line in text_differs_from_files(target.pid) if line.endswith(calls)] == []
+            assert _tracer_of(target.pid) != 0
+        assert target.poll() is None
+    finally:
+        target.kill()
+        target.wait()
 
 
 def test_a_bad_pointer_gives_an_error_value_not_a_crash(targets):
@@ -190,6 +239,22 @@ def test_a_handler_that_raises_ends_in_a_clean_detach(targets):
             session.probe(f"uprobe:{targets / 'calls'}:work", boom)
             session.run()
     assert session.wait() == 9  # the command went on untraced and ended as it would have
+
+
+def test_a_handler_that_raises_detaches_even_without_a_with_block(targets):
+    calls = str(targets / "calls")
+    target = subprocess.Popen([calls, "100000", "5"], stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(0.2)
+        session = Session(pid=target.pid)
+        session.probe(f"uprobe:{calls}:work", lambda hit: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            session.run(duration=10)
+        assert _tracer_of(target.pid) == 0 and target.poll() is None
+        assert text_differs_from_files(target.pid) == [] and anonymous_executable_mappings(target.pid) == []
+    finally:
+        target.kill()
+        target.wait()
 
 
 def test_semaphores_are_raised_while_attached_and_lowered_after(targets):

@@ -12,14 +12,15 @@
 A handler receives a :class:`~uprobes.engines.ptrace.engine.Hit`: the probe, pid and tid, the registers
 (``struct user_regs_struct`` fields: ``rdi``, ``rip``...), a memory reader that raises ``OSError`` on a bad
 address and never harms the target, and the probe's fetch arguments already evaluated. Returning
-:data:`REMOVE` removes the handler; an exception in a handler ends the run with a clean detach.
+:data:`REMOVE` removes the handler, and the probe with its last handler (its byte restored at once); an
+exception in a handler ends the run with a clean detach.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from .engines.ptrace.engine import REMOVE, Hit, PtraceEngine
+from .engines.ptrace.engine import REMOVE, Consumer, Hit, PtraceEngine
 from .errors import UprobesError
 from .output.event import Event
 from .probes.resolve import Probe, resolve_text
@@ -41,7 +42,7 @@ class Session:
         self._pid = pid
         self._command = command
         self._probes: list[Probe] = []
-        self._handlers: dict[int, list[Handler]] = {}
+        self._consumers: dict[int, list[Consumer]] = {}
         self._engine = PtraceEngine()
         self._child: HeldCommand | None = None
         self._attached = False
@@ -54,12 +55,13 @@ class Session:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def probe(self, text: str, handler: Handler | None = None) -> list[Probe]:
-        """Add a probe (any syntax ``uprobes`` accepts) and, optionally, a handler for its hits."""
+    def probe(self, text: str, handler: Handler | None = None, pid: int | None = None) -> list[Probe]:
+        """Add a probe (any syntax ``uprobes`` accepts) and, optionally, a handler for its hits (``pid``: only
+        that process's hits, say one child of a forking server)."""
         probes = resolve_text(text)
         for probe in probes:
             if handler is not None:
-                self._handlers.setdefault(len(self._probes), []).append(handler)
+                self._consumers.setdefault(len(self._probes), []).append(Consumer(handler, pid))
             self._probes.append(probe)
         return probes
 
@@ -73,19 +75,24 @@ class Session:
             if self._command is not None:
                 self._child = HeldCommand(self._command)
                 self._child.traced = True
-                self._engine.attach(self._probes, self._child.pid, held=True, handlers=self._handlers,
+                self._engine.attach(self._probes, self._child.pid, held=True, consumers=self._consumers,
                                     counting=not self._keep_events)
                 self._child.release()
             else:
-                self._engine.attach(self._probes, self._pid, handlers=self._handlers, counting=not self._keep_events)
+                self._engine.attach(self._probes, self._pid, consumers=self._consumers,
+                                    counting=not self._keep_events)
         deadline = None if duration is None else time.monotonic() + duration
         pid = self._child.pid if self._child else self._pid
-        while deadline is None or time.monotonic() < deadline:
-            self.events += self._engine.poll(0.1)
-            status = self._engine.exited(pid)
-            if status is not None:
-                self.close()
-                return 128 - status if status < 0 else status
+        try:
+            while deadline is None or time.monotonic() < deadline:
+                self.events += self._engine.poll(0.1)
+                status = self._engine.exited(pid)
+                if status is not None:
+                    self.close()
+                    return 128 - status if status < 0 else status
+        except BaseException:  # a handler raised, or Ctrl-C: detach now, with or without a `with` block
+            self.close()
+            raise
         return None
 
     def hit_counts(self) -> list[int]:

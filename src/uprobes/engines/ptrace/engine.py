@@ -40,7 +40,7 @@ from .syscalls import (EVENT_CLONE, EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_ST
                        tgkill)
 from .xol import XolArea
 
-__all__ = ["PtraceEngine", "Hit", "REMOVE"]
+__all__ = ["PtraceEngine", "Hit", "Consumer", "REMOVE"]
 
 REMOVE = object()  # a handler returns this to be removed from its probe
 _MAX_INSTRUCTION = 16
@@ -72,6 +72,15 @@ class Hit:
     memory: ProcessMemory  # read() raises OSError on a bad address; the target is never harmed
     args: dict
     errors: dict
+
+
+@dataclass
+class Consumer:
+    """A Python handler of one probe's hits; ``pid``: only that process's. A handler that returns
+    :data:`REMOVE` goes; when a probe's last consumer goes, so does the probe, and its byte is restored."""
+
+    handler: Callable[[Hit], object]
+    pid: int | None = None
 
 
 @dataclass
@@ -125,6 +134,7 @@ class _Process:
     xol: XolArea | None = None
     memory_owner: _Process | None = None  # a vfork or clone(CLONE_VM) child shares this process's memory
     semaphores: Semaphores = field(default_factory=Semaphores)
+    retired: set[int] = field(default_factory=set)  # breakpoints removed with their last consumer
 
 
 def _uninterrupted(method):
@@ -148,7 +158,8 @@ class PtraceEngine:
 
     def __init__(self) -> None:
         self._probes: list[Probe] = []
-        self._handlers: dict[int, list[Callable]] = {}
+        self._consumers: dict[int, list[Consumer]] = {}
+        self._removed: set[int] = set()  # probes whose last consumer went
         self._hits: list[int] = []
         self._events: list[Event] = []
         self._counting = False
@@ -177,7 +188,7 @@ class PtraceEngine:
 
     @_uninterrupted
     def attach(self, probes: list[Probe], pid: int | None, *, counting: bool = False, held: bool = False,
-               follow_forks: bool = True, handlers: dict[int, list[Callable]] | None = None) -> None:
+               follow_forks: bool = True, consumers: dict[int, list[Consumer]] | None = None) -> None:
         """Place ``probes`` in process ``pid``: a running one (every thread is seized), or, with ``held``, a
         child held before its exec (probes go in at the exec, before the program's first instruction).
         Children it forks are traced too, unless ``follow_forks`` is False: then they are let go, every
@@ -188,7 +199,7 @@ class PtraceEngine:
         self._hits = [0] * len(probes)
         self._counting = counting
         self._follow_forks = follow_forks
-        self._handlers = {i: list(h) for i, h in (handlers or {}).items()}
+        self._consumers = {i: list(c) for i, c in (consumers or {}).items()}
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # waited for with sigtimedwait
         self._sigchld_blocked = True
         if held:
@@ -262,6 +273,8 @@ class PtraceEngine:
         mappings = read_maps(process.pid)
         wanted = set()
         for index, probe in enumerate(self._probes):
+            if index in self._removed:
+                continue
             for address in runtime_addresses(mappings, probe.path, probe.offset, "x"):
                 wanted.add(address)
                 if address in process.breakpoints:
@@ -291,7 +304,8 @@ class PtraceEngine:
             self._placed.update(indices)
             process.memory.write(address, b"\xcc", tid)
             process.breakpoints[address] = _Breakpoint(address, code, plan, indices, offset)
-        process.semaphores.raise_armed(process.memory, mappings, self._probes, tid)
+        process.semaphores.raise_armed(process.memory, mappings,
+                                       [p for i, p in enumerate(self._probes) if i not in self._removed], tid)
         self._rendezvous_breakpoint(process, tid)  # at exec, and in a process attached with -p
         if any(probe.is_return for probe in self._probes):
             self._unwind_breakpoints(process, tid, mappings)
@@ -570,6 +584,12 @@ class PtraceEngine:
             return
         # The program's own int3, or a sent SIGTRAP (hazard 22). Only after a one-byte instruction can a thread
         # stand just past a probe without having run its int3, so only then is the siginfo worth asking.
+        if breakpoint is None and address in thread.process.retired \
+                and ptrace_getsiginfo(thread.tid).si_code == SI_KERNEL:
+            regs.rip = address  # it trapped before its probe went: run the restored instruction
+            ptrace_setregs(thread.tid, regs)
+            self._resume(thread)
+            return
         if breakpoint is None or (breakpoint.plan.length == 1
                                   and ptrace_getsiginfo(thread.tid).si_code != SI_KERNEL):
             self._resume(thread, signal.SIGTRAP)
@@ -657,7 +677,7 @@ class PtraceEngine:
             return  # a child serviced only because it shares its parent's memory (and our int3s): not followed
         for index in probes:
             self._hits[index] += 1
-            if self._counting and index not in self._handlers:
+            if self._counting and index not in self._consumers:
                 continue
             probe = self._probes[index]
             context = HitContext(regs, thread.process.memory, breakpoint.address, breakpoint.file_offset,
@@ -668,10 +688,38 @@ class PtraceEngine:
                 self._events.append(Event(probe.name, thread.process.pid, thread.tid, context.comm,
                                           time.monotonic_ns(), _cpu_of(thread), breakpoint.address, args, retval,
                                           errors or None, probe.is_return, index))
-            for handler in list(self._handlers.get(index, ())):
-                if handler(Hit(probe, thread.process.pid, thread.tid, regs, thread.process.memory, args,
-                               errors)) is REMOVE:
-                    self._handlers[index].remove(handler)
+            for consumer in list(self._consumers.get(index, ())):
+                if consumer.pid not in (None, thread.process.pid):
+                    continue
+                if consumer.handler(Hit(probe, thread.process.pid, thread.tid, regs, thread.process.memory, args,
+                                        errors)) is REMOVE:
+                    self._consumers[index].remove(consumer)
+                    if not self._consumers[index]:
+                        self._remove_probe(index)
+
+    def _remove_probe(self, index: int) -> None:
+        """The last consumer of probe ``index`` went: it counts no more, and a breakpoint left with no probe
+        is taken out of every process (threads already trapped on it are rewound in :meth:`_on_trap`)."""
+        del self._consumers[index]
+        self._removed.add(index)
+        probe = self._probes[index]
+        for process in self._processes.values():
+            if process.memory_owner is not None:
+                continue  # the owner's memory is the same: done there
+            for address, breakpoint in list(process.breakpoints.items()):
+                if index not in breakpoint.probes:
+                    continue
+                breakpoint.probes.remove(index)
+                if breakpoint.probes:
+                    continue
+                tid = next((t.tid for t in self._threads.values() if t.process is process and not t.running),
+                           process.pid)  # /proc/PID/mem takes the write; the tid serves only PTRACE_POKETEXT
+                process.memory.write(address, breakpoint.original[:1], tid)
+                del process.breakpoints[address]
+                process.retired.add(address)
+                if not any(i not in self._removed and p.path == probe.path and p.offset == probe.offset
+                           for i, p in enumerate(self._probes)):
+                    process.semaphores.lower(process.memory, probe.path, probe.offset, tid)
 
     def _comm(self, thread: _Thread) -> str:
         if thread.comm is None:

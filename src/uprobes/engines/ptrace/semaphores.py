@@ -37,14 +37,22 @@ class Semaphores:
                     continue
                 self.raised.add(count)
 
+    def lower(self, memory: ProcessMemory, path: str, offset: int, tid: int) -> None:
+        """Take back the counts we added for the site at ``path``:``offset`` (its probe went)."""
+        for count in [c for c in self.raised if c[1:] == (path, offset)]:
+            self._take_back(memory, count, tid)
+
     def lower_all(self, memory: ProcessMemory, tid: int) -> None:
         """Take back every count we added (the mapping may be gone with its library: nothing to do then)."""
-        for address, _path, _offset in self.raised:
-            try:
-                _add(memory, address, -1, tid)
-            except OSError:
-                pass
-        self.raised.clear()
+        for count in list(self.raised):
+            self._take_back(memory, count, tid)
+
+    def _take_back(self, memory: ProcessMemory, count: tuple[int, str, int], tid: int) -> None:
+        self.raised.discard(count)
+        try:
+            _add(memory, count[0], -1, tid)
+        except OSError:
+            pass
 
 
 def _add(memory: ProcessMemory, address: int, delta: int, tid: int) -> None:
