@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,20 @@ def test_another_users_process_is_refused_with_the_reason():
     message = error_as_nobody(lambda: read_maps(1))
     assert message == ("cannot read /proc/1/maps: permission denied (the process belongs to another user; "
                        "run as root or as its owner)")
+
+
+def test_a_process_of_ours_that_is_not_dumpable_is_refused_with_the_reason():
+    """nobody's own process, made non-dumpable with prctl: the owner matches, so the reason is dumpability."""
+    code = "import ctypes, time; ctypes.CDLL(None).prctl(4, 0, 0, 0, 0); print('ready', flush=True); time.sleep(60)"
+    target = subprocess.Popen(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                               "/usr/bin/python3.11", "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert target.stdout.readline() == "ready\n"
+        message = error_as_nobody(lambda: read_maps(target.pid))
+        assert f"process {target.pid} is yours but not dumpable" in message
+    finally:
+        target.kill()
+        target.wait()
 
 
 def test_an_unreadable_file_is_refused_with_the_reason(targets, public_dir):

@@ -354,3 +354,15 @@ def test_ctrl_c_in_the_terminal_reaches_tool_and_command_and_ends_both_cleanly(t
             os.killpg(tool.pid, signal.SIGKILL)
     assert "Traceback" not in err and tool.returncode == 130, err
     assert "the command was killed by SIGINT" in err and re.search(r"hit\s+\d+", out)
+
+
+def test_a_probe_covers_every_name_of_the_file(targets):
+    """A probe is on a file (device and inode), not on a name: a hard link runs the same probed code."""
+    calls = targets / "calls"
+    link = targets / f"calls-link-{os.getpid()}"
+    os.link(calls, link)
+    try:
+        records, proc = run_json("count", "--engine", "ptrace", f"uprobe:{calls}:work", "--", str(link), "3")
+        assert proc.returncode == 0 and [r["hits"] for r in records] == [3]
+    finally:
+        link.unlink()

@@ -20,6 +20,7 @@ class Mapping:
     offset: int
     inode: int
     path: str
+    device: int = 0  # as os.stat's st_dev
 
     @property
     def executable(self) -> bool:
@@ -39,8 +40,7 @@ def read_maps(pid: int) -> list[Mapping]:
     except (FileNotFoundError, ProcessLookupError):  # ESRCH: it ended while we read
         raise ProcessError(f"process {pid} does not exist") from None
     except PermissionError:
-        raise ProcessError(f"cannot read /proc/{pid}/maps: permission denied "
-                           f"(the process belongs to another user; run as root or as its owner)") from None
+        raise ProcessError(_why_not_readable(pid)) from None
     if not lines and not os.path.exists(f"/proc/{pid}"):
         raise ProcessError(f"process {pid} does not exist")
     mappings = []
@@ -49,8 +49,22 @@ def read_maps(pid: int) -> list[Mapping]:
         start, _, end = fields[0].partition("-")
         # The kernel writes a newline in a file name as \012 (show_map_vma -> seq_file_path).
         path = fields[5].replace("\\012", "\n") if len(fields) > 5 else ""
-        mappings.append(Mapping(int(start, 16), int(end, 16), fields[1], int(fields[2], 16), int(fields[4]), path))
+        major, _, minor = fields[3].partition(":")
+        mappings.append(Mapping(int(start, 16), int(end, 16), fields[1], int(fields[2], 16), int(fields[4]), path,
+                                os.makedev(int(major, 16), int(minor, 16))))
     return mappings
+
+
+def _why_not_readable(pid: int) -> str:
+    try:
+        owner = os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        owner = None
+    if owner == os.geteuid():
+        return (f"cannot read /proc/{pid}/maps: process {pid} is yours but not dumpable (it changed its "
+                f"credentials or called prctl(PR_SET_DUMPABLE, 0)); only root may read or trace it")
+    return (f"cannot read /proc/{pid}/maps: permission denied (the process belongs to another user; run as root "
+            f"or as its owner)")
 
 
 def mapped_objects(pid: int) -> list[str]:
@@ -75,11 +89,12 @@ def path_in_process(pid: int, path: str) -> str:
 
 def runtime_addresses(mappings: list[Mapping], path: str, file_offset: int, permission: str) -> list[int]:
     """Where the byte at ``file_offset`` of ``path`` is, in every mapping of that file with ``permission``
-    ("x" for code, "w" for data such as SDT semaphores)."""
+    ("x" for code, "w" for data such as SDT semaphores). The file is its device and inode, as for the kernel:
+    a hard link is the same file; the path counts where an overlay shows another device than the maps do."""
     try:
-        inode = os.stat(path).st_ino
+        st = os.stat(path)
     except OSError:
         return []
     return [m.start + file_offset - m.offset for m in mappings
-            if m.inode == inode and m.path == path and permission in m.perms
+            if m.inode == st.st_ino and (m.device == st.st_dev or m.path == path) and permission in m.perms
             and m.offset <= file_offset < m.offset + (m.end - m.start)]
