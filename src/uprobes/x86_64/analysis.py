@@ -17,7 +17,7 @@ int3, int N, int1, into                       refuse    the trap would be taken 
                                                         breakpoint
 ud0, ud1, ud2                                 refuse    they exist to fault
 syscall, sysenter                             refuse    fork/clone/vfork from the slot starts the child in the slot;
-                                                        sigreturn moves rip
+                                                        sigreturn moves rip (ptrace note hazards 16 and 20)
 sysexit, sysret, iret, uiret                  refuse    returns from the kernel or an interrupt
 hlt, cli, sti, in, out, ins, outs, other      refuse    fault in user space
 CPL0 (iced ``is_privileged``)
@@ -86,7 +86,7 @@ zeroed, as the kernel does for call)               call, pushes), so a target th
 indirect jmp, ret                                  rip is absolute: unchanged
 indirect call, call rel                            the return address pushed at [rsp] becomes address + length
 pushf                                              TF in the pushed word becomes the program's own TF (ptrace
-                                                   hides the TF it forces from regs.eflags)
+                                                   hides the TF it forces from regs.eflags; hazard 19)
 =================================================  =============================================================
 
 Neither path updates a CET shadow stack: the engine must not probe calls and returns in a process that has one.

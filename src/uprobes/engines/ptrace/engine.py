@@ -36,8 +36,8 @@ from .semaphores import Semaphores
 from .syscalls import (EVENT_CLONE, EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_STOP, EVENT_VFORK, EXITKILL, OPTIONS,
                        SI_KERNEL, WALL, Regs, ptrace_cont, ptrace_detach, ptrace_geteventmsg, ptrace_getregs,
                        SigInfo, ptrace_getfpregs, ptrace_getsiginfo, ptrace_getsigmask, ptrace_interrupt, ptrace_listen,
-                       ptrace_seize, ptrace_setregs, ptrace_setsiginfo, ptrace_setsigmask, ptrace_singlestep, same_memory,
-                       tgkill)
+                       ptrace_seize, ptrace_setregs, ptrace_setsiginfo, ptrace_setsigmask, ptrace_singlestep,
+                       same_memory, tgkill)
 from .xol import XolArea
 
 __all__ = ["PtraceEngine", "Hit", "Consumer", "REMOVE"]
@@ -90,7 +90,7 @@ class _Breakpoint:
     plan: Plan
     probes: list[int] = field(default_factory=list)
     file_offset: int = 0
-    internal: str | None = None  # the engine's own breakpoints: "rendezvous" (ld.so), "unwind" (libgcc_s), "catch" (libstdc++)
+    internal: str | None = None  # the engine's own: "rendezvous" (ld.so), "unwind" (libgcc_s), "catch" (libstdc++)
 
 
 @dataclass
@@ -203,7 +203,7 @@ class PtraceEngine:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # waited for with sigtimedwait
         self._sigchld_blocked = True
         if held:
-            self._seize(pid, pid, OPTIONS | EXITKILL)
+            self._seize(pid, pid, OPTIONS | EXITKILL)  # a command we launch dies with us, not of SIGTRAP (hazard 25)
             process = _Process(pid, ProcessMemory(pid))
             self._processes[pid] = process
             self._threads[pid] = _Thread(pid, process)
@@ -410,7 +410,8 @@ class PtraceEngine:
         handled = False
         while True:
             try:
-                tid, status = os.waitpid(-1, os.WNOHANG | WALL)  # __WALL: every thread (hazard 5)
+                # any tid, never one (a leader that exits early would block us: hazard 11); __WALL: hazard 5
+                tid, status = os.waitpid(-1, os.WNOHANG | WALL)
             except ChildProcessError:
                 return handled
             if tid == 0:
@@ -472,7 +473,7 @@ class PtraceEngine:
     def _on_event(self, thread: _Thread, event: int, sig: int) -> None:
         if event == EVENT_STOP:
             if sig in _GROUP_STOP_SIGNALS:
-                ptrace_listen(thread.tid)  # a group-stop stays a stop (hazard 4)
+                ptrace_listen(thread.tid)  # SEIZE tells a group-stop by EVENT_STOP; it stays a stop (hazards 3-4)
                 thread.running = True
                 return
             self._resume(thread)  # the stop of PTRACE_INTERRUPT or of a new thread

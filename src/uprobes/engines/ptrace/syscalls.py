@@ -13,7 +13,8 @@ import signal
 __all__ = [
     "Regs", "SigInfo", "ptrace_seize", "ptrace_interrupt", "ptrace_cont", "ptrace_singlestep", "ptrace_listen",
     "ptrace_detach", "ptrace_getregs", "ptrace_setregs", "ptrace_geteventmsg", "ptrace_getsiginfo",
-    "ptrace_setsiginfo", "ptrace_getfpregs", "ptrace_getsigmask", "ptrace_setsigmask", "tgkill", "same_memory", "ptrace_syscall", "ptrace_poketext", "ptrace_peektext",
+    "ptrace_setsiginfo", "ptrace_getfpregs", "ptrace_getsigmask", "ptrace_setsigmask", "tgkill", "same_memory",
+    "ptrace_syscall", "ptrace_poketext", "ptrace_peektext",
     "OPTIONS", "EVENT_CLONE", "EVENT_EXEC", "EVENT_EXIT", "EVENT_FORK", "EVENT_VFORK", "EVENT_VFORK_DONE",
     "EVENT_STOP", "WALL", "SI_KERNEL", "TRAP_TRACE", "TRAP_BRKPT",
 ]
@@ -44,6 +45,7 @@ _O_TRACEEXEC = 1 << 4
 _O_TRACEVFORKDONE = 1 << 5
 _O_TRACEEXIT = 1 << 6
 _O_EXITKILL = 1 << 20
+# SEIZE with TRACEEXEC: no stray SIGTRAP after an exec (hazard 30); TRACESYSGOOD tells syscall stops (hazard 22)
 OPTIONS = _O_TRACESYSGOOD | _O_TRACEFORK | _O_TRACEVFORK | _O_TRACECLONE | _O_TRACEEXEC | _O_TRACEVFORKDONE | _O_TRACEEXIT
 EXITKILL = _O_EXITKILL
 

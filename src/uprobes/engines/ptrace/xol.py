@@ -134,7 +134,8 @@ class XolArea:
         self._boosted: dict[int, tuple[int, int]] = {}  # slot address -> (probe address, next instruction)
 
     def acquire(self, code: bytes) -> int | None:
-        """A slot holding ``code``, or None when every slot is lent (the caller waits for one)."""
+        """A slot holding ``code``, or None when every slot is lent (the caller waits for one): each stepping
+        thread has its own, so threads stepping one probe at once never share one (hazard 23)."""
         if not self._free:
             return None
         # Prefer a free slot that already holds this code: no write needed.
