@@ -85,3 +85,11 @@ def test_the_cli_refuses_a_setuid_command_for_the_ptrace_engine_as_a_user(target
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr == f"uprobes: error: {program} is setuid: traced by a user who is not root, the kernel would " \
                           f"run it without those privileges; run as root (or use the kernel engine, as root)\n"
+
+
+def test_system_wide_without_root_says_what_would_work():
+    from uprobes.cli.tracing import _engine
+
+    message = error_as_nobody(lambda: _engine("auto", system_wide=True))
+    assert message.startswith("the kernel engine needs root")
+    assert message.endswith("with -p PID or a command (system-wide tracing needs the kernel engine)")

@@ -72,8 +72,11 @@ def _engine(name: str, system_wide: bool):
 
         try:
             return KernelEngine()
-        except KernelEngineError:
-            if name == "kernel" or system_wide:
+        except KernelEngineError as exc:
+            if system_wide:
+                raise UprobesError(f"{exc}, with -p PID or a command (system-wide tracing needs the kernel engine)"
+                                   ) from None
+            if name == "kernel":
                 raise
     from ..engines.ptrace.engine import PtraceEngine
 
