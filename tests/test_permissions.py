@@ -88,6 +88,7 @@ def test_the_cli_refuses_a_setuid_command_for_the_ptrace_engine_as_a_user(target
 
 
 def test_system_wide_without_root_says_what_would_work():
+    import uprobes.engines.kernel.engine  # noqa: F401  (imported as root: nobody may not read the interpreter's files)
     from uprobes.cli.tracing import _engine
 
     message = error_as_nobody(lambda: _engine("auto", system_wide=True))
