@@ -1,15 +1,17 @@
 """The kernel engine: our probes as the kernel's own uprobe events, read from perf ring buffers.
 
-Each probe point becomes one event in a group owned by this run (``uprobes_<pid>``), so hits are told apart
-per site. Events are opened through ``perf_event_open`` (which is when the kernel registers the uprobe and
-raises a marker's semaphore through ``REF_CTR_OFFSET``), filtered to one process and its descendants when
-a pid is given, system-wide otherwise. Everything we defined is deleted when the engine closes.
+Each probe point becomes one event in a group owned by this run (``uprobes_<pid>_<start>_<n>``), so hits are
+told apart per site. Events are opened through ``perf_event_open`` (which is when the kernel registers the
+uprobe and raises a marker's semaphore through ``REF_CTR_OFFSET``), on every thread of a process and what it
+starts when a pid is given, system-wide otherwise. Probes on instructions the kernel would refuse, or run
+wrongly, are refused before anything is defined. Everything we defined is deleted when the engine closes.
 """
 
 from __future__ import annotations
 
 import functools
-import os
+import signal
+import sys
 from dataclasses import dataclass, replace
 
 from ...errors import KernelEngineError
@@ -18,8 +20,9 @@ from ...probes.fetchargs import Comm, FetchArg, FetchType, RetVal
 from ...probes.markerargs import kernel_limitation
 from ...probes.resolve import Probe
 from .eventformat import EventFormat, load_event_format
+from .instructions import refuse_unprobeable
 from .perfbuf import TracepointReader
-from .tracefs import GROUP_PREFIX, DefinedEvent, Tracefs
+from .tracefs import DefinedEvent, Tracefs, new_group
 
 __all__ = ["KernelEngine"]
 
@@ -27,6 +30,10 @@ __all__ = ["KernelEngine"]
 _COMM_ARG = FetchArg("__comm", True, Comm(), FetchType("string"))
 _RETVAL_ARG = FetchArg("__retval", True, RetVal(), FetchType("s64"))
 _HIDDEN_FIELDS = frozenset({"__comm", "__retval", "__probe_ip", "__probe_func", "__probe_ret_ip"})
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+# Beyond this many probes closing takes seconds (the kernel waits for an RCU grace period as each uprobe
+# goes, some 70 ms), so the user is told why the run does not end at once.
+_SAY_REMOVING = 50
 
 
 @dataclass
@@ -61,11 +68,13 @@ class KernelEngine:
 
     def __init__(self, pages_per_cpu: int = 256) -> None:
         self.tracefs = Tracefs()
-        self.group = f"{GROUP_PREFIX}{os.getpid()}"
+        self.group = new_group()
         self._pages = pages_per_cpu
         self._attached: dict[int, _Attached] = {}  # tracepoint id -> probe
         self._defined: list[DefinedEvent] = []
         self._reader: TracepointReader | None = None
+        self._counts: dict[int, int] = {}  # tracepoint id -> hits, as last read: kept once closed
+        self._lost = 0
 
     def __enter__(self) -> KernelEngine:
         return self
@@ -76,16 +85,19 @@ class KernelEngine:
     @property
     def lost(self) -> int:
         """Hits the kernel dropped because a ring buffer was full, exactly (not only those reported so far)."""
-        return self._reader.count_lost() if self._reader else 0
+        self._read_counters()
+        return self._lost
 
     def attach(self, probes: list[Probe], pid: int | None, *, counting: bool = False, held: bool = False,
                follow_forks: bool = True) -> None:
-        """Define every probe and start collecting its hits (of ``pid`` and its descendants, or of everyone).
+        """Define every probe and start collecting its hits (of every thread of ``pid`` and what it starts,
+        or of everyone).
 
         ``counting`` only counts hits (read them with :meth:`hit_counts`): no events, none lost. ``held``
         (a launched command held before exec): the events are enabled by its exec, so nothing the child runs
-        before it (our own code) is counted.
+        before it (our own code) is counted. ``follow_forks`` False: the threads, not the forked children.
         """
+        refuse_unprobeable(probes)
         for index, probe in enumerate(probes):
             event_name = f"e{index}_{probe.event}"[:63]
             extra = (_COMM_ARG, _RETVAL_ARG) if probe.is_return else (_COMM_ARG,)
@@ -99,12 +111,12 @@ class KernelEngine:
         names = {event_id: f"probe {a.probe.name} at {a.probe.path}:{a.probe.offset:#x}"
                  for event_id, a in self._attached.items()}
         self._reader = TracepointReader(list(self._attached), pid, pages=self._pages, sampling=not counting,
-                                        inherit=follow_forks, enable_on_exec=held, names=names)
+                                        follow_forks=follow_forks, enable_on_exec=held, names=names)
         try:
             if not held:
                 self._reader.enable()
         except OSError as exc:
-            raise KernelEngineError(f"cannot enable the uprobe events: {os.strerror(exc.errno or 0)}") from None
+            raise KernelEngineError(f"cannot enable the uprobe events: {exc.strerror}") from None
 
     def report(self) -> list[str]:
         """Nothing to add at the end: the kernel places probes in whatever maps the file, whenever."""
@@ -115,12 +127,17 @@ class KernelEngine:
         return None
 
     def hit_counts(self) -> list[int]:
-        """Hits so far per probe, in the order given to :meth:`attach`, as the kernel's counters say."""
-        counts = self._reader.counts() if self._reader else {}
+        """Hits so far per probe, in the order given to :meth:`attach`, as the kernel's counters say (after
+        :meth:`close`, the final counts)."""
+        self._read_counters()
         hits = [0] * len(self._attached)
         for event_id, attached in self._attached.items():
-            hits[attached.index] = counts.get(event_id, 0)
+            hits[attached.index] = self._counts.get(event_id, 0)
         return hits
+
+    def _read_counters(self) -> None:
+        if self._reader is not None:
+            self._counts, self._lost = self._reader.counts(), self._reader.count_lost()
 
     def poll(self, timeout: float) -> list[Event]:
         """Events that arrived, waiting up to ``timeout`` seconds for the first."""
@@ -154,9 +171,29 @@ class KernelEngine:
                      errors or None, probe.is_return, attached.index)
 
     def close(self) -> None:
-        """Stop collecting and delete every event this run defined; safe to call twice."""
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
-        while self._defined:
-            self.tracefs.delete(self._defined.pop())
+        """Stop collecting and delete every event this run defined; safe to call twice.
+
+        SIGINT, SIGTERM and SIGHUP wait until it is done: the CLI turns them into exceptions, and one in the
+        middle (a second Ctrl-C while hundreds of uprobes go, which takes many seconds) would leave the rest
+        defined. Those that came meanwhile take effect as this returns, as one signal (the highest-numbered):
+        a second exception raised while the first unwinds could escape its handler.
+        """
+        if self._reader is None and not self._defined:
+            return
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            if len(self._defined) > _SAY_REMOVING:
+                print(f"uprobes: removing {len(self._defined)} kernel probes...", file=sys.stderr, flush=True)
+            if self._reader is not None:
+                self._read_counters()
+                self._reader.close()
+                self._reader = None
+            while self._defined:
+                self.tracefs.delete(self._defined.pop())
+        finally:
+            pending = signal.sigpending() & _STOP_SIGNALS
+            for signum in pending:
+                signal.sigtimedwait({signum}, 0)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            if pending:
+                signal.raise_signal(max(pending))

@@ -1,9 +1,10 @@
 """Read tracepoint samples (uprobe events among them) from perf's per-CPU ring buffers, with ctypes only.
 
-One perf event is opened per (tracepoint, online CPU), as the kernel wants for a task event that is
-inherited and mapped. Each CPU gets one ring buffer; the other events of that CPU write into it through
-``PERF_EVENT_IOC_SET_OUTPUT``. A sample carries the event's perf id, which :class:`TracepointReader` maps
-back to the tracepoint id, and the raw tracepoint record that
+One perf event is opened per (tracepoint, thread, online CPU), as the kernel wants for a task event that
+is inherited and mapped (system-wide: per (tracepoint, CPU); counting a process needs no buffer, so one per
+(tracepoint, thread) on every CPU). Each CPU gets one ring buffer; the other events of that CPU write into it
+through ``PERF_EVENT_IOC_SET_OUTPUT``. A sample carries the event's perf id, which :class:`TracepointReader`
+maps back to the tracepoint id, and the raw tracepoint record that
 :meth:`~uprobes.engines.kernel.eventformat.EventFormat.decode` understands. ::
 
     with TracepointReader([hit_id, ret_id], pid=child.pid) as reader:
@@ -84,6 +85,10 @@ _PAD = bytes(_SAMPLE.size)
 _LOST = struct.Struct("<8xQQ")  # PERF_RECORD_LOST after the header: id, lost
 _READ_LOST = struct.Struct("<QQ")  # read() with read_format PERF_FORMAT_LOST: value, lost
 _BY_TIME = itemgetter(3)  # Sample.time_ns
+_EVERY_CPU = -1
+_EVERY_TASK = -1
+# Rounds of opening every thread's events again while the process keeps starting threads (see _open_process).
+_ATTACH_ROUNDS = 4
 
 _ERRNO_REASONS = {
     errno.EACCES: "perf_event_open needs root or CAP_PERFMON",
@@ -93,7 +98,8 @@ _ERRNO_REASONS = {
     errno.EINVAL: "no such tracepoint id (was the event deleted?), or a kernel older than Linux 6.0",
     # perf_trace_init() registers the uprobe at open, so instruction analysis fails here, when a process
     # maps the file (uprobe_register -> arch_uprobe_analyze_insn)
-    _ENOTSUPP: "the kernel's uprobes refuse the instruction at this offset (lock prefix, syscall, int3, ...)",
+    _ENOTSUPP: "the kernel's uprobes refuse the instruction at this offset (a lock, es, cs, ss or ds prefix, "
+               "int3, int N, in/out, hlt, ...)",
     errno.ENOEXEC: "the kernel cannot decode an instruction at this offset (not an instruction boundary?)",
     # probe_event_enable() refuses perf while the event is enabled through tracefs (TP_FLAG_TRACE)
     errno.EINTR: "the event is enabled in tracefs (events/GROUP/EVENT/enable); write 0 there first",
@@ -253,16 +259,19 @@ class _RingBuffer:
 
 
 class TracepointReader:
-    """Samples of the tracepoints ``event_ids`` from process ``pid`` (its threads and later children), or
-    from every process when ``pid`` is None; ``pages`` (a power of two) data pages per CPU.
+    """Samples of the tracepoints ``event_ids`` from process ``pid`` (every thread it has, and the threads and
+    children it starts later), or from every process when ``pid`` is None; ``pages`` (a power of two) data
+    pages per CPU.
 
     Events start disabled: call :meth:`enable`. Close it (or use ``with``) before deleting the events:
     the kernel refuses to delete an event a perf descriptor still holds (EBUSY).
     """
 
     def __init__(self, event_ids: Sequence[int], pid: int | None, pages: int = 64, sampling: bool = True,
-                 inherit: bool = True, enable_on_exec: bool = False, names: dict[int, str] | None = None) -> None:
-        """``names``: what each tracepoint stands for, to name it in an error."""
+                 follow_forks: bool = True, enable_on_exec: bool = False,
+                 names: dict[int, str] | None = None) -> None:
+        """``follow_forks`` False leaves the children the process forks alone (not its threads); ``names``:
+        what each tracepoint stands for, to name it in an error."""
         if pages < 1 or pages & (pages - 1):
             raise KernelEngineError(f"perf buffer pages must be a power of two, not {pages}")
         self.lost = 0
@@ -270,44 +279,93 @@ class TracepointReader:
         self._buffers: list[_RingBuffer] = []
         self._tracepoint_of: dict[int, int] = {}  # perf event id (PERF_EVENT_IOC_ID) -> tracepoint id
         self._poll = select.poll()
+        self._pages = pages
         self._sampling = sampling
-        self._inherit = inherit
+        self._follow_forks = follow_forks
         self._enable_on_exec = enable_on_exec
         self._event_of_fd: dict[int, int] = {}
         self._names = names or {}
         try:
-            for cpu in online_cpus():
-                buffer = None
+            if pid is None:
+                self._open_set(event_ids, [_EVERY_TASK])
+            else:
+                self._open_process(event_ids, pid)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_process(self, event_ids: Sequence[int], pid: int) -> None:
+        """Events on every thread of ``pid``, inherited by the threads (and children) each starts later.
+
+        perf_event_open takes one thread, and inheritance only reaches what a thread starts once its own
+        events exist. A thread started while the events are being opened, by a thread not covered yet, has
+        none; one started by a covered thread has inherited copies and would count twice if it got its own.
+        Nothing tells the two apart, so while new threads appear during a round, every thread gets a fresh
+        set and the previous set is closed, its inherited copies with it. Nothing counts before
+        :meth:`enable`, and closing is cheap while the new set keeps each uprobe registered. A process that
+        still starts threads from new threads after the last round may have those missed.
+        """
+        threads = _threads(pid)
+        self._open_threads(event_ids, pid, threads)
+        for _ in range(_ATTACH_ROUNDS):
+            now = _threads(pid)
+            if now <= threads:
+                return
+            threads = now
+            previous = self._hand_over()
+            try:
+                self._open_threads(event_ids, pid, threads)
+            finally:
+                _close(*previous)
+
+    def _open_threads(self, event_ids: Sequence[int], pid: int, threads: set[int]) -> None:
+        # The main thread first: it usually starts the others, so it is covered before it can.
+        if not self._open_set(event_ids, [pid, *sorted(threads - {pid})]):
+            raise KernelEngineError(f"process {pid} does not exist")
+
+    def _open_set(self, event_ids: Sequence[int], tasks: list[int]) -> set[int]:
+        """Open every event on every task (CPU by CPU when sampling); returns the tasks that still exist."""
+        cpus = online_cpus() if self._sampling or tasks == [_EVERY_TASK] else [_EVERY_CPU]
+        alive = set()
+        for cpu in cpus:
+            buffer = None
+            for task in tasks:
                 for event_id in event_ids:
-                    fd = self._open(event_id, pid, cpu, pages)
+                    fd = self._open(event_id, task, cpu)
+                    if fd is None:
+                        break
+                    alive.add(task)
                     self._event_of_fd[fd] = event_id
-                    if not sampling:
+                    if not self._sampling:
                         continue
                     if buffer is None:
-                        buffer = self._map(fd, pages)
+                        buffer = self._map(fd, self._pages)
                     else:
                         fcntl.ioctl(fd, _PERF_EVENT_IOC_SET_OUTPUT, buffer.fd)
                     ident = bytearray(_U64.size)
                     fcntl.ioctl(fd, _PERF_EVENT_IOC_ID, ident)
                     self._tracepoint_of[_U64.unpack(ident)[0]] = event_id
-        except BaseException:
-            self.close()
-            raise
+        return alive
 
-    def _open(self, event_id: int, pid: int | None, cpu: int, pages: int) -> int:
+    def _open(self, event_id: int, task: int, cpu: int) -> int | None:
+        """One event's descriptor; None when the thread ``task`` has ended."""
+        process = task != _EVERY_TASK
+        # inherit_thread: only clone(CLONE_THREAD) children inherit, so forked processes are left alone.
         attr = _PerfEventAttr(type=_PERF_TYPE_TRACEPOINT, size=ctypes.sizeof(_PerfEventAttr), config=event_id,
-                              read_format=_PERF_FORMAT_LOST, disabled=1,
-                              inherit=int(pid is not None and self._inherit),
+                              read_format=_PERF_FORMAT_LOST, disabled=1, inherit=int(process),
+                              inherit_thread=int(process and not self._follow_forks),
                               enable_on_exec=int(self._enable_on_exec))
         if self._sampling:
             attr.sample_period, attr.sample_type = 1, _SAMPLE_TYPE
-            attr.watermark, attr.wakeup_watermark = 1, pages * mmap.PAGESIZE // _WAKEUP_FRACTION
+            attr.watermark, attr.wakeup_watermark = 1, self._pages * mmap.PAGESIZE // _WAKEUP_FRACTION
             attr.use_clockid, attr.clockid = 1, _CLOCK_MONOTONIC
         try:
-            fd = _perf_event_open(attr, -1 if pid is None else pid, cpu)
+            fd = _perf_event_open(attr, task, cpu)
         except OSError as exc:
+            if exc.errno == errno.ESRCH and process:
+                return None
             what = self._names.get(event_id, f"tracepoint {event_id}")
-            raise KernelEngineError(_open_error(exc.errno, what, pid, cpu)) from None
+            raise KernelEngineError(_open_error(exc.errno, what, cpu)) from None
         self._fds.append(fd)
         return fd
 
@@ -369,8 +427,8 @@ class TracepointReader:
         return samples
 
     def counts(self) -> dict[int, int]:
-        """Hits per tracepoint id as the kernel counts them, summed over CPUs (and, with a pid, over the
-        threads and children that ended; the kernel adds an inherited event's count to its parent's)."""
+        """Hits per tracepoint id as the kernel counts them, summed over CPUs and threads (and over the
+        threads and children that ended: the kernel adds an inherited event's count to its parent's)."""
         totals = dict.fromkeys(self._event_of_fd.values(), 0)
         for fd, event_id in self._event_of_fd.items():
             totals[event_id] += _READ_LOST.unpack(os.read(fd, _READ_LOST.size))[0]
@@ -383,11 +441,14 @@ class TracepointReader:
 
     def close(self) -> None:
         """Unmap the buffers and close every descriptor; closing twice is harmless."""
-        for buffer in self._buffers:
-            buffer.close()
-        for fd in self._fds:
-            os.close(fd)
-        self._buffers, self._fds, self._event_of_fd = [], [], {}
+        _close(*self._hand_over())
+
+    def _hand_over(self) -> tuple[list[_RingBuffer], list[int]]:
+        """The buffers and descriptors opened so far, for the caller to close; this reader starts empty."""
+        previous = self._buffers, self._fds
+        self._buffers, self._fds, self._event_of_fd, self._tracepoint_of = [], [], {}, {}
+        self._poll = select.poll()
+        return previous
 
     def __enter__(self) -> TracepointReader:
         return self
@@ -396,7 +457,21 @@ class TracepointReader:
         self.close()
 
 
-def _open_error(err: int, what: str, pid: int | None, cpu: int) -> str:
-    if err == errno.ESRCH and pid is not None:
-        return f"process {pid} does not exist"
-    return f"{what} on CPU {cpu}: {_ERRNO_REASONS.get(err, os.strerror(err))}"
+def _open_error(err: int, what: str, cpu: int) -> str:
+    where = "" if cpu == _EVERY_CPU else f" on CPU {cpu}"
+    return f"{what}{where}: {_ERRNO_REASONS.get(err, os.strerror(err))}"
+
+
+def _threads(pid: int) -> set[int]:
+    """The ids of the threads of process ``pid`` now; empty when it is gone."""
+    try:
+        return {int(tid) for tid in os.listdir(f"/proc/{pid}/task")}
+    except OSError:
+        return set()
+
+
+def _close(buffers: list[_RingBuffer], fds: list[int]) -> None:
+    for buffer in buffers:
+        buffer.close()
+    for fd in fds:
+        os.close(fd)

@@ -2,25 +2,30 @@
 
 Definitions are appended to ``uprobe_events`` one line at a time; after a refused write the last entry of
 ``error_log`` is turned into one line that names the probe and the token the kernel pointed at. Groups are
-called ``uprobes_<pid>`` after the run that owns them, so ``cleanup`` can tell which runs are gone.
+called ``uprobes_<pid>_<start>_<n>`` after the process that owns them, its start time and its count of runs,
+so ``cleanup`` can tell exactly which runs are gone (a pid is reused, the pair with its start time is not)
+and a new run never meets a group a dead one left.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import itertools
 import os
 import re
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import KernelEngineError
 
-__all__ = ["Tracefs", "GROUP_PREFIX", "stale_groups"]
+__all__ = ["Tracefs", "GROUP_PREFIX", "new_group", "stale_groups"]
 
 TRACEFS = Path("/sys/kernel/tracing")
 GROUP_PREFIX = "uprobes_"
-_GROUP = re.compile(rf"{GROUP_PREFIX}(\d+)\Z")
+_GROUP = re.compile(rf"{GROUP_PREFIX}(\d+)_(\d+)_\d+\Z")
+_runs = itertools.count()
+_libc = ctypes.CDLL(None, use_errno=True)
 _ERROR_ENTRY = re.compile(r"error: (?P<message>.*)\n(?P<prefix>\s+Command: )(?P<command>.*)\n(?P<caret> *)\^")
 
 
@@ -46,10 +51,14 @@ class Tracefs:
             self._mount()
 
     def _mount(self) -> None:
-        result = subprocess.run(["mount", "-t", "tracefs", "nodev", str(self.root)], capture_output=True, text=True)
-        if result.returncode != 0 or not (self.root / "uprobe_events").exists():
-            reason = result.stderr.strip() or "no uprobe_events after mounting (kernel without CONFIG_UPROBE_EVENTS?)"
-            raise KernelEngineError(f"tracefs is not usable at {self.root}: {reason}; use --engine ptrace")
+        """mount(2) itself: the mount program may not be on PATH."""
+        if _libc.mount(b"nodev", bytes(self.root), b"tracefs", 0, None) != 0:
+            reason = f"cannot mount it: {os.strerror(ctypes.get_errno())}"
+        elif not (self.root / "uprobe_events").exists():
+            reason = "no uprobe_events after mounting (kernel without CONFIG_UPROBE_EVENTS?)"
+        else:
+            return
+        raise KernelEngineError(f"tracefs is not usable at {self.root}: {reason}; use --engine ptrace")
 
     def _append(self, name: str, line: str) -> None:
         fd = os.open(self.root / name, os.O_WRONLY | os.O_APPEND)  # Python's "a" mode seeks; tracefs refuses that
@@ -88,6 +97,9 @@ class Tracefs:
         try:
             self._append("uprobe_events", f"-:{event.name}")
         except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                raise KernelEngineError(f"cannot delete uprobe event {event.name}: it is in use (perf or BPF "
+                                        f"still holds it)") from None
             if exc.errno != errno.ENOENT:
                 raise KernelEngineError(f"cannot delete uprobe event {event.name}: {os.strerror(exc.errno)}") from None
 
@@ -117,19 +129,27 @@ class Tracefs:
         return counts
 
 
+def new_group() -> str:
+    """A group name for a new run of this process, which no other run, live or dead, can have."""
+    pid = os.getpid()
+    return f"{GROUP_PREFIX}{pid}_{_start_time(pid)}_{next(_runs)}"
+
+
 def stale_groups(events: list[DefinedEvent]) -> list[str]:
-    """Our groups whose run (the pid in the name) is no longer alive."""
+    """Our groups whose process has ended: no process has the pid in the name with that start time."""
     stale = []
     for group in sorted({e.group for e in events}):
         match = _GROUP.match(group)
-        if match and not _is_uprobes_process(int(match[1])):
+        if match and _start_time(int(match[1])) != int(match[2]):
             stale.append(group)
     return stale
 
 
-def _is_uprobes_process(pid: int) -> bool:
+def _start_time(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (field 22 of /proc/PID/stat); None once gone."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"uprobes" in f.read()
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
     except OSError:
-        return False
+        return None
+    return int(stat[stat.rindex(b")") + 2:].split()[19])  # after the command name, which may hold anything
