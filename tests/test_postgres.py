@@ -173,6 +173,7 @@ def _tracing(server: Server, engine: str) -> Iterator[Tracing]:
     tracer has attached; on leaving, the tracer has ended on its own (status 0, nothing else said) and its
     records are read."""
     output = server.directory / f"events-{engine}-{os.urandom(4).hex()}.jsonl"
+    groups_before = _groups()
     tracer = subprocess.Popen([sys.executable, "-m", "uprobes", "trace", "--engine", engine, "--json",
                                "-o", str(output), "-p", str(server.pid), "-d", str(TRACE_SECONDS), *PROBES],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -197,7 +198,12 @@ def _tracing(server: Server, engine: str) -> Iterator[Tracing]:
     output.unlink()
     assert tracing.records[-1] == {"lost": 0}
     if engine == "kernel":
-        assert f"uprobes_{tracer.pid}/" not in (TRACEFS / "uprobe_events").read_text()
+        assert _groups() <= groups_before  # the run's own group went with it
+
+
+def _groups() -> set[str]:
+    return {line.split()[0].split(":")[1].split("/")[0]
+            for line in (TRACEFS / "uprobe_events").read_text().splitlines()}
 
 
 def _query_start_semaphore(pid: int) -> int:

@@ -23,7 +23,7 @@ __all__ = ["Tracefs", "GROUP_PREFIX", "new_group", "stale_groups"]
 
 TRACEFS = Path("/sys/kernel/tracing")
 GROUP_PREFIX = "uprobes_"
-_GROUP = re.compile(rf"{GROUP_PREFIX}(\d+)_(\d+)_\d+\Z")
+_GROUP = re.compile(rf"{GROUP_PREFIX}(\d+)(?:_(\d+)_\d+)?\Z")  # uprobes_<pid> before the start time was kept
 _runs = itertools.count()
 _libc = ctypes.CDLL(None, use_errno=True)
 _ERROR_ENTRY = re.compile(r"error: (?P<message>.*)\n(?P<prefix>\s+Command: )(?P<command>.*)\n(?P<caret> *)\^")
@@ -136,11 +136,15 @@ def new_group() -> str:
 
 
 def stale_groups(events: list[DefinedEvent]) -> list[str]:
-    """Our groups whose process has ended: no process has the pid in the name with that start time."""
+    """Our groups whose process has ended: no process has the pid in the name with that start time (or, in
+    the older names without one, no process has that pid)."""
     stale = []
     for group in sorted({e.group for e in events}):
         match = _GROUP.match(group)
-        if match and _start_time(int(match[1])) != int(match[2]):
+        if not match:
+            continue
+        started = _start_time(int(match[1]))
+        if started is None or match[2] is not None and started != int(match[2]):
             stale.append(group)
     return stale
 
