@@ -167,6 +167,7 @@ class PtraceEngine:
         self._threads: dict[int, _Thread] = {}
         self._exit_status: dict[int, int] = {}
         self._newborn: dict[int, int] = {}  # stops of tids we have not been told about yet (hazard 7)
+        self._dying: set[int] = set()  # tids that vanished from a ptrace call (ESRCH) and may still stop at exit
         self._children: dict[int, tuple] = {}  # fork/vfork children announced, not yet stopped
         self._slot_waiters: list[_Thread] = []
         self._sigchld_blocked = False
@@ -441,6 +442,12 @@ class PtraceEngine:
             self._gone(tid, None)  # the thread died between two ptrace calls (hazard 12)
 
     def _gone(self, tid: int, status: int | None) -> None:
+        """``status`` None: a ptrace call said ESRCH, which a thread killed on its way out also says; it still
+        reports its exit stop, and must be let go then or its process never ends (hazard 12)."""
+        if status is None:
+            self._dying.add(tid)
+        else:
+            self._dying.discard(tid)
         thread = self._threads.pop(tid, None)
         if thread is not None and thread.step is not None and thread.process.xol:
             thread.process.xol.release(thread.step.slot)  # a thread that exits mid-step frees its slot
@@ -872,7 +879,8 @@ class PtraceEngine:
                     ptrace_detach(thread.tid, self._held_signal(thread))
                 except ProcessLookupError:
                     dying.append(thread.tid)  # not in a stop any more: killed on its way to its exit stop
-            _detach_when_stopped(dying)
+            _detach_when_stopped(dying + sorted(self._dying))
+            self._dying.clear()
         finally:
             self._threads.clear()
             for process in self._processes.values():
@@ -957,6 +965,12 @@ class PtraceEngine:
             self._gone(tid, status)
             return
         if thread is None:
+            if tid in self._dying:  # stopped at its exit: let it go on
+                self._dying.discard(tid)
+                try:
+                    ptrace_detach(tid, 0)
+                except ProcessLookupError:
+                    pass
             return
         thread.running = False
         event, sig = status >> 16, os.WSTOPSIG(status)
