@@ -93,7 +93,7 @@ _ATTACH_ROUNDS = 4
 _ERRNO_REASONS = {
     errno.EACCES: "perf_event_open needs root or CAP_PERFMON",
     errno.EPERM: "perf_event_open needs root or CAP_PERFMON",
-    errno.EMFILE: "too many open files (one descriptor per event and CPU); raise the limit with ulimit -n",
+    errno.EMFILE: "too many open files (one descriptor per event, thread and CPU); raise the hard limit (ulimit -Hn)",
     # perf_trace_init() finds no event with that id; perf_copy_attr() refuses PERF_FORMAT_LOST before 6.0
     errno.EINVAL: "no such tracepoint id (was the event deleted?), or a kernel older than Linux 6.0",
     # perf_trace_init() registers the uprobe at open, so instruction analysis fails here, when a process
