@@ -227,7 +227,8 @@ def run_trace(args: argparse.Namespace) -> int:
             for event in run.engine.poll(0):  # what was seen before the signal
                 writer.event(event)
             run.interrupted(stop)
-        run.end_command()
+        else:
+            run.end_command()
         _report_lost(writer, run.engine.lost)
         _report_notes(run)
         out.flush()
@@ -263,7 +264,8 @@ def run_count(args: argparse.Namespace) -> int:
                     next_report += args.interval
         except KeyboardInterrupt as stop:
             run.interrupted(stop)
-        run.end_command()
+        else:
+            run.end_command()
         # The kernel's counters hold every hit up to now, so nothing is lost between reports.
         _write_counts(out, run.probes, run.engine.hit_counts(), args.json)
         _report_notes(run)
@@ -292,7 +294,8 @@ def run_latency(args: argparse.Namespace) -> int:
                     break
         except KeyboardInterrupt as stop:
             run.interrupted(stop)
-        run.end_command()
+        else:
+            run.end_command()
         if args.json:
             out.write(json.dumps({"probe": run.probes[0].name, **histogram.summary(),
                                   "buckets": [{"low_ns": lo, "high_ns": hi, "count": n}

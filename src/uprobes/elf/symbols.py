@@ -99,7 +99,7 @@ class SymbolTable:
                 other_versions.setdefault((*key, sym.version, sym.default_version), sym)
         kept = [*seen.values(), *other_versions.values()]
         self._symbols = sorted(kept, key=lambda s: (s.value, -s.size, s.name, s.version or "", not s.default_version))
-        self._functions = [s for s in self._symbols if s.type in _CODE_TYPES]
+        self._functions = [s for s in self._symbols if s.is_function]
         self._function_starts = [s.value for s in self._functions]
 
     @functools.cached_property

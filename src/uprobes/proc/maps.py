@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..errors import ProcessError
 
-__all__ = ["Mapping", "read_maps", "mapped_objects", "path_in_process", "runtime_addresses"]
+__all__ = ["Mapping", "read_maps", "mapped_objects", "path_in_process", "runtime_addresses", "unreadable_reason"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +40,7 @@ def read_maps(pid: int) -> list[Mapping]:
     except (FileNotFoundError, ProcessLookupError):  # ESRCH: it ended while we read
         raise ProcessError(f"process {pid} does not exist") from None
     except PermissionError:
-        raise ProcessError(_why_not_readable(pid)) from None
+        raise ProcessError(unreadable_reason(pid, "maps")) from None
     if not lines and not os.path.exists(f"/proc/{pid}"):
         raise ProcessError(f"process {pid} does not exist")
     mappings = []
@@ -55,16 +55,17 @@ def read_maps(pid: int) -> list[Mapping]:
     return mappings
 
 
-def _why_not_readable(pid: int) -> str:
+def unreadable_reason(pid: int, name: str) -> str:
+    """Why /proc/PID/NAME was refused to us: the process is another user's, or ours but not dumpable."""
     try:
         owner = os.stat(f"/proc/{pid}").st_uid
     except OSError:
         owner = None
     if owner == os.geteuid():
-        return (f"cannot read /proc/{pid}/maps: process {pid} is yours but not dumpable (it changed its "
+        return (f"cannot read /proc/{pid}/{name}: process {pid} is yours but not dumpable (it changed its "
                 f"credentials or called prctl(PR_SET_DUMPABLE, 0)); only root may read or trace it")
-    return (f"cannot read /proc/{pid}/maps: permission denied (the process belongs to another user; run as root "
-            f"or as its owner)")
+    return (f"cannot read /proc/{pid}/{name}: permission denied (the process belongs to another user; run as "
+            f"root or as its owner)")
 
 
 def mapped_objects(pid: int) -> list[str]:

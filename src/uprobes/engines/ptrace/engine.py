@@ -919,23 +919,17 @@ class PtraceEngine:
     def _release_unadopted_children(self) -> None:
         """Children forked just before we stopped, whose first stop is not reported yet: each is traced (our
         options are inherited), so it would die with us (EXITKILL) unless let go, clean, like a thread."""
-        deadline = time.monotonic() + 2
-        while self._children and time.monotonic() < deadline:
-            for pid in list(self._children):
-                try:
-                    stopped, _ = os.waitpid(pid, WALL | os.WNOHANG)
-                except ChildProcessError:
-                    stopped = pid  # gone already
-                if stopped:
-                    kind, parent, returns = self._children.pop(pid)
-                    try:
-                        if kind == "vfork" or _shares_memory(parent.pid, pid):
-                            ptrace_detach(pid, 0)  # its memory is its parent's, restored with it
-                        else:
-                            self._let_go(pid, parent, returns)
-                    except (ProcessLookupError, ProcessError):
-                        pass
-            signal.sigtimedwait({signal.SIGCHLD}, 0.01)
+        def let_go(pid: int) -> None:
+            kind, parent, returns = self._children.pop(pid)
+            try:
+                if kind == "vfork" or _shares_memory(parent.pid, pid):
+                    ptrace_detach(pid, 0)  # its memory is its parent's, restored with it
+                else:
+                    self._let_go(pid, parent, returns)
+            except ProcessError:
+                pass  # it ended meanwhile
+
+        _when_stopped(list(self._children), 2, let_go)
 
     def _settle(self, thread: _Thread) -> None:
         """A stopped thread caught in the middle of a hit (a handler raised, Ctrl-C, waiting for a slot, inside
@@ -1071,23 +1065,33 @@ def _restore_returns(memory: ProcessMemory, returns: list[_Return], xol: XolArea
             pass  # that stack is gone
 
 
-def _detach_when_stopped(tids: list[int]) -> None:
-    """Detach threads that were running to their exit when we let the others go: each reports a last stop
-    (PTRACE_EVENT_EXIT) or its end within moments."""
-    deadline = time.monotonic() + 5
+def _when_stopped(tids: list[int], seconds: float, act: Callable[[int], None]) -> None:
+    """Wait up to ``seconds`` for each of ``tids`` to report a stop and ``act`` on it then; one that ends
+    instead, or has ended, needs nothing."""
+    deadline = time.monotonic() + seconds
     waiting = set(tids)
     while waiting and time.monotonic() < deadline:
         for tid in list(waiting):
             try:
-                stopped, status = os.waitpid(tid, WALL | os.WNOHANG)
-                if stopped and os.WIFSTOPPED(status):
-                    ptrace_detach(tid, 0)
-            except (ChildProcessError, ProcessLookupError):
-                stopped = tid  # gone, or reaped with its process
-            if stopped:
-                waiting.discard(tid)
+                reported, status = os.waitpid(tid, WALL | os.WNOHANG)
+            except ChildProcessError:  # gone, or reaped with its process
+                reported, status = tid, 0
+            if not reported:
+                continue
+            waiting.discard(tid)
+            if os.WIFSTOPPED(status):
+                try:
+                    act(tid)
+                except ProcessLookupError:
+                    pass
         if waiting:
             signal.sigtimedwait({signal.SIGCHLD}, 0.01)
+
+
+def _detach_when_stopped(tids: list[int]) -> None:
+    """Detach threads that were running to their exit when we let the others go: each reports a last stop
+    (PTRACE_EVENT_EXIT) or its end within moments."""
+    _when_stopped(tids, 5, lambda tid: ptrace_detach(tid, 0))
 
 
 def _shares_memory(pid: int, child: int) -> bool:

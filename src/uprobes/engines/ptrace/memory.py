@@ -11,6 +11,7 @@ import errno
 import os
 
 from ...errors import ProcessError
+from ...proc.maps import unreadable_reason
 from .syscalls import ptrace_peektext, ptrace_poketext
 
 __all__ = ["ProcessMemory"]
@@ -26,8 +27,7 @@ class ProcessMemory:
         except (FileNotFoundError, ProcessLookupError):
             raise ProcessError(f"process {pid} does not exist (it has ended)") from None
         except PermissionError:
-            raise ProcessError(f"cannot open /proc/{pid}/mem: permission denied (the process belongs to another "
-                               f"user or is not dumpable; run as root or as its owner)") from None
+            raise ProcessError(unreadable_reason(pid, "mem")) from None
         self._poke = False
 
     def read(self, address: int, size: int) -> bytes:
