@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+
+@functools.cache
+def assemble(source: str) -> bytes:
+    """The .text bytes GNU as produces for ``source``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        obj, binary = os.path.join(tmp, "x.o"), os.path.join(tmp, "x.bin")
+        subprocess.run(["as", "--64", "-o", obj], input=source + "\n", text=True, check=True, capture_output=True)
+        subprocess.run(["objcopy", "-O", "binary", "--only-section=.text", obj, binary], check=True)
+        return Path(binary).read_bytes()
 
 
 def tool_output(*command: str) -> str:

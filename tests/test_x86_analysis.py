@@ -8,20 +8,18 @@ arithmetic written out in the test.
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import random
 import subprocess
-import tempfile
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from iced_x86 import Code, Decoder, Encoder, FlowControl, Instruction, InstructionInfoFactory, OpKind, Register, \
     RegisterExt
 
+from oracles import assemble
 from uprobes.elf.objfile import ElfObject
 from uprobes.errors import UnprobeableInstruction
 from uprobes.x86_64.analysis import EmulationFault, Plan, analyze
@@ -47,16 +45,6 @@ SCRATCH_REGISTERS = {name: (register, RegisterExt.full_register32(register))
 
 
 # -- helpers --------------------------------------------------------------------------------------------------
-
-@functools.cache
-def assemble(source: str) -> bytes:
-    """The .text bytes GNU as produces for ``source``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        obj, binary = os.path.join(tmp, "x.o"), os.path.join(tmp, "x.bin")
-        subprocess.run(["as", "--64", "-o", obj], input=source + "\n", text=True, check=True, capture_output=True)
-        subprocess.run(["objcopy", "-O", "binary", "--only-section=.text", obj, binary], check=True)
-        return Path(binary).read_bytes()
-
 
 def encode(instruction: Instruction) -> bytes:
     encoder = Encoder(64)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..x86_64.registers import BY_KERNEL_NAME
 from .fetchargs import (Address, Comm, Deref, FetchArg, FileOffset, Immediate, ImmediateString, Register, RetVal,
                         StackPointer, StackSlot)
 from .markerargs import MarkerOperand
@@ -18,10 +19,6 @@ from .markerargs import MarkerOperand
 __all__ = ["HitContext", "Memory", "evaluate"]
 
 _MASK64 = (1 << 64) - 1
-# Kernel pt_regs names (what fetch arguments use) -> struct user_regs_struct fields.
-_REGS = {"ax": "rax", "bx": "rbx", "cx": "rcx", "dx": "rdx", "si": "rsi", "di": "rdi", "bp": "rbp", "sp": "rsp",
-         "ip": "rip", "flags": "eflags", "orig_ax": "orig_rax", "cs": "cs", "ss": "ss",
-         **{f"r{n}": f"r{n}" for n in range(8, 16)}}
 _INT_SIZES = {"8": 1, "16": 2, "32": 4, "64": 8}
 _MEMORY_SOURCES = (Deref, Address, FileOffset)
 _FXSAVE_XMM = 160  # where xmm0 starts in the FXSAVE area (struct user_fpregs_struct)
@@ -81,7 +78,7 @@ def _address(source, hit: HitContext) -> int:
 def _word(source, hit: HitContext) -> int:
     """The 64-bit value of a source, as the inside of a dereference uses it."""
     if isinstance(source, Register):
-        return getattr(hit.regs, _REGS[source.name])
+        return getattr(hit.regs, BY_KERNEL_NAME[source.name].field)  # fetch arguments name pt_regs fields
     if isinstance(source, Immediate):
         return source.value & _MASK64
     if isinstance(source, StackPointer):

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from uprobes.errors import ProbeSyntaxError
+from uprobes.x86_64.registers import FETCHARG_NAMES
 
 __all__ = [
     "MAX_TRACE_ARGS",
@@ -55,21 +56,6 @@ _S64_MAX = (1 << 63) - 1
 _S32_MIN = -(1 << 31)
 _S32_MAX = (1 << 31) - 1
 _U32_MAX = (1 << 32) - 1
-
-# regoffset_table in arch/x86/kernel/ptrace.c (CONFIG_X86_64).
-_KERNEL_REGISTERS = frozenset(
-    {
-        "r15", "r14", "r13", "r12", "r11", "r10", "r9", "r8",
-        "bx", "cx", "dx", "si", "di", "bp", "ax",
-        "orig_ax", "ip", "cs", "flags", "sp", "ss",
-    }
-)
-# Architectural names users write; the kernel only knows the pt_regs field names.
-_REGISTER_ALIASES = {
-    "rax": "ax", "rbx": "bx", "rcx": "cx", "rdx": "dx",
-    "rsi": "si", "rdi": "di", "rbp": "bp", "rsp": "sp",
-    "rip": "ip", "eflags": "flags", "rflags": "flags",
-}
 
 # probe_fetch_types[] in trace_probe.c: element size in bytes (strings are a u32 data_loc).
 _TYPE_SIZES = {
@@ -358,9 +344,9 @@ class _Parser:
         return parse(self, text)
 
     def _parse_register(self, text: str) -> FetchSource:
-        name = text[1:]
-        name = _REGISTER_ALIASES.get(name, name)
-        if name not in _KERNEL_REGISTERS:
+        # Users also write architectural names (%rdi); the kernel only knows the pt_regs field names (%di).
+        name = FETCHARG_NAMES.get(text[1:])
+        if name is None:
             raise self.error(f"unknown register '{text}' (use %di, %si, ... or %rdi)")
         return Register(name)
 

@@ -16,13 +16,12 @@ from ..elf.objfile import ElfObject
 from ..errors import ProbeSyntaxError
 from ..sdt.arguments import SdtArgument
 from ..sdt.notes import SdtSite
+from ..x86_64.registers import BY_FIELD
 from .fetchargs import (Address, Deref, FetchArg, FetchType, FileOffset, Immediate, Register, UsdtArg,
                         parse_fetcharg, parse_fetchargs)
 
 __all__ = ["MarkerFetch", "MarkerOperand", "marker_fetchargs", "kernel_limitation", "Unexpressible"]
 
-_KERNEL_REGISTER = {"rax": "ax", "rbx": "bx", "rcx": "cx", "rdx": "dx", "rsi": "si", "rdi": "di", "rbp": "bp",
-                    "rsp": "sp", "rip": "ip", **{f"r{n}": f"r{n}" for n in range(8, 16)}}
 _ARRAY_ELEMENT = {16: 2, 24: 3}  # struct-by-value arguments: read as u64[2] / u64[3]
 
 
@@ -151,9 +150,10 @@ def _source(arg: SdtArgument, site: SdtSite, obj: ElfObject):
 
 
 def _register(name: str) -> Register:
-    if name not in _KERNEL_REGISTER:
+    reg = BY_FIELD.get(name)
+    if reg is None or reg.kernel is None:
         raise Unexpressible(f"tracefs cannot read %{name}")
-    return Register(_KERNEL_REGISTER[name])
+    return Register(reg.kernel)
 
 
 def _natural_type(arg: SdtArgument) -> FetchType:

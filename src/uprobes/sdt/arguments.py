@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 
 from uprobes.errors import ProbeSyntaxError
+from uprobes.x86_64.registers import OPERAND_NAMES, XMM_REGISTERS
 
 __all__ = ["SdtArgument", "parse_arguments"]
 
@@ -62,24 +63,10 @@ _SIZES = {str(n): n for n in (1, 2, 4, 8, 16, 24)}
 _FLOAT_SIZES = {str(n): n for n in (4, 8, 16)}
 _SCALES = {str(n): n for n in (1, 2, 4, 8)}
 
-_GPR_ROWS = (
-    ("rax", "eax", "ax", "al"),
-    ("rbx", "ebx", "bx", "bl"),
-    ("rcx", "ecx", "cx", "cl"),
-    ("rdx", "edx", "dx", "dl"),
-    ("rsi", "esi", "si", "sil"),
-    ("rdi", "edi", "di", "dil"),
-    ("rbp", "ebp", "bp", "bpl"),
-    ("rsp", "esp", "sp", "spl"),
-    ("rip", "eip", "ip"),
-    *((f"r{n}", f"r{n}d", f"r{n}w", f"r{n}b") for n in range(8, 16)),
-)
-_HIGH_BYTES = {"ah": "rax", "bh": "rbx", "ch": "rcx", "dh": "rdx"}
-# alias -> (canonical 64-bit register, right shift); xmm16-31 exist with AVX-512.
+# alias -> (canonical 64-bit register, right shift)
 _REGISTERS: dict[str, tuple[str, int]] = {
-    **{alias: (row[0], 0) for row in _GPR_ROWS for alias in row},
-    **{alias: (reg, 8) for alias, reg in _HIGH_BYTES.items()},
-    **{f"xmm{n}": (f"xmm{n}", 0) for n in range(32)},
+    **{alias: (reg.field, part.shift) for alias, (reg, part) in OPERAND_NAMES.items()},
+    **{name: (name, 0) for name in XMM_REGISTERS},
 }
 
 # systemtap's sdt_v3_tokenize: cut at the last whitespace before each "@", so spaces inside an

@@ -100,11 +100,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from iced_x86 import (ConditionCode, Decoder, DecoderError, DecoderOptions, EncodingKind, Encoder, FlowControl,
-                      Formatter, FormatterSyntax, Instruction, InstructionInfoFactory, Mnemonic, OpCodeTableKind,
-                      OpKind, Register, RegisterExt)
+from iced_x86 import (Code, ConditionCode, Decoder, DecoderError, DecoderOptions, EncodingKind, Encoder, FlowControl,
+                      Formatter, FormatterSyntax, Instruction, InstructionInfoFactory, MemoryOperand, Mnemonic,
+                      OpCodeTableKind, OpKind, Register, RegisterExt)
 
 from ..errors import UnprobeableInstruction
+from .registers import BY_FIELD, GENERAL_REGISTERS
 
 __all__ = ["EmulationFault", "Plan", "analyze"]
 
@@ -118,15 +119,16 @@ _ARITH_FLAGS = _CF | _PF | _AF | _ZF | _SF | _OF
 _FORMATTER = Formatter(FormatterSyntax.GAS)
 _INFO = InstructionInfoFactory()
 
+
+def _iced(name: str) -> int:
+    """iced's Register for an AT&T name iced spells the same way (``rsi``, ``r8d``; not ``r8b``)."""
+    return getattr(Register, name.upper())
+
+
 # (name in user_regs_struct, 64-bit register, 32-bit register), in the order scratch registers are tried.
-_SCRATCH_ORDER = (
-    ("rsi", Register.RSI, Register.ESI), ("rdi", Register.RDI, Register.EDI), ("rbx", Register.RBX, Register.EBX),
-    ("r8", Register.R8, Register.R8D), ("r9", Register.R9, Register.R9D), ("r10", Register.R10, Register.R10D),
-    ("r11", Register.R11, Register.R11D), ("r12", Register.R12, Register.R12D), ("r13", Register.R13, Register.R13D),
-    ("r14", Register.R14, Register.R14D), ("r15", Register.R15, Register.R15D), ("rax", Register.RAX, Register.EAX),
-    ("rcx", Register.RCX, Register.ECX), ("rdx", Register.RDX, Register.EDX), ("rbp", Register.RBP, Register.EBP),
-)
-_GPR_NAMES = {reg64: name for name, reg64, _ in _SCRATCH_ORDER} | {Register.RSP: "rsp"}
+_SCRATCH_ORDER = tuple((name, _iced(name), _iced(BY_FIELD[name].low(4).name))
+                       for name in ("rsi", "rdi", "rbx", *(f"r{n}" for n in range(8, 16)), "rax", "rcx", "rdx", "rbp"))
+_GPR_NAMES = {_iced(reg.field): reg.field for reg in GENERAL_REGISTERS}
 
 
 class EmulationFault(Exception):
@@ -475,7 +477,7 @@ class Plan:
         instruction needs a fixup after it runs (rip-relative, branches, calls, rep strings)."""
         if self.kind != "step" or self.scratch or self._rip is not _Rip.NEXT or self._may_repeat:
             return None
-        return self.slot_code + b"\xff\x25\x00\x00\x00\x00" + self._next.to_bytes(8, "little")  # jmp *0(%rip)
+        return self.slot_code + _absolute_jump(self._next)
 
     def emulate(self, regs: Any, memory: Any) -> None:
         """Apply the instruction's effect to ``regs`` (and ``memory``), rip included.
@@ -529,6 +531,16 @@ class Plan:
     def _restore(regs: Any, saved: dict[str, int]) -> None:
         for name, value in saved.items():
             setattr(regs, name, value)
+
+
+def _absolute_jump(target: int) -> bytes:
+    """``jmp *0(%rip)`` and the 8-byte ``target`` it reads: a jump that works from any address."""
+    jump = Instruction.create_mem(Code.JMP_RM64, MemoryOperand(Register.RIP, displ=6))  # rip-relative to 0 + 6
+    target_word = Instruction.create_declare_qword_1(target)
+    encoder = Encoder(64)
+    encoder.encode(jump, 0)
+    encoder.encode(target_word, 6)
+    return bytes(encoder.take_buffer())
 
 
 def analyze(code: bytes, address: int) -> Plan:
