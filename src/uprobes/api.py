@@ -9,7 +9,7 @@
     >>> seen
     [(0, b's0'), (1, b's1'), (2, b's2')]
 
-A handler receives a :class:`~uprobes.engines.ptrace.engine.Hit`: the probe, pid and tid, the registers
+A handler receives a :class:`~uprobes.consumers.Hit`: the probe, pid and tid, the registers
 (``struct user_regs_struct`` fields: ``rdi``, ``rip``...), a memory reader that raises ``OSError`` on a bad
 address and never harms the target, and the probe's fetch arguments already evaluated. Returning
 :data:`REMOVE` removes the handler, and the probe with its last handler (its byte restored at once); an
@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .engines.ptrace.engine import REMOVE, Consumer, Hit, PtraceEngine
+from .consumers import REMOVE, Consumer, Hit
+from .engines.ptrace.engine import PtraceEngine
 from .errors import UprobesError
 from .output.event import Event
 from .probes.resolve import Probe, resolve_text
@@ -48,6 +49,7 @@ class Session:
         self._attached = False
         self._keep_events = keep_events
         self.events: list[Event] = []
+        self.notices: list[str] = []  # warnings of the run: a probe left out of a library, rewritten code
 
     def __enter__(self) -> Session:
         return self
@@ -86,6 +88,7 @@ class Session:
         try:
             while deadline is None or time.monotonic() < deadline:
                 self.events += self._engine.poll(0.1)
+                self.notices += self._engine.notices()
                 status = self._engine.exited(pid)
                 if status is not None:
                     self.close()
@@ -102,6 +105,7 @@ class Session:
     def close(self) -> None:
         """Detach: every byte restored, the out-of-line area unmapped. A started command is not stopped."""
         self._engine.close()
+        self.notices += self._engine.notices()
         if self._child is not None:
             self._child.traced = False
 

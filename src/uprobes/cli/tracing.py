@@ -119,6 +119,16 @@ class _Run:
             self.child.release()
         self.status = 0
 
+    def poll(self, timeout: float) -> list:
+        """The engine's events of up to ``timeout`` seconds; its warnings meanwhile go to stderr at once."""
+        events = self.engine.poll(timeout)
+        self.warn()
+        return events
+
+    def warn(self) -> None:
+        for notice in self.engine.notices():
+            print(f"uprobes: warning: {notice}", file=sys.stderr, flush=True)
+
     def _stop_child(self) -> None:
         if self.child and self.child.poll() is None:
             self.child.stop()
@@ -214,7 +224,7 @@ def run_trace(args: argparse.Namespace) -> int:
         try:
             while True:
                 finished = run.finished()
-                for event in run.engine.poll(0 if finished else _POLL_SECONDS):
+                for event in run.poll(0 if finished else _POLL_SECONDS):
                     writer.event(event)
                     seen += 1
                     if args.max_events and seen >= args.max_events:
@@ -224,7 +234,7 @@ def run_trace(args: argparse.Namespace) -> int:
                     break
                 out.flush()
         except KeyboardInterrupt as stop:
-            for event in run.engine.poll(0):  # what was seen before the signal
+            for event in run.poll(0):  # what was seen before the signal
                 writer.event(event)
             run.interrupted(stop)
         else:
@@ -236,6 +246,8 @@ def run_trace(args: argparse.Namespace) -> int:
 
 
 def _report_notes(run: _Run) -> None:
+    run.engine.close()  # what detaching found is part of the report
+    run.warn()
     for note in run.engine.report():
         print(f"uprobes: {note}", file=sys.stderr)
     returncode = run.child.returncode if run.child else None
@@ -258,7 +270,7 @@ def run_count(args: argparse.Namespace) -> int:
         next_report = time.monotonic() + args.interval if args.interval else None
         try:
             while not run.finished():
-                run.engine.poll(_POLL_SECONDS)  # the ptrace engine services its target in here
+                run.poll(_POLL_SECONDS)  # the ptrace engine services its target in here
                 if next_report is not None and time.monotonic() >= next_report:
                     _write_counts(out, run.probes, run.engine.hit_counts(), args.json)
                     next_report += args.interval
@@ -284,7 +296,7 @@ def run_latency(args: argparse.Namespace) -> int:
         try:
             while True:
                 finished = run.finished()
-                for event in run.engine.poll(0 if finished else _POLL_SECONDS):
+                for event in run.poll(0 if finished else _POLL_SECONDS):
                     calls = started.setdefault(event.tid, [])
                     if not event.is_return:
                         calls.append(event.ts_ns)

@@ -14,11 +14,13 @@ import signal
 import sys
 from dataclasses import dataclass, replace
 
+from ...consumers import Consumer
 from ...errors import KernelEngineError
 from ...output.event import Event
 from ...probes.fetchargs import Comm, FetchArg, FetchType, RetVal
 from ...probes.markerargs import kernel_limitation
 from ...probes.resolve import Probe
+from ..base import Engine
 from .eventformat import EventFormat, load_event_format
 from .instructions import refuse_unprobeable
 from .perfbuf import TracepointReader
@@ -60,11 +62,10 @@ class _Attached:
                 for arg in self.probe.fetchargs if kernel_limitation(arg)}
 
 
-class KernelEngine:
+class KernelEngine(Engine):
     """Probes through tracefs and perf. Use as a context manager so that every event is deleted."""
 
     name = "kernel"
-    reaps_children = False
 
     def __init__(self, pages_per_cpu: int = 256) -> None:
         self.tracefs = Tracefs()
@@ -76,12 +77,6 @@ class KernelEngine:
         self._counts: dict[int, int] = {}  # tracepoint id -> hits, as last read: kept once closed
         self._lost = 0
 
-    def __enter__(self) -> KernelEngine:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
     @property
     def lost(self) -> int:
         """Hits the kernel dropped because a ring buffer was full, exactly (not only those reported so far)."""
@@ -89,7 +84,7 @@ class KernelEngine:
         return self._lost
 
     def attach(self, probes: list[Probe], pid: int | None, *, counting: bool = False, held: bool = False,
-               follow_forks: bool = True) -> None:
+               follow_forks: bool = True, consumers: dict[int, list[Consumer]] | None = None) -> None:
         """Define every probe and start collecting its hits (of every thread of ``pid`` and what it starts,
         or of everyone).
 
@@ -97,6 +92,8 @@ class KernelEngine:
         (a launched command held before exec): the events are enabled by its exec, so nothing the child runs
         before it (our own code) is counted. ``follow_forks`` False: the threads, not the forked children.
         """
+        if consumers:
+            raise KernelEngineError("Python handlers run on the ptrace engine, in the traced process's stops")
         refuse_unprobeable(probes)
         for index, probe in enumerate(probes):
             event_name = f"e{index}_{probe.event}"[:63]
@@ -117,14 +114,6 @@ class KernelEngine:
                 self._reader.enable()
         except OSError as exc:
             raise KernelEngineError(f"cannot enable the uprobe events: {exc.strerror}") from None
-
-    def report(self) -> list[str]:
-        """Nothing to add at the end: the kernel places probes in whatever maps the file, whenever."""
-        return []
-
-    def exited(self, pid: int) -> int | None:
-        """The kernel engine never reaps a process; its parent does."""
-        return None
 
     def hit_counts(self) -> list[int]:
         """Hits so far per probe, in the order given to :meth:`attach`, as the kernel's counters say (after

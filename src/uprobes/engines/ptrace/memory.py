@@ -2,7 +2,9 @@
 
 ``pwrite`` there uses FOLL_FORCE, so text and the r-x out-of-line area are written without changing their
 protection (``process_vm_writev`` fails with EFAULT on them, hazard 27). Where a kernel blocks forced
-writes (hazard 28), ``PTRACE_POKETEXT`` takes over, a word at a time.
+writes (hazard 28), ``PTRACE_POKETEXT`` takes over, a word at a time, through a thread that is stopped: so
+every write names that thread (:meth:`ProcessMemory.through`). The program's own writes that we make for it
+(an emulated ``push``) go through ``process_vm_writev``, which honours protections as the program would.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import os
 
 from ...errors import ProcessError
 from ...proc.maps import unreadable_reason
-from .syscalls import ptrace_peektext, ptrace_poketext
+from .syscalls import process_vm_writev, ptrace_peektext, ptrace_poketext
 
-__all__ = ["ProcessMemory"]
+__all__ = ["ProcessMemory", "ThreadMemory", "ProgramMemory"]
 
 
 class ProcessMemory:
@@ -28,7 +30,7 @@ class ProcessMemory:
             raise ProcessError(f"process {pid} does not exist (it has ended)") from None
         except PermissionError:
             raise ProcessError(unreadable_reason(pid, "mem")) from None
-        self._poke = False
+        self.poke = False  # forced writes are off in this kernel (proc_mem.force_override): PTRACE_POKETEXT
 
     def read(self, address: int, size: int) -> bytes:
         """``size`` bytes at ``address``; OSError (EIO/EFAULT) if any of them is not mapped."""
@@ -57,29 +59,50 @@ class ProcessMemory:
             result += chunk
         return bytes(result)
 
-    def write(self, address: int, data: bytes, tid: int | None = None) -> None:
-        """Write ``data`` at ``address``, even into read-only text. ``tid``: a stopped thread, for the fallback."""
-        if not self._poke:
+    def write(self, address: int, data: bytes, via: int) -> None:
+        """Write ``data`` at ``address``, even into read-only text. ``via``: a thread of this address space
+        that is in a ptrace stop, for the PTRACE_POKETEXT fallback (ESRCH there means that thread is gone)."""
+        if not self.poke:
             try:
                 if os.pwrite(self._fd, data, address) == len(data):
                     return
             except OSError as exc:
-                if exc.errno != errno.EPERM or tid is None:
+                if exc.errno != errno.EPERM:
                     raise
-                self._poke = True  # forced writes are off in this kernel (proc_mem.force_override)
-        self._poke_write(tid if tid is not None else self.pid, address, data)
-
-    def _poke_write(self, tid: int, address: int, data: bytes) -> None:
+                self.poke = True
         start = address & ~7
         end = (address + len(data) + 7) & ~7
         for word_at in range(start, end, 8):
-            word = bytearray(ptrace_peektext(tid, word_at).to_bytes(8, "little"))
+            word = bytearray(ptrace_peektext(via, word_at).to_bytes(8, "little"))
             for i in range(8):
                 if address <= word_at + i < address + len(data):
                     word[i] = data[word_at + i - address]
-            ptrace_poketext(tid, word_at, int.from_bytes(word, "little"))
+            ptrace_poketext(via, word_at, int.from_bytes(word, "little"))
+
+    def through(self, tid: int) -> ThreadMemory:
+        """This memory as the stopped thread ``tid`` reaches it."""
+        return ThreadMemory(self, tid)
 
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+class ThreadMemory:
+    """One address space seen from one stopped thread: what the out-of-line fixups read and write."""
+
+    def __init__(self, memory: ProcessMemory, tid: int) -> None:
+        self.memory, self.tid = memory, tid
+        self.read, self.read_string = memory.read, memory.read_string
+
+    def write(self, address: int, data: bytes) -> None:
+        self.memory.write(address, data, self.tid)
+
+
+class ProgramMemory(ThreadMemory):
+    """Writes the program itself makes, emulated: they fault (OSError EFAULT) where the program's would, on
+    a guard page or a read-only page, instead of going through as forced writes do."""
+
+    def write(self, address: int, data: bytes) -> None:
+        process_vm_writev(self.memory.pid, address, data)

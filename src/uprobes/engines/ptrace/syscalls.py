@@ -7,14 +7,16 @@ the ptrace note); the engine makes all of them from one thread.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
-import signal
+
+from ...x86_64.registers import USER_REGS
 
 __all__ = [
     "Regs", "SigInfo", "ptrace_seize", "ptrace_interrupt", "ptrace_cont", "ptrace_singlestep", "ptrace_listen",
     "ptrace_detach", "ptrace_getregs", "ptrace_setregs", "ptrace_geteventmsg", "ptrace_getsiginfo",
     "ptrace_setsiginfo", "ptrace_getfpregs", "ptrace_getsigmask", "ptrace_setsigmask", "tgkill", "same_memory",
-    "ptrace_syscall", "ptrace_poketext", "ptrace_peektext",
+    "ptrace_syscall", "ptrace_poketext", "ptrace_peektext", "process_vm_writev",
     "OPTIONS", "EVENT_CLONE", "EVENT_EXEC", "EVENT_EXIT", "EVENT_FORK", "EVENT_VFORK", "EVENT_VFORK_DONE",
     "EVENT_STOP", "WALL", "SI_KERNEL", "TRAP_TRACE", "TRAP_BRKPT",
 ]
@@ -61,9 +63,7 @@ TRAP_TRACE = 2  # si_code of a single-step trap
 class Regs(ctypes.Structure):
     """``struct user_regs_struct`` (x86-64)."""
 
-    _fields_ = [(name, ctypes.c_uint64) for name in (
-        "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx", "rdx", "rsi", "rdi",
-        "orig_rax", "rip", "cs", "eflags", "rsp", "ss", "fs_base", "gs_base", "ds", "es", "fs", "gs")]
+    _fields_ = [(reg.field, ctypes.c_uint64) for reg in USER_REGS]
 
     def copy(self) -> Regs:
         clone = Regs()
@@ -173,6 +173,27 @@ def same_memory(pid: int, other: int) -> bool:
     return result == 0
 
 
+class _IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+_libc.process_vm_writev.restype = ctypes.c_ssize_t
+_libc.process_vm_writev.argtypes = [ctypes.c_int, ctypes.POINTER(_IoVec), ctypes.c_ulong, ctypes.POINTER(_IoVec),
+                                    ctypes.c_ulong, ctypes.c_ulong]
+
+
+def process_vm_writev(pid: int, address: int, data: bytes) -> None:
+    """Write ``data`` at ``address`` as the process itself could: page protections hold (EFAULT otherwise)."""
+    buffer = ctypes.create_string_buffer(data, len(data))
+    local = _IoVec(ctypes.addressof(buffer), len(data))
+    remote = _IoVec(address, len(data))
+    ctypes.set_errno(0)
+    written = _libc.process_vm_writev(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    if written != len(data):
+        err = ctypes.get_errno() or errno.EFAULT
+        raise OSError(err, f"process_vm_writev({pid}, {address:#x}): {os.strerror(err)}")
+
+
 def ptrace_getsigmask(tid: int) -> int:
     mask = ctypes.c_uint64()
     _call(_PTRACE_GETSIGMASK, tid, 8, ctypes.addressof(mask))
@@ -191,9 +212,3 @@ def ptrace_peektext(tid: int, address: int) -> int:
 def ptrace_poketext(tid: int, address: int, word: int) -> None:
     _call(_PTRACE_POKETEXT, tid, address, word)
 
-
-def stop_signal_name(sig: int) -> str:
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return f"signal {sig}"

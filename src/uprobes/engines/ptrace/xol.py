@@ -13,6 +13,8 @@ import os
 
 from ...errors import UprobesError
 from ...proc.maps import read_maps
+from ...x86_64.abi import (NR_MADVISE, NR_MMAP, NR_MUNMAP, SYSCALL_ARGUMENTS, SYSCALL_INSTRUCTION,
+                           restart_interrupted_syscall)
 from .memory import ProcessMemory
 from .syscalls import (Regs, ptrace_getregs, ptrace_getsigmask, ptrace_setregs, ptrace_setsigmask,
                        ptrace_syscall, WALL)
@@ -22,13 +24,10 @@ __all__ = ["XolArea", "inject_syscall", "PAGE_SIZE", "SLOT_SIZE"]
 PAGE_SIZE = 4096
 SLOT_SIZE = 32  # an instruction (at most 15 bytes) and a 14-byte jump back; the rest is int3 padding
 _STEP_SLOTS = 16  # slots boosting never takes: threads stepping at once
-_NR_MMAP, _NR_MUNMAP, _NR_MADVISE, _NR_RESTART_SYSCALL = 9, 11, 28, 219
 _PROT_READ_EXEC = 0x1 | 0x4
 _MAP_PRIVATE_ANONYMOUS = 0x02 | 0x20
 _MAP_FIXED_NOREPLACE = 0x100000
 _MADV_DONTFORK = 10
-_RESTART_ERRNOS = {512, 513, 514}  # ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND: the kernel re-runs the call
-_ERESTART_RESTARTBLOCK = 516
 _ALL_SIGNALS = (1 << 64) - 1
 
 
@@ -44,7 +43,7 @@ def _find_syscall_instruction(pid: int, memory: ProcessMemory) -> int:
             code = memory.read(mapping.start, min(mapping.end - mapping.start, 1 << 20))
         except OSError:
             continue
-        at = code.find(b"\x0f\x05")
+        at = code.find(SYSCALL_INSTRUCTION)
         if at >= 0:
             return mapping.start + at
     raise InjectionError(f"process {pid} maps no code with a syscall instruction to borrow")
@@ -56,7 +55,7 @@ def inject_syscall(tid: int, memory: ProcessMemory, number: int, *args: int) -> 
     saved_mask = ptrace_getsigmask(tid)
     regs = saved.copy()
     regs.rax, regs.orig_rax = number, (1 << 64) - 1  # orig_rax -1: no syscall restart logic (hazard 21)
-    for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
+    for name, value in zip(SYSCALL_ARGUMENTS, args):
         setattr(regs, name, value & (1 << 64) - 1)
     regs.rip = _find_syscall_instruction(memory.pid, memory)
     ptrace_setsigmask(tid, _ALL_SIGNALS)
@@ -95,87 +94,84 @@ def _restore(tid: int, saved: Regs) -> None:
     """Put the registers back. A thread we stopped inside a restartable system call would otherwise return
     -ERESTARTSYS to its program, because our syscall consumed the restart; so restart it by hand."""
     regs = saved.copy()
-    in_syscall = regs.orig_rax < 1 << 63
-    error = (1 << 64) - regs.rax
-    if in_syscall and error in _RESTART_ERRNOS:
-        regs.rax, regs.rip = regs.orig_rax, regs.rip - 2
-    elif in_syscall and error == _ERESTART_RESTARTBLOCK:
-        regs.rax, regs.rip = _NR_RESTART_SYSCALL, regs.rip - 2
+    restart_interrupted_syscall(regs)
     ptrace_setregs(tid, regs)
 
 
 class XolArea:
-    """Slots of one page in one address space; a slot is lent to one stepping thread at a time.
+    """Slots of one page in one address space; "is this thread inside our code?" is asked here, once.
 
-    Slot 0 is the return trampoline: an ``int3`` that return probes put in place of a return address. A
-    boosted probe owns a slot for as long as the area lives: its instruction and a jump back, which any
-    number of threads run through at once.
+    Slot 0 is the return trampoline: an ``int3`` that return probes put in place of a return address. A slot
+    is lent to one stepping thread at a time (:meth:`lend`), or kept by a boosted breakpoint for as long as
+    that breakpoint lives (:meth:`keep`): its instruction and a jump back, which any number of threads run
+    through at once. Each slot in use has an owner, who answers for a thread found inside it.
     """
 
     def __init__(self, tid: int, memory: ProcessMemory, at: int = 0) -> None:
-        """Map the page, at address ``at`` if given and free (a fork child gets its parent's address, so the
-        return addresses that point at the trampoline stay right)."""
+        """Map the page through stopped thread ``tid``, at address ``at`` if given and free (a fork child gets
+        its parent's address, so the return addresses that point at the trampoline stay right)."""
         flags = _MAP_PRIVATE_ANONYMOUS | (_MAP_FIXED_NOREPLACE if at else 0)
-        address = inject_syscall(tid, memory, _NR_MMAP, at, PAGE_SIZE, _PROT_READ_EXEC, flags, (1 << 64) - 1, 0)
+        address = inject_syscall(tid, memory, NR_MMAP, at, PAGE_SIZE, _PROT_READ_EXEC, flags, (1 << 64) - 1, 0)
         if at and address != at:  # taken (or an old kernel): anywhere will do
-            address = inject_syscall(tid, memory, _NR_MMAP, 0, PAGE_SIZE, _PROT_READ_EXEC, _MAP_PRIVATE_ANONYMOUS,
+            address = inject_syscall(tid, memory, NR_MMAP, 0, PAGE_SIZE, _PROT_READ_EXEC, _MAP_PRIVATE_ANONYMOUS,
                                      (1 << 64) - 1, 0)
         if -4096 < address < 0:
             raise InjectionError(f"mmap of the out-of-line area failed in process {memory.pid}: "
                                  f"{os.strerror(-address)} (seccomp or an execmem policy?)")
-        inject_syscall(tid, memory, _NR_MADVISE, address, PAGE_SIZE, _MADV_DONTFORK)
+        inject_syscall(tid, memory, NR_MADVISE, address, PAGE_SIZE, _MADV_DONTFORK)
         self.address = address
         self.memory = memory
         self.trampoline = address
         memory.write(self.trampoline, b"\xcc" * SLOT_SIZE, tid)
         self._free = list(range(PAGE_SIZE // SLOT_SIZE - 1, 0, -1))
         self._content: dict[int, bytes] = {}
-        self._boosts: dict[int, int] = {}  # probe address -> its slot's address
-        self._boosted: dict[int, tuple[int, int]] = {}  # slot address -> (probe address, next instruction)
+        self._owners: dict[int, object] = {}  # slot address -> who uses it
+        self._kept: set[int] = set()
 
-    def acquire(self, code: bytes) -> int | None:
-        """A slot holding ``code``, or None when every slot is lent (the caller waits for one): each stepping
-        thread has its own, so threads stepping one probe at once never share one (hazard 23)."""
+    def lend(self, code: bytes, owner: object, via: int) -> int | None:
+        """A slot holding ``code`` for one step, or None when every slot is in use (the caller waits for one):
+        each stepping thread has its own, so threads stepping one probe at once never share one (hazard 23)."""
         if not self._free:
             return None
         # Prefer a free slot that already holds this code: no write needed.
-        for i in range(len(self._free) - 1, -1, -1):
-            if self._content.get(self._free[i]) == code:
-                return self.address + self._free.pop(i) * SLOT_SIZE
-        slot = self._free.pop()
-        padded = code + b"\xcc" * (SLOT_SIZE - len(code))
-        self.memory.write(self.address + slot * SLOT_SIZE, padded)
-        self._content[slot] = code
-        return self.address + slot * SLOT_SIZE
-
-    def release(self, address: int) -> None:
-        if address not in self._boosted:
-            self._free.append((address - self.address) // SLOT_SIZE)
-
-    def boost(self, probe_address: int, code: bytes, next_address: int) -> int | None:
-        """The slot a thread runs ``code`` from for the probe at ``probe_address``, ``code`` ending in a jump
-        to ``next_address``; None once only the slots kept for stepping are left."""
-        slot = self._boosts.get(probe_address)
-        if slot is None and len(self._free) > _STEP_SLOTS:
-            slot = self.acquire(code)
-            self._boosts[probe_address], self._boosted[slot] = slot, (probe_address, next_address)
+        index = next((i for i in range(len(self._free) - 1, -1, -1) if self._content.get(self._free[i]) == code),
+                     len(self._free) - 1)
+        number = self._free.pop(index)
+        slot = self.address + number * SLOT_SIZE
+        if self._content.get(number) != code:
+            self.memory.write(slot, code + b"\xcc" * (SLOT_SIZE - len(code)), via)
+            self._content[number] = code
+        self._owners[slot] = owner
         return slot
 
-    def boosted_probe(self, address: int) -> tuple[int, int, int] | None:
-        """(slot, probe address, next instruction's address) of the boost slot ``address`` lies in, if any."""
+    def keep(self, code: bytes, owner: object, via: int) -> int | None:
+        """A slot holding ``code`` for as long as ``owner`` lives (until :meth:`release`); None once only the
+        slots kept for stepping are left."""
+        if len(self._free) <= _STEP_SLOTS:
+            return None
+        slot = self.lend(code, owner, via)
+        self._kept.add(slot)
+        return slot
+
+    def release(self, slot: int) -> None:
+        """Give back a lent slot, or a kept one whose owner is gone."""
+        self._owners.pop(slot, None)
+        self._kept.discard(slot)
+        self._free.append((slot - self.address) // SLOT_SIZE)
+
+    def owner(self, address: int) -> object | None:
+        """Who uses the slot ``address`` lies in (None: not in a slot of ours, or in a free one)."""
         if not self.contains(address):
             return None
-        slot = address - (address - self.address) % SLOT_SIZE
-        probe = self._boosted.get(slot)
-        return None if probe is None else (slot, *probe)
+        return self._owners.get(address - (address - self.address) % SLOT_SIZE)
 
     def contains(self, address: int) -> bool:
         return self.address <= address < self.address + PAGE_SIZE
 
-    def unmap(self, tid: int) -> None:
+    def unmap(self, via: int) -> None:
         """Remove the page from the target (at detach, when no thread is inside it)."""
         try:
-            inject_syscall(tid, self.memory, _NR_MUNMAP, self.address, PAGE_SIZE)
+            inject_syscall(via, self.memory, NR_MUNMAP, self.address, PAGE_SIZE)
         except OSError as exc:
             if exc.errno != errno.ESRCH:
                 raise

@@ -1,0 +1,275 @@
+"""Who is traced: the threads and processes of a run, as they are seized, clone, fork, exec and end.
+
+A fork child inherits every ``int3`` (hazard 14): followed, it gets breakpoints and an area of its own;
+not followed, every byte we wrote is taken out of its copy before it goes. A vfork child, or one made by
+``clone(CLONE_VM)`` without ``CLONE_THREAD``, shares its parent's memory, so it is serviced like a thread
+until it execs or exits (hazard 15).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+
+from ...errors import ProcessError
+from ...proc.status import explain_seize_error, tgid
+from .memory import ProcessMemory
+from .placement import Placement
+from .returns import Return, put_back
+from .semaphores import Semaphores
+from .syscalls import (EVENT_STOP, WALL, ptrace_cont, ptrace_detach, ptrace_geteventmsg, ptrace_interrupt,
+                       ptrace_seize, same_memory)
+from .tracee import Process, State, Thread
+from .xol import XolArea
+
+__all__ = ["Family", "when_stopped"]
+
+
+class Family:
+    """The run's threads and processes, and children announced but not yet seen."""
+
+    def __init__(self, placement: Placement, follow_forks: bool) -> None:
+        self.placement = placement
+        self.follow_forks = follow_forks
+        self.threads: dict[int, Thread] = {}
+        self.processes: dict[int, Process] = {}
+        self.exit_status: dict[int, int] = {}
+        self._newborn: dict[int, int] = {}  # stops of tids we have not been told about yet (hazard 7)
+        self._children: dict[int, tuple[str, Process, list[Return]]] = {}  # forks announced, not yet stopped
+
+    # -- seizing ----------------------------------------------------------------------------------------------
+
+    def seize(self, pid: int, tid: int, options: int) -> None:
+        try:
+            ptrace_seize(tid, options)
+        except OSError as exc:
+            raise ProcessError(explain_seize_error(pid, exc)) from None
+
+    def seize_held(self, pid: int, options: int) -> Process:
+        """A command held before its exec: its one thread, seized; its probes go in at the exec."""
+        self.seize(pid, pid, options)
+        process = self.processes[pid] = Process(pid, ProcessMemory(pid))
+        self.threads[pid] = Thread(pid, process)  # running: it waits for its release, then execs
+        return process
+
+    def seize_all(self, pid: int, options: int) -> Process:
+        """SEIZE and INTERRUPT every thread, re-reading the task list until no new thread turns up (hazard 6);
+        every thread is stopped when this returns."""
+        process = self.processes[pid] = Process(pid, ProcessMemory(pid))
+        while True:
+            try:
+                tids = {int(t) for t in os.listdir(f"/proc/{pid}/task")}
+            except FileNotFoundError:
+                raise ProcessError(f"process {pid} does not exist") from None
+            new = tids - self.threads.keys()
+            if not new:
+                break
+            for tid in sorted(new):
+                try:
+                    self.seize(pid, tid, options)  # SEIZE, never ATTACH: no stray SIGSTOP (hazards 1-2)
+                    ptrace_interrupt(tid)
+                except ProcessError:
+                    if tid == pid:
+                        raise
+                    continue  # the thread exited meanwhile
+                self.threads[tid] = Thread(tid, process)
+        for thread in list(self.threads.values()):
+            self._wait_interrupt_stop(thread)
+        return process
+
+    def _wait_interrupt_stop(self, thread: Thread) -> None:
+        while True:
+            _, status = os.waitpid(thread.tid, WALL)
+            if not os.WIFSTOPPED(status):
+                del self.threads[thread.tid]
+                return
+            if status >> 16 == EVENT_STOP:
+                thread.state = State.STOPPED
+                return
+            sig = os.WSTOPSIG(status)
+            ptrace_cont(thread.tid, sig if status >> 16 == 0 and sig != signal.SIGTRAP else 0)  # nothing placed yet
+
+    # -- threads and children ---------------------------------------------------------------------------------
+
+    def in_process(self, process: Process) -> list[Thread]:
+        return [t for t in self.threads.values() if t.process is process]
+
+    def stopped_in(self, process: Process) -> Thread | None:
+        """A thread of ``process`` in a ptrace stop, through which its memory can be written."""
+        return next((t for t in self.in_process(process) if t.state.stopped), None)
+
+    def on_clone(self, thread: Thread, serving: bool) -> None:
+        """``thread`` made a thread; its first stop may have come already (hazard 7)."""
+        new_tid = ptrace_geteventmsg(thread.tid)
+        if new_tid in self.threads:
+            return
+        if self._newborn.pop(new_tid, None) is None:
+            self.threads[new_tid] = Thread(new_tid, thread.process)  # its first stop is on its way
+            return
+        new = self.threads[new_tid] = Thread(new_tid, thread.process, State.STOPPED)
+        if serving:
+            new.resume()
+
+    def on_fork(self, thread: Thread, vfork: bool, serving: bool) -> None:
+        """``thread`` forked (or vforked) a child, which is traced from its first stop on."""
+        child = ptrace_geteventmsg(thread.tid)
+        announced = ("vfork" if vfork else "fork", thread.process, list(thread.returns))
+        if self._newborn.pop(child, None) is None:
+            self._children[child] = announced
+        elif serving:
+            self._adopt(child, *announced)
+        else:
+            self._release(child, *announced)
+
+    def unknown_stop(self, tid: int, status: int, serving: bool) -> None:
+        """A new thread or child whose first stop came before its parent's event (hazard 7)."""
+        announced = self._children.pop(tid, None)
+        if announced is not None:
+            if serving:
+                self._adopt(tid, *announced)
+            else:
+                self._release(tid, *announced)
+            return
+        group = tgid(tid)
+        parent = self.processes.get(group)
+        if parent is not None and group != tid:
+            thread = self.threads[tid] = Thread(tid, parent, State.STOPPED)
+            if serving:
+                thread.resume()
+        else:
+            self._newborn[tid] = status
+
+    def _adopt(self, pid: int, kind: str, parent: Process, returns: list[Return]) -> None:
+        if kind == "vfork" or _shares_memory(parent.pid, pid):
+            child = self.processes[pid] = Process(pid, parent.memory, parent.breakpoints, parent.area,
+                                                  memory_owner=parent.memory_owner or parent,
+                                                  semaphores=parent.semaphores)
+            thread = self.threads[pid] = Thread(pid, child, State.STOPPED)
+            thread.resume()
+        elif self.follow_forks:
+            self._follow(pid, parent, returns)
+        else:
+            self._let_go(pid, parent, returns)
+
+    def _let_go(self, pid: int, parent: Process, returns: list[Return]) -> None:
+        """Detach a fork child after taking every byte we wrote out of its copy of its parent's memory."""
+        memory = ProcessMemory(pid)
+        try:
+            self.placement.clean_copy(parent, memory, pid)
+            put_back(memory, returns, parent.area, pid)  # the trampoline is not in the child
+        finally:
+            memory.close()
+        ptrace_detach(pid, 0)
+
+    def _follow(self, pid: int, parent: Process, returns: list[Return]) -> None:
+        """Trace a fork child as its parent: the same breakpoints (its copy of memory has the int3s already),
+        its own out-of-line area at the parent's address, and the pending returns of the forking thread."""
+        child = self.processes[pid] = Process(pid, ProcessMemory(pid),
+                                              semaphores=Semaphores(parent.semaphores.raised))
+        child.breakpoints = {address: b.copy() for address, b in parent.breakpoints.items()}
+        thread = self.threads[pid] = Thread(pid, child, State.STOPPED)
+        if parent.area is not None:
+            child.area = XolArea(pid, child.memory, at=parent.area.address)
+            if child.area.trampoline == parent.area.trampoline:
+                thread.returns = [Return(r.stack, r.original, child.breakpoints.get(r.breakpoint.address, r.breakpoint),
+                                         r.probes, r.chained) for r in returns]
+            else:
+                put_back(child.memory, returns, parent.area, pid)
+        thread.resume()
+
+    def let_go_unadopted(self) -> None:
+        """Children forked just before we stopped, whose first stop is not reported yet: each is traced (our
+        options are inherited), so it would die with us (EXITKILL) unless let go, clean, like a thread."""
+        when_stopped(list(self._children), 2, lambda pid: self._release(pid, *self._children.pop(pid)))
+
+    def _release(self, pid: int, kind: str, parent: Process, returns: list[Return]) -> None:
+        try:
+            if kind == "vfork" or _shares_memory(parent.pid, pid):
+                ptrace_detach(pid, 0)  # its memory is its parent's, restored with it
+            else:
+                self._let_go(pid, parent, returns)
+        except ProcessError:
+            pass  # it ended meanwhile
+
+    def on_exec(self, thread: Thread, insert: Callable[[Process, int], None] | None) -> None:
+        """A new image: the old breakpoints and area went with the old memory (hazards 9-10); ``insert``
+        places the probes in the new one (None: the world is being stopped, the thread stays stopped)."""
+        old = thread.process
+        pid = old.pid
+        for tid, other in list(self.threads.items()):
+            if other.process is old and tid != thread.tid:
+                del self.threads[tid]  # the other threads are gone; the exec'ing one now has tid == pid
+        if thread.tid != pid:
+            del self.threads[thread.tid]
+            thread.tid = pid
+            self.threads[pid] = thread
+        if not old.owns_memory and not self.follow_forks:  # it leaves the shared memory: let it go
+            del self.threads[pid]
+            del self.processes[pid]
+            ptrace_detach(pid, 0)
+            thread.state = State.RUNNING  # on its own now
+            return
+        if old.owns_memory:  # a vfork child borrowed its parent's memory: nothing of its own to close
+            old.memory.close()
+        process = self.processes[pid] = Process(pid, ProcessMemory(pid))
+        thread.process, thread.step, thread.hit = process, None, None
+        thread.returns.clear()
+        thread.renamed()
+        if insert is not None:
+            insert(process, pid)
+            thread.resume()
+
+    def gone(self, tid: int, status: int | None) -> Thread | None:
+        """``tid`` ended (``status``), or a ptrace call said ESRCH (``status`` None), which a thread killed on
+        its way out also says: it still reports its exit stop, and must be let go then or its process never
+        ends (hazard 12). Returns the thread if it owned a slot, now free."""
+        thread = self.threads.get(tid)
+        if status is None and thread is not None:
+            thread.state = State.EXITING
+        else:
+            self.threads.pop(tid, None)
+        if status is not None and tid in self.processes:
+            self.exit_status[tid] = os.waitstatus_to_exitcode(status)
+        freed = None
+        if thread is not None and thread.step is not None:
+            if thread.step.lent:
+                thread.process.area.release(thread.step.slot)  # a thread that ends mid-step frees its slot
+            thread.step, freed = None, thread
+        process = self.processes.get(tid)
+        if process is not None and not any(t.process is process for t in self.threads.values()):
+            if process.owns_memory:
+                process.memory.close()
+            del self.processes[tid]
+        return freed
+
+
+def when_stopped(tids: list[int], seconds: float, act: Callable[[int], None]) -> None:
+    """Wait up to ``seconds`` for each of ``tids`` to report a stop and ``act`` on it then; one that ends
+    instead, or has ended, needs nothing."""
+    deadline = time.monotonic() + seconds
+    waiting = set(tids)
+    while waiting and time.monotonic() < deadline:
+        for tid in list(waiting):
+            try:
+                reported, status = os.waitpid(tid, WALL | os.WNOHANG)
+            except ChildProcessError:  # gone, or reaped with its process
+                reported, status = tid, 0
+            if not reported:
+                continue
+            waiting.discard(tid)
+            if os.WIFSTOPPED(status):
+                try:
+                    act(tid)
+                except ProcessLookupError:
+                    pass
+        if waiting:
+            signal.sigtimedwait({signal.SIGCHLD}, 0.01)
+
+
+def _shares_memory(pid: int, child: int) -> bool:
+    try:
+        return same_memory(pid, child)
+    except OSError:
+        return False  # kcmp is missing (a kernel without CONFIG_KCMP) or the parent is gone: a fork, as before

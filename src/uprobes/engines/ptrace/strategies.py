@@ -1,0 +1,243 @@
+"""How the instruction under a probe's ``int3`` runs at a hit: one strategy per breakpoint, chosen once.
+
+============  ====================================================================  ===========================
+Strategy      At a hit                                                              A thread caught inside it
+============  ====================================================================  ===========================
+Emulate       the tracer applies the instruction to the registers (one stop); a     never inside: nothing to do
+              stack write the program could not make is stepped instead
+Boost         the thread runs a copy in a kept slot that jumps back by itself       back before the copy, or on
+              (one stop)                                                            past the jump back
+Step          the thread single-steps a copy in a lent slot (two stops), fixed up   step finished if it ran,
+              afterwards (:class:`Step`)                                            else undone
+============  ====================================================================  ===========================
+
+A stepping thread meets everything a thread can meet: its own trap, a signal, a group-stop, our interrupt,
+its end. :func:`on_step_stop` is the one place that decides what each means.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ...proc.status import signal_pending
+from ...x86_64.analysis import EmulationFault
+from .memory import ProgramMemory
+from .syscalls import EVENT_STOP, SI_KERNEL, TRAP_TRACE, Regs, ptrace_getregs, ptrace_getsiginfo, ptrace_setregs
+from .tracee import State, Thread, is_fault
+from .xol import SLOT_SIZE, XolArea
+
+if TYPE_CHECKING:
+    from .placement import Breakpoint
+
+__all__ = ["Strategy", "Emulate", "Boost", "StepOutOfLine", "Step", "strategy_for", "on_step_stop", "settle_step",
+           "GROUP_STOP_SIGNALS"]
+
+GROUP_STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
+
+
+class Strategy:
+    """What a breakpoint does at a hit, and what it answers for a thread found inside its code."""
+
+    def __init__(self, breakpoint: Breakpoint) -> None:
+        self.breakpoint = breakpoint
+
+    def execute(self, thread: Thread, regs: Regs) -> None:
+        """Run the displaced instruction for ``thread``, trapped with ``regs.rip`` at the probe."""
+        start_step(thread, self.breakpoint, regs)
+
+    def owns(self, address: int) -> bool:
+        """Whether ``address`` is in code this strategy placed outside the program."""
+        return False
+
+    def settle(self, thread: Thread, regs: Regs) -> None:
+        """``thread`` is stopped inside this strategy's code: put it back on the program's own path."""
+
+    def release(self, area: XolArea) -> None:
+        """The breakpoint goes: give back what it holds in the out-of-line area."""
+
+
+class StepOutOfLine(Strategy):
+    """Single-step a copy from a slot lent for that one step."""
+
+
+class Emulate(Strategy):
+    """Apply the instruction in the tracer. Its stack writes go through as the program's own would, so a
+    push into a guard page is stepped instead, and faults in the program as it would have."""
+
+    def execute(self, thread: Thread, regs: Regs) -> None:
+        try:
+            self.breakpoint.plan.emulate(regs, ProgramMemory(thread.process.memory, thread.tid))
+        except EmulationFault:
+            start_step(thread, self.breakpoint, regs)  # regs are as they were: at the probe
+            return
+        ptrace_setregs(thread.tid, regs)
+        thread.hit = None
+        thread.resume()
+
+
+class Boost(Strategy):
+    """Run a copy followed by a jump back from a slot kept for this breakpoint; step while none is free."""
+
+    def __init__(self, breakpoint: Breakpoint) -> None:
+        super().__init__(breakpoint)
+        self.slot: int | None = None
+
+    def execute(self, thread: Thread, regs: Regs) -> None:
+        area = thread.process.area
+        if self.slot is None:
+            self.slot = area.keep(self.breakpoint.plan.boost_code, self, thread.tid)
+        if self.slot is None:
+            start_step(thread, self.breakpoint, regs)
+            return
+        regs.rip = self.slot
+        ptrace_setregs(thread.tid, regs)
+        thread.hit = None
+        thread.resume()
+
+    def owns(self, address: int) -> bool:
+        return self.slot is not None and self.slot <= address < self.slot + SLOT_SIZE
+
+    def settle(self, thread: Thread, regs: Regs) -> None:
+        plan = self.breakpoint.plan
+        regs.rip = plan.address if regs.rip == self.slot else plan.address + plan.length
+        ptrace_setregs(thread.tid, regs)
+
+    def on_signal(self, thread: Thread, regs: Regs, sig: int) -> None:
+        """A signal for a thread inside the slot: never delivered there, since a handler's frame would point
+        into the area. Before the copy: a fault it raised is delivered at the probe; any other signal waits
+        while the copy is stepped. At the jump back: delivered at the next instruction."""
+        info = ptrace_getsiginfo(thread.tid)
+        if regs.rip == self.slot and not is_fault(sig, info):
+            thread.step = Step(self.breakpoint, self.slot, {}, lent=False)
+            thread.hold(sig, info)
+            thread.resume()
+            return
+        self.settle(thread, regs)
+        thread.resume(sig)
+
+    def release(self, area: XolArea) -> None:
+        if self.slot is not None:
+            area.release(self.slot)
+            self.slot = None
+
+
+_CHOICES = ((lambda plan: plan.kind == "emulate", Emulate),
+            (lambda plan: plan.boost_code is not None, Boost),
+            (lambda plan: True, StepOutOfLine))
+
+
+def strategy_for(breakpoint: Breakpoint) -> Strategy:
+    """The first strategy of the table that can run the breakpoint's instruction."""
+    return next(make for fits, make in _CHOICES if fits(breakpoint.plan))(breakpoint)
+
+
+# -- stepping out of line -----------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class Step:
+    """One thread's run of a displaced instruction from a slot (``lent``: for this step only)."""
+
+    breakpoint: Breakpoint
+    slot: int
+    saved: dict = field(default_factory=dict)  # registers the fixup puts back (a rip-relative scratch)
+    lent: bool = True
+    mask: int | None = None  # the thread's own signal mask, while we defer its signals
+
+    def owns(self, address: int) -> bool:
+        return self.slot <= address < self.slot + SLOT_SIZE
+
+    def settle(self, thread: Thread, regs: Regs) -> None:
+        settle_step(thread, regs)
+
+
+def start_step(thread: Thread, breakpoint: Breakpoint, regs: Regs) -> None:
+    """Send ``thread`` (trapped, ``regs.rip`` at the probe) through a lent slot; with every slot lent, it
+    waits, stopped, until :meth:`PtraceEngine` wakes it with :func:`retry_step`."""
+    regs.rip = breakpoint.address
+    step = Step(breakpoint, 0)
+    slot = thread.process.area.lend(breakpoint.plan.slot_code, step, thread.tid)
+    if slot is None:
+        thread.hit, thread.state = breakpoint, State.WAITING_FOR_SLOT
+        return
+    step.slot = slot
+    step.saved = breakpoint.plan.prepare_step(regs, slot)
+    ptrace_setregs(thread.tid, regs)
+    thread.hit, thread.step = None, step
+    thread.resume()
+
+
+def retry_step(thread: Thread) -> None:
+    """A slot came free for a thread that waited for one."""
+    start_step(thread, thread.hit, ptrace_getregs(thread.tid))
+
+
+def on_step_stop(thread: Thread, event: int, sig: int, serving: bool) -> None:
+    """``thread`` owns a step and reported a stop: its own trap ends the step; anything else waits for it
+    (serving) or settles it (``serving`` False: the world is being stopped)."""
+    step = thread.step
+    regs = ptrace_getregs(thread.tid)
+    info = ptrace_getsiginfo(thread.tid) if not event else None
+    if info is not None and sig == signal.SIGTRAP and _ends_step(step, regs, info):
+        _finish(thread, regs)
+        if serving:
+            thread.resume(thread.take_held())
+        return
+    if info is not None:
+        if serving and regs.rip == step.slot and is_fault(sig, info):
+            # The copy itself faulted: deliver the fault at the original address (hazard 18).
+            step.breakpoint.plan.abort_step(regs, step.saved)
+            ptrace_setregs(thread.tid, regs)
+            _end(thread)
+            thread.resume(thread.take_held(sig))
+            return
+        thread.hold(sig, info)  # (hazard 17)
+    if not serving and event == EVENT_STOP and regs.rip != step.slot \
+            and signal_pending(thread.process.pid, thread.tid, signal.SIGTRAP):
+        thread.resume()  # the copy ran and its trap is due: take it now, not after we are gone (hazard 24)
+    elif not serving:
+        settle_step(thread, regs)
+    elif event == EVENT_STOP and sig in GROUP_STOP_SIGNALS:
+        thread.listen()  # Ctrl-Z: the step waits in the group-stop; SIGCONT's stop resumes it below
+    else:
+        thread.resume()  # with the trap flag: the step goes on
+
+
+def settle_step(thread: Thread, regs: Regs) -> None:
+    """A stopped thread that owns a step: finish it if the copy ran, else undo it (back to the probe)."""
+    step = thread.step
+    if regs.rip == step.slot:
+        step.breakpoint.plan.abort_step(regs, step.saved)
+        ptrace_setregs(thread.tid, regs)
+        _end(thread)
+    else:
+        _finish(thread, regs)
+
+
+def _ends_step(step: Step, regs: Regs, info) -> bool:
+    """Whether a SIGTRAP is the step's own: the single-step trap, or (the trap flag lost) the slot's int3
+    padding right after the copy. A SIGTRAP sent by anyone else is held like any signal."""
+    if info.si_code == TRAP_TRACE:
+        return True
+    end = step.slot + len(step.breakpoint.plan.slot_code)
+    if info.si_code == SI_KERNEL and step.lent and regs.rip - 1 == end:
+        regs.rip = end
+        return True
+    return False
+
+
+def _finish(thread: Thread, regs: Regs) -> None:
+    step = thread.step
+    step.breakpoint.plan.finish_step(regs, step.slot, step.saved, thread.process.memory.through(thread.tid))
+    ptrace_setregs(thread.tid, regs)
+    _end(thread)
+
+
+def _end(thread: Thread) -> None:
+    step = thread.step
+    thread.restore_mask()
+    if step.lent:
+        thread.process.area.release(step.slot)
+    thread.step = None
+    thread.state = State.STOPPED

@@ -1,0 +1,107 @@
+"""Stopping the world: every thread stopped, nothing of ours in flight; then, at detach, everything undone.
+
+A thread caught in the middle of a hit is put back on the program's own path: trapped or waiting for a
+slot, back to the probed instruction (its int3 is about to go, so it runs the real one); stepping, the
+step finished or undone; inside a boosted copy, before it or past its jump back. Whose code a thread is in
+is asked of the out-of-line area, once (hazard 24).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import TYPE_CHECKING
+
+from .family import when_stopped
+from .returns import put_back, returned
+from .stops import Phase, dispatch
+from .syscalls import WALL, ptrace_detach, ptrace_getregs, ptrace_interrupt, ptrace_setregs
+from .tracee import State, Thread
+
+if TYPE_CHECKING:
+    from .engine import PtraceEngine
+
+__all__ = ["stop_world", "detach_all"]
+
+_STOP_SECONDS = 10
+
+
+def stop_world(engine: PtraceEngine) -> None:
+    """Interrupt every thread that is not stopped, stepping and group-stopped ones included, and wait until
+    each is stopped with nothing in flight."""
+    family = engine.family
+    for thread in list(family.threads.values()):
+        if not thread.state.stopped and thread.state is not State.EXITING:
+            try:
+                ptrace_interrupt(thread.tid)
+            except ProcessLookupError:
+                family.gone(thread.tid, None)
+    deadline = time.monotonic() + _STOP_SECONDS
+    while time.monotonic() < deadline and any(_moving(t) for t in family.threads.values()):
+        try:
+            tid, status = os.waitpid(-1, WALL | os.WNOHANG)
+        except ChildProcessError:
+            break
+        if tid == 0:
+            signal.sigtimedwait({signal.SIGCHLD}, 0.05)
+            continue
+        dispatch(engine, tid, status, Phase.STOPPING)
+    for thread in list(family.threads.values()):
+        if thread.state.stopped:
+            try:
+                _settle(thread)
+            except ProcessLookupError:
+                family.gone(thread.tid, None)
+
+
+def _moving(thread: Thread) -> bool:
+    return not thread.state.stopped and thread.state is not State.EXITING
+
+
+def _settle(thread: Thread) -> None:
+    regs = ptrace_getregs(thread.tid)
+    area = thread.process.area
+    if thread.hit is not None:  # trapped, or waiting for a slot
+        regs.rip = thread.hit.address
+        ptrace_setregs(thread.tid, regs)
+    elif area is not None and regs.rip == area.trampoline:  # returned, its trap not taken yet
+        ended = returned(thread, regs)
+        if ended:
+            regs.rip = ended[-1].original
+            ptrace_setregs(thread.tid, regs)
+    elif area is not None and area.owner(regs.rip) is not None:
+        area.owner(regs.rip).settle(thread, regs)
+    thread.hit, thread.state = None, State.STOPPED
+
+
+def detach_all(engine: PtraceEngine) -> None:
+    """With the world stopped: every byte restored, every area unmapped, every thread let go with the
+    signals held for it."""
+    family = engine.family
+    family.let_go_unadopted()
+    for process in list(family.processes.values()):
+        via = family.stopped_in(process)
+        if not process.owns_memory or via is None:
+            continue
+        for thread in family.threads.values():
+            if thread.process is process or thread.process.memory_owner is process:
+                put_back(process.memory, [*thread.returns, *thread.set_aside], process.area, via.tid)
+                thread.returns.clear()
+                thread.set_aside.clear()
+        engine.placement.restore(process, via.tid)
+        if process.area is not None:
+            process.area.unmap(via.tid)
+            process.area = None
+    # A held signal may end the process (Ctrl-C reached it too): its threads still traced would then stop at
+    # their exit for a tracer that has left, and the process would never end. So those go last.
+    dying = []
+    for thread in sorted(family.threads.values(), key=lambda t: bool(t.held)):
+        if thread.state is State.EXITING:
+            dying.append(thread.tid)
+            continue
+        try:
+            ptrace_detach(thread.tid, thread.take_held())
+        except ProcessLookupError:
+            dying.append(thread.tid)  # not in a stop any more: killed on its way to its exit stop
+    when_stopped(dying, 5, lambda tid: ptrace_detach(tid, 0))

@@ -1,0 +1,105 @@
+"""What ``/proc`` says about one process or thread: auxv, tgid, comm, last CPU, pending signals, CET, and why
+ptrace was refused. Each reader answers a default (not an exception) for a process that has gone."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+__all__ = ["AT_BASE", "auxv", "tgid", "thread_comm", "last_cpu", "signal_pending", "shadow_stack",
+           "explain_seize_error"]
+
+AT_BASE = 7  # where the dynamic linker is loaded
+
+
+def auxv(pid: int, key: int) -> int | None:
+    """One value of the process's auxiliary vector (``AT_BASE``: where the dynamic linker is loaded)."""
+    try:
+        with open(f"/proc/{pid}/auxv", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    for i in range(0, len(data) - 15, 16):
+        if int.from_bytes(data[i:i + 8], "little") == key:
+            return int.from_bytes(data[i + 8:i + 16], "little")
+    return None
+
+
+def tgid(tid: int) -> int:
+    """The process a thread belongs to (``tid`` itself once the thread is gone)."""
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            for line in f:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return tid
+
+
+def thread_comm(pid: int, tid: int) -> str:
+    """The thread's name, as the kernel's ``comm`` ("" once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/comm") as f:
+            return f.read().rstrip("\n")
+    except OSError:
+        return ""
+
+
+def last_cpu(pid: int, tid: int) -> int:
+    """The CPU the thread last ran on, -1 if unknown."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[36])  # field 39
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def signal_pending(pid: int, tid: int, sig: int) -> bool:
+    """Whether ``sig`` waits in thread ``tid``'s own pending set."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            pending = next(line for line in f if line.startswith("SigPnd:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(pending.split()[1], 16) & 1 << sig - 1)
+
+
+def shadow_stack(pid: int) -> bool:
+    """Whether the process runs with a CET user shadow stack."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.startswith("x86_Thread_features:") and "shstk" in line for line in f)
+    except OSError:
+        return False
+
+
+def explain_seize_error(pid: int, exc: OSError) -> str:
+    """Why we may not trace ``pid``, the way strace diagnoses EPERM (hazard 29 of the ptrace note)."""
+    if exc.errno == errno.ESRCH:
+        return f"process {pid} does not exist"
+    if exc.errno != errno.EPERM:
+        return f"cannot trace process {pid}: {os.strerror(exc.errno)}"
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
+    except OSError:
+        status = {}
+    tracer = status.get("TracerPid", "0").strip()
+    if tracer not in ("", "0"):
+        return f"cannot trace process {pid}: it is already traced by process {tracer} (a debugger or tracer)"
+    uids = status.get("Uid", "").split()
+    if uids and os.geteuid() != 0 and str(os.geteuid()) not in uids[:1]:
+        return f"cannot trace process {pid}: it belongs to uid {uids[0]}, not to you (run as that user or root)"
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
+            scope = f.read().strip()
+    except OSError:
+        scope = "0"
+    if scope != "0" and os.geteuid() != 0:
+        return (f"cannot trace process {pid}: kernel.yama.ptrace_scope is {scope}, which allows tracing only "
+                f"your own children (launch it with -c, or set the sysctl to 0, or run as root)")
+    if uids and len(set(uids)) > 1:
+        return f"cannot trace process {pid}: it is setuid (its user ids differ); only root may trace it"
+    return f"cannot trace process {pid}: permission denied (not dumpable, or refused by a security module)"
+
