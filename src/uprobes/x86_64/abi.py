@@ -12,8 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from iced_x86 import Code, Encoder, Instruction
+
 __all__ = [
-    "Location", "RETURN_ADDRESS", "RETURN_VALUE", "SYSCALL_INSTRUCTION", "SYSCALL_ARGUMENTS", "NR_MMAP", "NR_MUNMAP",
+    "BREAKPOINT", "Location", "RETURN_ADDRESS", "RETURN_VALUE", "SYSCALL_INSTRUCTION", "SYSCALL_ARGUMENTS", "NR_MMAP", "NR_MUNMAP",
     "NR_MADVISE", "NR_RESTART_SYSCALL", "ERESTARTSYS", "ERESTARTNOINTR", "ERESTARTNOHAND", "ERESTART_RESTARTBLOCK",
     "SyscallRegs", "restart_interrupted_syscall",
 ]
@@ -39,6 +41,15 @@ RETURN_ADDRESS = Location("rsp", 0, 8)
 
 RETURN_VALUE = "rax"
 """The register an integer or pointer return value is in when the function returns."""
+
+def _encoded(instruction: Instruction) -> bytes:
+    encoder = Encoder(64)
+    encoder.encode(instruction, 0)
+    return bytes(encoder.take_buffer())
+
+
+BREAKPOINT = _encoded(Instruction.create(Code.INT3))
+"""``int3``: what a probe puts over an instruction's first byte, and what the trampoline and slot padding are."""
 
 SYSCALL_INSTRUCTION = b"\x0f\x05"
 """``syscall``: rip is just past it while a thread is in a system call."""

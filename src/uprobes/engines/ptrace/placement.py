@@ -19,13 +19,12 @@ from ...proc.status import shadow_stack
 from ...x86_64.analysis import Plan, analyze
 from .memory import ProcessMemory
 from .semaphores import Semaphores
-from .strategies import Strategy, strategy_for
+from .strategies import INT3, Strategy, strategy_for
 from .tracee import Process
 from .xol import XolArea
 
 __all__ = ["Role", "Breakpoint", "Placement", "INT3"]
 
-INT3 = b"\xcc"
 _MAX_INSTRUCTION = 16
 
 
@@ -171,7 +170,7 @@ class Placement:
     def _write(self, process: Process, breakpoint: Breakpoint, via: int) -> None:
         if process.area is None:
             process.area = XolArea(via, process.memory)  # on demand, at the first breakpoint
-        process.memory.write(breakpoint.address, INT3, via)
+        breakpoint.strategy.place(process.memory, via)
         process.breakpoints[breakpoint.address] = breakpoint
 
     def _take_out(self, process: Process, breakpoint: Breakpoint, via: int) -> None:
@@ -180,16 +179,11 @@ class Placement:
         del process.breakpoints[breakpoint.address]
 
     def _unwrite(self, memory: ProcessMemory, breakpoint: Breakpoint, via: int) -> None:
-        try:
-            if memory.read(breakpoint.address, 1) != INT3:
-                names = ", ".join(self.probes[i].name for i in breakpoint.probes) or \
-                    ", ".join(role.value for role in breakpoint.roles)
-                self.notices.append(f"the code at {breakpoint.address:#x} ({names}) was rewritten while probed "
-                                    f"(self-modifying code?): left as the program wrote it")
-                return
-            memory.write(breakpoint.address, breakpoint.original[:1], via)
-        except OSError:
-            pass  # the mapping went away with its library
+        if not breakpoint.strategy.restore(memory, via):
+            names = ", ".join(self.probes[i].name for i in breakpoint.probes) or \
+                ", ".join(role.value for role in breakpoint.roles)
+            self.notices.append(f"the code at {breakpoint.address:#x} ({names}) was rewritten while probed "
+                                f"(self-modifying code?): left as the program wrote it")
 
     def _forget_unmapped(self, process: Process, mappings: list[Mapping]) -> None:
         """Breakpoints whose object was unmapped (dlclose) are gone with it, slots and all; what comes at their

@@ -11,7 +11,8 @@ Step          the thread single-steps a copy in a lent slot (two stops), fixed u
               afterwards (:class:`Step`)                                            else undone
 ============  ====================================================================  ===========================
 
-A stepping thread meets everything a thread can meet: its own trap, a signal, a group-stop, our interrupt,
+Each also says whether an address is in code it placed (:meth:`Strategy.owns`) and how its breakpoint is
+taken out (:meth:`Strategy.restore`, :meth:`Strategy.release`). A stepping thread meets everything a thread can meet: its own trap, a signal, a group-stop, our interrupt,
 its end. :func:`on_step_stop` is the one place that decides what each means.
 """
 
@@ -22,8 +23,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ...proc.status import signal_pending
+from ...x86_64.abi import BREAKPOINT
 from ...x86_64.analysis import EmulationFault
-from .memory import ProgramMemory
+from .memory import ProcessMemory, ProgramMemory
 from .syscalls import EVENT_STOP, SI_KERNEL, TRAP_TRACE, Regs, ptrace_getregs, ptrace_getsiginfo, ptrace_setregs
 from .tracee import State, Thread, is_fault
 from .xol import SLOT_SIZE, XolArea
@@ -31,9 +33,10 @@ from .xol import SLOT_SIZE, XolArea
 if TYPE_CHECKING:
     from .placement import Breakpoint
 
-__all__ = ["Strategy", "Emulate", "Boost", "StepOutOfLine", "Step", "strategy_for", "on_step_stop", "settle_step",
+__all__ = ["INT3", "Strategy", "Emulate", "Boost", "StepOutOfLine", "Step", "strategy_for", "on_step_stop", "settle_step",
            "GROUP_STOP_SIGNALS"]
 
+INT3 = BREAKPOINT
 GROUP_STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 
 
@@ -53,6 +56,23 @@ class Strategy:
 
     def settle(self, thread: Thread, regs: Regs) -> None:
         """``thread`` is stopped inside this strategy's code: put it back on the program's own path."""
+
+    def place(self, memory: ProcessMemory, via: int) -> None:
+        """Write the breakpoint over the instruction."""
+        memory.write(self.breakpoint.address, INT3, via)
+
+    def restore(self, memory: ProcessMemory, via: int) -> bool:
+        """Write back what the breakpoint replaced (its first byte, under the int3), if our int3 is still
+        there; False when the program rewrote that byte (self-modifying code): it is left as it is. A mapping
+        gone with its library needs nothing."""
+        address = self.breakpoint.address
+        try:
+            if memory.read(address, len(INT3)) != INT3:
+                return False
+            memory.write(address, self.breakpoint.original[:len(INT3)], via)
+        except OSError:
+            pass
+        return True
 
     def release(self, area: XolArea) -> None:
         """The breakpoint goes: give back what it holds in the out-of-line area."""

@@ -13,7 +13,7 @@ import os
 
 from ...errors import UprobesError
 from ...proc.maps import read_maps
-from ...x86_64.abi import (NR_MADVISE, NR_MMAP, NR_MUNMAP, SYSCALL_ARGUMENTS, SYSCALL_INSTRUCTION,
+from ...x86_64.abi import (BREAKPOINT, NR_MADVISE, NR_MMAP, NR_MUNMAP, SYSCALL_ARGUMENTS, SYSCALL_INSTRUCTION,
                            restart_interrupted_syscall)
 from .memory import ProcessMemory
 from .syscalls import (Regs, ptrace_getregs, ptrace_getsigmask, ptrace_setregs, ptrace_setsigmask,
@@ -122,7 +122,7 @@ class XolArea:
         self.address = address
         self.memory = memory
         self.trampoline = address
-        memory.write(self.trampoline, b"\xcc" * SLOT_SIZE, tid)
+        memory.write(self.trampoline, BREAKPOINT * SLOT_SIZE, tid)
         self._free = list(range(PAGE_SIZE // SLOT_SIZE - 1, 0, -1))
         self._content: dict[int, bytes] = {}
         self._owners: dict[int, object] = {}  # slot address -> who uses it
@@ -139,7 +139,7 @@ class XolArea:
         number = self._free.pop(index)
         slot = self.address + number * SLOT_SIZE
         if self._content.get(number) != code:
-            self.memory.write(slot, code + b"\xcc" * (SLOT_SIZE - len(code)), via)
+            self.memory.write(slot, code + BREAKPOINT * (SLOT_SIZE - len(code)), via)
             self._content[number] = code
         self._owners[slot] = owner
         return slot
