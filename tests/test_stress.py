@@ -39,3 +39,17 @@ def test_attach_and_detach_twenty_times_while_threads_run(targets):
     finally:
         target.kill()
         target.wait()
+
+
+def test_four_threads_stepping_while_the_process_is_stopped_and_continued_twenty_times(targets):
+    """Job control (Ctrl-Z, fg) while threads single-step a rip-relative probe: each of 20 SIGSTOP/SIGCONT cycles
+    comes while the program runs; every call runs its instruction once and is counted once."""
+    from test_ptrace_thread_faults import stop_and_continue
+
+    threads, calls = 4, 50_000
+    untraced = subprocess.run([str(targets / "thread_faults"), "stopcont", str(threads), str(calls)],
+                              capture_output=True, text=True)
+    assert untraced.returncode == 0
+    cycles, status, stdout, _, hits = stop_and_continue(targets, threads, calls, cycles=20, pause=0.05, required=20)
+    assert (status, stdout) == (0, untraced.stdout)
+    assert hits == {f"bump{t}": calls for t in range(threads)}

@@ -10,22 +10,29 @@
  *                       call's return address, push %rbp, push %rbx), so the stack top is chosen to make level
  *                       K's `push %rbp` (dive+0; push mode) or the `call dive` entering level K (dive+10;
  *                       call mode) the first write into the guard page. A SIGSEGV handler on an alternate stack
- *                       records where the fault was (rip as dive + offset, si_addr as guard end +
- *                       offset) and the depth; then the guard page is read through /proc/self/mem: untouched
- *                       or written. Prints those.
+ *                       records where the fault was (rip as dive + offset, si_addr as guard end + offset) and
+ *                       the depth; then the guard page is read through /proc/self/mem: untouched or written.
+ *                       Prints those.
  *   fixups THREADS N    THREADS workers each call, N times: riprel() (a rip-relative load: a slot and a step),
  *                       indirect() (`call *%rsi`: a stepped call whose pushed return address is fixed up),
  *                       direct() (`call rel32`: emulated), flags() (`pushf`: a stepped pushf whose TF is fixed
  *                       up) and pusher() (`push %rbp`: emulated). The main thread waits in pthread_join
- *                       meanwhile (running, as far as ptrace is concerned). Prints the sums and how often TF
- *                       was seen set.
- *   traps THREADS N K   THREADS workers each call their bumpT() N times while a sender thread tgkill()s SIGTRAP at
- *                       them K times, round-robin, each after the previous one was handled. Workers wait for
- *                       the sender before they end. Prints how many SIGTRAPs the handler saw (and how many did
- *                       not come as sent: si_code SI_TKILL from this process) and the counter.
+ *                       meanwhile (running, as far as ptrace is concerned). Prints the total of the results;
+ *                       a wrong riprel() sum or a TF seen set in flags() aborts.
+ *   traps THREADS N K kill|tgkill
+ *                       THREADS workers each call their bumpT() N times while the main thread sends K SIGTRAPs,
+ *                       each after the previous one was handled: `kill` sends them to the process (kill(getpid()),
+ *                       the main thread blocking SIGTRAP, so the workers take them); `tgkill` to the workers in
+ *                       turn. Workers wait for the sender before they end. Prints how many SIGTRAPs the handler
+ *                       saw, how many did not come as sent (si_code SI_USER or SI_TKILL, from this process), how
+ *                       many it gave up waiting for (5 s each) and the counter. Under ptrace a thread-directed
+ *                       SIGTRAP can be lost for good: the kernel merges it with the thread's own trap (int3 or
+ *                       single-step) when that is pending at the same instant (one bit per standard signal in the
+ *                       thread's pending set); a process-directed one is queued in the shared set, apart.
  *   waittraps THREADS K workers call their bumpT() until the handler has seen K SIGTRAPs sent from outside (kill
- *                       -TRAP; the main thread blocks SIGTRAP, so the workers take them); the handler writes one 'T' to stdout per SIGTRAP, so the sender can wait for
- *                       each. Prints how many it saw, how many did not come as sent (SI_USER), and the calls.
+ *                       -TRAP; the main thread blocks SIGTRAP, so the workers take them); the handler writes one
+ *                       'T' to stdout per SIGTRAP, so the sender can wait for each. Prints how many it saw, how
+ *                       many did not come as sent (SI_USER), the calls and the counter.
  *   exec N NAME         calls tick() N times, then execs NAME (a path) as `NAME ticks N`.
  *   ticks N             calls tick() N times and exits with status 7.
  */
@@ -42,6 +49,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <ucontext.h>
 #include <unistd.h>
 
@@ -150,16 +158,19 @@ __attribute__((noinline)) long tick(long x)
 static long per_thread, traps_wanted;
 static volatile int sender_done;
 static long received, foreign;
-static int expected_code;  /* SI_TKILL: sent by this process (tgkill); SI_USER: by kill -TRAP from outside */
+static int expected_code;  /* SI_TKILL (tgkill) or SI_USER (kill) */
+static pid_t expected_pid;  /* the sender: 0 for this process, -1 for any */
+static int acknowledge;     /* write a 'T' to stdout for each SIGTRAP handled */
 
 static void on_trap(int sig, siginfo_t *info, void *context)
 {
     (void)sig, (void)context;
     int expected = expected_code;
-    if (info->si_code != expected || (expected == SI_TKILL && info->si_pid != getpid()))
+    pid_t sender = expected_pid ? expected_pid : getpid();
+    if (info->si_code != expected || (expected_pid >= 0 && info->si_pid != sender))
         __atomic_fetch_add(&foreign, 1, __ATOMIC_SEQ_CST);
     __atomic_fetch_add(&received, 1, __ATOMIC_SEQ_CST);
-    if (expected == SI_USER) {
+    if (acknowledge) {
         ssize_t written = write(1, "T", 1);
         (void)written;
     }
@@ -322,30 +333,55 @@ int main(int argc, char **argv)
         printf("fixups threads %d calls %ld total %ld\n", threads, per_thread, join(threads, tids));
         return 0;
     }
-    if (strcmp(mode, "traps") == 0 && argc == 5) {
+    if (strcmp(mode, "traps") == 0 && argc == 6) {
         int threads = atoi(argv[2]);
         per_thread = atol(argv[3]);
         traps_wanted = atol(argv[4]);
-        expected_code = SI_TKILL;
+        int directed = strcmp(argv[5], "tgkill") == 0;
+        if (!directed && strcmp(argv[5], "kill") != 0)
+            return 2;
+        expected_code = directed ? SI_TKILL : SI_USER;
         catch_traps();
         if (threads < 1 || threads > 8 || spawn(threads, bumper_traced, tids) != 0)
             return 2;
         while (__atomic_load_n(&started, __ATOMIC_SEQ_CST) < threads)
             sched_yield();
+        if (!directed) {
+            sigset_t trap;
+            sigemptyset(&trap);
+            sigaddset(&trap, SIGTRAP);
+            pthread_sigmask(SIG_BLOCK, &trap, NULL);
+        }
+        long lost = 0;
         for (long k = 0; k < traps_wanted; k++) {
-            syscall(SYS_tgkill, getpid(), worker_tids[k % threads], SIGTRAP);
-            while (__atomic_load_n(&received, __ATOMIC_SEQ_CST) <= k)
+            if (directed)
+                syscall(SYS_tgkill, getpid(), worker_tids[k % threads], SIGTRAP);
+            else
+                kill(getpid(), SIGTRAP);
+            /* each is handled before the next is sent (one pending SIGTRAP is all a thread can hold) */
+            struct timespec start, now;
+            clock_gettime(CLOCK_MONOTONIC, &start);
+            while (__atomic_load_n(&received, __ATOMIC_SEQ_CST) < k + 1 - lost) {
                 sched_yield();
+                clock_gettime(CLOCK_MONOTONIC, &now);
+                if (now.tv_sec - start.tv_sec >= 5) {  /* never handled: say so instead of waiting forever */
+                    lost++;
+                    break;
+                }
+            }
         }
         sender_done = 1;
         join(threads, tids);
-        printf("traps %ld handled %ld foreign %ld counter %ld\n", traps_wanted, received, foreign, counter());
+        printf("traps %ld handled %ld foreign %ld lost %ld counter %ld\n", traps_wanted, received, foreign, lost,
+               counter());
         return 0;
     }
     if (strcmp(mode, "waittraps") == 0 && argc == 4) {
         int threads = atoi(argv[2]);
         traps_wanted = atol(argv[3]);
         expected_code = SI_USER;
+        expected_pid = -1;
+        acknowledge = 1;
         catch_traps();
         if (threads < 1 || threads > 8 || spawn(threads, bump_until_traps, tids) != 0)
             return 2;
@@ -375,6 +411,6 @@ int main(int argc, char **argv)
         printf("after exec: %ld\n", sum);
         return 7;
     }
-    fprintf(stderr, "usage: thread_faults stopcont|overflow|fixups|traps|waittraps|exec|ticks ARGS\n");
+    fprintf(stderr, "usage: thread_faults stopcont|overflow|fixups|traps|waittraps|exec|ticks ARGS (see its source)\n");
     return 2;
 }

@@ -15,9 +15,9 @@ from typing import Any, Protocol
 from iced_x86 import Code, Encoder, Instruction
 
 __all__ = [
-    "BREAKPOINT", "Location", "RETURN_ADDRESS", "RETURN_VALUE", "SYSCALL_INSTRUCTION", "SYSCALL_ARGUMENTS", "NR_MMAP", "NR_MUNMAP",
-    "NR_MADVISE", "NR_RESTART_SYSCALL", "ERESTARTSYS", "ERESTARTNOINTR", "ERESTARTNOHAND", "ERESTART_RESTARTBLOCK",
-    "SyscallRegs", "restart_interrupted_syscall",
+    "BREAKPOINT", "Location", "RETURN_ADDRESS", "RETURN_VALUE", "SYSCALL_INSTRUCTION", "SYSCALL_ARGUMENTS", "NR_MMAP",
+    "NR_MUNMAP", "NR_MADVISE", "NR_RESTART_SYSCALL", "ERESTARTSYS", "ERESTARTNOINTR", "ERESTARTNOHAND",
+    "ERESTART_RESTARTBLOCK", "SyscallRegs", "restart_interrupted_syscall",
 ]
 
 _MASK64 = (1 << 64) - 1

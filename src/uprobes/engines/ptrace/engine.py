@@ -39,7 +39,8 @@ from .placement import INT3, Breakpoint, Placement, Role
 from .returns import MAX_RETURN_DEPTH, caught, hijack, put_back, returned
 from .stops import Phase, drain
 from .strategies import Boost, retry_step
-from .syscalls import EXITKILL, OPTIONS, SI_KERNEL, Regs, ptrace_getregs, ptrace_getsiginfo, ptrace_setregs
+from .syscalls import (EXITKILL, OPTIONS, SI_KERNEL, Regs, SigInfo, ptrace_getregs, ptrace_getsiginfo,
+                       ptrace_setregs)
 from .tracee import Process, State, Thread
 from .world import detach_all, stop_world
 
@@ -189,14 +190,19 @@ class PtraceEngine(Engine):
             self._returned(thread, regs, serving)
             return
         breakpoint = process.breakpoints.get(address)
-        # Only after a one-byte instruction can a thread stand just past a probe without having run its int3,
-        # so only then (or at an address whose probe went) is the siginfo worth asking.
-        ours = breakpoint is not None and (breakpoint.plan.length > 1 or self._from_int3(thread))
-        if breakpoint is None and address in process.retired and self._from_int3(thread) \
-                and process.memory.read(address, 1) != INT3:
+        info = ptrace_getsiginfo(thread.tid)
+        from_int3 = info.si_code == SI_KERNEL
+        if breakpoint is not None and breakpoint.plan.length > 1 and not from_int3:
+            # Past a longer instruction's first byte only its int3 leads: a SIGTRAP was sent as the thread hit
+            # it, and the kernel kept one of the two (a standard signal is pending once). Both happened.
+            thread.held.append((signal.SIGTRAP, info))
+            from_int3 = True
+        ours = breakpoint is not None and from_int3
+        if breakpoint is None and address in process.retired and from_int3 \
+                and process.memory.read(address, len(INT3)) != INT3:
             ours = True  # it trapped before its probe went: run the restored instruction
         if not ours:
-            self._deliver(thread, signal.SIGTRAP, serving)
+            self._deliver(thread, signal.SIGTRAP, serving, info)
             return
         regs.rip = address
         if breakpoint is None or not serving:
@@ -245,7 +251,7 @@ class PtraceEngine(Engine):
         else:  # its last probe went in a handler: the real instruction is back
             ptrace_setregs(thread.tid, regs)
             thread.hit = None
-            thread.resume()
+            thread.resume(thread.take_held())
 
     def _play(self, role: Role, thread: Thread, regs: Regs) -> None:
         """The engine's own part at a breakpoint (see :mod:`.linker`)."""
@@ -295,15 +301,12 @@ class PtraceEngine(Engine):
                 except ProcessLookupError:
                     self.freed_slot(self.family.gone(via.tid, None), True)
 
-    def _deliver(self, thread: Thread, sig: int, serving: bool) -> None:
+    @staticmethod
+    def _deliver(thread: Thread, sig: int, serving: bool, info: SigInfo | None = None) -> None:
         if serving:
             thread.resume(sig)  # signals reach the target unchanged
         else:
-            thread.held.append((sig, ptrace_getsiginfo(thread.tid)))
-
-    @staticmethod
-    def _from_int3(thread: Thread) -> bool:
-        return ptrace_getsiginfo(thread.tid).si_code == SI_KERNEL
+            thread.held.append((sig, info or ptrace_getsiginfo(thread.tid)))
 
     # -- detaching ---------------------------------------------------------------------------------------
 

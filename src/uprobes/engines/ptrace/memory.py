@@ -67,9 +67,20 @@ class ProcessMemory:
                 if os.pwrite(self._fd, data, address) == len(data):
                     return
             except OSError as exc:
-                if exc.errno != errno.EPERM:
+                # Refused forced writes give EPERM, or EIO as for an address not mapped: the poke tells which.
+                if exc.errno not in (errno.EPERM, errno.EIO):
                     raise
+                try:
+                    self._poke_words(address, data, via)
+                except ProcessLookupError:
+                    raise
+                except OSError:
+                    raise exc from None
                 self.poke = True
+                return
+        self._poke_words(address, data, via)
+
+    def _poke_words(self, address: int, data: bytes, via: int) -> None:
         start = address & ~7
         end = (address + len(data) + 7) & ~7
         for word_at in range(start, end, 8):

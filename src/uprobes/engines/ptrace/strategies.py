@@ -12,8 +12,9 @@ Step          the thread single-steps a copy in a lent slot (two stops), fixed u
 ============  ====================================================================  ===========================
 
 Each also says whether an address is in code it placed (:meth:`Strategy.owns`) and how its breakpoint is
-taken out (:meth:`Strategy.restore`, :meth:`Strategy.release`). A stepping thread meets everything a thread can meet: its own trap, a signal, a group-stop, our interrupt,
-its end. :func:`on_step_stop` is the one place that decides what each means.
+taken out (:meth:`Strategy.restore`, :meth:`Strategy.release`). A stepping thread meets everything a thread
+can meet: its own trap, a signal, a group-stop, our interrupt, its end. :func:`on_step_stop` is the one place
+that decides what each means.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from .xol import SLOT_SIZE, XolArea
 if TYPE_CHECKING:
     from .placement import Breakpoint
 
-__all__ = ["INT3", "Strategy", "Emulate", "Boost", "StepOutOfLine", "Step", "strategy_for", "on_step_stop", "settle_step",
-           "GROUP_STOP_SIGNALS"]
+__all__ = ["INT3", "Strategy", "Emulate", "Boost", "StepOutOfLine", "Step", "strategy_for", "start_step", "retry_step",
+           "on_step_stop", "settle_step", "GROUP_STOP_SIGNALS"]
 
 INT3 = BREAKPOINT
 GROUP_STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
@@ -94,7 +95,7 @@ class Emulate(Strategy):
             return
         ptrace_setregs(thread.tid, regs)
         thread.hit = None
-        thread.resume()
+        thread.resume(thread.take_held())
 
 
 class Boost(Strategy):
@@ -105,6 +106,9 @@ class Boost(Strategy):
         self.slot: int | None = None
 
     def execute(self, thread: Thread, regs: Regs) -> None:
+        if thread.held:  # a signal to deliver after the instruction: never from inside the slot
+            start_step(thread, self.breakpoint, regs)
+            return
         area = thread.process.area
         if self.slot is None:
             self.slot = area.keep(self.breakpoint.plan.boost_code, self, thread.tid)
