@@ -448,8 +448,8 @@ def test_a_thread_started_while_attaching_is_counted_once(monkeypatch, listing, 
             assert target.stdout.readline() == "spawned\n"
         return threads if listing == 1 else real_listing(pid)
 
-    real_listing = perfbuf._threads
-    monkeypatch.setattr(perfbuf, "_threads", threads_listing)
+    real_listing = perfbuf.thread_ids
+    monkeypatch.setattr(perfbuf, "thread_ids", threads_listing)
     try:
         with KernelEngine() as engine:
             engine.attach(resolve_text("uprobe:libc:getppid"), target.pid, counting=counting)

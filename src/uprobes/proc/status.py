@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import os
 
-__all__ = ["AT_BASE", "auxv", "tgid", "thread_comm", "last_cpu", "signal_pending", "shadow_stack",
+__all__ = ["AT_BASE", "auxv", "thread_ids", "start_time", "tgid", "thread_comm", "last_cpu", "signal_pending", "shadow_stack",
            "explain_seize_error"]
 
 AT_BASE = 7  # where the dynamic linker is loaded
@@ -23,6 +23,24 @@ def auxv(pid: int, key: int) -> int | None:
         if int.from_bytes(data[i:i + 8], "little") == key:
             return int.from_bytes(data[i + 8:i + 16], "little")
     return None
+
+
+def thread_ids(pid: int) -> set[int]:
+    """The ids of the threads of process ``pid`` now; empty when it is gone."""
+    try:
+        return {int(tid) for tid in os.listdir(f"/proc/{pid}/task")}
+    except OSError:
+        return set()
+
+
+def start_time(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (field 22 of /proc/PID/stat); None once gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(b")") + 2:].split()[19])  # after the command name, which may hold anything
 
 
 def tgid(tid: int) -> int:

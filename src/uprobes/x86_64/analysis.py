@@ -522,6 +522,14 @@ class Plan:
             memory.write(regs.rsp, (word & ~_TF | regs.eflags & _TF).to_bytes(2, "little"))
         self._restore(regs, saved)
 
+    def step_ran(self, rip: int, slot: int) -> bool | None:
+        """Whether a thread stepping the copy in ``slot``, stopped at ``rip``, has run it: not while it stands
+        at the slot's start, and anywhere else it has (the copy is one instruction). None for a rep string
+        instruction back at its start: one iteration may have run, as only the trap's si_code can tell."""
+        if rip != slot:
+            return True
+        return None if self._may_repeat else False
+
     def abort_step(self, regs: Any, saved: dict[str, int]) -> None:
         """The step did not complete (a fault, or a signal stop before it ran): back to the probed instruction."""
         regs.rip = self.address

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ...errors import KernelEngineError
+from ...proc.status import thread_ids
 
 __all__ = ["Sample", "TracepointReader", "online_cpus"]
 
@@ -305,10 +306,10 @@ class TracepointReader:
         :meth:`enable`, and closing is cheap while the new set keeps each uprobe registered. A process that
         still starts threads from new threads after the last round may have those missed.
         """
-        threads = _threads(pid)
+        threads = thread_ids(pid)
         self._open_threads(event_ids, pid, threads)
         for _ in range(_ATTACH_ROUNDS):
-            now = _threads(pid)
+            now = thread_ids(pid)
             if now <= threads:
                 return
             threads = now
@@ -462,12 +463,6 @@ def _open_error(err: int, what: str, cpu: int) -> str:
     return f"{what}{where}: {_ERRNO_REASONS.get(err, os.strerror(err))}"
 
 
-def _threads(pid: int) -> set[int]:
-    """The ids of the threads of process ``pid`` now; empty when it is gone."""
-    try:
-        return {int(tid) for tid in os.listdir(f"/proc/{pid}/task")}
-    except OSError:
-        return set()
 
 
 def _close(buffers: list[_RingBuffer], fds: list[int]) -> None:

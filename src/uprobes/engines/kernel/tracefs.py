@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import KernelEngineError
+from ...proc.status import start_time
 
 __all__ = ["Tracefs", "GROUP_PREFIX", "new_group", "stale_groups"]
 
@@ -132,7 +133,7 @@ class Tracefs:
 def new_group() -> str:
     """A group name for a new run of this process, which no other run, live or dead, can have."""
     pid = os.getpid()
-    return f"{GROUP_PREFIX}{pid}_{_start_time(pid)}_{next(_runs)}"
+    return f"{GROUP_PREFIX}{pid}_{start_time(pid)}_{next(_runs)}"
 
 
 def stale_groups(events: list[DefinedEvent]) -> list[str]:
@@ -143,17 +144,9 @@ def stale_groups(events: list[DefinedEvent]) -> list[str]:
         match = _GROUP.match(group)
         if not match:
             continue
-        started = _start_time(int(match[1]))
+        started = start_time(int(match[1]))
         if started is None or match[2] is not None and started != int(match[2]):
             stale.append(group)
     return stale
 
 
-def _start_time(pid: int) -> int | None:
-    """When process ``pid`` started, in clock ticks since boot (field 22 of /proc/PID/stat); None once gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(b")") + 2:].split()[19])  # after the command name, which may hold anything

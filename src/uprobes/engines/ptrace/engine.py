@@ -39,8 +39,7 @@ from .placement import INT3, Breakpoint, Placement, Role
 from .returns import MAX_RETURN_DEPTH, caught, hijack, put_back, returned
 from .stops import Phase, drain
 from .strategies import Boost, retry_step
-from .syscalls import (EXITKILL, OPTIONS, SI_KERNEL, Regs, SigInfo, ptrace_getregs, ptrace_getsiginfo,
-                       ptrace_setregs)
+from .syscalls import EXITKILL, OPTIONS, SI_KERNEL, Regs, ptrace_getregs, ptrace_getsiginfo, ptrace_setregs
 from .tracee import Process, State, Thread
 from .world import detach_all, stop_world
 
@@ -190,19 +189,15 @@ class PtraceEngine(Engine):
             self._returned(thread, regs, serving)
             return
         breakpoint = process.breakpoints.get(address)
-        info = ptrace_getsiginfo(thread.tid)
-        from_int3 = info.si_code == SI_KERNEL
-        if breakpoint is not None and breakpoint.plan.length > 1 and not from_int3:
-            # Past a longer instruction's first byte only its int3 leads: a SIGTRAP was sent as the thread hit
-            # it, and the kernel kept one of the two (a standard signal is pending once). Both happened.
-            thread.held.append((signal.SIGTRAP, info))
-            from_int3 = True
-        ours = breakpoint is not None and from_int3
-        if breakpoint is None and address in process.retired and from_int3 \
+        # Only after a one-byte instruction can a thread stand just past a probe without having run its int3,
+        # so only then (or at an address whose probe went) is the siginfo worth asking. (A SIGTRAP sent with
+        # tgkill just as the thread runs into the int3 is merged by the kernel with the int3's, and is lost.)
+        ours = breakpoint is not None and (breakpoint.plan.length > 1 or self._from_int3(thread))
+        if breakpoint is None and address in process.retired and self._from_int3(thread) \
                 and process.memory.read(address, len(INT3)) != INT3:
             ours = True  # it trapped before its probe went: run the restored instruction
         if not ours:
-            self._deliver(thread, signal.SIGTRAP, serving, info)
+            self._deliver(thread, signal.SIGTRAP, serving)
             return
         regs.rip = address
         if breakpoint is None or not serving:
@@ -227,10 +222,12 @@ class PtraceEngine(Engine):
         """``thread`` gave a lent slot back: a thread waiting for one takes it (while serving)."""
         if thread is None or not serving:
             return
-        waiter = next((t for t in self.family.threads.values()
-                       if t.state is State.WAITING_FOR_SLOT and t.process.area is thread.process.area), None)
-        if waiter is not None:
-            retry_step(waiter)
+        waiters = thread.process.area.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if waiter.state is State.WAITING_FOR_SLOT:  # not gone meanwhile
+                retry_step(waiter)
+                return
 
     # -- hits --------------------------------------------------------------------------------------------
 
@@ -238,11 +235,8 @@ class PtraceEngine(Engine):
         thread.hit, thread.state = breakpoint, State.TRAPPED
         for role in breakpoint.roles:
             self._play(role, thread, regs)
-        probes = self.placement.probes
-        entries = [i for i in breakpoint.probes if not probes[i].is_return]
-        returning = [i for i in breakpoint.probes if probes[i].is_return]
-        gone = self._report(thread, breakpoint, regs, entries)
-        if returning and not hijack(thread, breakpoint, regs, returning):
+        gone = self._report(thread, breakpoint, regs, breakpoint.entries) if breakpoint.entries else ()
+        if breakpoint.returns and not hijack(thread, breakpoint, regs, breakpoint.returns):
             self.skipped_returns += 1
         for index in gone:
             self._remove_probe(index)
@@ -251,7 +245,7 @@ class PtraceEngine(Engine):
         else:  # its last probe went in a handler: the real instruction is back
             ptrace_setregs(thread.tid, regs)
             thread.hit = None
-            thread.resume(thread.take_held())
+            thread.resume()
 
     def _play(self, role: Role, thread: Thread, regs: Regs) -> None:
         """The engine's own part at a breakpoint (see :mod:`.linker`)."""
@@ -282,7 +276,8 @@ class PtraceEngine(Engine):
 
     def _report(self, thread: Thread, breakpoint: Breakpoint, regs: Regs, probes: list[int],
                 retval: int | None = None) -> list[int]:
-        probes = [i for i in probes if i not in self.placement.removed]
+        if self.placement.removed:
+            probes = [i for i in probes if i not in self.placement.removed]
         if not probes or (not thread.process.owns_memory and not self.family.follow_forks):
             return []  # a child serviced only because it shares its parent's memory (and our int3s)
         if retval is not None and retval >= 1 << 63:
@@ -302,11 +297,15 @@ class PtraceEngine(Engine):
                     self.freed_slot(self.family.gone(via.tid, None), True)
 
     @staticmethod
-    def _deliver(thread: Thread, sig: int, serving: bool, info: SigInfo | None = None) -> None:
+    def _deliver(thread: Thread, sig: int, serving: bool) -> None:
         if serving:
             thread.resume(sig)  # signals reach the target unchanged
         else:
-            thread.held.append((sig, info or ptrace_getsiginfo(thread.tid)))
+            thread.held.append((sig, ptrace_getsiginfo(thread.tid)))
+
+    @staticmethod
+    def _from_int3(thread: Thread) -> bool:
+        return ptrace_getsiginfo(thread.tid).si_code == SI_KERNEL
 
     # -- detaching ---------------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from ...errors import ProcessError
-from ...proc.status import explain_seize_error, tgid
+from ...proc.status import explain_seize_error, tgid, thread_ids
 from .memory import ProcessMemory
 from .placement import Placement
 from .returns import Return, put_back
@@ -59,10 +59,9 @@ class Family:
         every thread is stopped when this returns."""
         process = self.processes[pid] = Process(pid, ProcessMemory(pid))
         while True:
-            try:
-                tids = {int(t) for t in os.listdir(f"/proc/{pid}/task")}
-            except FileNotFoundError:
-                raise ProcessError(f"process {pid} does not exist") from None
+            tids = thread_ids(pid)
+            if not tids:
+                raise ProcessError(f"process {pid} does not exist")
             new = tids - self.threads.keys()
             if not new:
                 break

@@ -31,6 +31,7 @@ class ProcessMemory:
         except PermissionError:
             raise ProcessError(unreadable_reason(pid, "mem")) from None
         self.poke = False  # forced writes are off in this kernel (proc_mem.force_override): PTRACE_POKETEXT
+        self.as_program = ProgramMemory(self)
 
     def read(self, address: int, size: int) -> bytes:
         """``size`` bytes at ``address``; OSError (EIO/EFAULT) if any of them is not mapped."""
@@ -111,9 +112,13 @@ class ThreadMemory:
         self.memory.write(address, data, self.tid)
 
 
-class ProgramMemory(ThreadMemory):
+class ProgramMemory:
     """Writes the program itself makes, emulated: they fault (OSError EFAULT) where the program's would, on
     a guard page or a read-only page, instead of going through as forced writes do."""
 
+    def __init__(self, memory: ProcessMemory) -> None:
+        self._pid = memory.pid
+        self.read, self.read_string = memory.read, memory.read_string
+
     def write(self, address: int, data: bytes) -> None:
-        process_vm_writev(self.memory.pid, address, data)
+        process_vm_writev(self._pid, address, data)

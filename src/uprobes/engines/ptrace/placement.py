@@ -52,7 +52,8 @@ class Breakpoint:
     plan: Plan
     inode: int
     file_offset: int = 0
-    probes: list[int] = field(default_factory=list)
+    entries: list[int] = field(default_factory=list)  # the entry probes placed here (indices)
+    returns: list[int] = field(default_factory=list)  # the return probes of the function starting here
     roles: set[Role] = field(default_factory=set)
     strategy: Strategy = field(init=False)
 
@@ -60,13 +61,17 @@ class Breakpoint:
         self.strategy = strategy_for(self)
 
     @property
+    def probes(self) -> list[int]:
+        return self.entries + self.returns
+
+    @property
     def wanted(self) -> bool:
-        return bool(self.probes or self.roles)
+        return bool(self.entries or self.returns or self.roles)
 
     def copy(self) -> Breakpoint:
         """The same breakpoint in a fork child's copy of the memory: its own strategy (its own slots)."""
-        return Breakpoint(self.address, self.original, self.plan, self.inode, self.file_offset, list(self.probes),
-                          set(self.roles))
+        return Breakpoint(self.address, self.original, self.plan, self.inode, self.file_offset, list(self.entries),
+                          list(self.returns), set(self.roles))
 
 
 class Placement:
@@ -101,8 +106,7 @@ class Placement:
             for address in runtime_addresses(mappings, probe.path, probe.offset, "x"):
                 existing = process.breakpoints.get(address)
                 if existing is not None:
-                    if index not in existing.probes:
-                        existing.probes.append(index)
+                    self._add(existing, index)
                 elif address in planned:
                     planned[address][0].append(index)
                 else:
@@ -119,7 +123,10 @@ class Placement:
                 self.notices.append(f"{names} left out: {exc}")
         for address, plan in plans.items():
             indices, offset, code = planned[address]
-            self._write(process, Breakpoint(address, code, plan, _inode_at(mappings, address), offset, indices), via)
+            breakpoint = Breakpoint(address, code, plan, _inode_at(mappings, address), offset)
+            for index in indices:
+                self._add(breakpoint, index)
+            self._write(process, breakpoint, via)
         self.placed.update(i for b in process.breakpoints.values() for i in b.probes)
         process.semaphores.raise_armed(process.memory, mappings, self.active(), via)
         return mappings
@@ -146,9 +153,10 @@ class Placement:
         self.removed.add(index)
         probe = self.probes[index]
         for address, breakpoint in list(process.breakpoints.items()):
-            if index not in breakpoint.probes:
+            kind = breakpoint.returns if probe.is_return else breakpoint.entries
+            if index not in kind:
                 continue
-            breakpoint.probes.remove(index)
+            kind.remove(index)
             if not breakpoint.wanted:
                 self._take_out(process, breakpoint, via)
                 process.retired.add(address)
@@ -166,6 +174,11 @@ class Placement:
         for breakpoint in parent.breakpoints.values():
             self._unwrite(child, breakpoint, child_pid)
         Semaphores(parent.semaphores.raised).lower_all(child, _maps_or_none(child_pid), child_pid)
+
+    def _add(self, breakpoint: Breakpoint, index: int) -> None:
+        kind = breakpoint.returns if self.probes[index].is_return else breakpoint.entries
+        if index not in kind:
+            kind.append(index)
 
     def _write(self, process: Process, breakpoint: Breakpoint, via: int) -> None:
         if process.area is None:

@@ -47,7 +47,7 @@ def dispatch(engine: PtraceEngine, tid: int, status: int, phase: Phase) -> None:
     """Route one waitpid status of ``tid``."""
     family = engine.family
     serving = phase is Phase.SERVING
-    if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+    if not os.WIFSTOPPED(status):  # it ended
         engine.freed_slot(family.gone(tid, status), serving)
         return
     thread = family.threads.get(tid)
@@ -55,7 +55,9 @@ def dispatch(engine: PtraceEngine, tid: int, status: int, phase: Phase) -> None:
         family.unknown_stop(tid, status, serving)
         return
     event, sig = status >> 16, os.WSTOPSIG(status)
-    thread.stopped_at(event)
+    thread.in_signal_stop = not event
+    if thread.step is None and thread.state is not State.EXITING:
+        thread.state = State.STOPPED
     try:
         if thread.state is State.EXITING or event == EVENT_EXIT:
             thread.resume()  # its end goes on; WIFEXITED follows (hazards 12-13)

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 from ...proc.status import signal_pending
 from ...x86_64.abi import BREAKPOINT
 from ...x86_64.analysis import EmulationFault
-from .memory import ProcessMemory, ProgramMemory
-from .syscalls import EVENT_STOP, SI_KERNEL, TRAP_TRACE, Regs, ptrace_getregs, ptrace_getsiginfo, ptrace_setregs
+from .memory import ProcessMemory
+from .syscalls import EVENT_STOP, TRAP_TRACE, Regs, ptrace_getregs, ptrace_getsiginfo, ptrace_setregs
 from .tracee import State, Thread, is_fault
 from .xol import SLOT_SIZE, XolArea
 
@@ -89,13 +89,13 @@ class Emulate(Strategy):
 
     def execute(self, thread: Thread, regs: Regs) -> None:
         try:
-            self.breakpoint.plan.emulate(regs, ProgramMemory(thread.process.memory, thread.tid))
+            self.breakpoint.plan.emulate(regs, thread.process.memory.as_program)
         except EmulationFault:
             start_step(thread, self.breakpoint, regs)  # regs are as they were: at the probe
             return
         ptrace_setregs(thread.tid, regs)
         thread.hit = None
-        thread.resume(thread.take_held())
+        thread.resume()
 
 
 class Boost(Strategy):
@@ -106,9 +106,6 @@ class Boost(Strategy):
         self.slot: int | None = None
 
     def execute(self, thread: Thread, regs: Regs) -> None:
-        if thread.held:  # a signal to deliver after the instruction: never from inside the slot
-            start_step(thread, self.breakpoint, regs)
-            return
         area = thread.process.area
         if self.slot is None:
             self.slot = area.keep(self.breakpoint.plan.boost_code, self, thread.tid)
@@ -181,9 +178,11 @@ def start_step(thread: Thread, breakpoint: Breakpoint, regs: Regs) -> None:
     waits, stopped, until :meth:`PtraceEngine` wakes it with :func:`retry_step`."""
     regs.rip = breakpoint.address
     step = Step(breakpoint, 0)
-    slot = thread.process.area.lend(breakpoint.plan.slot_code, step, thread.tid)
+    area = thread.process.area
+    slot = area.lend(breakpoint.plan.slot_code, step, thread.tid)
     if slot is None:
         thread.hit, thread.state = breakpoint, State.WAITING_FOR_SLOT
+        area.waiters.append(thread)
         return
     step.slot = slot
     step.saved = breakpoint.plan.prepare_step(regs, slot)
@@ -202,12 +201,12 @@ def on_step_stop(thread: Thread, event: int, sig: int, serving: bool) -> None:
     (serving) or settles it (``serving`` False: the world is being stopped)."""
     step = thread.step
     regs = ptrace_getregs(thread.tid)
-    info = ptrace_getsiginfo(thread.tid) if not event else None
-    if info is not None and sig == signal.SIGTRAP and _ends_step(step, regs, info):
+    if not event and sig == signal.SIGTRAP and _ends_step(thread, step, regs):
         _finish(thread, regs)
         if serving:
             thread.resume(thread.take_held())
         return
+    info = ptrace_getsiginfo(thread.tid) if not event else None
     if info is not None:
         if serving and regs.rip == step.slot and is_fault(sig, info):
             # The copy itself faulted: deliver the fault at the original address (hazard 18).
@@ -239,16 +238,19 @@ def settle_step(thread: Thread, regs: Regs) -> None:
         _finish(thread, regs)
 
 
-def _ends_step(step: Step, regs: Regs, info) -> bool:
-    """Whether a SIGTRAP is the step's own: the single-step trap, or (the trap flag lost) the slot's int3
-    padding right after the copy. A SIGTRAP sent by anyone else is held like any signal."""
-    if info.si_code == TRAP_TRACE:
-        return True
+def _ends_step(thread: Thread, step: Step, regs: Regs) -> bool:
+    """Whether a SIGTRAP ends the step: the copy has run (where the thread stands says so, without asking
+    the siginfo on every hit), or, for a rep string instruction at its start, the trap is the single-step's.
+    Otherwise it is a SIGTRAP someone sent, held like any signal. If the trap flag was lost, the thread ran
+    into the slot's int3 padding right after the copy: it is taken back to the copy's end. (A SIGTRAP sent
+    with tgkill just as the copy ran is merged by the kernel with the step's trap, and is lost.)"""
+    ran = step.breakpoint.plan.step_ran(regs.rip, step.slot)
+    if ran is None:
+        ran = ptrace_getsiginfo(thread.tid).si_code == TRAP_TRACE
     end = step.slot + len(step.breakpoint.plan.slot_code)
-    if info.si_code == SI_KERNEL and step.lent and regs.rip - 1 == end:
+    if ran and step.lent and regs.rip - 1 == end:
         regs.rip = end
-        return True
-    return False
+    return ran
 
 
 def _finish(thread: Thread, regs: Regs) -> None:

@@ -88,7 +88,10 @@ _ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void
 
 
 def _call(request: int, tid: int, addr: int | None = 0, data=None) -> int:
-    ctypes.set_errno(0)
+    """ptrace(2); OSError with its errno on failure. Only PEEKTEXT can return -1 as a value: errno is reset
+    for it alone (that costs a ctypes call on every one of the four ptrace calls of a hit)."""
+    if request == _PTRACE_PEEKTEXT:
+        ctypes.set_errno(0)
     result = _ptrace(request, tid, addr, data)
     if result == -1:
         err = ctypes.get_errno()
@@ -177,19 +180,26 @@ class _IoVec(ctypes.Structure):
     _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
 
-_libc.process_vm_writev.restype = ctypes.c_ssize_t
-_libc.process_vm_writev.argtypes = [ctypes.c_int, ctypes.POINTER(_IoVec), ctypes.c_ulong, ctypes.POINTER(_IoVec),
-                                    ctypes.c_ulong, ctypes.c_ulong]
+_process_vm_writev = _libc.process_vm_writev
+_process_vm_writev.restype = ctypes.c_ssize_t
+_process_vm_writev.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong,
+                               ctypes.c_ulong]
+# One buffer and two iovecs, reused: every ptrace call comes from one thread (hazard 26), and this is on the hit
+# path of emulated pushes and calls, where building ctypes objects would cost more than the system call.
+_WRITE_BUFFER = (ctypes.c_char * 64)()
+_LOCAL, _REMOTE = _IoVec(ctypes.addressof(_WRITE_BUFFER), 0), _IoVec(0, 0)
+_LOCAL_AT, _REMOTE_AT = ctypes.addressof(_LOCAL), ctypes.addressof(_REMOTE)
 
 
 def process_vm_writev(pid: int, address: int, data: bytes) -> None:
-    """Write ``data`` at ``address`` as the process itself could: page protections hold (EFAULT otherwise)."""
-    buffer = ctypes.create_string_buffer(data, len(data))
-    local = _IoVec(ctypes.addressof(buffer), len(data))
-    remote = _IoVec(address, len(data))
+    """Write ``data`` (at most 64 bytes) at ``address`` as the process itself could: page protections hold
+    (EFAULT otherwise)."""
+    size = len(data)
+    _WRITE_BUFFER[:size] = data
+    _LOCAL.len = _REMOTE.len = size
+    _REMOTE.base = address
     ctypes.set_errno(0)
-    written = _libc.process_vm_writev(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
-    if written != len(data):
+    if _process_vm_writev(pid, _LOCAL_AT, 1, _REMOTE_AT, 1, 0) != size:
         err = ctypes.get_errno() or errno.EFAULT
         raise OSError(err, f"process_vm_writev({pid}, {address:#x}): {os.strerror(err)}")
 

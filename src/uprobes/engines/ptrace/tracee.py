@@ -92,12 +92,6 @@ class Thread:
             self._comm = thread_comm(self.process.pid, self.tid)
         return self._comm
 
-    def stopped_at(self, event: int) -> None:
-        """The thread reported a stop (``event`` 0: a signal-delivery-stop)."""
-        if self.state is not State.EXITING:
-            self.state = State.STOPPED if self.step is None else self.state
-        self.in_signal_stop = not event
-
     def renamed(self) -> None:
         """An exec gave the thread a new name (the program's)."""
         self._comm = None
@@ -109,7 +103,8 @@ class Thread:
             self.state = State.STEPPING
         else:
             ptrace_cont(self.tid, sig)
-            self.state = State.RUNNING if self.state is not State.EXITING else State.EXITING
+            if self.state is not State.EXITING:
+                self.state = State.RUNNING
 
     def listen(self) -> None:
         """Leave the thread in its group-stop, to be woken by SIGCONT (hazards 3-4)."""
@@ -134,6 +129,8 @@ class Thread:
         """The signal to restart with: ``current``, the signal of this stop, or else the first one held, with
         its own siginfo. Any other held signal is sent again: only a signal that cannot be deferred (SIGSTOP,
         a sent fault signal) comes after the first."""
+        if not self.held:
+            return current
         held, self.held = self.held, []
         if not current and held and self.in_signal_stop:
             current, info = held.pop(0)

@@ -48,6 +48,8 @@ def stop_world(engine: PtraceEngine) -> None:
             continue
         dispatch(engine, tid, status, Phase.STOPPING)
     for thread in list(family.threads.values()):
+        if thread.process.area is not None:
+            thread.process.area.waiters.clear()
         if thread.state.stopped:
             try:
                 _settle(thread)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections import deque
 
 from ...errors import UprobesError
 from ...proc.maps import read_maps
@@ -127,15 +128,17 @@ class XolArea:
         self._content: dict[int, bytes] = {}
         self._owners: dict[int, object] = {}  # slot address -> who uses it
         self._kept: set[int] = set()
+        self.waiters: deque = deque()  # threads waiting, stopped, for a slot to be given back
 
     def lend(self, code: bytes, owner: object, via: int) -> int | None:
         """A slot holding ``code`` for one step, or None when every slot is in use (the caller waits for one):
         each stepping thread has its own, so threads stepping one probe at once never share one (hazard 23)."""
         if not self._free:
             return None
-        # Prefer a free slot that already holds this code: no write needed.
-        index = next((i for i in range(len(self._free) - 1, -1, -1) if self._content.get(self._free[i]) == code),
-                     len(self._free) - 1)
+        # Prefer a free slot that already holds this code (the last one given back, most often): no write needed.
+        index = len(self._free) - 1
+        if self._content.get(self._free[index]) != code:
+            index = next((i for i in range(index - 1, -1, -1) if self._content.get(self._free[i]) == code), index)
         number = self._free.pop(index)
         slot = self.address + number * SLOT_SIZE
         if self._content.get(number) != code:
