@@ -40,7 +40,7 @@ from .returns import MAX_RETURN_DEPTH, caught, hijack, put_back, returned
 from .stops import Phase, drain
 from .strategies import Boost, retry_step
 from .syscalls import EXITKILL, OPTIONS, SI_KERNEL, Regs, ptrace_getregs, ptrace_getsiginfo, ptrace_setregs
-from .tracee import Process, State, Thread
+from .tracee import TRAPPED, WAITING_FOR_SLOT, Process, Thread
 from .world import detach_all, stop_world
 
 __all__ = ["PtraceEngine"]
@@ -225,14 +225,14 @@ class PtraceEngine(Engine):
         waiters = thread.process.area.waiters
         while waiters:
             waiter = waiters.popleft()
-            if waiter.state is State.WAITING_FOR_SLOT:  # not gone meanwhile
+            if waiter.state is WAITING_FOR_SLOT:  # not gone meanwhile
                 retry_step(waiter)
                 return
 
     # -- hits --------------------------------------------------------------------------------------------
 
     def _hit(self, thread: Thread, breakpoint: Breakpoint, regs: Regs) -> None:
-        thread.hit, thread.state = breakpoint, State.TRAPPED
+        thread.hit, thread.state = breakpoint, TRAPPED
         for role in breakpoint.roles:
             self._play(role, thread, regs)
         gone = self._report(thread, breakpoint, regs, breakpoint.entries) if breakpoint.entries else ()

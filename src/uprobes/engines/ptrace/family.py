@@ -21,7 +21,7 @@ from .returns import Return, put_back
 from .semaphores import Semaphores
 from .syscalls import (EVENT_STOP, WALL, ptrace_cont, ptrace_detach, ptrace_geteventmsg, ptrace_interrupt,
                        ptrace_seize, same_memory)
-from .tracee import Process, State, Thread
+from .tracee import EXITING, RUNNING, STOPPED, Process, Thread
 from .xol import XolArea
 
 __all__ = ["Family", "when_stopped"]
@@ -85,7 +85,7 @@ class Family:
                 del self.threads[thread.tid]
                 return
             if status >> 16 == EVENT_STOP:
-                thread.state = State.STOPPED
+                thread.state = STOPPED
                 return
             sig = os.WSTOPSIG(status)
             ptrace_cont(thread.tid, sig if status >> 16 == 0 and sig != signal.SIGTRAP else 0)  # nothing placed yet
@@ -107,7 +107,7 @@ class Family:
         if self._newborn.pop(new_tid, None) is None:
             self.threads[new_tid] = Thread(new_tid, thread.process)  # its first stop is on its way
             return
-        new = self.threads[new_tid] = Thread(new_tid, thread.process, State.STOPPED)
+        new = self.threads[new_tid] = Thread(new_tid, thread.process, STOPPED)
         if serving:
             new.resume()
 
@@ -134,7 +134,7 @@ class Family:
         group = tgid(tid)
         parent = self.processes.get(group)
         if parent is not None and group != tid:
-            thread = self.threads[tid] = Thread(tid, parent, State.STOPPED)
+            thread = self.threads[tid] = Thread(tid, parent, STOPPED)
             if serving:
                 thread.resume()
         else:
@@ -145,7 +145,7 @@ class Family:
             child = self.processes[pid] = Process(pid, parent.memory, parent.breakpoints, parent.area,
                                                   memory_owner=parent.memory_owner or parent,
                                                   semaphores=parent.semaphores)
-            thread = self.threads[pid] = Thread(pid, child, State.STOPPED)
+            thread = self.threads[pid] = Thread(pid, child, STOPPED)
             thread.resume()
         elif self.follow_forks:
             self._follow(pid, parent, returns)
@@ -168,7 +168,7 @@ class Family:
         child = self.processes[pid] = Process(pid, ProcessMemory(pid),
                                               semaphores=Semaphores(parent.semaphores.raised))
         child.breakpoints = {address: b.copy() for address, b in parent.breakpoints.items()}
-        thread = self.threads[pid] = Thread(pid, child, State.STOPPED)
+        thread = self.threads[pid] = Thread(pid, child, STOPPED)
         if parent.area is not None:
             child.area = XolArea(pid, child.memory, at=parent.area.address)
             if child.area.trampoline == parent.area.trampoline:
@@ -208,7 +208,7 @@ class Family:
             del self.threads[pid]
             del self.processes[pid]
             ptrace_detach(pid, 0)
-            thread.state = State.RUNNING  # on its own now
+            thread.state = RUNNING  # on its own now
             return
         if old.owns_memory:  # a vfork child borrowed its parent's memory: nothing of its own to close
             old.memory.close()
@@ -226,7 +226,7 @@ class Family:
         ends (hazard 12). Returns the thread if it owned a slot, now free."""
         thread = self.threads.get(tid)
         if status is None and thread is not None:
-            thread.state = State.EXITING
+            thread.state = EXITING
         else:
             self.threads.pop(tid, None)
         if status is not None and tid in self.processes:

@@ -32,6 +32,7 @@ class ProcessMemory:
             raise ProcessError(unreadable_reason(pid, "mem")) from None
         self.poke = False  # forced writes are off in this kernel (proc_mem.force_override): PTRACE_POKETEXT
         self.as_program = ProgramMemory(self)
+        self._views: dict[int, ThreadMemory] = {}
 
     def read(self, address: int, size: int) -> bytes:
         """``size`` bytes at ``address``; OSError (EIO/EFAULT) if any of them is not mapped."""
@@ -93,7 +94,12 @@ class ProcessMemory:
 
     def through(self, tid: int) -> ThreadMemory:
         """This memory as the stopped thread ``tid`` reaches it."""
-        return ThreadMemory(self, tid)
+        view = self._views.get(tid)
+        if view is None:
+            if len(self._views) >= 1024:  # threads come and go in a long run
+                self._views.clear()
+            view = self._views[tid] = ThreadMemory(self, tid)
+        return view
 
     def close(self) -> None:
         if self._fd >= 0:

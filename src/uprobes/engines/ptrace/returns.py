@@ -22,7 +22,7 @@ __all__ = ["Return", "MAX_RETURN_DEPTH", "hijack", "returned", "caught", "put_ba
 MAX_RETURN_DEPTH = 64  # the kernel's MAX_URETPROBE_DEPTH
 
 
-@dataclass
+@dataclass(slots=True)
 class Return:
     """A pending return: the return address at ``stack`` was ``original``. ``chained``: a tail call found
     the trampoline there already and shares the caller's return (the kernel's RP_CHECK_CHAIN_CALL)."""

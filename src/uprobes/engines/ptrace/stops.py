@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from ...proc.status import signal_pending
 from .strategies import GROUP_STOP_SIGNALS, on_step_stop
 from .syscalls import EVENT_CLONE, EVENT_EXEC, EVENT_EXIT, EVENT_FORK, EVENT_STOP, EVENT_VFORK, WALL
-from .tracee import State
+from .tracee import EXITING, STOPPED
 
 if TYPE_CHECKING:
     from .engine import PtraceEngine
@@ -56,10 +56,10 @@ def dispatch(engine: PtraceEngine, tid: int, status: int, phase: Phase) -> None:
         return
     event, sig = status >> 16, os.WSTOPSIG(status)
     thread.in_signal_stop = not event
-    if thread.step is None and thread.state is not State.EXITING:
-        thread.state = State.STOPPED
+    if thread.step is None and thread.state is not EXITING:
+        thread.state = STOPPED
     try:
-        if thread.state is State.EXITING or event == EVENT_EXIT:
+        if thread.state is EXITING or event == EVENT_EXIT:
             thread.resume()  # its end goes on; WIFEXITED follows (hazards 12-13)
         elif thread.step is not None:
             on_step_stop(thread, event, sig, serving)
@@ -76,7 +76,7 @@ def dispatch(engine: PtraceEngine, tid: int, status: int, phase: Phase) -> None:
             family.on_fork(thread, event == EVENT_VFORK, serving)
         elif event == EVENT_EXEC:
             family.on_exec(thread, engine.insert if serving else None)
-        if serving and thread.state is State.STOPPED:
+        if serving and thread.state is STOPPED:
             thread.resume()  # nothing kept it: an event (clone, fork, vfork done), our interrupt
     except ProcessLookupError:
         engine.freed_slot(family.gone(tid, None), serving)  # it died between two ptrace calls (hazard 12)

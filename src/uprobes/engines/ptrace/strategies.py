@@ -20,7 +20,7 @@ that decides what each means.
 from __future__ import annotations
 
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ...proc.status import signal_pending
@@ -28,7 +28,7 @@ from ...x86_64.abi import BREAKPOINT
 from ...x86_64.analysis import EmulationFault
 from .memory import ProcessMemory
 from .syscalls import EVENT_STOP, TRAP_TRACE, Regs, ptrace_getregs, ptrace_getsiginfo, ptrace_setregs
-from .tracee import State, Thread, is_fault
+from .tracee import STOPPED, WAITING_FOR_SLOT, Thread, is_fault
 from .xol import SLOT_SIZE, XolArea
 
 if TYPE_CHECKING:
@@ -156,13 +156,13 @@ def strategy_for(breakpoint: Breakpoint) -> Strategy:
 
 # -- stepping out of line -----------------------------------------------------------------------------------
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Step:
     """One thread's run of a displaced instruction from a slot (``lent``: for this step only)."""
 
     breakpoint: Breakpoint
     slot: int
-    saved: dict = field(default_factory=dict)  # registers the fixup puts back (a rip-relative scratch)
+    saved: dict  # registers the fixup puts back (a rip-relative scratch)
     lent: bool = True
     mask: int | None = None  # the thread's own signal mask, while we defer its signals
 
@@ -177,11 +177,11 @@ def start_step(thread: Thread, breakpoint: Breakpoint, regs: Regs) -> None:
     """Send ``thread`` (trapped, ``regs.rip`` at the probe) through a lent slot; with every slot lent, it
     waits, stopped, until :meth:`PtraceEngine` wakes it with :func:`retry_step`."""
     regs.rip = breakpoint.address
-    step = Step(breakpoint, 0)
+    step = Step(breakpoint, 0, {})
     area = thread.process.area
     slot = area.lend(breakpoint.plan.slot_code, step, thread.tid)
     if slot is None:
-        thread.hit, thread.state = breakpoint, State.WAITING_FOR_SLOT
+        thread.hit, thread.state = breakpoint, WAITING_FOR_SLOT
         area.waiters.append(thread)
         return
     step.slot = slot
@@ -266,4 +266,4 @@ def _end(thread: Thread) -> None:
     if step.lent:
         thread.process.area.release(step.slot)
     thread.step = None
-    thread.state = State.STOPPED
+    thread.state = STOPPED

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from .returns import Return
     from .strategies import Step
 
-__all__ = ["State", "Thread", "Process"]
+__all__ = ["State", "Thread", "Process", "RUNNING", "STOPPED", "TRAPPED", "WAITING_FOR_SLOT", "STEPPING",
+           "LISTENING", "EXITING"]
 
 _FAULT_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
 # Blocked while a step is in flight once one signal has been held. A fault signal or SIGTRAP raised while
@@ -49,7 +50,12 @@ class State(enum.Enum):
     @property
     def stopped(self) -> bool:
         """Whether the thread is in a ptrace stop where its registers can be read and written."""
-        return self in (State.STOPPED, State.TRAPPED, State.WAITING_FOR_SLOT)
+        return self in _IN_A_STOP
+
+
+# The states by name for the hit path: reading a member from its class costs three times a global in 3.11.
+RUNNING, STOPPED, TRAPPED, WAITING_FOR_SLOT, STEPPING, LISTENING, EXITING = State
+_IN_A_STOP = frozenset({STOPPED, TRAPPED, WAITING_FOR_SLOT})
 
 
 @dataclass(eq=False)
@@ -75,7 +81,7 @@ class Thread:
 
     tid: int
     process: Process
-    state: State = State.RUNNING
+    state: State = RUNNING
     hit: Breakpoint | None = None
     step: Step | None = None
     held: list[tuple[int, SigInfo]] = field(default_factory=list)  # signals that arrived during a step
@@ -100,16 +106,16 @@ class Thread:
         """Restart a stopped thread, with signal ``sig``: by a single step if it owns one, else to run on."""
         if self.step is not None:
             ptrace_singlestep(self.tid, sig)
-            self.state = State.STEPPING
+            self.state = STEPPING
         else:
             ptrace_cont(self.tid, sig)
-            if self.state is not State.EXITING:
-                self.state = State.RUNNING
+            if self.state is not EXITING:
+                self.state = RUNNING
 
     def listen(self) -> None:
         """Leave the thread in its group-stop, to be woken by SIGCONT (hazards 3-4)."""
         ptrace_listen(self.tid)
-        self.state = State.LISTENING
+        self.state = LISTENING
 
     def hold(self, sig: int, info: SigInfo) -> None:
         """Keep a signal that arrived during a step, with its siginfo, and defer the others in the kernel's

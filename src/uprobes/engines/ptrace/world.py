@@ -17,7 +17,7 @@ from .family import when_stopped
 from .returns import put_back, returned
 from .stops import Phase, dispatch
 from .syscalls import WALL, ptrace_detach, ptrace_getregs, ptrace_interrupt, ptrace_setregs
-from .tracee import State, Thread
+from .tracee import EXITING, STOPPED, Thread
 
 if TYPE_CHECKING:
     from .engine import PtraceEngine
@@ -32,7 +32,7 @@ def stop_world(engine: PtraceEngine) -> None:
     each is stopped with nothing in flight."""
     family = engine.family
     for thread in list(family.threads.values()):
-        if not thread.state.stopped and thread.state is not State.EXITING:
+        if not thread.state.stopped and thread.state is not EXITING:
             try:
                 ptrace_interrupt(thread.tid)
             except ProcessLookupError:
@@ -58,7 +58,7 @@ def stop_world(engine: PtraceEngine) -> None:
 
 
 def _moving(thread: Thread) -> bool:
-    return not thread.state.stopped and thread.state is not State.EXITING
+    return not thread.state.stopped and thread.state is not EXITING
 
 
 def _settle(thread: Thread) -> None:
@@ -74,7 +74,7 @@ def _settle(thread: Thread) -> None:
             ptrace_setregs(thread.tid, regs)
     elif area is not None and area.owner(regs.rip) is not None:
         area.owner(regs.rip).settle(thread, regs)
-    thread.hit, thread.state = None, State.STOPPED
+    thread.hit, thread.state = None, STOPPED
 
 
 def detach_all(engine: PtraceEngine) -> None:
@@ -99,7 +99,7 @@ def detach_all(engine: PtraceEngine) -> None:
     # their exit for a tracer that has left, and the process would never end. So those go last.
     dying = []
     for thread in sorted(family.threads.values(), key=lambda t: bool(t.held)):
-        if thread.state is State.EXITING:
+        if thread.state is EXITING:
             dying.append(thread.tid)
             continue
         try:
