@@ -40,7 +40,7 @@ from .returns import MAX_RETURN_DEPTH, caught, hijack, put_back, returned
 from .stops import Phase, drain
 from .strategies import Boost, retry_step
 from .syscalls import EXITKILL, OPTIONS, SI_KERNEL, Regs, ptrace_getregs, ptrace_getsiginfo, ptrace_setregs
-from .tracee import TRAPPED, WAITING_FOR_SLOT, Process, Thread
+from .tracee import TRAPPED, Process, Thread
 from .world import detach_all, stop_world
 
 __all__ = ["PtraceEngine"]
@@ -225,9 +225,11 @@ class PtraceEngine(Engine):
         waiters = thread.process.area.waiters
         while waiters:
             waiter = waiters.popleft()
-            if waiter.state is WAITING_FOR_SLOT:  # not gone meanwhile
+            try:
                 retry_step(waiter)
                 return
+            except ProcessLookupError:
+                self.family.gone(waiter.tid, None)  # its ESRCH, not the thread's that gave the slot back
 
     # -- hits --------------------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import signal
 import time
 from collections.abc import Callable
 
-from ...errors import ProcessError
+from ...errors import ProcessError, UprobesError
 from ...proc.status import explain_seize_error, tgid, thread_ids
 from .memory import ProcessMemory
 from .placement import Placement
@@ -96,8 +96,10 @@ class Family:
         return [t for t in self.threads.values() if t.process is process]
 
     def stopped_in(self, process: Process) -> Thread | None:
-        """A thread of ``process`` in a ptrace stop, through which its memory can be written."""
-        return next((t for t in self.in_process(process) if t.state.stopped), None)
+        """A thread in a ptrace stop through which the memory of ``process`` can be written: one of its own, or
+        of a child sharing it (a parent waiting for its vfork child cannot be stopped)."""
+        return next((t for t in self.threads.values() if t.state.stopped
+                     and (t.process is process or t.process.memory_owner is process)), None)
 
     def on_clone(self, thread: Thread, serving: bool) -> None:
         """``thread`` made a thread; its first stop may have come already (hazard 7)."""
@@ -109,7 +111,7 @@ class Family:
             return
         new = self.threads[new_tid] = Thread(new_tid, thread.process, STOPPED)
         if serving:
-            new.resume()
+            self._start(new)
 
     def on_fork(self, thread: Thread, vfork: bool, serving: bool) -> None:
         """``thread`` forked (or vforked) a child, which is traced from its first stop on."""
@@ -117,40 +119,54 @@ class Family:
         announced = ("vfork" if vfork else "fork", thread.process, list(thread.returns))
         if self._newborn.pop(child, None) is None:
             self._children[child] = announced
-        elif serving:
-            self._adopt(child, *announced)
         else:
-            self._release(child, *announced)
+            self._take(child, announced, serving)
 
     def unknown_stop(self, tid: int, status: int, serving: bool) -> None:
         """A new thread or child whose first stop came before its parent's event (hazard 7)."""
         announced = self._children.pop(tid, None)
         if announced is not None:
-            if serving:
-                self._adopt(tid, *announced)
-            else:
-                self._release(tid, *announced)
+            self._take(tid, announced, serving)
             return
         group = tgid(tid)
         parent = self.processes.get(group)
         if parent is not None and group != tid:
             thread = self.threads[tid] = Thread(tid, parent, STOPPED)
             if serving:
-                thread.resume()
+                self._start(thread)
         else:
             self._newborn[tid] = status
 
-    def _adopt(self, pid: int, kind: str, parent: Process, returns: list[Return]) -> None:
-        if kind == "vfork" or _shares_memory(parent.pid, pid):
-            child = self.processes[pid] = Process(pid, parent.memory, parent.breakpoints, parent.area,
-                                                  memory_owner=parent.memory_owner or parent,
-                                                  semaphores=parent.semaphores)
-            thread = self.threads[pid] = Thread(pid, child, STOPPED)
+    def _start(self, thread: Thread) -> None:
+        """Let a new thread or child run; one killed meanwhile is gone (the ESRCH is its, not its parent's)."""
+        try:
             thread.resume()
-        elif self.follow_forks:
-            self._follow(pid, parent, returns)
-        else:
-            self._let_go(pid, parent, returns)
+        except ProcessLookupError:
+            self.gone(thread.tid, None)
+
+    def _take(self, pid: int, announced: tuple[str, Process, list[Return]], serving: bool) -> None:
+        """A child at its first stop: one sharing its parent's memory is a thread of that memory until it
+        execs or exits (detached with the others, after the restore, if the world is being stopped); a fork
+        child is followed, or let go clean (always, once the world is being stopped)."""
+        kind, parent, returns = announced
+        try:
+            if kind == "vfork" or _shares_memory(parent.pid, pid):
+                thread = self._share(pid, parent)
+                if serving:
+                    self._start(thread)
+            elif self.follow_forks and serving:
+                self._follow(pid, parent, returns)
+            else:
+                self._let_go(pid, parent, returns)
+        except (ProcessLookupError, UprobesError):
+            self.gone(pid, None)  # it ended meanwhile
+
+    def _share(self, pid: int, parent: Process) -> Thread:
+        child = self.processes[pid] = Process(pid, parent.memory, parent.breakpoints, parent.area,
+                                              memory_owner=parent.memory_owner or parent,
+                                              semaphores=parent.semaphores)
+        thread = self.threads[pid] = Thread(pid, child, STOPPED)
+        return thread
 
     def _let_go(self, pid: int, parent: Process, returns: list[Return]) -> None:
         """Detach a fork child after taking every byte we wrote out of its copy of its parent's memory."""
@@ -168,7 +184,7 @@ class Family:
         child = self.processes[pid] = Process(pid, ProcessMemory(pid),
                                               semaphores=Semaphores(parent.semaphores.raised))
         child.breakpoints = {address: b.copy() for address, b in parent.breakpoints.items()}
-        thread = self.threads[pid] = Thread(pid, child, STOPPED)
+        thread = self.threads[pid] = Thread(pid, child, STOPPED)  # gone() forgets it if it dies meanwhile
         if parent.area is not None:
             child.area = XolArea(pid, child.memory, at=parent.area.address)
             if child.area.trampoline == parent.area.trampoline:
@@ -181,16 +197,7 @@ class Family:
     def let_go_unadopted(self) -> None:
         """Children forked just before we stopped, whose first stop is not reported yet: each is traced (our
         options are inherited), so it would die with us (EXITKILL) unless let go, clean, like a thread."""
-        when_stopped(list(self._children), 2, lambda pid: self._release(pid, *self._children.pop(pid)))
-
-    def _release(self, pid: int, kind: str, parent: Process, returns: list[Return]) -> None:
-        try:
-            if kind == "vfork" or _shares_memory(parent.pid, pid):
-                ptrace_detach(pid, 0)  # its memory is its parent's, restored with it
-            else:
-                self._let_go(pid, parent, returns)
-        except ProcessError:
-            pass  # it ended meanwhile
+        when_stopped(list(self._children), 2, lambda pid: self._take(pid, self._children.pop(pid), False))
 
     def on_exec(self, thread: Thread, insert: Callable[[Process, int], None] | None) -> None:
         """A new image: the old breakpoints and area went with the old memory (hazards 9-10); ``insert``
@@ -232,6 +239,8 @@ class Family:
         if status is not None and tid in self.processes:
             self.exit_status[tid] = os.waitstatus_to_exitcode(status)
         freed = None
+        if thread is not None and thread.process.area is not None and thread in thread.process.area.waiters:
+            thread.process.area.waiters.remove(thread)
         if thread is not None and thread.step is not None:
             if thread.step.lent:
                 thread.process.area.release(thread.step.slot)  # a thread that ends mid-step frees its slot

@@ -188,7 +188,6 @@ class Placement:
 
     def _take_out(self, process: Process, breakpoint: Breakpoint, via: int) -> None:
         self._unwrite(process.memory, breakpoint, via)
-        breakpoint.strategy.release(process.area)
         del process.breakpoints[breakpoint.address]
 
     def _unwrite(self, memory: ProcessMemory, breakpoint: Breakpoint, via: int) -> None:
@@ -199,11 +198,10 @@ class Placement:
                                 f"(self-modifying code?): left as the program wrote it")
 
     def _forget_unmapped(self, process: Process, mappings: list[Mapping]) -> None:
-        """Breakpoints whose object was unmapped (dlclose) are gone with it, slots and all; what comes at their
-        address later is another object's code, placed afresh."""
+        """Breakpoints whose object was unmapped (dlclose) are gone with it; what comes at their address later
+        is another object's code, placed afresh (with a strategy and slots of its own)."""
         for address, breakpoint in list(process.breakpoints.items()):
             if _inode_at(mappings, address) != breakpoint.inode:
-                breakpoint.strategy.release(process.area)
                 del process.breakpoints[address]
         process.retired = {a for a in process.retired if _inode_at(mappings, a) is not None}
 

@@ -52,7 +52,10 @@ def dispatch(engine: PtraceEngine, tid: int, status: int, phase: Phase) -> None:
         return
     thread = family.threads.get(tid)
     if thread is None:
-        family.unknown_stop(tid, status, serving)
+        try:
+            family.unknown_stop(tid, status, serving)
+        except ProcessLookupError:
+            family.gone(tid, None)
         return
     event, sig = status >> 16, os.WSTOPSIG(status)
     thread.in_signal_stop = not event

@@ -12,7 +12,7 @@ Step          the thread single-steps a copy in a lent slot (two stops), fixed u
 ============  ====================================================================  ===========================
 
 Each also says whether an address is in code it placed (:meth:`Strategy.owns`) and how its breakpoint is
-taken out (:meth:`Strategy.restore`, :meth:`Strategy.release`). A stepping thread meets everything a thread
+taken out (:meth:`Strategy.restore`). A stepping thread meets everything a thread
 can meet: its own trap, a signal, a group-stop, our interrupt, its end. :func:`on_step_stop` is the one place
 that decides what each means.
 """
@@ -29,7 +29,7 @@ from ...x86_64.analysis import EmulationFault
 from .memory import ProcessMemory
 from .syscalls import EVENT_STOP, TRAP_TRACE, Regs, ptrace_getregs, ptrace_getsiginfo, ptrace_setregs
 from .tracee import STOPPED, WAITING_FOR_SLOT, Thread, is_fault
-from .xol import SLOT_SIZE, XolArea
+from .xol import SLOT_SIZE
 
 if TYPE_CHECKING:
     from .placement import Breakpoint
@@ -75,9 +75,6 @@ class Strategy:
             pass
         return True
 
-    def release(self, area: XolArea) -> None:
-        """The breakpoint goes: give back what it holds in the out-of-line area."""
-
 
 class StepOutOfLine(Strategy):
     """Single-step a copy from a slot lent for that one step."""
@@ -99,7 +96,9 @@ class Emulate(Strategy):
 
 
 class Boost(Strategy):
-    """Run a copy followed by a jump back from a slot kept for this breakpoint; step while none is free."""
+    """Run a copy followed by a jump back from a slot kept for this breakpoint; step while none is free. The
+    slot stays kept while the area lives, even once the breakpoint is gone: a thread sent into it a moment
+    before may not have run it yet, and this strategy still answers for that thread."""
 
     def __init__(self, breakpoint: Breakpoint) -> None:
         super().__init__(breakpoint)
@@ -137,11 +136,6 @@ class Boost(Strategy):
             return
         self.settle(thread, regs)
         thread.resume(sig)
-
-    def release(self, area: XolArea) -> None:
-        if self.slot is not None:
-            area.release(self.slot)
-            self.slot = None
 
 
 _CHOICES = ((lambda plan: plan.kind == "emulate", Emulate),

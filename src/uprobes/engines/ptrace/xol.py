@@ -127,7 +127,6 @@ class XolArea:
         self._free = list(range(PAGE_SIZE // SLOT_SIZE - 1, 0, -1))
         self._content: dict[int, bytes] = {}
         self._owners: dict[int, object] = {}  # slot address -> who uses it
-        self._kept: set[int] = set()
         self.waiters: deque = deque()  # threads waiting, stopped, for a slot to be given back
 
     def lend(self, code: bytes, owner: object, via: int) -> int | None:
@@ -148,18 +147,15 @@ class XolArea:
         return slot
 
     def keep(self, code: bytes, owner: object, via: int) -> int | None:
-        """A slot holding ``code`` for as long as ``owner`` lives (until :meth:`release`); None once only the
-        slots kept for stepping are left."""
+        """A slot holding ``code`` for ``owner`` as long as the area lives; None once only the slots kept for
+        stepping are left."""
         if len(self._free) <= _STEP_SLOTS:
             return None
-        slot = self.lend(code, owner, via)
-        self._kept.add(slot)
-        return slot
+        return self.lend(code, owner, via)
 
     def release(self, slot: int) -> None:
-        """Give back a lent slot, or a kept one whose owner is gone."""
+        """Give back a lent slot."""
         self._owners.pop(slot, None)
-        self._kept.discard(slot)
         self._free.append((slot - self.address) // SLOT_SIZE)
 
     def owner(self, address: int) -> object | None:
