@@ -26,6 +26,7 @@
 #include <sched.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <ucontext.h>
 #include <unistd.h>
 
@@ -161,6 +162,24 @@ int main(int argc, char **argv)
         while (wait(&status) > 0)
             exits += WEXITSTATUS(status);
         printf("parent %ld exits %d\n", handle(-1, 0), exits);
+        return 0;
+    }
+    if (!strcmp(mode, "vforks")) {  /* vforks SECONDS: vfork children that call handle() and exit, until then */
+        time_t end = time(NULL) + atoi(argv[2]);
+        long spawned = 0, abnormal = 0;
+        while (time(NULL) < end) {
+            pid_t pid = vfork();
+            if (pid == 0) {
+                handle(0, 0);
+                _exit(0);
+            }
+            int status;
+            waitpid(pid, &status, 0);
+            spawned++;
+            if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+                abnormal++;
+        }
+        printf("vforks abnormal %ld of %s\n", abnormal, spawned > 0 ? "some" : "none");
         return 0;
     }
     if (!strcmp(mode, "vfork")) {

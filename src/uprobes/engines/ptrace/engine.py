@@ -107,7 +107,7 @@ class PtraceEngine(Engine):
         finally:
             for thread in list(self.family.threads.values()):
                 if thread.state.stopped:
-                    thread.resume()
+                    thread.resume(thread.take_held())  # a signal met while seizing goes on now
 
     def insert(self, process: Process, via: int, strict: bool = True) -> None:
         """Place every probe and role whose object ``process`` maps now (at attach, exec, and each time the

@@ -19,8 +19,8 @@ from .memory import ProcessMemory
 from .placement import Placement
 from .returns import Return, put_back
 from .semaphores import Semaphores
-from .syscalls import (EVENT_STOP, WALL, ptrace_cont, ptrace_detach, ptrace_geteventmsg, ptrace_interrupt,
-                       ptrace_seize, same_memory)
+from .syscalls import (EVENT_CLONE, EVENT_FORK, EVENT_VFORK, WALL, ptrace_cont, ptrace_detach, ptrace_geteventmsg,
+                       ptrace_getsiginfo, ptrace_interrupt, ptrace_seize, same_memory)
 from .tracee import EXITING, RUNNING, STOPPED, Process, Thread
 from .xol import XolArea
 
@@ -74,21 +74,41 @@ class Family:
                         raise
                     continue  # the thread exited meanwhile
                 self.threads[tid] = Thread(tid, process)
-        for thread in list(self.threads.values()):
-            self._wait_interrupt_stop(thread)
+        self._await_interrupt_stops(set(self.threads))
         return process
 
-    def _wait_interrupt_stop(self, thread: Thread) -> None:
-        while True:
-            _, status = os.waitpid(thread.tid, WALL)
+    def _await_interrupt_stops(self, seized: set[int]) -> None:
+        """Wait until each seized thread is in a ptrace stop. Any stop will do, not only our interrupt's (the
+        kernel clears a pending interrupt at any stop): at an event the child or thread it made is taken in
+        and runs (a parent that vforked stops no more until its child has exec'd or exited); at a signal
+        the signal is held, to be delivered when the thread is let go (nothing is placed yet)."""
+        while seized:
+            tid, status = os.waitpid(-1, WALL)
+            thread = self.threads.get(tid)
             if not os.WIFSTOPPED(status):
-                del self.threads[thread.tid]
-                return
-            if status >> 16 == EVENT_STOP:
-                thread.state = STOPPED
-                return
-            sig = os.WSTOPSIG(status)
-            ptrace_cont(thread.tid, sig if status >> 16 == 0 and sig != signal.SIGTRAP else 0)  # nothing placed yet
+                self.gone(tid, status)
+                seized.discard(tid)
+                continue
+            event, sig = status >> 16, os.WSTOPSIG(status)
+            try:
+                if thread is None:
+                    self.unknown_stop(tid, status, serving=True)
+                    continue
+                if event == EVENT_CLONE:
+                    self.on_clone(thread, serving=True)
+                elif event in (EVENT_FORK, EVENT_VFORK):
+                    self.on_fork(thread, event == EVENT_VFORK, serving=True)
+                elif event == 0 and sig != signal.SIGTRAP:
+                    thread.held.append((sig, ptrace_getsiginfo(tid)))
+                thread.in_signal_stop = not event
+                if tid in seized:
+                    thread.state = STOPPED
+                    seized.discard(tid)
+                else:
+                    ptrace_cont(tid, 0)  # a thread born meanwhile: its first stop
+            except ProcessLookupError:
+                self.gone(tid, None)
+                seized.discard(tid)
 
     # -- threads and children ---------------------------------------------------------------------------------
 
@@ -162,7 +182,7 @@ class Family:
             self.gone(pid, None)  # it ended meanwhile
 
     def _share(self, pid: int, parent: Process) -> Thread:
-        child = self.processes[pid] = Process(pid, parent.memory, parent.breakpoints, parent.area,
+        child = self.processes[pid] = Process(pid, parent.memory, parent.breakpoints,
                                               memory_owner=parent.memory_owner or parent,
                                               semaphores=parent.semaphores)
         thread = self.threads[pid] = Thread(pid, child, STOPPED)

@@ -65,14 +65,27 @@ class Process:
     pid: int
     memory: ProcessMemory
     breakpoints: dict[int, Breakpoint] = field(default_factory=dict)
-    area: XolArea | None = None
     memory_owner: Process | None = None
     semaphores: Semaphores = field(default_factory=Semaphores)
     retired: set[int] = field(default_factory=set)  # addresses of breakpoints removed with their last probe
+    _area: XolArea | None = None
 
     @property
     def owns_memory(self) -> bool:
         return self.memory_owner is None
+
+    @property
+    def area(self) -> XolArea | None:
+        """The out-of-line area of this address space: its owner's, for a child sharing it (mapped on demand,
+        perhaps after the child was born)."""
+        return self._area if self.memory_owner is None else self.memory_owner.area
+
+    @area.setter
+    def area(self, area: XolArea | None) -> None:
+        if self.memory_owner is None:
+            self._area = area
+        else:
+            self.memory_owner.area = area
 
 
 @dataclass(eq=False)
