@@ -463,14 +463,10 @@ def measure_rss(engine: str, probe_file: Path, workdir: Path) -> dict:
 
 
 def _vm_hwm_kb(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+    from uprobes.proc.status import status_field
+
+    value = status_field(f"/proc/{pid}/status", "VmHWM")
+    return None if value is None else int(value.split()[0])
 
 
 # -- machine, table ------------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ from __future__ import annotations
 import errno
 import os
 
-__all__ = ["AT_BASE", "auxv", "thread_ids", "start_time", "tgid", "thread_comm", "last_cpu", "signal_pending", "shadow_stack",
-           "explain_seize_error"]
+__all__ = ["AT_BASE", "auxv", "thread_ids", "start_time", "tgid", "thread_comm", "last_cpu", "signal_pending",
+           "shadow_stack", "status_field", "explain_seize_error"]
 
 AT_BASE = 7  # where the dynamic linker is loaded
 
@@ -45,14 +45,8 @@ def start_time(pid: int) -> int | None:
 
 def tgid(tid: int) -> int:
     """The process a thread belongs to (``tid`` itself once the thread is gone)."""
-    try:
-        with open(f"/proc/{tid}/status") as f:
-            for line in f:
-                if line.startswith("Tgid:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return tid
+    value = status_field(f"/proc/{tid}/status", "Tgid")
+    return tid if value is None else int(value)
 
 
 def thread_comm(pid: int, tid: int) -> str:
@@ -75,21 +69,22 @@ def last_cpu(pid: int, tid: int) -> int:
 
 def signal_pending(pid: int, tid: int, sig: int) -> bool:
     """Whether ``sig`` waits in thread ``tid``'s own pending set."""
-    try:
-        with open(f"/proc/{pid}/task/{tid}/status") as f:
-            pending = next(line for line in f if line.startswith("SigPnd:"))
-    except (OSError, StopIteration):
-        return False
-    return bool(int(pending.split()[1], 16) & 1 << sig - 1)
+    pending = status_field(f"/proc/{pid}/task/{tid}/status", "SigPnd")
+    return pending is not None and bool(int(pending, 16) & 1 << sig - 1)
 
 
 def shadow_stack(pid: int) -> bool:
     """Whether the process runs with a CET user shadow stack."""
+    return "shstk" in (status_field(f"/proc/{pid}/status", "x86_Thread_features") or "")
+
+
+def status_field(path: str, name: str) -> str | None:
+    """The value of line ``name`` of a ``/proc/.../status`` file (None: no such line, or the task is gone)."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            return any(line.startswith("x86_Thread_features:") and "shstk" in line for line in f)
+        with open(path) as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(name + ":")), None)
     except OSError:
-        return False
+        return None
 
 
 def explain_seize_error(pid: int, exc: OSError) -> str:

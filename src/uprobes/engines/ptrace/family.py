@@ -112,9 +112,6 @@ class Family:
 
     # -- threads and children ---------------------------------------------------------------------------------
 
-    def in_process(self, process: Process) -> list[Thread]:
-        return [t for t in self.threads.values() if t.process is process]
-
     def stopped_in(self, process: Process) -> Thread | None:
         """A thread in a ptrace stop through which the memory of ``process`` can be written: one of its own, or
         of a child sharing it (a parent waiting for its vfork child cannot be stopped)."""

@@ -11,10 +11,10 @@ Step          the thread single-steps a copy in a lent slot (two stops), fixed u
               afterwards (:class:`Step`)                                            else undone
 ============  ====================================================================  ===========================
 
-Each also says whether an address is in code it placed (:meth:`Strategy.owns`) and how its breakpoint is
-taken out (:meth:`Strategy.restore`). A stepping thread meets everything a thread
-can meet: its own trap, a signal, a group-stop, our interrupt, its end. :func:`on_step_stop` is the one place
-that decides what each means.
+Each also places and takes out its breakpoint (:meth:`Strategy.place`, :meth:`Strategy.restore`). Whose code
+an address is in is asked of the area (:meth:`~.xol.XolArea.owner`): a boosted breakpoint and a step are the
+owners of their slots. A stepping thread meets everything a thread can meet: its own trap, a signal, a
+group-stop, our interrupt, its end. :func:`on_step_stop` is the one place that decides what each means.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from ...x86_64.analysis import EmulationFault
 from .memory import ProcessMemory
 from .syscalls import EVENT_STOP, TRAP_TRACE, Regs, ptrace_getregs, ptrace_getsiginfo, ptrace_setregs
 from .tracee import STOPPED, WAITING_FOR_SLOT, Thread, is_fault
-from .xol import SLOT_SIZE
 
 if TYPE_CHECKING:
     from .placement import Breakpoint
@@ -50,10 +49,6 @@ class Strategy:
     def execute(self, thread: Thread, regs: Regs) -> None:
         """Run the displaced instruction for ``thread``, trapped with ``regs.rip`` at the probe."""
         start_step(thread, self.breakpoint, regs)
-
-    def owns(self, address: int) -> bool:
-        """Whether ``address`` is in code this strategy placed outside the program."""
-        return False
 
     def settle(self, thread: Thread, regs: Regs) -> None:
         """``thread`` is stopped inside this strategy's code: put it back on the program's own path."""
@@ -116,9 +111,6 @@ class Boost(Strategy):
         thread.hit = None
         thread.resume()
 
-    def owns(self, address: int) -> bool:
-        return self.slot is not None and self.slot <= address < self.slot + SLOT_SIZE
-
     def settle(self, thread: Thread, regs: Regs) -> None:
         plan = self.breakpoint.plan
         regs.rip = plan.address if regs.rip == self.slot else plan.address + plan.length
@@ -159,9 +151,6 @@ class Step:
     saved: dict  # registers the fixup puts back (a rip-relative scratch)
     lent: bool = True
     mask: int | None = None  # the thread's own signal mask, while we defer its signals
-
-    def owns(self, address: int) -> bool:
-        return self.slot <= address < self.slot + SLOT_SIZE
 
     def settle(self, thread: Thread, regs: Regs) -> None:
         settle_step(thread, regs)
