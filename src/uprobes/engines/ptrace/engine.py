@@ -245,9 +245,7 @@ class PtraceEngine(Engine):
         if thread.process.breakpoints.get(breakpoint.address) is breakpoint:
             breakpoint.strategy.execute(thread, regs)
         else:  # its last probe went in a handler: the real instruction is back
-            ptrace_setregs(thread.tid, regs)
-            thread.hit = None
-            thread.resume()
+            thread.run_on(regs)
 
     def _play(self, role: Role, thread: Thread, regs: Regs) -> None:
         """The engine's own part at a breakpoint (see :mod:`.linker`)."""

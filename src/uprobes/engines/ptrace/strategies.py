@@ -85,9 +85,7 @@ class Emulate(Strategy):
         except EmulationFault:
             start_step(thread, self.breakpoint, regs)  # regs are as they were: at the probe
             return
-        ptrace_setregs(thread.tid, regs)
-        thread.hit = None
-        thread.resume()
+        thread.run_on(regs)
 
 
 class Boost(Strategy):
@@ -107,9 +105,7 @@ class Boost(Strategy):
             start_step(thread, self.breakpoint, regs)
             return
         regs.rip = self.slot
-        ptrace_setregs(thread.tid, regs)
-        thread.hit = None
-        thread.resume()
+        thread.run_on(regs)
 
     def settle(self, thread: Thread, regs: Regs) -> None:
         plan = self.breakpoint.plan

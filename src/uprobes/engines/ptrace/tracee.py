@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 from ...proc.status import thread_comm
 from .memory import ProcessMemory
 from .semaphores import Semaphores
-from .syscalls import (SigInfo, ptrace_cont, ptrace_getsigmask, ptrace_listen, ptrace_setsiginfo, ptrace_setsigmask,
-                       ptrace_singlestep, tgkill)
+from .syscalls import (Regs, SigInfo, ptrace_cont, ptrace_getsigmask, ptrace_listen, ptrace_setregs, ptrace_setsiginfo,
+                       ptrace_setsigmask, ptrace_singlestep, tgkill)
 from .xol import XolArea
 
 if TYPE_CHECKING:
@@ -124,6 +124,12 @@ class Thread:
             ptrace_cont(self.tid, sig)
             if self.state is not EXITING:
                 self.state = RUNNING
+
+    def run_on(self, regs: Regs) -> None:
+        """A trapped thread is done with its hit: restart it from ``regs``."""
+        ptrace_setregs(self.tid, regs)
+        self.hit = None
+        self.resume()
 
     def listen(self) -> None:
         """Leave the thread in its group-stop, to be woken by SIGCONT (hazards 3-4)."""

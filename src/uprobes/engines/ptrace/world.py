@@ -72,8 +72,8 @@ def _settle(thread: Thread) -> None:
         if ended:
             regs.rip = ended[-1].original
             ptrace_setregs(thread.tid, regs)
-    elif area is not None and area.owner(regs.rip) is not None:
-        area.owner(regs.rip).settle(thread, regs)
+    elif area is not None and (owner := area.owner(regs.rip)) is not None:
+        owner.settle(thread, regs)
     thread.hit, thread.state = None, STOPPED
 
 
