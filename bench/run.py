@@ -63,7 +63,8 @@ SITES = {  # what each site is; probe words per tool ({H} is the target's path)
 TOOLS = {
     "baseline": "no probe",
     "kernel": "uprobes count --engine kernel",
-    "ptrace": "uprobes count --engine ptrace",
+    "ptrace": "uprobes count --engine ptrace --trap",
+    "ptrace-jump": "uprobes count --engine ptrace (jump probes)",
     "ptrace-py": "ptrace + Python handler",
     "bpftrace": "bpftrace count()",
     "perf": "perf probe + perf record",
@@ -72,7 +73,8 @@ TOOLS = {
 NEEDS_ROOT = {"kernel", "bpftrace", "perf"}
 # Largest N per tool: the calibration never goes past it (a safety net for a tool much slower than expected).
 N_MAX = {"baseline": 200_000_000, "kernel": 20_000_000, "bpftrace": 20_000_000, "perf": 1_000_000,
-         "ptrace": 400_000, "ptrace-py": 200_000, "gdb": 50_000}
+         "ptrace": 400_000, "ptrace-jump": 200_000_000, "ptrace-py": 200_000, "gdb": 50_000}
+COUNTERS = {"kernel", "ptrace", "ptrace-jump"}  # the tools that are `uprobes count`
 RUN_TIMEOUT = 300
 
 
@@ -188,8 +190,10 @@ class HitCell:
         target = self.target(n)
         if self.tool == "baseline":
             return target
-        if self.tool in ("kernel", "ptrace"):
-            return [*UPROBES, "count", "--engine", self.tool, "--json", "-o", str(self.workdir / "count.jsonl"),
+        if self.tool in COUNTERS:
+            engine, *options = {"kernel": ["kernel"], "ptrace": ["ptrace", "--trap"],
+                                "ptrace-jump": ["ptrace"]}[self.tool]
+            return [*UPROBES, "count", "--engine", engine, *options, "--json", "-o", str(self.workdir / "count.jsonl"),
                     self._words("uprobes"), "--", *target]
         if self.tool == "ptrace-py":
             return [PY, str(BENCH / "pyhandler.py"), self._words("uprobes"), "--", *target]
@@ -206,10 +210,13 @@ class HitCell:
 
     def run(self, n: int) -> float:
         command = self.command(n)
-        if self.tool in ("kernel", "ptrace"):
+        if self.tool in COUNTERS:
             (self.workdir / "count.jsonl").unlink(missing_ok=True)
         seconds, result = _run(command)
         _check_status(result, command)
+        if self.tool == "ptrace-jump" and "0 of 1 probe points were jumps" in result.stderr \
+                and not any("trapped" in note for note in self.notes):
+            self.notes.append("trapped: " + _tail(result.stderr, 1))
         _check_target(result.stdout, n)
         _check_count(self._count(result), n, self.tool)
         return seconds
@@ -217,7 +224,7 @@ class HitCell:
     def _count(self, result: subprocess.CompletedProcess) -> int:
         if self.tool == "baseline":
             return int(result.stdout.split()[-1])
-        if self.tool in ("kernel", "ptrace"):
+        if self.tool in COUNTERS:
             path = self.workdir / "count.jsonl"
             records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
             return sum(r.get("hits", 0) for r in records)
@@ -587,7 +594,8 @@ def _selected(key: str, only: list[str] | None) -> bool:
 
 
 def _site_plans() -> dict:
-    """What the ptrace engine's analysis does with each site's instruction (emulate / step)."""
+    """What the ptrace engine's analysis does with each site's instruction (emulate / step; a jump if counted)."""
+    from uprobes.engines.ptrace.jumps import site_for
     from uprobes.probes.resolve import resolve_text
     from uprobes.x86_64.analysis import analyze
     from uprobes.errors import UprobesError
@@ -606,6 +614,8 @@ def _site_plans() -> dict:
         kind = plan.kind + (", boostable" if plan.kind == "step" and plan.boost_code is not None else "")
         if site == "ret":
             kind = f"entry {plan.kind} + return trampoline"
+        elif not isinstance(site_for(probe), str):
+            kind += "; counted: a jump"
         plans[site] = {"probe": text, "instruction": plan.text, "ptrace_plan": kind}
     return plans
 

@@ -106,7 +106,8 @@ def text_differs_from_files(pid: int) -> list[str]:
     with open(f"/proc/{pid}/mem", "rb") as mem:
         for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
             fields = line.split()
-            if len(fields) < 6 or "x" not in fields[1] or not fields[5].startswith("/"):
+            if len(fields) < 6 or "x" not in fields[1] or not fields[5].startswith("/") \
+                    or fields[5].startswith("/memfd:"):
                 continue
             start, end = (int(x, 16) for x in fields[0].split("-"))
             with open(fields[5], "rb") as f:
@@ -119,6 +120,7 @@ def text_differs_from_files(pid: int) -> list[str]:
 
 
 def anonymous_executable_mappings(pid: int) -> list[str]:
-    """Executable mappings of no file in process ``pid``: an out-of-line area a tracer left behind."""
+    """Executable mappings of no file, or of a memfd, in process ``pid``: an out-of-line area or a jump area a
+    tracer left behind."""
     return [line for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
-            if line.split()[1][2] == "x" and len(line.split()) < 6]
+            if line.split()[1][2] == "x" and (len(line.split()) < 6 or line.split()[5].startswith("/memfd:"))]

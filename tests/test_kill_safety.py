@@ -76,11 +76,16 @@ def _wait_gone(pids: list[int], timeout: float = 60) -> None:
             time.sleep(0.01)
 
 
-def kill_trials(targets: Path, signum: int, trials: int, seed: int) -> dict:
-    """``trials`` runs of `uprobes trace` on one busy target, each ended by ``signum`` at a random moment.
-    Returns a tally; raises AssertionError at the first trial that leaves the target dead or changed."""
+def kill_trials(targets: Path, signum: int, trials: int, seed: int, command: str = "trace") -> dict:
+    """``trials`` runs of `uprobes COMMAND` on one busy target, each ended by ``signum`` at a random moment:
+    trace puts a trap on every instruction of hit() and on the marker, count makes hit()'s entry and the
+    marker jumps (tests/test_jump_probes.py checks that they are). Returns a tally; raises AssertionError at
+    the first trial that leaves the target dead or changed."""
     path = str(targets / "threads")
-    probes = [f"p {path}:{file_offset(path, a):#x}" for a in objdump_instruction_starts(path, "hit")]
+    if command == "trace":
+        probes = [f"p {path}:{file_offset(path, a):#x}" for a in objdump_instruction_starts(path, "hit")]
+    else:
+        probes = [f"uprobe:{path}:hit"]
     probes += [f"usdt:{path}:threads:tick"]
     rng = random.Random(seed)
     target = subprocess.Popen([path, "4", "1000000000", "200"], stdout=subprocess.DEVNULL)
@@ -89,7 +94,7 @@ def kill_trials(targets: Path, signum: int, trials: int, seed: int) -> dict:
         time.sleep(0.2)
         for trial in range(trials):
             delay = rng.uniform(0, 1.2)
-            tool = subprocess.Popen([sys.executable, "-m", "uprobes", "trace", "--engine", "ptrace", "-p",
+            tool = subprocess.Popen([sys.executable, "-m", "uprobes", command, "--engine", "ptrace", "-p",
                                      str(target.pid), "-o", os.devnull, *probes],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             time.sleep(delay)
@@ -121,15 +126,17 @@ def kill_trials(targets: Path, signum: int, trials: int, seed: int) -> dict:
     return tally
 
 
+@pytest.mark.parametrize("command", ["trace", "count"], ids=["traps", "jumps"])
 @pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: signal.Signals(s).name)
-def test_a_few_signals_at_random_moments_leave_the_target_as_it_was(targets, signum):
-    tally = kill_trials(targets, signum, trials=4, seed=signum)
+def test_a_few_signals_at_random_moments_leave_the_target_as_it_was(targets, signum, command):
+    tally = kill_trials(targets, signum, trials=4, seed=signum, command=command)
     assert tally["clean"] == 4
 
 
 @pytest.mark.stress
+@pytest.mark.parametrize("command", ["trace", "count"], ids=["traps", "jumps"])
 @pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: signal.Signals(s).name)
-def test_a_hundred_signals_at_random_moments_leave_the_target_as_it_was(targets, signum):
-    tally = kill_trials(targets, signum, trials=KILL_TRIALS, seed=1000 + signum)
-    print(f"\nkill safety, {signal.Signals(signum).name}: {tally}")
+def test_a_hundred_signals_at_random_moments_leave_the_target_as_it_was(targets, signum, command):
+    tally = kill_trials(targets, signum, trials=KILL_TRIALS, seed=1000 + signum, command=command)
+    print(f"\nkill safety, {signal.Signals(signum).name}, {command}: {tally}")
     assert tally["clean"] == KILL_TRIALS

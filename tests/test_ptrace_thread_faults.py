@@ -39,10 +39,12 @@ def _bumps(records: list[dict], threads: int) -> dict[str, int]:
     return {f"bump{t}": hits[f"bump{t}"] for t in range(threads)}
 
 
-def _launch_count(probes: list[str], command: list[str], out: Path, engine: str = "ptrace") -> subprocess.Popen:
-    """``uprobes count --engine ENGINE --json -o OUT PROBES -- COMMAND``, running; its stdout is the command's."""
+def _launch_count(probes: list[str], command: list[str], out: Path, engine: str = "ptrace",
+                  *options: str) -> subprocess.Popen:
+    """``uprobes count --engine ENGINE --json -o OUT OPTIONS PROBES -- COMMAND``, running; its stdout is the
+    command's."""
     return subprocess.Popen([sys.executable, "-m", "uprobes", "count", "--engine", engine, "--json", "-o", str(out),
-                             *probes, "--", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             *options, *probes, "--", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _command_pid(tool: subprocess.Popen, program: str, timeout: float = 20) -> int:
@@ -79,13 +81,15 @@ def _out_file() -> Path:
 
 def stop_and_continue(targets: Path, threads: int, calls: int, cycles: int, pause: float, required: int,
                       engine: str = "ptrace") -> tuple[int, int, str, str, dict]:
-    """Count hits of bump0..bump7 (`addq $1, counters+8*T(%rip)`: always single-stepped) while worker T of
+    """Count hits of bump0..bump7 (`addq $1, counters+8*T(%rip)`: single-stepped when trapped) while worker T of
     THREADS calls bumpT() CALLS times, and SIGSTOP then SIGCONT the process up to CYCLES times, ``pause`` seconds
     apart. At least ``required`` cycles must happen while it runs. Returns (cycles, status, stdout, stderr,
     hits per worker's probe)."""
     program = str(targets / "thread_faults")
     out = _out_file()
-    tool = _launch_count([f"uprobe:{program}:bump?"], [program, "stopcont", str(threads), str(calls)], out, engine)
+    trap = ("--trap",) if engine == "ptrace" else ()  # a jump would take the steps away
+    tool = _launch_count([f"uprobe:{program}:bump?"], [program, "stopcont", str(threads), str(calls)], out, engine,
+                         *trap)
     done, pid = 0, None
     try:
         pid = _command_pid(tool, "thread_faults")

@@ -61,6 +61,9 @@ def _build_parser() -> argparse.ArgumentParser:
                                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)
     resolve.add_argument("probes", nargs="+", metavar="PROBE", help="a probe with its fetch arguments, quoted")
     resolve.add_argument("--json", action="store_true", help="one JSON object per probe point")
+    resolve.add_argument("--engine", choices=("ptrace",),
+                         help="ptrace: also say how that engine places each probe point: a jump (no stop per hit, "
+                              "when only counted) or an int3, and why not a jump")
     return parser
 
 

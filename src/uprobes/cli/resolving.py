@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ..probes.resolve import resolve_text
+from ..probes.resolve import Probe, resolve_text
 from ..probes.spec import group_probe_words
 
 __all__ = ["run_resolve"]
@@ -15,17 +15,35 @@ __all__ = ["run_resolve"]
 def run_resolve(args: argparse.Namespace) -> int:
     probes = [probe for text in group_probe_words(args.probes) for probe in resolve_text(text)]
     for probe in probes:
+        placement = _ptrace_placement(probe) if args.engine == "ptrace" else None
         if args.json:
             record = {"probe": f"{probe.group}/{probe.event}", "path": probe.path, "offset": probe.offset,
                       "address": probe.address, "location": probe.location, "return": probe.is_return,
                       "ref_ctr_offset": probe.ref_ctr_offset, "line": probe.uprobe_events_line(),
                       "unavailable": list(probe.unavailable), "kernel_unavailable": list(probe.kernel_unavailable)}
+            if placement is not None:
+                record["ptrace"] = placement
             print(json.dumps(record))
             continue
         print(probe.uprobe_events_line())
+        if placement is not None:
+            print(f"# ptrace engine: {probe.location}: " + (
+                f"a jump when counted ({placement['replaces']})" if placement["jump"]
+                else f"an int3, not a jump: {placement['why']}"), file=sys.stderr)
         for reason in probe.unavailable:
             print(f"# {probe.location} at {probe.address:#x}: left out {reason}", file=sys.stderr)
         for reason in probe.kernel_unavailable:
             print(f"# {probe.location} at {probe.address:#x}: the kernel leaves out {reason} (the ptrace engine "
                   f"fetches it)", file=sys.stderr)
     return 0
+
+
+def _ptrace_placement(probe: Probe) -> dict:
+    """How the ptrace engine places ``probe``: a jump (and the instructions it replaces), or an int3 and why."""
+    from ..engines.ptrace.jumps import site_for
+    from ..x86_64.analysis import format_instruction
+
+    site = site_for(probe)
+    if isinstance(site, str):
+        return {"jump": False, "why": site}
+    return {"jump": True, "replaces": "; ".join(format_instruction(ins) for ins in site.displaced)}

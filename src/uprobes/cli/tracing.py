@@ -41,6 +41,9 @@ def add_tracing_options(parser: argparse.ArgumentParser) -> None:
     target.add_argument("-c", "--command", dest="command_line", metavar="CMD", help="run CMD with every probe in place, and trace it")
     parser.add_argument("--no-follow", action="store_true",
                         help="leave the children the process forks alone (by default they are traced too)")
+    parser.add_argument("--trap", action="store_true",
+                        help="ptrace engine: every probe stops the program at an int3; by default a probe that is "
+                             "only counted becomes a jump to generated code where its site allows, with no stop")
     parser.add_argument("-d", "--duration", type=float, metavar="SECONDS", help="stop after SECONDS")
     parser.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     parser.add_argument("--json", action="store_true", help="JSON lines instead of text")
@@ -63,7 +66,7 @@ def _split_command(args: argparse.Namespace) -> tuple[list[str], list[str] | Non
     return group_probe_words(words), command
 
 
-def _engine(name: str, system_wide: bool):
+def _engine(name: str, system_wide: bool, jumps: bool = True):
     """The engine asked for; ``auto`` is the kernel engine where it is usable, else the ptrace engine."""
     from ..errors import KernelEngineError
 
@@ -83,7 +86,7 @@ def _engine(name: str, system_wide: bool):
     if system_wide:
         raise UprobesError("the ptrace engine traces one process: give -p PID or a command (-c 'CMD' or -- CMD); "
                            "system-wide tracing needs the kernel engine (root)")
-    return PtraceEngine()
+    return PtraceEngine(jumps=jumps)
 
 
 class _Run:
@@ -100,7 +103,8 @@ class _Run:
         self.pid = args.pid
         if self.pid is not None:
             read_maps(self.pid)  # a clear error now if the process is gone or not ours
-        self.engine = stack.enter_context(_engine(args.engine, system_wide=self.pid is None and not command))
+        self.engine = stack.enter_context(_engine(args.engine, system_wide=self.pid is None and not command,
+                                                          jumps=not args.trap))
         self.child = (HeldCommand(command, ptraced_by_user=self.engine.reaps_children and os.geteuid() != 0)
                       if command else None)
         stack.callback(self._stop_child)

@@ -34,3 +34,8 @@ class FunctionStarts:
         """The last function start at or below ``vaddr``, or None."""
         i = bisect.bisect_right(self._starts, vaddr) - 1
         return self._starts[i] if i >= 0 else None
+
+    def next_after(self, vaddr: int) -> int | None:
+        """The first function start above ``vaddr``, or None: where the function holding ``vaddr`` ends at the latest."""
+        i = bisect.bisect_right(self._starts, vaddr)
+        return self._starts[i] if i < len(self._starts) else None

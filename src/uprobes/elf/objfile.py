@@ -263,6 +263,15 @@ class ElfObject:
                   if start is not None]
         return max(starts, default=None)
 
+    def function_bounds(self, vaddr: int) -> tuple[int, int] | None:
+        """``(start, end)`` of the function holding ``vaddr``: its symbol's extent, or else from its unwind entry
+        to the next one (padding included); None when neither says."""
+        sym = self.symbols.containing(vaddr)
+        if sym is not None and sym.size and sym.value <= vaddr < sym.value + sym.size:
+            return sym.value, sym.value + sym.size
+        start, end = self._unwind_starts.start_of(vaddr), self._unwind_starts.next_after(vaddr)
+        return (start, end) if start is not None and end is not None else None
+
     def describe_address(self, vaddr: int) -> str:
         """``symbol+0xoff`` for display, or the bare address when no symbol covers it."""
         sym = self.symbols.containing(vaddr)

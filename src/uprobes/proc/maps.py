@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..errors import ProcessError
 
-__all__ = ["Mapping", "read_maps", "mapped_objects", "path_in_process", "runtime_addresses", "unreadable_reason"]
+__all__ = ["Mapping", "read_maps", "free_range_near", "mapped_objects", "path_in_process", "runtime_addresses", "unreadable_reason"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,3 +99,27 @@ def runtime_addresses(mappings: list[Mapping], path: str, file_offset: int, perm
     return [m.start + file_offset - m.offset for m in mappings
             if m.inode == st.st_ino and (m.device == st.st_dev or m.path == path) and permission in m.perms
             and m.offset <= file_offset < m.offset + (m.end - m.start)]
+
+
+_LOWEST_ADDRESS = 1 << 16  # vm.mmap_min_addr's default
+_HIGHEST_ADDRESS = 1 << 47  # the end of user space with 4-level page tables
+_GUARD = 1 << 16  # left free on each side of a range we take
+
+
+def free_range_near(mappings: list[Mapping], low: int, high: int, size: int, reach: int) -> int | None:
+    """A page-aligned start for ``size`` free bytes whose every byte lies within ``reach`` of all of
+    ``[low, high)``, or None. Taken at the top of a free gap (below the code first): never just above a
+    mapping that grows up (the heap), never in the gap below the stack."""
+    window_low, window_high = max(_LOWEST_ADDRESS, high - reach), min(_HIGHEST_ADDRESS, low + reach)
+    ordered = sorted(mappings, key=lambda m: m.start)
+    edges = [_LOWEST_ADDRESS, *(e for m in ordered for e in (m.start, m.end)), _HIGHEST_ADDRESS]
+    below_stack = {m.start for m in ordered if m.path == "[stack]"}
+    candidates = []
+    for gap_start, gap_end in zip(edges[::2], edges[1::2]):
+        if gap_end in below_stack:
+            continue
+        top = min(gap_end - _GUARD, window_high) - size
+        top -= top % 4096
+        if top >= max(gap_start + _GUARD, window_low):
+            candidates.append((gap_end > low, abs(top - low), top))
+    return min(candidates)[2] if candidates else None

@@ -16,7 +16,7 @@ from iced_x86 import Code, Encoder, Instruction
 
 __all__ = [
     "BREAKPOINT", "Location", "RETURN_ADDRESS", "RETURN_VALUE", "SYSCALL_INSTRUCTION", "SYSCALL_ARGUMENTS", "NR_MMAP",
-    "NR_MUNMAP", "NR_MADVISE", "NR_RESTART_SYSCALL", "ERESTARTSYS", "ERESTARTNOINTR", "ERESTARTNOHAND",
+    "NR_MUNMAP", "NR_MADVISE", "NR_CLOSE", "NR_MPROTECT", "NR_FTRUNCATE", "NR_MEMFD_CREATE", "NR_RESTART_SYSCALL", "ERESTARTSYS", "ERESTARTNOINTR", "ERESTARTNOHAND",
     "ERESTART_RESTARTBLOCK", "SyscallRegs", "restart_interrupted_syscall",
 ]
 
@@ -58,9 +58,13 @@ SYSCALL_ARGUMENTS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
 """The registers holding a system call's arguments, in order (the number goes in rax)."""
 
 # arch/x86/entry/syscalls/syscall_64.tbl
+NR_CLOSE = 3
 NR_MMAP = 9
+NR_MPROTECT = 10
 NR_MUNMAP = 11
 NR_MADVISE = 28
+NR_FTRUNCATE = 77
+NR_MEMFD_CREATE = 319
 NR_RESTART_SYSCALL = 219
 
 # include/linux/errno.h: what an interrupted system call returns for the kernel to restart it; never seen by the

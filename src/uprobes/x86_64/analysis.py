@@ -107,7 +107,7 @@ from iced_x86 import (Code, ConditionCode, Decoder, DecoderError, DecoderOptions
 from ..errors import UnprobeableInstruction
 from .registers import BY_FIELD, GENERAL_REGISTERS
 
-__all__ = ["EmulationFault", "Plan", "analyze"]
+__all__ = ["EmulationFault", "Plan", "analyze", "refusal", "format_instruction"]
 
 _MAX_INSTRUCTION = 15
 _MASK64 = (1 << 64) - 1
@@ -133,6 +133,11 @@ _GPR_NAMES = {_iced(reg.field): reg.field for reg in GENERAL_REGISTERS}
 
 class EmulationFault(Exception):
     """:meth:`Plan.emulate` could not write the tracee's memory; nothing was changed: step the plan instead."""
+
+
+def format_instruction(ins: Instruction) -> str:
+    """``ins`` in AT&T syntax, as errors and listings show it."""
+    return _FORMATTER.format(ins)
 
 
 # -- refusals -------------------------------------------------------------------------------------------------
@@ -189,7 +194,8 @@ _REFUSALS: tuple[tuple[Callable[[Instruction, bytes], bool], str], ...] = (
 )
 
 
-def _refusal(ins: Instruction, code: bytes) -> str | None:
+def refusal(ins: Instruction, code: bytes) -> str | None:
+    """Why ``ins`` (whose bytes start ``code``) can run neither in place of a probe nor from a copy; None if it can."""
     return next((reason for refuses, reason in _REFUSALS if refuses(ins, code)), None)
 
 
@@ -563,8 +569,8 @@ def analyze(code: bytes, address: int) -> Plan:
         reason = ("the code ends inside the instruction" if decoder.last_error == DecoderError.NO_MORE_BYTES
                   else "undecodable bytes")
         raise UnprobeableInstruction(f"cannot probe '(bad)' at {address:#x}: {reason}")
-    text = _FORMATTER.format(ins)
-    reason = _refusal(ins, code)
+    text = format_instruction(ins)
+    reason = refusal(ins, code)
     if reason is None:
         try:
             slot_code, scratch = _slot_code(ins, decoder, bytes(code[:ins.len]))

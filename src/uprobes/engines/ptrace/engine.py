@@ -4,6 +4,7 @@ Each probe point is an ``int3`` over the first byte of an instruction, placed in
 probed file. At a hit the thread's registers are read once, every consumer of the point runs (fetch
 arguments, a Python handler), and the displaced instruction runs by the breakpoint's strategy (emulated,
 boosted or stepped out of line); the ``int3`` never leaves, so no other thread misses the probe meanwhile.
+A probe that is only counted becomes a jump where its site allows (:mod:`.jumps`): no stop at all.
 
 This module coordinates; each part has its own module:
 
@@ -11,7 +12,7 @@ This module coordinates; each part has its own module:
 - :mod:`.family` seizing, clone, fork, vfork, exec, ends;
 - :mod:`.stops` the one waitpid dispatcher; :mod:`.world` stopping every thread, and detach;
 - :mod:`.placement` breakpoints for probes and roles; :mod:`.linker` where the roles go;
-- :mod:`.strategies` emulate, boost, step; :mod:`.xol` the out-of-line area;
+- :mod:`.strategies` emulate, boost, step; :mod:`.xol` the out-of-line area; :mod:`.jumps` jump probes;
 - :mod:`.returns` pending return probes; :mod:`.hits` counts, events, handlers; :mod:`.semaphores`.
 
 Every ptrace call comes from the thread that calls :meth:`PtraceEngine.attach` and :meth:`poll`.
@@ -34,6 +35,7 @@ from ...x86_64.abi import RETURN_VALUE
 from ..base import Engine
 from .family import Family
 from .hits import Reporter
+from .jumps import Jump
 from .linker import role_sites
 from .placement import INT3, Breakpoint, Placement, Role
 from .returns import MAX_RETURN_DEPTH, caught, hijack, put_back, returned
@@ -50,6 +52,7 @@ _WAKERS = _TOOL_STOPPERS | {signal.SIGCHLD}
 # While stops come closer together than this, the next one is awaited by polling waitpid, not by sleeping:
 # on a VM, waking a sleeping tracer costs more than the hit itself (perf-levers.md; bench/ measures it).
 _SPIN_S = 0.002
+_REFUSALS_SHOWN = 5
 
 
 def _uninterrupted(method):
@@ -71,7 +74,10 @@ class PtraceEngine(Engine):
     name = "ptrace"
     reaps_children = True
 
-    def __init__(self) -> None:
+    def __init__(self, jumps: bool = True) -> None:
+        """``jumps`` False: every probe traps, none becomes a jump (``--trap``)."""
+        self.jumps_allowed = jumps
+        self._jumps_pending = False  # breakpoints placed while threads ran, to be made jumps with all stopped
         self.placement = Placement([])
         self.family = Family(self.placement, follow_forks=True)
         self._reporter = Reporter([], {}, counting=False)
@@ -93,6 +99,9 @@ class PtraceEngine(Engine):
         if pid is None:
             raise UprobesError("the ptrace engine traces one process: give -p PID or a command to run")
         self.placement = Placement(list(probes))
+        if self.jumps_allowed and counting:
+            self.placement.jumps.eligible = frozenset(i for i, probe in enumerate(probes)
+                                                      if not probe.is_return and i not in (consumers or {}))
         self.family = Family(self.placement, follow_forks)
         self._reporter = Reporter(self.placement.probes, consumers or {}, counting)
         self._returns_wanted = any(probe.is_return for probe in probes)
@@ -115,6 +124,27 @@ class PtraceEngine(Engine):
         mappings = self.placement.insert(process, via, strict)
         for address, role, inode, function in role_sites(process.pid, mappings, self._returns_wanted):
             self.placement.add_role(process, address, role, inode, function, via)
+        if self.placement.jumps.waiting(process, self.placement.probes):
+            threads = self.family.sharing(process)
+            if all(thread.state.stopped for thread in threads):
+                self.placement.jumps.upgrade(process, self.placement.probes, threads, via)
+            else:
+                self._jumps_pending = True  # after this hit, with every thread stopped
+
+    def _place_jumps(self) -> None:
+        """Stop every thread, turn the breakpoints placed meanwhile into jumps, let every thread go on."""
+        self._jumps_pending = False
+        stop_world(self, detaching=False)
+        for process in list(self.family.processes.values()):
+            via = self.family.stopped_in(process)
+            if process.owns_memory and via is not None:
+                self.placement.jumps.upgrade(process, self.placement.probes, self.family.sharing(process), via.tid)
+        for thread in list(self.family.threads.values()):
+            if thread.state.stopped:
+                try:
+                    thread.resume(thread.take_held())
+                except ProcessLookupError:
+                    self.family.gone(thread.tid, None)
 
     # -- running -----------------------------------------------------------------------------------------
 
@@ -124,16 +154,28 @@ class PtraceEngine(Engine):
         return 0
 
     def hit_counts(self) -> list[int]:
-        return list(self._reporter.hits)
+        jumped = self.placement.jumps.counts(len(self._reporter.hits))
+        return [traps + jumps for traps, jumps in zip(self._reporter.hits, jumped)]
 
     def notices(self) -> list[str]:
         notices, self.placement.notices = self.placement.notices, []
+        notices += self.placement.jumps.notices
+        self.placement.jumps.notices = []
         return notices
 
     def report(self) -> list[str]:
         """What the user should hear at the end: probes that never found their object, skipped returns."""
         notes = [f"never mapped: {probe.name} ({probe.path}); the program did not load it"
                  for index, probe in enumerate(self.placement.probes) if index not in self.placement.placed]
+        jumps = self.placement.jumps
+        if jumps.eligible:
+            jumped = jumps.jumped()
+            notes.append(f"{len(jumped)} of {len(self.placement.placed)} probe points were jumps (no stop per hit)")
+            notes += [f"{self.placement.probes[index].name} trapped at an int3, not a jump: {why}"
+                      for index, why in sorted(jumps.refused.items())[:_REFUSALS_SHOWN]]
+            if len(jumps.refused) > _REFUSALS_SHOWN:
+                notes.append(f"{len(jumps.refused) - _REFUSALS_SHOWN} more probe points trapped ('uprobes resolve "
+                             f"--engine ptrace' says why)")
         if self.skipped_returns:
             notes.append(f"{self.skipped_returns} return probes skipped (nesting deeper than {MAX_RETURN_DEPTH}, "
                          f"an unreadable stack, or frames unwound by a C++ exception)")
@@ -149,6 +191,8 @@ class PtraceEngine(Engine):
         deadline = time.monotonic() + timeout
         while True:
             handled = drain(self, Phase.SERVING)
+            if self._jumps_pending:
+                self._place_jumps()
             if handled:
                 now = time.perf_counter()
                 self._stop_gap, self._last_stop = now - self._last_stop, now
@@ -212,8 +256,8 @@ class PtraceEngine(Engine):
         area = thread.process.area
         if area is not None and serving:
             regs = ptrace_getregs(thread.tid)
-            owner = area.owner(regs.rip)
-            if isinstance(owner, Boost):
+            owner = area.owner(regs.rip) or self.placement.jumps.owner(thread.process, regs.rip)
+            if isinstance(owner, (Boost, Jump)):
                 owner.on_signal(thread, regs, sig)
                 return
         self._deliver(thread, sig, serving)

@@ -112,6 +112,10 @@ class Family:
 
     # -- threads and children ---------------------------------------------------------------------------------
 
+    def sharing(self, process: Process) -> list[Thread]:
+        """Every thread running in the memory of ``process``: its own, and those of children sharing it."""
+        return [t for t in self.threads.values() if t.process is process or t.process.memory_owner is process]
+
     def stopped_in(self, process: Process) -> Thread | None:
         """A thread in a ptrace stop through which the memory of ``process`` can be written: one of its own, or
         of a child sharing it (a parent waiting for its vfork child cannot be stopped)."""
@@ -169,6 +173,8 @@ class Family:
         try:
             if kind == "vfork" or _shares_memory(parent.pid, pid):
                 thread = self._share(pid, parent)
+                if not self.follow_forks:
+                    self.placement.jumps.suspend(thread.process.memory_owner, pid, pid)
                 if serving:
                     self._start(thread)
             elif self.follow_forks and serving:
@@ -209,6 +215,7 @@ class Family:
                                          r.probes, r.chained) for r in returns]
             else:
                 put_back(child.memory, returns, parent.area, pid)
+        self.placement.jumps.follow(parent, child, pid)
         thread.resume()
 
     def let_go_unadopted(self) -> None:
@@ -233,9 +240,11 @@ class Family:
             del self.processes[pid]
             ptrace_detach(pid, 0)
             thread.state = RUNNING  # on its own now
+            self.placement.jumps.unsuspend(old.memory_owner, pid, old.memory_owner.pid)
             return
         if old.owns_memory:  # a vfork child borrowed its parent's memory: nothing of its own to close
             old.memory.close()
+            self.placement.jumps.forget(old)
         process = self.processes[pid] = Process(pid, ProcessMemory(pid))
         thread.process, thread.step, thread.hit = process, None, None
         thread.returns.clear()
@@ -266,6 +275,9 @@ class Family:
         if process is not None and not any(t.process is process for t in self.threads.values()):
             if process.owns_memory:
                 process.memory.close()
+                self.placement.jumps.forget(process)
+            else:
+                self.placement.jumps.unsuspend(process.memory_owner, tid, process.memory_owner.pid)
             del self.processes[tid]
         return freed
 

@@ -17,6 +17,7 @@ from ...probes.resolve import Probe
 from ...proc.maps import Mapping, read_maps, runtime_addresses
 from ...proc.status import shadow_stack
 from ...x86_64.analysis import Plan, analyze
+from .jumps import Jumps
 from .memory import ProcessMemory
 from .semaphores import Semaphores
 from .strategies import INT3, Strategy, strategy_for
@@ -82,6 +83,7 @@ class Placement:
         self.removed: set[int] = set()  # probes whose last consumer went
         self.placed: set[int] = set()  # probes placed in some process at some time
         self.notices: list[str] = []
+        self.jumps = Jumps()  # which breakpoints became jumps
 
     def active(self) -> list[Probe]:
         return [p for i, p in enumerate(self.probes) if i not in self.removed]

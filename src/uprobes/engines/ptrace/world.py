@@ -27,9 +27,10 @@ __all__ = ["stop_world", "detach_all"]
 _STOP_SECONDS = 10
 
 
-def stop_world(engine: PtraceEngine) -> None:
+def stop_world(engine: PtraceEngine, detaching: bool = True) -> None:
     """Interrupt every thread that is not stopped, stepping and group-stopped ones included, and wait until
-    each is stopped with nothing in flight."""
+    each is stopped with nothing in flight (``detaching`` False: the world goes on afterwards, so a return
+    about to be taken at the trampoline is left to be taken and reported)."""
     family = engine.family
     for thread in list(family.threads.values()):
         if not thread.state.stopped and thread.state is not EXITING:
@@ -52,7 +53,7 @@ def stop_world(engine: PtraceEngine) -> None:
             thread.process.area.waiters.clear()
         if thread.state.stopped:
             try:
-                _settle(thread)
+                _settle(thread, engine, detaching)
             except ProcessLookupError:
                 family.gone(thread.tid, None)
 
@@ -61,19 +62,21 @@ def _moving(thread: Thread) -> bool:
     return not thread.state.stopped and thread.state is not EXITING
 
 
-def _settle(thread: Thread) -> None:
+def _settle(thread: Thread, engine: PtraceEngine, detaching: bool) -> None:
     regs = ptrace_getregs(thread.tid)
     area = thread.process.area
     if thread.hit is not None:  # trapped, or waiting for a slot
         regs.rip = thread.hit.address
         ptrace_setregs(thread.tid, regs)
     elif area is not None and regs.rip == area.trampoline:  # returned, its trap not taken yet
-        ended = returned(thread, regs)
+        ended = returned(thread, regs) if detaching else None
         if ended:
             regs.rip = ended[-1].original
             ptrace_setregs(thread.tid, regs)
     elif area is not None and (owner := area.owner(regs.rip)) is not None:
         owner.settle(thread, regs)
+    elif detaching and (jump := engine.placement.jumps.owner(thread.process, regs.rip)) is not None:
+        jump.settle(thread, regs)
     thread.hit, thread.state = None, STOPPED
 
 
@@ -92,6 +95,7 @@ def detach_all(engine: PtraceEngine) -> None:
                 thread.returns.clear()
                 thread.set_aside.clear()
         engine.placement.restore(process, via.tid)
+        engine.placement.jumps.unmap(process, via.tid)
         if process.area is not None:
             process.area.unmap(via.tid)
             process.area = None

@@ -1,0 +1,428 @@
+"""Jump probes: sites whose first bytes became a ``jmp`` to a trampoline, so that a hit never stops the program.
+
+A probe that is only counted needs no stop: its site becomes a 5-byte ``jmp`` to a trampoline that bumps the
+site's counter in shared memory and runs the displaced instructions (:mod:`uprobes.x86_64.trampolines`).
+Every site starts as an ``int3`` like any other; :meth:`Jumps.upgrade` turns those that qualify
+(:func:`uprobes.x86_64.jumps.jump_site`) into jumps while every thread of the process is stopped, moving a
+thread that stands inside the replaced bytes to its place in the trampoline. The rest stay traps, and the user
+is told why.
+
+Trampolines and counters live in a :class:`JumpArea`: a memfd mapped into the target within reach of a
+``rel32`` from the code (trampolines r-x, counters rw) and into the tracer, which reads the counts from its
+own mapping, even after the target has gone. An area is never reused or unmapped while the target runs;
+``MADV_DONTFORK`` keeps it out of fork children, which get their own at the same address.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import errno
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ...elf.objfile import ElfObject
+from ...errors import UprobesError
+from ...probes.resolve import Probe
+from ...proc.maps import free_range_near, read_maps
+from ...x86_64.abi import (NR_CLOSE, NR_FTRUNCATE, NR_MADVISE, NR_MEMFD_CREATE, NR_MMAP, NR_MPROTECT, NR_MUNMAP)
+from ...x86_64.jumps import JUMP_LENGTH, JumpSite, jump_bytes, jump_site
+from ...x86_64.registers import STATUS_FLAGS
+from ...x86_64.trampolines import Resume, Trampoline, counting_trampoline
+from .memory import ProcessMemory
+from .strategies import INT3, Strategy
+from .syscalls import Regs, ptrace_getregs, ptrace_getsiginfo, ptrace_setregs
+from .xol import InjectionError, inject_syscall
+
+from .tracee import is_fault
+
+if TYPE_CHECKING:
+    from .placement import Breakpoint
+    from .tracee import Process, Thread
+
+__all__ = ["Jump", "JumpArea", "Jumps", "site_for"]
+
+_CODE_SIZE = 1 << 18
+_COUNTERS_SIZE = 1 << 18
+_TRAMPOLINE_SIZE = 128
+_COUNTER_SIZE = 64  # one cache line each: threads counting different sites never share a line
+_REACH = (1 << 31) - (1 << 24)  # what a rel32 reaches, less a margin
+_MFD_CLOEXEC = 1
+_PROT_READ, _PROT_WRITE, _PROT_EXEC = 1, 2, 4
+_MAP_SHARED, _MAP_FIXED_NOREPLACE = 0x01, 0x100000
+_MADV_DONTFORK = 10
+_NAME = b"uprobes-jumps\0"
+_COUNT = struct.Struct("<Q")
+
+
+def site_for(probe: Probe) -> JumpSite | str:
+    """Whether ``probe``'s site can be a jump (at link-time addresses), or why not."""
+    if probe.is_return:
+        return "a return probe traps at the return"
+    obj = ElfObject.open(probe.path)
+    return jump_site(probe.address, obj.read, obj.function_bounds, obj.section(".gcc_except_table") is not None)
+
+
+class JumpArea:
+    """Trampolines and counters of one address space, in a memfd mapped near the code they serve."""
+
+    def __init__(self, tid: int, memory: ProcessMemory, near: tuple[int, int], at: int = 0) -> None:
+        """Map the area through stopped thread ``tid``: within reach of ``near`` (low, high), or at ``at``."""
+        size = _CODE_SIZE + _COUNTERS_SIZE
+        address = at or free_range_near(read_maps(memory.pid), *near, size, _REACH)
+        if address is None:
+            raise InjectionError(f"no free address range within 2 GiB of the code at {near[0]:#x}")
+        name = (ptrace_getregs(tid).rsp - 1024) & ~15  # below the red zone: scratch for the program too
+        memory.write(name, _NAME, tid)
+        fd = _checked(inject_syscall(tid, memory, NR_MEMFD_CREATE, name, _MFD_CLOEXEC), "memfd_create")
+        try:
+            _checked(inject_syscall(tid, memory, NR_FTRUNCATE, fd, size), "ftruncate")
+            ours = os.open(f"/proc/{memory.pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                self._shared = mmap.mmap(ours, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                os.close(ours)
+            mapped = inject_syscall(tid, memory, NR_MMAP, address, size, _PROT_READ | _PROT_EXEC,
+                                    _MAP_SHARED | _MAP_FIXED_NOREPLACE, fd, 0)
+            if mapped != address:
+                if mapped >= 0:
+                    inject_syscall(tid, memory, NR_MUNMAP, mapped, size)
+                raise InjectionError(f"mmap of the jump area at {address:#x} failed in process {memory.pid}: "
+                                     f"{_error(mapped)}")
+        finally:
+            inject_syscall(tid, memory, NR_CLOSE, fd)
+        inject_syscall(tid, memory, NR_MPROTECT, address + _CODE_SIZE, _COUNTERS_SIZE, _PROT_READ | _PROT_WRITE)
+        inject_syscall(tid, memory, NR_MADVISE, address, size, _MADV_DONTFORK)
+        self.address, self.size, self.memory = address, size, memory
+        self._next_code, self._next_counter = 0, _CODE_SIZE
+        self._starts: list[int] = []  # trampoline addresses, in order
+        self._owners: list[Jump | None] = []
+        self.mapped = True  # in the target (False once it is unmapped, or gone with its process)
+
+    def reaches(self, low: int, high: int) -> bool:
+        """Whether a rel32 reaches every byte of the area from every byte of ``[low, high)``, and back."""
+        return high - self.address < _REACH and self.address + self.size - low < _REACH
+
+    def full(self) -> bool:
+        return self._next_code + _TRAMPOLINE_SIZE > _CODE_SIZE or self._next_counter + _COUNTER_SIZE > self.size
+
+    def take(self) -> tuple[int, int]:
+        """A trampoline slot and a counter, never given out before."""
+        code, counter = self.address + self._next_code, self.address + self._next_counter
+        self._next_code += _TRAMPOLINE_SIZE
+        self._next_counter += _COUNTER_SIZE
+        return code, counter
+
+    def install(self, trampoline: Trampoline, owner: Jump) -> None:
+        """Write a trampoline no thread has run yet, through the tracer's own mapping."""
+        if len(trampoline.code) > _TRAMPOLINE_SIZE:
+            raise ValueError(f"a trampoline of {len(trampoline.code)} bytes does not fit a slot")
+        offset = trampoline.address - self.address
+        self._shared[offset:offset + len(trampoline.code)] = trampoline.code
+        self._starts.append(trampoline.address)
+        self._owners.append(owner)
+
+    def count(self, counter: int) -> int:
+        return _COUNT.unpack_from(self._shared, counter - self.address)[0]
+
+    def owner(self, address: int) -> Jump | None:
+        """The jump whose trampoline holds ``address``, if any."""
+        if not self.address <= address < self.address + _CODE_SIZE:
+            return None
+        i = bisect.bisect_right(self._starts, address) - 1
+        return self._owners[i] if i >= 0 and address < self._starts[i] + _TRAMPOLINE_SIZE else None
+
+    def copy_into(self, tid: int, memory: ProcessMemory) -> JumpArea:
+        """The same trampolines at the same address in a fork child (stopped thread ``tid``), counting afresh."""
+        child = JumpArea(tid, memory, (self.address, self.address), at=self.address)
+        child._shared[:self._next_code] = self._shared[:self._next_code]
+        child._next_code, child._next_counter = self._next_code, self._next_counter
+        child._starts = list(self._starts)
+        child._owners = [None] * len(self._starts)
+        return child
+
+    def adopt(self, owner: Jump) -> None:
+        """``owner`` answers for its trampoline, copied into this area by :meth:`copy_into`."""
+        self._owners[self._starts.index(owner.trampoline.address)] = owner
+
+    def unmap(self, via: int) -> None:
+        """Take the area out of the target (at detach, when no thread is inside it)."""
+        try:
+            inject_syscall(via, self.memory, NR_MUNMAP, self.address, self.size)
+        except OSError as exc:
+            if exc.errno != errno.ESRCH:
+                raise
+        self.mapped = False
+
+
+class Jump(Strategy):
+    """A site replaced by a ``jmp`` to its trampoline: hits are counted there, and nothing traps."""
+
+    def __init__(self, breakpoint: Breakpoint, site: JumpSite, trampoline: Trampoline, area: JumpArea,
+                 counter: int, trap: Strategy) -> None:
+        super().__init__(breakpoint)
+        self.site, self.trampoline, self.area, self.counter = site, trampoline, area, counter
+        self.trap = trap  # how the int3 of before the jump is taken out (a fork child's copy made before it)
+        self.jump = jump_bytes(site.address, trampoline.address)
+        self.correction = 0  # hits counted twice: a thread sent back to the site after it was counted
+
+    @property
+    def hits(self) -> int:
+        return self.area.count(self.counter) + self.correction
+
+    def execute(self, thread: Thread, regs: Regs) -> None:
+        """A hit on the int3 over the jump (:meth:`Jumps.suspend`): the thread runs the displaced instructions
+        from the trampoline, past its count (this hit is the int3's)."""
+        regs.rip = self.trampoline.displaced(self.site.address)
+        thread.run_on(regs)
+
+    def place(self, memory: ProcessMemory, via: int) -> None:
+        memory.write(self.site.address, self.jump, via)
+
+    def restore(self, memory: ProcessMemory, via: int) -> bool:
+        """Write back the bytes the jump replaced, whether an int3 is over it or not; a copy of the memory made
+        before the jump was placed (a fork child's) has the int3 of before, put back as the trap does."""
+        address = self.site.address
+        try:
+            if memory.read(address, JUMP_LENGTH) not in (self.jump, INT3 + self.jump[1:]):
+                return self.trap.restore(memory, via)
+            memory.write(address, self.breakpoint.original[:JUMP_LENGTH], via)
+        except OSError:
+            pass
+        return True
+
+    def settle(self, thread: Thread, regs: Regs) -> None:
+        """Back onto the program's own path from anywhere in the trampoline (the world is being stopped)."""
+        resume = self.trampoline.resume(regs.rip)
+        if resume is not None:
+            self._apply(thread, regs, resume)
+
+    def on_signal(self, thread: Thread, regs: Regs, sig: int) -> None:
+        """A signal for a thread in the trampoline is delivered at the program's own address, so that no
+        handler frame points into the area; only between displaced instructions, where no such address
+        exists, is it delivered in place. A hit counted and sent back to the site will count again: once more
+        than it happened, unless the signal is a fault of the first displaced instruction, which runs again
+        after the handler (a second hit, as the kernel counts it)."""
+        resume = self.trampoline.resume(regs.rip)
+        if resume is not None and not self.site.inside(resume.rip):
+            if resume.counted and resume.rip == self.site.address \
+                    and not is_fault(sig, ptrace_getsiginfo(thread.tid)):
+                self.correction -= 1
+            self._apply(thread, regs, resume)
+        thread.resume(sig)
+
+    def copy_for(self, breakpoint: Breakpoint, area: JumpArea) -> Jump:
+        """This jump in a fork child's copy of the memory, counting in the child's own area."""
+        jump = Jump(breakpoint, self.site, self.trampoline, area, self.counter, breakpoint.strategy)
+        area.adopt(jump)
+        return jump
+
+    def _apply(self, thread: Thread, regs: Regs, resume: Resume) -> None:
+        if resume.flags_at is not None:
+            saved = _COUNT.unpack(thread.process.memory.read(regs.rsp + resume.flags_at, 8))[0]
+            regs.eflags = regs.eflags & ~STATUS_FLAGS | saved & STATUS_FLAGS
+        regs.rsp += resume.stack
+        regs.rip = resume.rip
+        ptrace_setregs(thread.tid, regs)
+
+
+@dataclass
+class Jumps:
+    """The jump probes of a run: which probes may be jumps, the areas of each address space, the counts."""
+
+    eligible: frozenset[int] = frozenset()  # probe indices that are only counted
+    placed: list[Jump] = field(default_factory=list)  # every jump ever placed, in every process
+    refused: dict[int, str] = field(default_factory=dict)  # probe index -> why one of its sites stays a trap
+    notices: list[str] = field(default_factory=list)
+    _areas: dict[Process, list[JumpArea]] = field(default_factory=lambda: collections.defaultdict(list))
+    _sites: dict[tuple[str, int], JumpSite | str] = field(default_factory=dict)
+    _broken: set[Process] = field(default_factory=set)  # address spaces where no area could be mapped
+    _suspended: dict[Process, set[int]] = field(default_factory=dict)  # memory -> children not followed in it
+
+    def wanted(self, breakpoint: Breakpoint) -> bool:
+        return (bool(breakpoint.entries) and not breakpoint.returns and not breakpoint.roles
+                and self.eligible.issuperset(breakpoint.entries) and not isinstance(breakpoint.strategy, Jump))
+
+    def waiting(self, process: Process, probes: list[Probe]) -> bool:
+        """Whether ``process`` has breakpoints that may still become jumps (not known to be refused)."""
+        return any(self.wanted(breakpoint) and not isinstance(self._sites.get(_key(probes[breakpoint.entries[0]])), str)
+                   for breakpoint in process.breakpoints.values())
+
+    def upgrade(self, process: Process, probes: list[Probe], threads: list[Thread], via: int) -> None:
+        """Turn every breakpoint of ``process`` that may be a jump into one. Every thread of its memory is
+        stopped (``threads``); one inside replaced bytes moves to the same instruction in the trampoline."""
+        owner = process.memory_owner or process
+        if owner in self._broken:
+            return
+        regs = {thread.tid: ptrace_getregs(thread.tid) for thread in threads}
+        for breakpoint in list(process.breakpoints.values()):
+            if not self.wanted(breakpoint):
+                continue
+            site = self._site(breakpoint, probes[breakpoint.entries[0]], process)
+            if isinstance(site, str):
+                self._refuse(breakpoint, site)
+                continue
+            try:
+                area = self._area(owner, site, via)
+            except (InjectionError, OSError) as exc:
+                self._broken.add(owner)
+                self.notices.append(f"jump probes are off in process {process.pid}, every probe traps: {exc}")
+                return
+            code, counter = area.take()
+            try:
+                trampoline = counting_trampoline(site, code, counter)
+            except ValueError as exc:
+                self._refuse(breakpoint, f"its instructions cannot run from the trampoline ({exc})")
+                continue
+            moves = _moves(site, trampoline, regs)
+            if moves is None:
+                self._refuse(breakpoint, "a thread stood between its instructions")
+                continue
+            jump = Jump(breakpoint, site, trampoline, area, counter, breakpoint.strategy)
+            area.install(trampoline, jump)
+            for tid, rip in moves.items():
+                regs[tid].rip = rip
+                ptrace_setregs(tid, regs[tid])
+            jump.place(process.memory, via)
+            breakpoint.strategy = jump
+            self.placed.append(jump)
+
+    def jumped(self) -> set[int]:
+        """The probes placed as a jump somewhere."""
+        return {index for jump in self.placed for index in jump.breakpoint.entries}
+
+    def _refuse(self, breakpoint: Breakpoint, reason: str) -> None:
+        for index in breakpoint.entries:
+            self.refused.setdefault(index, reason)
+
+    def follow(self, parent: Process, child: Process, tid: int) -> None:
+        """A fork child has its parent's jumps in its copy of the memory (those placed before it forked): give
+        it the same trampolines at the same addresses, counting in areas of its own."""
+        copies: dict[JumpArea, JumpArea] = {}  # the parent may have ended already: its areas are in our mappings
+        for address, breakpoint in child.breakpoints.items():
+            jump = parent.breakpoints[address].strategy
+            if isinstance(jump, Jump) and child.memory.read(address, JUMP_LENGTH) == jump.jump:  # not placed after
+                if jump.area not in copies:
+                    copies[jump.area] = jump.area.copy_into(tid, child.memory)
+                    self._areas[child].append(copies[jump.area])
+                breakpoint.strategy = jump.copy_for(breakpoint, copies[jump.area])
+                self.placed.append(breakpoint.strategy)
+
+    def suspend(self, owner: Process, child: int, via: int) -> None:
+        """A child that is not followed runs in ``owner``'s memory (vfork, clone(CLONE_VM)): an int3 goes over the
+        first byte of every jump there, so that its hits can be told from the parent's, until it leaves
+        (:meth:`unsuspend`). A thread already in a trampoline goes on through it."""
+        children = self._suspended.setdefault(owner, set())
+        if not children:
+            self._first_bytes(owner, lambda jump: INT3, via)
+        children.add(child)
+
+    def unsuspend(self, owner: Process, child: int, via: int) -> None:
+        """``child`` left ``owner``'s memory (exec or exit): with no other such child, the jumps go back in. A
+        jump that cannot be written back stays an int3, which counts the same."""
+        children = self._suspended.get(owner)
+        if children is None or child not in children:
+            return
+        children.discard(child)
+        if not children:
+            del self._suspended[owner]
+            try:
+                self._first_bytes(owner, lambda jump: jump.jump[:1], via)
+            except OSError:
+                pass
+
+    @staticmethod
+    def _first_bytes(owner: Process, byte, via: int) -> None:
+        for breakpoint in owner.breakpoints.values():
+            if isinstance(breakpoint.strategy, Jump):
+                owner.memory.write(breakpoint.address, byte(breakpoint.strategy), via)
+
+    def owner(self, process: Process, address: int) -> Jump | None:
+        """The jump whose trampoline in ``process``'s memory holds ``address``."""
+        for area in self._areas.get(process.memory_owner or process, ()):
+            found = area.owner(address)
+            if found is not None:
+                return found
+        return None
+
+    def unmap(self, process: Process, via: int) -> None:
+        """Every area of ``process`` taken out of it (at detach, its jumps restored)."""
+        for area in self._areas.pop(process, []):
+            if area.mapped:
+                area.unmap(via)
+
+    def forget(self, process: Process) -> None:
+        """``process`` exec'd or ended: its areas went with its memory (their counts stay readable)."""
+        for area in self._areas.pop(process, []):
+            area.mapped = False
+        self._broken.discard(process)
+
+    def counts(self, number: int) -> list[int]:
+        """Hits per probe (``number`` of them) counted by jumps so far, in every process."""
+        totals = [0] * number
+        for jump in self.placed:
+            hits = jump.hits
+            for index in jump.breakpoint.entries:
+                totals[index] += hits
+        return totals
+
+    def _site(self, breakpoint: Breakpoint, probe: Probe, process: Process) -> JumpSite | str:
+        key = _key(probe)
+        if key not in self._sites:
+            try:
+                self._sites[key] = site_for(probe)
+            except UprobesError as exc:
+                self._sites[key] = str(exc)
+        site = self._sites[key]
+        if isinstance(site, str):
+            return site
+        site = site.rebased(breakpoint.address - probe.address)
+        other = next((a for a in process.breakpoints if site.inside(a)), None)
+        if other is not None:
+            return f"another probe, at {other:#x}, lies inside the {site.length} bytes the jump would replace"
+        try:
+            memory = breakpoint.original[:1] + process.memory.read(site.address + 1, site.length - 1)
+        except OSError:
+            return "its code cannot be read"
+        if memory != site.code:
+            return "its code in memory differs from the file"
+        return site
+
+    def _area(self, owner: Process, site: JumpSite, via: int) -> JumpArea:
+        low, high = site.address, site.address + site.length
+        areas = self._areas[owner]
+        area = next((a for a in areas if a.mapped and not a.full() and a.reaches(low, high)), None)
+        if area is None:
+            area = JumpArea(via, owner.memory, (low, high))
+            areas.append(area)
+        return area
+
+
+def _moves(site: JumpSite, trampoline: Trampoline, regs: dict[int, Regs]) -> dict[int, int] | None:
+    """Where each thread standing strictly inside the replaced bytes goes in the trampoline (None: one stands
+    where no instruction of the trampoline matches)."""
+    moves = {}
+    for tid, thread_regs in regs.items():
+        if site.inside(thread_regs.rip):
+            place = trampoline.displaced(thread_regs.rip)
+            if place is None:
+                return None
+            moves[tid] = place
+    return moves
+
+
+def _key(probe: Probe) -> tuple[str, int]:
+    return probe.path, probe.offset
+
+
+def _checked(result: int, call: str) -> int:
+    if result < 0:
+        raise InjectionError(f"{call} failed in the target: {_error(result)} (seccomp?)")
+    return result
+
+
+def _error(result: int) -> str:
+    return os.strerror(-result) if -4096 < result < 0 else f"it answered {result:#x}"
