@@ -21,11 +21,10 @@ DEFAULT = ("/usr/bin/python3.11", "/usr/lib/x86_64-linux-gnu/libc.so.6")
 def survey(path: str) -> tuple[int, int, collections.Counter]:
     """(functions, jump-patchable ones, reasons for the others) for the object at ``path``."""
     obj = ElfObject.open(path)
-    exception_tables = obj.section(".gcc_except_table") is not None
     starts = {sym.value for sym in obj.symbols.functions if sym.size >= JUMP_LENGTH}
     reasons: collections.Counter = collections.Counter()
     for start in starts:
-        site = jump_site(start, obj.read, obj.function_bounds, exception_tables)
+        site = jump_site(start, obj)
         if isinstance(site, str):
             reasons[re.sub(r"'[^']*'|0x[0-9a-f]+", "…", site)] += 1
     return len(starts), len(starts) - sum(reasons.values()), reasons

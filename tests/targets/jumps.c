@@ -18,6 +18,8 @@
  *   jump_riprel        mov jump_global(%rip),%rax                                 rip-relative relocation
  *   jump_loop          xor %eax,%eax; add %rdi,%rax, and the loop jumps back      a branch inside: must trap
  *                      to the add
+ *   jump_switch        xor %eax,%eax; add $1,%eax, and a jump table (.rodata,     a table entry inside: must trap
+ *                      offsets from its start) sends the loop back to the add
  */
 #include <pthread.h>
 #include <signal.h>
@@ -35,6 +37,7 @@ long jump_call(long x);
 long jump_jcc(long x);
 long jump_riprel(long x);
 long jump_loop(long n);
+long jump_switch(long n);
 
 __asm__(
     ".text\n"
@@ -110,7 +113,44 @@ __asm__(
     "    dec %rdi\n"
     "    jnz 1b\n"
     "    ret\n"
-    ".size jump_loop,.-jump_loop\n");
+    ".size jump_loop,.-jump_loop\n"
+
+    ".globl jump_switch\n.type jump_switch,@function\n"
+    "jump_switch:\n"
+    "    xor %eax,%eax\n"
+    ".Lswitch_again:\n"
+    "    add $1,%eax\n"
+    "    test %rdi,%rdi\n"
+    "    je .Lswitch_done\n"
+    "    dec %rdi\n"
+    "    mov %rdi,%rcx\n"
+    "    and $1,%ecx\n"
+    "    lea .Lswitch_table(%rip),%rdx\n"
+    "    movslq (%rdx,%rcx,4),%rcx\n"
+    "    add %rdx,%rcx\n"
+    "    jmp *%rcx\n"
+    ".Lswitch_odd:\n"
+    "    add $10,%eax\n"
+    "    lea .Lswitch_table(%rip),%rdx\n"
+    "    movslq (%rdx),%rcx\n"
+    "    add %rdx,%rcx\n"
+    "    jmp *%rcx\n"
+    ".Lswitch_done:\n"
+    "    ret\n"
+    ".size jump_switch,.-jump_switch\n"
+    ".section .rodata\n.align 4\n"
+    ".Lswitch_table:\n"
+    "    .long .Lswitch_again-.Lswitch_table, .Lswitch_odd-.Lswitch_table\n"
+    ".text\n");
+
+/* What jump_switch computes: one per pass, and ten more for every odd n it counts down through. */
+static long switch_result(long n)
+{
+    long r = 1;
+    for (; n > 0; n--)
+        r += 1 + ((n - 1) & 1) * 10;
+    return r;
+}
 
 static void check(int ok, const char *what)
 {
@@ -132,6 +172,7 @@ static long every_site(long i)
     r = jump_jcc(x);              check(r == (x ? x + 5 : 7), "jump_jcc");      sum += r;
     r = jump_riprel(x);           check(r == x + 40, "jump_riprel");            sum += r;
     r = jump_loop(x % 5 + 1);     check(r == (x % 5 + 1) * (x % 5 + 2) / 2, "jump_loop"); sum += r;
+    r = jump_switch(x % 4);       check(r == switch_result(x % 4), "jump_switch"); sum += r;
     return sum;
 }
 

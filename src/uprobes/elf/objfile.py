@@ -23,6 +23,7 @@ from elftools.common.exceptions import ELFError as _PyElfError
 from elftools.construct import ConstructError as _ConstructError
 from elftools.elf.constants import P_FLAGS
 from elftools.elf.elffile import ELFFile
+from elftools.elf.relocation import RelocationSection
 
 from ..errors import ElfError, ResolveError
 from .ehframe import FunctionStarts
@@ -32,6 +33,7 @@ __all__ = ["ElfObject", "LoadSegment"]
 
 _ELF_MAGIC = b"\x7fELF"
 _DT_SONAME, _DT_FLAGS_1 = 14, 0x6FFFFFFB
+_R_X86_64_RELATIVE = 8
 # What pyelftools (and the construct library under it) raise on malformed input, beyond its own ELFError.
 _MALFORMED = (_PyElfError, _ConstructError, ValueError, KeyError, IndexError, UnicodeDecodeError, OverflowError)
 
@@ -180,6 +182,37 @@ class ElfObject:
         """``size`` bytes of the file image at link-time address ``vaddr``."""
         offset = self.vaddr_to_offset(vaddr)
         return self._data[offset:offset + size]
+
+    def pointer_at(self, vaddr: int) -> int | None:
+        """The 8-byte word at link-time address ``vaddr`` as the loader leaves it, in link-time terms: the addend
+        of an ``R_X86_64_RELATIVE`` relocation there, else the file's bytes (RELR and non-PIE objects keep the
+        value in place); None where the file has no bytes."""
+        if vaddr in self._relative_addends:
+            return self._relative_addends[vaddr]
+        try:
+            word = self.read(vaddr, 8)
+        except ResolveError:
+            return None
+        return int.from_bytes(word, "little") if len(word) == 8 else None
+
+    @functools.cached_property
+    def _relative_addends(self) -> dict[int, int]:
+        section = self._elf.get_section_by_name(".rela.dyn")
+        if not isinstance(section, RelocationSection):
+            return {}
+        return {rel["r_offset"]: rel["r_addend"] for rel in section.iter_relocations()
+                if rel["r_info_type"] == _R_X86_64_RELATIVE}
+
+    @property
+    def exception_tables(self) -> bool:
+        """Whether the object has C++ exception tables (landing pads the unwinder jumps to)."""
+        return ".gcc_except_table" in self._sections
+
+    def is_outlined_part(self, vaddr: int) -> bool:
+        """Whether code that starts at ``vaddr`` is a part of another function moved out of line (``foo.cold``),
+        not a function of its own; with no symbol there, it may be."""
+        sym = self.symbols.containing(vaddr)
+        return sym is None or sym.value != vaddr or ".cold" in sym.name
 
     @property
     def text_bias(self) -> int:

@@ -21,13 +21,22 @@ rel32`` (run as: push the original return
 address, jmp)
 the displaced bytes stay inside the function      the next function may be entered by anyone
 with more than one instruction displaced:
-- no direct branch, in the function or in any     a branch would land inside the jump (kprobes' can_optimize,
-  code it branches out to (its ``.cold`` part),   uftrace's bad-symbol list)
-  lands strictly inside the displaced bytes
-- no indirect ``jmp`` there                       a jump table may land anywhere
+- no direct branch, in the function or in the     a branch would land inside the jump (kprobes' can_optimize,
+  parts of it moved out of line that it branches  uftrace's bad-symbol list)
+  to (``foo.cold``), lands strictly inside the
+  displaced bytes
+- with an indirect ``jmp`` there, no entry of a   a jump table may land anywhere; kprobes refuses every function
+  table the code refers to points inside them     with an indirect jump, which would leave 7% of libc's function
+                                                  entries as traps (``bench/jumpable.py``)
 - the site is the function's entry, when the      C++ landing pads are reached by the unwinder, not by branches
   object has C++ exception tables
 ================================================  ==============================================================
+
+Jump tables are found by what the code refers to: every address a memory operand names (``lea
+.L4(%rip)``, ``jmp *.L4(,%rax,8)``), and the word stored there (a table reached through the GOT), is read
+as a table of 32-bit offsets from its start (what GCC and Clang emit for position-independent code) and as
+a table of 8-byte addresses (non-PIC code, computed ``goto`` label arrays), entry after entry while they
+point into the function. Reading past a table's end can only add targets, never miss one.
 
 A thread may stand at the start of any displaced instruction but the first when the jump is written, or
 when it is taken out; the trampoline keeps a place for each (:mod:`uprobes.x86_64.trampolines`).
@@ -36,15 +45,16 @@ when it is taken out; the trampoline keeps a place for each (:mod:`uprobes.x86_6
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from iced_x86 import Code, Decoder, DecoderOptions, FlowControl, Instruction, RflagsBits
+from iced_x86 import Code, Decoder, DecoderOptions, FlowControl, Instruction, OpKind, Register, RflagsBits
 
+from ..errors import UprobesError
 from .analysis import format_instruction, refusal
 from .codegen import encode
 
-__all__ = ["JUMP_LENGTH", "JumpSite", "jump_site", "jump_bytes"]
+__all__ = ["JUMP_LENGTH", "CodeObject", "JumpSite", "jump_site", "jump_bytes"]
 
 JUMP_LENGTH = 5
 _ENDS_PATH = frozenset({FlowControl.UNCONDITIONAL_BRANCH, FlowControl.INDIRECT_BRANCH, FlowControl.RETURN})
@@ -52,11 +62,25 @@ _DIRECT_BRANCHES = frozenset({FlowControl.UNCONDITIONAL_BRANCH, FlowControl.COND
 _STATUS_FLAGS = RflagsBits.OF | RflagsBits.SF | RflagsBits.ZF | RflagsBits.AF | RflagsBits.CF | RflagsBits.PF
 _FLAGS_DEAD_AFTER = frozenset({FlowControl.CALL, FlowControl.INDIRECT_CALL, FlowControl.RETURN})  # the ABI's rule
 _FLAGS_LOOKAHEAD = 16
+_MAX_TABLE = 4096
 
-CodeReader = Callable[[int, int], bytes]
-"""``read(address, size)``: the object's code as in its file, at its link-time addresses."""
-Bounds = Callable[[int], "tuple[int, int] | None"]
-"""``bounds(address)``: ``(start, end)`` of the function holding ``address``, or None."""
+
+class CodeObject(Protocol):
+    """What the analysis reads of an object, at link-time addresses (:class:`uprobes.elf.objfile.ElfObject`)."""
+
+    exception_tables: bool
+
+    def read(self, vaddr: int, size: int) -> bytes:
+        """The object's bytes as in its file."""
+
+    def function_bounds(self, vaddr: int) -> tuple[int, int] | None:
+        """``(start, end)`` of the function holding ``vaddr``, or None."""
+
+    def pointer_at(self, vaddr: int) -> int | None:
+        """The 8-byte word at ``vaddr`` as the loader leaves it (relocated), in link-time terms."""
+
+    def is_outlined_part(self, vaddr: int) -> bool:
+        """Whether code starting at ``vaddr`` may be part of another function (its ``.cold`` part)."""
 
 
 @dataclass(frozen=True)
@@ -82,13 +106,13 @@ class JumpSite:
         return JumpSite(self.address + bias, self.code, decoded, self.flags_live)
 
 
-def jump_site(address: int, read: CodeReader, bounds: Bounds, exception_tables: bool) -> JumpSite | str:
-    """The site at link-time ``address`` as a :class:`JumpSite`, or why it cannot be one."""
-    function = bounds(address)
+def jump_site(address: int, obj: CodeObject) -> JumpSite | str:
+    """The site at link-time ``address`` of ``obj`` as a :class:`JumpSite`, or why it cannot be one."""
+    function = obj.function_bounds(address)
     if function is None:
         return "the function's bounds are unknown (no symbol size or unwind entry)"
     start, end = function
-    instructions = _decode(read, start, end)
+    instructions = _decode(obj, start, end)
     if instructions is None:
         return "the function holds bytes that do not decode"
     at = next((i for i, ins in enumerate(instructions) if ins.ip == address), None)
@@ -98,7 +122,7 @@ def jump_site(address: int, read: CodeReader, bounds: Bounds, exception_tables: 
     for ins in instructions[at:]:
         if ins.ip + ins.len > end:
             return "the jump would run past the end of the function"
-        reason = refusal(ins, read(ins.ip, ins.len))
+        reason = refusal(ins, obj.read(ins.ip, ins.len))
         if reason is not None:
             return f"it would displace '{format_instruction(ins)}': {reason}"
         displaced.append(ins)
@@ -113,10 +137,10 @@ def jump_site(address: int, read: CodeReader, bounds: Bounds, exception_tables: 
             return f"the path ends at '{format_instruction(ins)}' within {JUMP_LENGTH} bytes"
     else:
         return "the function ends within 5 bytes"
-    site = JumpSite(address, read(address, covered), tuple(displaced),
+    site = JumpSite(address, obj.read(address, covered), tuple(displaced),
                     flags_live=address != start and _flags_live(instructions[at:]))
     if len(displaced) > 1:
-        reason = _lands_inside(site, instructions, read, bounds, exception_tables)
+        reason = _lands_inside(site, instructions, obj)
         if reason is not None:
             return reason
     return site
@@ -125,28 +149,6 @@ def jump_site(address: int, read: CodeReader, bounds: Bounds, exception_tables: 
 def jump_bytes(site: int, target: int) -> bytes:
     """``jmp target`` encoded at ``site`` (rel32: five bytes)."""
     return encode([Instruction.create_branch(Code.JMP_REL32_64, target)], site)[0]
-
-
-def _lands_inside(site: JumpSite, instructions: list[Instruction], read: CodeReader, bounds: Bounds,
-                  exception_tables: bool) -> str | None:
-    if exception_tables and site.address != instructions[0].ip:
-        return "the object has C++ exception tables, and a landing pad may lie inside the displaced bytes"
-    scanned = [instructions]
-    function = (instructions[0].ip, instructions[-1].ip + instructions[-1].len)
-    outside = {ins.near_branch_target for ins in instructions if ins.flow_control in _DIRECT_BRANCHES
-               and not function[0] <= ins.near_branch_target < function[1]}
-    for part in {bounds(target) for target in outside} - {None, function}:
-        decoded = _decode(read, *part)
-        if decoded is None:
-            return "code the function branches out to does not decode"
-        scanned.append(decoded)
-    for code in scanned:
-        for ins in code:
-            if ins.flow_control == FlowControl.INDIRECT_BRANCH:
-                return f"the function has an indirect jump ('{format_instruction(ins)}' at {ins.ip:#x}), perhaps a jump table"
-            if ins.flow_control in _DIRECT_BRANCHES | {FlowControl.CALL} and site.inside(ins.near_branch_target):
-                return f"'{format_instruction(ins)}' at {ins.ip:#x} branches inside the displaced bytes"
-    return None
 
 
 def _flags_live(instructions: list[Instruction]) -> bool:
@@ -164,13 +166,86 @@ def _flags_live(instructions: list[Instruction]) -> bool:
     return True
 
 
+def _lands_inside(site: JumpSite, instructions: list[Instruction], obj: CodeObject) -> str | None:
+    """Why some path could arrive strictly inside the displaced bytes, or None."""
+    start = instructions[0].ip
+    if obj.exception_tables and site.address != start:
+        return "the object has C++ exception tables, and a landing pad may lie inside the displaced bytes"
+    arrivals = _arrivals(obj, start, instructions[-1].ip + instructions[-1].len)
+    if isinstance(arrivals, str):
+        return arrivals
+    return next((why for target, why in arrivals.items() if site.inside(target)), None)
+
+
+@functools.lru_cache(maxsize=64)  # every site of one function asks the same
+def _arrivals(obj: CodeObject, start: int, end: int) -> dict[int, str] | str:
+    """Every address a branch of the function ``[start, end)``, or of its parts moved out of line, or of a jump
+    table they use may arrive at, each with the reason to give; or why that cannot be known."""
+    function = (start, end)
+    ranges, code = [function], list(_decode(obj, start, end))
+    for target in sorted({ins.near_branch_target for ins in code if ins.flow_control in _DIRECT_BRANCHES}):
+        if start <= target < end or not obj.is_outlined_part(target):
+            continue  # within the function, or a tail call
+        part = obj.function_bounds(target)
+        if part is None or part in ranges:
+            continue
+        decoded = _decode(obj, *part)
+        if decoded is None:
+            return f"code the function branches to at {target:#x} does not decode"
+        ranges.append(part)
+        code += decoded
+    arrivals = {}
+    if any(ins.flow_control == FlowControl.INDIRECT_BRANCH for ins in code):
+        for table, target in _table_entries(code, ranges, obj):
+            arrivals.setdefault(target, f"the jump table at {table:#x} holds {target:#x}, inside the displaced bytes")
+    for ins in code:
+        if ins.flow_control in _DIRECT_BRANCHES | {FlowControl.CALL}:
+            arrivals[ins.near_branch_target] = \
+                f"'{format_instruction(ins)}' at {ins.ip:#x} branches inside the displaced bytes"
+    return arrivals
+
+
+def _table_entries(code: list[Instruction], ranges: list[tuple[int, int]], obj: CodeObject):
+    """(table, target) for every entry of every table ``code`` may jump through (module docstring)."""
+    def in_code(address: int) -> bool:
+        return any(low <= address < high for low, high in ranges)
+
+    for table in sorted(_tables(code, obj) - {None}):
+        if in_code(table):
+            continue
+        for index in range(_MAX_TABLE):
+            try:
+                offset = int.from_bytes(obj.read(table + 4 * index, 4), "little", signed=True)
+            except UprobesError:
+                break
+            if not in_code(table + offset):
+                break
+            yield table, table + offset
+        for index in range(_MAX_TABLE):
+            address = obj.pointer_at(table + 8 * index)
+            if address is None or not in_code(address):
+                break
+            yield table, address
+
+
+def _tables(code: list[Instruction], obj: CodeObject) -> set[int | None]:
+    """Addresses the memory operands of ``code`` name, and the words stored there."""
+    named = set()
+    for ins in code:
+        if not any(ins.op_kind(i) == OpKind.MEMORY for i in range(ins.op_count)):
+            continue
+        if ins.is_ip_rel_memory_operand:
+            named.add(ins.ip_rel_memory_address)
+        elif ins.memory_base == Register.NONE and ins.memory_displacement:
+            named.add(ins.memory_displacement)
+    return named | {obj.pointer_at(address) for address in named}
+
+
 @functools.lru_cache(maxsize=256)  # every probe of one function decodes it once
-def _decode(read: CodeReader, start: int, end: int) -> list[Instruction] | None:
+def _decode(obj: CodeObject, start: int, end: int) -> list[Instruction] | None:
     try:
-        code = read(start, end - start)
-    except (OSError, ValueError):
+        code = obj.read(start, end - start)
+    except UprobesError:
         return None
     instructions = list(Decoder(64, code, DecoderOptions.NONE, ip=start))
     return None if any(ins.is_invalid for ins in instructions) else instructions
-
-

@@ -62,8 +62,7 @@ def site_for(probe: Probe) -> JumpSite | str:
     """Whether ``probe``'s site can be a jump (at link-time addresses), or why not."""
     if probe.is_return:
         return "a return probe traps at the return"
-    obj = ElfObject.open(probe.path)
-    return jump_site(probe.address, obj.read, obj.function_bounds, obj.section(".gcc_except_table") is not None)
+    return jump_site(probe.address, ElfObject.open(probe.path))
 
 
 class JumpArea:
