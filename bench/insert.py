@@ -5,7 +5,8 @@
 FILE holds one probe per line (``uprobe:PATH:SYMBOL+OFFSET``; :func:`instruction_probes` writes such lists).
 Prints one JSON object: how long resolving, attaching (every probe placed) and closing (every byte restored)
 took, the probe points placed, this process's peak RSS (VmHWM), and what was seen in the target's memory at the
-first and the last probe address while attached (an int3, 0xcc) and after closing (the original byte).
+first and the last probe address while attached (an int3, 0xcc, or the ptrace engine's jump, 0xe9) and after
+closing (the original byte).
 """
 
 from __future__ import annotations

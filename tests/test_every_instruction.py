@@ -4,7 +4,8 @@ exactly what the kernel's own uprobes count.
 For each function defined in tests/targets/insns.c (built at -O0, -O2 and -O3), and for a handful of functions
 of /usr/bin/python3.11 that run at every start of the interpreter, every instruction ``objdump -d`` lists inside
 the function's symbol gets a probe (its file offset through the PT_LOAD segment ``readelf -lW`` shows). The
-program runs untraced, under ``uprobes count --engine ptrace`` with every probe, and under ``--engine kernel``:
+program runs untraced, under ``uprobes count --engine ptrace`` with every probe (a jump wherever the site
+allows, an int3 elsewhere), and under ``--engine kernel``:
 both traced runs must print what the untraced run printed and exit with its status, and every probe must have
 the same hit count under both engines.
 
@@ -206,6 +207,10 @@ def probe_every_instruction(path: str, instructions: list[Instruction], command:
     untraced = run_untraced(command)
     ptrace, traced = count_hits("ptrace", path, instructions, command, tmp_path / "ptrace.jsonl")
     assert (traced.stdout, traced.returncode) == (untraced.stdout, untraced.returncode), traced.stderr
+    # Counted, a probe is a jump where its site allows: here an instruction of 5 bytes or more, the next
+    # instruction having a probe of its own.
+    jumps = re.search(r"^uprobes: (\d+) of \d+ probe points were jumps", traced.stderr, re.M)
+    assert jumps and int(jumps[1]) > 0, traced.stderr
 
     reasons = {i.offset: reason for i in instructions if (reason := kernel_mishandles(i.raw))}
     kernel_probed = [i for i in instructions if i.offset not in reasons]
@@ -222,7 +227,8 @@ def probe_every_instruction(path: str, instructions: list[Instruction], command:
 
     kinds = plan_kinds(path, instructions)
     left_out = Counter(reasons.values())
-    print(f"\n{path}: {len(instructions)} probes ({kinds['emulate']} emulated, {kinds['step']} stepped), "
+    print(f"\n{path}: {len(instructions)} probes ({kinds['emulate']} emulated, {kinds['step']} stepped when "
+          f"trapped, {jumps[1]} jumps), "
           f"{sum(ptrace.values())} hits; left out of the kernel run: {dict(left_out)}, {neighbours} of them "
           f"checked against the next instruction")
 

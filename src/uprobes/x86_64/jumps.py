@@ -115,7 +115,7 @@ def jump_site(address: int, obj: CodeObject) -> JumpSite | str:
     instructions = _decode(obj, start, end)
     if instructions is None:
         return "the function holds bytes that do not decode"
-    at = next((i for i, ins in enumerate(instructions) if ins.ip == address), None)
+    at = _starts(obj, start, end).get(address)
     if at is None:
         return "the site is not on an instruction boundary of the function"
     displaced: list[Instruction] = []
@@ -239,6 +239,12 @@ def _tables(code: list[Instruction], obj: CodeObject) -> set[int | None]:
         elif ins.memory_base == Register.NONE and ins.memory_displacement:
             named.add(ins.memory_displacement)
     return named | {obj.pointer_at(address) for address in named}
+
+
+@functools.lru_cache(maxsize=256)
+def _starts(obj: CodeObject, start: int, end: int) -> dict[int, int]:
+    """Where each instruction of the function starts -> its index."""
+    return {ins.ip: i for i, ins in enumerate(_decode(obj, start, end))}
 
 
 @functools.lru_cache(maxsize=256)  # every probe of one function decodes it once

@@ -42,7 +42,7 @@ from .returns import MAX_RETURN_DEPTH, caught, hijack, put_back, returned
 from .stops import Phase, drain
 from .strategies import Boost, retry_step
 from .syscalls import EXITKILL, OPTIONS, SI_KERNEL, Regs, ptrace_getregs, ptrace_getsiginfo, ptrace_setregs
-from .tracee import TRAPPED, Process, Thread
+from .tracee import LISTENING, TRAPPED, Process, Thread
 from .world import detach_all, stop_world
 
 __all__ = ["PtraceEngine"]
@@ -134,17 +134,21 @@ class PtraceEngine(Engine):
     def _place_jumps(self) -> None:
         """Stop every thread, turn the breakpoints placed meanwhile into jumps, let every thread go on."""
         self._jumps_pending = False
+        group_stopped = {tid for tid, thread in self.family.threads.items() if thread.state is LISTENING}
         stop_world(self, detaching=False)
         for process in list(self.family.processes.values()):
             via = self.family.stopped_in(process)
             if process.owns_memory and via is not None:
                 self.placement.jumps.upgrade(process, self.placement.probes, self.family.sharing(process), via.tid)
-        for thread in list(self.family.threads.values()):
+        for tid, thread in list(self.family.threads.items()):
             if thread.state.stopped:
                 try:
-                    thread.resume(thread.take_held())
+                    if tid in group_stopped:
+                        thread.listen()  # back into the group-stop it was in (Ctrl-Z)
+                    else:
+                        thread.resume(thread.take_held())
                 except ProcessLookupError:
-                    self.family.gone(thread.tid, None)
+                    self.family.gone(tid, None)
 
     # -- running -----------------------------------------------------------------------------------------
 

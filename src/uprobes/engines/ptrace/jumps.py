@@ -58,11 +58,11 @@ _NAME = b"uprobes-jumps\0"
 _COUNT = struct.Struct("<Q")
 
 
-def site_for(probe: Probe) -> JumpSite | str:
-    """Whether ``probe``'s site can be a jump (at link-time addresses), or why not."""
+def site_for(probe: Probe, obj: ElfObject | None = None) -> JumpSite | str:
+    """Whether ``probe``'s site can be a jump (at link-time addresses), or why not; ``obj``: its object, opened."""
     if probe.is_return:
         return "a return probe traps at the return"
-    return jump_site(probe.address, ElfObject.open(probe.path))
+    return jump_site(probe.address, obj or ElfObject.open(probe.path))
 
 
 class JumpArea:
@@ -238,6 +238,7 @@ class Jumps:
     notices: list[str] = field(default_factory=list)
     _areas: dict[Process, list[JumpArea]] = field(default_factory=lambda: collections.defaultdict(list))
     _sites: dict[tuple[str, int], JumpSite | str] = field(default_factory=dict)
+    _objects: dict[str, ElfObject] = field(default_factory=dict)  # opened once per run (a realpath each)
     _broken: set[Process] = field(default_factory=set)  # address spaces where no area could be mapped
     _suspended: dict[Process, set[int]] = field(default_factory=dict)  # memory -> children not followed in it
 
@@ -257,10 +258,11 @@ class Jumps:
         if owner in self._broken:
             return
         regs = {thread.tid: ptrace_getregs(thread.tid) for thread in threads}
+        placed = sorted(process.breakpoints)
         for breakpoint in list(process.breakpoints.values()):
             if not self.wanted(breakpoint):
                 continue
-            site = self._site(breakpoint, probes[breakpoint.entries[0]], process)
+            site = self._site(breakpoint, probes[breakpoint.entries[0]], process, placed)
             if isinstance(site, str):
                 self._refuse(breakpoint, site)
                 continue
@@ -368,18 +370,23 @@ class Jumps:
                 totals[index] += hits
         return totals
 
-    def _site(self, breakpoint: Breakpoint, probe: Probe, process: Process) -> JumpSite | str:
+    def _site(self, breakpoint: Breakpoint, probe: Probe, process: Process, placed: list[int]) -> JumpSite | str:
+        """The jump site of ``breakpoint`` (whose probe is ``probe``), or why not: ``placed`` are the addresses of
+        every breakpoint of the process, sorted."""
         key = _key(probe)
         if key not in self._sites:
             try:
-                self._sites[key] = site_for(probe)
+                if probe.path not in self._objects:
+                    self._objects[probe.path] = ElfObject.open(probe.path)
+                self._sites[key] = site_for(probe, self._objects[probe.path])
             except UprobesError as exc:
                 self._sites[key] = str(exc)
         site = self._sites[key]
         if isinstance(site, str):
             return site
         site = site.rebased(breakpoint.address - probe.address)
-        other = next((a for a in process.breakpoints if site.inside(a)), None)
+        following = bisect.bisect_right(placed, site.address)
+        other = placed[following] if following < len(placed) and site.inside(placed[following]) else None
         if other is not None:
             return f"another probe, at {other:#x}, lies inside the {site.length} bytes the jump would replace"
         try:
