@@ -128,6 +128,30 @@ def test_vfork_then_exec_of_another_probed_program(targets, engine):
     assert _hits(records) == {"handle": 2, "work": 3}
 
 
+@pytest.mark.parametrize("placement", ["jumps", "traps"])
+def test_attach_and_detach_again_and_again_while_the_process_vforks_in_a_loop(targets, placement):
+    """Each vfork child calls handle() and exits, so a detach often meets a parent at its vfork event, or
+    waiting in the kernel for a child the tool holds stopped. Before 2026-12-06 a system call the tool made the
+    target run at detach (unmapping its area) could go through such a parent: run on, it waited for its child,
+    which the tool held, and the tool waited for it, for good; and stopping the world waited for that parent
+    until its 10 s bound. The guard here is the run's timeout, not a time limit."""
+    lifecycle = str(targets / "lifecycle")
+    target = subprocess.Popen([lifecycle, "vforks", "6"], stdout=subprocess.PIPE, text=True)
+    try:
+        options = ["--trap"] if placement == "traps" else []
+        for _ in range(6):
+            result = subprocess.run([sys.executable, "-m", "uprobes", "count", "--engine", "ptrace", "--json",
+                                     *options, "-p", str(target.pid), "-d", "0.3", f"uprobe:{lifecycle}:handle"],
+                                    capture_output=True, text=True, timeout=60)
+            assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+            assert json.loads(result.stdout.splitlines()[-1])["hits"] > 0
+        assert target.communicate(timeout=60)[0] == "vforks abnormal 0 of some\n"
+        assert target.returncode == 0
+    finally:
+        target.kill()
+        target.wait()
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_program_that_execs_itself(targets, engine):
     lifecycle = targets / "lifecycle"

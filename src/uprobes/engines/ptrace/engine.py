@@ -125,11 +125,18 @@ class PtraceEngine(Engine):
         for address, role, inode, function in role_sites(process.pid, mappings, self._returns_wanted):
             self.placement.add_role(process, address, role, inode, function, via)
         if self.placement.jumps.waiting(process, self.placement.probes):
-            threads = self.family.sharing(process)
-            if all(thread.state.stopped for thread in threads):
-                self.placement.jumps.upgrade(process, self.placement.probes, threads, via)
-            else:
+            if not self._place_jumps_in(process, via):
                 self._jumps_pending = True  # after this hit, with every thread stopped
+
+    def _place_jumps_in(self, process: Process, via: int) -> bool:
+        """Turn the breakpoints of ``process`` that may be jumps into jumps, if every thread of its memory is at
+        rest; whether they were."""
+        threads = self.family.sharing(process)
+        if not all(self.family.at_rest(thread) for thread in threads):
+            return False
+        stopped = [thread for thread in threads if thread.state.stopped]
+        self.placement.jumps.upgrade(process, self.placement.probes, stopped, via)
+        return True
 
     def _place_jumps(self) -> None:
         """Stop every thread, turn the breakpoints placed meanwhile into jumps, let every thread go on."""
@@ -139,7 +146,7 @@ class PtraceEngine(Engine):
         for process in list(self.family.processes.values()):
             via = self.family.stopped_in(process)
             if process.owns_memory and via is not None:
-                self.placement.jumps.upgrade(process, self.placement.probes, self.family.sharing(process), via.tid)
+                self._place_jumps_in(process, via.tid)  # not at rest (the world did not stop): they stay traps
         for tid, thread in list(self.family.threads.items()):
             if thread.state.stopped:
                 try:

@@ -19,7 +19,7 @@ from .memory import ProcessMemory
 from .placement import Placement
 from .returns import Return, put_back
 from .semaphores import Semaphores
-from .syscalls import (EVENT_CLONE, EVENT_FORK, EVENT_VFORK, WALL, ptrace_cont, ptrace_detach, ptrace_geteventmsg,
+from .syscalls import (EVENT_CLONE, EVENT_EXEC, EVENT_FORK, EVENT_VFORK, WALL, ptrace_cont, ptrace_detach, ptrace_geteventmsg,
                        ptrace_getsiginfo, ptrace_interrupt, ptrace_seize, same_memory)
 from .tracee import EXITING, RUNNING, STOPPED, Process, Thread
 from .xol import XolArea
@@ -80,8 +80,10 @@ class Family:
     def _await_interrupt_stops(self, seized: set[int]) -> None:
         """Wait until each seized thread is in a ptrace stop. Any stop will do, not only our interrupt's (the
         kernel clears a pending interrupt at any stop): at an event the child or thread it made is taken in
-        and runs (a parent that vforked stops no more until its child has exec'd or exited); at a signal
-        the signal is held, to be delivered when the thread is let go (nothing is placed yet)."""
+        and runs; a parent at its vfork event is run on and interrupted again, so that it stops once its
+        child has exec'd or exited (never left where running it would wait for a child we may stop: see
+        :meth:`stopped_in`); at a signal the signal is held, to be delivered when the thread is let go
+        (nothing is placed yet)."""
         while seized:
             tid, status = os.waitpid(-1, WALL)
             thread = self.threads.get(tid)
@@ -98,10 +100,18 @@ class Family:
                     self.on_clone(thread, serving=True)
                 elif event in (EVENT_FORK, EVENT_VFORK):
                     self.on_fork(thread, event == EVENT_VFORK, serving=True)
+                elif event == EVENT_EXEC:
+                    self.on_exec(thread, None)  # a child taken in meanwhile: its own memory now
+                    if self.threads.get(tid) is not thread:
+                        continue  # let go
                 elif event == 0 and sig != signal.SIGTRAP:
                     thread.held.append((sig, ptrace_getsiginfo(tid)))
                 thread.in_signal_stop = not event
-                if tid in seized:
+                if tid in seized and thread.vfork_child is not None:
+                    thread.vfork_child = None
+                    ptrace_cont(tid, 0)
+                    ptrace_interrupt(tid)
+                elif tid in seized:
                     thread.state = STOPPED
                     seized.discard(tid)
                 else:
@@ -116,11 +126,22 @@ class Family:
         """Every thread running in the memory of ``process``: its own, and those of children sharing it."""
         return [t for t in self.threads.values() if t.process is process or t.process.memory_owner is process]
 
+    def at_rest(self, thread: Thread) -> bool:
+        """Whether ``thread`` runs none of the program's code until we let it, with nothing about to be reported
+        for it: stopped (a parent at its vfork event once its child's first stop is in), exiting, or a parent
+        waiting in the kernel for a vfork child we hold stopped (which cannot stop before its child goes)."""
+        if thread.state is EXITING:
+            return True
+        if thread.state.stopped:
+            return thread.vfork_child not in self._children
+        child = self.threads.get(thread.vfork_child) if thread.vfork_child is not None else None
+        return child is not None and child.state.stopped
+
     def stopped_in(self, process: Process) -> Thread | None:
-        """A thread in a ptrace stop through which the memory of ``process`` can be written: one of its own, or
-        of a child sharing it (a parent waiting for its vfork child cannot be stopped)."""
-        return next((t for t in self.threads.values() if t.state.stopped
-                     and (t.process is process or t.process.memory_owner is process)), None)
+        """A thread in a ptrace stop through which the memory of ``process`` can be written and system calls
+        run: one of its own, or of a child sharing it. Never a parent at its vfork event: run on, it would wait
+        in the kernel for its child, which may be stopped at a probe or held by us, and we would wait for it."""
+        return next((t for t in self.sharing(process) if t.state.stopped and t.vfork_child is None), None)
 
     def on_clone(self, thread: Thread, serving: bool) -> None:
         """``thread`` made a thread; its first stop may have come already (hazard 7)."""
@@ -137,6 +158,8 @@ class Family:
     def on_fork(self, thread: Thread, vfork: bool, serving: bool) -> None:
         """``thread`` forked (or vforked) a child, which is traced from its first stop on."""
         child = ptrace_geteventmsg(thread.tid)
+        if vfork:
+            thread.vfork_child = child
         announced = ("vfork" if vfork else "fork", thread.process, list(thread.returns))
         if self._newborn.pop(child, None) is None:
             self._children[child] = announced
@@ -262,8 +285,8 @@ class Family:
             thread.state = EXITING
         else:
             self.threads.pop(tid, None)
-        if status is not None and tid in self.processes:
-            self.exit_status[tid] = os.waitstatus_to_exitcode(status)
+        if status is not None and tid in self.processes and self.processes[tid].owns_memory:
+            self.exit_status[tid] = os.waitstatus_to_exitcode(status)  # not of every vfork child: they come by the million
         freed = None
         if thread is not None and thread.process.area is not None and thread in thread.process.area.waiters:
             thread.process.area.waiters.remove(thread)

@@ -59,6 +59,7 @@ def dispatch(engine: PtraceEngine, tid: int, status: int, phase: Phase) -> None:
         return
     event, sig = status >> 16, os.WSTOPSIG(status)
     thread.in_signal_stop = not event
+    thread.vfork_child = None  # a parent that stops again is done waiting for its vfork child
     if thread.step is None and thread.state is not EXITING:
         thread.state = STOPPED
     try:

@@ -99,6 +99,7 @@ class Thread:
     step: Step | None = None
     held: list[tuple[int, SigInfo]] = field(default_factory=list)  # signals that arrived during a step
     in_signal_stop: bool = False  # this stop is a signal-delivery-stop, where a signal can be injected
+    vfork_child: int | None = None  # the child it vforked and waits for, in the kernel, until it reports a stop
     returns: list[Return] = field(default_factory=list)  # pending returns, innermost last
     # pending returns found below the stack pointer: left by longjmp, or on another stack (64: MAX_RETURN_DEPTH)
     set_aside: deque[Return] = field(default_factory=lambda: deque(maxlen=64))

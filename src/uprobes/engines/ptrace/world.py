@@ -39,7 +39,7 @@ def stop_world(engine: PtraceEngine, detaching: bool = True) -> None:
             except ProcessLookupError:
                 family.gone(thread.tid, None)
     deadline = time.monotonic() + _STOP_SECONDS
-    while time.monotonic() < deadline and any(_moving(t) for t in family.threads.values()):
+    while time.monotonic() < deadline and not all(family.at_rest(t) for t in family.threads.values()):
         try:
             tid, status = os.waitpid(-1, WALL | os.WNOHANG)
         except ChildProcessError:
@@ -56,10 +56,6 @@ def stop_world(engine: PtraceEngine, detaching: bool = True) -> None:
                 _settle(thread, engine, detaching)
             except ProcessLookupError:
                 family.gone(thread.tid, None)
-
-
-def _moving(thread: Thread) -> bool:
-    return not thread.state.stopped and thread.state is not EXITING
 
 
 def _settle(thread: Thread, engine: PtraceEngine, detaching: bool) -> None:
