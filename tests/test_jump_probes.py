@@ -200,3 +200,18 @@ def test_libc_functions_count_the_same_as_with_traps(targets):
         assert traced.returncode == 0, traced.stderr
         counts[bool(options)] = _hits(records)
     assert counts[False] == counts[True] and counts[False]["malloc"] > 20000
+
+
+def test_a_forking_server_leaves_no_mapping_in_the_tracer_and_its_counts_stay(targets):
+    """Each followed child counts in an area of its own, which the tracer maps too; once the child has ended
+    the tracer keeps its counts and lets that mapping go (a server forking all day would pile them up)."""
+    from uprobes.api import Session
+
+    lifecycle = str(targets / "lifecycle")
+    untraced = _untraced(lifecycle, "fork", "40", "3")
+    with Session(command=[lifecycle, "fork", "40", "3"], keep_events=False) as session:
+        session.probe(f"uprobe:{lifecycle}:handle")
+        assert session.run() == untraced.returncode
+        assert session.hit_counts() == [40 * 3 + 1]
+        assert "memfd:uprobes-jumps" not in Path("/proc/self/maps").read_text()
+    assert session.hit_counts() == [40 * 3 + 1]

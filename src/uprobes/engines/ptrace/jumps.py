@@ -99,6 +99,7 @@ class JumpArea:
         self._next_code, self._next_counter = 0, _CODE_SIZE
         self._starts: list[int] = []  # trampoline addresses, in order
         self._owners: list[Jump | None] = []
+        self._retired: tuple[bytes, dict[int, int]] | None = None  # code and counts, once our mapping is gone
         self.mapped = True  # in the target (False once it is unmapped, or gone with its process)
 
     def reaches(self, low: int, high: int) -> bool:
@@ -125,7 +126,22 @@ class JumpArea:
         self._owners.append(owner)
 
     def count(self, counter: int) -> int:
+        if self._retired is not None:
+            return self._retired[1][counter]
         return _COUNT.unpack_from(self._shared, counter - self.address)[0]
+
+    def retire(self) -> None:
+        """The target's memory is gone (exit, exec) or unmapped: keep the code and the counts, and let our
+        mapping go (a forking server makes thousands of children in a long run)."""
+        if self._retired is None:
+            counters = range(self.address + _CODE_SIZE, self.address + self._next_counter, _COUNTER_SIZE)
+            self._retired = (self.code(), {counter: self.count(counter) for counter in counters})
+            self._shared.close()
+        self.mapped = False
+
+    def code(self) -> bytes:
+        """Every trampoline written so far, from the area's start."""
+        return self._retired[0] if self._retired is not None else self._shared[:self._next_code]
 
     def owner(self, address: int) -> Jump | None:
         """The jump whose trampoline holds ``address``, if any."""
@@ -137,7 +153,7 @@ class JumpArea:
     def copy_into(self, tid: int, memory: ProcessMemory) -> JumpArea:
         """The same trampolines at the same address in a fork child (stopped thread ``tid``), counting afresh."""
         child = JumpArea(tid, memory, (self.address, self.address), at=self.address)
-        child._shared[:self._next_code] = self._shared[:self._next_code]
+        child._shared[:self._next_code] = self.code()
         child._next_code, child._next_counter = self._next_code, self._next_counter
         child._starts = list(self._starts)
         child._owners = [None] * len(self._starts)
@@ -154,7 +170,7 @@ class JumpArea:
         except OSError as exc:
             if exc.errno != errno.ESRCH:
                 raise
-        self.mapped = False
+        self.retire()
 
 
 class Jump(Strategy):
@@ -358,7 +374,7 @@ class Jumps:
     def forget(self, process: Process) -> None:
         """``process`` exec'd or ended: its areas went with its memory (their counts stay readable)."""
         for area in self._areas.pop(process, []):
-            area.mapped = False
+            area.retire()
         self._broken.discard(process)
 
     def counts(self, number: int) -> list[int]:
