@@ -215,3 +215,28 @@ def test_a_forking_server_leaves_no_mapping_in_the_tracer_and_its_counts_stay(ta
         assert session.hit_counts() == [40 * 3 + 1]
         assert "memfd:uprobes-jumps" not in Path("/proc/self/maps").read_text()
     assert session.hit_counts() == [40 * 3 + 1]
+
+
+def test_a_sandbox_that_refuses_the_jump_area_gets_traps_and_one_warning(targets):
+    """A seccomp filter makes memfd_create fail in the target: no jump area, so every probe traps, counted as
+    ever, the user is told once why, and the program goes on untouched."""
+    program = str(targets / "jumps")
+    sandboxed = subprocess.Popen([program, "sandboxed", "2", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+    try:
+        time.sleep(0.3)
+        records, tool = run_json("count", "--engine", "ptrace", "-p", str(sandboxed.pid), "-d", "0.5",
+                                 *_probes(program, ["jump_entry", "jump_call"]))
+        assert tool.returncode == 0, tool.stderr
+        warnings = [line for line in tool.stderr.splitlines() if line.startswith("uprobes: warning:")]
+        assert warnings == [f"uprobes: warning: jump probes are off in process {sandboxed.pid}, every probe traps: "
+                            f"memfd_create failed in the target: Operation not permitted (seccomp?)"]
+        assert "0 of 2 probe points were jumps" in tool.stderr
+        hits = _hits(records)
+        assert hits["jump_entry"] > 0 and abs(hits["jump_entry"] - hits["jump_call"]) <= 2  # one call after the other
+        assert _left_intact(sandboxed.pid)
+        out, err = sandboxed.communicate(timeout=60)
+        assert (sandboxed.returncode, out, err) == (0, "busy 2 done\n", "")
+    finally:
+        sandboxed.kill()
+        sandboxed.wait()

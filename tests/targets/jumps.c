@@ -6,6 +6,7 @@
  *   jumps signals N      like run, while a profiling timer interrupts it every 50 µs and its handler calls
  *                        jump_entry too; prints "run N check C" and "signals S" on stderr (S varies)
  *   jumps busy T SECONDS T threads call every site until SECONDS have passed (for attach and detach)
+ *   jumps sandboxed T SECONDS   the same under a seccomp filter that refuses memfd_create (EPERM)
  *
  *   site               bytes the jump replaces                                    what could go wrong
  *   jump_entry         push %rbp; mov %rsp,%rbp; push %rbx (function entry)       several instructions
@@ -21,8 +22,14 @@
  *   jump_switch        xor %eax,%eax; add $1,%eax, and a jump table (.rodata,     a table entry inside: must trap
  *                      offsets from its start) sends the loop back to the add
  */
+#include <errno.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stddef.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -202,6 +209,20 @@ static void *busy(void *arg)
     return (void *)sum;
 }
 
+/* What a sandboxed program does: memfd_create fails with EPERM (where a tracer would map its jump area). */
+static void forbid_memfd_create(void)
+{
+    struct sock_filter filter[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_memfd_create, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog program = {sizeof filter / sizeof filter[0], filter};
+    check(prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0, "PR_SET_NO_NEW_PRIVS");
+    check(prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &program) == 0, "PR_SET_SECCOMP");
+}
+
 static long threads_calls;
 
 static void *entry_caller(void *arg)
@@ -233,7 +254,9 @@ int main(int argc, char **argv)
         printf("threads %d %ld check %ld\n", threads, threads_calls, total);
         return 0;
     }
-    if (!strcmp(mode, "busy") && argc > 3) {
+    if ((!strcmp(mode, "busy") || !strcmp(mode, "sandboxed")) && argc > 3) {
+        if (!strcmp(mode, "sandboxed"))
+            forbid_memfd_create();
         int threads = atoi(argv[2]);
         busy_seconds = atol(argv[3]);
         pthread_t ids[64];
