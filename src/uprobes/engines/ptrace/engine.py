@@ -114,9 +114,7 @@ class PtraceEngine(Engine):
         try:
             self.insert(process, self.family.stopped_in(process).tid)
         finally:
-            for thread in list(self.family.threads.values()):
-                if thread.state.stopped:
-                    thread.resume(thread.take_held())  # a signal met while seizing goes on now
+            self.family.let_run()  # a signal met while seizing goes on now
 
     def insert(self, process: Process, via: int, strict: bool = True) -> None:
         """Place every probe and role whose object ``process`` maps now (at attach, exec, and each time the
@@ -147,15 +145,7 @@ class PtraceEngine(Engine):
             via = self.family.stopped_in(process)
             if process.owns_memory and via is not None:
                 self._place_jumps_in(process, via.tid)  # not at rest (the world did not stop): they stay traps
-        for tid, thread in list(self.family.threads.items()):
-            if thread.state.stopped:
-                try:
-                    if tid in group_stopped:
-                        thread.listen()  # back into the group-stop it was in (Ctrl-Z)
-                    else:
-                        thread.resume(thread.take_held())
-                except ProcessLookupError:
-                    self.family.gone(tid, None)
+        self.family.let_run(group_stopped)
 
     # -- running -----------------------------------------------------------------------------------------
 

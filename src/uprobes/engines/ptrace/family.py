@@ -122,6 +122,20 @@ class Family:
 
     # -- threads and children ---------------------------------------------------------------------------------
 
+    def let_run(self, group_stopped: frozenset[int] | set[int] = frozenset()) -> None:
+        """Restart every stopped thread, with the signals held for it; those of ``group_stopped`` go back into
+        the group-stop they were in (Ctrl-Z). One that died meanwhile is gone."""
+        for tid, thread in list(self.threads.items()):
+            if not thread.state.stopped:
+                continue
+            try:
+                if tid in group_stopped:
+                    thread.listen()
+                else:
+                    thread.resume(thread.take_held())
+            except ProcessLookupError:
+                self.gone(tid, None)
+
     def sharing(self, process: Process) -> list[Thread]:
         """Every thread running in the memory of ``process``: its own, and those of children sharing it."""
         return [t for t in self.threads.values() if t.process is process or t.process.memory_owner is process]

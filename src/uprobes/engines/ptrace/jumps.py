@@ -35,9 +35,8 @@ from ...x86_64.trampolines import Resume, Trampoline, counting_trampoline
 from .memory import ProcessMemory
 from .strategies import INT3, Strategy
 from .syscalls import Regs, ptrace_getregs, ptrace_getsiginfo, ptrace_setregs
-from .xol import InjectionError, inject_syscall
-
 from .tracee import is_fault
+from .xol import InjectionError, inject_syscall
 
 if TYPE_CHECKING:
     from .placement import Breakpoint
@@ -100,7 +99,6 @@ class JumpArea:
         self._starts: list[int] = []  # trampoline addresses, in order
         self._owners: list[Jump | None] = []
         self._retired: tuple[bytes, dict[int, int]] | None = None  # code and counts, once our mapping is gone
-        self.mapped = True  # in the target (False once it is unmapped, or gone with its process)
 
     def reaches(self, low: int, high: int) -> bool:
         """Whether a rel32 reaches every byte of the area from every byte of ``[low, high)``, and back."""
@@ -137,7 +135,6 @@ class JumpArea:
             counters = range(self.address + _CODE_SIZE, self.address + self._next_counter, _COUNTER_SIZE)
             self._retired = (self.code(), {counter: self.count(counter) for counter in counters})
             self._shared.close()
-        self.mapped = False
 
     def code(self) -> bytes:
         """Every trampoline written so far, from the area's start."""
@@ -252,6 +249,7 @@ class Jumps:
     placed: list[Jump] = field(default_factory=list)  # every jump ever placed, in every process
     refused: dict[int, str] = field(default_factory=dict)  # probe index -> why one of its sites stays a trap
     notices: list[str] = field(default_factory=list)
+    # Areas mapped in each address space now (one that is unmapped, or gone with its memory, leaves the list)
     _areas: dict[Process, list[JumpArea]] = field(default_factory=lambda: collections.defaultdict(list))
     _sites: dict[tuple[str, int], JumpSite | str] = field(default_factory=dict)
     _objects: dict[str, ElfObject] = field(default_factory=dict)  # opened once per run (a realpath each)
@@ -334,7 +332,7 @@ class Jumps:
         (:meth:`unsuspend`). A thread already in a trampoline goes on through it."""
         children = self._suspended.setdefault(owner, set())
         if not children:
-            self._first_bytes(owner, lambda jump: INT3, via)
+            self._first_bytes(owner, True, via)
         children.add(child)
 
     def unsuspend(self, owner: Process, child: int, via: int) -> None:
@@ -347,15 +345,16 @@ class Jumps:
         if not children:
             del self._suspended[owner]
             try:
-                self._first_bytes(owner, lambda jump: jump.jump[:1], via)
+                self._first_bytes(owner, False, via)
             except OSError:
                 pass
 
     @staticmethod
-    def _first_bytes(owner: Process, byte, via: int) -> None:
+    def _first_bytes(owner: Process, trap: bool, via: int) -> None:
+        """An int3 over the first byte of every jump of ``owner``'s memory, or (``trap`` False) the jump's own."""
         for breakpoint in owner.breakpoints.values():
             if isinstance(breakpoint.strategy, Jump):
-                owner.memory.write(breakpoint.address, byte(breakpoint.strategy), via)
+                owner.memory.write(breakpoint.address, INT3 if trap else breakpoint.strategy.jump[:1], via)
 
     def owner(self, process: Process, address: int) -> Jump | None:
         """The jump whose trampoline in ``process``'s memory holds ``address``."""
@@ -368,8 +367,7 @@ class Jumps:
     def unmap(self, process: Process, via: int) -> None:
         """Every area of ``process`` taken out of it (at detach, its jumps restored)."""
         for area in self._areas.pop(process, []):
-            if area.mapped:
-                area.unmap(via)
+            area.unmap(via)
 
     def forget(self, process: Process) -> None:
         """``process`` exec'd or ended: its areas went with its memory (their counts stay readable)."""
@@ -416,7 +414,7 @@ class Jumps:
     def _area(self, owner: Process, site: JumpSite, via: int) -> JumpArea:
         low, high = site.address, site.address + site.length
         areas = self._areas[owner]
-        area = next((a for a in areas if a.mapped and not a.full() and a.reaches(low, high)), None)
+        area = next((a for a in areas if not a.full() and a.reaches(low, high)), None)
         if area is None:
             area = JumpArea(via, owner.memory, (low, high))
             areas.append(area)
