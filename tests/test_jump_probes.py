@@ -46,7 +46,8 @@ def test_resolve_says_which_sites_become_jumps_and_why_not(targets):
                      f"uretprobe:{program}:jump_call", check=True)
     placement = {r["location"] + ("%return" if r["return"] else ""): r["ptrace"]
                  for r in map(json.loads, result.stdout.splitlines())}
-    assert placement["jump_entry"] == {"jump": True, "replaces": "push %rbp; mov %rsp,%rbp; push %rbx"}
+    assert placement["jump_entry"] == {"jump": True, "replaces": "push %rbp; mov %rsp,%rbp; push %rbx",
+                                       "traced": True}
     assert placement["jump_call"]["replaces"].startswith("mov %rdi,%rax; call ")
     assert placement["jump_jcc"]["replaces"].startswith("test %rdi,%rdi; je ")
     assert all(placement[site.replace("+", "+0x")]["jump"] for site in JUMP_SITES)
@@ -127,7 +128,7 @@ def test_attach_to_a_busy_multithreaded_process_and_detach_leaves_it_intact(targ
     written, or inside a trampoline when it is taken out. After detach the text is the file's, byte for byte,
     the jump area is gone, and the program goes on to compute what it checks."""
     program = str(targets / "jumps")
-    with _busy(targets, 4, 6) as target:
+    with _busy(targets, 4, 10) as target:  # three attach-detach cycles of about 2 s each fit well inside
         maps_before = Path(f"/proc/{target.pid}/maps").read_text()
         for _ in range(3):
             records, tool = run_json("count", "--engine", "ptrace", "-p", str(target.pid), "-d", "0.5",

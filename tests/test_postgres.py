@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -193,7 +194,10 @@ def _tracing(server: Server, engine: str) -> Iterator[Tracing]:
                 tracer.kill()
                 tracer.wait()
     assert "Traceback" not in tracing.stderr and tracer.returncode == 0, tracing.stderr
-    assert out == "" and tracing.stderr == ""  # the events went to the file; no warning, no note
+    # the events went to the file; no warning, no note but how the ptrace engine placed the probes
+    notes = [line for line in tracing.stderr.splitlines()
+             if not re.match(r"uprobes: (\d+ of \d+ probe points were jumps|\S+ trapped at an int3)", line)]
+    assert out == "" and notes == [], tracing.stderr
     tracing.records = [json.loads(line) for line in output.read_text().splitlines()]
     output.unlink()
     assert tracing.records[-1] == {"lost": 0}

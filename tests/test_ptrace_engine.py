@@ -125,13 +125,14 @@ def test_an_unprivileged_user_traces_a_command_it_launches(targets):
     if os.geteuid() != 0:
         pytest.skip("needs root to become nobody")
     # The checkout may sit where nobody cannot read (a private temporary directory): give nobody a copy of
-    # the package, its two dependencies and the target in a directory it can read.
+    # the package, its dependencies and the target in a directory it can read.
     work = Path(tempfile.mkdtemp(prefix="uprobes-nobody-"))
     try:
         site = next((ROOT / ".venv" / "lib").glob("python3*/site-packages"))
         shutil.copytree(ROOT / "src" / "uprobes", work / "lib" / "uprobes")
-        for package in ("elftools", "iced_x86"):
-            shutil.copytree(site / package, work / "lib" / package)
+        for package in ("elftools", "iced_x86", "numpy", "numpy.libs"):
+            if (site / package).exists():  # numpy.libs: the libraries of numpy's wheel, where it has them
+                shutil.copytree(site / package, work / "lib" / package)
         (work / "bin").mkdir()
         for name in ("calls", "libprobed.so"):
             shutil.copy2(targets / name, work / "bin" / name)

@@ -105,6 +105,7 @@ class Session:
     def close(self) -> None:
         """Detach: every byte restored, the out-of-line area unmapped. A started command is not stopped."""
         self._engine.close()
+        self.events += self._engine.leftover()
         self.notices += self._engine.notices()
         if self._child is not None:
             self._child.traced = False

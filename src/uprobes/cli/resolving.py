@@ -27,9 +27,7 @@ def run_resolve(args: argparse.Namespace) -> int:
             continue
         print(probe.uprobe_events_line())
         if placement is not None:
-            print(f"# ptrace engine: {probe.location}: " + (
-                f"a jump when counted ({placement['replaces']})" if placement["jump"]
-                else f"an int3, not a jump: {placement['why']}"), file=sys.stderr)
+            print(f"# ptrace engine: {probe.location}: " + _placement_text(placement), file=sys.stderr)
         for reason in probe.unavailable:
             print(f"# {probe.location} at {probe.address:#x}: left out {reason}", file=sys.stderr)
         for reason in probe.kernel_unavailable:
@@ -41,9 +39,21 @@ def run_resolve(args: argparse.Namespace) -> int:
 def _ptrace_placement(probe: Probe) -> dict:
     """How the ptrace engine places ``probe``: a jump (and the instructions it replaces), or an int3 and why."""
     from ..engines.ptrace.jumps import site_for
+    from ..engines.ptrace.records import captures_for
     from ..x86_64.analysis import format_instruction
 
     site = site_for(probe)
     if isinstance(site, str):
         return {"jump": False, "why": site}
-    return {"jump": True, "replaces": "; ".join(format_instruction(ins) for ins in site.displaced)}
+    placement = {"jump": True, "replaces": "; ".join(format_instruction(ins) for ins in site.displaced)}
+    captures = captures_for(probe)
+    placement.update({"traced": True} if not isinstance(captures, str) else {"traced": False, "why": captures})
+    return placement
+
+
+def _placement_text(placement: dict) -> str:
+    if not placement["jump"]:
+        return f"an int3, not a jump: {placement['why']}"
+    if placement["traced"]:
+        return f"a jump, counted or traced ({placement['replaces']})"
+    return f"a jump when counted ({placement['replaces']}); traced, an int3: {placement['why']}"

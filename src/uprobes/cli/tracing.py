@@ -243,6 +243,12 @@ def run_trace(args: argparse.Namespace) -> int:
             run.interrupted(stop)
         else:
             run.end_command()
+        run.engine.close()
+        for event in run.engine.leftover():  # records read while detaching
+            if args.max_events and seen >= args.max_events:
+                break
+            writer.event(event)
+            seen += 1
         _report_lost(writer, run.engine.lost)
         _report_notes(run)
         out.flush()

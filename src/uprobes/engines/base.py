@@ -60,3 +60,7 @@ class Engine(ABC):
     @abstractmethod
     def close(self) -> None:
         """Remove everything placed and let every process go, as it was."""
+
+    def leftover(self) -> list[Event]:
+        """After :meth:`close`: the events of hits read while detaching (after the last :meth:`poll`)."""
+        return []

@@ -55,6 +55,7 @@ class MarkerFetch:
     unavailable: tuple[str, ...]
     kernel_unavailable: tuple[str, ...]
     retyped: tuple[tuple[str, str], ...]
+    memory: frozenset = frozenset()  # the memory sources the marker's own operands name: mapped at the site
 
 
 def marker_fetchargs(site: SdtSite, tokens: tuple[str, ...], obj: ElfObject) -> MarkerFetch:
@@ -81,7 +82,10 @@ def marker_fetchargs(site: SdtSite, tokens: tuple[str, ...], obj: ElfObject) -> 
             value_type = _value_type(site.args[fetcharg.source.index])
             if value_type:
                 retyped.append((substituted.name, value_type))
-    return MarkerFetch(tuple(result), tuple(unavailable), tuple(kernel_unavailable), tuple(retyped))
+    memory = frozenset(value[0] for value, arg in zip(values, site.args)
+                       if arg.kind == "mem" and not isinstance(value, Unexpressible)
+                       and not isinstance(value[0], MarkerOperand))
+    return MarkerFetch(tuple(result), tuple(unavailable), tuple(kernel_unavailable), tuple(retyped), memory)
 
 
 def _value_type(arg: SdtArgument) -> str | None:

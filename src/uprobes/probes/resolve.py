@@ -51,6 +51,7 @@ class Probe:
     explicit_event: bool = False
     kernel_unavailable: tuple[str, ...] = ()  # marker arguments only the kernel engine leaves out, and why
     retyped: tuple[tuple[str, str], ...] = ()  # (argument, "f32" | "f64" | "s8"): bits tracefs cannot type
+    marker_memory: frozenset = frozenset()  # memory the marker's operands name (the compiler put them there)
 
     @property
     def kernel_fetchargs(self) -> tuple[FetchArg, ...]:
@@ -227,7 +228,7 @@ def _resolve_marker(spec: ProbeSpec, obj: ElfObject) -> list[Probe]:
             probes.append(Probe(spec.text, False, spec.group or DEFAULT_GROUP, event, obj.path, site.offset,
                                 site.address, site.qualified_name, site.semaphore_offset, fetch.fetchargs, site,
                                 fetch.unavailable, spec.event is not None, fetch.kernel_unavailable,
-                                fetch.retyped))
+                                fetch.retyped, fetch.memory))
     return probes
 
 

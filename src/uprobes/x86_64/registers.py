@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "SubRegister", "UserRegister", "USER_REGS", "GENERAL_REGISTERS", "XMM_REGISTERS", "BY_FIELD", "BY_KERNEL_NAME",
-    "FETCHARG_NAMES", "OPERAND_NAMES", "STATUS_FLAGS",
+    "FETCHARG_NAMES", "OPERAND_NAMES", "STATUS_FLAGS", "ZERO_FLAG",
 ]
 
 
@@ -109,5 +109,6 @@ OPERAND_NAMES: dict[str, tuple[UserRegister, SubRegister]] = {part.name: (reg, p
                                                               for reg in USER_REGS for part in reg.parts}
 """Every AT&T name of a general register or rip, or of a part of one (``eax``, ``r9b``, ``ah``) -> (row, part)."""
 
-STATUS_FLAGS = 0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x400 | 0x800
+ZERO_FLAG = 0x40
+STATUS_FLAGS = 0x1 | 0x4 | 0x10 | ZERO_FLAG | 0x80 | 0x400 | 0x800
 """CF PF AF ZF SF DF OF of rflags: what the program's own code reads, and a trampoline saves and puts back."""

@@ -23,14 +23,15 @@ trampoline, both use it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from iced_x86 import Code, FlowControl, Instruction, MemoryOperand, Register
+from iced_x86 import BlockEncoder, Code, Decoder, DecoderOptions, FlowControl, Instruction, MemoryOperand, Register
 
 from .codegen import encode
 from .jumps import JumpSite
 
-__all__ = ["Resume", "Trampoline", "counting_trampoline", "RED_ZONE"]
+__all__ = ["CaptureLoad", "CaptureRegister", "RingLayout", "Resume", "Trampoline", "counting_trampoline",
+           "recording_trampoline", "tsc_reader", "RED_ZONE"]
 
 RED_ZONE = 128
 _MASK32 = (1 << 32) - 1
@@ -40,12 +41,18 @@ _FALLS_THROUGH = frozenset({FlowControl.NEXT, FlowControl.CONDITIONAL_BRANCH})
 @dataclass(frozen=True)
 class Resume:
     """A thread stopped at this point of a trampoline is, in the program's terms, at ``rip``, once ``stack`` bytes
-    are added back to rsp and the flags saved at ``flags_at`` bytes above rsp (if any) are put back."""
+    are added back to rsp, the flags saved at ``flags_at`` bytes above rsp (if any) and the registers in
+    ``saved`` (user_regs field, bytes above rsp) are put back."""
 
     rip: int
     stack: int = 0
     flags_at: int | None = None
     counted: bool = False  # the hit was counted before this point
+    saved: tuple[tuple[str, int], ...] = ()
+    reserved: str | None = None  # the register holding the sequence word of a ring slot reserved, not yet written
+    reserved_if_zf: bool = False  # ... reserved only if ZF is set (just after the compare-and-swap)
+    recorded: bool = False  # the hit's record was written, or counted as lost
+    loads: bool = False  # this instruction reads the program's memory for the record (a fault is ours)
 
 
 @dataclass(frozen=True)
@@ -61,8 +68,8 @@ class Trampoline:
 
     def displaced(self, address: int) -> int | None:
         """Where the displaced instruction that was at ``address`` starts in the trampoline (past the count)."""
-        start = Resume(address, counted=True)
-        return min((at for at, resume in self.resumes.items() if resume == start), default=None)
+        return min((at for at, resume in self.resumes.items()
+                    if resume.rip == address and resume.counted and not resume.stack), default=None)
 
 
 def counting_trampoline(site: JumpSite, address: int, counter: int) -> Trampoline:
@@ -83,7 +90,247 @@ def counting_trampoline(site: JumpSite, address: int, counter: int) -> Trampolin
     return _assemble(pieces, address)
 
 
-def _relocated(site: JumpSite) -> list[tuple[Instruction, Resume]]:
+@dataclass(frozen=True)
+class RingLayout:
+    """Where a recording trampoline writes: the ring's header at ``address`` (the words ``head``, ``tail`` and
+    ``lost`` at those offsets), then ``count`` slots (a power of two) of ``1 << slot_shift`` bytes from ``slots``;
+    in a slot, the offsets of the sequence word (written last: ticket + 1), the site's id (32 bits), the CPU
+    (32 bits, from ``rdtscp``), the time stamp counter, the thread's key (its fs base) and the captured words."""
+
+    address: int
+    head: int
+    tail: int
+    lost: int
+    slots: int
+    slot_shift: int
+    count: int
+    seq: int
+    site: int
+    cpu: int
+    tsc: int
+    key: int
+    words: int
+
+
+@dataclass(frozen=True)
+class CaptureRegister:
+    """A word of the record: the value a user_regs field (a general register, ``rsp``, ``eflags``) had at the hit."""
+
+    field: str
+
+
+@dataclass(frozen=True)
+class CaptureLoad:
+    """A word of the record: ``size`` bytes (1, 2, 4 or 8, zero-extended) at ``base + index * scale + disp`` as
+    the program had them at the hit (``base`` and ``index`` user_regs fields or None). Only memory the program
+    is known to have mapped there is read this way; a fault is caught by the tool (``Resume.loads``)."""
+
+    base: str | None
+    disp: int
+    size: int
+    index: str | None = None
+    scale: int = 1
+
+    def address(self, registers: dict[str, int]) -> int:
+        """Where it was read, from the registers of the hit."""
+        address = self.disp + (registers[self.base] if self.base else 0)
+        address += registers[self.index] * self.scale if self.index else 0
+        return address & (1 << 64) - 1
+
+
+Capture = CaptureRegister | CaptureLoad
+
+# What a recording trampoline clobbers, saved on the stack in this order: rdtscp writes rax, rdx and rcx.
+_SAVED = (Register.RAX, Register.RCX, Register.RDX, Register.RSI, Register.R11)
+_FIELD = {Register.RAX: "rax", Register.RCX: "rcx", Register.RDX: "rdx", Register.RSI: "rsi",
+          Register.R11: "r11"}
+_LOADS = {8: Code.MOV_R64_RM64, 4: Code.MOV_R32_RM32, 2: Code.MOVZX_R32_RM16, 1: Code.MOVZX_R32_RM8}
+
+
+def recording_trampoline(site: JumpSite, address: int, counter: int, ring: RingLayout, site_id: int,
+                         captures: tuple[Capture, ...]) -> Trampoline:
+    """Count a hit at ``counter``, write one record of it into ``ring`` (``captures`` as its words), run
+    ``site``'s displaced instructions and go back::
+
+        lea -128(%rsp),%rsp; [pushfq;] push %rax, %rcx, %rdx, %rsi, %r11; lock incq counter(%rip)
+        rdtscp; %rdx = tsc; %esi = cpu; %r11 = ring
+        retry: %rax = head; full if head - tail >= count; lock cmpxchg head+1 into head; jne retry
+        %r11 = slot of ticket %rax; write tsc, cpu, site id, rdfsbase, the captured words; seq = ticket + 1
+        (full: lock incq lost)
+        pop ...; [popfq;] lea 128(%rsp),%rsp; <displaced instructions>; jmp back
+
+    A reserved slot is always written to the end (no branch out between the reservation and ``seq``); a
+    thread stopped in between is sent back to the site by the tracer, which voids the slot (``Resume.reserved``).
+    """
+    if len(captures) > (1 << ring.slot_shift) - ring.words >> 3:
+        raise ValueError(f"{len(captures)} words do not fit a record")
+    flags = site.flags_live or any(isinstance(c, CaptureRegister) and c.field == "eflags" for c in captures)
+    builder = _Builder(site.address)
+    builder.add(_lea_rsp(-RED_ZONE), stack=RED_ZONE)
+    if flags:
+        builder.add(Instruction.create(Code.PUSHFQ), stack=8, saves="eflags")
+    for register in _SAVED:
+        builder.add(Instruction.create_reg(Code.PUSH_R64, register), stack=8, saves=_FIELD[register])
+    increment = Instruction.create_mem(Code.INC_RM64, MemoryOperand(Register.RIP, displ=counter))
+    increment.has_lock_prefix = True
+    builder.add(increment)
+    builder.counted = True
+    r11 = Register.R11
+    builder.add(Instruction.create(Code.RDTSCP))
+    builder.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, Register.RDX, 32))
+    builder.add(Instruction.create_reg_reg(Code.OR_R64_RM64, Register.RDX, Register.RAX))
+    builder.add(Instruction.create_reg_reg(Code.MOV_R32_RM32, Register.ESI, Register.ECX))
+    builder.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, r11, ring.address))
+    builder.add(_load(Register.RAX, r11, ring.head))
+    retry, full, done = builder.label(), builder.label(), builder.label()
+    builder.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, Register.RCX, Register.RAX), label=retry)
+    builder.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, Register.RCX, MemoryOperand(r11, displ=ring.tail)))
+    builder.add(Instruction.create_reg_i32(Code.CMP_RM64_IMM32, Register.RCX, ring.count))
+    builder.add(Instruction.create_branch(Code.JAE_REL32_64, full))
+    builder.add(Instruction.create_reg_mem(Code.LEA_R64_M, Register.RCX, MemoryOperand(Register.RAX, displ=1)))
+    cmpxchg = Instruction.create_mem_reg(Code.CMPXCHG_RM64_R64, MemoryOperand(r11, displ=ring.head), Register.RCX)
+    cmpxchg.has_lock_prefix = True
+    builder.add(cmpxchg)
+    builder.reserved, builder.reserved_if_zf = "rcx", True
+    builder.add(Instruction.create_branch(Code.JNE_REL32_64, retry))
+    builder.reserved_if_zf = False
+    builder.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, Register.EAX, ring.count - 1))
+    builder.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, Register.RAX, ring.slot_shift))
+    builder.add(Instruction.create_reg_mem(Code.LEA_R64_M, r11,
+                                           MemoryOperand(r11, Register.RAX, displ=ring.slots)))
+    builder.add(_store(r11, ring.tsc, Register.RDX))
+    builder.add(_store(r11, ring.cpu, Register.ESI))
+    builder.add(Instruction.create_mem_u32(Code.MOV_RM32_IMM32, MemoryOperand(r11, displ=ring.site), site_id))
+    builder.add(Instruction.create_reg(Code.RDFSBASE_R64, Register.RAX))
+    builder.add(_store(r11, ring.key, Register.RAX))
+    for i, capture in enumerate(captures):
+        builder.capture(capture, ring.words + 8 * i)
+    builder.add(_store(r11, ring.seq, Register.RCX))
+    builder.reserved, builder.recorded = None, True
+    builder.add(Instruction.create_branch(Code.JMP_REL32_64, done))
+    builder.recorded = False
+    lost = Instruction.create_mem(Code.INC_RM64, MemoryOperand(r11, displ=ring.lost))
+    lost.has_lock_prefix = True
+    builder.add(lost, label=full)
+    builder.recorded = True
+    for i, register in enumerate(reversed(_SAVED)):
+        builder.add(Instruction.create_reg(Code.POP_R64, register), stack=-8, label=done if i == 0 else None)
+    if flags:
+        builder.add(Instruction.create(Code.POPFQ), stack=-8)
+    builder.add(_lea_rsp(RED_ZONE), stack=-RED_ZONE)
+    return builder.assemble(address, _relocated(site, recorded=True))
+
+
+class _Builder:
+    """Generated instructions with labels, and each one's :class:`Resume` (what the thread owes the program
+    if stopped before it): the stack pushed so far, the registers saved on it, the count, the ring slot."""
+
+    def __init__(self, site: int) -> None:
+        self.site = site
+        self.pieces: list[tuple[Instruction, Resume]] = []
+        self.pushed: list[str] = []  # what is on the stack below the red zone, outermost first
+        self.stack = 0
+        self.counted = self.recorded = self.reserved_if_zf = False
+        self.reserved: str | None = None
+        self._labels = 0
+
+    def label(self) -> int:
+        self._labels += 1
+        return self._labels  # an ip no real instruction has: the block encoder binds branches to it
+
+    def add(self, instruction: Instruction, stack: int = 0, saves: str | None = None,
+            label: int | None = None, loads: bool = False) -> None:
+        instruction.ip = label if label is not None else 1 << 20 | len(self.pieces)
+        self.pieces.append((instruction, replace(self._resume(), loads=loads)))
+        self.stack += stack
+        if saves is not None:
+            self.pushed.append(saves)
+        elif stack == -8:
+            self.pushed.pop()
+
+    def _resume(self) -> Resume:
+        offsets = {name: 8 * (len(self.pushed) - 1 - i) for i, name in enumerate(self.pushed)}
+        flags_at = offsets.pop("eflags", None)
+        return Resume(self.site, self.stack, flags_at, self.counted, tuple(offsets.items()), self.reserved,
+                      self.reserved_if_zf, self.recorded)
+
+    def capture(self, capture: Capture, at: int) -> None:
+        """Write the word ``capture`` at ``at`` in the slot (%r11), through %rax (saved, free by now)."""
+        rax = Register.RAX
+        if isinstance(capture, CaptureRegister):
+            register = self._original(capture.field)
+            if register is not None:
+                self.add(_store(Register.R11, at, register))
+                return
+            self._original_into(rax, capture.field)
+        else:
+            self._load(capture)
+        self.add(_store(Register.R11, at, rax))
+
+    def _load(self, capture: CaptureLoad) -> None:
+        """``capture``'s bytes into %rax, its base in %rax and its index in %rdx first (both free by now)."""
+        rax, rdx = Register.RAX, Register.RDX
+        disp, base, index = capture.disp, Register.NONE, Register.NONE
+        if capture.base is None and capture.index is None:
+            self.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, rax, disp & (1 << 64) - 1))
+            disp, base = 0, rax
+        if capture.base is not None:
+            self._original_into(rax, capture.base)
+            base = rax
+        if capture.index is not None:
+            self._original_into(rdx, capture.index)
+            index = rdx
+        if not -(1 << 31) <= disp < 1 << 31:
+            raise ValueError(f"a displacement of {disp:#x} does not fit an instruction")
+        register = rax if capture.size == 8 else Register.EAX
+        operand = MemoryOperand(base, index, capture.scale, displ=disp)
+        self.add(Instruction.create_reg_mem(_LOADS[capture.size], register, operand), loads=True)
+
+    def _original(self, field: str) -> Register | None:
+        """The register holding ``field``'s value of the hit, if it still does."""
+        if field in self.pushed or field == "rsp":
+            return None
+        return getattr(Register, field.upper())
+
+    def _original_into(self, register: Register, field: str) -> None:
+        if field == "rsp":
+            self.add(Instruction.create_reg_mem(Code.LEA_R64_M, register, MemoryOperand(Register.RSP,
+                                                                                          displ=self.stack)))
+        elif field in self.pushed:
+            at = 8 * (len(self.pushed) - 1 - self.pushed.index(field))
+            self.add(_load(register, Register.RSP, at))
+        else:
+            self.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, register, getattr(Register, field.upper())))
+
+    def assemble(self, address: int, after: list[tuple[Instruction, Resume]]) -> Trampoline:
+        """The generated part as one block (its branches bound to their labels), then ``after``."""
+        block = BlockEncoder(64)
+        block.add_many([ins for ins, _ in self.pieces])
+        code = block.encode(address)
+        starts = [ins.ip for ins in Decoder(64, code, DecoderOptions.NONE, ip=address)]
+        if len(starts) != len(self.pieces):
+            raise ValueError("the block encoder changed the number of generated instructions")
+        tail = _assemble(after, address + len(code))
+        return Trampoline(address, code + tail.code,
+                          {**dict(zip(starts, (resume for _, resume in self.pieces))), **tail.resumes})
+
+
+def _load(register: Register, base: Register, displ: int) -> Instruction:
+    return Instruction.create_reg_mem(Code.MOV_R64_RM64, register, MemoryOperand(base, displ=displ))
+
+
+def _store(base: Register, displ: int, register: Register) -> Instruction:
+    code = Code.MOV_RM64_R64 if register not in (Register.ESI, Register.EAX) else Code.MOV_RM32_R32
+    return Instruction.create_mem_reg(code, MemoryOperand(base, displ=displ), register)
+
+
+def tsc_reader() -> list[Instruction]:
+    """A function returning the time stamp counter: ``rdtsc; shl $32,%rdx; or %rdx,%rax; ret``."""
+    return [Instruction.create(Code.RDTSC), Instruction.create_reg_u32(Code.SHL_RM64_IMM8, Register.RDX, 32),
+            Instruction.create_reg_reg(Code.OR_R64_RM64, Register.RAX, Register.RDX), Instruction.create(Code.RETNQ)]
+
+
+def _relocated(site: JumpSite, recorded: bool = False) -> list[tuple[Instruction, Resume]]:
     pieces = []
     for ins in site.displaced:
         if ins.flow_control == FlowControl.CALL:
@@ -93,7 +340,7 @@ def _relocated(site: JumpSite) -> list[tuple[Instruction, Resume]]:
     if site.displaced[-1].flow_control in _FALLS_THROUGH:
         back = site.address + site.length
         pieces.append((Instruction.create_branch(Code.JMP_REL32_64, back), Resume(back, counted=True)))
-    return pieces
+    return [(ins, replace(resume, recorded=recorded)) for ins, resume in pieces]
 
 
 def _call_as_push_and_jump(call: Instruction) -> list[tuple[Instruction, Resume]]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import signal
 import threading
 import time
@@ -38,6 +39,7 @@ from .hits import Reporter
 from .jumps import Jump
 from .linker import role_sites
 from .placement import INT3, Breakpoint, Placement, Role
+from .records import Recorder
 from .returns import MAX_RETURN_DEPTH, caught, hijack, put_back, returned
 from .stops import Phase, drain
 from .strategies import Boost, retry_step
@@ -53,6 +55,8 @@ _WAKERS = _TOOL_STOPPERS | {signal.SIGCHLD}
 # on a VM, waking a sleeping tracer costs more than the hit itself (perf-levers.md; bench/ measures it).
 _SPIN_S = 0.002
 _REFUSALS_SHOWN = 5
+_RING_READ_S = 0.005  # how often rings are read while no stop comes (a ring holds 65,536 records)
+_event_time = operator.attrgetter("ts_ns")
 
 
 def _uninterrupted(method):
@@ -99,9 +103,11 @@ class PtraceEngine(Engine):
         if pid is None:
             raise UprobesError("the ptrace engine traces one process: give -p PID or a command to run")
         self.placement = Placement(list(probes))
-        if self.jumps_allowed and counting:
+        if self.jumps_allowed:
             self.placement.jumps.eligible = frozenset(i for i, probe in enumerate(probes)
                                                       if not probe.is_return and i not in (consumers or {}))
+            if not counting:
+                self.placement.jumps.recorder = Recorder(self.placement.probes)
         self.family = Family(self.placement, follow_forks)
         self._reporter = Reporter(self.placement.probes, consumers or {}, counting)
         self._returns_wanted = any(probe.is_return for probe in probes)
@@ -151,8 +157,9 @@ class PtraceEngine(Engine):
 
     @property
     def lost(self) -> int:
-        """Always 0: a hit stops its thread until it is reported."""
-        return 0
+        """Records of jump probes that found their ring full (a trapped hit stops its thread until reported)."""
+        recorder = self.placement.jumps.recorder
+        return recorder.lost if recorder is not None else 0
 
     def hit_counts(self) -> list[int]:
         jumped = self.placement.jumps.counts(len(self._reporter.hits))
@@ -174,6 +181,8 @@ class PtraceEngine(Engine):
             notes.append(f"{len(jumped)} of {len(self.placement.placed)} probe points were jumps (no stop per hit)")
             notes += [f"{self.placement.probes[index].name} trapped at an int3, not a jump: {why}"
                       for index, why in sorted(jumps.refused.items())[:_REFUSALS_SHOWN]]
+            notes += [f"{self.placement.probes[index].name} trapped after its first hits: a load for its record "
+                      f"faulted (the program never saw the fault)" for index in jumps.demoted()]
             if len(jumps.refused) > _REFUSALS_SHOWN:
                 notes.append(f"{len(jumps.refused) - _REFUSALS_SHOWN} more probe points trapped ('uprobes resolve "
                              f"--engine ptrace' says why)")
@@ -190,25 +199,51 @@ class PtraceEngine(Engine):
     def poll(self, timeout: float) -> list[Event]:
         """Service the target for up to ``timeout`` seconds; return the events of the hits meanwhile."""
         deadline = time.monotonic() + timeout
+        recorder = self.placement.jumps.recorder
         while True:
             handled = drain(self, Phase.SERVING)
             if self._jumps_pending:
                 self._place_jumps()
+            if recorder is not None:
+                recorder.read_all()
+                self._resolve_keys(recorder)
             if handled:
                 now = time.perf_counter()
                 self._stop_gap, self._last_stop = now - self._last_stop, now
-            if self._reporter.events and not handled:
+            if (self._reporter.events or recorder is not None and recorder.events) and not handled:
                 break
             remaining = deadline - time.monotonic()
             if not self.family.threads or remaining <= 0:
                 break
             if not handled and not self._spin():
+                if recorder is not None and recorder.rings:
+                    remaining = min(remaining, _RING_READ_S)
                 woken = signal.sigtimedwait(_WAKERS, remaining)
                 if woken is not None and woken.si_signo in _TOOL_STOPPERS:
                     # Sent again, to be handled once we return; the events wait for the next poll.
                     signal.pthread_kill(threading.get_ident(), woken.si_signo)
                     return []
-        return self._reporter.take_events()
+        return self._take_events()
+
+    def _take_events(self) -> list[Event]:
+        events = self._reporter.take_events()
+        recorder = self.placement.jumps.recorder
+        if recorder is not None and recorder.events:
+            events = sorted(events + recorder.take_events(), key=_event_time)
+        return events
+
+    def _resolve_keys(self, recorder: Recorder) -> None:
+        """Records came from threads whose key we have not seen: in a process with one thread they are its;
+        otherwise every thread is stopped once, to read all the keys."""
+        for owner in recorder.unknown_in():
+            threads = self.family.sharing(owner)
+            if len(threads) == 1:
+                recorder.attribute(owner, threads[0])
+        if recorder.unknown_in():
+            group_stopped = {tid for tid, thread in self.family.threads.items() if thread.state is LISTENING}
+            stop_world(self, detaching=False)
+            recorder.learn([thread for thread in self.family.threads.values() if thread.state.stopped])
+            self.family.let_run(group_stopped)
 
     def _spin(self) -> bool:
         """Poll for a stop until _SPIN_S after the last one, if stops have been coming faster than that;
@@ -353,6 +388,10 @@ class PtraceEngine(Engine):
         return ptrace_getsiginfo(thread.tid).si_code == SI_KERNEL
 
     # -- detaching ---------------------------------------------------------------------------------------
+
+    def leftover(self) -> list[Event]:
+        """Records read at detach, from the rings' last slots."""
+        return self._take_events()
 
     @_uninterrupted
     def close(self) -> None:

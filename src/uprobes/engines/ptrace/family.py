@@ -198,6 +198,7 @@ class Family:
     def _start(self, thread: Thread) -> None:
         """Let a new thread or child run; one killed meanwhile is gone (the ESRCH is its, not its parent's)."""
         try:
+            self.placement.jumps.started(thread)
             thread.resume()
         except ProcessLookupError:
             self.gone(thread.tid, None)
@@ -210,7 +211,8 @@ class Family:
         try:
             if kind == "vfork" or _shares_memory(parent.pid, pid):
                 thread = self._share(pid, parent)
-                if not self.follow_forks:
+                if not self.follow_forks or self.placement.jumps.recorder is not None:
+                    # its hits trap: a record would name its parent's thread (they share the TLS)
                     self.placement.jumps.suspend(thread.process.memory_owner, pid, pid)
                 if serving:
                     self._start(thread)
@@ -265,6 +267,8 @@ class Family:
         places the probes in the new one (None: the world is being stopped, the thread stays stopped)."""
         old = thread.process
         pid = old.pid
+        if old.owns_memory:
+            self.placement.jumps.execing(thread)
         for tid, other in list(self.threads.items()):
             if other.process is old and tid != thread.tid:
                 del self.threads[tid]  # the other threads are gone; the exec'ing one now has tid == pid
@@ -297,8 +301,9 @@ class Family:
         thread = self.threads.get(tid)
         if status is None and thread is not None:
             thread.state = EXITING
-        else:
-            self.threads.pop(tid, None)
+        elif thread is not None:
+            del self.threads[tid]
+            self.placement.jumps.ended(thread)
         if status is not None and tid in self.processes and self.processes[tid].owns_memory:
             self.exit_status[tid] = os.waitstatus_to_exitcode(status)  # not of every vfork child: they come by the million
         freed = None

@@ -18,8 +18,6 @@ from __future__ import annotations
 import bisect
 import collections
 import errno
-import mmap
-import os
 import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -28,11 +26,14 @@ from ...elf.objfile import ElfObject
 from ...errors import UprobesError
 from ...probes.resolve import Probe
 from ...proc.maps import free_range_near, read_maps
-from ...x86_64.abi import (NR_CLOSE, NR_FTRUNCATE, NR_MADVISE, NR_MEMFD_CREATE, NR_MMAP, NR_MPROTECT, NR_MUNMAP)
+from ...x86_64.abi import NR_MPROTECT, NR_MUNMAP
 from ...x86_64.jumps import JUMP_LENGTH, JumpSite, jump_bytes, jump_site
-from ...x86_64.registers import STATUS_FLAGS
-from ...x86_64.trampolines import Resume, Trampoline, counting_trampoline
+from ...x86_64.registers import STATUS_FLAGS, ZERO_FLAG
+from ...x86_64.trampolines import Resume, Trampoline, counting_trampoline, recording_trampoline
 from .memory import ProcessMemory
+from .records import Recorder, captures_for, records_possible
+from .ring import WORDS, Ring
+from .shared import PROT_EXEC, PROT_READ, PROT_WRITE, map_shared
 from .strategies import INT3, Strategy
 from .syscalls import Regs, ptrace_getregs, ptrace_getsiginfo, ptrace_setregs
 from .tracee import is_fault
@@ -46,14 +47,9 @@ __all__ = ["Jump", "JumpArea", "Jumps", "site_for"]
 
 _CODE_SIZE = 1 << 18
 _COUNTERS_SIZE = 1 << 18
-_TRAMPOLINE_SIZE = 128
+_TRAMPOLINE_MAX = 512  # a trampoline takes what it needs, 16-byte aligned
 _COUNTER_SIZE = 64  # one cache line each: threads counting different sites never share a line
 _REACH = (1 << 31) - (1 << 24)  # what a rel32 reaches, less a margin
-_MFD_CLOEXEC = 1
-_PROT_READ, _PROT_WRITE, _PROT_EXEC = 1, 2, 4
-_MAP_SHARED, _MAP_FIXED_NOREPLACE = 0x01, 0x100000
-_MADV_DONTFORK = 10
-_NAME = b"uprobes-jumps\0"
 _COUNT = struct.Struct("<Q")
 
 
@@ -73,30 +69,12 @@ class JumpArea:
         address = at or free_range_near(read_maps(memory.pid), *near, size, _REACH)
         if address is None:
             raise InjectionError(f"no free address range within 2 GiB of the code at {near[0]:#x}")
-        name = (ptrace_getregs(tid).rsp - 1024) & ~15  # below the red zone: scratch for the program too
-        memory.write(name, _NAME, tid)
-        fd = _checked(inject_syscall(tid, memory, NR_MEMFD_CREATE, name, _MFD_CLOEXEC), "memfd_create")
-        try:
-            _checked(inject_syscall(tid, memory, NR_FTRUNCATE, fd, size), "ftruncate")
-            ours = os.open(f"/proc/{memory.pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
-            try:
-                self._shared = mmap.mmap(ours, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            finally:
-                os.close(ours)
-            mapped = inject_syscall(tid, memory, NR_MMAP, address, size, _PROT_READ | _PROT_EXEC,
-                                    _MAP_SHARED | _MAP_FIXED_NOREPLACE, fd, 0)
-            if mapped != address:
-                if mapped >= 0:
-                    inject_syscall(tid, memory, NR_MUNMAP, mapped, size)
-                raise InjectionError(f"mmap of the jump area at {address:#x} failed in process {memory.pid}: "
-                                     f"{_error(mapped)}")
-        finally:
-            inject_syscall(tid, memory, NR_CLOSE, fd)
-        inject_syscall(tid, memory, NR_MPROTECT, address + _CODE_SIZE, _COUNTERS_SIZE, _PROT_READ | _PROT_WRITE)
-        inject_syscall(tid, memory, NR_MADVISE, address, size, _MADV_DONTFORK)
+        self._shared, _ = map_shared(tid, memory, size, address, PROT_READ | PROT_EXEC, b"uprobes-jumps")
+        inject_syscall(tid, memory, NR_MPROTECT, address + _CODE_SIZE, _COUNTERS_SIZE, PROT_READ | PROT_WRITE)
         self.address, self.size, self.memory = address, size, memory
         self._next_code, self._next_counter = 0, _CODE_SIZE
         self._starts: list[int] = []  # trampoline addresses, in order
+        self._ends: list[int] = []
         self._owners: list[Jump | None] = []
         self._retired: tuple[bytes, dict[int, int]] | None = None  # code and counts, once our mapping is gone
 
@@ -105,22 +83,23 @@ class JumpArea:
         return high - self.address < _REACH and self.address + self.size - low < _REACH
 
     def full(self) -> bool:
-        return self._next_code + _TRAMPOLINE_SIZE > _CODE_SIZE or self._next_counter + _COUNTER_SIZE > self.size
+        return self._next_code + _TRAMPOLINE_MAX > _CODE_SIZE or self._next_counter + _COUNTER_SIZE > self.size
 
     def take(self) -> tuple[int, int]:
-        """A trampoline slot and a counter, never given out before."""
+        """Where the next trampoline goes, and a counter never given out before."""
         code, counter = self.address + self._next_code, self.address + self._next_counter
-        self._next_code += _TRAMPOLINE_SIZE
         self._next_counter += _COUNTER_SIZE
         return code, counter
 
     def install(self, trampoline: Trampoline, owner: Jump) -> None:
         """Write a trampoline no thread has run yet, through the tracer's own mapping."""
-        if len(trampoline.code) > _TRAMPOLINE_SIZE:
+        if len(trampoline.code) > _TRAMPOLINE_MAX:
             raise ValueError(f"a trampoline of {len(trampoline.code)} bytes does not fit a slot")
         offset = trampoline.address - self.address
         self._shared[offset:offset + len(trampoline.code)] = trampoline.code
+        self._next_code = offset + len(trampoline.code) + 15 & ~15
         self._starts.append(trampoline.address)
+        self._ends.append(trampoline.address + len(trampoline.code))
         self._owners.append(owner)
 
     def count(self, counter: int) -> int:
@@ -145,14 +124,14 @@ class JumpArea:
         if not self.address <= address < self.address + _CODE_SIZE:
             return None
         i = bisect.bisect_right(self._starts, address) - 1
-        return self._owners[i] if i >= 0 and address < self._starts[i] + _TRAMPOLINE_SIZE else None
+        return self._owners[i] if i >= 0 and address < self._ends[i] else None
 
     def copy_into(self, tid: int, memory: ProcessMemory) -> JumpArea:
         """The same trampolines at the same address in a fork child (stopped thread ``tid``), counting afresh."""
         child = JumpArea(tid, memory, (self.address, self.address), at=self.address)
         child._shared[:self._next_code] = self.code()
         child._next_code, child._next_counter = self._next_code, self._next_counter
-        child._starts = list(self._starts)
+        child._starts, child._ends = list(self._starts), list(self._ends)
         child._owners = [None] * len(self._starts)
         return child
 
@@ -174,12 +153,14 @@ class Jump(Strategy):
     """A site replaced by a ``jmp`` to its trampoline: hits are counted there, and nothing traps."""
 
     def __init__(self, breakpoint: Breakpoint, site: JumpSite, trampoline: Trampoline, area: JumpArea,
-                 counter: int, trap: Strategy) -> None:
+                 counter: int, trap: Strategy, ring: Ring | None = None, site_id: int = 0) -> None:
         super().__init__(breakpoint)
         self.site, self.trampoline, self.area, self.counter = site, trampoline, area, counter
+        self.ring, self.site_id = ring, site_id  # where its records go, if it records hits
         self.trap = trap  # how the int3 of before the jump is taken out (a fork child's copy made before it)
         self.jump = jump_bytes(site.address, trampoline.address)
         self.correction = 0  # hits counted twice: a thread sent back to the site after it was counted
+        self.demoted = False  # an int3 is over the first byte for good (a load for a record faulted)
 
     @property
     def hits(self) -> int:
@@ -217,24 +198,49 @@ class Jump(Strategy):
         handler frame points into the area; only between displaced instructions, where no such address
         exists, is it delivered in place. A hit counted and sent back to the site will count again: once more
         than it happened, unless the signal is a fault of the first displaced instruction, which runs again
-        after the handler (a second hit, as the kernel counts it)."""
+        after the handler (a second hit, as the kernel counts it). A fault of the trampoline's own load for a
+        record is never the program's: the thread goes back to the site, and the site traps from now on."""
         resume = self.trampoline.resume(regs.rip)
-        if resume is not None and not self.site.inside(resume.rip):
-            if resume.counted and resume.rip == self.site.address \
-                    and not is_fault(sig, ptrace_getsiginfo(thread.tid)):
-                self.correction -= 1
+        if resume is None or self.site.inside(resume.rip):
+            thread.resume(sig)
+            return
+        fault = is_fault(sig, ptrace_getsiginfo(thread.tid))
+        if resume.loads and fault:
+            self.correction -= resume.counted
             self._apply(thread, regs, resume)
+            self.demote(thread.process.memory, thread.tid)
+            thread.resume()
+            return
+        if (resume.counted or resume.recorded) and resume.rip == self.site.address and not fault:
+            self.correction -= resume.counted
+            if resume.recorded:
+                self.ring.suppress(regs.fs_base, self.site_id)
+        self._apply(thread, regs, resume)
         thread.resume(sig)
 
-    def copy_for(self, breakpoint: Breakpoint, area: JumpArea) -> Jump:
-        """This jump in a fork child's copy of the memory, counting in the child's own area."""
-        jump = Jump(breakpoint, self.site, self.trampoline, area, self.counter, breakpoint.strategy)
+    def demote(self, memory: ProcessMemory, via: int) -> None:
+        """An int3 over the jump's first byte for good: every hit traps (and is read with the thread stopped)."""
+        self.demoted = True
+        memory.write(self.site.address, INT3, via)
+
+    def copy_for(self, breakpoint: Breakpoint, area: JumpArea, ring: Ring | None) -> Jump:
+        """This jump in a fork child's copy of the memory, counting in the child's own area and ring."""
+        jump = Jump(breakpoint, self.site, self.trampoline, area, self.counter, breakpoint.strategy, ring,
+                    self.site_id)
+        jump.demoted = self.demoted
         area.adopt(jump)
         return jump
 
     def _apply(self, thread: Thread, regs: Regs, resume: Resume) -> None:
+        """Put the thread where ``resume`` says, with what the trampoline saved put back; a ring slot it had
+        reserved is written off."""
+        if resume.reserved is not None and (not resume.reserved_if_zf or regs.eflags & ZERO_FLAG):
+            self.ring.void(getattr(regs, resume.reserved))
+        memory = thread.process.memory
+        for name, offset in resume.saved:
+            setattr(regs, name, _COUNT.unpack(memory.read(regs.rsp + offset, 8))[0])
         if resume.flags_at is not None:
-            saved = _COUNT.unpack(thread.process.memory.read(regs.rsp + resume.flags_at, 8))[0]
+            saved = _COUNT.unpack(memory.read(regs.rsp + resume.flags_at, 8))[0]
             regs.eflags = regs.eflags & ~STATUS_FLAGS | saved & STATUS_FLAGS
         regs.rsp += resume.stack
         regs.rip = resume.rip
@@ -255,13 +261,19 @@ class Jumps:
     _objects: dict[str, ElfObject] = field(default_factory=dict)  # opened once per run (a realpath each)
     _broken: set[Process] = field(default_factory=set)  # address spaces where no area could be mapped
     _suspended: dict[Process, set[int]] = field(default_factory=dict)  # memory -> children not followed in it
+    recorder: Recorder | None = None  # where traced jumps record their hits (None: jumps only count)
+    _recordable: dict[Process, str | None] = field(default_factory=dict)  # why an address space cannot record
+    _declined: dict[int, Breakpoint] = field(default_factory=dict)  # breakpoints refused, by id: they stay traps
 
     def wanted(self, breakpoint: Breakpoint) -> bool:
+        """Whether ``breakpoint`` may still become a jump: its probes may, and it was never refused."""
         return (bool(breakpoint.entries) and not breakpoint.returns and not breakpoint.roles
-                and self.eligible.issuperset(breakpoint.entries) and not isinstance(breakpoint.strategy, Jump))
+                and self.eligible.issuperset(breakpoint.entries) and not isinstance(breakpoint.strategy, Jump)
+                and id(breakpoint) not in self._declined)
 
     def waiting(self, process: Process, probes: list[Probe]) -> bool:
-        """Whether ``process`` has breakpoints that may still become jumps (not known to be refused)."""
+        """Whether ``process`` has breakpoints that may still become jumps (not known to be refused): only then
+        is every thread stopped to place them."""
         return any(self.wanted(breakpoint) and not isinstance(self._sites.get(_key(probes[breakpoint.entries[0]])), str)
                    for breakpoint in process.breakpoints.values())
 
@@ -272,23 +284,30 @@ class Jumps:
         if owner in self._broken:
             return
         regs = {thread.tid: ptrace_getregs(thread.tid) for thread in threads}
+        if self.recorder is not None:
+            for thread in threads:
+                self.recorder.saw(thread, regs[thread.tid].fs_base)
         placed = sorted(process.breakpoints)
         for breakpoint in list(process.breakpoints.values()):
             if not self.wanted(breakpoint):
                 continue
             site = self._site(breakpoint, probes[breakpoint.entries[0]], process, placed)
-            if isinstance(site, str):
-                self._refuse(breakpoint, site)
+            captures = self._captures(breakpoint, probes, owner) if not isinstance(site, str) else ()
+            if isinstance(site, str) or isinstance(captures, str):
+                self._refuse(breakpoint, site if isinstance(site, str) else captures)
                 continue
             try:
                 area = self._area(owner, site, via)
+                ring = self.recorder.ring(owner, via) if self.recorder is not None else None
             except (InjectionError, OSError) as exc:
                 self._broken.add(owner)
                 self.notices.append(f"jump probes are off in process {process.pid}, every probe traps: {exc}")
                 return
             code, counter = area.take()
+            site_id = self.recorder.site_id(breakpoint, captures) if ring is not None else 0
             try:
-                trampoline = counting_trampoline(site, code, counter)
+                trampoline = (counting_trampoline(site, code, counter) if ring is None else
+                              recording_trampoline(site, code, counter, ring.layout, site_id, captures))
             except ValueError as exc:
                 self._refuse(breakpoint, f"its instructions cannot run from the trampoline ({exc})")
                 continue
@@ -296,7 +315,7 @@ class Jumps:
             if moves is None:
                 self._refuse(breakpoint, "a thread stood between its instructions")
                 continue
-            jump = Jump(breakpoint, site, trampoline, area, counter, breakpoint.strategy)
+            jump = Jump(breakpoint, site, trampoline, area, counter, breakpoint.strategy, ring, site_id)
             area.install(trampoline, jump)
             for tid, rip in moves.items():
                 regs[tid].rip = rip
@@ -305,25 +324,51 @@ class Jumps:
             breakpoint.strategy = jump
             self.placed.append(jump)
 
+    def _captures(self, breakpoint: Breakpoint, probes: list[Probe], owner: Process) -> tuple | str:
+        """What a record of ``breakpoint``'s hits holds (nothing when only counting), or why it cannot be one."""
+        if self.recorder is None:
+            return ()
+        if owner not in self._recordable:
+            self._recordable[owner] = records_possible(owner.pid)
+        if self._recordable[owner] is not None:
+            return self._recordable[owner]
+        captures: list = []
+        for index in breakpoint.entries:
+            probe = probes[index]
+            more = captures_for(probe, breakpoint.address - probe.address)
+            if isinstance(more, str):
+                return more
+            captures += [capture for capture in more if capture not in captures]
+        return tuple(captures) if len(captures) <= WORDS else f"its probes need more than {WORDS} words"
+
     def jumped(self) -> set[int]:
         """The probes placed as a jump somewhere."""
         return {index for jump in self.placed for index in jump.breakpoint.entries}
 
+    def demoted(self) -> list[int]:
+        """The probes of jumps that trap for good, in order (a load for a record faulted)."""
+        return sorted({index for jump in self.placed if jump.demoted for index in jump.breakpoint.entries})
+
     def _refuse(self, breakpoint: Breakpoint, reason: str) -> None:
+        self._declined[id(breakpoint)] = breakpoint  # kept: an id is unique only while its object lives
         for index in breakpoint.entries:
             self.refused.setdefault(index, reason)
 
     def follow(self, parent: Process, child: Process, tid: int) -> None:
         """A fork child has its parent's jumps in its copy of the memory (those placed before it forked): give
-        it the same trampolines at the same addresses, counting in areas of its own."""
+        it the same trampolines at the same addresses, counting in areas and recording in a ring of its own."""
         copies: dict[JumpArea, JumpArea] = {}  # the parent may have ended already: its areas are in our mappings
+        ring = None
         for address, breakpoint in child.breakpoints.items():
             jump = parent.breakpoints[address].strategy
-            if isinstance(jump, Jump) and child.memory.read(address, JUMP_LENGTH) == jump.jump:  # not placed after
+            # placed before the fork (an int3 over it: suspended for a vfork child, or demoted)
+            if isinstance(jump, Jump) and child.memory.read(address, JUMP_LENGTH) in (jump.jump, INT3 + jump.jump[1:]):
                 if jump.area not in copies:
                     copies[jump.area] = jump.area.copy_into(tid, child.memory)
                     self._areas[child].append(copies[jump.area])
-                breakpoint.strategy = jump.copy_for(breakpoint, copies[jump.area])
+                if jump.ring is not None and ring is None:
+                    ring = self.recorder.follow(jump.ring, child, tid)
+                breakpoint.strategy = jump.copy_for(breakpoint, copies[jump.area], ring)
                 self.placed.append(breakpoint.strategy)
 
     def suspend(self, owner: Process, child: int, via: int) -> None:
@@ -353,7 +398,7 @@ class Jumps:
     def _first_bytes(owner: Process, trap: bool, via: int) -> None:
         """An int3 over the first byte of every jump of ``owner``'s memory, or (``trap`` False) the jump's own."""
         for breakpoint in owner.breakpoints.values():
-            if isinstance(breakpoint.strategy, Jump):
+            if isinstance(breakpoint.strategy, Jump) and not breakpoint.strategy.demoted:
                 owner.memory.write(breakpoint.address, INT3 if trap else breakpoint.strategy.jump[:1], via)
 
     def owner(self, process: Process, address: int) -> Jump | None:
@@ -365,15 +410,42 @@ class Jumps:
         return None
 
     def unmap(self, process: Process, via: int) -> None:
-        """Every area of ``process`` taken out of it (at detach, its jumps restored)."""
+        """Every area of ``process`` taken out of it (at detach, its jumps restored), its ring read to the end."""
         for area in self._areas.pop(process, []):
             area.unmap(via)
+        if self.recorder is not None:
+            self.recorder.unmap(process, via)
 
     def forget(self, process: Process) -> None:
         """``process`` exec'd or ended: its areas went with its memory (their counts stay readable)."""
         for area in self._areas.pop(process, []):
             area.retire()
         self._broken.discard(process)
+        self._recordable.pop(process, None)
+        if self.recorder is not None:
+            self.recorder.forget(process)
+
+    def started(self, thread: Thread) -> None:
+        """A new thread, stopped before its first instruction: its key (fs base) is known from now on."""
+        if self.recorder is not None:
+            self.recorder.saw(thread, ptrace_getregs(thread.tid).fs_base)
+
+    def exiting(self, thread: Thread) -> None:
+        """``thread`` stopped at its exit: every record it wrote is read now, under its last key."""
+        if self.recorder is not None:
+            self.recorder.saw(thread, ptrace_getregs(thread.tid).fs_base)
+            self.recorder.read(thread.process.memory_owner or thread.process)
+
+    def execing(self, thread: Thread) -> None:
+        """``thread`` is at its exec, the only one left of its image: what the image wrote is read now, under
+        the thread's old id and name."""
+        if self.recorder is not None:
+            self.recorder.attribute(thread.process, thread)
+
+    def ended(self, thread: Thread) -> None:
+        """``thread`` is gone: its key may come back with another thread."""
+        if self.recorder is not None:
+            self.recorder.ended(thread)
 
     def counts(self, number: int) -> list[int]:
         """Hits per probe (``number`` of them) counted by jumps so far, in every process."""
@@ -437,12 +509,3 @@ def _moves(site: JumpSite, trampoline: Trampoline, regs: dict[int, Regs]) -> dic
 def _key(probe: Probe) -> tuple[str, int]:
     return probe.path, probe.offset
 
-
-def _checked(result: int, call: str) -> int:
-    if result < 0:
-        raise InjectionError(f"{call} failed in the target: {_error(result)} (seccomp?)")
-    return result
-
-
-def _error(result: int) -> str:
-    return os.strerror(-result) if -4096 < result < 0 else f"it answered {result:#x}"

@@ -64,6 +64,8 @@ def dispatch(engine: PtraceEngine, tid: int, status: int, phase: Phase) -> None:
         thread.state = STOPPED
     try:
         if thread.state is EXITING or event == EVENT_EXIT:
+            if event == EVENT_EXIT:
+                engine.placement.jumps.exiting(thread)
             thread.resume()  # its end goes on; WIFEXITED follows (hazards 12-13)
         elif thread.step is not None:
             on_step_stop(thread, event, sig, serving)

@@ -1,0 +1,323 @@
+"""Records of jump probes: which words a hit must capture, and events made of records read from the ring.
+
+A traced probe (not only counted) can be a jump when everything it fetches can be captured by the trampoline
+with no risk to the program: registers, the stack pointer, constants, ``$comm``, ``$stackN``, and the memory
+a USDT marker's own operands name (the compiler put the values there, so it is mapped). Should one of those
+loads fault all the same (a hand-written marker), the tool catches the fault, the program never sees it, and
+the site traps from then on (:meth:`uprobes.engines.ptrace.jumps.Jump.on_signal`). The tool then evaluates the
+fetch arguments exactly as at a trap (:func:`uprobes.probes.evaluate.evaluate`), over the registers and
+memory the record holds. Any other fetch (a dereference, a string) keeps the probe a trap, which
+reads memory with the thread stopped, and ``resolve`` says so.
+
+Records carry the thread's fs base, not its id: a thread is known by the key it had when we last saw it
+stopped. A key no stopped thread has shown yet (a new thread, the TLS of a program just exec'd) holds its
+records back until it is known: the one thread left in a process (:meth:`Recorder.attribute`), or every thread
+stopped once to read its key (:meth:`Recorder.learn`). A key a
+thread left at its end may come back with the next thread (glibc reuses stacks): its records are read first.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+import numpy
+
+from ...output.event import Event
+from ...probes.evaluate import HitContext, evaluate
+from ...probes.fetchargs import (Address, Comm, Deref, FetchArg, FileOffset, Immediate, ImmediateString, Register,
+                                 StackPointer, StackSlot)
+from ...probes.markerargs import MarkerOperand
+from ...probes.resolve import Probe
+from ...proc.status import auxv
+from ...x86_64.registers import BY_KERNEL_NAME, GENERAL_REGISTERS
+from ...x86_64.trampolines import Capture, CaptureLoad, CaptureRegister
+from .clock import TscClock
+from .syscalls import ptrace_getregs
+from .ring import WORDS, Ring
+
+if TYPE_CHECKING:
+    from .placement import Breakpoint
+    from .tracee import Process, Thread
+
+__all__ = ["Recorder", "captures_for", "RecordedSite"]
+
+_AT_HWCAP2, _HWCAP2_FSGSBASE = 26, 1 << 1
+_CAPTURED = frozenset({reg.field for reg in GENERAL_REGISTERS} | {"rsp", "eflags"})
+_NO_WORDS = (Immediate, ImmediateString, Comm)
+_CPU_MASK = 0xFFF  # rdtscp's TSC_AUX holds (node << 12) | cpu on Linux
+
+
+def captures_for(probe: Probe, load_bias: int = 0) -> tuple[Capture, ...] | str:
+    """The words a record of ``probe`` needs (``load_bias``: runtime minus link-time address of its object),
+    or why its fetch arguments cannot be taken by a trampoline."""
+    captures: list[Capture] = []
+    for arg in probe.fetchargs:
+        why = _capture(arg, probe, load_bias, captures)
+        if why:
+            return f"{arg.name} {why}, which needs the thread stopped"
+    if len(captures) > WORDS:
+        return f"its arguments need {len(captures)} words, more than the {WORDS} a record holds"
+    return tuple(captures)
+
+
+def _capture(arg: FetchArg, probe: Probe, load_bias: int, captures: list[Capture]) -> str | None:
+    source = arg.source
+    if isinstance(source, _NO_WORDS) or (isinstance(source, Register) and source.name == "ip"):
+        return None
+    if arg.type is not None and arg.type.is_string:
+        return "reads a string"
+    if isinstance(source, StackPointer):
+        return _add(captures, CaptureRegister("rsp"))
+    if isinstance(source, Register):
+        field_name = BY_KERNEL_NAME[source.name].field
+        if field_name not in _CAPTURED:
+            return f"reads %{source.name}"
+        return _add(captures, CaptureRegister(field_name))
+    if isinstance(source, StackSlot):
+        _add(captures, CaptureRegister("rsp"))
+        return _loads(captures, CaptureLoad("rsp", 8 * source.n, 8), 8)
+    if isinstance(source, MarkerOperand):
+        return _operand(source, load_bias, captures)
+    if source not in probe.marker_memory:
+        return "reads memory"
+    if isinstance(source, Deref):  # the marker's disp(%reg): only a register inside
+        base = BY_KERNEL_NAME[source.inner.name].field
+        _add(captures, CaptureRegister(base))
+        return _loads(captures, CaptureLoad(base, source.offset, 8), arg.size)
+    start = source.addr if isinstance(source, Address) else probe.address - probe.offset + source.offset
+    return _loads(captures, CaptureLoad(None, start + (load_bias if isinstance(source, FileOffset) else 0), 8),
+                  arg.size)
+
+
+def _operand(operand: MarkerOperand, load_bias: int, captures: list[Capture]) -> str | None:
+    """A marker operand tracefs cannot express: ``arg.size`` bytes at base + index * scale + disp (+ the
+    runtime address of its symbol), as :func:`uprobes.probes.evaluate.evaluate` reads them."""
+    arg = operand.arg
+    if arg.kind == "reg":
+        return f"reads %{arg.reg}"
+    disp = arg.disp
+    if operand.symbol_address is not None:
+        disp += operand.symbol_address + load_bias
+    base = None if arg.base in (None, "rip") else arg.base
+    for register in (base, arg.index):
+        if register is not None:
+            _add(captures, CaptureRegister(register))
+    return _loads(captures, CaptureLoad(base, disp, 8, arg.index, arg.scale or 1), arg.size)
+
+
+def _loads(captures: list[Capture], first: CaptureLoad, size: int) -> None:
+    """``size`` bytes from where ``first`` reads, in loads of 8, 4, 2 and 1 bytes."""
+    at = 0
+    while at < size:
+        step = next(s for s in (8, 4, 2, 1) if s <= size - at)
+        _add(captures, replace(first, disp=first.disp + at, size=step))
+        at += step
+
+
+def _add(captures: list[Capture], capture: Capture) -> None:
+    if capture not in captures:
+        captures.append(capture)
+
+
+def records_possible(pid: int) -> str | None:
+    """Why no thread of ``pid`` can record (a trampoline reads its key with ``rdfsbase``), or None."""
+    hwcap2 = auxv(pid, _AT_HWCAP2)
+    if hwcap2 is None or not hwcap2 & _HWCAP2_FSGSBASE:
+        return "the kernel does not let programs read their fs base (FSGSBASE): traced probes trap"
+    return None
+
+
+@dataclass(frozen=True)
+class RecordedSite:
+    """What a site id of the ring stands for: a breakpoint's address, its probes and its record's words."""
+
+    address: int
+    file_offset: int
+    probes: tuple[int, ...]
+    captures: tuple[Capture, ...]
+
+
+class _Registers:
+    """The registers a record holds, as evaluate() reads them (user_regs field names)."""
+
+    def __init__(self, values: dict[str, int]) -> None:
+        self.__dict__.update(values)
+
+
+class _Unknown:
+    """The thread of a record whose key no stopped thread ever showed (it ended before we saw it)."""
+
+    def __init__(self, process: Process) -> None:
+        self.process, self.tid, self.comm = process, process.pid, ""
+
+
+class _Memory:
+    """The memory a record holds, by address."""
+
+    def __init__(self, chunks: dict[int, bytes]) -> None:
+        self.chunks = chunks
+
+    def read(self, address: int, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            chunk = self.chunks.get(address + len(data))
+            if chunk is None:
+                raise OSError(f"{address:#x} was not captured")
+            data += chunk
+        return data[:size]
+
+    def read_string(self, address: int, limit: int = 4096) -> bytes:
+        raise OSError("strings are not captured")
+
+
+@dataclass
+class Recorder:
+    """The rings of a run, the sites that write into them, and the events read from them."""
+
+    probes: list[Probe]
+    sites: list[RecordedSite] = field(default_factory=list)
+    rings: dict[Process, Ring] = field(default_factory=dict)  # by memory owner, while mapped
+    events: list[Event] = field(default_factory=list)
+    _keys: dict[Process, dict[int, Thread]] = field(default_factory=lambda: collections.defaultdict(dict))
+    _held: dict[Process, list[numpy.ndarray]] = field(default_factory=dict)  # records with a key not known yet
+    _site_ids: dict[tuple[int, tuple[int, ...]], int] = field(default_factory=dict)
+    _lost_before: int = 0  # lost by rings of address spaces that are gone
+    _clock: TscClock | None = None
+
+    @property
+    def lost(self) -> int:
+        return self._lost_before + sum(ring.lost for ring in self.rings.values())
+
+    def ring(self, owner: Process, via: int) -> Ring:
+        """The ring of ``owner``'s memory, mapped now if it has none."""
+        if owner not in self.rings:
+            if self._clock is None:
+                self._clock = TscClock()
+            self.rings[owner] = Ring(via, owner.memory)
+        return self.rings[owner]
+
+    def site_id(self, breakpoint: Breakpoint, captures: tuple[Capture, ...]) -> int:
+        key = (breakpoint.address, tuple(breakpoint.entries))
+        if key not in self._site_ids:
+            self._site_ids[key] = len(self.sites)
+            self.sites.append(RecordedSite(breakpoint.address, breakpoint.file_offset, tuple(breakpoint.entries),
+                                           captures))
+        return self._site_ids[key]
+
+    def follow(self, parent: Ring, child: Process, via: int) -> Ring:
+        """A fork child's own ring, where its parent's ``parent`` is (the trampolines it copied write there)."""
+        self.rings[child] = Ring(via, child.memory, at=parent.address)
+        return self.rings[child]
+
+    def saw(self, thread: Thread, key: int) -> None:
+        """``thread`` was seen stopped with fs base ``key`` (its name is read now: an exec changes it)."""
+        keys = self._keys[thread.process.memory_owner or thread.process]
+        if keys.get(key) is not thread:
+            keys[key] = thread
+            thread.comm  # noqa: B018 (read and kept: the name of the code that writes with this key)
+
+    def ended(self, thread: Thread) -> None:
+        """``thread`` is gone (what it wrote was read at its exit stop): its key may come back with another."""
+        keys = self._keys.get(thread.process.memory_owner or thread.process, {})
+        for key in [key for key, known in keys.items() if known is thread]:
+            del keys[key]
+
+    def unknown_in(self) -> list[Process]:
+        """The address spaces whose ring holds records of threads whose key is not known yet."""
+        return [owner for owner, batches in self._held.items() if batches]
+
+    def attribute(self, owner: Process, thread: Thread) -> None:
+        """``thread`` is the only one left in ``owner``'s memory: the keys not known yet are its."""
+        self.read(owner)
+        keys = self._keys[owner]
+        for batch in self._held.get(owner, []):
+            for key in set(batch["key"].tolist()) - set(keys):
+                keys[key] = thread
+        self.read(owner)
+
+    def learn(self, threads: list[Thread]) -> None:
+        """Every thread is stopped (``threads``): the keys of records held back are known now; records whose
+        thread ended unseen are reported as the process's own (tid = pid)."""
+        for thread in threads:
+            self.saw(thread, ptrace_getregs(thread.tid).fs_base)
+        for owner, batches in list(self._held.items()):
+            keys = self._keys[owner]
+            for batch in batches:
+                for key in set(batch["key"].tolist()) - set(keys):
+                    keys[key] = _Unknown(owner)
+        self.read_all()
+
+    def read_all(self) -> None:
+        for owner in list(self.rings):
+            self.read(owner)
+
+    def read(self, owner: Process) -> None:
+        """Events of every whole record of ``owner``'s ring (those of threads not known yet are held)."""
+        ring = self.rings.get(owner)
+        records = ring.read() if ring is not None else None
+        held = self._held.pop(owner, [])
+        if records is not None and len(records):
+            held.append(records)
+        for batch in held:
+            self._events(owner, batch)
+
+    def unmap(self, owner: Process, via: int) -> None:
+        """At detach, every thread settled: ``owner``'s ring read to the end and taken out of it."""
+        ring = self.rings.get(owner)
+        if ring is not None:
+            self.read(owner)
+            ring.unmap(via)
+        self.forget(owner)
+
+    def forget(self, owner: Process) -> None:
+        """``owner``'s memory is gone (exit, exec) or its ring unmapped: read what is left, let the ring go."""
+        self.read(owner)
+        ring = self.rings.pop(owner, None)
+        if ring is not None:
+            ring.retire()
+            self._lost_before += ring.lost
+        self._keys.pop(owner, None)
+        self._held.pop(owner, None)
+
+    def take_events(self) -> list[Event]:
+        events, self.events = self.events, []
+        return events
+
+    def _events(self, owner: Process, records: numpy.ndarray) -> None:
+        keys = self._keys.get(owner, {})
+        unknown = ~numpy.isin(records["key"], numpy.fromiter(keys, numpy.uint64, len(keys)))
+        if unknown.any():
+            self._held.setdefault(owner, []).append(records[unknown])
+            records = records[~unknown]
+        ring = self.rings.get(owner)
+        suppressed = ring.suppressed if ring is not None else collections.Counter()
+        times = self._clock.to_ns(records["tsc"])
+        columns = (records["site"].tolist(), records["cpu"].tolist(), records["key"].tolist(),
+                   records["words"].tolist(), times.tolist())
+        for site_id, cpu, key, words, ts in zip(*columns):
+            if site_id >= len(self.sites):
+                continue  # VOID, or not ours
+            if suppressed[key, site_id]:
+                suppressed[key, site_id] -= 1
+                continue
+            self._event(self.sites[site_id], keys[key], ts, cpu & _CPU_MASK, words)
+
+    def _event(self, site: RecordedSite, thread: Thread, ts: int, cpu: int, words: list[int]) -> None:
+        registers: dict[str, int] = {"rip": site.address}
+        chunks: dict[int, bytes] = {}
+        for capture, word in zip(site.captures, words):
+            if isinstance(capture, CaptureRegister):
+                registers[capture.field] = word
+            else:
+                chunks[capture.address(registers)] = word.to_bytes(8, "little")[:capture.size]
+        context = HitContext(_Registers(registers), _Memory(chunks), site.address, site.file_offset, thread.comm)
+        pid = thread.process.pid
+        for index in site.probes:
+            probe = self.probes[index]
+            args, errors = evaluate(probe.fetchargs, context)
+            probe.typed(args)
+            self.events.append(Event(probe.name, pid, thread.tid, context.comm, ts, cpu, site.address, args, None,
+                                     errors or None, False, index))
+

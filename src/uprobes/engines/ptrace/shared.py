@@ -1,0 +1,59 @@
+"""Memory shared by the target and the tool: a memfd the target creates (system calls we inject through a
+stopped thread), mapped into it and into us. What the target writes there, we read without a stop."""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+from ...x86_64.abi import NR_CLOSE, NR_FTRUNCATE, NR_MADVISE, NR_MEMFD_CREATE, NR_MMAP, NR_MUNMAP
+from .memory import ProcessMemory
+from .syscalls import ptrace_getregs
+from .xol import InjectionError, inject_syscall
+
+__all__ = ["PROT_READ", "PROT_WRITE", "PROT_EXEC", "map_shared"]
+
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+_MFD_CLOEXEC = 1
+_MAP_SHARED, _MAP_FIXED_NOREPLACE = 0x01, 0x100000
+_MADV_DONTFORK = 10
+
+
+def map_shared(tid: int, memory: ProcessMemory, size: int, address: int, prot: int,
+               name: bytes) -> tuple[mmap.mmap, int]:
+    """Map ``size`` bytes of a new memfd called ``name`` at ``address`` in the target (0: where the kernel
+    chooses), with ``prot``, through stopped thread ``tid``; kept out of fork children (``MADV_DONTFORK``).
+    Returns our own read-write mapping of the same memory, and where the target has it."""
+    scratch = (ptrace_getregs(tid).rsp - 1024) & ~15  # below the red zone: scratch for the program too
+    memory.write(scratch, name + b"\0", tid)
+    fd = checked(inject_syscall(tid, memory, NR_MEMFD_CREATE, scratch, _MFD_CLOEXEC), "memfd_create")
+    try:
+        checked(inject_syscall(tid, memory, NR_FTRUNCATE, fd, size), "ftruncate")
+        ours = os.open(f"/proc/{memory.pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            shared = mmap.mmap(ours, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(ours)
+        flags = _MAP_SHARED | (_MAP_FIXED_NOREPLACE if address else 0)
+        mapped = inject_syscall(tid, memory, NR_MMAP, address, size, prot, flags, fd, 0)
+        if mapped < 0 or (address and mapped != address):
+            if mapped >= 0:
+                inject_syscall(tid, memory, NR_MUNMAP, mapped, size)
+            shared.close()
+            raise InjectionError(f"mmap of {size >> 10} KiB at {address:#x} failed in process {memory.pid}: "
+                                 f"{error_text(mapped)}")
+    finally:
+        inject_syscall(tid, memory, NR_CLOSE, fd)
+    inject_syscall(tid, memory, NR_MADVISE, mapped, size, _MADV_DONTFORK)
+    return shared, mapped
+
+
+def checked(result: int, call: str) -> int:
+    """A system call's result in the target, or an error naming the call."""
+    if result < 0:
+        raise InjectionError(f"{call} failed in the target: {error_text(result)} (seccomp?)")
+    return result
+
+
+def error_text(result: int) -> str:
+    return os.strerror(-result) if -4096 < result < 0 else f"it answered {result:#x}"

@@ -1,0 +1,128 @@
+"""Traced jump probes: a hit writes a record into a ring shared with the tool, and never stops the program.
+
+Every test runs real processes and holds the jump path to the trap path (``--trap``) on the same program:
+the same events with the same values, in the same order per thread, named by the right pid and tid, with
+every hit either an event or counted as lost. tests/targets/jumps.c checks its own results (a wrong one
+aborts); tests/targets/forms.c prints what its markers' arguments are.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections import defaultdict
+
+from conftest import run_cli, run_json
+
+JUMP_SITES = {
+    "jump_entry": "x=%di:s64 c=$comm",
+    "jump_flags+3": "a=%di b=%si:u32 f=%flags",
+    "jump_redzone+8": "v=%di w=%ax",
+    "jump_call": "x=%di:s32 k=\\7",
+    "jump_jcc": "x=%di:x64",
+    "jump_riprel": "x=%di:u8",
+}
+# The markers whose values do not change from run to run (written_forms' hold whatever the registers held)
+FORMS = ["integers", "constants", "fields", "elements", "globals", "symbols", "known_sib", "known_bytes", "noted"]
+
+
+def _trace(*args: str) -> tuple[list[dict], subprocess.CompletedProcess, int]:
+    """Events of ``uprobes trace --json ARGS``, the finished tool, and the events it says it lost."""
+    records, proc = run_json("trace", "--engine", "ptrace", *args)
+    assert "Traceback" not in proc.stderr
+    lost = sum(r["lost"] for r in records if "lost" in r)
+    return [r for r in records if "probe" in r], proc, lost
+
+
+def _comparable(events: list[dict], pid: int) -> list[tuple]:
+    """What two runs must agree on: addresses relative to the first event's (the program moves with ASLR)."""
+    base = events[0]["ip"]
+    return [(e["probe"], e["args"], e.get("errors"), e["ip"] - base, e["tid"] - pid, e["comm"]) for e in events]
+
+
+def test_each_site_shape_records_the_events_traps_give(targets):
+    program, n = str(targets / "jumps"), 3000
+    probes = [f"uprobe:{program}:{site} {args}" for site, args in JUMP_SITES.items()]
+    runs = {}
+    for options in ([], ["--trap"]):
+        events, proc, lost = _trace(*options, *probes, "--", program, "run", str(n))
+        assert proc.returncode == 0 and proc.stdout == f"run {n} check {_check(program, n)}\n", proc.stderr
+        assert lost == 0
+        pid = events[0]["pid"]
+        assert {e["pid"] for e in events} == {pid} and {e["tid"] for e in events} == {pid}
+        assert [e["ts_ns"] for e in events] == sorted(e["ts_ns"] for e in events)
+        runs[bool(options)] = (_comparable(events, pid), proc.stderr)
+    (jumped, stderr), (trapped, _) = runs[False], runs[True]
+    assert "6 of 6 probe points were jumps" in stderr, stderr
+    assert len(jumped) == (len(JUMP_SITES) + 1) * n
+    assert jumped == trapped
+    assert {args["c"] for probe, args, *_ in jumped if probe == "jump_entry"} == {"jumps"}
+
+
+def _check(program: str, n: int) -> str:
+    return re.search(r"check (\d+)", subprocess.run([program, "run", str(n)], capture_output=True,
+                                                     text=True).stdout)[1]
+
+
+def test_threads_are_named_and_their_events_keep_their_order(targets):
+    """Four threads started after the probes went in (their keys are learned as they start); the ring holds
+    every record, so none is lost, and each thread's calls come out in the order it made them."""
+    program, n = str(targets / "jumps"), 15_000
+    events, proc, lost = _trace(f"uprobe:{program}:jump_entry x=%di:s64", "--", program, "threads", "4", str(n))
+    assert proc.returncode == 0 and proc.stdout.startswith(f"threads 4 {n} check"), proc.stderr
+    assert lost == 0 and "1 of 1 probe points were jumps" in proc.stderr
+    by_thread = defaultdict(list)
+    for event in events:
+        by_thread[event["tid"]].append(event["args"]["x"])
+    pid = events[0]["pid"]
+    assert len(by_thread) == 4 and pid not in by_thread
+    assert all(calls == list(range(n)) for calls in by_thread.values())
+
+
+def test_marker_operands_in_registers_and_memory_record_what_traps_read(targets):
+    """USDT markers of every operand form: registers and their parts, constants, memory the operands name
+    (based on a register, rip-relative symbols); those a trampoline cannot take (an index register, a string)
+    trap, and say why."""
+    forms = str(targets / "forms")
+    probes = [f"usdt:{forms}:forms:{marker}" for marker in FORMS] + [f"usdt:{forms}:forms:words arg0 t=arg2:string"]
+    runs = {}
+    for options in ([], ["--trap"]):
+        events, proc, _ = _trace(*options, *probes, "--", forms)
+        assert proc.returncode == 0, proc.stderr
+        runs[bool(options)] = (_comparable(events, events[0]["pid"]), proc.stderr)
+    (jumped, stderr), (trapped, _) = runs[False], runs[True]
+    assert jumped == trapped and len(jumped) == len(FORMS) + 2  # noted has two sites
+    assert re.search(r"[1-9]\d* of 11 probe points were jumps", stderr), stderr
+    result = run_cli("resolve", "--engine", "ptrace", "--json", f"usdt:{forms}:forms:known_sib",
+                     f"usdt:{forms}:forms:words arg0 t=arg2:string", f"usdt:{forms}:forms:floats", check=True)
+    placements = [json.loads(line)["ptrace"] for line in result.stdout.splitlines()]
+    assert [p["traced"] for p in placements] == [True, False, False]
+    assert placements[1]["why"] == "t reads a string, which needs the thread stopped"
+    assert placements[2]["why"] == "arg2 reads %xmm0, which needs the thread stopped"
+
+
+def test_a_load_for_a_record_that_faults_is_never_the_programs(targets):
+    """A hand-written marker whose operands point nowhere (forms:sib: an index register holding garbage): the
+    trampoline's load faults, the tool takes the fault, the program runs on as untraced, and the site traps
+    from then on, reading what it can with the thread stopped, as --trap does."""
+    forms = str(targets / "forms")
+    untraced = subprocess.run([forms], capture_output=True, text=True)
+    events, proc, _ = _trace(f"usdt:{forms}:forms:sib", "--", forms)
+    assert (proc.returncode, proc.stdout) == (0, untraced.stdout), proc.stderr
+    (event,) = events
+    assert event["args"]["arg0"] is None and event["errors"]["arg0"].startswith("fault reading 8 bytes at")
+    assert "forms:sib trapped after its first hits: a load for its record faulted" in proc.stderr
+
+
+def test_a_full_ring_counts_what_it_loses_and_every_hit_is_accounted(targets):
+    """Two threads call a probed function far faster than the tool reads: records that find the ring full are
+    counted as lost, and events plus lost records are exactly the calls."""
+    program, n = str(targets / "jumps"), 400_000
+    events, proc, lost = _trace(f"uprobe:{program}:jump_entry x=%di:s64", "--", program, "threads", "2", str(n))
+    assert proc.returncode == 0, proc.stderr
+    assert lost > 0 and len(events) + lost == 2 * n
+    assert re.search(rf"lost {lost} events", proc.stderr), proc.stderr
+    for tid in {e["tid"] for e in events}:
+        calls = [e["args"]["x"] for e in events if e["tid"] == tid]
+        assert calls == sorted(calls)  # what is kept of each thread keeps its order
