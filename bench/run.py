@@ -65,6 +65,7 @@ TOOLS = {
     "kernel": "uprobes count --engine kernel",
     "ptrace": "uprobes count --engine ptrace --trap",
     "ptrace-jump": "uprobes count --engine ptrace (jump probes)",
+    "ptrace-trace": "uprobes trace --engine ptrace -o FILE, 3 args (jump probes; time in the target)",
     "ptrace-py": "ptrace + Python handler",
     "bpftrace": "bpftrace count()",
     "perf": "perf probe + perf record",
@@ -73,7 +74,9 @@ TOOLS = {
 NEEDS_ROOT = {"kernel", "bpftrace", "perf"}
 # Largest N per tool: the calibration never goes past it (a safety net for a tool much slower than expected).
 N_MAX = {"baseline": 200_000_000, "kernel": 20_000_000, "bpftrace": 20_000_000, "perf": 1_000_000,
-         "ptrace": 400_000, "ptrace-jump": 200_000_000, "ptrace-py": 200_000, "gdb": 50_000}
+         "ptrace": 400_000, "ptrace-jump": 200_000_000, "ptrace-py": 200_000, "gdb": 50_000,
+         "ptrace-trace": 60_000}  # ptrace-trace: within one ring (65,536 records), so that every hit is written
+TRACED_ARGS = "a=%di b=%si c=%dx"  # what ptrace-trace fetches where the probe itself names nothing (a marker: its 3)
 COUNTERS = {"kernel", "ptrace", "ptrace-jump"}  # the tools that are `uprobes count`
 RUN_TIMEOUT = 300
 
@@ -197,6 +200,10 @@ class HitCell:
                     self._words("uprobes"), "--", *target]
         if self.tool == "ptrace-py":
             return [PY, str(BENCH / "pyhandler.py"), self._words("uprobes"), "--", *target]
+        if self.tool == "ptrace-trace":
+            probe = self._words("uprobes") + ("" if self.site == "usdt" else f" {TRACED_ARGS}")
+            return [*UPROBES, "trace", "--engine", "ptrace", "--json", "-o", str(self.workdir / "trace.jsonl"), probe,
+                    "--", *target]
         if self.tool == "bpftrace":
             return ["bpftrace", "-e", f"{self._words('bpftrace')} {{ @n = count(); }}", "-c", shlex.join(target)]
         if self.tool == "perf":
@@ -214,16 +221,18 @@ class HitCell:
             (self.workdir / "count.jsonl").unlink(missing_ok=True)
         seconds, result = _run(command)
         _check_status(result, command)
-        if self.tool == "ptrace-jump" and "0 of 1 probe points were jumps" in result.stderr \
+        if self.tool in ("ptrace-jump", "ptrace-trace") and "0 of 1 probe points were jumps" in result.stderr \
                 and not any("trapped" in note for note in self.notes):
             self.notes.append("trapped: " + _tail(result.stderr, 1))
         _check_target(result.stdout, n)
         _check_count(self._count(result), n, self.tool)
+        if self.tool == "ptrace-trace":  # the hits' cost in the target, not the tool's writing of the events
+            return int(re.search(r"^elapsed_ns=(\d+)$", result.stdout, re.M)[1]) / 1e9
         return seconds
 
     def _count(self, result: subprocess.CompletedProcess) -> int:
         if self.tool == "baseline":
-            return int(result.stdout.split()[-1])
+            return int(result.stdout.split()[0])
         if self.tool in COUNTERS:
             path = self.workdir / "count.jsonl"
             records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -231,6 +240,9 @@ class HitCell:
         if self.tool == "ptrace-py":
             found = re.findall(r"^pyhandler: hits=(\d+)$", result.stderr, re.M)
             return int(found[-1]) if found else -1
+        if self.tool == "ptrace-trace":  # events; a lost one (there should be none) is not counted
+            with open(self.workdir / "trace.jsonl") as f:
+                return sum(1 for line in f if line.startswith('{"probe"'))
         if self.tool == "bpftrace":
             found = re.findall(r"^@n: (\d+)$", result.stdout, re.M)
             return int(found[-1]) if found else 0  # bpftrace prints no map at all when nothing hit
@@ -251,7 +263,9 @@ class HitCell:
         raise ValueError(self.tool)
 
 
-TRACE_RATES = (25_000, 50_000, 100_000, 200_000, 400_000)
+TRACE_RATES = (25_000, 50_000, 100_000, 200_000, 400_000, 800_000, 1_200_000, 1_600_000, 3_200_000)
+TRACE_ENGINES = ("kernel", "ptrace", "ptrace-trap")
+_TRACE_LABELS = {"kernel": "kernel engine", "ptrace": "ptrace engine, jump probes", "ptrace-trap": "ptrace engine, --trap"}
 TRACE_SECONDS = 2
 
 
@@ -282,7 +296,8 @@ def _trace_ladder(engine: str, workdir: Path) -> list[dict]:
     for rate in TRACE_RATES:
         n = rate * TRACE_SECONDS
         out.unlink(missing_ok=True)
-        command = [*UPROBES, "trace", "--engine", engine, "--json", "-o", str(out), f"uprobe:{TARGET}:site_entry",
+        engine_options = ["--engine", "ptrace", "--trap"] if engine == "ptrace-trap" else ["--engine", engine]
+        command = [*UPROBES, "trace", *engine_options, "--json", "-o", str(out), f"uprobe:{TARGET}:site_entry",
                    "--", str(TARGET), "entry", str(n), str(rate)]
         _, result = _run(command)
         _check_status(result, command)
@@ -568,7 +583,7 @@ def table(results: dict) -> str:
             f"{r['s']:.2f} s ({r['min_s']:.2f}–{r['max_s']:.2f}; {r['functions']:,} functions, "
             f"{r['marker_sites']} marker sites)"))])
     for engine, record in results["trace"].items():
-        extra.append([f"uprobes trace --json -o FILE ({engine} engine)", _outcome(record, lambda r: (
+        extra.append([f"uprobes trace --json -o FILE ({_TRACE_LABELS[engine]})", _outcome(record, lambda r: (
             f"{r['events_per_s']:,.0f} events/s with none lost ({r['min']:,.0f}–{r['max']:,.0f}; the target paced at "
             f"{', '.join(f'{rate:,}' for rate in TRACE_RATES)} hits/s, up to the first rate with a loss)"))])
     for engine, record in results["rss"].items():
@@ -707,9 +722,9 @@ def main() -> int:
             if _selected(f"list/{name}", only):
                 results["list"][name] = measure_list(path, runs)
                 note(f"list/{name}", results["list"][name])
-        if any(_selected(f"trace/{e}", only) for e in ("ptrace", "kernel")):
+        if any(_selected(f"trace/{e}", only) for e in TRACE_ENGINES):
             print("trace rate:", file=sys.stderr)
-        for engine in ("kernel", "ptrace"):
+        for engine in TRACE_ENGINES:
             if _selected(f"trace/{engine}", only):
                 results["trace"][engine] = measure_trace(engine, workdir, runs)
                 note(f"trace/{engine}", results["trace"][engine])

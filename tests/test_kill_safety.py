@@ -79,14 +79,16 @@ def _wait_gone(pids: list[int], timeout: float = 60) -> None:
 def kill_trials(targets: Path, signum: int, trials: int, seed: int, command: str = "trace") -> dict:
     """``trials`` runs of `uprobes COMMAND` on one busy target, each ended by ``signum`` at a random moment:
     trace puts a trap on every instruction of hit() and on the marker, count makes hit()'s entry and the
-    marker jumps (tests/test_jump_probes.py checks that they are). Returns a tally; raises AssertionError at
-    the first trial that leaves the target dead or changed."""
+    marker jumps (tests/test_jump_probes.py checks that they are), trace-jumps makes them jumps that write
+    records (with two arguments at hit()). Returns a tally; raises AssertionError at the first trial that
+    leaves the target dead or changed."""
     path = str(targets / "threads")
     if command == "trace":
         probes = [f"p {path}:{file_offset(path, a):#x}" for a in objdump_instruction_starts(path, "hit")]
     else:
-        probes = [f"uprobe:{path}:hit"]
+        probes = [f"uprobe:{path}:hit" + (" a=%di b=%si" if command == "trace-jumps" else "")]
     probes += [f"usdt:{path}:threads:tick"]
+    command = command.replace("-jumps", "")
     rng = random.Random(seed)
     target = subprocess.Popen([path, "4", "1000000000", "200"], stdout=subprocess.DEVNULL)
     tally = {"trials": 0, "before_attached": 0, "after_attached": 0, "target_alive": 0, "clean": 0}
@@ -126,7 +128,7 @@ def kill_trials(targets: Path, signum: int, trials: int, seed: int, command: str
     return tally
 
 
-@pytest.mark.parametrize("command", ["trace", "count"], ids=["traps", "jumps"])
+@pytest.mark.parametrize("command", ["trace", "count", "trace-jumps"], ids=["traps", "jumps", "traced-jumps"])
 @pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: signal.Signals(s).name)
 def test_a_few_signals_at_random_moments_leave_the_target_as_it_was(targets, signum, command):
     tally = kill_trials(targets, signum, trials=4, seed=signum, command=command)
@@ -134,7 +136,7 @@ def test_a_few_signals_at_random_moments_leave_the_target_as_it_was(targets, sig
 
 
 @pytest.mark.stress
-@pytest.mark.parametrize("command", ["trace", "count"], ids=["traps", "jumps"])
+@pytest.mark.parametrize("command", ["trace", "count", "trace-jumps"], ids=["traps", "jumps", "traced-jumps"])
 @pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: signal.Signals(s).name)
 def test_a_hundred_signals_at_random_moments_leave_the_target_as_it_was(targets, signum, command):
     tally = kill_trials(targets, signum, trials=KILL_TRIALS, seed=1000 + signum, command=command)

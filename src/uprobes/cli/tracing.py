@@ -13,6 +13,7 @@ import time
 from contextlib import ExitStack
 
 from ..errors import UprobesError
+from ..output.columns import EventColumns
 from ..output.writers import EventWriter, count_records, format_count_table
 from ..probes.resolve import Probe, resolve_text
 from ..probes.spec import group_probe_words
@@ -129,6 +130,12 @@ class _Run:
         self.warn()
         return events
 
+    def poll_columns(self, timeout: float) -> EventColumns:
+        """:meth:`poll`, in columns where the engine has them."""
+        events = self.engine.poll_columns(timeout)
+        self.warn()
+        return events
+
     def warn(self) -> None:
         for notice in self.engine.notices():
             print(f"uprobes: warning: {notice}", file=sys.stderr, flush=True)
@@ -228,12 +235,15 @@ def run_trace(args: argparse.Namespace) -> int:
         try:
             while True:
                 finished = run.finished()
-                for event in run.poll(0 if finished else _POLL_SECONDS):
-                    writer.event(event)
-                    seen += 1
-                    if args.max_events and seen >= args.max_events:
-                        finished = True
-                        break
+                events = run.poll_columns(0 if finished else _POLL_SECONDS)
+                if not args.max_events or seen + len(events) < args.max_events:
+                    writer.columns(events)
+                    seen += len(events)
+                else:
+                    for event in events.events()[:args.max_events - seen]:
+                        writer.event(event)
+                    seen = args.max_events
+                    finished = True
                 if finished:
                     break
                 out.flush()

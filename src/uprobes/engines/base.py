@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from ..consumers import Consumer
+from ..output.columns import EventColumns
 from ..output.event import Event
 from ..probes.resolve import Probe
 
@@ -34,6 +35,10 @@ class Engine(ABC):
     @abstractmethod
     def poll(self, timeout: float) -> list[Event]:
         """Wait up to ``timeout`` seconds for hits; return their events."""
+
+    def poll_columns(self, timeout: float) -> EventColumns:
+        """:meth:`poll`, in columns where the engine has them (a writer formats those in bulk)."""
+        return EventColumns(single=self.poll(timeout))
 
     @abstractmethod
     def hit_counts(self) -> list[int]:

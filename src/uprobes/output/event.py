@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-__all__ = ["Event", "ArgValue"]
+__all__ = ["Event", "ArgValue", "encode_json", "json_string"]
 
 ArgValue = int | float | str | list | None
-_json_string = json.encoder.encode_basestring  # a str as JSON, non-ASCII characters kept as they are
+json_string = json.encoder.encode_basestring  # a str as JSON, non-ASCII characters kept as they are
 # One encoder for every event: json.dumps with an option builds a new JSONEncoder per call.
-_encode_json = json.JSONEncoder(ensure_ascii=False, check_circular=False).encode
+encode_json = json.JSONEncoder(ensure_ascii=False, check_circular=False).encode
 
 
 @dataclass(slots=True)
@@ -37,11 +37,11 @@ class Event:
     def to_json(self) -> str:
         """The event as one JSON object (the fields in the order the README shows)."""
         # Formatted here rather than by json.dumps: that builds a dict and walks it, 5 times slower.
-        line = (f'{{"probe": {_json_string(self.probe)}, "pid": {self.pid}, "tid": {self.tid}, '
-                f'"comm": {_json_string(self.comm)}, "ts_ns": {self.ts_ns}, "cpu": {self.cpu}, "ip": {self.ip}, '
-                f'"args": {_encode_json(self.args) if self.args else "{}"}')
+        line = (f'{{"probe": {json_string(self.probe)}, "pid": {self.pid}, "tid": {self.tid}, '
+                f'"comm": {json_string(self.comm)}, "ts_ns": {self.ts_ns}, "cpu": {self.cpu}, "ip": {self.ip}, '
+                f'"args": {encode_json(self.args) if self.args else "{}"}')
         if self.is_return:
             line += f', "retval": {"null" if self.retval is None else self.retval}'
         if self.errors:
-            line += f', "errors": {_encode_json(self.errors)}'
+            line += f', "errors": {encode_json(self.errors)}'
         return line + "}"

@@ -6,6 +6,7 @@ import json
 import time
 from typing import TextIO
 
+from .columns import EventColumns
 from .event import ArgValue, Event
 
 __all__ = ["EventWriter", "format_count_table", "count_records"]
@@ -39,6 +40,14 @@ class EventWriter:
         errors = "".join(f" ({name}: {reason})" for name, reason in (event.errors or {}).items())
         self.out.write(f"{clock} {event.comm:<16} {event.pid}/{event.tid} {event.probe}"
                        f"{' ' + args if args else ''}{ret}{errors}\n")
+
+    def columns(self, events: EventColumns) -> None:
+        """Many events at once: JSON lines formatted in bulk, text one event at a time."""
+        if self.as_json:
+            self.out.write(events.json_lines() if len(events) else "")
+            return
+        for event in events.events():
+            self.event(event)
 
     def lost(self, count: int) -> None:
         if self.as_json:

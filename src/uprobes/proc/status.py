@@ -6,8 +6,8 @@ from __future__ import annotations
 import errno
 import os
 
-__all__ = ["AT_BASE", "auxv", "thread_ids", "start_time", "tgid", "thread_comm", "last_cpu", "signal_pending",
-           "shadow_stack", "status_field", "explain_seize_error"]
+__all__ = ["AT_BASE", "auxv", "cpu_flags", "thread_ids", "start_time", "tgid", "thread_comm", "last_cpu",
+           "signal_pending", "shadow_stack", "status_field", "explain_seize_error"]
 
 AT_BASE = 7  # where the dynamic linker is loaded
 
@@ -56,6 +56,18 @@ def thread_comm(pid: int, tid: int) -> str:
             return f.read().rstrip("\n")
     except OSError:
         return ""
+
+
+def cpu_flags() -> frozenset[str]:
+    """The flags /proc/cpuinfo gives the first CPU (``rdpid``, ``fsgsbase``...)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 def last_cpu(pid: int, tid: int) -> int:

@@ -148,12 +148,12 @@ _LOADS = {8: Code.MOV_R64_RM64, 4: Code.MOV_R32_RM32, 2: Code.MOVZX_R32_RM16, 1:
 
 
 def recording_trampoline(site: JumpSite, address: int, counter: int, ring: RingLayout, site_id: int,
-                         captures: tuple[Capture, ...]) -> Trampoline:
+                         captures: tuple[Capture, ...], rdpid: bool = False) -> Trampoline:
     """Count a hit at ``counter``, write one record of it into ``ring`` (``captures`` as its words), run
     ``site``'s displaced instructions and go back::
 
         lea -128(%rsp),%rsp; [pushfq;] push %rax, %rcx, %rdx, %rsi, %r11; lock incq counter(%rip)
-        rdtscp; %rdx = tsc; %esi = cpu; %r11 = ring
+        rdtscp (or rdtsc; rdpid %rsi, cheaper where there is rdpid); %rdx = tsc; %esi = cpu; %r11 = ring
         retry: %rax = head; full if head - tail >= count; lock cmpxchg head+1 into head; jne retry
         %r11 = slot of ticket %rax; write tsc, cpu, site id, rdfsbase, the captured words; seq = ticket + 1
         (full: lock incq lost)
@@ -176,10 +176,13 @@ def recording_trampoline(site: JumpSite, address: int, counter: int, ring: RingL
     builder.add(increment)
     builder.counted = True
     r11 = Register.R11
-    builder.add(Instruction.create(Code.RDTSCP))
+    builder.add(Instruction.create(Code.RDTSC if rdpid else Code.RDTSCP))
     builder.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, Register.RDX, 32))
     builder.add(Instruction.create_reg_reg(Code.OR_R64_RM64, Register.RDX, Register.RAX))
-    builder.add(Instruction.create_reg_reg(Code.MOV_R32_RM32, Register.ESI, Register.ECX))
+    if rdpid:
+        builder.add(Instruction.create_reg(Code.RDPID_R64, Register.RSI))
+    else:
+        builder.add(Instruction.create_reg_reg(Code.MOV_R32_RM32, Register.ESI, Register.ECX))
     builder.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, r11, ring.address))
     builder.add(_load(Register.RAX, r11, ring.head))
     retry, full, done = builder.label(), builder.label(), builder.label()
@@ -206,6 +209,8 @@ def recording_trampoline(site: JumpSite, address: int, counter: int, ring: RingL
     for i, capture in enumerate(captures):
         builder.capture(capture, ring.words + 8 * i)
     builder.add(_store(r11, ring.seq, Register.RCX))
+    # the next slot's line, for the next hit: a ring larger than the caches misses on every slot otherwise
+    builder.add(Instruction.create_mem(Code.PREFETCHW_M8, MemoryOperand(r11, displ=1 << ring.slot_shift)))
     builder.reserved, builder.recorded = None, True
     builder.add(Instruction.create_branch(Code.JMP_REL32_64, done))
     builder.recorded = False

@@ -219,16 +219,20 @@ def online_cpus(path: Path = Path("/sys/devices/system/cpu/online")) -> list[int
 class _RingBuffer:
     """One CPU's mapping: the control page (``perf_event_mmap_page``), then ``data_size`` bytes of records."""
 
-    __slots__ = ("fd", "map", "offset", "size")
+    __slots__ = ("fd", "map", "offset", "size", "_head", "_tail")
 
     def __init__(self, fd: int, pages: int) -> None:
         self.fd = fd
         self.map = mmap.mmap(fd, (1 + pages) * mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.offset = _U64.unpack_from(self.map, _DATA_OFFSET)[0]
         self.size = _U64.unpack_from(self.map, _DATA_SIZE)[0]
+        # data_head and data_tail as whole 8-byte loads and stores: struct.pack_into clears a word before it
+        # writes it, and the kernel reading data_tail as 0 meanwhile would drop records for a full buffer.
+        self._head = ctypes.c_uint64.from_buffer(self.map, _DATA_HEAD)
+        self._tail = ctypes.c_uint64.from_buffer(self.map, _DATA_TAIL)
 
     def pending(self) -> bool:
-        return _U64.unpack_from(self.map, _DATA_HEAD)[0] != _U64.unpack_from(self.map, _DATA_TAIL)[0]
+        return self._head.value != self._tail.value
 
     def take(self) -> bytes:
         """Every complete record written since the last call, as one contiguous copy followed by ``_PAD``;
@@ -239,8 +243,7 @@ class _RingBuffer:
         for with smp_rmb()/smp_mb().
         """
         buf = self.map
-        head = _U64.unpack_from(buf, _DATA_HEAD)[0]
-        tail = _U64.unpack_from(buf, _DATA_TAIL)[0]
+        head, tail = self._head.value, self._tail.value
         if head == tail:
             return b""
         start = self.offset + tail % self.size
@@ -252,10 +255,11 @@ class _RingBuffer:
             chunk = buf[start:end] + _PAD
         else:
             chunk = buf[start:limit] + buf[self.offset:end - self.size] + _PAD
-        _U64.pack_into(buf, _DATA_TAIL, head)
+        self._tail.value = head
         return chunk
 
     def close(self) -> None:
+        self._head = self._tail = None  # they hold the mapping's buffer
         self.map.close()
 
 

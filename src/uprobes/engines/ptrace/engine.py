@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 import signal
 import threading
 import time
 
 from ...consumers import Consumer
 from ...errors import UprobesError
+from ...output.columns import EventColumns
 from ...output.event import Event
 from ...probes.resolve import Probe
 from ...x86_64.abi import RETURN_VALUE
@@ -56,7 +56,6 @@ _WAKERS = _TOOL_STOPPERS | {signal.SIGCHLD}
 _SPIN_S = 0.002
 _REFUSALS_SHOWN = 5
 _RING_READ_S = 0.005  # how often rings are read while no stop comes (a ring holds 65,536 records)
-_event_time = operator.attrgetter("ts_ns")
 
 
 def _uninterrupted(method):
@@ -195,9 +194,13 @@ class PtraceEngine(Engine):
         """How ``pid`` ended (as ``os.waitstatus_to_exitcode``) once it has, if this engine reaped it."""
         return self.family.exit_status.get(pid)
 
-    @_uninterrupted
     def poll(self, timeout: float) -> list[Event]:
         """Service the target for up to ``timeout`` seconds; return the events of the hits meanwhile."""
+        return self.poll_columns(timeout).events()
+
+    @_uninterrupted
+    def poll_columns(self, timeout: float) -> EventColumns:
+        """:meth:`poll`, with the events of jump probes in columns (what a writer formats in bulk)."""
         deadline = time.monotonic() + timeout
         recorder = self.placement.jumps.recorder
         while True:
@@ -210,7 +213,8 @@ class PtraceEngine(Engine):
             if handled:
                 now = time.perf_counter()
                 self._stop_gap, self._last_stop = now - self._last_stop, now
-            if (self._reporter.events or recorder is not None and recorder.events) and not handled:
+            if (self._reporter.events or recorder is not None and (recorder.events or recorder.groups)) \
+                    and not handled:
                 break
             remaining = deadline - time.monotonic()
             if not self.family.threads or remaining <= 0:
@@ -222,15 +226,16 @@ class PtraceEngine(Engine):
                 if woken is not None and woken.si_signo in _TOOL_STOPPERS:
                     # Sent again, to be handled once we return; the events wait for the next poll.
                     signal.pthread_kill(threading.get_ident(), woken.si_signo)
-                    return []
+                    return EventColumns()
         return self._take_events()
 
-    def _take_events(self) -> list[Event]:
+    def _take_events(self) -> EventColumns:
         events = self._reporter.take_events()
         recorder = self.placement.jumps.recorder
-        if recorder is not None and recorder.events:
-            events = sorted(events + recorder.take_events(), key=_event_time)
-        return events
+        if recorder is None:
+            return EventColumns(single=events)
+        groups, recorded = recorder.take()
+        return EventColumns(groups, events + recorded)
 
     def _resolve_keys(self, recorder: Recorder) -> None:
         """Records came from threads whose key we have not seen: in a process with one thread they are its;
@@ -391,7 +396,7 @@ class PtraceEngine(Engine):
 
     def leftover(self) -> list[Event]:
         """Records read at detach, from the rings' last slots."""
-        return self._take_events()
+        return self._take_events().events()
 
     @_uninterrupted
     def close(self) -> None:

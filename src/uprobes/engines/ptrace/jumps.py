@@ -22,6 +22,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy
+
 from ...elf.objfile import ElfObject
 from ...errors import UprobesError
 from ...probes.resolve import Probe
@@ -71,6 +73,8 @@ class JumpArea:
             raise InjectionError(f"no free address range within 2 GiB of the code at {near[0]:#x}")
         self._shared, _ = map_shared(tid, memory, size, address, PROT_READ | PROT_EXEC, b"uprobes-jumps")
         inject_syscall(tid, memory, NR_MPROTECT, address + _CODE_SIZE, _COUNTERS_SIZE, PROT_READ | PROT_WRITE)
+        # whole 8-byte loads: struct reads a word a byte at a time, and a count bumped meanwhile would be torn
+        self._counters = numpy.frombuffer(self._shared, numpy.uint64, _COUNTERS_SIZE // 8, _CODE_SIZE)
         self.address, self.size, self.memory = address, size, memory
         self._next_code, self._next_counter = 0, _CODE_SIZE
         self._starts: list[int] = []  # trampoline addresses, in order
@@ -105,7 +109,7 @@ class JumpArea:
     def count(self, counter: int) -> int:
         if self._retired is not None:
             return self._retired[1][counter]
-        return _COUNT.unpack_from(self._shared, counter - self.address)[0]
+        return int(self._counters[(counter - self.address - _CODE_SIZE) // 8])
 
     def retire(self) -> None:
         """The target's memory is gone (exit, exec) or unmapped: keep the code and the counts, and let our
@@ -113,6 +117,7 @@ class JumpArea:
         if self._retired is None:
             counters = range(self.address + _CODE_SIZE, self.address + self._next_counter, _COUNTER_SIZE)
             self._retired = (self.code(), {counter: self.count(counter) for counter in counters})
+            self._counters = None
             self._shared.close()
 
     def code(self) -> bytes:
@@ -307,7 +312,8 @@ class Jumps:
             site_id = self.recorder.site_id(breakpoint, captures) if ring is not None else 0
             try:
                 trampoline = (counting_trampoline(site, code, counter) if ring is None else
-                              recording_trampoline(site, code, counter, ring.layout, site_id, captures))
+                              recording_trampoline(site, code, counter, ring.layout, site_id, captures,
+                                                   self.recorder.rdpid))
             except ValueError as exc:
                 self._refuse(breakpoint, f"its instructions cannot run from the trampoline ({exc})")
                 continue

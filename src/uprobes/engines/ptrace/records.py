@@ -19,18 +19,20 @@ thread left at its end may come back with the next thread (glibc reuses stacks):
 from __future__ import annotations
 
 import collections
+import re
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy
 
+from ...output.columns import Group
 from ...output.event import Event
 from ...probes.evaluate import HitContext, evaluate
 from ...probes.fetchargs import (Address, Comm, Deref, FetchArg, FileOffset, Immediate, ImmediateString, Register,
                                  StackPointer, StackSlot)
 from ...probes.markerargs import MarkerOperand
 from ...probes.resolve import Probe
-from ...proc.status import auxv
+from ...proc.status import auxv, cpu_flags
 from ...x86_64.registers import BY_KERNEL_NAME, GENERAL_REGISTERS
 from ...x86_64.trampolines import Capture, CaptureLoad, CaptureRegister
 from .clock import TscClock
@@ -47,6 +49,7 @@ _AT_HWCAP2, _HWCAP2_FSGSBASE = 26, 1 << 1
 _CAPTURED = frozenset({reg.field for reg in GENERAL_REGISTERS} | {"rsp", "eflags"})
 _NO_WORDS = (Immediate, ImmediateString, Comm)
 _CPU_MASK = 0xFFF  # rdtscp's TSC_AUX holds (node << 12) | cpu on Linux
+_INTEGER = re.compile(r"([usx])(8|16|32|64)")
 
 
 def captures_for(probe: Probe, load_bias: int = 0) -> tuple[Capture, ...] | str:
@@ -121,6 +124,38 @@ def _add(captures: list[Capture], capture: Capture) -> None:
         captures.append(capture)
 
 
+def _columns(probe: Probe, load_bias: int, captures: tuple[Capture, ...]) -> dict[str, Column] | None:
+    """For each argument of ``probe`` that is an integer read from one word of the record, where and how; None
+    when some argument needs more (a type tracefs gives another meaning, a bitfield, an array, several words):
+    then each record is evaluated on its own. The other arguments have one value for every hit."""
+    if probe.retyped:
+        return None
+    columns = {}
+    for arg in probe.fetchargs:
+        fresh: list[Capture] = []
+        _capture(arg, probe, load_bias, fresh)
+        if not fresh:
+            continue  # a constant, $comm, %ip
+        loads = [capture for capture in fresh if isinstance(capture, CaptureLoad)]
+        type_name = arg.type.name if arg.type is not None else "x64"
+        integer = _INTEGER.fullmatch(type_name)
+        if len(loads) > 1 or integer is None or arg.type is not None and (arg.type.bitfield or arg.type.array):
+            return None
+        columns[arg.name] = Column(captures.index(loads[0] if loads else fresh[-1]), int(integer[2]),
+                                   integer[1] == "s")
+    return columns
+
+
+def _unsuppressed(records: numpy.ndarray, suppressed: collections.Counter) -> numpy.ndarray:
+    """``records`` but the first of each thread and site that ``suppressed`` counts (and its count down)."""
+    keep = numpy.ones(len(records), bool)
+    for i, (key, site) in enumerate(zip(records["key"].tolist(), records["site"].tolist())):
+        if suppressed[key, site]:
+            suppressed[key, site] -= 1
+            keep[i] = False
+    return records[keep]
+
+
 def records_possible(pid: int) -> str | None:
     """Why no thread of ``pid`` can record (a trampoline reads its key with ``rdfsbase``), or None."""
     hwcap2 = auxv(pid, _AT_HWCAP2)
@@ -130,13 +165,36 @@ def records_possible(pid: int) -> str | None:
 
 
 @dataclass(frozen=True)
+class Column:
+    """An argument read straight from one word of a record: ``bits`` of it, ``signed`` or not."""
+
+    word: int
+    bits: int
+    signed: bool
+
+    def values(self, words: numpy.ndarray) -> list[int]:
+        """The argument of each record, from the records' words (a 2-D uint64 array)."""
+        column = words[:, self.word]
+        if self.bits < 64:
+            column = column & numpy.uint64((1 << self.bits) - 1)
+        if not self.signed:
+            return column.tolist()
+        values = column.astype(numpy.int64)  # two's complement: right as it is for 64 bits
+        if self.bits < 64:
+            values = numpy.where(values >= 1 << (self.bits - 1), values - (1 << self.bits), values)
+        return values.tolist()
+
+
+@dataclass(frozen=True)
 class RecordedSite:
-    """What a site id of the ring stands for: a breakpoint's address, its probes and its record's words."""
+    """What a site id of the ring stands for: a breakpoint's address, its probes and its record's words; for
+    each probe, how its integer arguments come straight from the words (None: evaluated record by record)."""
 
     address: int
     file_offset: int
     probes: tuple[int, ...]
     captures: tuple[Capture, ...]
+    columns: tuple[dict[str, Column] | None, ...]
 
 
 class _Registers:
@@ -179,11 +237,13 @@ class Recorder:
     probes: list[Probe]
     sites: list[RecordedSite] = field(default_factory=list)
     rings: dict[Process, Ring] = field(default_factory=dict)  # by memory owner, while mapped
-    events: list[Event] = field(default_factory=list)
+    groups: list[Group] = field(default_factory=list)  # events read, in columns
+    events: list[Event] = field(default_factory=list)  # and those evaluated one by one
     _keys: dict[Process, dict[int, Thread]] = field(default_factory=lambda: collections.defaultdict(dict))
     _held: dict[Process, list[numpy.ndarray]] = field(default_factory=dict)  # records with a key not known yet
     _site_ids: dict[tuple[int, tuple[int, ...]], int] = field(default_factory=dict)
     _lost_before: int = 0  # lost by rings of address spaces that are gone
+    rdpid: bool = field(default_factory=lambda: "rdpid" in cpu_flags())  # the CPU for a record, cheaper than rdtscp
     _clock: TscClock | None = None
 
     @property
@@ -202,8 +262,10 @@ class Recorder:
         key = (breakpoint.address, tuple(breakpoint.entries))
         if key not in self._site_ids:
             self._site_ids[key] = len(self.sites)
+            columns = tuple(_columns(self.probes[index], breakpoint.address - self.probes[index].address, captures)
+                            for index in breakpoint.entries)
             self.sites.append(RecordedSite(breakpoint.address, breakpoint.file_offset, tuple(breakpoint.entries),
-                                           captures))
+                                           captures, columns))
         return self._site_ids[key]
 
     def follow(self, parent: Ring, child: Process, via: int) -> Ring:
@@ -281,9 +343,10 @@ class Recorder:
         self._keys.pop(owner, None)
         self._held.pop(owner, None)
 
-    def take_events(self) -> list[Event]:
-        events, self.events = self.events, []
-        return events
+    def take(self) -> tuple[list[Group], list[Event]]:
+        """The events read so far: in columns, and one by one."""
+        groups, events, self.groups, self.events = self.groups, self.events, [], []
+        return groups, events
 
     def _events(self, owner: Process, records: numpy.ndarray) -> None:
         keys = self._keys.get(owner, {})
@@ -291,20 +354,42 @@ class Recorder:
         if unknown.any():
             self._held.setdefault(owner, []).append(records[unknown])
             records = records[~unknown]
+        records = records[records["site"] < len(self.sites)]  # VOID, or not ours
         ring = self.rings.get(owner)
-        suppressed = ring.suppressed if ring is not None else collections.Counter()
+        if ring is not None and any(ring.suppressed.values()):
+            records = _unsuppressed(records, ring.suppressed)
+        if not len(records):
+            return
         times = self._clock.to_ns(records["tsc"])
-        columns = (records["site"].tolist(), records["cpu"].tolist(), records["key"].tolist(),
-                   records["words"].tolist(), times.tolist())
-        for site_id, cpu, key, words, ts in zip(*columns):
-            if site_id >= len(self.sites):
-                continue  # VOID, or not ours
-            if suppressed[key, site_id]:
-                suppressed[key, site_id] -= 1
-                continue
-            self._event(self.sites[site_id], keys[key], ts, cpu & _CPU_MASK, words)
+        sites, record_keys = records["site"], records["key"]
+        order = numpy.lexsort((record_keys, sites))  # by site, then thread; each in the order written
+        by_site, by_key = sites[order], record_keys[order]
+        ends = numpy.flatnonzero((by_site[1:] != by_site[:-1]) | (by_key[1:] != by_key[:-1])) + 1
+        for group in numpy.split(order, ends):
+            site = self.sites[int(sites[group[0]])]
+            self._group(site, keys[int(record_keys[group[0]])], records[group], times[group])
 
-    def _event(self, site: RecordedSite, thread: Thread, ts: int, cpu: int, words: list[int]) -> None:
+    def _group(self, site: RecordedSite, thread: Thread, records: numpy.ndarray, times: numpy.ndarray) -> None:
+        """Events of ``records``, hits of ``site`` by ``thread``: in columns for the probes that can be."""
+        ts, cpu, words = times.tolist(), (records["cpu"] & _CPU_MASK).tolist(), None
+        for index, columns in zip(site.probes, site.columns):
+            probe = self.probes[index]
+            if columns is None:
+                for record_words, at, on in zip(records["words"].tolist(), ts, cpu):
+                    self._event(site, probe, index, thread, at, on, record_words)
+                continue
+            words = records["words"] if words is None else words
+            fixed = [arg for arg in probe.fetchargs if arg.name not in columns]
+            context = HitContext(_Registers({"rip": site.address}), _Memory({}), site.address, site.file_offset,
+                                 thread.comm)
+            values = evaluate(tuple(fixed), context)[0]
+            self.groups.append(Group(probe.name, index, thread.process.pid, thread.tid, thread.comm, site.address,
+                                     tuple(arg.name for arg in probe.fetchargs), values,
+                                     {name: column.values(words) for name, column in columns.items()}, ts, cpu))
+
+    def _event(self, site: RecordedSite, probe: Probe, index: int, thread: Thread, ts: int, cpu: int,
+               words: list[int]) -> None:
+        """The event of one record, its arguments evaluated over the registers and memory it holds."""
         registers: dict[str, int] = {"rip": site.address}
         chunks: dict[int, bytes] = {}
         for capture, word in zip(site.captures, words):
@@ -313,11 +398,8 @@ class Recorder:
             else:
                 chunks[capture.address(registers)] = word.to_bytes(8, "little")[:capture.size]
         context = HitContext(_Registers(registers), _Memory(chunks), site.address, site.file_offset, thread.comm)
-        pid = thread.process.pid
-        for index in site.probes:
-            probe = self.probes[index]
-            args, errors = evaluate(probe.fetchargs, context)
-            probe.typed(args)
-            self.events.append(Event(probe.name, pid, thread.tid, context.comm, ts, cpu, site.address, args, None,
-                                     errors or None, False, index))
+        args, errors = evaluate(probe.fetchargs, context)
+        probe.typed(args)
+        self.events.append(Event(probe.name, thread.process.pid, thread.tid, context.comm, ts, cpu, site.address,
+                                 args, None, errors or None, False, index))
 

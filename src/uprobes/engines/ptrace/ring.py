@@ -37,7 +37,6 @@ _HEAD, _TAIL, _LOST = 64, 128, 192
 RECORD = numpy.dtype([("seq", "<u8"), ("site", "<u4"), ("cpu", "<u4"), ("tsc", "<u8"), ("key", "<u8"),
                       ("words", "<u8", (WORDS,))])
 assert RECORD.itemsize == SLOT_SIZE
-_WORD = struct.Struct("<Q")
 _VOID = struct.Struct("<QI")
 
 
@@ -47,9 +46,14 @@ class Ring:
     def __init__(self, tid: int, memory: ProcessMemory, at: int = 0) -> None:
         """Map a ring through stopped thread ``tid`` (at ``at``: a fork child's, where its parent's was)."""
         self.size = _HEADER + SLOTS * SLOT_SIZE
-        self._shared, self.address = map_shared(tid, memory, self.size, at, PROT_READ | PROT_WRITE, b"uprobes-ring")
+        # populated: a page fault every 32 records would cost each record more than writing it
+        self._shared, self.address = map_shared(tid, memory, self.size, at, PROT_READ | PROT_WRITE, b"uprobes-ring",
+                                                populate=True)
         self.memory = memory
         self._slots = numpy.frombuffer(self._shared, RECORD, SLOTS, _HEADER)
+        # The header's words as whole 8-byte loads and stores: struct would write a word a byte at a time, and
+        # a writer reading the tail halfway through would see the ring full.
+        self._header = numpy.frombuffer(self._shared, numpy.uint64, _HEADER // 8)
         self._tail = 0
         self._lost_at_retire: int | None = None
         self.suppressed: collections.Counter = collections.Counter()  # (key, site): records to drop
@@ -70,13 +74,13 @@ class Ring:
         """Hits whose record found the ring full."""
         if self._lost_at_retire is not None:
             return self._lost_at_retire
-        return _WORD.unpack_from(self._shared, _LOST)[0]
+        return int(self._header[_LOST // 8])
 
     def read(self) -> numpy.ndarray:
         """Every whole record not read yet, in ticket order (void ones included); their slots go back."""
         if self._lost_at_retire is not None:
             return self._slots[:0]
-        head = _WORD.unpack_from(self._shared, _HEAD)[0]
+        head = int(self._header[_HEAD // 8])
         if head == self._tail:
             return self._slots[:0]
         head = min(head, self._tail + SLOTS)  # a target that wrote over our header
@@ -87,7 +91,7 @@ class Ring:
         ready = int(pending[0]) if len(pending) else len(tickets)
         records = self._slots[slots[:ready]]
         self._tail += ready
-        _WORD.pack_into(self._shared, _TAIL, self._tail)
+        self._header[_TAIL // 8] = self._tail
         return records
 
     def void(self, seq: int) -> None:
@@ -108,5 +112,5 @@ class Ring:
         """The target's memory is gone or the ring unmapped: let our mapping go (read the ring first)."""
         if self._lost_at_retire is None:
             self._lost_at_retire = self.lost
-            self._slots = self._slots[:0].copy()
+            self._slots, self._header = self._slots[:0].copy(), None
             self._shared.close()

@@ -15,14 +15,15 @@ __all__ = ["PROT_READ", "PROT_WRITE", "PROT_EXEC", "map_shared"]
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 _MFD_CLOEXEC = 1
-_MAP_SHARED, _MAP_FIXED_NOREPLACE = 0x01, 0x100000
+_MAP_SHARED, _MAP_POPULATE, _MAP_FIXED_NOREPLACE = 0x01, 0x8000, 0x100000
 _MADV_DONTFORK = 10
 
 
-def map_shared(tid: int, memory: ProcessMemory, size: int, address: int, prot: int,
-               name: bytes) -> tuple[mmap.mmap, int]:
+def map_shared(tid: int, memory: ProcessMemory, size: int, address: int, prot: int, name: bytes,
+               populate: bool = False) -> tuple[mmap.mmap, int]:
     """Map ``size`` bytes of a new memfd called ``name`` at ``address`` in the target (0: where the kernel
-    chooses), with ``prot``, through stopped thread ``tid``; kept out of fork children (``MADV_DONTFORK``).
+    chooses), with ``prot``, through stopped thread ``tid``; kept out of fork children (``MADV_DONTFORK``);
+    ``populate``: every page allocated and mapped now, not at the target's first touch of it.
     Returns our own read-write mapping of the same memory, and where the target has it."""
     scratch = (ptrace_getregs(tid).rsp - 1024) & ~15  # below the red zone: scratch for the program too
     memory.write(scratch, name + b"\0", tid)
@@ -34,7 +35,7 @@ def map_shared(tid: int, memory: ProcessMemory, size: int, address: int, prot: i
             shared = mmap.mmap(ours, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(ours)
-        flags = _MAP_SHARED | (_MAP_FIXED_NOREPLACE if address else 0)
+        flags = _MAP_SHARED | (_MAP_FIXED_NOREPLACE if address else 0) | (_MAP_POPULATE if populate else 0)
         mapped = inject_syscall(tid, memory, NR_MMAP, address, size, prot, flags, fd, 0)
         if mapped < 0 or (address and mapped != address):
             if mapped >= 0:
