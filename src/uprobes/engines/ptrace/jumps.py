@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import bisect
 import collections
-import errno
 import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -28,14 +27,14 @@ from ...elf.objfile import ElfObject
 from ...errors import UprobesError
 from ...probes.resolve import Probe
 from ...proc.maps import free_range_near, read_maps
-from ...x86_64.abi import NR_MPROTECT, NR_MUNMAP
+from ...x86_64.abi import NR_MPROTECT
 from ...x86_64.jumps import JUMP_LENGTH, JumpSite, jump_bytes, jump_site
 from ...x86_64.registers import STATUS_FLAGS, ZERO_FLAG
 from ...x86_64.trampolines import Resume, Trampoline, counting_trampoline, recording_trampoline
 from .memory import ProcessMemory
 from .records import Recorder, captures_for, records_possible
 from .ring import WORDS, Ring
-from .shared import PROT_EXEC, PROT_READ, PROT_WRITE, map_shared
+from .shared import PROT_EXEC, PROT_READ, PROT_WRITE, map_shared, unmap_shared
 from .strategies import INT3, Strategy
 from .syscalls import Regs, ptrace_getregs, ptrace_getsiginfo, ptrace_setregs
 from .tracee import is_fault
@@ -146,11 +145,7 @@ class JumpArea:
 
     def unmap(self, via: int) -> None:
         """Take the area out of the target (at detach, when no thread is inside it)."""
-        try:
-            inject_syscall(via, self.memory, NR_MUNMAP, self.address, self.size)
-        except OSError as exc:
-            if exc.errno != errno.ESRCH:
-                raise
+        unmap_shared(via, self.memory, self.address, self.size)
         self.retire()
 
 

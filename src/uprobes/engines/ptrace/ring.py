@@ -15,16 +15,13 @@ Layout and the code that writes a record (:func:`uprobes.x86_64.trampolines.reco
 from __future__ import annotations
 
 import collections
-import errno
 import struct
 
 import numpy
 
-from ...x86_64.abi import NR_MUNMAP
 from ...x86_64.trampolines import RingLayout
 from .memory import ProcessMemory
-from .shared import PROT_READ, PROT_WRITE, map_shared
-from .xol import inject_syscall
+from .shared import PROT_READ, PROT_WRITE, map_shared, unmap_shared
 
 __all__ = ["Ring", "RECORD", "SLOTS", "SLOT_SIZE", "VOID", "WORDS"]
 
@@ -101,11 +98,7 @@ class Ring:
 
     def unmap(self, via: int) -> None:
         """Take the ring out of the target (at detach, once read to the end)."""
-        try:
-            inject_syscall(via, self.memory, NR_MUNMAP, self.address, self.size)
-        except OSError as exc:
-            if exc.errno != errno.ESRCH:
-                raise
+        unmap_shared(via, self.memory, self.address, self.size)
         self.retire()
 
     def retire(self) -> None:

@@ -3,6 +3,7 @@ stopped thread), mapped into it and into us. What the target writes there, we re
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 
@@ -11,7 +12,7 @@ from .memory import ProcessMemory
 from .syscalls import ptrace_getregs
 from .xol import InjectionError, inject_syscall
 
-__all__ = ["PROT_READ", "PROT_WRITE", "PROT_EXEC", "map_shared"]
+__all__ = ["PROT_READ", "PROT_WRITE", "PROT_EXEC", "map_shared", "unmap_shared"]
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 _MFD_CLOEXEC = 1
@@ -47,6 +48,15 @@ def map_shared(tid: int, memory: ProcessMemory, size: int, address: int, prot: i
         inject_syscall(tid, memory, NR_CLOSE, fd)
     inject_syscall(tid, memory, NR_MADVISE, mapped, size, _MADV_DONTFORK)
     return shared, mapped
+
+
+def unmap_shared(via: int, memory: ProcessMemory, address: int, size: int) -> None:
+    """Take a mapping of ours out of the target, through stopped thread ``via`` (gone already: nothing to do)."""
+    try:
+        inject_syscall(via, memory, NR_MUNMAP, address, size)
+    except OSError as exc:
+        if exc.errno != errno.ESRCH:
+            raise
 
 
 def checked(result: int, call: str) -> int:
