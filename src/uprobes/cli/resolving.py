@@ -39,7 +39,7 @@ def run_resolve(args: argparse.Namespace) -> int:
 def _ptrace_placement(probe: Probe) -> dict:
     """How the ptrace engine places ``probe``: a jump (and the instructions it replaces), or an int3 and why."""
     from ..engines.ptrace.jumps import site_for
-    from ..engines.ptrace.records import captures_for
+    from ..engines.ptrace.captures import captures_for
     from ..x86_64.analysis import format_instruction
 
     site = site_for(probe)

@@ -14,8 +14,6 @@ import operator
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import numpy
-
 from .event import ArgValue, Event, encode_json, json_string
 
 __all__ = ["EventColumns", "Group"]
@@ -86,6 +84,8 @@ class EventColumns:
             return self.groups[0].json_text()
         lines = [line for group in self.groups for line in group.json_text().split("\n")[:-1]]
         lines += [event.to_json() for event in self.single]
+        import numpy  # loaded by whoever made the groups (the ring reader): not for single events
+
         times = numpy.concatenate([numpy.asarray(group.ts_ns, numpy.int64) for group in self.groups]
                                   + [numpy.fromiter((event.ts_ns for event in self.single), numpy.int64)])
         return "\n".join([lines[i] for i in numpy.argsort(times, kind="stable").tolist()]) + "\n"

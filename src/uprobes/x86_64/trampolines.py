@@ -246,18 +246,18 @@ class _Builder:
     def add(self, instruction: Instruction, stack: int = 0, saves: str | None = None,
             label: int | None = None, loads: bool = False) -> None:
         instruction.ip = label if label is not None else 1 << 20 | len(self.pieces)
-        self.pieces.append((instruction, replace(self._resume(), loads=loads)))
+        self.pieces.append((instruction, self._resume(loads)))
         self.stack += stack
         if saves is not None:
             self.pushed.append(saves)
         elif stack == -8:
             self.pushed.pop()
 
-    def _resume(self) -> Resume:
+    def _resume(self, loads: bool) -> Resume:
         offsets = {name: 8 * (len(self.pushed) - 1 - i) for i, name in enumerate(self.pushed)}
         flags_at = offsets.pop("eflags", None)
         return Resume(self.site, self.stack, flags_at, self.counted, tuple(offsets.items()), self.reserved,
-                      self.reserved_if_zf, self.recorded)
+                      self.reserved_if_zf, self.recorded, loads)
 
     def capture(self, capture: Capture, at: int) -> None:
         """Write the word ``capture`` at ``at`` in the slot (%r11), through %rax (saved, free by now)."""
@@ -345,7 +345,7 @@ def _relocated(site: JumpSite, recorded: bool = False) -> list[tuple[Instruction
     if site.displaced[-1].flow_control in _FALLS_THROUGH:
         back = site.address + site.length
         pieces.append((Instruction.create_branch(Code.JMP_REL32_64, back), Resume(back, counted=True)))
-    return [(ins, replace(resume, recorded=recorded)) for ins, resume in pieces]
+    return [(ins, replace(resume, recorded=True)) for ins, resume in pieces] if recorded else pieces
 
 
 def _call_as_push_and_jump(call: Instruction) -> list[tuple[Instruction, Resume]]:

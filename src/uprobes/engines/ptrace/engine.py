@@ -26,6 +26,7 @@ import math
 import signal
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from ...consumers import Consumer
 from ...errors import UprobesError
@@ -39,13 +40,15 @@ from .hits import Reporter
 from .jumps import Jump
 from .linker import role_sites
 from .placement import INT3, Breakpoint, Placement, Role
-from .records import Recorder
 from .returns import MAX_RETURN_DEPTH, caught, hijack, put_back, returned
 from .stops import Phase, drain
 from .strategies import Boost, retry_step
 from .syscalls import EXITKILL, OPTIONS, SI_KERNEL, Regs, ptrace_getregs, ptrace_getsiginfo, ptrace_setregs
 from .tracee import LISTENING, TRAPPED, Process, Thread
 from .world import detach_all, stop_world
+
+if TYPE_CHECKING:
+    from .records import Recorder
 
 __all__ = ["PtraceEngine"]
 
@@ -106,6 +109,7 @@ class PtraceEngine(Engine):
             self.placement.jumps.eligible = frozenset(i for i, probe in enumerate(probes)
                                                       if not probe.is_return and i not in (consumers or {}))
             if not counting:
+                from .records import Recorder  # numpy, the ring reader's: loaded only to trace
                 self.placement.jumps.recorder = Recorder(self.placement.probes)
         self.family = Family(self.placement, follow_forks)
         self._reporter = Reporter(self.placement.probes, consumers or {}, counting)

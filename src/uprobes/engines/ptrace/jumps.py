@@ -16,12 +16,11 @@ own mapping, even after the target has gone. An area is never reused or unmapped
 from __future__ import annotations
 
 import bisect
+import ctypes
 import collections
 import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
-
-import numpy
 
 from ...elf.objfile import ElfObject
 from ...errors import UprobesError
@@ -32,8 +31,7 @@ from ...x86_64.jumps import JUMP_LENGTH, JumpSite, jump_bytes, jump_site
 from ...x86_64.registers import STATUS_FLAGS, ZERO_FLAG
 from ...x86_64.trampolines import Resume, Trampoline, counting_trampoline, recording_trampoline
 from .memory import ProcessMemory
-from .records import Recorder, captures_for, records_possible
-from .ring import WORDS, Ring
+from .captures import WORDS, captures_for, records_possible
 from .shared import PROT_EXEC, PROT_READ, PROT_WRITE, map_shared, unmap_shared
 from .strategies import INT3, Strategy
 from .syscalls import Regs, ptrace_getregs, ptrace_getsiginfo, ptrace_setregs
@@ -42,6 +40,8 @@ from .xol import InjectionError, inject_syscall
 
 if TYPE_CHECKING:
     from .placement import Breakpoint
+    from .records import Recorder
+    from .ring import Ring
     from .tracee import Process, Thread
 
 __all__ = ["Jump", "JumpArea", "Jumps", "site_for"]
@@ -73,7 +73,7 @@ class JumpArea:
         self._shared, _ = map_shared(tid, memory, size, address, PROT_READ | PROT_EXEC, b"uprobes-jumps")
         inject_syscall(tid, memory, NR_MPROTECT, address + _CODE_SIZE, _COUNTERS_SIZE, PROT_READ | PROT_WRITE)
         # whole 8-byte loads: struct reads a word a byte at a time, and a count bumped meanwhile would be torn
-        self._counters = numpy.frombuffer(self._shared, numpy.uint64, _COUNTERS_SIZE // 8, _CODE_SIZE)
+        self._counters = (ctypes.c_uint64 * (_COUNTERS_SIZE // 8)).from_buffer(self._shared, _CODE_SIZE)
         self.address, self.size, self.memory = address, size, memory
         self._next_code, self._next_counter = 0, _CODE_SIZE
         self._starts: list[int] = []  # trampoline addresses, in order
@@ -108,7 +108,7 @@ class JumpArea:
     def count(self, counter: int) -> int:
         if self._retired is not None:
             return self._retired[1][counter]
-        return int(self._counters[(counter - self.address - _CODE_SIZE) // 8])
+        return self._counters[(counter - self.address - _CODE_SIZE) // 8]
 
     def retire(self) -> None:
         """The target's memory is gone (exit, exec) or unmapped: keep the code and the counts, and let our

@@ -20,6 +20,7 @@ import struct
 import numpy
 
 from ...x86_64.trampolines import RingLayout
+from .captures import WORDS
 from .memory import ProcessMemory
 from .shared import PROT_READ, PROT_WRITE, map_shared, unmap_shared
 
@@ -27,7 +28,6 @@ __all__ = ["Ring", "RECORD", "SLOTS", "SLOT_SIZE", "VOID", "WORDS"]
 
 SLOTS = 1 << 16
 SLOT_SIZE = 128
-WORDS = 12  # captured words a record holds
 VOID = 0xFFFFFFFF  # the site id of a slot given up by a thread the tool moved out of it
 _HEADER = 4096
 _HEAD, _TAIL, _LOST = 64, 128, 192

@@ -1,0 +1,107 @@
+"""What a record of a traced jump probe captures: the words its fetch arguments need, or why a trampoline
+cannot take them (then the probe traps, and ``resolve`` says why).
+
+Registers, the stack pointer, ``$stackN``, constants, ``$comm``, and the memory a USDT marker's own operands
+name (the compiler put the values there, so it is mapped) are taken by the trampoline; a dereference, a
+string or an ``%xmm`` register needs the thread stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ...probes.fetchargs import (Address, Comm, Deref, FetchArg, FileOffset, Immediate, ImmediateString, Register,
+                                 StackPointer, StackSlot)
+from ...probes.markerargs import MarkerOperand
+from ...probes.resolve import Probe
+from ...proc.status import auxv
+from ...x86_64.registers import BY_KERNEL_NAME, GENERAL_REGISTERS
+from ...x86_64.trampolines import Capture, CaptureLoad, CaptureRegister
+
+__all__ = ["WORDS", "arg_captures", "captures_for", "records_possible"]
+
+WORDS = 12  # captured words a record holds
+_AT_HWCAP2, _HWCAP2_FSGSBASE = 26, 1 << 1
+_CAPTURED = frozenset({reg.field for reg in GENERAL_REGISTERS} | {"rsp", "eflags"})
+_NO_WORDS = (Immediate, ImmediateString, Comm)
+
+
+def captures_for(probe: Probe, load_bias: int = 0) -> tuple[Capture, ...] | str:
+    """The words a record of ``probe`` needs (``load_bias``: runtime minus link-time address of its object),
+    or why its fetch arguments cannot be taken by a trampoline."""
+    captures: list[Capture] = []
+    for arg in probe.fetchargs:
+        why = arg_captures(arg, probe, load_bias, captures)
+        if why:
+            return f"{arg.name} {why}, which needs the thread stopped"
+    if len(captures) > WORDS:
+        return f"its arguments need {len(captures)} words, more than the {WORDS} a record holds"
+    return tuple(captures)
+
+
+def arg_captures(arg: FetchArg, probe: Probe, load_bias: int, captures: list[Capture]) -> str | None:
+    """Add what ``arg`` needs to ``captures`` (its value's word last), or say why a trampoline cannot."""
+    source = arg.source
+    if isinstance(source, _NO_WORDS) or (isinstance(source, Register) and source.name == "ip"):
+        return None
+    if arg.type is not None and arg.type.is_string:
+        return "reads a string"
+    if isinstance(source, StackPointer):
+        return _add(captures, CaptureRegister("rsp"))
+    if isinstance(source, Register):
+        field_name = BY_KERNEL_NAME[source.name].field
+        if field_name not in _CAPTURED:
+            return f"reads %{source.name}"
+        return _add(captures, CaptureRegister(field_name))
+    if isinstance(source, StackSlot):
+        _add(captures, CaptureRegister("rsp"))
+        return _loads(captures, CaptureLoad("rsp", 8 * source.n, 8), 8)
+    if isinstance(source, MarkerOperand):
+        return _operand(source, load_bias, captures)
+    if source not in probe.marker_memory:
+        return "reads memory"
+    if isinstance(source, Deref):  # the marker's disp(%reg): only a register inside
+        base = BY_KERNEL_NAME[source.inner.name].field
+        _add(captures, CaptureRegister(base))
+        return _loads(captures, CaptureLoad(base, source.offset, 8), arg.size)
+    start = source.addr if isinstance(source, Address) else probe.address - probe.offset + source.offset
+    return _loads(captures, CaptureLoad(None, start + (load_bias if isinstance(source, FileOffset) else 0), 8),
+                  arg.size)
+
+
+def _operand(operand: MarkerOperand, load_bias: int, captures: list[Capture]) -> str | None:
+    """A marker operand tracefs cannot express: ``arg.size`` bytes at base + index * scale + disp (+ the
+    runtime address of its symbol), as :func:`uprobes.probes.evaluate.evaluate` reads them."""
+    arg = operand.arg
+    if arg.kind == "reg":
+        return f"reads %{arg.reg}"
+    disp = arg.disp
+    if operand.symbol_address is not None:
+        disp += operand.symbol_address + load_bias
+    base = None if arg.base in (None, "rip") else arg.base
+    for register in (base, arg.index):
+        if register is not None:
+            _add(captures, CaptureRegister(register))
+    return _loads(captures, CaptureLoad(base, disp, 8, arg.index, arg.scale or 1), arg.size)
+
+
+def _loads(captures: list[Capture], first: CaptureLoad, size: int) -> None:
+    """``size`` bytes from where ``first`` reads, in loads of 8, 4, 2 and 1 bytes."""
+    at = 0
+    while at < size:
+        step = next(s for s in (8, 4, 2, 1) if s <= size - at)
+        _add(captures, replace(first, disp=first.disp + at, size=step))
+        at += step
+
+
+def _add(captures: list[Capture], capture: Capture) -> None:
+    if capture not in captures:
+        captures.append(capture)
+
+
+def records_possible(pid: int) -> str | None:
+    """Why no thread of ``pid`` can record (a trampoline reads its key with ``rdfsbase``), or None."""
+    hwcap2 = auxv(pid, _AT_HWCAP2)
+    if hwcap2 is None or not hwcap2 & _HWCAP2_FSGSBASE:
+        return "the kernel does not let programs read their fs base (FSGSBASE): traced probes trap"
+    return None
