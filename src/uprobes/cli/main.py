@@ -62,8 +62,8 @@ def _build_parser() -> argparse.ArgumentParser:
     resolve.add_argument("probes", nargs="+", metavar="PROBE", help="a probe with its fetch arguments, quoted")
     resolve.add_argument("--json", action="store_true", help="one JSON object per probe point")
     resolve.add_argument("--engine", choices=("ptrace",),
-                         help="ptrace: also say how that engine places each probe point: a jump (no stop per hit, "
-                              "when only counted) or an int3, and why not a jump")
+                         help="ptrace: also say how that engine places each probe point: a jump (no stop per hit; "
+                              "counted, or traced too) or an int3, and why not a jump")
     return parser
 
 

@@ -1,7 +1,8 @@
 """Jump probes: sites whose first bytes became a ``jmp`` to a trampoline, so that a hit never stops the program.
 
-A probe that is only counted needs no stop: its site becomes a 5-byte ``jmp`` to a trampoline that bumps the
-site's counter in shared memory and runs the displaced instructions (:mod:`uprobes.x86_64.trampolines`).
+A probe with no Python handler and no return needs no stop: its site becomes a 5-byte ``jmp`` to a trampoline
+that bumps the site's counter in shared memory, traced also writes a record of the hit into the ring
+(:mod:`.ring`, :mod:`.records`), and runs the displaced instructions (:mod:`uprobes.x86_64.trampolines`).
 Every site starts as an ``int3`` like any other; :meth:`Jumps.upgrade` turns those that qualify
 (:func:`uprobes.x86_64.jumps.jump_site`) into jumps while every thread of the process is stopped, moving a
 thread that stands inside the replaced bytes to its place in the trampoline. The rest stay traps, and the user
@@ -251,7 +252,7 @@ class Jump(Strategy):
 class Jumps:
     """The jump probes of a run: which probes may be jumps, the areas of each address space, the counts."""
 
-    eligible: frozenset[int] = frozenset()  # probe indices that are only counted
+    eligible: frozenset[int] = frozenset()  # probe indices with no handler and no return
     placed: list[Jump] = field(default_factory=list)  # every jump ever placed, in every process
     refused: dict[int, str] = field(default_factory=dict)  # probe index -> why one of its sites stays a trap
     notices: list[str] = field(default_factory=list)

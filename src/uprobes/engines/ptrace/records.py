@@ -1,19 +1,17 @@
-"""Records of jump probes: which words a hit must capture, and events made of records read from the ring.
+"""Events made of the records jump probes write into their rings.
 
-A traced probe (not only counted) can be a jump when everything it fetches can be captured by the trampoline
-with no risk to the program: registers, the stack pointer, constants, ``$comm``, ``$stackN``, and the memory
-a USDT marker's own operands name (the compiler put the values there, so it is mapped). Should one of those
-loads fault all the same (a hand-written marker), the tool catches the fault, the program never sees it, and
-the site traps from then on (:meth:`uprobes.engines.ptrace.jumps.Jump.on_signal`). The tool then evaluates the
-fetch arguments exactly as at a trap (:func:`uprobes.probes.evaluate.evaluate`), over the registers and
-memory the record holds. Any other fetch (a dereference, a string) keeps the probe a trap, which
-reads memory with the thread stopped, and ``resolve`` says so.
+What a record holds is decided when its trampoline is made (:mod:`.captures`). The tool evaluates the fetch
+arguments exactly as at a trap (:func:`uprobes.probes.evaluate.evaluate`), over the registers and memory the
+record holds; a probe whose arguments are all integers read from one word each gets its events in columns,
+converted in bulk with numpy (:class:`Column`, :class:`uprobes.output.columns.Group`). A load for a record
+that faults (a hand-written marker) is caught by the tool, never seen by the program, and the site traps from
+then on (:meth:`uprobes.engines.ptrace.jumps.Jump.on_signal`).
 
 Records carry the thread's fs base, not its id: a thread is known by the key it had when we last saw it
 stopped. A key no stopped thread has shown yet (a new thread, the TLS of a program just exec'd) holds its
 records back until it is known: the one thread left in a process (:meth:`Recorder.attribute`), or every thread
-stopped once to read its key (:meth:`Recorder.learn`). A key a
-thread left at its end may come back with the next thread (glibc reuses stacks): its records are read first.
+stopped once to read its key (:meth:`Recorder.learn`). A key a thread left at its end may come back with the
+next thread (glibc reuses stacks): its records are read at its exit stop, first.
 """
 
 from __future__ import annotations
