@@ -205,23 +205,24 @@ class Recorder:
     def attribute(self, owner: Process, thread: Thread) -> None:
         """``thread`` is the only one left in ``owner``'s memory: the keys not known yet are its."""
         self.read(owner)
-        keys = self._keys[owner]
-        for batch in self._held.get(owner, []):
-            for key in set(batch["key"].tolist()) - set(keys):
-                keys[key] = thread
-        self.read(owner)
+        self._claim_unknown(owner, thread)
 
     def learn(self, threads: list[Thread]) -> None:
         """Every thread is stopped (``threads``): the keys of records held back are known now; records whose
         thread ended unseen are reported as the process's own (tid = pid)."""
         for thread in threads:
             self.saw(thread, ptrace_getregs(thread.tid).fs_base)
-        for owner, batches in list(self._held.items()):
-            keys = self._keys[owner]
-            for batch in batches:
-                for key in set(batch["key"].tolist()) - set(keys):
-                    keys[key] = _Unknown(owner)
+        for owner in self.unknown_in():
+            self._claim_unknown(owner, _Unknown(owner))
         self.read_all()
+
+    def _claim_unknown(self, owner: Process, thread: Thread | _Unknown) -> None:
+        """The keys of the records held back in ``owner``'s memory are ``thread``'s; their events are made."""
+        keys = self._keys[owner]
+        for batch in self._held.get(owner, []):
+            for key in set(batch["key"].tolist()) - set(keys):
+                keys[key] = thread
+        self.read(owner)
 
     def read_all(self) -> None:
         for owner in list(self.rings):
@@ -246,8 +247,10 @@ class Recorder:
         self.forget(owner)
 
     def forget(self, owner: Process) -> None:
-        """``owner``'s memory is gone (exit, exec) or its ring unmapped: read what is left, let the ring go."""
+        """``owner``'s memory is gone (exit, exec) or its ring unmapped: read what is left (records of threads
+        never seen are the process's own), let the ring go."""
         self.read(owner)
+        self._claim_unknown(owner, _Unknown(owner))
         ring = self.rings.pop(owner, None)
         if ring is not None:
             ring.retire()
