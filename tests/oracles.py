@@ -119,6 +119,12 @@ def text_differs_from_files(pid: int) -> list[str]:
     return differing
 
 
+def shared_mappings_left(pid: int) -> list[str]:
+    """Mappings of the memory a tracer shares with process ``pid`` (jump areas, rings, shadow stacks): none
+    may stay after it detached."""
+    return [line for line in Path(f"/proc/{pid}/maps").read_text().splitlines() if "/memfd:uprobes-" in line]
+
+
 def anonymous_executable_mappings(pid: int) -> list[str]:
     """Executable mappings of no file, or of a memfd, in process ``pid``: an out-of-line area or a jump area a
     tracer left behind."""

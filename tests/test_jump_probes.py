@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli, run_json
-from oracles import anonymous_executable_mappings, text_differs_from_files
+from oracles import anonymous_executable_mappings, shared_mappings_left, text_differs_from_files
 
 JUMP_SITES = ["jump_entry", "jump_flags+3", "jump_redzone+8", "jump_call", "jump_jcc", "jump_riprel"]
 TRAP_SITES = {"jump_loop": "branches inside the displaced bytes",
@@ -30,6 +30,11 @@ LIBC = "/usr/lib/x86_64-linux-gnu/libc.so.6"
 
 def _probes(program: str, sites: list[str]) -> list[str]:
     return [f"uprobe:{program}:{site}" for site in sites]
+
+
+def _returns(program: str, sites: list[str]) -> list[str]:
+    """Return probes on the functions whose entry is one of ``sites``."""
+    return [f"uretprobe:{program}:{site}" for site in sites if "+" not in site]
 
 
 def _hits(records: list[dict]) -> dict[str, int]:
@@ -53,7 +58,7 @@ def test_resolve_says_which_sites_become_jumps_and_why_not(targets):
     assert all(placement[site.replace("+", "+0x")]["jump"] for site in JUMP_SITES)
     for site, why in TRAP_SITES.items():
         assert not placement[site]["jump"] and re.search(why, placement[site]["why"]), placement[site]
-    assert placement["jump_call%return"] == {"jump": False, "why": "a return probe traps at the return"}
+    assert placement["jump_call%return"] == placement["jump_call"]  # the entry's jump sends the return to a trampoline
     text = run_cli("resolve", "--engine", "ptrace", f"uprobe:{program}:jump_loop", check=True)
     assert re.search(r"# ptrace engine: jump_loop: an int3, not a jump: 'jne .*' at 0x[0-9a-f]+ branches inside",
                      text.stderr), text.stderr
@@ -81,16 +86,18 @@ def test_every_site_shape_counts_exactly_and_the_program_computes_the_same(targe
 def test_signals_delivered_inside_trampolines_change_nothing_and_count_once(targets):
     """A profiling timer interrupts the program every tick, mostly somewhere in the probed sites' trampolines
     (a signal is delivered at the program's own address, never inside a trampoline); the handler calls
-    jump_entry too, so its count is the loop's plus the signals the program saw."""
+    jump_entry too, so its count is the loop's plus the signals the program saw, and so is its returns'
+    (a return caught halfway through its trampoline is taken by the tool before the signal)."""
     program, n = str(targets / "jumps"), 3_000_000
     untraced = _untraced(program, "signals", str(n))
     records, traced = run_json("count", "--engine", "ptrace", *_probes(program, JUMP_SITES),
+                               f"uretprobe:{program}:jump_entry", f"uretprobe:{program}:jump_call",
                                "--", program, "signals", str(n))
     assert (traced.returncode, traced.stdout) == (0, untraced.stdout), traced.stderr
     signals = int(re.search(r"^signals (\d+)$", traced.stderr, re.M)[1])
     assert signals > 50  # the timer fired all along
     hits = _hits(records)
-    assert hits.pop("jump_entry") == n + signals
+    assert hits.pop("jump_entry") == hits.pop("jump_entry%return") == n + signals
     assert hits.pop("jump_flags+0x3") == 2 * n
     assert set(hits.values()) == {n}
 
@@ -98,10 +105,10 @@ def test_signals_delivered_inside_trampolines_change_nothing_and_count_once(targ
 def test_four_threads_a_million_hits_each_are_counted_exactly(targets):
     program = str(targets / "jumps")
     records, traced = run_json("count", "--engine", "ptrace", f"uprobe:{program}:jump_entry",
-                               "--", program, "threads", "4", "1000000")
+                               f"uretprobe:{program}:jump_entry", "--", program, "threads", "4", "1000000")
     assert traced.returncode == 0 and traced.stdout == _untraced(program, "threads", "4", "1000000").stdout
-    assert _hits(records) == {"jump_entry": 4_000_000}
-    assert "1 of 1 probe points were jumps" in traced.stderr
+    assert _hits(records) == {"jump_entry": 4_000_000, "jump_entry%return": 4_000_000}
+    assert "2 of 2 probe points were jumps" in traced.stderr
 
 
 @contextlib.contextmanager
@@ -120,7 +127,8 @@ def _busy(targets: Path, threads: int, seconds: int):
 
 
 def _left_intact(pid: int) -> bool:
-    return text_differs_from_files(pid) == [] and anonymous_executable_mappings(pid) == []
+    return text_differs_from_files(pid) == [] and anonymous_executable_mappings(pid) == [] \
+        and shared_mappings_left(pid) == []
 
 
 def test_attach_to_a_busy_multithreaded_process_and_detach_leaves_it_intact(targets):
@@ -132,7 +140,7 @@ def test_attach_to_a_busy_multithreaded_process_and_detach_leaves_it_intact(targ
         maps_before = Path(f"/proc/{target.pid}/maps").read_text()
         for _ in range(3):
             records, tool = run_json("count", "--engine", "ptrace", "-p", str(target.pid), "-d", "0.5",
-                                     *_probes(program, JUMP_SITES))
+                                     *_probes(program, JUMP_SITES), *_returns(program, JUMP_SITES))
             assert tool.returncode == 0, tool.stderr
             hits = _hits(records)
             assert min(hits.values()) > 10_000, hits  # threads ran through every site meanwhile
@@ -145,7 +153,8 @@ def test_a_sigkill_of_the_tool_leaves_an_attached_process_running_correctly(targ
     program = str(targets / "jumps")
     with _busy(targets, 2, 4) as target:
         tool = subprocess.Popen([sys.executable, "-m", "uprobes", "count", "--engine", "ptrace", "-p", str(target.pid),
-                                 *_probes(program, JUMP_SITES)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                 *_probes(program, JUMP_SITES), *_returns(program, JUMP_SITES)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10
         while "/memfd:uprobes-jumps" not in Path(f"/proc/{target.pid}/maps").read_text():
             assert time.monotonic() < deadline and tool.poll() is None, tool.communicate()
@@ -171,10 +180,10 @@ def test_forked_children_count_in_their_own_areas_and_are_let_go_clean(targets):
     untraced = _untraced(lifecycle, "fork", "3", "4")
     for options, hits in (([], 3 * 4 + 1), (["--no-follow"], 1)):
         records, traced = run_json("count", "--engine", "ptrace", *options, f"uprobe:{lifecycle}:handle",
-                                   "--", lifecycle, "fork", "3", "4")
+                                   f"uretprobe:{lifecycle}:handle", "--", lifecycle, "fork", "3", "4")
         assert (traced.returncode, without_pids(traced.stdout)) == (0, without_pids(untraced.stdout))
-        assert _hits(records) == {"handle": hits}
-        assert "1 of 1 probe points were jumps" in traced.stderr
+        assert _hits(records) == {"handle": hits, "handle%return": hits}
+        assert "2 of 2 probe points were jumps" in traced.stderr
 
 
 def test_exec_and_a_library_loaded_later_get_jumps_too(targets):

@@ -126,3 +126,22 @@ def test_a_full_ring_counts_what_it_loses_and_every_hit_is_accounted(targets):
     for tid in {e["tid"] for e in events}:
         calls = [e["args"]["x"] for e in events if e["tid"] == tid]
         assert calls == sorted(calls)  # what is kept of each thread keeps its order
+
+
+def test_return_probes_record_the_events_traps_give(targets):
+    """Returns taken in a return trampoline are recorded there with the registers the function left: the same
+    events, values and order as when the entry and the return both trap."""
+    program, n = str(targets / "jumps"), 2000
+    probes = [f"uretprobe:{program}:jump_entry v=$retval:s64 d=%di", f"uprobe:{program}:jump_call x=%di:s32",
+              f"uretprobe:{program}:jump_call"]
+    runs = {}
+    for options in ([], ["--trap"]):
+        events, proc, lost = _trace(*options, *probes, "--", program, "run", str(n))
+        assert proc.returncode == 0 and proc.stdout == f"run {n} check {_check(program, n)}\n", proc.stderr
+        assert lost == 0
+        runs[bool(options)] = ([(e["probe"], e["args"], e.get("retval")) for e in events], proc.stderr)
+    (jumped, stderr), (trapped, _) = runs[False], runs[True]
+    assert "3 of 3 probe points were jumps" in stderr, stderr
+    assert len(jumped) == 3 * n and jumped == trapped
+    assert jumped[:3] == [("jump_entry%return", {"v": 1, "d": 0}, 1), ("jump_call", {"x": 0}, None),
+                          ("jump_call%return", {}, 11)]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from oracles import (anonymous_executable_mappings, file_offset, objdump_instruction_starts,
+from oracles import (anonymous_executable_mappings, shared_mappings_left, file_offset, objdump_instruction_starts,
                      text_differs_from_files)
 
 KILL_TRIALS = int(os.environ.get("KILL_TRIALS", "100"))
@@ -50,6 +50,7 @@ def _left_behind(pid: int, path: str) -> list[str]:
     if _semaphore(pid, path):
         problems.append(f"semaphore is {_semaphore(pid, path)}")
     problems += [f"out-of-line page left: {line}" for line in anonymous_executable_mappings(pid)]
+    problems += [f"shared mapping left: {line}" for line in shared_mappings_left(pid)]
     tracer = re.search(r"^TracerPid:\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M)[1]
     if tracer != "0":
         problems.append(f"still traced by {tracer}")
@@ -79,14 +80,15 @@ def _wait_gone(pids: list[int], timeout: float = 60) -> None:
 def kill_trials(targets: Path, signum: int, trials: int, seed: int, command: str = "trace") -> dict:
     """``trials`` runs of `uprobes COMMAND` on one busy target, each ended by ``signum`` at a random moment:
     trace puts a trap on every instruction of hit() and on the marker, count makes hit()'s entry and the
-    marker jumps (tests/test_jump_probes.py checks that they are), trace-jumps makes them jumps that write
-    records (with two arguments at hit()). Returns a tally; raises AssertionError at the first trial that
-    leaves the target dead or changed."""
+    marker jumps (tests/test_jump_probes.py checks that they are), with hit()'s returns through a return
+    trampoline, trace-jumps makes them jumps that write records (with two arguments at hit()). Returns a tally;
+    raises AssertionError at the first trial that leaves the target dead or changed."""
     path = str(targets / "threads")
     if command == "trace":
         probes = [f"p {path}:{file_offset(path, a):#x}" for a in objdump_instruction_starts(path, "hit")]
     else:
-        probes = [f"uprobe:{path}:hit" + (" a=%di b=%si" if command == "trace-jumps" else "")]
+        probes = [f"uprobe:{path}:hit" + (" a=%di b=%si" if command == "trace-jumps" else ""),
+                  f"uretprobe:{path}:hit"]
     probes += [f"usdt:{path}:threads:tick"]
     command = command.replace("-jumps", "")
     rng = random.Random(seed)

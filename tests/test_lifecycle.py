@@ -15,9 +15,13 @@ import pytest
 from conftest import run_cli, run_json
 
 ENGINES = ["kernel", "ptrace"]
+# Return probes: the ptrace engine's jump path (returns through a trampoline, no stop) and its trap path
+RETURN_ENGINES = ENGINES + ["ptrace-trap"]
 
 
 def _run(engine: str, command_name: str, probes: list[str], command: list[str], *options: str):
+    if engine == "ptrace-trap":
+        engine, options = "ptrace", ("--trap", *options)
     return run_json(command_name, "--engine", engine, *options, *probes, "--", *command, timeout=120)
 
 
@@ -161,7 +165,7 @@ def test_a_program_that_execs_itself(targets, engine):
     assert len({r["pid"] for r in records if "probe" in r}) == 1
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", RETURN_ENGINES)
 def test_tail_calls_return_once_through_their_callers_frame(targets, engine):
     """tail_f jumps to tail_g, acc jumps to itself: the return probes of the chain all fire at the one return,
     innermost first, with the value it returns."""
@@ -174,7 +178,7 @@ def test_tail_calls_return_once_through_their_callers_frame(targets, engine):
                        ("tail_f%return", 15), ("tail_h%return", 16)] + [("acc%return", 10)] * 5
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", RETURN_ENGINES)
 def test_return_values_of_recursion_from_eight_threads_and_a_longjmp(targets, engine):
     lifecycle = targets / "lifecycle"
     records, proc = _run(engine, "trace", [f"uretprobe:{lifecycle}:fact", f"uretprobe:{lifecycle}:deep"],
@@ -193,26 +197,45 @@ def test_return_values_of_recursion_from_eight_threads_and_a_longjmp(targets, en
     assert records[-1] == {"lost": 0}
 
 
+@pytest.mark.parametrize("engine", RETURN_ENGINES)
+def test_a_function_that_forks_returns_in_both_processes(targets, engine):
+    """spawn() forks with its return pending: the child returns through its own copy of it (spawn returns
+    1000 + c there), or, not followed, to the address the program wrote, which it finds back in its stack."""
+    lifecycle = str(targets / "lifecycle")
+    untraced = subprocess.run([lifecycle, "forkret", "3"], capture_output=True, text=True, timeout=30)
+    for options in ([], ["--no-follow"]) if engine != "kernel" else ([],):
+        records, proc = _run(engine, "trace", [f"uretprobe:{lifecycle}:spawn"], [lifecycle, "forkret", "3"], *options)
+        assert proc.returncode == 0, proc.stderr
+        assert sorted(proc.stdout.splitlines()) == sorted(untraced.stdout.splitlines())
+        events = [r for r in records if "probe" in r]
+        parent = {e["pid"] for e in events if e["retval"] < 1000}
+        assert sorted(e["retval"] for e in events if e["pid"] in parent) == [0, 1, 2] and len(parent) == 1
+        children = {e["pid"]: e["retval"] for e in events if e["pid"] not in parent}
+        assert sorted(children.values()) == ([] if options else [1000, 1001, 1002])
+
+
 def _fact(n: int) -> int:
     return 1 if n <= 1 else n * _fact(n - 1)
 
 
-def test_a_cxx_exception_through_probed_frames(targets):
+@pytest.mark.parametrize("engine", ["ptrace", "ptrace-trap"])
+def test_a_cxx_exception_through_probed_frames(targets, engine):
     cxx = targets / "cxxthrow"
     probes = [f"uretprobe:{cxx}:_Z5innerl", f"uretprobe:{cxx}:_Z5outerl"]
-    records, proc = _run("ptrace", "trace", probes, [str(cxx)])
+    records, proc = _run(engine, "trace", probes, [str(cxx)])
     assert proc.returncode == 0 and proc.stdout == "sum 1125\n"
     returns = [(r["probe"], r["retval"]) for r in records if "probe" in r]
     assert returns == [(name, value) for n in (0, 1, 2, 4, 5)
                        for name, value in (("_Z5innerl%return", 10 * n), ("_Z5outerl%return", 10 * n + 1))]
 
 
-def test_a_cxx_exception_caught_inside_probed_frames_leaves_them_probed(targets):
+@pytest.mark.parametrize("engine", ["ptrace", "ptrace-trap"])
+def test_a_cxx_exception_caught_inside_probed_frames_leaves_them_probed(targets, engine):
     """risky() throws for odd numbers and guarded() catches: only risky's frame is unwound (its return is
     counted as skipped); guarded and total go on returning through the trampoline."""
     cxx = targets / "cxxthrow"
     probes = [f"uretprobe:{cxx}:{name}" for name in ("_Z5riskyl", "_Z7guardedl", "_Z5totall")]
-    records, proc = _run("ptrace", "trace", probes, [str(cxx), "caught"])
+    records, proc = _run(engine, "trace", probes, [str(cxx), "caught"])
     assert proc.returncode == 0 and proc.stdout == "total 20\n"
     returns = [(r["probe"].split("%")[0][3:-1], r["retval"]) for r in records if "probe" in r]
     assert returns == [("risky", 0), ("guarded", 0), ("guarded", -1), ("risky", 2), ("guarded", 2),
@@ -227,7 +250,7 @@ def test_the_kernels_uretprobes_break_a_cxx_exception_that_ours_survive(targets)
     assert proc.returncode != 0 and "terminate called" in proc.stderr
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", RETURN_ENGINES)
 def test_latency_histogram_counts_every_call(targets, engine):
     lifecycle = targets / "lifecycle"
     records, proc = _run(engine, "latency", [f"uprobe:{lifecycle}:fact"], [str(lifecycle), "recurse", "6", "2"])
@@ -235,8 +258,8 @@ def test_latency_histogram_counts_every_call(targets, engine):
     assert report["count"] == 2 * 21 + 4  # fact(1..6) from two threads, and fact(4)
     assert sum(b["count"] for b in report["buckets"]) == report["count"]
     assert report["min_ns"] <= report["p50_ns"] <= report["p99_ns"] <= report["max_ns"]
-    text = run_cli("latency", "--engine", engine, f"uprobe:{lifecycle}:fact", "--", str(lifecycle), "recurse", "3",
-                   "1", check=True).stdout
+    text = run_cli("latency", "--engine", engine.removesuffix("-trap"), f"uprobe:{lifecycle}:fact", "--",
+                   str(lifecycle), "recurse", "3", "1", check=True).stdout
     assert re.search(r"count 10  mean \S+  p50 \S+  p99 \S+  max \S+", text) and "|@" in text
 
 

@@ -1,5 +1,6 @@
 /* A program for the tests of a program's life under probes.
  *   lifecycle fork N K      N children each call handle(child, j) K times; the parent calls it once
+ *   lifecycle forkret N     spawn(c) forks N times and returns in both: c in the parent, 1000 + c in the child
  *   lifecycle vfork PROGRAM ARGS...   vfork, the child calls handle(0, 0) then execs PROGRAM
  *   lifecycle exec N        calls handle(N, 0), then execs itself with N-1 until 0
  *   lifecycle dlopen LIB N  dlopen LIB (whose constructor calls lib_ctor), call lib_work N times,
@@ -34,6 +35,14 @@ __attribute__((noinline)) long handle(long who, long j)
 {
     __asm__ volatile("" ::: "memory");
     return who * 100 + j;
+}
+
+/* Returns twice, once in each process: a return probe's pending return is in the child's copy of the stack. */
+__attribute__((noinline)) long spawn(long c)
+{
+    pid_t pid = fork();
+    __asm__ volatile("" ::: "memory");
+    return pid == 0 ? 1000 + c : c;
 }
 
 static char *guarded;
@@ -162,6 +171,24 @@ int main(int argc, char **argv)
         while (wait(&status) > 0)
             exits += WEXITSTATUS(status);
         printf("parent %ld exits %d\n", handle(-1, 0), exits);
+        return 0;
+    }
+    if (!strcmp(mode, "forkret")) {
+        int n = atoi(argv[2]);
+        long sum = 0;
+        for (int c = 0; c < n; c++) {
+            long r = spawn(c);
+            if (r >= 1000) {
+                printf("child %ld returned %ld handle %ld\n", r - 1000, r, handle(r, 0));
+                fflush(stdout);
+                _exit(0);
+            }
+            sum += r;
+        }
+        int status;
+        while (wait(&status) > 0)
+            ;
+        printf("parent sum %ld\n", sum);
         return 0;
     }
     if (!strcmp(mode, "vforks")) {  /* vforks SECONDS: vfork children that call handle() and exit, until then */

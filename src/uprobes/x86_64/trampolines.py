@@ -30,8 +30,8 @@ from iced_x86 import BlockEncoder, Code, Decoder, DecoderOptions, FlowControl, I
 from .codegen import encode
 from .jumps import JumpSite
 
-__all__ = ["CaptureLoad", "CaptureRegister", "RingLayout", "Resume", "Trampoline", "counting_trampoline",
-           "recording_trampoline", "tsc_reader", "RED_ZONE"]
+__all__ = ["CaptureLoad", "CaptureRegister", "RingLayout", "Resume", "ShadowLayout", "Trampoline",
+           "counting_trampoline", "recording_trampoline", "return_trampoline", "tsc_reader", "RED_ZONE"]
 
 RED_ZONE = 128
 _MASK32 = (1 << 32) - 1
@@ -53,6 +53,9 @@ class Resume:
     reserved_if_zf: bool = False  # ... reserved only if ZF is set (just after the compare-and-swap)
     recorded: bool = False  # the hit's record was written, or counted as lost
     loads: bool = False  # this instruction reads the program's memory for the record (a fault is ours)
+    shadowed: bool = False  # the function's return was sent to its return trampoline (undone if sent back)
+    returning: bool = False  # in a return trampoline: the return is not taken yet (the tracer takes it)
+    returned: bool = False  # the return is taken: the thread goes on at the address just below its stack
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ class Trampoline:
     address: int
     code: bytes
     resumes: dict[int, Resume]  # by the address of each instruction
+    relocated: int = 0  # where the displaced instructions start
+    trap: int | None = None  # the int3 that leaves what the code does not do to the tracer
 
     def resume(self, rip: int) -> Resume | None:
         return self.resumes.get(rip)
@@ -69,7 +74,8 @@ class Trampoline:
     def displaced(self, address: int) -> int | None:
         """Where the displaced instruction that was at ``address`` starts in the trampoline (past the count)."""
         return min((at for at, resume in self.resumes.items()
-                    if resume.rip == address and resume.counted and not resume.stack), default=None)
+                    if at >= self.relocated and resume.rip == address and resume.counted and not resume.stack),
+                   default=None)
 
 
 def counting_trampoline(site: JumpSite, address: int, counter: int) -> Trampoline:
@@ -113,6 +119,28 @@ class RingLayout:
 
 
 @dataclass(frozen=True)
+class ShadowLayout:
+    """Where pending returns are kept, a stack per thread: ``threads + probes`` records of ``1 << record_shift``
+    bytes from ``address``. A thread's record (its fs base at ``key``, 0: free) is one of the ``probes`` from
+    index ``(fs base >> record_shift) % threads``; it holds the depth at ``depth`` and up to ``limit`` entries of
+    ``1 << entry_shift`` bytes from ``entries``, the innermost last: the return address's slot on the stack, the
+    address it held (``original``) and the return trampoline that replaced it."""
+
+    address: int
+    threads: int
+    probes: int
+    record_shift: int
+    key: int
+    depth: int
+    entries: int
+    entry_shift: int
+    limit: int
+    slot: int
+    original: int
+    trampoline: int
+
+
+@dataclass(frozen=True)
 class CaptureRegister:
     """A word of the record: the value a user_regs field (a general register, ``rsp``, ``eflags``) had at the hit."""
 
@@ -142,13 +170,15 @@ Capture = CaptureRegister | CaptureLoad
 
 # What a recording trampoline clobbers, saved on the stack in this order: rdtscp writes rax, rdx and rcx.
 _SAVED = (Register.RAX, Register.RCX, Register.RDX, Register.RSI, Register.R11)
-_FIELD = {Register.RAX: "rax", Register.RCX: "rcx", Register.RDX: "rdx", Register.RSI: "rsi",
-          Register.R11: "r11"}
+_RETURN_SAVED = (Register.R8, Register.R9, Register.R10)  # and what a return trampoline keeps its entry in
+_FIELDS = {register: name for name in ("rax", "rcx", "rdx", "rsi", "r11", "r8", "r9", "r10")
+           for register in [getattr(Register, name.upper())]}
 _LOADS = {8: Code.MOV_R64_RM64, 4: Code.MOV_R32_RM32, 2: Code.MOVZX_R32_RM16, 1: Code.MOVZX_R32_RM8}
 
 
-def recording_trampoline(site: JumpSite, address: int, counter: int, ring: RingLayout, site_id: int,
-                         captures: tuple[Capture, ...], rdpid: bool = False) -> Trampoline:
+def recording_trampoline(site: JumpSite, address: int, counter: int | None, ring: RingLayout | None, site_id: int,
+                         captures: tuple[Capture, ...], rdpid: bool = False,
+                         returns: tuple[ShadowLayout, int] | None = None) -> Trampoline:
     """Count a hit at ``counter``, write one record of it into ``ring`` (``captures`` as its words), run
     ``site``'s displaced instructions and go back::
 
@@ -161,74 +191,94 @@ def recording_trampoline(site: JumpSite, address: int, counter: int, ring: RingL
 
     A reserved slot is always written to the end (no branch out between the reservation and ``seq``); a
     thread stopped in between is sent back to the site by the tracer, which voids the slot (``Resume.reserved``).
+
+    ``returns`` (the shadow stacks, a return trampoline): the function's return goes to that trampoline, the
+    real return address kept on the thread's shadow stack (:meth:`_Builder.hijack`); ``counter`` and ``ring``
+    None: no hit of the entry itself is counted or recorded.
     """
-    if len(captures) > (1 << ring.slot_shift) - ring.words >> 3:
-        raise ValueError(f"{len(captures)} words do not fit a record")
     flags = site.flags_live or any(isinstance(c, CaptureRegister) and c.field == "eflags" for c in captures)
     builder = _Builder(site.address)
-    builder.add(_lea_rsp(-RED_ZONE), stack=RED_ZONE)
-    if flags:
-        builder.add(Instruction.create(Code.PUSHFQ), stack=8, saves="eflags")
-    for register in _SAVED:
-        builder.add(Instruction.create_reg(Code.PUSH_R64, register), stack=8, saves=_FIELD[register])
-    increment = Instruction.create_mem(Code.INC_RM64, MemoryOperand(Register.RIP, displ=counter))
-    increment.has_lock_prefix = True
-    builder.add(increment)
-    builder.counted = True
-    r11 = Register.R11
-    builder.add(Instruction.create(Code.RDTSC if rdpid else Code.RDTSCP))
-    builder.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, Register.RDX, 32))
-    builder.add(Instruction.create_reg_reg(Code.OR_R64_RM64, Register.RDX, Register.RAX))
-    if rdpid:
-        builder.add(Instruction.create_reg(Code.RDPID_R64, Register.RSI))
-    else:
-        builder.add(Instruction.create_reg_reg(Code.MOV_R32_RM32, Register.ESI, Register.ECX))
-    builder.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, r11, ring.address))
-    builder.add(_load(Register.RAX, r11, ring.head))
-    retry, full, done = builder.label(), builder.label(), builder.label()
-    builder.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, Register.RCX, Register.RAX), label=retry)
-    builder.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, Register.RCX, MemoryOperand(r11, displ=ring.tail)))
-    builder.add(Instruction.create_reg_i32(Code.CMP_RM64_IMM32, Register.RCX, ring.count))
-    builder.add(Instruction.create_branch(Code.JAE_REL32_64, full))
-    builder.add(Instruction.create_reg_mem(Code.LEA_R64_M, Register.RCX, MemoryOperand(Register.RAX, displ=1)))
-    cmpxchg = Instruction.create_mem_reg(Code.CMPXCHG_RM64_R64, MemoryOperand(r11, displ=ring.head), Register.RCX)
-    cmpxchg.has_lock_prefix = True
-    builder.add(cmpxchg)
-    builder.reserved, builder.reserved_if_zf = "rcx", True
-    builder.add(Instruction.create_branch(Code.JNE_REL32_64, retry))
-    builder.reserved_if_zf = False
-    builder.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, Register.EAX, ring.count - 1))
-    builder.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, Register.RAX, ring.slot_shift))
-    builder.add(Instruction.create_reg_mem(Code.LEA_R64_M, r11,
-                                           MemoryOperand(r11, Register.RAX, displ=ring.slots)))
-    builder.add(_store(r11, ring.tsc, Register.RDX))
-    builder.add(_store(r11, ring.cpu, Register.ESI))
-    builder.add(Instruction.create_mem_u32(Code.MOV_RM32_IMM32, MemoryOperand(r11, displ=ring.site), site_id))
-    builder.add(Instruction.create_reg(Code.RDFSBASE_R64, Register.RAX))
-    builder.add(_store(r11, ring.key, Register.RAX))
-    for i, capture in enumerate(captures):
-        builder.capture(capture, ring.words + 8 * i)
-    builder.add(_store(r11, ring.seq, Register.RCX))
-    # the next slot's line, for the next hit: a ring larger than the caches misses on every slot otherwise
-    builder.add(Instruction.create_mem(Code.PREFETCHW_M8, MemoryOperand(r11, displ=1 << ring.slot_shift)))
-    builder.reserved, builder.recorded = None, True
-    builder.add(Instruction.create_branch(Code.JMP_REL32_64, done))
-    builder.recorded = False
-    lost = Instruction.create_mem(Code.INC_RM64, MemoryOperand(r11, displ=ring.lost))
-    lost.has_lock_prefix = True
-    builder.add(lost, label=full)
-    builder.recorded = True
-    for i, register in enumerate(reversed(_SAVED)):
-        builder.add(Instruction.create_reg(Code.POP_R64, register), stack=-8, label=done if i == 0 else None)
-    if flags:
-        builder.add(Instruction.create(Code.POPFQ), stack=-8)
-    builder.add(_lea_rsp(RED_ZONE), stack=-RED_ZONE)
-    return builder.assemble(address, _relocated(site, recorded=True))
+    builder.enter(flags, _SAVED)
+    if counter is not None:
+        builder.count(counter)
+    if ring is not None:
+        builder.record(ring, site_id, captures, rdpid)
+    if returns is None:
+        builder.leave()
+        return builder.assemble(address, _relocated(site, recorded=ring is not None))
+    slow, done = builder.label(), builder.label()
+    builder.hijack(*returns, slow)
+    builder.branch(Code.JMP_REL32_64, done)
+    builder.shadowed = False
+    builder.bind(slow)
+    builder.leave()
+    builder.trap = len(builder.pieces)
+    builder.add(Instruction.create(Code.INT3))  # the tracer hijacks the return, and goes on at the displaced code
+    builder.shadowed = True
+    builder.bind(done)
+    builder.reenter()
+    builder.leave()
+    return builder.assemble(address, _relocated(site, recorded=ring is not None, shadowed=True))
+
+
+def return_trampoline(function: int, address: int, shadow: ShadowLayout, counter: int | None,
+                      ring: RingLayout | None, site_id: int, captures: tuple[Capture, ...],
+                      rdpid: bool = False) -> Trampoline:
+    """Where a function hijacked at its entry (at ``function``) returns to: find the thread's last pending
+    return, count the return at ``counter`` or record it into ``ring`` (``captures``: with the registers as the
+    function left them), and go on at the address the return really had::
+
+        lea -128(%rsp),%rsp; [pushfq;] push %rax, %rcx, %rdx, %rsi, %r11, %r8, %r9, %r10
+        %rdx = the thread's record (by fs base); %r9 = its top entry, which must be this return's (its slot is
+        the one the ret popped: %r10 = rsp - 8 of the program); %r8 = the record
+        lock incq counter(%rip), or a record of the return
+        [%r10] = the real return address; depth - 1
+        pop ...; lea 128(%rsp),%rsp; lea -8(%rsp),%rsp; ret
+
+    Anything else (no record, no entry, another slot: a longjmp, another stack) ends in an ``int3`` with every
+    register as the function left them: the tracer finds the return and goes on from there.
+    """
+    flags = any(isinstance(c, CaptureRegister) and c.field == "eflags" for c in captures)
+    builder = _Builder(address)
+    builder.returning = True
+    builder.enter(flags, _SAVED + _RETURN_SAVED)
+    slow = builder.label()
+    builder.find_thread(shadow, slow)
+    rdx, r8, r9, r10 = Register.RDX, Register.R8, Register.R9, Register.R10
+    builder.add(_load(Register.RCX, rdx, shadow.depth))
+    builder.add(Instruction.create_reg_reg(Code.TEST_RM64_R64, Register.RCX, Register.RCX))
+    builder.branch(Code.JE_REL32_64, slow)
+    builder.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, Register.RCX, shadow.entry_shift))
+    builder.add(Instruction.create_reg_mem(Code.LEA_R64_M, r9, MemoryOperand(
+        rdx, Register.RCX, displ=shadow.entries - (1 << shadow.entry_shift))))
+    builder.add(Instruction.create_reg_mem(Code.LEA_R64_M, r10, MemoryOperand(Register.RSP, displ=builder.stack - 8)))
+    builder.add(Instruction.create_mem_reg(Code.CMP_RM64_R64, MemoryOperand(r9, displ=shadow.slot), r10))
+    builder.branch(Code.JNE_REL32_64, slow)
+    builder.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, r8, rdx))
+    if counter is not None:
+        builder.count(counter)
+    if ring is not None:
+        builder.record(ring, site_id, captures, rdpid)
+    builder.add(_load(Register.R11, r9, shadow.original))
+    builder.add(_store(r10, 0, Register.R11))
+    builder.add(Instruction.create_mem(Code.DEC_RM64, MemoryOperand(r8, displ=shadow.depth)))
+    builder.returning, builder.returned = False, True
+    builder.leave()
+    builder.add(_lea_rsp(-8), stack=8)
+    builder.add(Instruction.create(Code.RETNQ))
+    builder.returning, builder.returned, builder.counted, builder.recorded = True, False, False, False
+    builder.reenter()
+    builder.bind(slow)
+    builder.leave()
+    builder.trap = len(builder.pieces)
+    builder.add(Instruction.create(Code.INT3))
+    return builder.assemble(address, [])
 
 
 class _Builder:
     """Generated instructions with labels, and each one's :class:`Resume` (what the thread owes the program
-    if stopped before it): the stack pushed so far, the registers saved on it, the count, the ring slot."""
+    if stopped before it): the stack pushed so far, the registers saved on it, the count, the ring slot, the
+    pending return."""
 
     def __init__(self, site: int) -> None:
         self.site = site
@@ -236,28 +286,182 @@ class _Builder:
         self.pushed: list[str] = []  # what is on the stack below the red zone, outermost first
         self.stack = 0
         self.counted = self.recorded = self.reserved_if_zf = False
+        self.shadowed = self.returning = self.returned = False
         self.reserved: str | None = None
-        self._labels = 0
+        self.entered_stack, self.entered_pushed = 0, []
+        self.trap: int | None = None  # the index of the int3, if any
+        self._labels: dict[int, int | None] = {}  # label -> ip of the instruction it is bound to
+        self._binding: list[int] = []  # labels bound to the next instruction added
+        self._branches: list[tuple[Instruction, int]] = []
 
     def label(self) -> int:
-        self._labels += 1
-        return self._labels  # an ip no real instruction has: the block encoder binds branches to it
+        label = len(self._labels)
+        self._labels[label] = None
+        return label
 
-    def add(self, instruction: Instruction, stack: int = 0, saves: str | None = None,
-            label: int | None = None, loads: bool = False) -> None:
-        instruction.ip = label if label is not None else 1 << 20 | len(self.pieces)
+    def bind(self, label: int) -> None:
+        """``label`` names the next instruction added."""
+        self._binding.append(label)
+
+    def branch(self, code: Code, label: int) -> None:
+        instruction = Instruction.create_branch(code, 0)
+        self._branches.append((instruction, label))
+        self.add(instruction)
+
+    def add(self, instruction: Instruction, stack: int = 0, saves: str | None = None, loads: bool = False) -> None:
+        instruction.ip = 1 << 20 | len(self.pieces)  # an ip no real instruction has: branches are bound to it
+        for label in self._binding:
+            self._labels[label] = instruction.ip
+        self._binding.clear()
         self.pieces.append((instruction, self._resume(loads)))
         self.stack += stack
         if saves is not None:
             self.pushed.append(saves)
-        elif stack == -8:
+        elif stack == -8 and self.pushed:
             self.pushed.pop()
 
     def _resume(self, loads: bool) -> Resume:
         offsets = {name: 8 * (len(self.pushed) - 1 - i) for i, name in enumerate(self.pushed)}
         flags_at = offsets.pop("eflags", None)
         return Resume(self.site, self.stack, flags_at, self.counted, tuple(offsets.items()), self.reserved,
-                      self.reserved_if_zf, self.recorded, loads)
+                      self.reserved_if_zf, self.recorded, loads, self.shadowed, self.returning, self.returned)
+
+    def enter(self, flags: bool, registers: tuple[Register, ...]) -> None:
+        """Step over the red zone, save the flags (if ``flags``) and ``registers``."""
+        self.add(_lea_rsp(-RED_ZONE), stack=RED_ZONE)
+        if flags:
+            self.add(Instruction.create(Code.PUSHFQ), stack=8, saves="eflags")
+        for register in registers:
+            self.add(Instruction.create_reg(Code.PUSH_R64, register), stack=8, saves=_FIELDS[register])
+        self.entered_stack, self.entered_pushed = self.stack, list(self.pushed)
+
+    def reenter(self) -> None:
+        """The code from here on is reached from before a :meth:`leave` (a branch): what was saved is saved."""
+        self.stack, self.pushed = self.entered_stack, list(self.entered_pushed)
+
+    def leave(self) -> None:
+        """Put back what :meth:`enter` saved, and the stack pointer."""
+        for name in reversed(self.pushed):
+            if name == "eflags":
+                self.add(Instruction.create(Code.POPFQ), stack=-8)
+            else:
+                self.add(Instruction.create_reg(Code.POP_R64, getattr(Register, name.upper())), stack=-8)
+        self.add(_lea_rsp(RED_ZONE), stack=-RED_ZONE)
+
+    def count(self, counter: int) -> None:
+        increment = Instruction.create_mem(Code.INC_RM64, MemoryOperand(Register.RIP, displ=counter))
+        increment.has_lock_prefix = True
+        self.add(increment)
+        self.counted = True
+
+    def record(self, ring: RingLayout, site_id: int, captures: tuple[Capture, ...], rdpid: bool) -> None:
+        """Write one record into ``ring`` (or count it lost), through %rax, %rcx, %rdx, %rsi and %r11."""
+        if len(captures) > (1 << ring.slot_shift) - ring.words >> 3:
+            raise ValueError(f"{len(captures)} words do not fit a record")
+        r11 = Register.R11
+        self.add(Instruction.create(Code.RDTSC if rdpid else Code.RDTSCP))
+        self.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, Register.RDX, 32))
+        self.add(Instruction.create_reg_reg(Code.OR_R64_RM64, Register.RDX, Register.RAX))
+        if rdpid:
+            self.add(Instruction.create_reg(Code.RDPID_R64, Register.RSI))
+        else:
+            self.add(Instruction.create_reg_reg(Code.MOV_R32_RM32, Register.ESI, Register.ECX))
+        self.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, r11, ring.address))
+        self.add(_load(Register.RAX, r11, ring.head))
+        retry, full, done = self.label(), self.label(), self.label()
+        self.bind(retry)
+        self.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, Register.RCX, Register.RAX))
+        self.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, Register.RCX, MemoryOperand(r11, displ=ring.tail)))
+        self.add(Instruction.create_reg_i32(Code.CMP_RM64_IMM32, Register.RCX, ring.count))
+        self.branch(Code.JAE_REL32_64, full)
+        self.add(Instruction.create_reg_mem(Code.LEA_R64_M, Register.RCX, MemoryOperand(Register.RAX, displ=1)))
+        cmpxchg = Instruction.create_mem_reg(Code.CMPXCHG_RM64_R64, MemoryOperand(r11, displ=ring.head), Register.RCX)
+        cmpxchg.has_lock_prefix = True
+        self.add(cmpxchg)
+        self.reserved, self.reserved_if_zf = "rcx", True
+        self.branch(Code.JNE_REL32_64, retry)
+        self.reserved_if_zf = False
+        self.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, Register.EAX, ring.count - 1))
+        self.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, Register.RAX, ring.slot_shift))
+        self.add(Instruction.create_reg_mem(Code.LEA_R64_M, r11, MemoryOperand(r11, Register.RAX, displ=ring.slots)))
+        self.add(_store(r11, ring.tsc, Register.RDX))
+        self.add(_store(r11, ring.cpu, Register.ESI))
+        self.add(Instruction.create_mem_u32(Code.MOV_RM32_IMM32, MemoryOperand(r11, displ=ring.site), site_id))
+        self.add(Instruction.create_reg(Code.RDFSBASE_R64, Register.RAX))
+        self.add(_store(r11, ring.key, Register.RAX))
+        for i, capture in enumerate(captures):
+            self.capture(capture, ring.words + 8 * i)
+        self.add(_store(r11, ring.seq, Register.RCX))
+        # the next slot's line, for the next hit: a ring larger than the caches misses on every slot otherwise
+        self.add(Instruction.create_mem(Code.PREFETCHW_M8, MemoryOperand(r11, displ=1 << ring.slot_shift)))
+        self.reserved, self.recorded = None, True
+        self.branch(Code.JMP_REL32_64, done)
+        self.recorded = False
+        lost = Instruction.create_mem(Code.INC_RM64, MemoryOperand(r11, displ=ring.lost))
+        lost.has_lock_prefix = True
+        self.bind(full)
+        self.add(lost)
+        self.recorded = True
+        self.bind(done)
+
+    def find_thread(self, shadow: ShadowLayout, missing: int) -> None:
+        """%rdx = the record of this thread (its fs base the key) in ``shadow``; to ``missing`` if it has none.
+        Through %rax, %rsi and %r11."""
+        rax, rdx, rsi, r11 = Register.RAX, Register.RDX, Register.RSI, Register.R11
+        self.add(Instruction.create_reg(Code.RDFSBASE_R64, rax))
+        self.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, rdx, rax))
+        self.add(Instruction.create_reg_i32(Code.AND_RM64_IMM32, rdx, shadow.threads - 1 << shadow.record_shift))
+        self.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, r11, shadow.address))
+        self.add(Instruction.create_reg_reg(Code.ADD_R64_RM64, rdx, r11))
+        self.add(Instruction.create_reg_mem(Code.LEA_R64_M, rsi, MemoryOperand(rdx, displ=shadow.probes << shadow.record_shift)))
+        look, found = self.label(), self.label()
+        self.bind(look)
+        self.add(Instruction.create_mem_reg(Code.CMP_RM64_R64, MemoryOperand(rdx, displ=shadow.key), rax))
+        self.branch(Code.JE_REL32_64, found)
+        self.add(Instruction.create_reg_i32(Code.ADD_RM64_IMM32, rdx, 1 << shadow.record_shift))
+        self.add(Instruction.create_reg_reg(Code.CMP_R64_RM64, rdx, rsi))
+        self.branch(Code.JB_REL32_64, look)
+        self.branch(Code.JMP_REL32_64, missing)
+        self.bind(found)
+
+    def hijack(self, shadow: ShadowLayout, returns_to: int, slow: int) -> None:
+        """At a function's entry: push (return-address slot, its address, ``returns_to``) onto the thread's
+        shadow stack, and put ``returns_to`` in the slot. The common cases only; the others go to ``slow``: no
+        record, a full stack, or a top entry whose frame is not above this one (a ``longjmp`` left it, or
+        another stack's) unless it is this very slot, already sent to its trampoline (a tail call)."""
+        rax, rcx, rdx, rsi, r11 = Register.RAX, Register.RCX, Register.RDX, Register.RSI, Register.R11
+        self.find_thread(shadow, slow)
+        self.add(_load(rcx, rdx, shadow.depth))
+        self.add(Instruction.create_reg_i32(Code.CMP_RM64_IMM32, rcx, shadow.limit))
+        self.branch(Code.JAE_REL32_64, slow)
+        self.add(Instruction.create_reg_mem(Code.LEA_R64_M, rsi, MemoryOperand(Register.RSP, displ=self.stack)))
+        push = self.label()
+        self.add(Instruction.create_reg_reg(Code.TEST_RM64_R64, rcx, rcx))
+        self.branch(Code.JE_REL32_64, push)
+        self.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, rax, rcx))
+        self.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, rax, shadow.entry_shift))
+        top = shadow.entries - (1 << shadow.entry_shift)
+        self.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, r11, MemoryOperand(rdx, rax, displ=top + shadow.slot)))
+        self.add(Instruction.create_reg_reg(Code.CMP_R64_RM64, r11, rsi))
+        self.branch(Code.JA_REL32_64, push)
+        self.branch(Code.JB_REL32_64, slow)
+        self.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, r11,
+                                            MemoryOperand(rdx, rax, displ=top + shadow.trampoline)))
+        self.add(Instruction.create_reg_mem(Code.CMP_R64_RM64, r11, MemoryOperand(rsi)))
+        self.branch(Code.JNE_REL32_64, slow)
+        self.bind(push)
+        self.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, rax, rcx))
+        self.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, rax, shadow.entry_shift))
+        self.add(Instruction.create_reg_mem(Code.LEA_R64_M, rax, MemoryOperand(rdx, rax, displ=shadow.entries)))
+        self.add(_store(rax, shadow.slot, rsi))
+        self.add(_load(r11, rsi, 0))
+        self.add(_store(rax, shadow.original, r11))
+        self.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, r11, returns_to))
+        self.add(_store(rax, shadow.trampoline, r11))
+        self.add(Instruction.create_reg(Code.INC_RM64, rcx))
+        self.add(_store(rdx, shadow.depth, rcx))
+        self.shadowed = True
+        self.add(_store(rsi, 0, r11))
 
     def capture(self, capture: Capture, at: int) -> None:
         """Write the word ``capture`` at ``at`` in the slot (%r11), through %rax (saved, free by now)."""
@@ -309,6 +513,8 @@ class _Builder:
 
     def assemble(self, address: int, after: list[tuple[Instruction, Resume]]) -> Trampoline:
         """The generated part as one block (its branches bound to their labels), then ``after``."""
+        for branch, label in self._branches:
+            branch.near_branch64 = self._labels[label]
         block = BlockEncoder(64)
         block.add_many([ins for ins, _ in self.pieces])
         code = block.encode(address)
@@ -317,7 +523,8 @@ class _Builder:
             raise ValueError("the block encoder changed the number of generated instructions")
         tail = _assemble(after, address + len(code))
         return Trampoline(address, code + tail.code,
-                          {**dict(zip(starts, (resume for _, resume in self.pieces))), **tail.resumes})
+                          {**dict(zip(starts, (resume for _, resume in self.pieces))), **tail.resumes},
+                          address + len(code), starts[self.trap] if self.trap is not None else None)
 
 
 def _load(register: Register, base: Register, displ: int) -> Instruction:
@@ -335,7 +542,8 @@ def tsc_reader() -> list[Instruction]:
             Instruction.create_reg_reg(Code.OR_R64_RM64, Register.RAX, Register.RDX), Instruction.create(Code.RETNQ)]
 
 
-def _relocated(site: JumpSite, recorded: bool = False) -> list[tuple[Instruction, Resume]]:
+def _relocated(site: JumpSite, **flags: bool) -> list[tuple[Instruction, Resume]]:
+    """``site``'s displaced instructions, each resuming at itself (``flags``: what is done by then)."""
     pieces = []
     for ins in site.displaced:
         if ins.flow_control == FlowControl.CALL:
@@ -345,7 +553,7 @@ def _relocated(site: JumpSite, recorded: bool = False) -> list[tuple[Instruction
     if site.displaced[-1].flow_control in _FALLS_THROUGH:
         back = site.address + site.length
         pieces.append((Instruction.create_branch(Code.JMP_REL32_64, back), Resume(back, counted=True)))
-    return [(ins, replace(resume, recorded=True)) for ins, resume in pieces] if recorded else pieces
+    return [(ins, replace(resume, **flags)) for ins, resume in pieces] if any(flags.values()) else pieces
 
 
 def _call_as_push_and_jump(call: Instruction) -> list[tuple[Instruction, Resume]]:

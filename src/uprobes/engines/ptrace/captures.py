@@ -11,10 +11,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ...probes.fetchargs import (Address, Comm, Deref, FetchArg, FileOffset, Immediate, ImmediateString, Register,
-                                 StackPointer, StackSlot)
+                                 RetVal, StackPointer, StackSlot)
 from ...probes.markerargs import MarkerOperand
 from ...probes.resolve import Probe
 from ...proc.status import auxv
+from ...x86_64.abi import RETURN_VALUE
 from ...x86_64.registers import BY_KERNEL_NAME, GENERAL_REGISTERS
 from ...x86_64.trampolines import Capture, CaptureLoad, CaptureRegister
 
@@ -28,8 +29,9 @@ _NO_WORDS = (Immediate, ImmediateString, Comm)
 
 def captures_for(probe: Probe, load_bias: int = 0) -> tuple[Capture, ...] | str:
     """The words a record of ``probe`` needs (``load_bias``: runtime minus link-time address of its object),
-    or why its fetch arguments cannot be taken by a trampoline."""
-    captures: list[Capture] = []
+    or why its fetch arguments cannot be taken by a trampoline. A return probe's record holds its return value
+    first."""
+    captures: list[Capture] = [CaptureRegister(RETURN_VALUE)] if probe.is_return else []
     for arg in probe.fetchargs:
         why = arg_captures(arg, probe, load_bias, captures)
         if why:
@@ -48,6 +50,8 @@ def arg_captures(arg: FetchArg, probe: Probe, load_bias: int, captures: list[Cap
         return "reads a string"
     if isinstance(source, StackPointer):
         return _add(captures, CaptureRegister("rsp"))
+    if isinstance(source, RetVal):
+        return _add(captures, CaptureRegister(RETURN_VALUE))
     if isinstance(source, Register):
         field_name = BY_KERNEL_NAME[source.name].field
         if field_name not in _CAPTURED:

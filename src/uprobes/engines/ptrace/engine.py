@@ -107,8 +107,7 @@ class PtraceEngine(Engine):
             raise UprobesError("the ptrace engine traces one process: give -p PID or a command to run")
         self.placement = Placement(list(probes))
         if self.jumps_allowed:
-            self.placement.jumps.eligible = frozenset(i for i, probe in enumerate(probes)
-                                                      if not probe.is_return and i not in (consumers or {}))
+            self.placement.jumps.eligible = frozenset(i for i in range(len(probes)) if i not in (consumers or {}))
             if not counting:
                 from .records import Recorder  # numpy, the ring reader's: loaded only to trace
                 self.placement.jumps.recorder = Recorder(self.placement.probes)
@@ -279,6 +278,10 @@ class PtraceEngine(Engine):
             self._returned(thread, regs, serving)
             return
         breakpoint = process.breakpoints.get(address)
+        jump = self.placement.jumps.owner(process, address) if breakpoint is None else None
+        if jump is not None and address in (t.trap for t in jump.trampolines()):
+            self._jump_trapped(thread, jump, address, regs, serving)
+            return
         # Only after a one-byte instruction can a thread stand just past a probe without having run its int3,
         # so only then (or at an address whose probe went) is the siginfo worth asking. (A SIGTRAP sent with
         # tgkill just as the thread runs into the int3 is merged by the kernel with the int3's, and is lost.)
@@ -302,9 +305,13 @@ class PtraceEngine(Engine):
         area = thread.process.area
         if area is not None and serving:
             regs = ptrace_getregs(thread.tid)
-            owner = area.owner(regs.rip) or self.placement.jumps.owner(thread.process, regs.rip)
-            if isinstance(owner, (Boost, Jump)):
+            owner = area.owner(regs.rip)
+            if isinstance(owner, Boost):
                 owner.on_signal(thread, regs, sig)
+                return
+            jump = self.placement.jumps.owner(thread.process, regs.rip)
+            if jump is not None:
+                jump.on_signal(thread, regs, sig, self._take_return)
                 return
         self._deliver(thread, sig, serving)
 
@@ -342,10 +349,42 @@ class PtraceEngine(Engine):
         process = thread.process
         if role is Role.RENDEZVOUS:
             self.insert(process, thread.tid, strict=False)  # objects were mapped or unmapped
-        elif role is Role.UNWIND and thread.returns:
+        elif role is Role.UNWIND:
             put_back(process.memory, thread.returns, process.area, thread.tid)
-        elif role is Role.CATCH and thread.returns:
-            self.skipped_returns += caught(thread, regs)
+            self.placement.jumps.unwind(thread, regs)
+        elif role is Role.CATCH:
+            self.skipped_returns += caught(thread, regs) + self.placement.jumps.caught(thread, regs)
+
+    def _jump_trapped(self, thread: Thread, jump: Jump, address: int, regs: Regs, serving: bool) -> None:
+        """What a jump's trampoline leaves to us (its ``int3``): sending a return to the return trampoline, or
+        taking one, where the shadow stack needs more than the trampoline does (:mod:`.shadow`)."""
+        if address == jump.trampoline.trap:
+            if not self.placement.jumps.enter(thread, jump, regs):
+                self.skipped_returns += 1
+            regs.rip = jump.trampoline.displaced(jump.site.address)
+            ptrace_setregs(thread.tid, regs)
+            if serving:
+                thread.resume()
+            return
+        regs.rip = address
+        taken = self._take_return(thread, regs, serving)
+        if serving:
+            thread.resume(0 if taken else signal.SIGILL)  # nothing to return to: as the kernel does
+
+    def _take_return(self, thread: Thread, regs: Regs, report: bool) -> bool:
+        """A thread at the start of a return trampoline: its return taken (and reported, with ``report``);
+        whether one was pending there."""
+        taken = self.placement.jumps.take_return(thread, regs)
+        if report:
+            at = regs.rip
+            for jump in taken:
+                regs.rip = jump.breakpoint.address  # events of a return probe carry the function's address
+                for index in self._report(thread, jump.breakpoint, regs, jump.breakpoint.returns,
+                                          getattr(regs, RETURN_VALUE)):
+                    self._remove_probe(index)
+            regs.rip = at
+        ptrace_setregs(thread.tid, regs)
+        return bool(taken)
 
     def _returned(self, thread: Thread, regs: Regs, serving: bool) -> None:
         """At the trampoline: report the returns that end here and go to where the function returns."""

@@ -18,6 +18,7 @@ from ...proc.status import explain_seize_error, tgid, thread_ids
 from .memory import ProcessMemory
 from .placement import Placement
 from .returns import Return, put_back
+from .shadow import Forked
 from .semaphores import Semaphores
 from .syscalls import (EVENT_CLONE, EVENT_EXEC, EVENT_FORK, EVENT_VFORK, WALL, ptrace_cont, ptrace_detach, ptrace_geteventmsg,
                        ptrace_getsiginfo, ptrace_interrupt, ptrace_seize, same_memory)
@@ -25,6 +26,9 @@ from .tracee import EXITING, RUNNING, STOPPED, Process, Thread
 from .xol import XolArea
 
 __all__ = ["Family", "when_stopped"]
+
+# A fork or vfork: its kind, the parent, the pending returns of the thread that forked (trapped, and kept by jumps)
+_Announced = tuple[str, Process, list[Return], Forked | None]
 
 
 class Family:
@@ -37,7 +41,7 @@ class Family:
         self.processes: dict[int, Process] = {}
         self.exit_status: dict[int, int] = {}
         self._newborn: dict[int, int] = {}  # stops of tids we have not been told about yet (hazard 7)
-        self._children: dict[int, tuple[str, Process, list[Return]]] = {}  # forks announced, not yet stopped
+        self._children: dict[int, _Announced] = {}  # forks announced, not yet stopped
 
     # -- seizing ----------------------------------------------------------------------------------------------
 
@@ -174,7 +178,8 @@ class Family:
         child = ptrace_geteventmsg(thread.tid)
         if vfork:
             thread.vfork_child = child
-        announced = ("vfork" if vfork else "fork", thread.process, list(thread.returns))
+        announced = ("vfork" if vfork else "fork", thread.process, list(thread.returns),
+                     self.placement.jumps.forked(thread))
         if self._newborn.pop(child, None) is None:
             self._children[child] = announced
         else:
@@ -203,11 +208,11 @@ class Family:
         except ProcessLookupError:
             self.gone(thread.tid, None)
 
-    def _take(self, pid: int, announced: tuple[str, Process, list[Return]], serving: bool) -> None:
+    def _take(self, pid: int, announced: _Announced, serving: bool) -> None:
         """A child at its first stop: one sharing its parent's memory is a thread of that memory until it
         execs or exits (detached with the others, after the restore, if the world is being stopped); a fork
         child is followed, or let go clean (always, once the world is being stopped)."""
-        kind, parent, returns = announced
+        kind, parent, returns, forked = announced
         try:
             if kind == "vfork" or _shares_memory(parent.pid, pid):
                 thread = self._share(pid, parent)
@@ -217,9 +222,9 @@ class Family:
                 if serving:
                     self._start(thread)
             elif self.follow_forks and serving:
-                self._follow(pid, parent, returns)
+                self._follow(pid, parent, returns, forked)
             else:
-                self._let_go(pid, parent, returns)
+                self._let_go(pid, parent, returns, forked)
         except (ProcessLookupError, UprobesError):
             self.gone(pid, None)  # it ended meanwhile
 
@@ -230,17 +235,18 @@ class Family:
         thread = self.threads[pid] = Thread(pid, child, STOPPED)
         return thread
 
-    def _let_go(self, pid: int, parent: Process, returns: list[Return]) -> None:
+    def _let_go(self, pid: int, parent: Process, returns: list[Return], forked: Forked | None) -> None:
         """Detach a fork child after taking every byte we wrote out of its copy of its parent's memory."""
         memory = ProcessMemory(pid)
         try:
             self.placement.clean_copy(parent, memory, pid)
             put_back(memory, returns, parent.area, pid)  # the trampoline is not in the child
+            self.placement.jumps.clean_copy(parent, memory, pid, forked)
         finally:
             memory.close()
         ptrace_detach(pid, 0)
 
-    def _follow(self, pid: int, parent: Process, returns: list[Return]) -> None:
+    def _follow(self, pid: int, parent: Process, returns: list[Return], forked: Forked | None) -> None:
         """Trace a fork child as its parent: the same breakpoints (its copy of memory has the int3s already),
         its own out-of-line area at the parent's address, and the pending returns of the forking thread."""
         child = self.processes[pid] = Process(pid, ProcessMemory(pid),
@@ -254,7 +260,7 @@ class Family:
                                          r.probes, r.chained) for r in returns]
             else:
                 put_back(child.memory, returns, parent.area, pid)
-        self.placement.jumps.follow(parent, child, pid)
+        self.placement.jumps.follow(parent, child, pid, forked)
         thread.resume()
 
     def let_go_unadopted(self) -> None:

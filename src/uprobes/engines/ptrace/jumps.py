@@ -21,6 +21,7 @@ import ctypes
 import collections
 import struct
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ...elf.objfile import ElfObject
@@ -30,9 +31,11 @@ from ...proc.maps import free_range_near, read_maps
 from ...x86_64.abi import NR_MPROTECT
 from ...x86_64.jumps import JUMP_LENGTH, JumpSite, jump_bytes, jump_site
 from ...x86_64.registers import STATUS_FLAGS, ZERO_FLAG
-from ...x86_64.trampolines import Resume, Trampoline, counting_trampoline, recording_trampoline
+from ...x86_64.trampolines import (Resume, Trampoline, counting_trampoline, recording_trampoline,
+                                   return_trampoline)
 from .memory import ProcessMemory
 from .captures import WORDS, captures_for, records_possible
+from .shadow import Forked, ShadowStacks
 from .shared import PROT_EXEC, PROT_READ, PROT_WRITE, map_shared, unmap_shared
 from .strategies import INT3, Strategy
 from .syscalls import Regs, ptrace_getregs, ptrace_getsiginfo, ptrace_setregs
@@ -56,9 +59,8 @@ _COUNT = struct.Struct("<Q")
 
 
 def site_for(probe: Probe, obj: ElfObject | None = None) -> JumpSite | str:
-    """Whether ``probe``'s site can be a jump (at link-time addresses), or why not; ``obj``: its object, opened."""
-    if probe.is_return:
-        return "a return probe traps at the return"
+    """Whether ``probe``'s site can be a jump (at link-time addresses), or why not; ``obj``: its object, opened.
+    A return probe's site is its function's entry, where the jump sends the return to a trampoline too."""
     return jump_site(probe.address, obj or ElfObject.open(probe.path))
 
 
@@ -87,7 +89,8 @@ class JumpArea:
         return high - self.address < _REACH and self.address + self.size - low < _REACH
 
     def full(self) -> bool:
-        return self._next_code + _TRAMPOLINE_MAX > _CODE_SIZE or self._next_counter + _COUNTER_SIZE > self.size
+        """Whether a site's trampolines (an entry's and a return's) and their counters might not fit."""
+        return self._next_code + 2 * _TRAMPOLINE_MAX > _CODE_SIZE or self._next_counter + 2 * _COUNTER_SIZE > self.size
 
     def take(self) -> tuple[int, int]:
         """Where the next trampoline goes, and a counter never given out before."""
@@ -95,7 +98,7 @@ class JumpArea:
         self._next_counter += _COUNTER_SIZE
         return code, counter
 
-    def install(self, trampoline: Trampoline, owner: Jump) -> None:
+    def install(self, trampoline: Trampoline, owner: Jump | None) -> None:
         """Write a trampoline no thread has run yet, through the tracer's own mapping."""
         if len(trampoline.code) > _TRAMPOLINE_MAX:
             raise ValueError(f"a trampoline of {len(trampoline.code)} bytes does not fit a slot")
@@ -141,8 +144,9 @@ class JumpArea:
         return child
 
     def adopt(self, owner: Jump) -> None:
-        """``owner`` answers for its trampoline, copied into this area by :meth:`copy_into`."""
-        self._owners[self._starts.index(owner.trampoline.address)] = owner
+        """``owner`` answers for its trampolines, installed without it or copied here by :meth:`copy_into`."""
+        for trampoline in owner.trampolines():
+            self._owners[self._starts.index(trampoline.address)] = owner
 
     def unmap(self, via: int) -> None:
         """Take the area out of the target (at detach, when no thread is inside it)."""
@@ -150,14 +154,27 @@ class JumpArea:
         self.retire()
 
 
+@dataclass(frozen=True)
+class ReturnPath:
+    """Where the function of a jump returns to: its return trampoline, the counter of its returns there, and
+    the site id of their records."""
+
+    trampoline: Trampoline
+    counter: int
+    site_id: int = 0
+
+
 class Jump(Strategy):
-    """A site replaced by a ``jmp`` to its trampoline: hits are counted there, and nothing traps."""
+    """A site replaced by a ``jmp`` to its trampoline: hits are counted there, and nothing traps. With return
+    probes, the function's return goes through a return trampoline (``returns``) too, kept on ``shadow``."""
 
     def __init__(self, breakpoint: Breakpoint, site: JumpSite, trampoline: Trampoline, area: JumpArea,
-                 counter: int, trap: Strategy, ring: Ring | None = None, site_id: int = 0) -> None:
+                 counter: int, trap: Strategy, ring: Ring | None = None, site_id: int = 0,
+                 returns: ReturnPath | None = None, shadow: ShadowStacks | None = None) -> None:
         super().__init__(breakpoint)
         self.site, self.trampoline, self.area, self.counter = site, trampoline, area, counter
         self.ring, self.site_id = ring, site_id  # where its records go, if it records hits
+        self.returns, self.shadow = returns, shadow
         self.trap = trap  # how the int3 of before the jump is taken out (a fork child's copy made before it)
         self.jump = jump_bytes(site.address, trampoline.address)
         self.correction = 0  # hits counted twice: a thread sent back to the site after it was counted
@@ -166,6 +183,17 @@ class Jump(Strategy):
     @property
     def hits(self) -> int:
         return self.area.count(self.counter) + self.correction
+
+    @property
+    def return_hits(self) -> int:
+        return self.area.count(self.returns.counter) if self.returns is not None else 0
+
+    def trampolines(self) -> list[Trampoline]:
+        return [self.trampoline] + ([self.returns.trampoline] if self.returns is not None else [])
+
+    def resume_at(self, rip: int) -> Resume | None:
+        """Where a thread at ``rip`` in one of the jump's trampolines stands in the program's terms."""
+        return next((found for t in self.trampolines() if (found := t.resume(rip)) is not None), None)
 
     def execute(self, thread: Thread, regs: Regs) -> None:
         """A hit on the int3 over the jump (:meth:`Jumps.suspend`): the thread runs the displaced instructions
@@ -188,21 +216,31 @@ class Jump(Strategy):
             pass
         return True
 
-    def settle(self, thread: Thread, regs: Regs) -> None:
-        """Back onto the program's own path from anywhere in the trampoline (the world is being stopped)."""
-        resume = self.trampoline.resume(regs.rip)
+    def settle(self, thread: Thread, regs: Regs) -> bool:
+        """Back onto the program's own path from anywhere in the trampolines (the world is being stopped);
+        whether the thread is at the start of the return trampoline now, its return still to be taken."""
+        resume = self.resume_at(regs.rip)
         if resume is not None:
             self._apply(thread, regs, resume)
+        return resume is not None and resume.returning
 
-    def on_signal(self, thread: Thread, regs: Regs, sig: int) -> None:
+    def on_signal(self, thread: Thread, regs: Regs, sig: int,
+                  take_return: Callable[[Thread, Regs, bool], bool]) -> None:
         """A signal for a thread in the trampoline is delivered at the program's own address, so that no
         handler frame points into the area; only between displaced instructions, where no such address
         exists, is it delivered in place. A hit counted and sent back to the site will count again: once more
         than it happened, unless the signal is a fault of the first displaced instruction, which runs again
         after the handler (a second hit, as the kernel counts it). A fault of the trampoline's own load for a
-        record is never the program's: the thread goes back to the site, and the site traps from now on."""
-        resume = self.trampoline.resume(regs.rip)
+        record is never the program's: the thread goes back to the site, and the site traps from now on. In the
+        return trampoline, the return is taken first (``take_return``, reporting it unless it was counted)."""
+        resume = self.resume_at(regs.rip)
         if resume is None or self.site.inside(resume.rip):
+            thread.resume(sig)
+            return
+        if resume.returning or resume.returned:
+            self._apply(thread, regs, resume)
+            if resume.returning:
+                take_return(thread, regs, not resume.counted)
             thread.resume(sig)
             return
         fault = is_fault(sig, ptrace_getsiginfo(thread.tid))
@@ -224,17 +262,18 @@ class Jump(Strategy):
         self.demoted = True
         memory.write(self.site.address, INT3, via)
 
-    def copy_for(self, breakpoint: Breakpoint, area: JumpArea, ring: Ring | None) -> Jump:
-        """This jump in a fork child's copy of the memory, counting in the child's own area and ring."""
+    def copy_for(self, breakpoint: Breakpoint, area: JumpArea, ring: Ring | None,
+                 shadow: ShadowStacks | None) -> Jump:
+        """This jump in a fork child's copy of the memory, counting in the child's own area, ring and stacks."""
         jump = Jump(breakpoint, self.site, self.trampoline, area, self.counter, breakpoint.strategy, ring,
-                    self.site_id)
+                    self.site_id, self.returns, shadow)
         jump.demoted = self.demoted
         area.adopt(jump)
         return jump
 
     def _apply(self, thread: Thread, regs: Regs, resume: Resume) -> None:
         """Put the thread where ``resume`` says, with what the trampoline saved put back; a ring slot it had
-        reserved is written off."""
+        reserved is written off, a return it had sent to the return trampoline is its own again."""
         if resume.reserved is not None and (not resume.reserved_if_zf or regs.eflags & ZERO_FLAG):
             self.ring.void(getattr(regs, resume.reserved))
         memory = thread.process.memory
@@ -244,7 +283,9 @@ class Jump(Strategy):
             saved = _COUNT.unpack(memory.read(regs.rsp + resume.flags_at, 8))[0]
             regs.eflags = regs.eflags & ~STATUS_FLAGS | saved & STATUS_FLAGS
         regs.rsp += resume.stack
-        regs.rip = resume.rip
+        if resume.shadowed:
+            self.shadow.undo(regs.fs_base, thread.tid)
+        regs.rip = _COUNT.unpack(memory.read(regs.rsp - 8, 8))[0] if resume.returned else resume.rip
         ptrace_setregs(thread.tid, regs)
 
 
@@ -252,7 +293,7 @@ class Jump(Strategy):
 class Jumps:
     """The jump probes of a run: which probes may be jumps, the areas of each address space, the counts."""
 
-    eligible: frozenset[int] = frozenset()  # probe indices with no handler and no return
+    eligible: frozenset[int] = frozenset()  # probe indices with no handler
     placed: list[Jump] = field(default_factory=list)  # every jump ever placed, in every process
     refused: dict[int, str] = field(default_factory=dict)  # probe index -> why one of its sites stays a trap
     notices: list[str] = field(default_factory=list)
@@ -265,17 +306,17 @@ class Jumps:
     recorder: Recorder | None = None  # where traced jumps record their hits (None: jumps only count)
     _recordable: dict[Process, str | None] = field(default_factory=dict)  # why an address space cannot record
     _declined: dict[int, Breakpoint] = field(default_factory=dict)  # breakpoints refused, by id: they stay traps
+    _shadows: dict[Process, ShadowStacks] = field(default_factory=dict)  # by memory owner, while mapped
 
     def wanted(self, breakpoint: Breakpoint) -> bool:
         """Whether ``breakpoint`` may still become a jump: its probes may, and it was never refused."""
-        return (bool(breakpoint.entries) and not breakpoint.returns and not breakpoint.roles
-                and self.eligible.issuperset(breakpoint.entries) and not isinstance(breakpoint.strategy, Jump)
-                and id(breakpoint) not in self._declined)
+        return (bool(breakpoint.probes) and not breakpoint.roles and self.eligible.issuperset(breakpoint.probes)
+                and not isinstance(breakpoint.strategy, Jump) and id(breakpoint) not in self._declined)
 
     def waiting(self, process: Process, probes: list[Probe]) -> bool:
         """Whether ``process`` has breakpoints that may still become jumps (not known to be refused): only then
         is every thread stopped to place them."""
-        return any(self.wanted(breakpoint) and not isinstance(self._sites.get(_key(probes[breakpoint.entries[0]])), str)
+        return any(self.wanted(breakpoint) and not isinstance(self._sites.get(_key(probes[breakpoint.probes[0]])), str)
                    for breakpoint in process.breakpoints.values())
 
     def upgrade(self, process: Process, probes: list[Probe], threads: list[Thread], via: int) -> None:
@@ -292,24 +333,26 @@ class Jumps:
         for breakpoint in list(process.breakpoints.values()):
             if not self.wanted(breakpoint):
                 continue
-            site = self._site(breakpoint, probes[breakpoint.entries[0]], process, placed)
-            captures = self._captures(breakpoint, probes, owner) if not isinstance(site, str) else ()
-            if isinstance(site, str) or isinstance(captures, str):
-                self._refuse(breakpoint, site if isinstance(site, str) else captures)
+            site = self._site(breakpoint, probes[breakpoint.probes[0]], process, placed)
+            captures = returned = ()
+            if not isinstance(site, str):
+                captures = self._captures(breakpoint, breakpoint.entries, probes, owner)
+                returned = self._captures(breakpoint, breakpoint.returns, probes, owner)
+            why = next((reason for reason in (site, captures, returned) if isinstance(reason, str)), None)
+            if why is not None:
+                self._refuse(breakpoint, why)
                 continue
             try:
                 area = self._area(owner, site, via)
                 ring = self.recorder.ring(owner, via) if self.recorder is not None else None
+                shadow = self._shadow(owner, via) if breakpoint.returns else None
             except (InjectionError, OSError) as exc:
                 self._broken.add(owner)
                 self.notices.append(f"jump probes are off in process {process.pid}, every probe traps: {exc}")
                 return
-            code, counter = area.take()
-            site_id = self.recorder.site_id(breakpoint, captures) if ring is not None else 0
             try:
-                trampoline = (counting_trampoline(site, code, counter) if ring is None else
-                              recording_trampoline(site, code, counter, ring.layout, site_id, captures,
-                                                   self.recorder.rdpid))
+                trampoline, counter, site_id, returns = self._trampolines(breakpoint, site, area, ring, shadow,
+                                                                          captures, returned)
             except ValueError as exc:
                 self._refuse(breakpoint, f"its instructions cannot run from the trampoline ({exc})")
                 continue
@@ -317,8 +360,10 @@ class Jumps:
             if moves is None:
                 self._refuse(breakpoint, "a thread stood between its instructions")
                 continue
-            jump = Jump(breakpoint, site, trampoline, area, counter, breakpoint.strategy, ring, site_id)
+            jump = Jump(breakpoint, site, trampoline, area, counter, breakpoint.strategy, ring, site_id, returns,
+                        shadow)
             area.install(trampoline, jump)
+            area.adopt(jump)
             for tid, rip in moves.items():
                 regs[tid].rip = rip
                 ptrace_setregs(tid, regs[tid])
@@ -326,16 +371,42 @@ class Jumps:
             breakpoint.strategy = jump
             self.placed.append(jump)
 
-    def _captures(self, breakpoint: Breakpoint, probes: list[Probe], owner: Process) -> tuple | str:
-        """What a record of ``breakpoint``'s hits holds (nothing when only counting), or why it cannot be one."""
-        if self.recorder is None:
+    def _trampolines(self, breakpoint: Breakpoint, site: JumpSite, area: JumpArea, ring: Ring | None,
+                     shadow: ShadowStacks | None, captures: tuple, returned: tuple
+                     ) -> tuple[Trampoline, int, int, ReturnPath | None]:
+        """The trampoline of ``breakpoint``, its counter and site id, and its return path (return probes: its
+        own trampoline, installed now); ``captures`` and ``returned``: the words of its records."""
+        returns = None
+        rdpid = self.recorder.rdpid if self.recorder is not None else False
+        if shadow is not None:
+            code, counter = area.take()
+            site_id = self.recorder.site_id(breakpoint, returned, returns=True) if ring is not None else 0
+            returns = ReturnPath(return_trampoline(site.address, code, shadow.layout, counter,
+                                                   ring.layout if ring is not None else None, site_id, returned,
+                                                   rdpid), counter, site_id)
+            area.install(returns.trampoline, None)
+        code, counter = area.take()
+        if returns is None and ring is None:
+            return counting_trampoline(site, code, counter), counter, 0, None
+        entries = bool(breakpoint.entries)
+        ring = ring if entries else None
+        site_id = self.recorder.site_id(breakpoint, captures) if ring is not None else 0
+        return (recording_trampoline(site, code, counter if entries else None, ring.layout if ring else None, site_id,
+                                     captures, rdpid, (shadow.layout, returns.trampoline.address) if returns else None),
+                counter, site_id, returns)
+
+    def _captures(self, breakpoint: Breakpoint, indices: list[int], probes: list[Probe],
+                  owner: Process) -> tuple | str:
+        """What a record of the hits of probes ``indices`` of ``breakpoint`` holds (nothing when only counting),
+        or why it cannot be one."""
+        if self.recorder is None or not indices:
             return ()
         if owner not in self._recordable:
             self._recordable[owner] = records_possible(owner.pid)
         if self._recordable[owner] is not None:
             return self._recordable[owner]
         captures: list = []
-        for index in breakpoint.entries:
+        for index in indices:
             probe = probes[index]
             more = captures_for(probe, breakpoint.address - probe.address)
             if isinstance(more, str):
@@ -345,7 +416,7 @@ class Jumps:
 
     def jumped(self) -> set[int]:
         """The probes placed as a jump somewhere."""
-        return {index for jump in self.placed for index in jump.breakpoint.entries}
+        return {index for jump in self.placed for index in jump.breakpoint.probes}
 
     def demoted(self) -> list[int]:
         """The probes of jumps that trap for good, in order (a load for a record faulted)."""
@@ -356,11 +427,12 @@ class Jumps:
         for index in breakpoint.entries:
             self.refused.setdefault(index, reason)
 
-    def follow(self, parent: Process, child: Process, tid: int) -> None:
+    def follow(self, parent: Process, child: Process, tid: int, forked: Forked | None) -> None:
         """A fork child has its parent's jumps in its copy of the memory (those placed before it forked): give
-        it the same trampolines at the same addresses, counting in areas and recording in a ring of its own."""
+        it the same trampolines at the same addresses, counting in areas and recording in a ring of its own,
+        and shadow stacks of its own with the pending returns of the thread that forked (``forked``)."""
         copies: dict[JumpArea, JumpArea] = {}  # the parent may have ended already: its areas are in our mappings
-        ring = None
+        ring = shadow = None
         for address, breakpoint in child.breakpoints.items():
             jump = parent.breakpoints[address].strategy
             # placed before the fork (an int3 over it: suspended for a vfork child, or demoted)
@@ -370,7 +442,9 @@ class Jumps:
                     self._areas[child].append(copies[jump.area])
                 if jump.ring is not None and ring is None:
                     ring = self.recorder.follow(jump.ring, child, tid)
-                breakpoint.strategy = jump.copy_for(breakpoint, copies[jump.area], ring)
+                if jump.shadow is not None and shadow is None:
+                    shadow = self._shadows[child] = jump.shadow.copy_into(tid, child.memory, forked)
+                breakpoint.strategy = jump.copy_for(breakpoint, copies[jump.area], ring, shadow)
                 self.placed.append(breakpoint.strategy)
 
     def suspend(self, owner: Process, child: int, via: int) -> None:
@@ -412,14 +486,33 @@ class Jumps:
         return None
 
     def unmap(self, process: Process, via: int) -> None:
-        """Every area of ``process`` taken out of it (at detach, its jumps restored), its ring read to the end."""
+        """Every area of ``process`` taken out of it (at detach, its jumps restored, every thread out of them),
+        its pending returns put back, its ring read to the end."""
+        shadow = self._shadows.pop(process, None)
+        if shadow is not None:
+            shadow.put_back_all(via)
+            shadow.unmap(via)
         for area in self._areas.pop(process, []):
             area.unmap(via)
         if self.recorder is not None:
             self.recorder.unmap(process, via)
 
+    def forked(self, thread: Thread) -> Forked | None:
+        """The pending returns a fork by ``thread`` (stopped at it) leaves its child, if jumps keep any."""
+        shadow = self._shadows.get(thread.process.memory_owner or thread.process)
+        return shadow.forked(ptrace_getregs(thread.tid).fs_base) if shadow is not None else None
+
+    def clean_copy(self, parent: Process, child: ProcessMemory, via: int, forked: Forked | None) -> None:
+        """A fork child let go: the returns its copy of the stacks sends to trampolines are its own again."""
+        shadow = self._shadows.get(parent.memory_owner or parent)
+        if shadow is not None and forked is not None:
+            shadow.clean_copy(forked, child, via)
+
     def forget(self, process: Process) -> None:
         """``process`` exec'd or ended: its areas went with its memory (their counts stay readable)."""
+        shadow = self._shadows.pop(process, None)
+        if shadow is not None:
+            shadow.retire()
         for area in self._areas.pop(process, []):
             area.retire()
         self._broken.discard(process)
@@ -433,10 +526,16 @@ class Jumps:
             self.recorder.saw(thread, ptrace_getregs(thread.tid).fs_base)
 
     def exiting(self, thread: Thread) -> None:
-        """``thread`` stopped at its exit: every record it wrote is read now, under its last key."""
-        if self.recorder is not None:
-            self.recorder.saw(thread, ptrace_getregs(thread.tid).fs_base)
-            self.recorder.read(thread.process.memory_owner or thread.process)
+        """``thread`` stopped at its exit: every record it wrote is read now, under its last key; its shadow
+        stack may serve another thread."""
+        owner = thread.process.memory_owner or thread.process
+        if self.recorder is not None or owner in self._shadows:
+            key = ptrace_getregs(thread.tid).fs_base
+            if owner in self._shadows:
+                self._shadows[owner].free(key)
+            if self.recorder is not None:
+                self.recorder.saw(thread, key)
+                self.recorder.read(owner)
 
     def execing(self, thread: Thread) -> None:
         """``thread`` is at its exec, the only one left of its image: what the image wrote is read now, under
@@ -453,10 +552,58 @@ class Jumps:
         """Hits per probe (``number`` of them) counted by jumps so far, in every process."""
         totals = [0] * number
         for jump in self.placed:
-            hits = jump.hits
-            for index in jump.breakpoint.entries:
-                totals[index] += hits
+            for indices, hits in ((jump.breakpoint.entries, jump.hits), (jump.breakpoint.returns, jump.return_hits)):
+                for index in indices:
+                    totals[index] += hits
         return totals
+
+    # -- returns: what the trampolines leave to the tool -------------------------------------------------------
+
+    def enter(self, thread: Thread, jump: Jump, regs: Regs) -> bool:
+        """At the ``int3`` of ``jump``'s trampoline: send the function's return to its return trampoline (its
+        registers are the function's at entry); False when it cannot be (the return goes unreported)."""
+        return jump.shadow.enter(regs.fs_base, regs.rsp, jump.returns.trampoline.address, thread.tid)
+
+    def take_return(self, thread: Thread, regs: Regs) -> list[Jump]:
+        """A thread at a return trampoline's start (the function's ``ret`` popped its slot): the pending returns
+        taken there, innermost first (a tail call's with its caller's), and ``regs.rip`` where the function
+        really returns; [] when none was pending at that slot."""
+        shadow = self._shadows.get(thread.process.memory_owner or thread.process)
+        taken: list[Jump] = []
+        while shadow is not None:
+            pending = shadow.leave(regs.fs_base, regs.rsp - 8)
+            jump = self.owner(thread.process, pending.trampoline) if pending is not None else None
+            if jump is None:
+                break
+            taken.append(jump)
+            regs.rip = pending.original
+            if self.owner(thread.process, pending.original) is None:  # not a caller's return trampoline
+                break
+        return taken
+
+    def settle(self, thread: Thread, regs: Regs) -> None:
+        """Back onto the program's own path from a trampoline (the world is stopped to detach), a return in
+        flight taken unreported."""
+        jump = self.owner(thread.process, regs.rip)
+        if jump is not None and jump.settle(thread, regs):
+            self.take_return(thread, regs)
+            ptrace_setregs(thread.tid, regs)
+
+    def unwind(self, thread: Thread, regs: Regs) -> None:
+        """A C++ exception starts unwinding: every return address of the thread's shadow stack is its own."""
+        shadow = self._shadows.get(thread.process.memory_owner or thread.process)
+        if shadow is not None:
+            shadow.unwind(regs.fs_base, thread.tid)
+
+    def caught(self, thread: Thread, regs: Regs) -> int:
+        """The exception is caught (at ``__cxa_begin_catch``): how many pending returns it unwound."""
+        shadow = self._shadows.get(thread.process.memory_owner or thread.process)
+        return shadow.caught(regs.fs_base, regs.rsp, thread.tid) if shadow is not None else 0
+
+    def _shadow(self, owner: Process, via: int) -> ShadowStacks:
+        if owner not in self._shadows:
+            self._shadows[owner] = ShadowStacks(via, owner.memory)
+        return self._shadows[owner]
 
     def _site(self, breakpoint: Breakpoint, probe: Probe, process: Process, placed: list[int]) -> JumpSite | str:
         """The jump site of ``breakpoint`` (whose probe is ``probe``), or why not: ``placed`` are the addresses of

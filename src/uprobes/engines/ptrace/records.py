@@ -28,6 +28,7 @@ from ...output.event import Event
 from ...probes.evaluate import HitContext, evaluate
 from ...probes.resolve import Probe
 from ...proc.status import cpu_flags
+from ...x86_64.abi import RETURN_VALUE
 from ...x86_64.trampolines import Capture, CaptureLoad, CaptureRegister
 from .captures import arg_captures
 from .clock import TscClock
@@ -107,6 +108,7 @@ class RecordedSite:
     probes: tuple[int, ...]
     captures: tuple[Capture, ...]
     columns: tuple[dict[str, Column] | None, ...]
+    returns: bool = False  # records of the function's returns (the return value first)
 
 
 class _Registers:
@@ -170,14 +172,18 @@ class Recorder:
             self.rings[owner] = Ring(via, owner.memory)
         return self.rings[owner]
 
-    def site_id(self, breakpoint: Breakpoint, captures: tuple[Capture, ...]) -> int:
-        key = (breakpoint.address, tuple(breakpoint.entries))
+    def site_id(self, breakpoint: Breakpoint, captures: tuple[Capture, ...], returns: bool = False) -> int:
+        """The id of the records of ``breakpoint``'s hits (``returns``: of its function's returns)."""
+        indices = tuple(breakpoint.returns if returns else breakpoint.entries)
+        key = (breakpoint.address, indices, returns)
         if key not in self._site_ids:
             self._site_ids[key] = len(self.sites)
-            columns = tuple(_columns(self.probes[index], breakpoint.address - self.probes[index].address, captures)
-                            for index in breakpoint.entries)
-            self.sites.append(RecordedSite(breakpoint.address, breakpoint.file_offset, tuple(breakpoint.entries),
-                                           captures, columns))
+            # a return's events carry its value beside the arguments: one by one
+            columns = tuple(None if returns else
+                            _columns(self.probes[index], breakpoint.address - self.probes[index].address, captures)
+                            for index in indices)
+            self.sites.append(RecordedSite(breakpoint.address, breakpoint.file_offset, indices, captures, columns,
+                                           returns))
         return self._site_ids[key]
 
     def follow(self, parent: Ring, child: Process, via: int) -> Ring:
@@ -312,9 +318,13 @@ class Recorder:
                 registers[capture.field] = word
             else:
                 chunks[capture.address(registers)] = word.to_bytes(8, "little")[:capture.size]
-        context = HitContext(_Registers(registers), _Memory(chunks), site.address, site.file_offset, thread.comm)
+        retval = None
+        if site.returns:
+            retval = registers[RETURN_VALUE] - (1 << 64 if registers[RETURN_VALUE] >> 63 else 0)
+        context = HitContext(_Registers(registers), _Memory(chunks), site.address, site.file_offset, thread.comm,
+                             retval)
         args, errors = evaluate(probe.fetchargs, context)
         probe.typed(args)
         self.events.append(Event(probe.name, thread.process.pid, thread.tid, context.comm, ts, cpu, site.address,
-                                 args, None, errors or None, False, index))
+                                 args, retval, errors or None, site.returns, index))
 

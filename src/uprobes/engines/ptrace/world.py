@@ -71,8 +71,8 @@ def _settle(thread: Thread, engine: PtraceEngine, detaching: bool) -> None:
             ptrace_setregs(thread.tid, regs)
     elif area is not None and (owner := area.owner(regs.rip)) is not None:
         owner.settle(thread, regs)
-    elif detaching and (jump := engine.placement.jumps.owner(thread.process, regs.rip)) is not None:
-        jump.settle(thread, regs)
+    elif detaching:
+        engine.placement.jumps.settle(thread, regs)
     thread.hit, thread.state = None, STOPPED
 
 
