@@ -628,9 +628,9 @@ def _site_plans() -> dict:
             continue
         kind = plan.kind + (", boostable" if plan.kind == "step" and plan.boost_code is not None else "")
         if site == "ret":
-            kind = f"entry {plan.kind} + return trampoline"
-        elif not isinstance(site_for(probe), str):
-            kind += "; counted: a jump"
+            kind = f"entry {plan.kind} + int3 trampoline"
+        if not isinstance(site_for(probe), str):
+            kind += "; counted: a jump" + (" + return trampoline" if site == "ret" else "")
         plans[site] = {"probe": text, "instruction": plan.text, "ptrace_plan": kind}
     return plans
 

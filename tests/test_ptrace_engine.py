@@ -369,14 +369,17 @@ def test_a_probe_covers_every_name_of_the_file(targets):
         link.unlink()
 
 
-def test_return_probes_survive_a_signal_handler_on_an_alternate_stack_above_the_threads_own(targets):
+@pytest.mark.parametrize("trap", [False, True], ids=["jumps", "traps"])
+def test_return_probes_survive_a_signal_handler_on_an_alternate_stack_above_the_threads_own(targets, trap):
     """outer's pending return lies below the stack pointer while the handler runs inner on the alternate
     stack; it is set aside, not forgotten, and outer returns to its caller (the kernel's uretprobes, and this
-    engine before, sent it SIGILL)."""
+    engine before, sent it SIGILL). On jumps, the return trampoline leaves that return to the tool."""
     command = [str(targets / "stacks"), "50"]
     untraced = subprocess.run(command, capture_output=True, text=True)
     assert untraced.stdout.startswith("altstack above the thread's stack: yes\n")
     path = str(targets / "stacks")
-    ours, traced = _count("ptrace", [f"uretprobe:{path}:outer", f"uretprobe:{path}:inner"], command)
+    ours, traced = _count("ptrace", [f"uretprobe:{path}:outer", f"uretprobe:{path}:inner"], command,
+                          *(["--trap"] if trap else []))
     assert (traced.returncode, traced.stdout) == (0, untraced.stdout)
     assert sorted(ours.values()) == [50, 50]
+    assert ("jumps" in traced.stderr) != trap

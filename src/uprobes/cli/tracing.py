@@ -44,7 +44,9 @@ def add_tracing_options(parser: argparse.ArgumentParser) -> None:
                         help="leave the children the process forks alone (by default they are traced too)")
     parser.add_argument("--trap", action="store_true",
                         help="ptrace engine: every probe stops the program at an int3; by default a probe with "
-                             "no return becomes a jump to generated code where its site allows, with no stop")
+                             "no Python handler becomes a jump to generated code where its site allows (a return "
+                             "probe: at its function's entry, and its return goes through generated code too), "
+                             "with no stop")
     parser.add_argument("-d", "--duration", type=float, metavar="SECONDS", help="stop after SECONDS")
     parser.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     parser.add_argument("--json", action="store_true", help="JSON lines instead of text")

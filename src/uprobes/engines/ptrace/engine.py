@@ -4,8 +4,9 @@ Each probe point is an ``int3`` over the first byte of an instruction, placed in
 probed file. At a hit the thread's registers are read once, every consumer of the point runs (fetch
 arguments, a Python handler), and the displaced instruction runs by the breakpoint's strategy (emulated,
 boosted or stepped out of line); the ``int3`` never leaves, so no other thread misses the probe meanwhile.
-A probe with no Python handler and no return becomes a jump where its site allows (:mod:`.jumps`): no stop
-at all; traced, its hits are records in a ring shared with the target (:mod:`.ring`, :mod:`.records`).
+A probe with no Python handler becomes a jump where its site allows (:mod:`.jumps`): no stop at all, at the
+entry or (:mod:`.shadow`) at the return; traced, its hits are records in a ring shared with the target
+(:mod:`.ring`, :mod:`.records`).
 
 This module coordinates; each part has its own module:
 

@@ -1,8 +1,10 @@
 """Jump probes: sites whose first bytes became a ``jmp`` to a trampoline, so that a hit never stops the program.
 
-A probe with no Python handler and no return needs no stop: its site becomes a 5-byte ``jmp`` to a trampoline
-that bumps the site's counter in shared memory, traced also writes a record of the hit into the ring
-(:mod:`.ring`, :mod:`.records`), and runs the displaced instructions (:mod:`uprobes.x86_64.trampolines`).
+A probe with no Python handler needs no stop: its site becomes a 5-byte ``jmp`` to a trampoline that bumps
+the site's counter in shared memory, traced also writes a record of the hit into the ring (:mod:`.ring`,
+:mod:`.records`), and runs the displaced instructions (:mod:`uprobes.x86_64.trampolines`). A return probe's
+trampoline sends the function's return to a return trampoline of its own, which does the same at the return
+(the real return address waits on the thread's shadow stack: :mod:`.shadow`).
 Every site starts as an ``int3`` like any other; :meth:`Jumps.upgrade` turns those that qualify
 (:func:`uprobes.x86_64.jumps.jump_site`) into jumps while every thread of the process is stopped, moving a
 thread that stands inside the replaced bytes to its place in the trampoline. The rest stay traps, and the user
