@@ -145,3 +145,35 @@ def test_return_probes_record_the_events_traps_give(targets):
     assert len(jumped) == 3 * n and jumped == trapped
     assert jumped[:3] == [("jump_entry%return", {"v": 1, "d": 0}, 1), ("jump_call", {"x": 0}, None),
                           ("jump_call%return", {}, 11)]
+
+
+def test_python_handlers_run_from_records_in_order_and_none_is_lost(targets):
+    """Four threads call jump_entry(i) for i = 0..N-1 far faster than a Python handler runs: the ring fills,
+    and a hit that finds it full is handed to the tool with its thread stopped, after every record before it.
+    Every call and every return reaches its handler once, each thread's in order, with the registers of the
+    hit."""
+    from uprobes.api import Session
+
+    program, n = str(targets / "jumps"), 50_000
+    calls: dict[int, list[int]] = defaultdict(list)
+    rips = set()
+
+    def handler(hit):
+        assert hit.regs.rdi == hit.args["x"]
+        rips.add(hit.regs.rip)
+        calls[hit.tid].append(hit.args["x"])
+
+    def on_return(hit):
+        returned[hit.tid].append(hit.args["r"])
+
+    returned: dict[int, list[int]] = defaultdict(list)
+    with Session(command=[program, "threads", "4", str(n)], keep_events=False) as session:
+        (probe,) = session.probe(f"uprobe:{program}:jump_entry x=%di:s64", handler)
+        session.probe(f"uretprobe:{program}:jump_entry r=$retval:s64", on_return)
+        status = session.run()
+        counts, lost, notices = session.hit_counts(), session.lost, session.notices
+    assert status == 0 and lost == 0 and counts == [4 * n, 4 * n], notices
+    assert sorted(calls.values()) == [list(range(n))] * 4
+    assert sorted(returned.values()) == [list(range(1, n + 1))] * 4 and set(returned) == set(calls)
+    (rip,) = rips
+    assert (rip - probe.address) % 4096 == 0  # the probe's address, where the program is loaded

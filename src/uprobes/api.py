@@ -57,13 +57,16 @@ class Session:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def probe(self, text: str, handler: Handler | None = None, pid: int | None = None) -> list[Probe]:
+    def probe(self, text: str, handler: Handler | None = None, pid: int | None = None,
+              stop: bool = False) -> list[Probe]:
         """Add a probe (any syntax ``uprobes`` accepts) and, optionally, a handler for its hits (``pid``: only
-        that process's hits, say one child of a forking server)."""
+        that process's hits, say one child of a forking server). The handler runs in this process after the
+        hit, from a record of it, while the program goes on (``hit.memory`` reads the memory as it is then);
+        ``stop`` keeps the thread stopped at the probe while the handler runs (a ptrace stop per hit)."""
         probes = resolve_text(text)
         for probe in probes:
             if handler is not None:
-                self._consumers.setdefault(len(self._probes), []).append(Consumer(handler, pid))
+                self._consumers.setdefault(len(self._probes), []).append(Consumer(handler, pid, stop))
             self._probes.append(probe)
         return probes
 
@@ -101,6 +104,11 @@ class Session:
     def hit_counts(self) -> list[int]:
         """Hits per probe so far, in the order they were added."""
         return self._engine.hit_counts()
+
+    @property
+    def lost(self) -> int:
+        """Records of hits that found the ring full: their events and handler calls are missing."""
+        return self._engine.lost
 
     def close(self) -> None:
         """Detach: every byte restored, the out-of-line area unmapped. A started command is not stopped."""

@@ -34,3 +34,4 @@ class Consumer:
 
     handler: Callable[[Hit], object]
     pid: int | None = None
+    stop: bool = False  # the thread stays stopped while the handler runs (a trap), not run later from a record

@@ -23,17 +23,22 @@ trampoline, both use it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from iced_x86 import BlockEncoder, Code, Decoder, DecoderOptions, FlowControl, Instruction, MemoryOperand, Register
 
 from .codegen import encode
 from .jumps import JumpSite
 
-__all__ = ["CaptureLoad", "CaptureRegister", "RingLayout", "Resume", "ShadowLayout", "Trampoline",
+__all__ = ["CaptureLoad", "CaptureRegister", "FULL", "HIJACK", "RETURN", "RingLayout", "Resume", "ShadowLayout",
+           "Trampoline",
            "counting_trampoline", "recording_trampoline", "return_trampoline", "tsc_reader", "RED_ZONE"]
 
 RED_ZONE = 128
+# What the tracer does at an int3 of a trampoline (Trampoline.traps)
+HIJACK = "hijack"  # send the function's return to its return trampoline (the shadow stack needs more)
+RETURN = "return"  # take a return (the shadow stack needs more)
+FULL = "full"  # the hit of a Python handler's probe, whose record found the ring full
 _MASK32 = (1 << 32) - 1
 _FALLS_THROUGH = frozenset({FlowControl.NEXT, FlowControl.CONDITIONAL_BRANCH})
 
@@ -66,7 +71,7 @@ class Trampoline:
     code: bytes
     resumes: dict[int, Resume]  # by the address of each instruction
     relocated: int = 0  # where the displaced instructions start
-    trap: int | None = None  # the int3 that leaves what the code does not do to the tracer
+    traps: dict[int, str] = field(default_factory=dict)  # the int3s that leave work to the tracer: which work
 
     def resume(self, rip: int) -> Resume | None:
         return self.resumes.get(rip)
@@ -178,7 +183,7 @@ _LOADS = {8: Code.MOV_R64_RM64, 4: Code.MOV_R32_RM32, 2: Code.MOVZX_R32_RM16, 1:
 
 def recording_trampoline(site: JumpSite, address: int, counter: int | None, ring: RingLayout | None, site_id: int,
                          captures: tuple[Capture, ...], rdpid: bool = False,
-                         returns: tuple[ShadowLayout, int] | None = None) -> Trampoline:
+                         returns: tuple[ShadowLayout, int] | None = None, handled: bool = False) -> Trampoline:
     """Count a hit at ``counter``, write one record of it into ``ring`` (``captures`` as its words), run
     ``site``'s displaced instructions and go back::
 
@@ -194,36 +199,30 @@ def recording_trampoline(site: JumpSite, address: int, counter: int | None, ring
 
     ``returns`` (the shadow stacks, a return trampoline): the function's return goes to that trampoline, the
     real return address kept on the thread's shadow stack (:meth:`_Builder.hijack`); ``counter`` and ``ring``
-    None: no hit of the entry itself is counted or recorded.
+    None: no hit of the entry itself is counted or recorded. ``handled`` (a Python handler's record): a full
+    ring is no loss, the hit goes to the tracer (:data:`FULL`) with the thread stopped.
     """
     flags = site.flags_live or any(isinstance(c, CaptureRegister) and c.field == "eflags" for c in captures)
     builder = _Builder(site.address)
     builder.enter(flags, _SAVED)
     if counter is not None:
         builder.count(counter)
+    full = builder.label() if handled else None
     if ring is not None:
-        builder.record(ring, site_id, captures, rdpid)
-    if returns is None:
+        builder.record(ring, site_id, captures, rdpid, full)
+    if returns is None and full is None:
         builder.leave()
         return builder.assemble(address, _relocated(site, recorded=ring is not None))
-    slow, done = builder.label(), builder.label()
-    builder.hijack(*returns, slow)
-    builder.branch(Code.JMP_REL32_64, done)
-    builder.shadowed = False
-    builder.bind(slow)
-    builder.leave()
-    builder.trap = len(builder.pieces)
-    builder.add(Instruction.create(Code.INT3))  # the tracer hijacks the return, and goes on at the displaced code
-    builder.shadowed = True
-    builder.bind(done)
-    builder.reenter()
-    builder.leave()
-    return builder.assemble(address, _relocated(site, recorded=ring is not None, shadowed=True))
+    slow = builder.label() if returns is not None else None
+    if returns is not None:
+        builder.hijack(*returns, slow)
+    builder.exits({full: FULL, slow: HIJACK})
+    return builder.assemble(address, _relocated(site, recorded=ring is not None, shadowed=returns is not None))
 
 
 def return_trampoline(function: int, address: int, shadow: ShadowLayout, counter: int | None,
                       ring: RingLayout | None, site_id: int, captures: tuple[Capture, ...],
-                      rdpid: bool = False) -> Trampoline:
+                      rdpid: bool = False, handled: bool = False) -> Trampoline:
     """Where a function hijacked at its entry (at ``function``) returns to: find the thread's last pending
     return, count the return at ``counter`` or record it into ``ring`` (``captures``: with the registers as the
     function left them), and go on at the address the return really had::
@@ -236,7 +235,8 @@ def return_trampoline(function: int, address: int, shadow: ShadowLayout, counter
         pop ...; lea 128(%rsp),%rsp; lea -8(%rsp),%rsp; ret
 
     Anything else (no record, no entry, another slot: a longjmp, another stack) ends in an ``int3`` with every
-    register as the function left them: the tracer finds the return and goes on from there.
+    register as the function left them: the tracer finds the return and goes on from there (:data:`RETURN`);
+    so does a record of a Python handler's that finds the ring full (``handled``: :data:`FULL`).
     """
     flags = any(isinstance(c, CaptureRegister) and c.field == "eflags" for c in captures)
     builder = _Builder(address)
@@ -257,8 +257,9 @@ def return_trampoline(function: int, address: int, shadow: ShadowLayout, counter
     builder.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, r8, rdx))
     if counter is not None:
         builder.count(counter)
+    full = builder.label() if handled else None
     if ring is not None:
-        builder.record(ring, site_id, captures, rdpid)
+        builder.record(ring, site_id, captures, rdpid, full)
     builder.add(_load(Register.R11, r9, shadow.original))
     builder.add(_store(r10, 0, Register.R11))
     builder.add(Instruction.create_mem(Code.DEC_RM64, MemoryOperand(r8, displ=shadow.depth)))
@@ -266,12 +267,12 @@ def return_trampoline(function: int, address: int, shadow: ShadowLayout, counter
     builder.leave()
     builder.add(_lea_rsp(-8), stack=8)
     builder.add(Instruction.create(Code.RETNQ))
-    builder.returning, builder.returned, builder.counted, builder.recorded = True, False, False, False
-    builder.reenter()
-    builder.bind(slow)
-    builder.leave()
-    builder.trap = len(builder.pieces)
-    builder.add(Instruction.create(Code.INT3))
+    builder.returning, builder.returned = True, False
+    if full is not None:
+        builder.counted, builder.recorded = counter is not None, False
+        builder.exit(full, FULL)
+    builder.counted = builder.recorded = False
+    builder.exit(slow, RETURN)
     return builder.assemble(address, [])
 
 
@@ -289,7 +290,7 @@ class _Builder:
         self.shadowed = self.returning = self.returned = False
         self.reserved: str | None = None
         self.entered_stack, self.entered_pushed = 0, []
-        self.trap: int | None = None  # the index of the int3, if any
+        self.traps: dict[int, str] = {}  # the index of each int3, and what the tracer does there
         self._labels: dict[int, int | None] = {}  # label -> ip of the instruction it is bound to
         self._binding: list[int] = []  # labels bound to the next instruction added
         self._branches: list[tuple[Instruction, int]] = []
@@ -335,6 +336,31 @@ class _Builder:
             self.add(Instruction.create_reg(Code.PUSH_R64, register), stack=8, saves=_FIELDS[register])
         self.entered_stack, self.entered_pushed = self.stack, list(self.pushed)
 
+    def exit(self, label: int, kind: str) -> None:
+        """At ``label`` (reached by a branch, with what :meth:`enter` saved still saved): put it back, and stop
+        at an ``int3`` for the tracer to do ``kind``."""
+        self.bind(label)
+        self.reenter()
+        self.leave()
+        self.traps[len(self.pieces)] = kind
+        self.add(Instruction.create(Code.INT3))
+
+    def exits(self, kinds: dict[int | None, str]) -> None:
+        """The main path (what :meth:`enter` saved put back) goes on past the exits to the tracer of ``kinds``
+        (labels; None: none), each as :meth:`exit`."""
+        done = self.label()
+        self.branch(Code.JMP_REL32_64, done)
+        flags = self.counted, self.recorded, self.shadowed
+        self.shadowed = False
+        for label, kind in kinds.items():
+            if label is not None:
+                self.recorded = flags[1] and kind != FULL
+                self.exit(label, kind)
+        self.counted, self.recorded, self.shadowed = flags
+        self.bind(done)
+        self.reenter()
+        self.leave()
+
     def reenter(self) -> None:
         """The code from here on is reached from before a :meth:`leave` (a branch): what was saved is saved."""
         self.stack, self.pushed = self.entered_stack, list(self.entered_pushed)
@@ -354,8 +380,10 @@ class _Builder:
         self.add(increment)
         self.counted = True
 
-    def record(self, ring: RingLayout, site_id: int, captures: tuple[Capture, ...], rdpid: bool) -> None:
-        """Write one record into ``ring`` (or count it lost), through %rax, %rcx, %rdx, %rsi and %r11."""
+    def record(self, ring: RingLayout, site_id: int, captures: tuple[Capture, ...], rdpid: bool,
+               full: int | None = None) -> None:
+        """Write one record into ``ring`` (or count it lost; ``full``: go there instead), through %rax, %rcx,
+        %rdx, %rsi and %r11."""
         if len(captures) > (1 << ring.slot_shift) - ring.words >> 3:
             raise ValueError(f"{len(captures)} words do not fit a record")
         r11 = Register.R11
@@ -368,12 +396,12 @@ class _Builder:
             self.add(Instruction.create_reg_reg(Code.MOV_R32_RM32, Register.ESI, Register.ECX))
         self.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, r11, ring.address))
         self.add(_load(Register.RAX, r11, ring.head))
-        retry, full, done = self.label(), self.label(), self.label()
+        retry, lost_label, done = self.label(), self.label(), self.label()
         self.bind(retry)
         self.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, Register.RCX, Register.RAX))
         self.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, Register.RCX, MemoryOperand(r11, displ=ring.tail)))
         self.add(Instruction.create_reg_i32(Code.CMP_RM64_IMM32, Register.RCX, ring.count))
-        self.branch(Code.JAE_REL32_64, full)
+        self.branch(Code.JAE_REL32_64, full if full is not None else lost_label)
         self.add(Instruction.create_reg_mem(Code.LEA_R64_M, Register.RCX, MemoryOperand(Register.RAX, displ=1)))
         cmpxchg = Instruction.create_mem_reg(Code.CMPXCHG_RM64_R64, MemoryOperand(r11, displ=ring.head), Register.RCX)
         cmpxchg.has_lock_prefix = True
@@ -395,11 +423,13 @@ class _Builder:
         # the next slot's line, for the next hit: a ring larger than the caches misses on every slot otherwise
         self.add(Instruction.create_mem(Code.PREFETCHW_M8, MemoryOperand(r11, displ=1 << ring.slot_shift)))
         self.reserved, self.recorded = None, True
+        if full is not None:
+            return
         self.branch(Code.JMP_REL32_64, done)
         self.recorded = False
         lost = Instruction.create_mem(Code.INC_RM64, MemoryOperand(r11, displ=ring.lost))
         lost.has_lock_prefix = True
-        self.bind(full)
+        self.bind(lost_label)
         self.add(lost)
         self.recorded = True
         self.bind(done)
@@ -524,7 +554,7 @@ class _Builder:
         tail = _assemble(after, address + len(code))
         return Trampoline(address, code + tail.code,
                           {**dict(zip(starts, (resume for _, resume in self.pieces))), **tail.resumes},
-                          address + len(code), starts[self.trap] if self.trap is not None else None)
+                          address + len(code), {starts[index]: kind for index, kind in self.traps.items()})
 
 
 def _load(register: Register, base: Register, displ: int) -> Instruction:

@@ -19,25 +19,31 @@ from ...x86_64.abi import RETURN_VALUE
 from ...x86_64.registers import BY_KERNEL_NAME, GENERAL_REGISTERS
 from ...x86_64.trampolines import Capture, CaptureLoad, CaptureRegister
 
-__all__ = ["WORDS", "arg_captures", "captures_for", "records_possible"]
+__all__ = ["HANDLER_WORDS", "REGISTERS", "WORDS", "arg_captures", "captures_for", "records_possible"]
 
 WORDS = 12  # captured words a record holds
+HANDLER_WORDS = 28  # where a probe has a Python handler: every register, and what its arguments read
 _AT_HWCAP2, _HWCAP2_FSGSBASE = 26, 1 << 1
 _CAPTURED = frozenset({reg.field for reg in GENERAL_REGISTERS} | {"rsp", "eflags"})
 _NO_WORDS = (Immediate, ImmediateString, Comm)
+# What a handler's Hit.regs holds from a record (with rip, the site's, and fs_base, the record's key)
+REGISTERS = tuple(CaptureRegister(register.field) for register in GENERAL_REGISTERS) + (CaptureRegister("eflags"),)
 
 
-def captures_for(probe: Probe, load_bias: int = 0) -> tuple[Capture, ...] | str:
+def captures_for(probe: Probe, load_bias: int = 0, handled: bool = False) -> tuple[Capture, ...] | str:
     """The words a record of ``probe`` needs (``load_bias``: runtime minus link-time address of its object),
     or why its fetch arguments cannot be taken by a trampoline. A return probe's record holds its return value
-    first."""
+    first; ``handled`` (a Python handler's), every register."""
     captures: list[Capture] = [CaptureRegister(RETURN_VALUE)] if probe.is_return else []
+    for capture in REGISTERS if handled else ():
+        _add(captures, capture)
     for arg in probe.fetchargs:
         why = arg_captures(arg, probe, load_bias, captures)
         if why:
             return f"{arg.name} {why}, which needs the thread stopped"
-    if len(captures) > WORDS:
-        return f"its arguments need {len(captures)} words, more than the {WORDS} a record holds"
+    words = HANDLER_WORDS if handled else WORDS
+    if len(captures) > words:
+        return f"its arguments need {len(captures)} words, more than the {words} a record holds"
     return tuple(captures)
 
 

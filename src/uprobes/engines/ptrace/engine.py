@@ -30,7 +30,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from ...consumers import Consumer
+from ...consumers import Consumer, Hit
 from ...errors import UprobesError
 from ...output.columns import EventColumns
 from ...output.event import Event
@@ -39,7 +39,7 @@ from ...x86_64.abi import RETURN_VALUE
 from ..base import Engine
 from .family import Family
 from .hits import Reporter
-from .jumps import Jump
+from .jumps import FULL, Jump
 from .linker import role_sites
 from .placement import INT3, Breakpoint, Placement, Role
 from .returns import MAX_RETURN_DEPTH, caught, hijack, put_back, returned
@@ -89,6 +89,8 @@ class PtraceEngine(Engine):
         self.placement = Placement([])
         self.family = Family(self.placement, follow_forks=True)
         self._reporter = Reporter([], {}, counting=False)
+        self._closing = False
+        self._handler_error: BaseException | None = None  # raised by a handler while detaching: raised after
         self._returns_wanted = False
         self._sigchld_blocked = False
         self.skipped_returns = 0
@@ -107,13 +109,20 @@ class PtraceEngine(Engine):
         if pid is None:
             raise UprobesError("the ptrace engine traces one process: give -p PID or a command to run")
         self.placement = Placement(list(probes))
+        consumers = consumers or {}
         if self.jumps_allowed:
-            self.placement.jumps.eligible = frozenset(i for i in range(len(probes)) if i not in (consumers or {}))
-            if not counting:
+            jumps = self.placement.jumps
+            jumps.eligible = frozenset(i for i in range(len(probes))
+                                       if not any(consumer.stop for consumer in consumers.get(i, ())))
+            handled = jumps.eligible.intersection(consumers)
+            jumps.recorded = handled if counting else jumps.eligible
+            if jumps.recorded:
                 from .records import Recorder  # numpy, the ring reader's: loaded only to trace
-                self.placement.jumps.recorder = Recorder(self.placement.probes)
+                jumps.recorder = Recorder(self.placement.probes, counting, handled, self._ring_hit,
+                                          self.placement.removed)
         self.family = Family(self.placement, follow_forks)
-        self._reporter = Reporter(self.placement.probes, consumers or {}, counting)
+        self._reporter = Reporter(self.placement.probes, consumers, counting)
+        self._handlers_gone: list[int] = []  # probes whose last handler went in a record's call
         self._returns_wanted = any(probe.is_return for probe in probes)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # waited for with sigtimedwait
         self._sigchld_blocked = True
@@ -215,6 +224,8 @@ class PtraceEngine(Engine):
             if recorder is not None:
                 recorder.read_all()
                 self._resolve_keys(recorder)
+                if self._handlers_gone:
+                    self._remove_handled()
             if handled:
                 now = time.perf_counter()
                 self._stop_gap, self._last_stop = now - self._last_stop, now
@@ -241,6 +252,31 @@ class PtraceEngine(Engine):
             return EventColumns(single=events)
         groups, recorded = recorder.take()
         return EventColumns(groups, events + recorded)
+
+    def _ring_hit(self, index: int, thread: Thread, regs: object, args: dict, errors: dict) -> None:
+        """A record of probe ``index``, which has a Python handler: the handler runs now, with every register
+        of the hit and the process's memory as it is now."""
+        hit = Hit(self.placement.probes[index], thread.process.pid, thread.tid, regs, thread.process.memory, args,
+                  errors)
+        try:
+            gone = self._reporter.consume(index, hit)
+        except BaseException as exc:
+            if not self._closing:
+                raise
+            self._handler_error = self._handler_error or exc  # the detach goes on to the end first
+            return
+        if gone:
+            self.placement.removed.add(index)  # its records are dropped from now on
+            self._handlers_gone.append(index)
+
+    def _remove_handled(self) -> None:
+        """Probes whose last handler went, run from records: every thread stopped, their jumps taken out."""
+        gone, self._handlers_gone = self._handlers_gone, []
+        group_stopped = {tid for tid, thread in self.family.threads.items() if thread.state is LISTENING}
+        stop_world(self, detaching=False)
+        for index in gone:
+            self._remove_probe(index)
+        self.family.let_run(group_stopped)
 
     def _resolve_keys(self, recorder: Recorder) -> None:
         """Records came from threads whose key we have not seen: in a process with one thread they are its;
@@ -280,7 +316,7 @@ class PtraceEngine(Engine):
             return
         breakpoint = process.breakpoints.get(address)
         jump = self.placement.jumps.owner(process, address) if breakpoint is None else None
-        if jump is not None and address in (t.trap for t in jump.trampolines()):
+        if jump is not None and any(address in t.traps for t in jump.trampolines()):
             self._jump_trapped(thread, jump, address, regs, serving)
             return
         # Only after a one-byte instruction can a thread stand just past a probe without having run its int3,
@@ -357,20 +393,36 @@ class PtraceEngine(Engine):
             self.skipped_returns += caught(thread, regs) + self.placement.jumps.caught(thread, regs)
 
     def _jump_trapped(self, thread: Thread, jump: Jump, address: int, regs: Regs, serving: bool) -> None:
-        """What a jump's trampoline leaves to us (its ``int3``): sending a return to the return trampoline, or
-        taking one, where the shadow stack needs more than the trampoline does (:mod:`.shadow`)."""
-        if address == jump.trampoline.trap:
-            if not self.placement.jumps.enter(thread, jump, regs):
+        """What a jump's trampoline leaves to us (an ``int3``, every register the program's again): sending a
+        return to the return trampoline, or taking one, where the shadow stack needs more than the trampoline
+        does (:mod:`.shadow`); or a hit of a Python handler's probe whose record found the ring full, which is
+        reported here, after every record before it. While the world is being stopped, a hit already counted
+        goes back to run again, and a return goes back to the start of its trampoline."""
+        entry = address in jump.trampoline.traps
+        kind = (jump.trampoline if entry else jump.returns.trampoline).traps[address]
+        if kind == FULL:
+            self.placement.jumps.uncount(jump, entry)
+        if not serving and (kind == FULL or not entry):
+            regs.rip = jump.site.address if entry else jump.returns.trampoline.address
+            ptrace_setregs(thread.tid, regs)
+            return
+        if kind == FULL:
+            self.placement.jumps.recorder.drain(thread, regs.fs_base)
+        if entry:
+            if kind == FULL:
+                regs.rip = jump.site.address
+                for index in self._report(thread, jump.breakpoint, regs, jump.breakpoint.entries):
+                    self._remove_probe(index)
+            if jump.breakpoint.returns and not self.placement.jumps.enter(thread, jump, regs):
                 self.skipped_returns += 1
             regs.rip = jump.trampoline.displaced(jump.site.address)
             ptrace_setregs(thread.tid, regs)
             if serving:
                 thread.resume()
             return
-        regs.rip = address
-        taken = self._take_return(thread, regs, serving)
-        if serving:
-            thread.resume(0 if taken else signal.SIGILL)  # nothing to return to: as the kernel does
+        regs.rip = jump.returns.trampoline.address
+        taken = self._take_return(thread, regs, True)
+        thread.resume(0 if taken else signal.SIGILL)  # nothing to return to: as the kernel does
 
     def _take_return(self, thread: Thread, regs: Regs, report: bool) -> bool:
         """A thread at the start of a return trampoline: its return taken (and reported, with ``report``);
@@ -388,21 +440,24 @@ class PtraceEngine(Engine):
         return bool(taken)
 
     def _returned(self, thread: Thread, regs: Regs, serving: bool) -> None:
-        """At the trampoline: report the returns that end here and go to where the function returns."""
+        """At the trampoline: report the returns that end here and go to where the function returns. While
+        the world is being stopped, the thread goes back to the trampoline's int3: the return is taken once
+        the world goes on, or at the detach (:func:`.world.stop_world`)."""
+        if not serving:
+            regs.rip = thread.process.area.trampoline
+            ptrace_setregs(thread.tid, regs)
+            return
         ended = returned(thread, regs)
         if not ended:
             thread.resume(signal.SIGILL)  # nothing to return to: as the kernel does
             return
         for instance in ended:
-            if serving:
-                regs.rip = instance.breakpoint.address  # events of a return probe carry the function's address
-                for index in self._report(thread, instance.breakpoint, regs, instance.probes,
-                                          getattr(regs, RETURN_VALUE)):
-                    self._remove_probe(index)
+            regs.rip = instance.breakpoint.address  # events of a return probe carry the function's address
+            for index in self._report(thread, instance.breakpoint, regs, instance.probes, getattr(regs, RETURN_VALUE)):
+                self._remove_probe(index)
         regs.rip = ended[-1].original
         ptrace_setregs(thread.tid, regs)
-        if serving:
-            thread.resume()
+        thread.resume()
 
     def _report(self, thread: Thread, breakpoint: Breakpoint, regs: Regs, probes: list[int],
                 retval: int | None = None) -> list[int]:
@@ -418,6 +473,7 @@ class PtraceEngine(Engine):
         """The last consumer of probe ``index`` went: it counts no more, and its breakpoints go where no other
         probe or role keeps them, in every process (each written through one of its stopped threads)."""
         self.placement.removed.add(index)
+        self.placement.jumps.freeze(index)
         for process in list(self.family.processes.values()):
             via = self.family.stopped_in(process)
             if process.owns_memory and via is not None:
@@ -445,7 +501,9 @@ class PtraceEngine(Engine):
 
     @_uninterrupted
     def close(self) -> None:
-        """Stop every thread, finish or undo what is in flight, restore every byte, unmap the area, detach."""
+        """Stop every thread, finish or undo what is in flight, restore every byte, unmap the area, detach.
+        Records read meanwhile still go to their handlers; one that raises does so once the detach is done."""
+        self._closing = True
         try:
             stop_world(self)
             detach_all(self)
@@ -458,3 +516,6 @@ class PtraceEngine(Engine):
             if self._sigchld_blocked:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
                 self._sigchld_blocked = False
+        if self._handler_error is not None:
+            error, self._handler_error = self._handler_error, None
+            raise error

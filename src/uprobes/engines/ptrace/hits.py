@@ -43,16 +43,21 @@ class Reporter:
                 self.events.append(Event(probe.name, pid, thread.tid, context.comm, time.monotonic_ns(),
                                          last_cpu(pid, thread.tid), address, args, retval, errors or None,
                                          probe.is_return, index))
-            consumers = self.consumers.get(index, [])
-            for consumer in list(consumers):
-                if consumer.pid not in (None, pid):
-                    continue
-                if consumer.handler(Hit(probe, pid, thread.tid, regs, thread.process.memory, args, errors)) is REMOVE:
-                    consumers.remove(consumer)
-                    if not consumers:
-                        del self.consumers[index]
-                        gone.append(index)
+            if index in self.consumers and self.consume(index, Hit(probe, pid, thread.tid, regs, thread.process.memory,
+                                                                   args, errors)):
+                gone.append(index)
         return gone
+
+    def consume(self, index: int, hit: Hit) -> bool:
+        """Run the handlers of probe ``index`` on ``hit``; whether its last handler went (returned REMOVE)."""
+        consumers = self.consumers.get(index, [])
+        for consumer in list(consumers):
+            if consumer.pid in (None, hit.pid) and consumer.handler(hit) is REMOVE:
+                consumers.remove(consumer)
+                if not consumers:
+                    del self.consumers[index]
+                    return True
+        return False
 
     def take_events(self) -> list[Event]:
         events, self.events = self.events, []

@@ -33,10 +33,10 @@ from ...proc.maps import free_range_near, read_maps
 from ...x86_64.abi import NR_MPROTECT
 from ...x86_64.jumps import JUMP_LENGTH, JumpSite, jump_bytes, jump_site
 from ...x86_64.registers import STATUS_FLAGS, ZERO_FLAG
-from ...x86_64.trampolines import (Resume, Trampoline, counting_trampoline, recording_trampoline,
+from ...x86_64.trampolines import (FULL, Resume, Trampoline, counting_trampoline, recording_trampoline,
                                    return_trampoline)
 from .memory import ProcessMemory
-from .captures import WORDS, captures_for, records_possible
+from .captures import captures_for, records_possible
 from .shadow import Forked, ShadowStacks
 from .shared import PROT_EXEC, PROT_READ, PROT_WRITE, map_shared, unmap_shared
 from .strategies import INT3, Strategy
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from .ring import Ring
     from .tracee import Process, Thread
 
-__all__ = ["Jump", "JumpArea", "Jumps", "site_for"]
+__all__ = ["FULL", "Jump", "JumpArea", "Jumps", "site_for"]
 
 _CODE_SIZE = 1 << 18
 _COUNTERS_SIZE = 1 << 18
@@ -180,7 +180,9 @@ class Jump(Strategy):
         self.trap = trap  # how the int3 of before the jump is taken out (a fork child's copy made before it)
         self.jump = jump_bytes(site.address, trampoline.address)
         self.correction = 0  # hits counted twice: a thread sent back to the site after it was counted
+        self.return_correction = 0  # the same, at the return
         self.demoted = False  # an int3 is over the first byte for good (a load for a record faulted)
+        self.frozen: dict[int, int] = {}  # probes taken out of the jump (their handlers went): their last count
 
     @property
     def hits(self) -> int:
@@ -188,7 +190,7 @@ class Jump(Strategy):
 
     @property
     def return_hits(self) -> int:
-        return self.area.count(self.returns.counter) if self.returns is not None else 0
+        return self.area.count(self.returns.counter) + self.return_correction if self.returns is not None else 0
 
     def trampolines(self) -> list[Trampoline]:
         return [self.trampoline] + ([self.returns.trampoline] if self.returns is not None else [])
@@ -295,7 +297,8 @@ class Jump(Strategy):
 class Jumps:
     """The jump probes of a run: which probes may be jumps, the areas of each address space, the counts."""
 
-    eligible: frozenset[int] = frozenset()  # probe indices with no handler
+    eligible: frozenset[int] = frozenset()  # probe indices that may be jumps: no handler that wants a stop
+    recorded: frozenset[int] = frozenset()  # those whose hits a jump records (traced, or run by a handler)
     placed: list[Jump] = field(default_factory=list)  # every jump ever placed, in every process
     refused: dict[int, str] = field(default_factory=dict)  # probe index -> why one of its sites stays a trap
     notices: list[str] = field(default_factory=list)
@@ -346,7 +349,8 @@ class Jumps:
                 continue
             try:
                 area = self._area(owner, site, via)
-                ring = self.recorder.ring(owner, via) if self.recorder is not None else None
+                ring = (self.recorder.ring(owner, via) if self.recorder is not None
+                        and not self.recorded.isdisjoint(breakpoint.probes) else None)
                 shadow = self._shadow(owner, via) if breakpoint.returns else None
             except (InjectionError, OSError) as exc:
                 self._broken.add(owner)
@@ -382,26 +386,33 @@ class Jumps:
         rdpid = self.recorder.rdpid if self.recorder is not None else False
         if shadow is not None:
             code, counter = area.take()
-            site_id = self.recorder.site_id(breakpoint, returned, returns=True) if ring is not None else 0
+            recorded = ring if not self.recorded.isdisjoint(breakpoint.returns) else None
+            site_id = self.recorder.site_id(breakpoint, returned, returns=True) if recorded is not None else 0
             returns = ReturnPath(return_trampoline(site.address, code, shadow.layout, counter,
-                                                   ring.layout if ring is not None else None, site_id, returned,
-                                                   rdpid), counter, site_id)
+                                                   recorded.layout if recorded is not None else None, site_id,
+                                                   returned, rdpid, self._handled(breakpoint.returns)),
+                                 counter, site_id)
             area.install(returns.trampoline, None)
         code, counter = area.take()
+        entries = bool(breakpoint.entries)
+        ring = ring if not self.recorded.isdisjoint(breakpoint.entries) else None
         if returns is None and ring is None:
             return counting_trampoline(site, code, counter), counter, 0, None
-        entries = bool(breakpoint.entries)
-        ring = ring if entries else None
         site_id = self.recorder.site_id(breakpoint, captures) if ring is not None else 0
         return (recording_trampoline(site, code, counter if entries else None, ring.layout if ring else None, site_id,
-                                     captures, rdpid, (shadow.layout, returns.trampoline.address) if returns else None),
+                                     captures, rdpid, (shadow.layout, returns.trampoline.address) if returns else None,
+                                     self._handled(breakpoint.entries)),
                 counter, site_id, returns)
+
+    def _handled(self, indices: list[int]) -> bool:
+        """Whether some of probes ``indices`` has a Python handler run from records."""
+        return self.recorder is not None and not self.recorder.handled.isdisjoint(indices)
 
     def _captures(self, breakpoint: Breakpoint, indices: list[int], probes: list[Probe],
                   owner: Process) -> tuple | str:
         """What a record of the hits of probes ``indices`` of ``breakpoint`` holds (nothing when only counting),
         or why it cannot be one."""
-        if self.recorder is None or not indices:
+        if self.recorder is None or self.recorded.isdisjoint(indices):
             return ()
         if owner not in self._recordable:
             self._recordable[owner] = records_possible(owner.pid)
@@ -410,15 +421,16 @@ class Jumps:
         captures: list = []
         for index in indices:
             probe = probes[index]
-            more = captures_for(probe, breakpoint.address - probe.address)
+            more = captures_for(probe, breakpoint.address - probe.address, index in self.recorder.handled)
             if isinstance(more, str):
                 return more
             captures += [capture for capture in more if capture not in captures]
-        return tuple(captures) if len(captures) <= WORDS else f"its probes need more than {WORDS} words"
+        words = self.recorder.words
+        return tuple(captures) if len(captures) <= words else f"its probes need more than {words} words"
 
     def jumped(self) -> set[int]:
         """The probes placed as a jump somewhere."""
-        return {index for jump in self.placed for index in jump.breakpoint.probes}
+        return {index for jump in self.placed for index in (*jump.breakpoint.probes, *jump.frozen)}
 
     def demoted(self) -> list[int]:
         """The probes of jumps that trap for good, in order (a load for a record faulted)."""
@@ -556,8 +568,26 @@ class Jumps:
         for jump in self.placed:
             for indices, hits in ((jump.breakpoint.entries, jump.hits), (jump.breakpoint.returns, jump.return_hits)):
                 for index in indices:
-                    totals[index] += hits
+                    totals[index] += hits if index not in jump.frozen else 0
+            for index, hits in jump.frozen.items():
+                totals[index] += hits
         return totals
+
+    @staticmethod
+    def uncount(jump: Jump, entry: bool) -> None:
+        """A hit ``jump`` counted at its entry (or return) is the tracer's to count (or to run again)."""
+        if entry:
+            jump.correction -= 1
+        else:
+            jump.return_correction -= 1
+
+    def freeze(self, index: int) -> None:
+        """Probe ``index`` is being taken out: its count so far stays, whatever its jumps count from now on."""
+        for jump in self.placed:
+            if index in jump.breakpoint.entries:
+                jump.frozen[index] = jump.hits
+            elif index in jump.breakpoint.returns:
+                jump.frozen[index] = jump.return_hits
 
     # -- returns: what the trampolines leave to the tool -------------------------------------------------------
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,7 @@ from ...probes.resolve import Probe
 from ...proc.status import cpu_flags
 from ...x86_64.abi import RETURN_VALUE
 from ...x86_64.trampolines import Capture, CaptureLoad, CaptureRegister
-from .captures import arg_captures
+from .captures import HANDLER_WORDS, WORDS, arg_captures
 from .clock import TscClock
 from .ring import Ring
 from .syscalls import ptrace_getregs
@@ -109,6 +110,7 @@ class RecordedSite:
     captures: tuple[Capture, ...]
     columns: tuple[dict[str, Column] | None, ...]
     returns: bool = False  # records of the function's returns (the return value first)
+    handled: bool = False  # some probe has a Python handler: its records are taken one by one, in ring order
 
 
 class _Registers:
@@ -146,9 +148,15 @@ class _Memory:
 
 @dataclass
 class Recorder:
-    """The rings of a run, the sites that write into them, and the events read from them."""
+    """The rings of a run, the sites that write into them, and the events read from them; the records of
+    probes with a Python handler (``handled``) are handed to ``deliver``, one by one in the order the ring
+    holds them (each thread's in the order it hit), with every register of the hit."""
 
     probes: list[Probe]
+    counting: bool = False  # no events, only records for the handlers
+    handled: frozenset[int] = frozenset()
+    deliver: Callable[[int, Thread, object, dict, dict], None] | None = None  # (probe, thread, regs, args, errors)
+    removed: set[int] = field(default_factory=set)  # probes whose records are dropped (their handlers went)
     sites: list[RecordedSite] = field(default_factory=list)
     rings: dict[Process, Ring] = field(default_factory=dict)  # by memory owner, while mapped
     groups: list[Group] = field(default_factory=list)  # events read, in columns
@@ -159,6 +167,12 @@ class Recorder:
     _lost_before: int = 0  # lost by rings of address spaces that are gone
     rdpid: bool = field(default_factory=lambda: "rdpid" in cpu_flags())  # the CPU for a record, cheaper than rdtscp
     _clock: TscClock | None = None
+    _handled_sites: list[int] = field(default_factory=list)
+
+    @property
+    def words(self) -> int:
+        """Words a record holds: every register where a probe has a handler."""
+        return HANDLER_WORDS if self.handled else WORDS
 
     @property
     def lost(self) -> int:
@@ -169,7 +183,7 @@ class Recorder:
         if owner not in self.rings:
             if self._clock is None:
                 self._clock = TscClock()
-            self.rings[owner] = Ring(via, owner.memory)
+            self.rings[owner] = Ring(via, owner.memory, self.words)
         return self.rings[owner]
 
     def site_id(self, breakpoint: Breakpoint, captures: tuple[Capture, ...], returns: bool = False) -> int:
@@ -178,17 +192,20 @@ class Recorder:
         key = (breakpoint.address, indices, returns)
         if key not in self._site_ids:
             self._site_ids[key] = len(self.sites)
-            # a return's events carry its value beside the arguments: one by one
-            columns = tuple(None if returns else
+            handled = not self.handled.isdisjoint(indices)
+            if handled:
+                self._handled_sites.append(len(self.sites))
+            # a return's events carry its value beside the arguments, a handler's get every register: one by one
+            columns = tuple(None if returns or handled else
                             _columns(self.probes[index], breakpoint.address - self.probes[index].address, captures)
                             for index in indices)
             self.sites.append(RecordedSite(breakpoint.address, breakpoint.file_offset, indices, captures, columns,
-                                           returns))
+                                           returns, handled))
         return self._site_ids[key]
 
     def follow(self, parent: Ring, child: Process, via: int) -> Ring:
         """A fork child's own ring, where its parent's ``parent`` is (the trampolines it copied write there)."""
-        self.rings[child] = Ring(via, child.memory, at=parent.address)
+        self.rings[child] = Ring(via, child.memory, self.words, at=parent.address)
         return self.rings[child]
 
     def saw(self, thread: Thread, key: int) -> None:
@@ -229,6 +246,12 @@ class Recorder:
             for key in set(batch["key"].tolist()) - set(keys):
                 keys[key] = thread
         self.read(owner)
+
+    def drain(self, thread: Thread, key: int) -> None:
+        """``thread`` (fs base ``key``) is stopped at a hit that found the ring full: every record before it is
+        read now, its own first."""
+        self.saw(thread, key)
+        self.read(thread.process.memory_owner or thread.process)
 
     def read_all(self) -> None:
         for owner in list(self.rings):
@@ -279,7 +302,12 @@ class Recorder:
         ring = self.rings.get(owner)
         if ring is not None and any(ring.suppressed.values()):
             records = _unsuppressed(records, ring.suppressed)
-        if not len(records):
+        if self._handled_sites:
+            handled = numpy.isin(records["site"], self._handled_sites)
+            if handled.any():
+                self._one_by_one(keys, records[handled])
+                records = records[~handled]
+        if not len(records) or self.counting:
             return
         times = self._clock.to_ns(records["tsc"])
         sites, record_keys = records["site"], records["key"]
@@ -290,14 +318,27 @@ class Recorder:
             site = self.sites[int(sites[group[0]])]
             self._group(site, keys[int(record_keys[group[0]])], records[group], times[group])
 
+    def _one_by_one(self, keys: dict[int, Thread], records: numpy.ndarray) -> None:
+        """Events of ``records`` and their handlers' calls, in the order the ring holds them."""
+        times = self._clock.to_ns(records["tsc"]).tolist()
+        for site_id, key, cpu, words, at in zip(records["site"].tolist(), records["key"].tolist(),
+                                                (records["cpu"] & _CPU_MASK).tolist(), records["words"].tolist(),
+                                                times):
+            site = self.sites[site_id]
+            for index in site.probes:
+                if index not in self.removed:
+                    self._event(site, self.probes[index], index, keys[key], at, cpu, words, key)
+
     def _group(self, site: RecordedSite, thread: Thread, records: numpy.ndarray, times: numpy.ndarray) -> None:
         """Events of ``records``, hits of ``site`` by ``thread``: in columns for the probes that can be."""
         ts, cpu, words = times.tolist(), (records["cpu"] & _CPU_MASK).tolist(), None
         for index, columns in zip(site.probes, site.columns):
             probe = self.probes[index]
+            if index in self.removed:
+                continue
             if columns is None:
-                for record_words, at, on in zip(records["words"].tolist(), ts, cpu):
-                    self._event(site, probe, index, thread, at, on, record_words)
+                for record_words, at, on, key in zip(records["words"].tolist(), ts, cpu, records["key"].tolist()):
+                    self._event(site, probe, index, thread, at, on, record_words, key)
                 continue
             words = records["words"] if words is None else words
             fixed = [arg for arg in probe.fetchargs if arg.name not in columns]
@@ -309,9 +350,10 @@ class Recorder:
                                      {name: column.values(words) for name, column in columns.items()}, ts, cpu))
 
     def _event(self, site: RecordedSite, probe: Probe, index: int, thread: Thread, ts: int, cpu: int,
-               words: list[int]) -> None:
-        """The event of one record, its arguments evaluated over the registers and memory it holds."""
-        registers: dict[str, int] = {"rip": site.address}
+               words: list[int], key: int) -> None:
+        """The event of one record, its arguments evaluated over the registers and memory it holds; its
+        probe's handler, if it has one, called with them."""
+        registers: dict[str, int] = {"rip": site.address, "fs_base": key}
         chunks: dict[int, bytes] = {}
         for capture, word in zip(site.captures, words):
             if isinstance(capture, CaptureRegister):
@@ -325,6 +367,9 @@ class Recorder:
                              retval)
         args, errors = evaluate(probe.fetchargs, context)
         probe.typed(args)
-        self.events.append(Event(probe.name, thread.process.pid, thread.tid, context.comm, ts, cpu, site.address,
-                                 args, retval, errors or None, site.returns, index))
+        if not self.counting:
+            self.events.append(Event(probe.name, thread.process.pid, thread.tid, context.comm, ts, cpu, site.address,
+                                     args, retval, errors or None, site.returns, index))
+        if index in self.handled:
+            self.deliver(index, thread, context.regs, args, errors)
 

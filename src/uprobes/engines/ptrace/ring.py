@@ -3,13 +3,14 @@
 One ring per address space, in a memfd mapped read-write into the target and into the tool. A header page
 holds three words, each on its own cache line: ``head`` (tickets handed out, moved by the writers with
 ``lock cmpxchg``), ``tail`` (records read, moved only by us) and ``lost`` (hits that found the ring full).
-Then :data:`SLOTS` slots of :data:`SLOT_SIZE` bytes. A writer reserves ticket ``t`` only while
-``head - tail`` leaves a slot free, fills slot ``t % SLOTS`` and writes its ``seq`` word, ``t + 1``, last:
-a slot whose ``seq`` says so is whole (x86 never reorders a store with earlier stores). Reading takes every
-whole record in ticket order up to the first slot still being written, then gives the slots back.
+Then 8 MiB of slots of one size, a power of two (128 bytes: 12 captured words; 256 where a Python handler
+reads every register). A writer reserves ticket ``t`` only while ``head - tail`` leaves a slot free, fills
+slot ``t % count`` and writes its ``seq`` word, ``t + 1``, last: a slot whose ``seq`` says so is whole (x86
+never reorders a store with earlier stores). Reading takes every whole record in ticket order up to the
+first slot still being written, then gives the slots back.
 
 Layout and the code that writes a record (:func:`uprobes.x86_64.trampolines.recording_trampoline`) meet in
-:data:`LAYOUT_OFFSETS`; what is in a record is untrusted (the target can write anything there).
+:attr:`Ring.layout`; what is in a record is untrusted (the target can write anything there).
 """
 
 from __future__ import annotations
@@ -24,30 +25,37 @@ from .captures import WORDS
 from .memory import ProcessMemory
 from .shared import PROT_READ, PROT_WRITE, map_shared, unmap_shared
 
-__all__ = ["Ring", "RECORD", "SLOTS", "SLOT_SIZE", "VOID", "WORDS"]
+__all__ = ["Ring", "record_type", "VOID"]
 
-SLOTS = 1 << 16
-SLOT_SIZE = 128
 VOID = 0xFFFFFFFF  # the site id of a slot given up by a thread the tool moved out of it
 _HEADER = 4096
 _HEAD, _TAIL, _LOST = 64, 128, 192
-RECORD = numpy.dtype([("seq", "<u8"), ("site", "<u4"), ("cpu", "<u4"), ("tsc", "<u8"), ("key", "<u8"),
-                      ("words", "<u8", (WORDS,))])
-assert RECORD.itemsize == SLOT_SIZE
+_SLOTS_SIZE = 8 << 20  # 65,536 records of 12 words, 32,768 of 28
 _VOID = struct.Struct("<QI")
+
+
+def record_type(words: int) -> numpy.dtype:
+    """A slot holding ``words`` captured words (its size a power of two)."""
+    record = numpy.dtype([("seq", "<u8"), ("site", "<u4"), ("cpu", "<u4"), ("tsc", "<u8"), ("key", "<u8"),
+                          ("words", "<u8", (words,))])
+    assert record.itemsize & record.itemsize - 1 == 0
+    return record
 
 
 class Ring:
     """A ring in one address space: its records, read from our own mapping even after the target has gone."""
 
-    def __init__(self, tid: int, memory: ProcessMemory, at: int = 0) -> None:
-        """Map a ring through stopped thread ``tid`` (at ``at``: a fork child's, where its parent's was)."""
-        self.size = _HEADER + SLOTS * SLOT_SIZE
+    def __init__(self, tid: int, memory: ProcessMemory, words: int = WORDS, at: int = 0) -> None:
+        """Map a ring of records of ``words`` words through stopped thread ``tid`` (at ``at``: a fork child's,
+        where its parent's was)."""
+        self.record = record_type(words)
+        self.count = _SLOTS_SIZE // self.record.itemsize
+        self.size = _HEADER + _SLOTS_SIZE
         # populated: a page fault every 32 records would cost each record more than writing it
         self._shared, self.address = map_shared(tid, memory, self.size, at, PROT_READ | PROT_WRITE, b"uprobes-ring",
                                                 populate=True)
         self.memory = memory
-        self._slots = numpy.frombuffer(self._shared, RECORD, SLOTS, _HEADER)
+        self._slots = numpy.frombuffer(self._shared, self.record, self.count, _HEADER)
         # The header's words as whole 8-byte loads and stores: struct would write a word a byte at a time, and
         # a writer reading the tail halfway through would see the ring full.
         self._header = numpy.frombuffer(self._shared, numpy.uint64, _HEADER // 8)
@@ -62,9 +70,9 @@ class Ring:
 
     @property
     def layout(self) -> RingLayout:
-        fields = RECORD.fields
-        return RingLayout(self.address, _HEAD, _TAIL, _LOST, _HEADER, SLOT_SIZE.bit_length() - 1, SLOTS,
-                          *(fields[name][1] for name in ("seq", "site", "cpu", "tsc", "key", "words")))
+        fields = self.record.fields
+        return RingLayout(self.address, _HEAD, _TAIL, _LOST, _HEADER, self.record.itemsize.bit_length() - 1,
+                          self.count, *(fields[name][1] for name in ("seq", "site", "cpu", "tsc", "key", "words")))
 
     @property
     def lost(self) -> int:
@@ -75,14 +83,12 @@ class Ring:
 
     def read(self) -> numpy.ndarray:
         """Every whole record not read yet, in ticket order (void ones included); their slots go back."""
-        if self._lost_at_retire is not None:
-            return self._slots[:0]
+        if self._lost_at_retire is not None or int(self._header[_HEAD // 8]) == self._tail:
+            return numpy.empty(0, self.record)  # never a view: one kept alive (a traceback's) keeps our mapping
         head = int(self._header[_HEAD // 8])
-        if head == self._tail:
-            return self._slots[:0]
-        head = min(head, self._tail + SLOTS)  # a target that wrote over our header
+        head = min(head, self._tail + self.count)  # a target that wrote over our header
         tickets = numpy.arange(self._tail, head, dtype=numpy.uint64)
-        slots = (tickets & (SLOTS - 1)).astype(numpy.intp)
+        slots = (tickets & (self.count - 1)).astype(numpy.intp)
         seqs = self._slots["seq"][slots]  # read before the records: a seq seen whole means its record is
         pending = numpy.flatnonzero(seqs != tickets + 1)
         ready = int(pending[0]) if len(pending) else len(tickets)
@@ -93,7 +99,7 @@ class Ring:
 
     def void(self, seq: int) -> None:
         """Write off the slot of ticket ``seq - 1``, reserved by a thread we moved back to its probe."""
-        slot = _HEADER + ((seq - 1) & (SLOTS - 1)) * SLOT_SIZE
+        slot = _HEADER + ((seq - 1) & (self.count - 1)) * self.record.itemsize
         _VOID.pack_into(self._shared, slot, seq, VOID)
 
     def unmap(self, via: int) -> None:
@@ -105,5 +111,5 @@ class Ring:
         """The target's memory is gone or the ring unmapped: let our mapping go (read the ring first)."""
         if self._lost_at_retire is None:
             self._lost_at_retire = self.lost
-            self._slots, self._header = self._slots[:0].copy(), None
+            self._slots, self._header = None, None
             self._shared.close()
