@@ -1,9 +1,10 @@
 """The ptrace engine with a Python handler: count the hits of one probe through ``uprobes.api.Session``.
 
-    python bench/pyhandler.py PROBE -- CMD ARGS...
+    python bench/pyhandler.py [--stop] PROBE -- CMD ARGS...
 
-Starts CMD with the probe in place, runs a handler that increments a counter at every hit, and prints
-``pyhandler: hits=N`` on stderr when CMD has ended. Exits with CMD's status. bench/run.py times it.
+Starts CMD with the probe in place, runs a handler that increments a counter at every hit (from the hit's
+record, or with ``--stop`` while the thread is stopped at the probe), and prints ``pyhandler: hits=N`` on
+stderr when CMD has ended. Exits with CMD's status. bench/run.py times it.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from uprobes.api import Session
 
 def main(argv: list[str]) -> int:
     if "--" not in argv:
-        print("usage: pyhandler.py PROBE -- CMD ARGS...", file=sys.stderr)
+        print("usage: pyhandler.py [--stop] PROBE -- CMD ARGS...", file=sys.stderr)
         return 2
+    stop = argv[0] == "--stop"
+    argv = argv[stop:]
     at = argv.index("--")
     probe, command = " ".join(argv[:at]), argv[at + 1:]
     hits = 0
@@ -26,7 +29,7 @@ def main(argv: list[str]) -> int:
         hits += 1
 
     with Session(command=command, keep_events=False) as session:
-        session.probe(probe, handler)
+        session.probe(probe, handler, stop=stop)
         status = session.run()
     print(f"pyhandler: hits={hits}", file=sys.stderr)
     return status if status is not None else 1

@@ -66,7 +66,8 @@ TOOLS = {
     "ptrace": "uprobes count --engine ptrace --trap",
     "ptrace-jump": "uprobes count --engine ptrace (jump probes)",
     "ptrace-trace": "uprobes trace --engine ptrace -o FILE, 3 args (jump probes; time in the target)",
-    "ptrace-py": "ptrace + Python handler",
+    "ptrace-py": "ptrace + Python handler (from records: jump probes)",
+    "ptrace-py-stop": "ptrace + Python handler, stop=True (a trap)",
     "bpftrace": "bpftrace count()",
     "perf": "perf probe + perf record",
     "gdb": "gdb dprintf",
@@ -74,7 +75,7 @@ TOOLS = {
 NEEDS_ROOT = {"kernel", "bpftrace", "perf"}
 # Largest N per tool: the calibration never goes past it (a safety net for a tool much slower than expected).
 N_MAX = {"baseline": 200_000_000, "kernel": 20_000_000, "bpftrace": 20_000_000, "perf": 1_000_000,
-         "ptrace": 400_000, "ptrace-jump": 200_000_000, "ptrace-py": 200_000, "gdb": 50_000,
+         "ptrace": 400_000, "ptrace-jump": 200_000_000, "ptrace-py": 200_000, "ptrace-py-stop": 200_000, "gdb": 50_000,
          "ptrace-trace": 60_000}  # ptrace-trace: within one ring (65,536 records), so that every hit is written
 TRACED_ARGS = "a=%di b=%si c=%dx"  # what ptrace-trace fetches where the probe itself names nothing (a marker: its 3)
 COUNTERS = {"kernel", "ptrace", "ptrace-jump"}  # the tools that are `uprobes count`
@@ -198,8 +199,9 @@ class HitCell:
                                 "ptrace-jump": ["ptrace"]}[self.tool]
             return [*UPROBES, "count", "--engine", engine, *options, "--json", "-o", str(self.workdir / "count.jsonl"),
                     self._words("uprobes"), "--", *target]
-        if self.tool == "ptrace-py":
-            return [PY, str(BENCH / "pyhandler.py"), self._words("uprobes"), "--", *target]
+        if self.tool in ("ptrace-py", "ptrace-py-stop"):
+            stop = ["--stop"] if self.tool == "ptrace-py-stop" else []
+            return [PY, str(BENCH / "pyhandler.py"), *stop, self._words("uprobes"), "--", *target]
         if self.tool == "ptrace-trace":
             probe = self._words("uprobes") + ("" if self.site == "usdt" else f" {TRACED_ARGS}")
             return [*UPROBES, "trace", "--engine", "ptrace", "--json", "-o", str(self.workdir / "trace.jsonl"), probe,
@@ -237,7 +239,7 @@ class HitCell:
             path = self.workdir / "count.jsonl"
             records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
             return sum(r.get("hits", 0) for r in records)
-        if self.tool == "ptrace-py":
+        if self.tool in ("ptrace-py", "ptrace-py-stop"):
             found = re.findall(r"^pyhandler: hits=(\d+)$", result.stderr, re.M)
             return int(found[-1]) if found else -1
         if self.tool == "ptrace-trace":  # events; a lost one (there should be none) is not counted

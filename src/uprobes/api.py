@@ -4,16 +4,18 @@
     >>> seen = []
     >>> with Session(command=["tests/targets/build/calls", "3"]) as session:
     ...     session.probe("uprobe:tests/targets/build/calls:work i=%di:s32",
-    ...                   lambda hit: seen.append((hit.args["i"], hit.memory.read_string(hit.regs.rdx))))
+    ...                   lambda hit: seen.append((hit.args["i"], hit.memory.read_string(hit.regs.rdx))), stop=True)
     ...     status = session.run()
     >>> seen
     [(0, b's0'), (1, b's1'), (2, b's2')]
 
 A handler receives a :class:`~uprobes.consumers.Hit`: the probe, pid and tid, the registers
 (``struct user_regs_struct`` fields: ``rdi``, ``rip``...), a memory reader that raises ``OSError`` on a bad
-address and never harms the target, and the probe's fetch arguments already evaluated. Returning
-:data:`REMOVE` removes the handler, and the probe with its last handler (its byte restored at once); an
-exception in a handler ends the run with a clean detach.
+address and never harms the target, and the probe's fetch arguments already evaluated. It runs from a record
+of the hit while the program goes on (the registers and arguments are the hit's, the memory is read as it is
+then), or, with ``stop=True``, while the thread waits at the probe. Returning :data:`REMOVE` removes the
+handler, and the probe with its last handler (its byte restored at once); an exception in a handler ends the
+run with a clean detach.
 """
 
 from __future__ import annotations

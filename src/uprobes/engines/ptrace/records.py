@@ -17,6 +17,7 @@ next thread (glibc reuses stacks): its records are read at its exit stop, first.
 from __future__ import annotations
 
 import collections
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -111,6 +112,16 @@ class RecordedSite:
     columns: tuple[dict[str, Column] | None, ...]
     returns: bool = False  # records of the function's returns (the return value first)
     handled: bool = False  # some probe has a Python handler: its records are taken one by one, in ring order
+
+    @functools.cached_property
+    def fields(self) -> tuple[str | None, ...]:
+        """The register each word holds (None: memory)."""
+        return tuple(c.field if isinstance(c, CaptureRegister) else None for c in self.captures)
+
+    @functools.cached_property
+    def loads(self) -> tuple[tuple[int, CaptureLoad], ...]:
+        """The words that hold memory, by position."""
+        return tuple((i, c) for i, c in enumerate(self.captures) if isinstance(c, CaptureLoad))
 
 
 class _Registers:
@@ -353,13 +364,11 @@ class Recorder:
                words: list[int], key: int) -> None:
         """The event of one record, its arguments evaluated over the registers and memory it holds; its
         probe's handler, if it has one, called with them."""
-        registers: dict[str, int] = {"rip": site.address, "fs_base": key}
-        chunks: dict[int, bytes] = {}
-        for capture, word in zip(site.captures, words):
-            if isinstance(capture, CaptureRegister):
-                registers[capture.field] = word
-            else:
-                chunks[capture.address(registers)] = word.to_bytes(8, "little")[:capture.size]
+        registers: dict[str, int] = dict(zip(site.fields, words))
+        registers.pop(None, None)
+        registers["rip"], registers["fs_base"] = site.address, key
+        chunks = {capture.address(registers): words[i].to_bytes(8, "little")[:capture.size]
+                  for i, capture in site.loads}
         retval = None
         if site.returns:
             retval = registers[RETURN_VALUE] - (1 << 64 if registers[RETURN_VALUE] >> 63 else 0)
