@@ -151,7 +151,7 @@ def test_readme_python_example_runs_as_written():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=Path(__file__).parent.parent, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.endswith("0 [(0, b's0'), (1, b's1'), (2, b's2')]\n")
+    assert result.stdout.endswith("0 [(0, b's0'), (1, b's1'), (2, b's2')] [2, 5, 8]\n")
 
 
 @pytest.mark.parametrize("is_return", [False, True])
