@@ -177,3 +177,23 @@ def test_python_handlers_run_from_records_in_order_and_none_is_lost(targets):
     assert sorted(returned.values()) == [list(range(1, n + 1))] * 4 and set(returned) == set(calls)
     (rip,) = rips
     assert (rip - probe.address) % 4096 == 0  # the probe's address, where the program is loaded
+
+
+def test_dereferences_are_read_by_the_trampoline_with_the_values_and_errors_traps_give(targets):
+    """A dereference is read by the trampoline with process_vm_readv on its own process: a bad pointer is an
+    error in the event, as at a trap, and never a fault in the program; one inside another reads the pointer
+    first (a fault there fails both)."""
+    calls = str(targets / "calls")
+    probe = (f"uprobe:{calls}:work i=%di:s32 c=+0(%dx):u8 s=+1(%dx):u8 bad=+0(%di):u64 code=+8(+0(%sp)):x64 "
+             f"both=+0(+0(%di)):u32")
+    runs = {}
+    for options in ([], ["--trap"]):
+        events, proc, lost = _trace(*options, probe, "--", calls, "40")
+        assert proc.returncode == 0 and lost == 0 and len(events) == 40
+        runs[bool(options)] = ([(e["args"], e.get("errors")) for e in events], proc.stderr)
+    (jumped, stderr), (trapped, _) = runs[False], runs[True]
+    assert "1 of 1 probe points were jumps" in stderr, stderr
+    assert jumped == trapped
+    args, errors = jumped[3]
+    assert (args["i"], args["c"], args["s"], args["bad"], args["both"]) == (3, ord("s"), ord("3"), None, None)
+    assert set(errors) == {"bad", "both"} and "fault" in errors["bad"]

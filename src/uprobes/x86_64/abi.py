@@ -65,6 +65,7 @@ NR_MUNMAP = 11
 NR_MADVISE = 28
 NR_FTRUNCATE = 77
 NR_MEMFD_CREATE = 319
+NR_PROCESS_VM_READV = 310
 NR_RESTART_SYSCALL = 219
 
 # include/linux/errno.h: what an interrupted system call returns for the kernel to restart it; never seen by the

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 
 from iced_x86 import BlockEncoder, Code, Decoder, DecoderOptions, FlowControl, Instruction, MemoryOperand, Register
 
+from .abi import NR_PROCESS_VM_READV
 from .codegen import encode
 from .jumps import JumpSite
 
@@ -61,6 +62,7 @@ class Resume:
     shadowed: bool = False  # the function's return was sent to its return trampoline (undone if sent back)
     returning: bool = False  # in a return trampoline: the return is not taken yet (the tracer takes it)
     returned: bool = False  # the return is taken: the thread goes on at the address just below its stack
+    reserved_at: int | None = None  # ... the sequence word is at this many bytes above rsp instead
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ class RingLayout:
     tsc: int
     key: int
     words: int
+    pid: int = 0  # the header's word holding the process's id (a dereference reads through it)
 
 
 @dataclass(frozen=True)
@@ -171,12 +174,35 @@ class CaptureLoad:
         return address & (1 << 64) - 1
 
 
-Capture = CaptureRegister | CaptureLoad
+@dataclass(frozen=True)
+class CaptureRead:
+    """A word of the record: ``size`` bytes (1, 2, 4 or 8, zero-extended) at ``disp`` plus the value of register
+    ``base`` at the hit, or plus the word ``inner`` read before it (a dereference of a dereference). Read with
+    ``process_vm_readv`` on the process itself, so that a bad address is never a fault in the program: its bit
+    is set in the record's :class:`CaptureFaults` word instead (bit n: the n-th word of the record)."""
+
+    base: str | None
+    disp: int
+    size: int
+    inner: CaptureRead | None = None
+
+    def address(self, registers: dict[str, int], values: dict[CaptureRead, int]) -> int:
+        """Where it was read, from the registers of the hit and the words read before it."""
+        start = registers[self.base] if self.base is not None else values[self.inner]
+        return start + self.disp & (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class CaptureFaults:
+    """A word of the record: which of its :class:`CaptureRead` words could not be read (bit n: word n)."""
+
+
+Capture = CaptureRegister | CaptureLoad | CaptureRead | CaptureFaults
 
 # What a recording trampoline clobbers, saved on the stack in this order: rdtscp writes rax, rdx and rcx.
 _SAVED = (Register.RAX, Register.RCX, Register.RDX, Register.RSI, Register.R11)
 _RETURN_SAVED = (Register.R8, Register.R9, Register.R10)  # and what a return trampoline keeps its entry in
-_FIELDS = {register: name for name in ("rax", "rcx", "rdx", "rsi", "r11", "r8", "r9", "r10")
+_FIELDS = {register: name for name in ("rax", "rcx", "rdx", "rsi", "rdi", "r11", "r8", "r9", "r10")
            for register in [getattr(Register, name.upper())]}
 _LOADS = {8: Code.MOV_R64_RM64, 4: Code.MOV_R32_RM32, 2: Code.MOVZX_R32_RM16, 1: Code.MOVZX_R32_RM8}
 
@@ -322,10 +348,15 @@ class _Builder:
             self.pushed.pop()
 
     def _resume(self, loads: bool) -> Resume:
-        offsets = {name: 8 * (len(self.pushed) - 1 - i) for i, name in enumerate(self.pushed)}
+        offsets = {name: 8 * (len(self.pushed) - 1 - i) for i, name in enumerate(self.pushed)
+                   if not name.startswith("_")}  # "_": scratch, or a value of the trampoline's own
         flags_at = offsets.pop("eflags", None)
+        reserved_at = None  # the ticket is on the stack while its register serves a system call
+        if self.reserved is not None and "_" + self.reserved in self.pushed:
+            reserved_at = 8 * (len(self.pushed) - 1 - self.pushed.index("_" + self.reserved))
         return Resume(self.site, self.stack, flags_at, self.counted, tuple(offsets.items()), self.reserved,
-                      self.reserved_if_zf, self.recorded, loads, self.shadowed, self.returning, self.returned)
+                      self.reserved_if_zf, self.recorded, loads, self.shadowed, self.returning, self.returned,
+                      reserved_at)
 
     def enter(self, flags: bool, registers: tuple[Register, ...]) -> None:
         """Step over the red zone, save the flags (if ``flags``) and ``registers``."""
@@ -417,8 +448,14 @@ class _Builder:
         self.add(Instruction.create_mem_u32(Code.MOV_RM32_IMM32, MemoryOperand(r11, displ=ring.site), site_id))
         self.add(Instruction.create_reg(Code.RDFSBASE_R64, Register.RAX))
         self.add(_store(r11, ring.key, Register.RAX))
+        if CaptureFaults() in captures:
+            faults = ring.words + 8 * captures.index(CaptureFaults())
+            self.add(Instruction.create_mem_i32(Code.MOV_RM64_IMM32, MemoryOperand(r11, displ=faults), 0))
         for i, capture in enumerate(captures):
-            self.capture(capture, ring.words + 8 * i)
+            if isinstance(capture, CaptureRead):
+                self._read(capture, ring, captures, i)
+            elif not isinstance(capture, CaptureFaults):
+                self.capture(capture, ring.words + 8 * i)
         self.add(_store(r11, ring.seq, Register.RCX))
         # the next slot's line, for the next hit: a ring larger than the caches misses on every slot otherwise
         self.add(Instruction.create_mem(Code.PREFETCHW_M8, MemoryOperand(r11, displ=1 << ring.slot_shift)))
@@ -506,6 +543,51 @@ class _Builder:
             self._load(capture)
         self.add(_store(Register.R11, at, rax))
 
+    def _read(self, capture: CaptureRead, ring: RingLayout, captures: tuple[Capture, ...], i: int) -> None:
+        """Word ``i`` of the slot (%r11): ``capture``'s bytes, read by ``process_vm_readv(pid, {word, size}, 1,
+        {address, size}, 1, 0)``; a short read sets bit ``i`` of the faults word. The system call's registers
+        are put back after it (the program's, or what this code keeps in them)."""
+        rax, rsi, r11 = Register.RAX, Register.RSI, Register.R11
+        at = ring.words + 8 * i
+        if capture.inner is not None:
+            self.add(_load(rax, r11, ring.words + 8 * captures.index(capture.inner)))
+        else:
+            self._original_into(rax, capture.base)
+        if not -(1 << 31) <= capture.disp < 1 << 31:
+            raise ValueError(f"a displacement of {capture.disp:#x} does not fit an instruction")
+        self.add(Instruction.create_reg_mem(Code.LEA_R64_M, rax, MemoryOperand(rax, displ=capture.disp)))
+        self.add(Instruction.create_mem_i32(Code.MOV_RM64_IMM32, MemoryOperand(r11, displ=at), 0))
+        kept = (Register.RDI, Register.R8, Register.R9, Register.R10, r11, Register.RCX)  # %rcx: the ticket
+        for register in kept:  # one saved already holds the trampoline's own value: kept apart (not restored)
+            name = _FIELDS[register]
+            self.add(Instruction.create_reg(Code.PUSH_R64, register), stack=8,
+                     saves=name if name not in self.pushed else "_" + name)
+        self.add(Instruction.create_reg_mem(Code.LEA_R64_M, rsi, MemoryOperand(r11, displ=at)))
+        for push in (Instruction.create_i32(Code.PUSHQ_IMM32, capture.size), Instruction.create_reg(Code.PUSH_R64, rax),
+                     Instruction.create_i32(Code.PUSHQ_IMM32, capture.size), Instruction.create_reg(Code.PUSH_R64, rsi)):
+            self.add(push, stack=8, saves="_iovec")
+        self.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, Register.RDI, ring.address + ring.pid))
+        self.add(_load(Register.RDI, Register.RDI, 0))
+        self.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, Register.RSI, Register.RSP))
+        self.add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, Register.EDX, 1))
+        self.add(Instruction.create_reg_mem(Code.LEA_R64_M, Register.R10, MemoryOperand(Register.RSP, displ=16)))
+        self.add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, Register.R8D, 1))
+        self.add(Instruction.create_reg_reg(Code.XOR_R32_RM32, Register.R9D, Register.R9D))
+        self.add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, Register.EAX, NR_PROCESS_VM_READV))
+        self.add(Instruction.create(Code.SYSCALL))
+        for _ in range(4):
+            self.add(Instruction.create_reg_mem(Code.LEA_R64_M, Register.RSP, MemoryOperand(Register.RSP, displ=8)),
+                     stack=-8)
+        for register in reversed(kept):
+            self.add(Instruction.create_reg(Code.POP_R64, register), stack=-8)
+        done = self.label()
+        self.add(Instruction.create_reg_i32(Code.CMP_RM64_IMM32, rax, capture.size))
+        self.branch(Code.JE_REL32_64, done)
+        self.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, rax, 1 << i))
+        faults = ring.words + 8 * captures.index(CaptureFaults())
+        self.add(Instruction.create_mem_reg(Code.OR_RM64_R64, MemoryOperand(r11, displ=faults), rax))
+        self.bind(done)
+
     def _load(self, capture: CaptureLoad) -> None:
         """``capture``'s bytes into %rax, its base in %rax and its index in %rdx first (both free by now)."""
         rax, rdx = Register.RAX, Register.RDX
@@ -528,7 +610,7 @@ class _Builder:
     def _original(self, field: str) -> Register | None:
         """The register holding ``field``'s value of the hit, if it still does."""
         if field in self.pushed or field == "rsp":
-            return None
+            return None  # saved: it may hold something else by now
         return getattr(Register, field.upper())
 
     def _original_into(self, register: Register, field: str) -> None:

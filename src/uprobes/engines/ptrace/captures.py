@@ -2,8 +2,9 @@
 cannot take them (then the probe traps, and ``resolve`` says why).
 
 Registers, the stack pointer, ``$stackN``, constants, ``$comm``, and the memory a USDT marker's own operands
-name (the compiler put the values there, so it is mapped) are taken by the trampoline; a dereference, a
-string or an ``%xmm`` register needs the thread stopped.
+name (the compiler put the values there, so it is mapped) are taken by the trampoline; a dereference is read
+by it with ``process_vm_readv`` (a bad pointer is an error in the event, never a fault); a string, an array
+or an ``%xmm`` register needs the thread stopped.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ...probes.resolve import Probe
 from ...proc.status import auxv
 from ...x86_64.abi import RETURN_VALUE
 from ...x86_64.registers import BY_KERNEL_NAME, GENERAL_REGISTERS
-from ...x86_64.trampolines import Capture, CaptureLoad, CaptureRegister
+from ...x86_64.trampolines import Capture, CaptureFaults, CaptureLoad, CaptureRead, CaptureRegister
 
 __all__ = ["HANDLER_WORDS", "REGISTERS", "WORDS", "arg_captures", "captures_for", "records_possible"]
 
@@ -68,6 +69,11 @@ def arg_captures(arg: FetchArg, probe: Probe, load_bias: int, captures: list[Cap
         return _loads(captures, CaptureLoad("rsp", 8 * source.n, 8), 8)
     if isinstance(source, MarkerOperand):
         return _operand(source, load_bias, captures)
+    if isinstance(source, Deref) and source not in probe.marker_memory:
+        if arg.type is not None and arg.type.array or arg.size > 8:
+            return "reads an array"
+        read = _deref(source, arg.size, captures)
+        return read if isinstance(read, str) else None
     if source not in probe.marker_memory:
         return "reads memory"
     if isinstance(source, Deref):  # the marker's disp(%reg): only a register inside
@@ -77,6 +83,25 @@ def arg_captures(arg: FetchArg, probe: Probe, load_bias: int, captures: list[Cap
     start = source.addr if isinstance(source, Address) else probe.address - probe.offset + source.offset
     return _loads(captures, CaptureLoad(None, start + (load_bias if isinstance(source, FileOffset) else 0), 8),
                   arg.size)
+
+
+def _deref(source: Deref, size: int, captures: list[Capture]) -> CaptureRead | str:
+    """``size`` bytes at a register or a dereference plus an offset, read by the trampoline with
+    ``process_vm_readv`` (with a faults word), or why not."""
+    if isinstance(source.inner, Register) and BY_KERNEL_NAME[source.inner.name].field in _CAPTURED:
+        base = BY_KERNEL_NAME[source.inner.name].field
+        _add(captures, CaptureRegister(base))
+        read = CaptureRead(base, source.offset, size)
+    elif isinstance(source.inner, Deref):
+        inner = _deref(source.inner, 8, captures)
+        if isinstance(inner, str):
+            return inner
+        read = CaptureRead(None, source.offset, size, inner)
+    else:
+        return "reads memory"
+    _add(captures, CaptureFaults())
+    _add(captures, read)
+    return read
 
 
 def _operand(operand: MarkerOperand, load_bias: int, captures: list[Capture]) -> str | None:

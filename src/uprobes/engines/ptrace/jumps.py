@@ -33,12 +33,12 @@ from ...proc.maps import free_range_near, read_maps
 from ...x86_64.abi import NR_MPROTECT
 from ...x86_64.jumps import JUMP_LENGTH, JumpSite, jump_bytes, jump_site
 from ...x86_64.registers import STATUS_FLAGS, ZERO_FLAG
-from ...x86_64.trampolines import (FULL, Resume, Trampoline, counting_trampoline, recording_trampoline,
-                                   return_trampoline)
+from ...x86_64.trampolines import (FULL, CaptureFaults, Resume, Trampoline, counting_trampoline,
+                                   recording_trampoline, return_trampoline)
 from .memory import ProcessMemory
 from .captures import captures_for, records_possible
 from .shadow import Forked, ShadowStacks
-from .shared import PROT_EXEC, PROT_READ, PROT_WRITE, map_shared, unmap_shared
+from .shared import PROT_EXEC, PROT_READ, PROT_WRITE, map_shared, reads_possible, unmap_shared
 from .strategies import INT3, Strategy
 from .syscalls import Regs, ptrace_getregs, ptrace_getsiginfo, ptrace_setregs
 from .tracee import is_fault
@@ -54,7 +54,7 @@ __all__ = ["FULL", "Jump", "JumpArea", "Jumps", "site_for"]
 
 _CODE_SIZE = 1 << 18
 _COUNTERS_SIZE = 1 << 18
-_TRAMPOLINE_MAX = 512  # a trampoline takes what it needs, 16-byte aligned
+_TRAMPOLINE_MAX = 2048  # a trampoline takes what it needs, 16-byte aligned (dereferences take most)
 _COUNTER_SIZE = 64  # one cache line each: threads counting different sites never share a line
 _REACH = (1 << 31) - (1 << 24)  # what a rel32 reaches, less a margin
 _COUNT = struct.Struct("<Q")
@@ -101,7 +101,7 @@ class JumpArea:
         return code, counter
 
     def install(self, trampoline: Trampoline, owner: Jump | None) -> None:
-        """Write a trampoline no thread has run yet, through the tracer's own mapping."""
+        """Write a trampoline no thread has run yet, through the tracer's own mapping (ValueError: too big)."""
         if len(trampoline.code) > _TRAMPOLINE_MAX:
             raise ValueError(f"a trampoline of {len(trampoline.code)} bytes does not fit a slot")
         offset = trampoline.address - self.address
@@ -278,9 +278,10 @@ class Jump(Strategy):
     def _apply(self, thread: Thread, regs: Regs, resume: Resume) -> None:
         """Put the thread where ``resume`` says, with what the trampoline saved put back; a ring slot it had
         reserved is written off, a return it had sent to the return trampoline is its own again."""
-        if resume.reserved is not None and (not resume.reserved_if_zf or regs.eflags & ZERO_FLAG):
-            self.ring.void(getattr(regs, resume.reserved))
         memory = thread.process.memory
+        if resume.reserved is not None and (not resume.reserved_if_zf or regs.eflags & ZERO_FLAG):
+            self.ring.void(getattr(regs, resume.reserved) if resume.reserved_at is None else
+                           _COUNT.unpack(memory.read(regs.rsp + resume.reserved_at, 8))[0])
         for name, offset in resume.saved:
             setattr(regs, name, _COUNT.unpack(memory.read(regs.rsp + offset, 8))[0])
         if resume.flags_at is not None:
@@ -312,6 +313,7 @@ class Jumps:
     _recordable: dict[Process, str | None] = field(default_factory=dict)  # why an address space cannot record
     _declined: dict[int, Breakpoint] = field(default_factory=dict)  # breakpoints refused, by id: they stay traps
     _shadows: dict[Process, ShadowStacks] = field(default_factory=dict)  # by memory owner, while mapped
+    _readable: dict[Process, str | None] = field(default_factory=dict)  # why an address space cannot dereference
 
     def wanted(self, breakpoint: Breakpoint) -> bool:
         """Whether ``breakpoint`` may still become a jump: its probes may, and it was never refused."""
@@ -341,8 +343,8 @@ class Jumps:
             site = self._site(breakpoint, probes[breakpoint.probes[0]], process, placed)
             captures = returned = ()
             if not isinstance(site, str):
-                captures = self._captures(breakpoint, breakpoint.entries, probes, owner)
-                returned = self._captures(breakpoint, breakpoint.returns, probes, owner)
+                captures = self._captures(breakpoint, breakpoint.entries, probes, owner, via)
+                returned = self._captures(breakpoint, breakpoint.returns, probes, owner, via)
             why = next((reason for reason in (site, captures, returned) if isinstance(reason, str)), None)
             if why is not None:
                 self._refuse(breakpoint, why)
@@ -399,19 +401,22 @@ class Jumps:
         if returns is None and ring is None:
             return counting_trampoline(site, code, counter), counter, 0, None
         site_id = self.recorder.site_id(breakpoint, captures) if ring is not None else 0
-        return (recording_trampoline(site, code, counter if entries else None, ring.layout if ring else None, site_id,
-                                     captures, rdpid, (shadow.layout, returns.trampoline.address) if returns else None,
-                                     self._handled(breakpoint.entries)),
-                counter, site_id, returns)
+        trampoline = recording_trampoline(site, code, counter if entries else None, ring.layout if ring else None,
+                                          site_id, captures, rdpid,
+                                          (shadow.layout, returns.trampoline.address) if returns else None,
+                                          self._handled(breakpoint.entries))
+        if len(trampoline.code) > _TRAMPOLINE_MAX:
+            raise ValueError(f"a trampoline of {len(trampoline.code)} bytes does not fit a slot")
+        return trampoline, counter, site_id, returns
 
     def _handled(self, indices: list[int]) -> bool:
         """Whether some of probes ``indices`` has a Python handler run from records."""
         return self.recorder is not None and not self.recorder.handled.isdisjoint(indices)
 
-    def _captures(self, breakpoint: Breakpoint, indices: list[int], probes: list[Probe],
-                  owner: Process) -> tuple | str:
+    def _captures(self, breakpoint: Breakpoint, indices: list[int], probes: list[Probe], owner: Process,
+                  via: int) -> tuple | str:
         """What a record of the hits of probes ``indices`` of ``breakpoint`` holds (nothing when only counting),
-        or why it cannot be one."""
+        or why it cannot be one (``via``: a stopped thread of ``owner``'s, to try what the record needs)."""
         if self.recorder is None or self.recorded.isdisjoint(indices):
             return ()
         if owner not in self._recordable:
@@ -426,7 +431,14 @@ class Jumps:
                 return more
             captures += [capture for capture in more if capture not in captures]
         words = self.recorder.words
-        return tuple(captures) if len(captures) <= words else f"its probes need more than {words} words"
+        if len(captures) > words:
+            return f"its probes need more than {words} words"
+        if CaptureFaults() in captures:  # dereferences
+            if owner not in self._readable:
+                self._readable[owner] = reads_possible(via, owner.memory)
+            if self._readable[owner] is not None:
+                return self._readable[owner]
+        return tuple(captures)
 
     def jumped(self) -> set[int]:
         """The probes placed as a jump somewhere."""
@@ -531,6 +543,7 @@ class Jumps:
             area.retire()
         self._broken.discard(process)
         self._recordable.pop(process, None)
+        self._readable.pop(process, None)
         if self.recorder is not None:
             self.recorder.forget(process)
 

@@ -31,7 +31,7 @@ from ...probes.evaluate import HitContext, evaluate
 from ...probes.resolve import Probe
 from ...proc.status import cpu_flags
 from ...x86_64.abi import RETURN_VALUE
-from ...x86_64.trampolines import Capture, CaptureLoad, CaptureRegister
+from ...x86_64.trampolines import Capture, CaptureFaults, CaptureLoad, CaptureRead, CaptureRegister
 from .captures import HANDLER_WORDS, WORDS, arg_captures
 from .clock import TscClock
 from .ring import Ring
@@ -59,6 +59,8 @@ def _columns(probe: Probe, load_bias: int, captures: tuple[Capture, ...]) -> dic
         arg_captures(arg, probe, load_bias, fresh)
         if not fresh:
             continue  # a constant, $comm, %ip
+        if any(isinstance(capture, CaptureRead) for capture in fresh):
+            return None  # a read may fail: an error, not a number
         loads = [capture for capture in fresh if isinstance(capture, CaptureLoad)]
         type_name = arg.type.name if arg.type is not None else "x64"
         integer = _INTEGER.fullmatch(type_name)
@@ -120,8 +122,18 @@ class RecordedSite:
 
     @functools.cached_property
     def loads(self) -> tuple[tuple[int, CaptureLoad], ...]:
-        """The words that hold memory, by position."""
+        """The words that hold memory loaded by the trampoline, by position."""
         return tuple((i, c) for i, c in enumerate(self.captures) if isinstance(c, CaptureLoad))
+
+    @functools.cached_property
+    def reads(self) -> tuple[tuple[int, CaptureRead], ...]:
+        """The words that hold memory read by ``process_vm_readv``, by position (inner reads first)."""
+        return tuple((i, c) for i, c in enumerate(self.captures) if isinstance(c, CaptureRead))
+
+    @functools.cached_property
+    def faults(self) -> int | None:
+        """The position of the word that says which reads failed."""
+        return self.captures.index(CaptureFaults()) if CaptureFaults() in self.captures else None
 
 
 class _Registers:
@@ -369,6 +381,12 @@ class Recorder:
         registers["rip"], registers["fs_base"] = site.address, key
         chunks = {capture.address(registers): words[i].to_bytes(8, "little")[:capture.size]
                   for i, capture in site.loads}
+        if site.reads:
+            failed, values = words[site.faults], {}
+            for i, read in site.reads:
+                values[read] = words[i]
+                if not failed >> i & 1:
+                    chunks[read.address(registers, values)] = words[i].to_bytes(8, "little")[:read.size]
         retval = None
         if site.returns:
             retval = registers[RETURN_VALUE] - (1 << 64 if registers[RETURN_VALUE] >> 63 else 0)

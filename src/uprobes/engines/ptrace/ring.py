@@ -29,7 +29,7 @@ __all__ = ["Ring", "record_type", "VOID"]
 
 VOID = 0xFFFFFFFF  # the site id of a slot given up by a thread the tool moved out of it
 _HEADER = 4096
-_HEAD, _TAIL, _LOST = 64, 128, 192
+_HEAD, _TAIL, _LOST, _PID = 64, 128, 192, 256
 _SLOTS_SIZE = 8 << 20  # 65,536 records of 12 words, 32,768 of 28
 _VOID = struct.Struct("<QI")
 
@@ -59,6 +59,7 @@ class Ring:
         # The header's words as whole 8-byte loads and stores: struct would write a word a byte at a time, and
         # a writer reading the tail halfway through would see the ring full.
         self._header = numpy.frombuffer(self._shared, numpy.uint64, _HEADER // 8)
+        self._header[_PID // 8] = memory.pid  # whose memory a trampoline's process_vm_readv reads
         self._tail = 0
         self._lost_at_retire: int | None = None
         self.suppressed: collections.Counter = collections.Counter()  # (key, site): records to drop
@@ -72,7 +73,8 @@ class Ring:
     def layout(self) -> RingLayout:
         fields = self.record.fields
         return RingLayout(self.address, _HEAD, _TAIL, _LOST, _HEADER, self.record.itemsize.bit_length() - 1,
-                          self.count, *(fields[name][1] for name in ("seq", "site", "cpu", "tsc", "key", "words")))
+                          self.count, *(fields[name][1] for name in ("seq", "site", "cpu", "tsc", "key", "words")),
+                          _PID)
 
     @property
     def lost(self) -> int:

@@ -6,18 +6,20 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import struct
 
-from ...x86_64.abi import NR_CLOSE, NR_FTRUNCATE, NR_MADVISE, NR_MEMFD_CREATE, NR_MMAP, NR_MUNMAP
+from ...x86_64.abi import NR_CLOSE, NR_FTRUNCATE, NR_MADVISE, NR_MEMFD_CREATE, NR_MMAP, NR_MUNMAP, NR_PROCESS_VM_READV
 from .memory import ProcessMemory
 from .syscalls import ptrace_getregs
 from .xol import InjectionError, inject_syscall
 
-__all__ = ["PROT_READ", "PROT_WRITE", "PROT_EXEC", "map_shared", "unmap_shared"]
+__all__ = ["PROT_READ", "PROT_WRITE", "PROT_EXEC", "map_shared", "reads_possible", "unmap_shared"]
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 _MFD_CLOEXEC = 1
 _MAP_SHARED, _MAP_POPULATE, _MAP_FIXED_NOREPLACE = 0x01, 0x8000, 0x100000
 _MADV_DONTFORK = 10
+_PROBE_BYTES = b"uprobes!"
 
 
 def map_shared(tid: int, memory: ProcessMemory, size: int, address: int, prot: int, name: bytes,
@@ -48,6 +50,18 @@ def map_shared(tid: int, memory: ProcessMemory, size: int, address: int, prot: i
         inject_syscall(tid, memory, NR_CLOSE, fd)
     inject_syscall(tid, memory, NR_MADVISE, mapped, size, _MADV_DONTFORK)
     return shared, mapped
+
+
+def reads_possible(tid: int, memory: ProcessMemory) -> str | None:
+    """Why the process of stopped thread ``tid`` cannot read its own memory with ``process_vm_readv`` (what a
+    trampoline dereferences with; a seccomp filter may forbid it), or None: one such read is tried."""
+    scratch = (ptrace_getregs(tid).rsp - 1024) & ~15  # below the red zone, as map_shared's
+    iovecs = struct.pack("<4Q", scratch + 64, 8, scratch + 32, 8) + _PROBE_BYTES
+    memory.write(scratch, iovecs, tid)
+    result = inject_syscall(tid, memory, NR_PROCESS_VM_READV, memory.pid, scratch, 1, scratch + 16, 1, 0)
+    if result != 8 or memory.read(scratch + 64, 8) != _PROBE_BYTES:
+        return f"the process cannot read its own memory with process_vm_readv ({error_text(result)}): it traps"
+    return None
 
 
 def unmap_shared(via: int, memory: ProcessMemory, address: int, size: int) -> None:
