@@ -401,7 +401,7 @@ class PtraceEngine(Engine):
         entry = address in jump.trampoline.traps
         kind = (jump.trampoline if entry else jump.returns.trampoline).traps[address]
         if kind == FULL:
-            self.placement.jumps.uncount(jump, entry)
+            jump.uncount(entry)
         if not serving and (kind == FULL or not entry):
             regs.rip = jump.site.address if entry else jump.returns.trampoline.address
             ptrace_setregs(thread.tid, regs)

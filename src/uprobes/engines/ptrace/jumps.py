@@ -192,6 +192,13 @@ class Jump(Strategy):
     def return_hits(self) -> int:
         return self.area.count(self.returns.counter) + self.return_correction if self.returns is not None else 0
 
+    def uncount(self, entry: bool) -> None:
+        """A hit counted at the entry (or the return) is the tracer's to count, or to run again."""
+        if entry:
+            self.correction -= 1
+        else:
+            self.return_correction -= 1
+
     def trampolines(self) -> list[Trampoline]:
         return [self.trampoline] + ([self.returns.trampoline] if self.returns is not None else [])
 
@@ -585,14 +592,6 @@ class Jumps:
             for index, hits in jump.frozen.items():
                 totals[index] += hits
         return totals
-
-    @staticmethod
-    def uncount(jump: Jump, entry: bool) -> None:
-        """A hit ``jump`` counted at its entry (or return) is the tracer's to count (or to run again)."""
-        if entry:
-            jump.correction -= 1
-        else:
-            jump.return_correction -= 1
 
     def freeze(self, index: int) -> None:
         """Probe ``index`` is being taken out: its count so far stays, whatever its jumps count from now on."""
