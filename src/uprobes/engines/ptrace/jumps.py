@@ -159,11 +159,12 @@ class JumpArea:
 @dataclass(frozen=True)
 class ReturnPath:
     """Where the function of a jump returns to: its return trampoline, the counter of its returns there, and
-    the site id of their records."""
+    the site id of their records (if ``recorded``)."""
 
     trampoline: Trampoline
     counter: int
     site_id: int = 0
+    recorded: bool = False
 
 
 class Jump(Strategy):
@@ -251,7 +252,10 @@ class Jump(Strategy):
         if resume.returning or resume.returned:
             self._apply(thread, regs, resume)
             if resume.returning:
-                take_return(thread, regs, not resume.counted)
+                unwritten = resume.counted and not resume.recorded and self.returns.recorded  # a full ring
+                if unwritten:
+                    self.uncount(False)
+                take_return(thread, regs, not resume.counted or unwritten)
             thread.resume(sig)
             return
         fault = is_fault(sig, ptrace_getsiginfo(thread.tid))
@@ -400,7 +404,7 @@ class Jumps:
             returns = ReturnPath(return_trampoline(site.address, code, shadow.layout, counter,
                                                    recorded.layout if recorded is not None else None, site_id,
                                                    returned, rdpid, self._handled(breakpoint.returns)),
-                                 counter, site_id)
+                                 counter, site_id, recorded is not None)
             area.install(returns.trampoline, None)
         code, counter = area.take()
         entries = bool(breakpoint.entries)
