@@ -99,6 +99,10 @@ class _Run:
                  pair_returns: bool = False) -> None:
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, _raise_stop)
+        # Stop signals wait until the run is set up: raised in the middle of an import (the engine's modules load
+        # here), one lands in an import lock's callback, is printed as ignored, and the run goes on for ever
+        # (seen in the kill trials).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
         texts, command = _split_command(args)
         self.probes: list[Probe] = [p for text in texts for p in resolve_text(text)]
         if pair_returns:
@@ -108,8 +112,8 @@ class _Run:
             read_maps(self.pid)  # a clear error now if the process is gone or not ours
         self.engine = stack.enter_context(_engine(args.engine, system_wide=self.pid is None and not command,
                                                           jumps=not args.trap))
-        self.child = (HeldCommand(command, ptraced_by_user=self.engine.reaps_children and os.geteuid() != 0)
-                      if command else None)
+        self.child = (HeldCommand(command, ptraced_by_user=self.engine.reaps_children and os.geteuid() != 0,
+                                  signal_mask=mask) if command else None)
         stack.callback(self._stop_child)
         for note in (f"{p.name} at {p.path}:{p.offset:#x}: left out {u}" for p in self.probes
                      for u in p.unavailable + (p.kernel_unavailable if self.engine.name == "kernel" else ())):
@@ -125,6 +129,7 @@ class _Run:
         if self.child:
             self.child.release()
         self.status = 0
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS - mask)  # a stop that came meanwhile ends the run now
 
     def poll(self, timeout: float) -> list:
         """The engine's events of up to ``timeout`` seconds; its warnings meanwhile go to stderr at once."""
@@ -202,6 +207,9 @@ def _entry_and_return(probes: list[Probe]) -> list[Probe]:
                     explicit_event=False)
     returned = replace(entry, is_return=True, event=f"{entry.event}__return")
     return [entry, returned]
+
+
+_STOPS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 def _raise_stop(signum, frame) -> None:

@@ -20,9 +20,10 @@ class HeldCommand:
     attach to it before the program's first instruction.
     """
 
-    def __init__(self, argv: list[str], ptraced_by_user: bool = False) -> None:
+    def __init__(self, argv: list[str], ptraced_by_user: bool = False, signal_mask: set | None = None) -> None:
         """``ptraced_by_user``: a tracer without root will ptrace it, so a program that gains privileges at
-        exec is refused (the kernel would run it without them, and it would not behave as it does)."""
+        exec is refused (the kernel would run it without them, and it would not behave as it does).
+        ``signal_mask``: the signals it runs with blocked (the caller's own mask may block more meanwhile)."""
         if not argv:
             raise UprobesError("no command to run")
         program = shutil.which(argv[0])
@@ -38,6 +39,8 @@ class HeldCommand:
                 os.close(self._release_fd)
                 if os.read(read_end, 1):
                     os.close(read_end)
+                    if signal_mask is not None:
+                        signal.pthread_sigmask(signal.SIG_SETMASK, signal_mask)
                     os.execvp(argv[0], argv)
             except OSError as exc:
                 os.write(2, f"uprobes: cannot run {argv[0]}: {exc.strerror}\n".encode())

@@ -400,6 +400,8 @@ class PtraceEngine(Engine):
         goes back to run again, and a return goes back to the start of its trampoline."""
         entry = address in jump.trampoline.traps
         kind = (jump.trampoline if entry else jump.returns.trampoline).traps[address]
+        regs.rip = address  # at the int3 itself until done: a handler that raises leaves a thread detach can settle
+        ptrace_setregs(thread.tid, regs)
         if kind == FULL:
             jump.uncount(entry)
         if not serving and (kind == FULL or not entry):
