@@ -214,6 +214,18 @@ def test_a_function_that_forks_returns_in_both_processes(targets, engine):
         assert sorted(children.values()) == ([] if options else [1000, 1001, 1002])
 
 
+@pytest.mark.parametrize("engine", ["ptrace", "ptrace-trap"])
+def test_returns_come_back_on_the_stack_of_a_coroutine_that_switched_away(targets, engine):
+    """main and a coroutine (its stack in .bss, below main's) switch to each other from inside hop(): each
+    return finds the other stack's pending return on top, sets it aside, and the other's comes back later."""
+    lifecycle = str(targets / "lifecycle")
+    records, proc = _run(engine, "trace", [f"uretprobe:{lifecycle}:hop"], [lifecycle, "coroutines", "50"])
+    assert proc.returncode == 0 and proc.stdout == f"coroutines main {10 * sum(range(50))} coroutine " \
+        f"{10 * sum(range(1000, 1050))}\n", proc.stderr
+    assert [r["retval"] for r in records if "probe" in r] == [v for i in range(50) for v in (10 * i, 10 * (1000 + i))]
+    assert "skipped" not in proc.stderr
+
+
 def _fact(n: int) -> int:
     return 1 if n <= 1 else n * _fact(n - 1)
 

@@ -6,6 +6,8 @@
  *   lifecycle dlopen LIB N  dlopen LIB (whose constructor calls lib_ctor), call lib_work N times,
  *                           dlclose, and again
  *   lifecycle recurse N T   T threads each compute fact(1..N) recursively, and a longjmp out of deep()
+ *   lifecycle coroutines N  main and a coroutine (swapcontext, its stack in .bss) take turns N times, each
+ *                           switching away from inside hop(): a return probe's returns come back on either stack
  *   lifecycle marker LIB N  dlopen LIB (libprobed.so), print its marker's semaphore, call lib_add(i, 2i) N times
  *   lifecycle watch LIB     dlopen LIB, then print its marker's semaphore for each line read from stdin
  *   lifecycle fault         load() reads a PROT_NONE page; the SIGSEGV handler opens it and the load runs again
@@ -139,6 +141,24 @@ static int text_is_clean(void)
 static int clone_child(void *arg)
 {
     return (int)handle((long)arg, 1);
+}
+
+static ucontext_t main_context, coroutine_context;
+static char coroutine_stack[256 * 1024];
+static long hops, coroutine_sum;
+
+/* Switches to the other context with its own return pending, returns when switched back to. */
+__attribute__((noinline)) long hop(long k, ucontext_t *from, ucontext_t *to)
+{
+    swapcontext(from, to);
+    __asm__ volatile("" ::: "memory");
+    return 10 * k;
+}
+
+static void coroutine(void)
+{
+    for (long i = 0; i < hops; i++)
+        coroutine_sum += hop(1000 + i, &coroutine_context, &main_context);
 }
 
 static void *recurser(void *arg)
@@ -339,6 +359,20 @@ int main(int argc, char **argv)
         if (maps)
             fclose(maps);
         printf("clonevm sum %ld handle %ld areas %d\n", sum, handle(-1, 0), areas);
+        return 0;
+    }
+    if (!strcmp(mode, "coroutines")) {
+        hops = atol(argv[2]);
+        getcontext(&coroutine_context);
+        coroutine_context.uc_stack.ss_sp = coroutine_stack;
+        coroutine_context.uc_stack.ss_size = sizeof coroutine_stack;
+        coroutine_context.uc_link = &main_context;
+        makecontext(&coroutine_context, coroutine, 0);
+        long sum = 0;
+        for (long i = 0; i < hops; i++)
+            sum += hop(i, &main_context, &coroutine_context);
+        swapcontext(&main_context, &coroutine_context);  /* the coroutine's last hop returns, and it ends */
+        printf("coroutines main %ld coroutine %ld\n", sum, coroutine_sum);
         return 0;
     }
     if (!strcmp(mode, "recurse")) {
