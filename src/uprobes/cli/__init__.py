@@ -11,7 +11,10 @@ def _quit_while_loading(signum: int, frame: object) -> None:
     _os._exit(128 + signum)
 
 
+STOP_SIGNALS = frozenset({_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP})
+"""What stops a run cleanly: Ctrl-C, ``kill``, a closed terminal."""
+
 # A stop signal that comes while the command is still loading ends it at once; main() and each run put their
 # own handlers in place.
-for _signum in (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP):
+for _signum in STOP_SIGNALS:
     _signal.signal(_signum, _quit_while_loading)

@@ -19,10 +19,11 @@ import ctypes
 import os
 import signal
 
+from . import STOP_SIGNALS
+
 __all__ = ["work_in_a_child"]
 
 _PR_SET_PDEATHSIG = 1
-_STOPPERS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 # si_code of kill(), sigqueue() and tgkill(): a signal sent to the front alone. One from the terminal
 # (SI_KERNEL) went to the whole foreground process group, the child included, and is not passed on.
 _SENT = {0, -1, -6}
@@ -32,11 +33,11 @@ def work_in_a_child() -> None:
     """Fork. Returns in the child, which does the work; the parent stays in front until the child ends, then
     exits with its status (never returns)."""
     front = os.getpid()
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOPPERS | {signal.SIGCHLD})
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS | {signal.SIGCHLD})
     child = os.fork()
     if child == 0:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPPERS | {signal.SIGCHLD})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS | {signal.SIGCHLD})
         if os.getppid() != front:  # the front died before prctl took effect
             os.kill(os.getpid(), signal.SIGTERM)
         return
@@ -45,7 +46,7 @@ def work_in_a_child() -> None:
 
 def _stay_in_front(child: int) -> None:
     while True:
-        info = signal.sigwaitinfo(_STOPPERS | {signal.SIGCHLD})
+        info = signal.sigwaitinfo(STOP_SIGNALS | {signal.SIGCHLD})
         if info.si_signo == signal.SIGCHLD:
             done, status = os.waitpid(child, os.WNOHANG)
             if done:

@@ -19,6 +19,7 @@ from ..probes.resolve import Probe, resolve_text
 from ..probes.spec import group_probe_words
 from ..proc.launch import HeldCommand
 from ..proc.maps import read_maps
+from . import STOP_SIGNALS
 
 __all__ = ["add_tracing_options", "run_trace", "run_count", "run_latency"]
 
@@ -102,7 +103,7 @@ class _Run:
         # Stop signals wait until the run is set up: raised in the middle of an import (the engine's modules load
         # here), one lands in an import lock's callback, is printed as ignored, and the run goes on for ever
         # (seen in the kill trials).
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         texts, command = _split_command(args)
         self.probes: list[Probe] = [p for text in texts for p in resolve_text(text)]
         if pair_returns:
@@ -129,7 +130,7 @@ class _Run:
         if self.child:
             self.child.release()
         self.status = 0
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS - mask)  # a stop that came meanwhile ends the run now
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS - mask)  # a stop that came meanwhile ends the run now
 
     def poll(self, timeout: float) -> list:
         """The engine's events of up to ``timeout`` seconds; its warnings meanwhile go to stderr at once."""
@@ -207,9 +208,6 @@ def _entry_and_return(probes: list[Probe]) -> list[Probe]:
                     explicit_event=False)
     returned = replace(entry, is_return=True, event=f"{entry.event}__return")
     return [entry, returned]
-
-
-_STOPS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 def _raise_stop(signum, frame) -> None:

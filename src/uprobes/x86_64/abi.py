@@ -15,8 +15,8 @@ from typing import Any, Protocol
 from iced_x86 import Code, Encoder, Instruction
 
 __all__ = [
-    "BREAKPOINT", "Location", "RETURN_ADDRESS", "RETURN_VALUE", "SYSCALL_INSTRUCTION", "SYSCALL_ARGUMENTS", "NR_MMAP",
-    "NR_MUNMAP", "NR_MADVISE", "NR_CLOSE", "NR_MPROTECT", "NR_FTRUNCATE", "NR_MEMFD_CREATE", "NR_RESTART_SYSCALL", "ERESTARTSYS", "ERESTARTNOINTR", "ERESTARTNOHAND",
+    "BREAKPOINT", "Location", "RETURN_ADDRESS", "RETURN_VALUE", "return_value", "SYSCALL_INSTRUCTION", "SYSCALL_ARGUMENTS", "NR_MMAP",
+    "NR_MUNMAP", "NR_MADVISE", "NR_CLOSE", "NR_MPROTECT", "NR_FTRUNCATE", "NR_MEMFD_CREATE", "NR_PROCESS_VM_READV", "NR_RESTART_SYSCALL", "ERESTARTSYS", "ERESTARTNOINTR", "ERESTARTNOHAND",
     "ERESTART_RESTARTBLOCK", "SyscallRegs", "restart_interrupted_syscall",
 ]
 
@@ -41,6 +41,11 @@ RETURN_ADDRESS = Location("rsp", 0, 8)
 
 RETURN_VALUE = "rax"
 """The register an integer or pointer return value is in when the function returns."""
+
+
+def return_value(word: int) -> int:
+    """A return value as events report it: the 64 bits of :data:`RETURN_VALUE`, signed."""
+    return word - (1 << 64) if word >> 63 else word
 
 def _encoded(instruction: Instruction) -> bytes:
     encoder = Encoder(64)

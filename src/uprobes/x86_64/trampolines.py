@@ -344,7 +344,7 @@ class _Builder:
         self.stack += stack
         if saves is not None:
             self.pushed.append(saves)
-        elif stack == -8 and self.pushed:
+        elif stack == -8:
             self.pushed.pop()
 
     def _resume(self, loads: bool) -> Resume:

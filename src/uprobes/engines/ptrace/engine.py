@@ -35,7 +35,7 @@ from ...errors import UprobesError
 from ...output.columns import EventColumns
 from ...output.event import Event
 from ...probes.resolve import Probe
-from ...x86_64.abi import RETURN_VALUE
+from ...x86_64.abi import RETURN_VALUE, return_value
 from ..base import Engine
 from .family import Family
 from .hits import Reporter
@@ -467,8 +467,8 @@ class PtraceEngine(Engine):
             probes = [i for i in probes if i not in self.placement.removed]
         if not probes or (not thread.process.owns_memory and not self.family.follow_forks):
             return []  # a child serviced only because it shares its parent's memory (and our int3s)
-        if retval is not None and retval >= 1 << 63:
-            retval -= 1 << 64
+        if retval is not None:
+            retval = return_value(retval)
         return self._reporter.report(thread, breakpoint.address, breakpoint.file_offset, regs, probes, retval)
 
     def _remove_probe(self, index: int) -> None:

@@ -100,8 +100,9 @@ class JumpArea:
         self._next_counter += _COUNTER_SIZE
         return code, counter
 
-    def install(self, trampoline: Trampoline, owner: Jump | None) -> None:
-        """Write a trampoline no thread has run yet, through the tracer's own mapping (ValueError: too big)."""
+    def install(self, trampoline: Trampoline) -> None:
+        """Write a trampoline no thread has run yet, through the tracer's own mapping (ValueError: too big);
+        no jump answers for it until one adopts it (:meth:`adopt`)."""
         if len(trampoline.code) > _TRAMPOLINE_MAX:
             raise ValueError(f"a trampoline of {len(trampoline.code)} bytes does not fit a slot")
         offset = trampoline.address - self.address
@@ -109,7 +110,7 @@ class JumpArea:
         self._next_code = offset + len(trampoline.code) + 15 & ~15
         self._starts.append(trampoline.address)
         self._ends.append(trampoline.address + len(trampoline.code))
-        self._owners.append(owner)
+        self._owners.append(None)
 
     def count(self, counter: int) -> int:
         if self._retired is not None:
@@ -381,7 +382,6 @@ class Jumps:
                 continue
             jump = Jump(breakpoint, site, trampoline, area, counter, breakpoint.strategy, ring, site_id, returns,
                         shadow)
-            area.install(trampoline, jump)
             area.adopt(jump)
             for tid, rip in moves.items():
                 regs[tid].rip = rip
@@ -394,7 +394,8 @@ class Jumps:
                      shadow: ShadowStacks | None, captures: tuple, returned: tuple
                      ) -> tuple[Trampoline, int, int, ReturnPath | None]:
         """The trampoline of ``breakpoint``, its counter and site id, and its return path (return probes: its
-        own trampoline, installed now); ``captures`` and ``returned``: the words of its records."""
+        own trampoline), each installed in ``area`` (ValueError: one cannot be made or does not fit); ``captures``
+        and ``returned``: the words of its records."""
         returns = None
         rdpid = self.recorder.rdpid if self.recorder is not None else False
         if shadow is not None:
@@ -405,19 +406,20 @@ class Jumps:
                                                    recorded.layout if recorded is not None else None, site_id,
                                                    returned, rdpid, self._handled(breakpoint.returns)),
                                  counter, site_id, recorded is not None)
-            area.install(returns.trampoline, None)
+            area.install(returns.trampoline)
         code, counter = area.take()
         entries = bool(breakpoint.entries)
         ring = ring if not self.recorded.isdisjoint(breakpoint.entries) else None
         if returns is None and ring is None:
-            return counting_trampoline(site, code, counter), counter, 0, None
+            trampoline = counting_trampoline(site, code, counter)
+            area.install(trampoline)
+            return trampoline, counter, 0, None
         site_id = self.recorder.site_id(breakpoint, captures) if ring is not None else 0
         trampoline = recording_trampoline(site, code, counter if entries else None, ring.layout if ring else None,
                                           site_id, captures, rdpid,
                                           (shadow.layout, returns.trampoline.address) if returns else None,
                                           self._handled(breakpoint.entries))
-        if len(trampoline.code) > _TRAMPOLINE_MAX:
-            raise ValueError(f"a trampoline of {len(trampoline.code)} bytes does not fit a slot")
+        area.install(trampoline)
         return trampoline, counter, site_id, returns
 
     def _handled(self, indices: list[int]) -> bool:
@@ -536,12 +538,12 @@ class Jumps:
 
     def forked(self, thread: Thread) -> Forked | None:
         """The pending returns a fork by ``thread`` (stopped at it) leaves its child, if jumps keep any."""
-        shadow = self._shadows.get(thread.process.memory_owner or thread.process)
+        shadow = self._stacks(thread.process)
         return shadow.forked(ptrace_getregs(thread.tid).fs_base) if shadow is not None else None
 
     def clean_copy(self, parent: Process, child: ProcessMemory, via: int, forked: Forked | None) -> None:
         """A fork child let go: the returns its copy of the stacks sends to trampolines are its own again."""
-        shadow = self._shadows.get(parent.memory_owner or parent)
+        shadow = self._stacks(parent)
         if shadow is not None and forked is not None:
             shadow.clean_copy(forked, child, via)
 
@@ -566,14 +568,14 @@ class Jumps:
     def exiting(self, thread: Thread) -> None:
         """``thread`` stopped at its exit: every record it wrote is read now, under its last key; its shadow
         stack may serve another thread."""
-        owner = thread.process.memory_owner or thread.process
-        if self.recorder is not None or owner in self._shadows:
+        shadow = self._stacks(thread.process)
+        if self.recorder is not None or shadow is not None:
             key = ptrace_getregs(thread.tid).fs_base
-            if owner in self._shadows:
-                self._shadows[owner].free(key)
+            if shadow is not None:
+                shadow.free(key)
             if self.recorder is not None:
                 self.recorder.saw(thread, key)
-                self.recorder.read(owner)
+                self.recorder.read(thread.process.memory_owner or thread.process)
 
     def execing(self, thread: Thread) -> None:
         """``thread`` is at its exec, the only one left of its image: what the image wrote is read now, under
@@ -616,7 +618,7 @@ class Jumps:
         """A thread at a return trampoline's start (the function's ``ret`` popped its slot): the pending returns
         taken there, innermost first (a tail call's with its caller's), and ``regs.rip`` where the function
         really returns; [] when none was pending at that slot."""
-        shadow = self._shadows.get(thread.process.memory_owner or thread.process)
+        shadow = self._stacks(thread.process)
         taken: list[Jump] = []
         while shadow is not None:
             pending = shadow.leave(regs.fs_base, regs.rsp - 8)
@@ -639,14 +641,18 @@ class Jumps:
 
     def unwind(self, thread: Thread, regs: Regs) -> None:
         """A C++ exception starts unwinding: every return address of the thread's shadow stack is its own."""
-        shadow = self._shadows.get(thread.process.memory_owner or thread.process)
+        shadow = self._stacks(thread.process)
         if shadow is not None:
             shadow.unwind(regs.fs_base, thread.tid)
 
     def caught(self, thread: Thread, regs: Regs) -> int:
         """The exception is caught (at ``__cxa_begin_catch``): how many pending returns it unwound."""
-        shadow = self._shadows.get(thread.process.memory_owner or thread.process)
+        shadow = self._stacks(thread.process)
         return shadow.caught(regs.fs_base, regs.rsp, thread.tid) if shadow is not None else 0
+
+    def _stacks(self, process: Process) -> ShadowStacks | None:
+        """The shadow stacks of ``process``'s memory, if it has any."""
+        return self._shadows.get(process.memory_owner or process)
 
     def _shadow(self, owner: Process, via: int) -> ShadowStacks:
         if owner not in self._shadows:

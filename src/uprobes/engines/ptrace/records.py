@@ -30,7 +30,7 @@ from ...output.event import Event
 from ...probes.evaluate import HitContext, evaluate
 from ...probes.resolve import Probe
 from ...proc.status import cpu_flags
-from ...x86_64.abi import RETURN_VALUE
+from ...x86_64.abi import RETURN_VALUE, return_value
 from ...x86_64.trampolines import Capture, CaptureFaults, CaptureLoad, CaptureRead, CaptureRegister
 from .captures import HANDLER_WORDS, WORDS, arg_captures
 from .clock import TscClock
@@ -387,9 +387,7 @@ class Recorder:
                 values[read] = words[i]
                 if not failed >> i & 1:
                     chunks[read.address(registers, values)] = words[i].to_bytes(8, "little")[:read.size]
-        retval = None
-        if site.returns:
-            retval = registers[RETURN_VALUE] - (1 << 64 if registers[RETURN_VALUE] >> 63 else 0)
+        retval = return_value(registers[RETURN_VALUE]) if site.returns else None
         context = HitContext(_Registers(registers), _Memory(chunks), site.address, site.file_offset, thread.comm,
                              retval)
         args, errors = evaluate(probe.fetchargs, context)
