@@ -215,7 +215,7 @@ def recording_trampoline(site: JumpSite, address: int, counter: int | None, ring
 
         lea -128(%rsp),%rsp; [pushfq;] push %rax, %rcx, %rdx, %rsi, %r11; lock incq counter(%rip)
         rdtscp (or rdtsc; rdpid %rsi, cheaper where there is rdpid); %rdx = tsc; %esi = cpu; %r11 = ring
-        retry: %rax = head; full if head - tail >= count; lock cmpxchg head+1 into head; jne retry
+        retry: %rax = head; full if head - tail >= count (signed); lock cmpxchg head+1 into head; jne retry
         %r11 = slot of ticket %rax; write tsc, cpu, site id, rdfsbase, the captured words; seq = ticket + 1
         (full: lock incq lost)
         pop ...; [popfq;] lea 128(%rsp),%rsp; <displaced instructions>; jmp back
@@ -432,7 +432,8 @@ class _Builder:
         self.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, Register.RCX, Register.RAX))
         self.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, Register.RCX, MemoryOperand(r11, displ=ring.tail)))
         self.add(Instruction.create_reg_i32(Code.CMP_RM64_IMM32, Register.RCX, ring.count))
-        self.branch(Code.JAE_REL32_64, full if full is not None else lost_label)
+        # signed: a head loaded before other writers and the reader moved on is below the tail; cmpxchg retries it
+        self.branch(Code.JGE_REL32_64, full if full is not None else lost_label)
         self.add(Instruction.create_reg_mem(Code.LEA_R64_M, Register.RCX, MemoryOperand(Register.RAX, displ=1)))
         cmpxchg = Instruction.create_mem_reg(Code.CMPXCHG_RM64_R64, MemoryOperand(r11, displ=ring.head), Register.RCX)
         cmpxchg.has_lock_prefix = True
