@@ -655,8 +655,10 @@ def tsc_reader() -> list[Instruction]:
             Instruction.create_reg_reg(Code.OR_R64_RM64, Register.RAX, Register.RDX), Instruction.create(Code.RETNQ)]
 
 
-def _relocated(site: JumpSite, **flags: bool) -> list[tuple[Instruction, Resume]]:
-    """``site``'s displaced instructions, each resuming at itself (``flags``: what is done by then)."""
+def _relocated(site: JumpSite, recorded: bool = False, shadowed: bool = False) -> list[tuple[Instruction, Resume]]:
+    """``site``'s displaced instructions, each resuming at itself: the hit ``recorded`` by then, and the return
+    ``shadowed`` (sent to its trampoline) where a thread moved out goes back to the site to run the entry again;
+    past the first instruction the function is entered, and its return stays with the trampoline."""
     pieces = []
     for ins in site.displaced:
         if ins.flow_control == FlowControl.CALL:
@@ -666,7 +668,10 @@ def _relocated(site: JumpSite, **flags: bool) -> list[tuple[Instruction, Resume]
     if site.displaced[-1].flow_control in _FALLS_THROUGH:
         back = site.address + site.length
         pieces.append((Instruction.create_branch(Code.JMP_REL32_64, back), Resume(back, counted=True)))
-    return [(ins, replace(resume, **flags)) for ins, resume in pieces] if any(flags.values()) else pieces
+    if not (recorded or shadowed):
+        return pieces
+    return [(ins, replace(resume, recorded=recorded, shadowed=shadowed and resume.rip == site.address))
+            for ins, resume in pieces]
 
 
 def _call_as_push_and_jump(call: Instruction) -> list[tuple[Instruction, Resume]]:
