@@ -82,8 +82,8 @@ def test_threads_are_named_and_their_events_keep_their_order(targets):
 
 def test_marker_operands_in_registers_and_memory_record_what_traps_read(targets):
     """USDT markers of every operand form: registers and their parts, constants, memory the operands name
-    (based on a register, rip-relative symbols); those a trampoline cannot take (an index register, a string)
-    trap, and say why."""
+    (based on a register, rip-relative symbols), a string an operand points to; those a trampoline cannot take
+    (an index register, %xmm) trap, and say why."""
     forms = str(targets / "forms")
     probes = [f"usdt:{forms}:forms:{marker}" for marker in FORMS] + [f"usdt:{forms}:forms:words arg0 t=arg2:string"]
     runs = {}
@@ -97,8 +97,7 @@ def test_marker_operands_in_registers_and_memory_record_what_traps_read(targets)
     result = run_cli("resolve", "--engine", "ptrace", "--json", f"usdt:{forms}:forms:known_sib",
                      f"usdt:{forms}:forms:words arg0 t=arg2:string", f"usdt:{forms}:forms:floats", check=True)
     placements = [json.loads(line)["ptrace"] for line in result.stdout.splitlines()]
-    assert [p["traced"] for p in placements] == [True, False, False]
-    assert placements[1]["why"] == "t reads a string, which needs the thread stopped"
+    assert [p["traced"] for p in placements] == [True, True, False]
     assert placements[2]["why"] == "arg2 reads %xmm0, which needs the thread stopped"
 
 
@@ -197,3 +196,65 @@ def test_dereferences_are_read_by_the_trampoline_with_the_values_and_errors_trap
     args, errors = jumped[3]
     assert (args["i"], args["c"], args["s"], args["bad"], args["both"]) == (3, ord("s"), ord("3"), None, None)
     assert set(errors) == {"bad", "both"} and "fault" in errors["bad"]
+
+
+STRINGS_PROBE = "s=+0(%di):string a=+0(%si):u32[4] i=%dx:s64"
+
+
+def _without_addresses(events: list[dict]) -> list[str]:
+    """Arguments and errors, the addresses in the errors taken out (each run maps its pages elsewhere)."""
+    return [re.sub(r"0x[0-9a-f]{5,}", "ADDRESS", json.dumps([e["args"], e.get("errors")])) for e in events]
+
+
+def test_strings_and_arrays_are_read_by_the_trampoline_as_a_trap_reads_them(targets):
+    """Strings read up to their NUL, at most 4,096 bytes, in reads that stop at a page nothing is mapped at (what
+    was read before it is the value); arrays read whole or not at all; a bad pointer an error: the events a trap
+    gives, read into the slots after the record's first."""
+    program = str(targets / "strings")
+    runs = {}
+    for options in ([], ["--trap"]):
+        events, proc, lost = _trace(*options, f"uprobe:{program}:take {STRINGS_PROBE}", "--", program, "shapes")
+        assert proc.returncode == 0 and proc.stdout == "shapes 10\n" and lost == 0, proc.stderr
+        runs[bool(options)] = (events, proc.stderr)
+    (jumped, stderr), (trapped, _) = runs[False], runs[True]
+    assert "1 of 1 probe points were jumps" in stderr, stderr
+    assert _without_addresses(jumped) == _without_addresses(trapped)
+    strings = [e["args"]["s"] for e in jumped]
+    assert strings[:5] == ["hello", "", "a" * 300, "b" * 4096, "c" * 4096]
+    assert strings[5:] == ["e" * 20, None, None, "f" * 20, "\ufffd\ufffd not UTF-8"]
+    arrays = [e["args"]["a"] for e in jumped]
+    assert arrays == [[0, 1, 0xFFFFFFFF, 7]] * 5 + [None] * 3 + [[0, 1, 0xFFFFFFFF, 7]] * 2
+    hole = int(jumped[7]["errors"]["s"].split()[-1], 16)  # the page nothing is mapped at
+    assert jumped[7]["errors"] == {"s": f"fault reading a string at {hole:#x}", "a": f"fault reading 16 bytes at {hole:#x}"}
+    assert jumped[5]["errors"] == {"a": f"fault reading 16 bytes at {hole - 8:#x}"}
+    assert jumped[6]["errors"] == {"s": "fault reading a string at 0x0", "a": "fault reading 16 bytes at 0x0"}
+
+
+def test_string_records_of_threads_keep_each_threads_order(targets):
+    """Four threads each write records of a string and an array (many slots each): every one is read whole, in
+    each thread's order, none lost."""
+    program, n = str(targets / "strings"), 400
+    events, proc, lost = _trace(f"uprobe:{program}:take {STRINGS_PROBE}", "--", program, "threads", "4", str(n))
+    assert proc.returncode == 0 and proc.stdout == f"threads 4 {n}\n" and lost == 0, proc.stderr
+    by_thread = defaultdict(list)
+    for event in events:
+        args = event["args"]
+        thread = args["a"][0]
+        assert args["s"] == f"t{thread}-{args['i']}" and args["a"][1] == args["i"]
+        by_thread[event["tid"]].append(args["i"])
+    assert sorted(by_thread.values()) == [list(range(n))] * 4
+
+
+def test_records_of_many_slots_run_past_the_rings_end_and_read_whole(targets):
+    """Records of 3,010-byte strings, many more than the ring holds at once: a record that runs past the last
+    slot goes on at the first (mapped twice in the target), and reads whole; a record that finds the ring full
+    is counted lost, and every call is an event or lost."""
+    program, n = str(targets / "strings"), 20_000
+    events, proc, lost = _trace(f"uprobe:{program}:take {STRINGS_PROBE}", "--", program, "long", str(n))
+    assert proc.returncode == 0 and proc.stdout == f"long {n}\n", proc.stderr
+    assert len(events) + lost == n and len(events) > 2000  # more than one pass over the ring
+    calls = [e["args"]["i"] for e in events]
+    assert calls == sorted(calls)
+    for event in events:
+        args = event["args"]
+        assert args["s"] == f"{args['i']}:".ljust(3010, "g") and args["a"] == [args["i"], 0, 0, 0]

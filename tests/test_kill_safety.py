@@ -81,14 +81,15 @@ def kill_trials(targets: Path, signum: int, trials: int, seed: int, command: str
     """``trials`` runs of `uprobes COMMAND` on one busy target, each ended by ``signum`` at a random moment:
     trace puts a trap on every instruction of hit() and on the marker, count makes hit()'s entry and the
     marker jumps (tests/test_jump_probes.py checks that they are), with hit()'s returns through a return
-    trampoline, trace-jumps makes them jumps that write records (with two arguments at hit(), and a dereference
-    its trampoline reads with a system call). Returns a tally;
+    trampoline, trace-jumps makes them jumps that write records (with two arguments at hit(), a dereference
+    and a string its trampoline reads with system calls, the string into the slots after the record's first).
+    Returns a tally;
     raises AssertionError at the first trial that leaves the target dead or changed."""
     path = str(targets / "threads")
     if command == "trace":
         probes = [f"p {path}:{file_offset(path, a):#x}" for a in objdump_instruction_starts(path, "hit")]
     else:
-        probes = [f"uprobe:{path}:hit" + (" a=%di b=%si r=+0(%sp):x64" if command == "trace-jumps" else ""),
+        probes = [f"uprobe:{path}:hit" + (" a=%di b=%si r=+0(%sp):x64 s=+0(%sp):string" if command == "trace-jumps" else ""),
                   f"uretprobe:{path}:hit"]
     probes += [f"usdt:{path}:threads:tick"]
     command = command.replace("-jumps", "")

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..x86_64.registers import BY_KERNEL_NAME
-from .fetchargs import (Address, Comm, Deref, FetchArg, FileOffset, Immediate, ImmediateString, Register, RetVal,
-                        StackPointer, StackSlot)
+from .fetchargs import (STRING_LIMIT, Address, Comm, Deref, FetchArg, FileOffset, Immediate, ImmediateString,
+                        Register, RetVal, StackPointer, StackSlot)
 from .markerargs import MarkerOperand
 
 __all__ = ["HitContext", "Memory", "evaluate"]
@@ -26,7 +26,7 @@ _FXSAVE_XMM = 160  # where xmm0 starts in the FXSAVE area (struct user_fpregs_st
 
 class Memory(Protocol):
     def read(self, address: int, size: int) -> bytes: ...
-    def read_string(self, address: int, limit: int = 4096) -> bytes: ...
+    def read_string(self, address: int, limit: int = STRING_LIMIT) -> bytes: ...
 
 
 @dataclass

@@ -18,6 +18,7 @@ from uprobes.errors import ProbeSyntaxError
 from uprobes.x86_64.registers import FETCHARG_NAMES
 
 __all__ = [
+    "STRING_LIMIT",
     "MAX_TRACE_ARGS",
     "MAX_ARG_NAME_LEN",
     "MAX_ARGSTR_LEN",
@@ -65,6 +66,7 @@ _TYPE_SIZES = {
     "char": 1, "string": 4, "ustring": 4,
 }
 _STRING_TYPES = frozenset({"string", "ustring"})
+STRING_LIMIT = 4096  # the most bytes of a string a fetch reads (up to its NUL)
 _KERNEL_ONLY_TYPES = {
     "symbol": "it prints kernel symbols",
     "symstr": "it prints kernel symbols",

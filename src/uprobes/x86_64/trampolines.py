@@ -63,6 +63,8 @@ class Resume:
     returning: bool = False  # in a return trampoline: the return is not taken yet (the tracer takes it)
     returned: bool = False  # the return is taken: the thread goes on at the address just below its stack
     reserved_at: int | None = None  # ... the sequence word is at this many bytes above rsp instead
+    reserved_span: int = 1  # the slots the reserved record takes
+    reserved_ahead: bool = False  # ... the register holds the ticket after them, not the sequence word
 
 
 @dataclass(frozen=True)
@@ -193,11 +195,40 @@ class CaptureRead:
 
 
 @dataclass(frozen=True)
+class CaptureBytes:
+    """A word of the record: how many bytes were read (a negative errno: none) at ``disp`` plus register
+    ``base``, plus the word ``inner`` read before it, or at ``disp`` itself (neither), with ``process_vm_readv``
+    into the record's slots after its first (:func:`area`). An array (``string`` False): ``size`` bytes at once.
+    A string: up to and with its NUL, at most ``size`` bytes, in reads that never cross a page, so that it
+    stops at an unreadable page where a read byte by byte would."""
+
+    base: str | None
+    disp: int
+    size: int
+    inner: CaptureRead | None = None
+    string: bool = False
+
+    def address(self, registers: dict[str, int], values: dict[CaptureRead, int]) -> int:
+        """Where it was read, from the registers of the hit and the words read before it."""
+        start = registers[self.base] if self.base is not None else values[self.inner] if self.inner else 0
+        return start + self.disp & (1 << 64) - 1
+
+
+def area(captures: tuple[Capture, ...]) -> tuple[dict[CaptureBytes, int], int]:
+    """Where the bytes of each :class:`CaptureBytes` of a record go, past its first slot; their size in all."""
+    offsets, size = {}, 0
+    for capture in captures:
+        if isinstance(capture, CaptureBytes):
+            offsets[capture], size = size, size + capture.size
+    return offsets, size
+
+
+@dataclass(frozen=True)
 class CaptureFaults:
     """A word of the record: which of its :class:`CaptureRead` words could not be read (bit n: word n)."""
 
 
-Capture = CaptureRegister | CaptureLoad | CaptureRead | CaptureFaults
+Capture = CaptureRegister | CaptureLoad | CaptureRead | CaptureBytes | CaptureFaults
 
 # What a recording trampoline clobbers, saved on the stack in this order: rdtscp writes rax, rdx and rcx.
 _SAVED = (Register.RAX, Register.RCX, Register.RDX, Register.RSI, Register.R11)
@@ -205,6 +236,10 @@ _RETURN_SAVED = (Register.R8, Register.R9, Register.R10)  # and what a return tr
 _FIELDS = {register: name for name in ("rax", "rcx", "rdx", "rsi", "rdi", "r11", "r8", "r9", "r10")
            for register in [getattr(Register, name.upper())]}
 _LOADS = {8: Code.MOV_R64_RM64, 4: Code.MOV_R32_RM32, 2: Code.MOVZX_R32_RM16, 1: Code.MOVZX_R32_RM8}
+# What a system call in a trampoline clobbers or takes its arguments in, saved around it (%rcx: the ticket)
+_KEPT = (Register.RDI, Register.R8, Register.R9, Register.R10, Register.R11, Register.RCX)
+_PAGE = 4096
+_FIRST_READ = 256  # a string's first read; each next one as long as what was read so far more, to the page end
 
 
 def recording_trampoline(site: JumpSite, address: int, counter: int | None, ring: RingLayout | None, site_id: int,
@@ -315,6 +350,7 @@ class _Builder:
         self.counted = self.recorded = self.reserved_if_zf = False
         self.shadowed = self.returning = self.returned = False
         self.reserved: str | None = None
+        self.reserved_span, self.reserved_ahead = 1, False
         self.entered_stack, self.entered_pushed = 0, []
         self.traps: dict[int, str] = {}  # the index of each int3, and what the tracer does there
         self._labels: dict[int, int | None] = {}  # label -> ip of the instruction it is bound to
@@ -356,7 +392,7 @@ class _Builder:
             reserved_at = 8 * (len(self.pushed) - 1 - self.pushed.index("_" + self.reserved))
         return Resume(self.site, self.stack, flags_at, self.counted, tuple(offsets.items()), self.reserved,
                       self.reserved_if_zf, self.recorded, loads, self.shadowed, self.returning, self.returned,
-                      reserved_at)
+                      reserved_at, self.reserved_span, self.reserved_ahead)
 
     def enter(self, flags: bool, registers: tuple[Register, ...]) -> None:
         """Step over the red zone, save the flags (if ``flags``) and ``registers``."""
@@ -414,9 +450,11 @@ class _Builder:
     def record(self, ring: RingLayout, site_id: int, captures: tuple[Capture, ...], rdpid: bool,
                full: int | None = None) -> None:
         """Write one record into ``ring`` (or count it lost; ``full``: go there instead), through %rax, %rcx,
-        %rdx, %rsi and %r11."""
+        %rdx, %rsi and %r11: its first slot, and the slots after it that the bytes it reads need."""
         if len(captures) > (1 << ring.slot_shift) - ring.words >> 3:
             raise ValueError(f"{len(captures)} words do not fit a record")
+        offsets, area_size = area(captures)
+        span = 1 + -(-area_size >> ring.slot_shift)
         r11 = Register.R11
         self.add(Instruction.create(Code.RDTSC if rdpid else Code.RDTSCP))
         self.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, Register.RDX, 32))
@@ -431,16 +469,20 @@ class _Builder:
         self.bind(retry)
         self.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, Register.RCX, Register.RAX))
         self.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, Register.RCX, MemoryOperand(r11, displ=ring.tail)))
-        self.add(Instruction.create_reg_i32(Code.CMP_RM64_IMM32, Register.RCX, ring.count))
+        self.add(Instruction.create_reg_i32(Code.CMP_RM64_IMM32, Register.RCX, ring.count - span + 1))
         # signed: a head loaded before other writers and the reader moved on is below the tail; cmpxchg retries it
         self.branch(Code.JGE_REL32_64, full if full is not None else lost_label)
-        self.add(Instruction.create_reg_mem(Code.LEA_R64_M, Register.RCX, MemoryOperand(Register.RAX, displ=1)))
+        self.add(Instruction.create_reg_mem(Code.LEA_R64_M, Register.RCX, MemoryOperand(Register.RAX, displ=span)))
         cmpxchg = Instruction.create_mem_reg(Code.CMPXCHG_RM64_R64, MemoryOperand(r11, displ=ring.head), Register.RCX)
         cmpxchg.has_lock_prefix = True
         self.add(cmpxchg)
         self.reserved, self.reserved_if_zf = "rcx", True
+        self.reserved_span, self.reserved_ahead = span, span > 1
         self.branch(Code.JNE_REL32_64, retry)
         self.reserved_if_zf = False
+        if span > 1:
+            self.add(Instruction.create_reg_mem(Code.LEA_R64_M, Register.RCX, MemoryOperand(Register.RAX, displ=1)))
+            self.reserved_ahead = False
         self.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, Register.EAX, ring.count - 1))
         self.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, Register.RAX, ring.slot_shift))
         self.add(Instruction.create_reg_mem(Code.LEA_R64_M, r11, MemoryOperand(r11, Register.RAX, displ=ring.slots)))
@@ -455,12 +497,14 @@ class _Builder:
         for i, capture in enumerate(captures):
             if isinstance(capture, CaptureRead):
                 self._read(capture, ring, captures, i)
+            elif isinstance(capture, CaptureBytes):
+                self._read_bytes(capture, ring, captures, i, (1 << ring.slot_shift) + offsets[capture])
             elif not isinstance(capture, CaptureFaults):
                 self.capture(capture, ring.words + 8 * i)
         self.add(_store(r11, ring.seq, Register.RCX))
         # the next slot's line, for the next hit: a ring larger than the caches misses on every slot otherwise
         self.add(Instruction.create_mem(Code.PREFETCHW_M8, MemoryOperand(r11, displ=1 << ring.slot_shift)))
-        self.reserved, self.recorded = None, True
+        self.reserved, self.recorded, self.reserved_span = None, True, 1
         if full is not None:
             return
         self.branch(Code.JMP_REL32_64, done)
@@ -545,27 +589,131 @@ class _Builder:
         self.add(_store(Register.R11, at, rax))
 
     def _read(self, capture: CaptureRead, ring: RingLayout, captures: tuple[Capture, ...], i: int) -> None:
-        """Word ``i`` of the slot (%r11): ``capture``'s bytes, read by ``process_vm_readv(pid, {word, size}, 1,
-        {address, size}, 1, 0)``; a short read sets bit ``i`` of the faults word. The system call's registers
-        are put back after it (the program's, or what this code keeps in them)."""
-        rax, rsi, r11 = Register.RAX, Register.RSI, Register.R11
+        """Word ``i`` of the slot (%r11): ``capture``'s bytes, read by ``process_vm_readv``; a short read sets bit
+        ``i`` of the faults word."""
+        rax, r11 = Register.RAX, Register.R11
         at = ring.words + 8 * i
-        if capture.inner is not None:
-            self.add(_load(rax, r11, ring.words + 8 * captures.index(capture.inner)))
-        else:
-            self._original_into(rax, capture.base)
-        if not -(1 << 31) <= capture.disp < 1 << 31:
-            raise ValueError(f"a displacement of {capture.disp:#x} does not fit an instruction")
-        self.add(Instruction.create_reg_mem(Code.LEA_R64_M, rax, MemoryOperand(rax, displ=capture.disp)))
+        self._address_into(rax, capture, ring, captures)
         self.add(Instruction.create_mem_i32(Code.MOV_RM64_IMM32, MemoryOperand(r11, displ=at), 0))
-        kept = (Register.RDI, Register.R8, Register.R9, Register.R10, r11, Register.RCX)  # %rcx: the ticket
-        for register in kept:  # one saved already holds the trampoline's own value: kept apart (not restored)
+        self._keep()
+        self.add(Instruction.create_reg_mem(Code.LEA_R64_M, Register.RSI, MemoryOperand(r11, displ=at)))
+        self._readv(ring, Register.RSI, rax, capture.size)
+        self._unkeep()
+        done = self.label()
+        self.add(Instruction.create_reg_i32(Code.CMP_RM64_IMM32, rax, capture.size))
+        self.branch(Code.JE_REL32_64, done)
+        self.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, rax, 1 << i))
+        faults = ring.words + 8 * captures.index(CaptureFaults())
+        self.add(Instruction.create_mem_reg(Code.OR_RM64_R64, MemoryOperand(r11, displ=faults), rax))
+        self.bind(done)
+
+    def _read_bytes(self, capture: CaptureBytes, ring: RingLayout, captures: tuple[Capture, ...], i: int,
+                    offset: int) -> None:
+        """Word ``i`` of the slot (%r11): how many of ``capture``'s bytes were read to ``offset`` bytes past the
+        slot's start (a negative errno: none)::
+
+            read = 0
+            next: length = min(page end - (address + read), size - read, 256 + read)
+                  process_vm_readv(pid, {area + read, length}, 1, {address + read, length}, 1, 0)
+                  failed (<= 0): read = read or the error; done
+                  read += what it gave; done if a NUL is in it, or read = size; else next
+
+        (an array: one read of all its ``size`` bytes, its result the word)."""
+        rax, rdx, rsi, rdi, rcx, rsp = Register.RAX, Register.RDX, Register.RSI, Register.RDI, Register.RCX, Register.RSP
+        self._address_into(rax, capture, ring, captures)
+        self._keep()
+        self.add(Instruction.create_reg(Code.PUSH_R64, rax), stack=8, saves="_address")
+        self.add(Instruction.create_reg_mem(Code.LEA_R64_M, rsi, MemoryOperand(Register.R11, displ=offset)))
+        self.add(Instruction.create_reg(Code.PUSH_R64, rsi), stack=8, saves="_area")
+        self.add(Instruction.create_i32(Code.PUSHQ_IMM32, 0), stack=8, saves="_read")
+        read, area_at, address_at = MemoryOperand(rsp), MemoryOperand(rsp, displ=8), MemoryOperand(rsp, displ=16)
+        if not capture.string:
+            self._readv(ring, rsi, rax, capture.size)
+            self.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, read, rax))
+        else:
+            again, failed, done = self.label(), self.label(), self.label()
+            self.bind(again)
+            self.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, rax, address_at))
+            self.add(Instruction.create_reg_mem(Code.ADD_R64_RM64, rax, read))
+            self.add(Instruction.create_reg_reg(Code.MOV_R32_RM32, Register.EDX, Register.EAX))
+            self.add(Instruction.create_reg_u32(Code.AND_RM32_IMM32, Register.EDX, _PAGE - 1))
+            self.add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, Register.ESI, _PAGE))
+            self.add(Instruction.create_reg_reg(Code.SUB_R64_RM64, rsi, rdx))
+            self.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, rdx, read))
+            self.add(Instruction.create_reg_mem(Code.LEA_R64_M, rdx, MemoryOperand(rdx, displ=_FIRST_READ)))
+            self._at_most(rsi, rdx)
+            self.add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, Register.EDX, capture.size))
+            self.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, rdx, read))
+            self._at_most(rsi, rdx)
+            self.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, rdx, rsi))
+            self.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, rsi, area_at))
+            self.add(Instruction.create_reg_mem(Code.ADD_R64_RM64, rsi, read))
+            self._readv(ring, rsi, rax, rdx)
+            self.add(Instruction.create_reg_reg(Code.TEST_RM64_R64, rax, rax))
+            self.branch(Code.JLE_REL32_64, failed)
+            self.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, rdi, area_at))
+            self.add(Instruction.create_reg_mem(Code.ADD_R64_RM64, rdi, read))
+            self.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, rcx, rax))
+            self.add(Instruction.create_mem_reg(Code.ADD_RM64_R64, read, rax))
+            scan = self.label()
+            self.bind(scan)
+            self.add(Instruction.create_mem_u32(Code.CMP_RM8_IMM8, MemoryOperand(rdi), 0))
+            self.branch(Code.JE_REL32_64, done)
+            self.add(Instruction.create_reg(Code.INC_RM64, rdi))
+            self.add(Instruction.create_reg(Code.DEC_RM64, rcx))
+            self.branch(Code.JNE_REL32_64, scan)
+            self.add(Instruction.create_mem_i32(Code.CMP_RM64_IMM32, read, capture.size))
+            self.branch(Code.JB_REL32_64, again)
+            self.branch(Code.JMP_REL32_64, done)
+            self.bind(failed)
+            self.add(Instruction.create_mem_i32(Code.CMP_RM64_IMM32, read, 0))
+            self.branch(Code.JNE_REL32_64, done)
+            self.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, read, rax))
+            self.bind(done)
+        self.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, rax, read))
+        for _ in range(3):
+            self.add(_lea_rsp(8), stack=-8)
+        self._unkeep()
+        self.add(_store(Register.R11, ring.words + 8 * i, rax))
+
+    def _at_most(self, register: Register, limit: Register) -> None:
+        self.add(Instruction.create_reg_reg(Code.CMP_R64_RM64, register, limit))
+        self.add(Instruction.create_reg_reg(Code.CMOVA_R64_RM64, register, limit))
+
+    def _address_into(self, register: Register, capture: CaptureRead | CaptureBytes, ring: RingLayout,
+                      captures: tuple[Capture, ...]) -> None:
+        """Where ``capture`` reads, into ``register``."""
+        if not -(1 << 31) <= capture.disp < 1 << 31 and (capture.base is not None or capture.inner is not None):
+            raise ValueError(f"a displacement of {capture.disp:#x} does not fit an instruction")
+        if capture.inner is not None:
+            self.add(_load(register, Register.R11, ring.words + 8 * captures.index(capture.inner)))
+        elif capture.base is not None:
+            self._original_into(register, capture.base)
+        else:
+            self.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, register, capture.disp & (1 << 64) - 1))
+            return
+        self.add(Instruction.create_reg_mem(Code.LEA_R64_M, register, MemoryOperand(register, displ=capture.disp)))
+
+    def _keep(self) -> None:
+        """Save what a system call clobbers or takes its arguments in (one saved already holds the trampoline's
+        own value: kept apart, not restored)."""
+        for register in _KEPT:
             name = _FIELDS[register]
             self.add(Instruction.create_reg(Code.PUSH_R64, register), stack=8,
                      saves=name if name not in self.pushed else "_" + name)
-        self.add(Instruction.create_reg_mem(Code.LEA_R64_M, rsi, MemoryOperand(r11, displ=at)))
-        for push in (Instruction.create_i32(Code.PUSHQ_IMM32, capture.size), Instruction.create_reg(Code.PUSH_R64, rax),
-                     Instruction.create_i32(Code.PUSHQ_IMM32, capture.size), Instruction.create_reg(Code.PUSH_R64, rsi)):
+
+    def _unkeep(self) -> None:
+        for register in reversed(_KEPT):
+            self.add(Instruction.create_reg(Code.POP_R64, register), stack=-8)
+
+    def _readv(self, ring: RingLayout, local: Register, remote: Register, length: Register | int) -> None:
+        """%rax = ``process_vm_readv(pid, {local, length}, 1, {remote, length}, 1, 0)`` (between :meth:`_keep`
+        and :meth:`_unkeep`)."""
+        def push_length() -> Instruction:
+            return (Instruction.create_i32(Code.PUSHQ_IMM32, length) if isinstance(length, int) else
+                    Instruction.create_reg(Code.PUSH_R64, length))
+        for push in (push_length(), Instruction.create_reg(Code.PUSH_R64, remote), push_length(),
+                     Instruction.create_reg(Code.PUSH_R64, local)):
             self.add(push, stack=8, saves="_iovec")
         self.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, Register.RDI, ring.address + ring.pid))
         self.add(_load(Register.RDI, Register.RDI, 0))
@@ -577,17 +725,7 @@ class _Builder:
         self.add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, Register.EAX, NR_PROCESS_VM_READV))
         self.add(Instruction.create(Code.SYSCALL))
         for _ in range(4):
-            self.add(Instruction.create_reg_mem(Code.LEA_R64_M, Register.RSP, MemoryOperand(Register.RSP, displ=8)),
-                     stack=-8)
-        for register in reversed(kept):
-            self.add(Instruction.create_reg(Code.POP_R64, register), stack=-8)
-        done = self.label()
-        self.add(Instruction.create_reg_i32(Code.CMP_RM64_IMM32, rax, capture.size))
-        self.branch(Code.JE_REL32_64, done)
-        self.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, rax, 1 << i))
-        faults = ring.words + 8 * captures.index(CaptureFaults())
-        self.add(Instruction.create_mem_reg(Code.OR_RM64_R64, MemoryOperand(r11, displ=faults), rax))
-        self.bind(done)
+            self.add(_lea_rsp(8), stack=-8)
 
     def _load(self, capture: CaptureLoad) -> None:
         """``capture``'s bytes into %rax, its base in %rax and its index in %rdx first (both free by now)."""

@@ -2,9 +2,10 @@
 cannot take them (then the probe traps, and ``resolve`` says why).
 
 Registers, the stack pointer, ``$stackN``, constants, ``$comm``, and the memory a USDT marker's own operands
-name (the compiler put the values there, so it is mapped) are taken by the trampoline; a dereference is read
-by it with ``process_vm_readv`` (a bad pointer is an error in the event, never a fault); a string, an array
-or an ``%xmm`` register needs the thread stopped.
+name (the compiler put the values there, so it is mapped) are taken by the trampoline; a dereference, a
+string or an array is read by it with ``process_vm_readv`` (a bad pointer is an error in the event, never a
+fault), strings and arrays into the slots after the record's first; an ``%xmm`` register needs the thread
+stopped.
 """
 
 from __future__ import annotations
@@ -12,18 +13,20 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ...probes.fetchargs import (Address, Comm, Deref, FetchArg, FileOffset, Immediate, ImmediateString, Register,
-                                 RetVal, StackPointer, StackSlot)
+                                 RetVal, StackPointer, StackSlot, STRING_LIMIT)
 from ...probes.markerargs import MarkerOperand
 from ...probes.resolve import Probe
 from ...proc.status import auxv
 from ...x86_64.abi import RETURN_VALUE
 from ...x86_64.registers import BY_KERNEL_NAME, GENERAL_REGISTERS
-from ...x86_64.trampolines import Capture, CaptureFaults, CaptureLoad, CaptureRead, CaptureRegister
+from ...x86_64.trampolines import (Capture, CaptureBytes, CaptureFaults, CaptureLoad, CaptureRead, CaptureRegister,
+                                   area)
 
 __all__ = ["HANDLER_WORDS", "REGISTERS", "WORDS", "arg_captures", "captures_for", "records_possible"]
 
 WORDS = 12  # captured words a record holds
 HANDLER_WORDS = 28  # where a probe has a Python handler: every register, and what its arguments read
+AREA_LIMIT = 64 << 10  # the bytes a record's strings and arrays may take (a string takes its longest)
 _AT_HWCAP2, _HWCAP2_FSGSBASE = 26, 1 << 1
 _CAPTURED = frozenset({reg.field for reg in GENERAL_REGISTERS} | {"rsp", "eflags"})
 _NO_WORDS = (Immediate, ImmediateString, Comm)
@@ -45,6 +48,9 @@ def captures_for(probe: Probe, load_bias: int = 0, handled: bool = False) -> tup
     words = HANDLER_WORDS if handled else WORDS
     if len(captures) > words:
         return f"its arguments need {len(captures)} words, more than the {words} a record holds"
+    if area(tuple(captures))[1] > AREA_LIMIT:
+        return f"its strings and arrays may take {area(tuple(captures))[1]:,} bytes, more than the " \
+               f"{AREA_LIMIT:,} a record holds"
     return tuple(captures)
 
 
@@ -54,7 +60,7 @@ def arg_captures(arg: FetchArg, probe: Probe, load_bias: int, captures: list[Cap
     if isinstance(source, _NO_WORDS) or (isinstance(source, Register) and source.name == "ip"):
         return None
     if arg.type is not None and arg.type.is_string:
-        return "reads a string"
+        return _bytes(source, probe, load_bias, captures, STRING_LIMIT, string=True)
     if isinstance(source, StackPointer):
         return _add(captures, CaptureRegister("rsp"))
     if isinstance(source, RetVal):
@@ -71,7 +77,7 @@ def arg_captures(arg: FetchArg, probe: Probe, load_bias: int, captures: list[Cap
         return _operand(source, load_bias, captures)
     if isinstance(source, Deref) and source not in probe.marker_memory:
         if arg.type is not None and arg.type.array or arg.size > 8:
-            return "reads an array"
+            return _bytes(source, probe, load_bias, captures, arg.size)
         read = _deref(source, arg.size, captures)
         return read if isinstance(read, str) else None
     if source not in probe.marker_memory:
@@ -102,6 +108,33 @@ def _deref(source: Deref, size: int, captures: list[Capture]) -> CaptureRead | s
     _add(captures, CaptureFaults())
     _add(captures, read)
     return read
+
+
+def _bytes(source, probe: Probe, load_bias: int, captures: list[Capture], size: int,
+           string: bool = False) -> str | None:
+    """``size`` bytes (``string``: up to a NUL) where ``source`` points, read into the record's slots after
+    its first (:class:`CaptureBytes`), or why not."""
+    if isinstance(source, Immediate):  # a string at a constant address
+        capture = CaptureBytes(None, source.value, size, string=string)
+    elif isinstance(source, (Address, FileOffset)):
+        start = source.addr if isinstance(source, Address) else probe.address - probe.offset + source.offset
+        capture = CaptureBytes(None, start + (load_bias if isinstance(source, FileOffset) else 0), size,
+                               string=string)
+    elif isinstance(source, Deref) and isinstance(source.inner, Register):
+        base = BY_KERNEL_NAME[source.inner.name].field
+        if base not in _CAPTURED:
+            return f"reads memory at %{source.inner.name}"
+        _add(captures, CaptureRegister(base))
+        capture = CaptureBytes(base, source.offset, size, string=string)
+    elif isinstance(source, Deref) and isinstance(source.inner, Deref):
+        inner = _deref(source.inner, 8, captures)
+        if isinstance(inner, str):
+            return inner
+        capture = CaptureBytes(None, source.offset, size, inner, string)
+    else:
+        return "reads a string" if string else "reads an array"
+    _add(captures, capture)
+    return None
 
 
 def _operand(operand: MarkerOperand, load_bias: int, captures: list[Capture]) -> str | None:

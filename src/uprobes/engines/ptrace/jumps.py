@@ -292,8 +292,10 @@ class Jump(Strategy):
         reserved is written off, a return it had sent to the return trampoline is its own again."""
         memory = thread.process.memory
         if resume.reserved is not None and (not resume.reserved_if_zf or regs.eflags & ZERO_FLAG):
-            self.ring.void(getattr(regs, resume.reserved) if resume.reserved_at is None else
-                           _COUNT.unpack(memory.read(regs.rsp + resume.reserved_at, 8))[0])
+            held = (getattr(regs, resume.reserved) if resume.reserved_at is None else
+                    _COUNT.unpack(memory.read(regs.rsp + resume.reserved_at, 8))[0])
+            span = resume.reserved_span
+            self.ring.void(held - span + 1 if resume.reserved_ahead else held, span)
         for name, offset in resume.saved:
             setattr(regs, name, _COUNT.unpack(memory.read(regs.rsp + offset, 8))[0])
         if resume.flags_at is not None:

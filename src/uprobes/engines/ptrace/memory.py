@@ -13,6 +13,7 @@ import errno
 import os
 
 from ...errors import ProcessError
+from ...probes.fetchargs import STRING_LIMIT
 from ...proc.maps import unreadable_reason
 from .syscalls import process_vm_writev, ptrace_peektext, ptrace_poketext
 
@@ -41,7 +42,7 @@ class ProcessMemory:
             raise OSError(errno.EFAULT, f"short read at {address:#x}")
         return data
 
-    def read_string(self, address: int, limit: int = 4096) -> bytes:
+    def read_string(self, address: int, limit: int = STRING_LIMIT) -> bytes:
         """The NUL-terminated bytes at ``address`` (without the NUL), at most ``limit``; stops at unmapped memory."""
         result = bytearray()
         while len(result) < limit:

@@ -28,13 +28,14 @@ import numpy
 from ...output.columns import Group
 from ...output.event import Event
 from ...probes.evaluate import HitContext, evaluate
+from ...probes.fetchargs import STRING_LIMIT
 from ...probes.resolve import Probe
 from ...proc.status import cpu_flags
 from ...x86_64.abi import RETURN_VALUE, return_value
-from ...x86_64.trampolines import Capture, CaptureFaults, CaptureLoad, CaptureRead, CaptureRegister
+from ...x86_64.trampolines import Capture, CaptureBytes, CaptureFaults, CaptureLoad, CaptureRead, CaptureRegister, area
 from .captures import HANDLER_WORDS, WORDS, arg_captures
 from .clock import TscClock
-from .ring import Ring
+from .ring import Ring, record_type
 from .syscalls import ptrace_getregs
 
 if TYPE_CHECKING:
@@ -131,6 +132,13 @@ class RecordedSite:
         return tuple((i, c) for i, c in enumerate(self.captures) if isinstance(c, CaptureRead))
 
     @functools.cached_property
+    def areas(self) -> tuple[tuple[int, CaptureBytes, int], ...]:
+        """The words that say how many bytes were read into the record's slots after its first, by position,
+        with where those bytes start."""
+        offsets = area(self.captures)[0]
+        return tuple((i, c, offsets[c]) for i, c in enumerate(self.captures) if isinstance(c, CaptureBytes))
+
+    @functools.cached_property
     def faults(self) -> int | None:
         """The position of the word that says which reads failed."""
         return self.captures.index(CaptureFaults()) if CaptureFaults() in self.captures else None
@@ -151,10 +159,10 @@ class _Unknown:
 
 
 class _Memory:
-    """The memory a record holds, by address."""
+    """The memory a record holds, by address: ``chunks`` of bytes, and ``strings`` (None: unreadable)."""
 
-    def __init__(self, chunks: dict[int, bytes]) -> None:
-        self.chunks = chunks
+    def __init__(self, chunks: dict[int, bytes], strings: dict[int, bytes | None] | None = None) -> None:
+        self.chunks, self.strings = chunks, strings or {}
 
     def read(self, address: int, size: int) -> bytes:
         data = b""
@@ -165,8 +173,11 @@ class _Memory:
             data += chunk
         return data[:size]
 
-    def read_string(self, address: int, limit: int = 4096) -> bytes:
-        raise OSError("strings are not captured")
+    def read_string(self, address: int, limit: int = STRING_LIMIT) -> bytes:
+        data = self.strings.get(address)
+        if data is None:
+            raise OSError(f"no string was read at {address:#x}")
+        return data.split(b"\0", 1)[0][:limit]
 
 
 @dataclass
@@ -191,6 +202,9 @@ class Recorder:
     rdpid: bool = field(default_factory=lambda: "rdpid" in cpu_flags())  # the CPU for a record, cheaper than rdtscp
     _clock: TscClock | None = None
     _handled_sites: list[int] = field(default_factory=list)
+    _spans: list[int] = field(default_factory=list)  # the slots a record of each site takes
+    _span_table: numpy.ndarray | None = None  # the same, where some take more than one
+    _areas: dict[Process, dict[int, bytes]] = field(default_factory=lambda: collections.defaultdict(dict))
 
     @property
     def words(self) -> int:
@@ -224,6 +238,8 @@ class Recorder:
                             for index in indices)
             self.sites.append(RecordedSite(breakpoint.address, breakpoint.file_offset, indices, captures, columns,
                                            returns, handled))
+            self._spans.append(1 + -(-area(captures)[1] // record_type(self.words).itemsize))
+            self._span_table = numpy.array(self._spans) if max(self._spans) > 1 else None
         return self._site_ids[key]
 
     def follow(self, parent: Ring, child: Process, via: int) -> Ring:
@@ -283,7 +299,10 @@ class Recorder:
     def read(self, owner: Process) -> None:
         """Events of every whole record of ``owner``'s ring (those of threads not known yet are held)."""
         ring = self.rings.get(owner)
-        records = ring.read() if ring is not None else None
+        records = ring.read(self._span_table) if ring is not None else None
+        if ring is not None and ring.areas:
+            self._areas[owner].update(ring.areas)
+            ring.areas.clear()
         held = self._held.pop(owner, [])
         if records is not None and len(records):
             held.append(records)
@@ -309,6 +328,7 @@ class Recorder:
             self._lost_before += ring.lost
         self._keys.pop(owner, None)
         self._held.pop(owner, None)
+        self._areas.pop(owner, None)
 
     def take(self) -> tuple[list[Group], list[Event]]:
         """The events read so far: in columns, and one by one."""
@@ -322,13 +342,15 @@ class Recorder:
             self._held.setdefault(owner, []).append(records[unknown])
             records = records[~unknown]
         records = records[records["site"] < len(self.sites)]  # VOID, or not ours
+        areas = self._areas.get(owner)
+        areas = {seq: areas.pop(seq) for seq in records["seq"].tolist() if seq in areas} if areas else {}
         ring = self.rings.get(owner)
         if ring is not None and any(ring.suppressed.values()):
             records = _unsuppressed(records, ring.suppressed)
         if self._handled_sites:
             handled = numpy.isin(records["site"], self._handled_sites)
             if handled.any():
-                self._one_by_one(keys, records[handled])
+                self._one_by_one(keys, records[handled], areas)
                 records = records[~handled]
         if not len(records) or self.counting:
             return
@@ -339,20 +361,21 @@ class Recorder:
         ends = numpy.flatnonzero((by_site[1:] != by_site[:-1]) | (by_key[1:] != by_key[:-1])) + 1
         for group in numpy.split(order, ends):
             site = self.sites[int(sites[group[0]])]
-            self._group(site, keys[int(record_keys[group[0]])], records[group], times[group])
+            self._group(site, keys[int(record_keys[group[0]])], records[group], times[group], areas)
 
-    def _one_by_one(self, keys: dict[int, Thread], records: numpy.ndarray) -> None:
+    def _one_by_one(self, keys: dict[int, Thread], records: numpy.ndarray, areas: dict[int, bytes]) -> None:
         """Events of ``records`` and their handlers' calls, in the order the ring holds them."""
         times = self._clock.to_ns(records["tsc"]).tolist()
-        for site_id, key, cpu, words, at in zip(records["site"].tolist(), records["key"].tolist(),
-                                                (records["cpu"] & _CPU_MASK).tolist(), records["words"].tolist(),
-                                                times):
+        for site_id, key, cpu, words, at, seq in zip(records["site"].tolist(), records["key"].tolist(),
+                                                     (records["cpu"] & _CPU_MASK).tolist(),
+                                                     records["words"].tolist(), times, records["seq"].tolist()):
             site = self.sites[site_id]
             for index in site.probes:
                 if index not in self.removed:
-                    self._event(site, self.probes[index], index, keys[key], at, cpu, words, key)
+                    self._event(site, self.probes[index], index, keys[key], at, cpu, words, key, areas.get(seq))
 
-    def _group(self, site: RecordedSite, thread: Thread, records: numpy.ndarray, times: numpy.ndarray) -> None:
+    def _group(self, site: RecordedSite, thread: Thread, records: numpy.ndarray, times: numpy.ndarray,
+               areas: dict[int, bytes]) -> None:
         """Events of ``records``, hits of ``site`` by ``thread``: in columns for the probes that can be."""
         ts, cpu, words = times.tolist(), (records["cpu"] & _CPU_MASK).tolist(), None
         for index, columns in zip(site.probes, site.columns):
@@ -360,8 +383,9 @@ class Recorder:
             if index in self.removed:
                 continue
             if columns is None:
-                for record_words, at, on, key in zip(records["words"].tolist(), ts, cpu, records["key"].tolist()):
-                    self._event(site, probe, index, thread, at, on, record_words, key)
+                for record_words, at, on, key, seq in zip(records["words"].tolist(), ts, cpu,
+                                                          records["key"].tolist(), records["seq"].tolist()):
+                    self._event(site, probe, index, thread, at, on, record_words, key, areas.get(seq))
                 continue
             words = records["words"] if words is None else words
             fixed = [arg for arg in probe.fetchargs if arg.name not in columns]
@@ -373,23 +397,32 @@ class Recorder:
                                      {name: column.values(words) for name, column in columns.items()}, ts, cpu))
 
     def _event(self, site: RecordedSite, probe: Probe, index: int, thread: Thread, ts: int, cpu: int,
-               words: list[int], key: int) -> None:
-        """The event of one record, its arguments evaluated over the registers and memory it holds; its
-        probe's handler, if it has one, called with them."""
+               words: list[int], key: int, record_area: bytes | None = None) -> None:
+        """The event of one record, its arguments evaluated over the registers and memory it holds (``area``:
+        what it holds past its first slot); its probe's handler, if it has one, called with them."""
         registers: dict[str, int] = dict(zip(site.fields, words))
         registers.pop(None, None)
         registers["rip"], registers["fs_base"] = site.address, key
         chunks = {capture.address(registers): words[i].to_bytes(8, "little")[:capture.size]
                   for i, capture in site.loads}
+        values: dict[CaptureRead, int] = {}
         if site.reads:
-            failed, values = words[site.faults], {}
+            failed = words[site.faults]
             for i, read in site.reads:
                 values[read] = words[i]
                 if not failed >> i & 1:
                     chunks[read.address(registers, values)] = words[i].to_bytes(8, "little")[:read.size]
+        strings: dict[int, bytes | None] = {}
+        for i, capture, offset in site.areas if record_area is not None else ():
+            taken = min(words[i] - (words[i] >> 63 << 64), capture.size)  # a negative errno: nothing read
+            data = record_area[offset:offset + taken] if taken >= 0 else None
+            if capture.string:
+                strings[capture.address(registers, values)] = data
+            elif taken == capture.size:
+                chunks[capture.address(registers, values)] = data
         retval = return_value(registers[RETURN_VALUE]) if site.returns else None
-        context = HitContext(_Registers(registers), _Memory(chunks), site.address, site.file_offset, thread.comm,
-                             retval)
+        context = HitContext(_Registers(registers), _Memory(chunks, strings), site.address, site.file_offset,
+                             thread.comm, retval)
         args, errors = evaluate(probe.fetchargs, context)
         probe.typed(args)
         if not self.counting:

@@ -9,6 +9,11 @@ slot ``t % count`` and writes its ``seq`` word, ``t + 1``, last: a slot whose ``
 never reorders a store with earlier stores). Reading takes every whole record in ticket order up to the
 first slot still being written, then gives the slots back.
 
+A site whose record holds strings or arrays reserves ``span`` tickets at once: its header slot, then the
+bytes it read, in the slots after it. The slots are mapped a second time just after the ring in the target,
+so those bytes are contiguous there even where they run past the last slot; the reader knows each site's
+span and steps from record to record.
+
 Layout and the code that writes a record (:func:`uprobes.x86_64.trampolines.recording_trampoline`) meet in
 :attr:`Ring.layout`; what is in a record is untrusted (the target can write anything there).
 """
@@ -27,11 +32,11 @@ from .shared import PROT_READ, PROT_WRITE, map_shared, unmap_shared
 
 __all__ = ["Ring", "record_type", "VOID"]
 
-VOID = 0xFFFFFFFF  # the site id of a slot given up by a thread the tool moved out of it
+VOID = 0xFFFFFFFF  # the site id of a slot given up by a thread the tool moved out of it (its span as its CPU)
 _HEADER = 4096
 _HEAD, _TAIL, _LOST, _PID = 64, 128, 192, 256
 _SLOTS_SIZE = 8 << 20  # 65,536 records of 12 words, 32,768 of 28
-_VOID = struct.Struct("<QI")
+_VOID = struct.Struct("<QII")
 
 
 def record_type(words: int) -> numpy.dtype:
@@ -50,12 +55,14 @@ class Ring:
         where its parent's was)."""
         self.record = record_type(words)
         self.count = _SLOTS_SIZE // self.record.itemsize
-        self.size = _HEADER + _SLOTS_SIZE
+        self.size = _HEADER + 2 * _SLOTS_SIZE  # in the target, the slots twice
         # populated: a page fault every 32 records would cost each record more than writing it
-        self._shared, self.address = map_shared(tid, memory, self.size, at, PROT_READ | PROT_WRITE, b"uprobes-ring",
-                                                populate=True)
+        self._shared, self.address = map_shared(tid, memory, _HEADER + _SLOTS_SIZE, at, PROT_READ | PROT_WRITE,
+                                                b"uprobes-ring", populate=True, mirror=_SLOTS_SIZE)
         self.memory = memory
         self._slots = numpy.frombuffer(self._shared, self.record, self.count, _HEADER)
+        self._bytes = numpy.frombuffer(self._shared, numpy.uint8, _SLOTS_SIZE, _HEADER)
+        self.areas: dict[int, bytes] = {}  # by seq: what the records read so far hold past their header slot
         # The header's words as whole 8-byte loads and stores: struct would write a word a byte at a time, and
         # a writer reading the tail halfway through would see the ring full.
         self._header = numpy.frombuffer(self._shared, numpy.uint64, _HEADER // 8)
@@ -83,8 +90,10 @@ class Ring:
             return self._lost_at_retire
         return int(self._header[_LOST // 8])
 
-    def read(self) -> numpy.ndarray:
-        """Every whole record not read yet, in ticket order (void ones included); their slots go back."""
+    def read(self, spans: numpy.ndarray | None = None) -> numpy.ndarray:
+        """Every whole record not read yet, in ticket order (void ones included); their slots go back.
+        ``spans``: the slots a record of each site id takes, where some take more than one (what those hold
+        past their header slot is in :attr:`areas`)."""
         if self._lost_at_retire is not None or int(self._header[_HEAD // 8]) == self._tail:
             return numpy.empty(0, self.record)  # never a view: one kept alive (a traceback's) keeps our mapping
         head = int(self._header[_HEAD // 8])
@@ -92,17 +101,53 @@ class Ring:
         tickets = numpy.arange(self._tail, head, dtype=numpy.uint64)
         slots = (tickets & (self.count - 1)).astype(numpy.intp)
         seqs = self._slots["seq"][slots]  # read before the records: a seq seen whole means its record is
-        pending = numpy.flatnonzero(seqs != tickets + 1)
-        ready = int(pending[0]) if len(pending) else len(tickets)
-        records = self._slots[slots[:ready]]
-        self._tail += ready
+        whole = seqs == tickets + 1
+        if spans is None:
+            pending = numpy.flatnonzero(~whole)
+            starts = numpy.arange(int(pending[0]) if len(pending) else len(tickets))
+            taken = len(starts)
+        else:
+            starts, taken = self._starts(slots, whole, spans)
+        records = self._slots[slots[starts]]
+        if spans is not None:
+            self._keep_areas(records, starts, slots, spans)
+        self._tail += taken
         self._header[_TAIL // 8] = self._tail
         return records
 
-    def void(self, seq: int) -> None:
-        """Write off the slot of ticket ``seq - 1``, reserved by a thread we moved back to its probe."""
+    def _starts(self, slots: numpy.ndarray, whole: numpy.ndarray, spans: numpy.ndarray) -> tuple[list[int], int]:
+        """Where each whole record starts among ``slots`` (stepping over the slots each one spans), and how
+        many slots they take in all."""
+        sites, cpus = self._slots["site"][slots], self._slots["cpu"][slots]
+        known = sites < len(spans)
+        steps = numpy.ones(len(slots), numpy.int64)
+        steps[known] = spans[sites[known]]
+        void = sites == VOID
+        steps[void] = numpy.clip(cpus[void], 1, self.count)
+        steps, whole, starts, at = steps.tolist(), whole.tolist(), [], 0
+        while at < len(slots) and whole[at] and at + steps[at] <= len(slots):
+            starts.append(at)
+            at += steps[at]
+        return starts, at
+
+    def _keep_areas(self, records: numpy.ndarray, starts: list[int], slots: numpy.ndarray,
+                    spans: numpy.ndarray) -> None:
+        """Copy out what the records of more than one slot hold past their header slot."""
+        size = self.record.itemsize
+        for site, seq, start in zip(records["site"].tolist(), records["seq"].tolist(), starts):
+            length = (int(spans[site]) - 1) * size if site < len(spans) else 0
+            if length:
+                first = (int(slots[start]) + 1) % self.count * size
+                area = self._bytes[first:first + length]
+                if len(area) < length:  # past the last slot: the rest is at the first
+                    area = numpy.concatenate((area, self._bytes[:length - len(area)]))
+                self.areas[seq] = area.tobytes()
+
+    def void(self, seq: int, span: int = 1) -> None:
+        """Write off the ``span`` slots from ticket ``seq - 1``, reserved by a thread we moved back to its
+        probe."""
         slot = _HEADER + ((seq - 1) & (self.count - 1)) * self.record.itemsize
-        _VOID.pack_into(self._shared, slot, seq, VOID)
+        _VOID.pack_into(self._shared, slot, seq, VOID, span)
 
     def unmap(self, via: int) -> None:
         """Take the ring out of the target (at detach, once read to the end)."""
@@ -113,5 +158,5 @@ class Ring:
         """The target's memory is gone or the ring unmapped: let our mapping go (read the ring first)."""
         if self._lost_at_retire is None:
             self._lost_at_retire = self.lost
-            self._slots, self._header = None, None
+            self._slots, self._header, self._bytes = None, None, None
             self._shared.close()

@@ -17,17 +17,20 @@ __all__ = ["PROT_READ", "PROT_WRITE", "PROT_EXEC", "map_shared", "reads_possible
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 _MFD_CLOEXEC = 1
-_MAP_SHARED, _MAP_POPULATE, _MAP_FIXED_NOREPLACE = 0x01, 0x8000, 0x100000
+_MAP_SHARED, _MAP_PRIVATE, _MAP_FIXED, _MAP_ANONYMOUS = 0x01, 0x02, 0x10, 0x20
+_MAP_POPULATE, _MAP_FIXED_NOREPLACE = 0x8000, 0x100000
 _MADV_DONTFORK = 10
 _PROBE_BYTES = b"uprobes!"
 
 
 def map_shared(tid: int, memory: ProcessMemory, size: int, address: int, prot: int, name: bytes,
-               populate: bool = False) -> tuple[mmap.mmap, int]:
+               populate: bool = False, mirror: int = 0) -> tuple[mmap.mmap, int]:
     """Map ``size`` bytes of a new memfd called ``name`` at ``address`` in the target (0: where the kernel
     chooses), with ``prot``, through stopped thread ``tid``; kept out of fork children (``MADV_DONTFORK``);
-    ``populate``: every page allocated and mapped now, not at the target's first touch of it.
-    Returns our own read-write mapping of the same memory, and where the target has it."""
+    ``populate``: every page allocated and mapped now, not at the target's first touch of it; ``mirror``: its
+    last ``mirror`` bytes mapped a second time just after it (what runs past the end goes on at the start of
+    those bytes: unmap ``size + mirror``). Returns our own read-write mapping of the memfd, and where the
+    target has it."""
     scratch = (ptrace_getregs(tid).rsp - 1024) & ~15  # below the red zone: scratch for the program too
     memory.write(scratch, name + b"\0", tid)
     fd = checked(inject_syscall(tid, memory, NR_MEMFD_CREATE, scratch, _MFD_CLOEXEC), "memfd_create")
@@ -38,17 +41,28 @@ def map_shared(tid: int, memory: ProcessMemory, size: int, address: int, prot: i
             shared = mmap.mmap(ours, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(ours)
-        flags = _MAP_SHARED | (_MAP_FIXED_NOREPLACE if address else 0) | (_MAP_POPULATE if populate else 0)
-        mapped = inject_syscall(tid, memory, NR_MMAP, address, size, prot, flags, fd, 0)
-        if mapped < 0 or (address and mapped != address):
+        placed = _MAP_FIXED_NOREPLACE if address else 0
+        populated = _MAP_POPULATE if populate else 0
+        if mirror:  # room for both, then the memfd over it twice
+            mapped = inject_syscall(tid, memory, NR_MMAP, address, size + mirror, 0,
+                                    _MAP_PRIVATE | _MAP_ANONYMOUS | placed, -1, 0)
+            results = [mapped] if mapped < 0 else [
+                inject_syscall(tid, memory, NR_MMAP, start, length, prot, _MAP_SHARED | _MAP_FIXED | populated, fd,
+                               offset) for start, length, offset in ((mapped, size, 0), (mapped + size, mirror,
+                                                                                           size - mirror))]
+        else:
+            mapped = inject_syscall(tid, memory, NR_MMAP, address, size, prot, _MAP_SHARED | placed | populated, fd, 0)
+            results = [mapped]
+        failed = min(results)
+        if failed < 0 or (address and mapped != address):
             if mapped >= 0:
-                inject_syscall(tid, memory, NR_MUNMAP, mapped, size)
+                inject_syscall(tid, memory, NR_MUNMAP, mapped, size + mirror)
             shared.close()
             raise InjectionError(f"mmap of {size >> 10} KiB at {address:#x} failed in process {memory.pid}: "
-                                 f"{error_text(mapped)}")
+                                 f"{error_text(failed)}")
     finally:
         inject_syscall(tid, memory, NR_CLOSE, fd)
-    inject_syscall(tid, memory, NR_MADVISE, mapped, size, _MADV_DONTFORK)
+    inject_syscall(tid, memory, NR_MADVISE, mapped, size + mirror, _MADV_DONTFORK)
     return shared, mapped
 
 
