@@ -258,3 +258,21 @@ def test_records_of_many_slots_run_past_the_rings_end_and_read_whole(targets):
     for event in events:
         args = event["args"]
         assert args["s"] == f"{args['i']}:".ljust(3010, "g") and args["a"] == [args["i"], 0, 0, 0]
+
+
+def test_python_handlers_get_the_strings_their_records_hold(targets):
+    """A handler's record holds every register and what its strings and arrays read (in slots of 256 bytes):
+    each call comes with the string and array of the hit."""
+    from uprobes.api import Session
+
+    program, n = str(targets / "strings"), 300
+    seen: list[tuple] = []
+    with Session(command=[program, "threads", "2", str(n)], keep_events=False) as session:
+        session.probe(f"uprobe:{program}:take {STRINGS_PROBE}",
+                      lambda hit: seen.append((hit.tid, hit.args["s"], hit.args["a"][:2], hit.regs.rdx)))
+        status = session.run()
+        lost, notices, report = session.lost, session.notices, session._engine.report()
+    assert status == 0 and lost == 0 and len(seen) == 2 * n, notices
+    assert "1 of 1 probe points were jumps (no stop per hit)" in report, report
+    assert all(s == f"t{a[0]}-{i}" and a[1] == i for _, s, a, i in seen)
+    assert sorted([i for tid, *_, i in seen if tid == t] for t in {tid for tid, *_ in seen}) == [list(range(n))] * 2

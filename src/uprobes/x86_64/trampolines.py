@@ -63,8 +63,9 @@ class Resume:
     returning: bool = False  # in a return trampoline: the return is not taken yet (the tracer takes it)
     returned: bool = False  # the return is taken: the thread goes on at the address just below its stack
     reserved_at: int | None = None  # ... the sequence word is at this many bytes above rsp instead
-    reserved_span: int = 1  # the slots the reserved record takes
+    reserved_span: int | str = 1  # the slots the reserved record takes (a str: the register holding how many)
     reserved_ahead: bool = False  # ... the register holds the ticket after them, not the sequence word
+    shrunk_if_zf: str | None = None  # ... if ZF is set, this register holds how many (some were given back)
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,8 @@ class RingLayout:
     """Where a recording trampoline writes: the ring's header at ``address`` (the words ``head``, ``tail`` and
     ``lost`` at those offsets), then ``count`` slots (a power of two) of ``1 << slot_shift`` bytes from ``slots``;
     in a slot, the offsets of the sequence word (written last: ticket + 1), the site's id (32 bits), the CPU
-    (32 bits, from ``rdtscp``), the time stamp counter, the thread's key (its fs base) and the captured words."""
+    (32 bits, from ``rdtscp``; in a record of more than one slot, the high 16 bits are how many), the time stamp
+    counter, the thread's key (its fs base) and the captured words."""
 
     address: int
     head: int
@@ -198,7 +200,8 @@ class CaptureRead:
 class CaptureBytes:
     """A word of the record: how many bytes were read (a negative errno: none) at ``disp`` plus register
     ``base``, plus the word ``inner`` read before it, or at ``disp`` itself (neither), with ``process_vm_readv``
-    into the record's slots after its first (:func:`area`). An array (``string`` False): ``size`` bytes at once.
+    into the record's slots after its first, just after what the record's reads before it gave (so that a short
+    string leaves the slots it does not need free). An array (``string`` False): ``size`` bytes at once.
     A string: up to and with its NUL, at most ``size`` bytes, in reads that never cross a page, so that it
     stops at an unreadable page where a read byte by byte would."""
 
@@ -214,13 +217,9 @@ class CaptureBytes:
         return start + self.disp & (1 << 64) - 1
 
 
-def area(captures: tuple[Capture, ...]) -> tuple[dict[CaptureBytes, int], int]:
-    """Where the bytes of each :class:`CaptureBytes` of a record go, past its first slot; their size in all."""
-    offsets, size = {}, 0
-    for capture in captures:
-        if isinstance(capture, CaptureBytes):
-            offsets[capture], size = size, size + capture.size
-    return offsets, size
+def area(captures: tuple[Capture, ...]) -> int:
+    """The most bytes the :class:`CaptureBytes` of a record may read, past its first slot."""
+    return sum(capture.size for capture in captures if isinstance(capture, CaptureBytes))
 
 
 @dataclass(frozen=True)
@@ -350,7 +349,9 @@ class _Builder:
         self.counted = self.recorded = self.reserved_if_zf = False
         self.shadowed = self.returning = self.returned = False
         self.reserved: str | None = None
-        self.reserved_span, self.reserved_ahead = 1, False
+        self.reserved_span: int | str = 1
+        self.reserved_ahead = False
+        self.shrunk_if_zf: str | None = None
         self.entered_stack, self.entered_pushed = 0, []
         self.traps: dict[int, str] = {}  # the index of each int3, and what the tracer does there
         self._labels: dict[int, int | None] = {}  # label -> ip of the instruction it is bound to
@@ -392,7 +393,7 @@ class _Builder:
             reserved_at = 8 * (len(self.pushed) - 1 - self.pushed.index("_" + self.reserved))
         return Resume(self.site, self.stack, flags_at, self.counted, tuple(offsets.items()), self.reserved,
                       self.reserved_if_zf, self.recorded, loads, self.shadowed, self.returning, self.returned,
-                      reserved_at, self.reserved_span, self.reserved_ahead)
+                      reserved_at, self.reserved_span, self.reserved_ahead, self.shrunk_if_zf)
 
     def enter(self, flags: bool, registers: tuple[Register, ...]) -> None:
         """Step over the red zone, save the flags (if ``flags``) and ``registers``."""
@@ -453,8 +454,7 @@ class _Builder:
         %rdx, %rsi and %r11: its first slot, and the slots after it that the bytes it reads need."""
         if len(captures) > (1 << ring.slot_shift) - ring.words >> 3:
             raise ValueError(f"{len(captures)} words do not fit a record")
-        offsets, area_size = area(captures)
-        span = 1 + -(-area_size >> ring.slot_shift)
+        span = 1 + -(-area(captures) >> ring.slot_shift)
         r11 = Register.R11
         self.add(Instruction.create(Code.RDTSC if rdpid else Code.RDTSCP))
         self.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, Register.RDX, 32))
@@ -494,17 +494,21 @@ class _Builder:
         if CaptureFaults() in captures:
             faults = ring.words + 8 * captures.index(CaptureFaults())
             self.add(Instruction.create_mem_i32(Code.MOV_RM64_IMM32, MemoryOperand(r11, displ=faults), 0))
+        if span > 1:
+            self.add(Instruction.create_i32(Code.PUSHQ_IMM32, 0), stack=8, saves="_cursor")
         for i, capture in enumerate(captures):
             if isinstance(capture, CaptureRead):
                 self._read(capture, ring, captures, i)
             elif isinstance(capture, CaptureBytes):
-                self._read_bytes(capture, ring, captures, i, (1 << ring.slot_shift) + offsets[capture])
+                self._read_bytes(capture, ring, captures, i)
             elif not isinstance(capture, CaptureFaults):
                 self.capture(capture, ring.words + 8 * i)
+        if span > 1:
+            self._give_back(ring, span)
         self.add(_store(r11, ring.seq, Register.RCX))
         # the next slot's line, for the next hit: a ring larger than the caches misses on every slot otherwise
         self.add(Instruction.create_mem(Code.PREFETCHW_M8, MemoryOperand(r11, displ=1 << ring.slot_shift)))
-        self.reserved, self.recorded, self.reserved_span = None, True, 1
+        self.reserved, self.recorded, self.reserved_span, self.shrunk_if_zf = None, True, 1, None
         if full is not None:
             return
         self.branch(Code.JMP_REL32_64, done)
@@ -607,23 +611,25 @@ class _Builder:
         self.add(Instruction.create_mem_reg(Code.OR_RM64_R64, MemoryOperand(r11, displ=faults), rax))
         self.bind(done)
 
-    def _read_bytes(self, capture: CaptureBytes, ring: RingLayout, captures: tuple[Capture, ...], i: int,
-                    offset: int) -> None:
-        """Word ``i`` of the slot (%r11): how many of ``capture``'s bytes were read to ``offset`` bytes past the
-        slot's start (a negative errno: none)::
+    def _read_bytes(self, capture: CaptureBytes, ring: RingLayout, captures: tuple[Capture, ...], i: int) -> None:
+        """Word ``i`` of the slot (%r11): how many of ``capture``'s bytes were read (a string's up to its NUL, with
+        it) to the record's cursor (on the stack: bytes past the first slot so far), which moves past them (a
+        negative errno: none read)::
 
             read = 0
             next: length = min(page end - (address + read), size - read, 256 + read)
                   process_vm_readv(pid, {area + read, length}, 1, {address + read, length}, 1, 0)
                   failed (<= 0): read = read or the error; done
-                  read += what it gave; done if a NUL is in it, or read = size; else next
+                  read += what it gave; done if a NUL is in it (read = up to it), or read = size; else next
 
         (an array: one read of all its ``size`` bytes, its result the word)."""
         rax, rdx, rsi, rdi, rcx, rsp = Register.RAX, Register.RDX, Register.RSI, Register.RDI, Register.RCX, Register.RSP
         self._address_into(rax, capture, ring, captures)
         self._keep()
         self.add(Instruction.create_reg(Code.PUSH_R64, rax), stack=8, saves="_address")
-        self.add(Instruction.create_reg_mem(Code.LEA_R64_M, rsi, MemoryOperand(Register.R11, displ=offset)))
+        self.add(Instruction.create_reg_mem(Code.LEA_R64_M, rsi, MemoryOperand(Register.R11,
+                                                                             displ=1 << ring.slot_shift)))
+        self.add(Instruction.create_reg_mem(Code.ADD_R64_RM64, rsi, self._scratch("_cursor")))
         self.add(Instruction.create_reg(Code.PUSH_R64, rsi), stack=8, saves="_area")
         self.add(Instruction.create_i32(Code.PUSHQ_IMM32, 0), stack=8, saves="_read")
         read, area_at, address_at = MemoryOperand(rsp), MemoryOperand(rsp, displ=8), MemoryOperand(rsp, displ=16)
@@ -631,7 +637,7 @@ class _Builder:
             self._readv(ring, rsi, rax, capture.size)
             self.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, read, rax))
         else:
-            again, failed, done = self.label(), self.label(), self.label()
+            again, found, failed, done = self.label(), self.label(), self.label(), self.label()
             self.bind(again)
             self.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, rax, address_at))
             self.add(Instruction.create_reg_mem(Code.ADD_R64_RM64, rax, read))
@@ -648,7 +654,7 @@ class _Builder:
             self.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, rdx, rsi))
             self.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, rsi, area_at))
             self.add(Instruction.create_reg_mem(Code.ADD_R64_RM64, rsi, read))
-            self._readv(ring, rsi, rax, rdx)
+            self._readv(ring, rsi, rax)
             self.add(Instruction.create_reg_reg(Code.TEST_RM64_R64, rax, rax))
             self.branch(Code.JLE_REL32_64, failed)
             self.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, rdi, area_at))
@@ -658,12 +664,17 @@ class _Builder:
             scan = self.label()
             self.bind(scan)
             self.add(Instruction.create_mem_u32(Code.CMP_RM8_IMM8, MemoryOperand(rdi), 0))
-            self.branch(Code.JE_REL32_64, done)
+            self.branch(Code.JE_REL32_64, found)
             self.add(Instruction.create_reg(Code.INC_RM64, rdi))
             self.add(Instruction.create_reg(Code.DEC_RM64, rcx))
             self.branch(Code.JNE_REL32_64, scan)
             self.add(Instruction.create_mem_i32(Code.CMP_RM64_IMM32, read, capture.size))
             self.branch(Code.JB_REL32_64, again)
+            self.branch(Code.JMP_REL32_64, done)
+            self.bind(found)  # what was read past the NUL is not kept
+            self.add(Instruction.create_reg_mem(Code.LEA_R64_M, rax, MemoryOperand(rdi, displ=1)))
+            self.add(Instruction.create_reg_mem(Code.SUB_R64_RM64, rax, area_at))
+            self.add(Instruction.create_mem_reg(Code.MOV_RM64_R64, read, rax))
             self.branch(Code.JMP_REL32_64, done)
             self.bind(failed)
             self.add(Instruction.create_mem_i32(Code.CMP_RM64_IMM32, read, 0))
@@ -675,6 +686,48 @@ class _Builder:
             self.add(_lea_rsp(8), stack=-8)
         self._unkeep()
         self.add(_store(Register.R11, ring.words + 8 * i, rax))
+        nothing = self.label()
+        self.add(Instruction.create_reg_reg(Code.TEST_RM64_R64, rax, rax))
+        self.branch(Code.JLE_REL32_64, nothing)
+        self.add(Instruction.create_mem_reg(Code.ADD_RM64_R64, self._scratch("_cursor"), rax))
+        self.bind(nothing)
+
+    def _give_back(self, ring: RingLayout, span: int) -> None:
+        """The record's bytes are read (their end the cursor, taken off the stack): the slots it does not need
+        go back if no record was reserved after it (the ring's head moved back), and its first slot says how many
+        it takes (%dx into the CPU's high 16 bits)::
+
+            s = 1 + ceil(cursor / slot size); if s < span: lock cmpxchg ticket + s into head (if ticket + span)
+            [r11 + cpu + 2] = s if that took, else span"""
+        rax, rdx, rsi, rcx, r11 = Register.RAX, Register.RDX, Register.RSI, Register.RCX, Register.R11
+        keep, given = self.label(), self.label()
+        self.add(Instruction.create_reg_mem(Code.MOV_R64_RM64, rdx, self._scratch("_cursor")))
+        self.add(_lea_rsp(8), stack=-8)
+        self.add(Instruction.create_reg_mem(Code.LEA_R64_M, rdx, MemoryOperand(rdx, displ=(1 << ring.slot_shift) - 1)))
+        self.add(Instruction.create_reg_u32(Code.SHR_RM64_IMM8, rdx, ring.slot_shift))
+        self.add(Instruction.create_reg(Code.INC_RM64, rdx))
+        self.add(Instruction.create_reg_i32(Code.CMP_RM64_IMM32, rdx, span))
+        self.branch(Code.JAE_REL32_64, keep)
+        self.add(Instruction.create_reg_mem(Code.LEA_R64_M, rax, MemoryOperand(rcx, displ=span - 1)))
+        self.add(Instruction.create_reg_mem(Code.LEA_R64_M, rsi, MemoryOperand(rcx, rdx, displ=-1)))
+        self.add(Instruction.create_reg(Code.PUSH_R64, r11), stack=8, saves="_slot")
+        self.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, r11, ring.address))
+        cmpxchg = Instruction.create_mem_reg(Code.CMPXCHG_RM64_R64, MemoryOperand(r11, displ=ring.head), rsi)
+        cmpxchg.has_lock_prefix = True
+        self.add(cmpxchg)
+        self.shrunk_if_zf = "rdx"
+        self.add(Instruction.create_reg(Code.POP_R64, r11), stack=-8)
+        self.branch(Code.JE_REL32_64, given)
+        self.shrunk_if_zf = None
+        self.bind(keep)
+        self.add(Instruction.create_reg_u32(Code.MOV_R32_IMM32, Register.EDX, span))
+        self.reserved_span = "rdx"
+        self.bind(given)
+        self.add(Instruction.create_mem_reg(Code.MOV_RM16_R16, MemoryOperand(r11, displ=ring.cpu + 2), Register.DX))
+
+    def _scratch(self, name: str) -> MemoryOperand:
+        """Where the trampoline's own value ``name`` is on the stack."""
+        return MemoryOperand(Register.RSP, displ=8 * (len(self.pushed) - 1 - self.pushed.index(name)))
 
     def _at_most(self, register: Register, limit: Register) -> None:
         self.add(Instruction.create_reg_reg(Code.CMP_R64_RM64, register, limit))
@@ -706,12 +759,12 @@ class _Builder:
         for register in reversed(_KEPT):
             self.add(Instruction.create_reg(Code.POP_R64, register), stack=-8)
 
-    def _readv(self, ring: RingLayout, local: Register, remote: Register, length: Register | int) -> None:
-        """%rax = ``process_vm_readv(pid, {local, length}, 1, {remote, length}, 1, 0)`` (between :meth:`_keep`
-        and :meth:`_unkeep`)."""
+    def _readv(self, ring: RingLayout, local: Register, remote: Register, size: int | None = None) -> None:
+        """%rax = ``process_vm_readv(pid, {local, length}, 1, {remote, length}, 1, 0)``, the length ``size`` or
+        (None) %rdx (between :meth:`_keep` and :meth:`_unkeep`)."""
         def push_length() -> Instruction:
-            return (Instruction.create_i32(Code.PUSHQ_IMM32, length) if isinstance(length, int) else
-                    Instruction.create_reg(Code.PUSH_R64, length))
+            return (Instruction.create_i32(Code.PUSHQ_IMM32, size) if size is not None else
+                    Instruction.create_reg(Code.PUSH_R64, Register.RDX))
         for push in (push_length(), Instruction.create_reg(Code.PUSH_R64, remote), push_length(),
                      Instruction.create_reg(Code.PUSH_R64, local)):
             self.add(push, stack=8, saves="_iovec")

@@ -48,9 +48,9 @@ def captures_for(probe: Probe, load_bias: int = 0, handled: bool = False) -> tup
     words = HANDLER_WORDS if handled else WORDS
     if len(captures) > words:
         return f"its arguments need {len(captures)} words, more than the {words} a record holds"
-    if area(tuple(captures))[1] > AREA_LIMIT:
-        return f"its strings and arrays may take {area(tuple(captures))[1]:,} bytes, more than the " \
-               f"{AREA_LIMIT:,} a record holds"
+    if area(tuple(captures)) > AREA_LIMIT:
+        return f"its strings and arrays may take {area(tuple(captures)):,} bytes, more than the {AREA_LIMIT:,} " \
+               f"a record holds"
     return tuple(captures)
 
 

@@ -294,7 +294,8 @@ class Jump(Strategy):
         if resume.reserved is not None and (not resume.reserved_if_zf or regs.eflags & ZERO_FLAG):
             held = (getattr(regs, resume.reserved) if resume.reserved_at is None else
                     _COUNT.unpack(memory.read(regs.rsp + resume.reserved_at, 8))[0])
-            span = resume.reserved_span
+            span = resume.shrunk_if_zf if resume.shrunk_if_zf and regs.eflags & ZERO_FLAG else resume.reserved_span
+            span = getattr(regs, span) if isinstance(span, str) else span
             self.ring.void(held - span + 1 if resume.reserved_ahead else held, span)
         for name, offset in resume.saved:
             setattr(regs, name, _COUNT.unpack(memory.read(regs.rsp + offset, 8))[0])

@@ -132,11 +132,10 @@ class RecordedSite:
         return tuple((i, c) for i, c in enumerate(self.captures) if isinstance(c, CaptureRead))
 
     @functools.cached_property
-    def areas(self) -> tuple[tuple[int, CaptureBytes, int], ...]:
-        """The words that say how many bytes were read into the record's slots after its first, by position,
-        with where those bytes start."""
-        offsets = area(self.captures)[0]
-        return tuple((i, c, offsets[c]) for i, c in enumerate(self.captures) if isinstance(c, CaptureBytes))
+    def areas(self) -> tuple[tuple[int, CaptureBytes], ...]:
+        """The words that say how many bytes were read into the record's slots after its first (each read's
+        just after the one before), by position."""
+        return tuple((i, c) for i, c in enumerate(self.captures) if isinstance(c, CaptureBytes))
 
     @functools.cached_property
     def faults(self) -> int | None:
@@ -238,7 +237,7 @@ class Recorder:
                             for index in indices)
             self.sites.append(RecordedSite(breakpoint.address, breakpoint.file_offset, indices, captures, columns,
                                            returns, handled))
-            self._spans.append(1 + -(-area(captures)[1] // record_type(self.words).itemsize))
+            self._spans.append(1 + -(-area(captures) // record_type(self.words).itemsize))
             self._span_table = numpy.array(self._spans) if max(self._spans) > 1 else None
         return self._site_ids[key]
 
@@ -413,9 +412,11 @@ class Recorder:
                 if not failed >> i & 1:
                     chunks[read.address(registers, values)] = words[i].to_bytes(8, "little")[:read.size]
         strings: dict[int, bytes | None] = {}
-        for i, capture, offset in site.areas if record_area is not None else ():
+        cursor = 0
+        for i, capture in site.areas if record_area is not None else ():
             taken = min(words[i] - (words[i] >> 63 << 64), capture.size)  # a negative errno: nothing read
-            data = record_area[offset:offset + taken] if taken >= 0 else None
+            data = record_area[cursor:cursor + taken] if taken >= 0 else None
+            cursor += max(taken, 0)
             if capture.string:
                 strings[capture.address(registers, values)] = data
             elif taken == capture.size:

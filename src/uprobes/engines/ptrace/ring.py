@@ -9,10 +9,11 @@ slot ``t % count`` and writes its ``seq`` word, ``t + 1``, last: a slot whose ``
 never reorders a store with earlier stores). Reading takes every whole record in ticket order up to the
 first slot still being written, then gives the slots back.
 
-A site whose record holds strings or arrays reserves ``span`` tickets at once: its header slot, then the
-bytes it read, in the slots after it. The slots are mapped a second time just after the ring in the target,
-so those bytes are contiguous there even where they run past the last slot; the reader knows each site's
-span and steps from record to record.
+A site whose record holds strings or arrays reserves the most tickets it may need at once: its first slot,
+then the bytes it reads, in the slots after it; it gives back those it did not need where no record was
+reserved after it, and says in the high 16 bits of its CPU word how many it kept. The slots are mapped a
+second time just after the ring in the target, so those bytes are contiguous there even where they run past
+the last slot; the reader steps from record to record.
 
 Layout and the code that writes a record (:func:`uprobes.x86_64.trampolines.recording_trampoline`) meet in
 :attr:`Ring.layout`; what is in a record is untrusted (the target can write anything there).
@@ -32,7 +33,7 @@ from .shared import PROT_READ, PROT_WRITE, map_shared, unmap_shared
 
 __all__ = ["Ring", "record_type", "VOID"]
 
-VOID = 0xFFFFFFFF  # the site id of a slot given up by a thread the tool moved out of it (its span as its CPU)
+VOID = 0xFFFFFFFF  # the site id of a slot given up by a thread the tool moved out of it
 _HEADER = 4096
 _HEAD, _TAIL, _LOST, _PID = 64, 128, 192, 256
 _SLOTS_SIZE = 8 << 20  # 65,536 records of 12 words, 32,768 of 28
@@ -92,8 +93,8 @@ class Ring:
 
     def read(self, spans: numpy.ndarray | None = None) -> numpy.ndarray:
         """Every whole record not read yet, in ticket order (void ones included); their slots go back.
-        ``spans``: the slots a record of each site id takes, where some take more than one (what those hold
-        past their header slot is in :attr:`areas`)."""
+        ``spans``: the most slots a record of each site id takes, where some take more than one (what those
+        hold past their first slot is in :attr:`areas`)."""
         if self._lost_at_retire is not None or int(self._header[_HEAD // 8]) == self._tail:
             return numpy.empty(0, self.record)  # never a view: one kept alive (a traceback's) keeps our mapping
         head = int(self._header[_HEAD // 8])
@@ -108,34 +109,35 @@ class Ring:
             taken = len(starts)
         else:
             starts, taken = self._starts(slots, whole, spans)
-        records = self._slots[slots[starts]]
+        records = self._slots[slots[numpy.asarray(starts, numpy.intp)]]
         if spans is not None:
-            self._keep_areas(records, starts, slots, spans)
+            self._keep_areas(records, starts, taken, slots)
         self._tail += taken
         self._header[_TAIL // 8] = self._tail
         return records
 
     def _starts(self, slots: numpy.ndarray, whole: numpy.ndarray, spans: numpy.ndarray) -> tuple[list[int], int]:
-        """Where each whole record starts among ``slots`` (stepping over the slots each one spans), and how
-        many slots they take in all."""
-        sites, cpus = self._slots["site"][slots], self._slots["cpu"][slots]
+        """Where each whole record starts among ``slots`` (stepping over the slots each one says it takes), and
+        how many slots they take in all."""
+        sites = self._slots["site"][slots]
+        most = numpy.ones(len(slots), numpy.int64)
         known = sites < len(spans)
-        steps = numpy.ones(len(slots), numpy.int64)
-        steps[known] = spans[sites[known]]
-        void = sites == VOID
-        steps[void] = numpy.clip(cpus[void], 1, self.count)
+        most[known] = spans[sites[known]]
+        most[sites == VOID] = self.count
+        steps = numpy.where(most > 1, numpy.clip(self._slots["cpu"][slots] >> 16, 1, most), 1)
         steps, whole, starts, at = steps.tolist(), whole.tolist(), [], 0
         while at < len(slots) and whole[at] and at + steps[at] <= len(slots):
             starts.append(at)
             at += steps[at]
         return starts, at
 
-    def _keep_areas(self, records: numpy.ndarray, starts: list[int], slots: numpy.ndarray,
-                    spans: numpy.ndarray) -> None:
-        """Copy out what the records of more than one slot hold past their header slot."""
+    def _keep_areas(self, records: numpy.ndarray, starts: list[int], end: int, slots: numpy.ndarray) -> None:
+        """Copy out what the records (starting at ``starts`` among ``slots``, the last one ending at ``end``)
+        hold past their first slot."""
         size = self.record.itemsize
-        for site, seq, start in zip(records["site"].tolist(), records["seq"].tolist(), starts):
-            length = (int(spans[site]) - 1) * size if site < len(spans) else 0
+        for site, seq, start, after in zip(records["site"].tolist(), records["seq"].tolist(), starts,
+                                           starts[1:] + [end]):
+            length = (after - start - 1) * size if site != VOID else 0
             if length:
                 first = (int(slots[start]) + 1) % self.count * size
                 area = self._bytes[first:first + length]
@@ -147,7 +149,7 @@ class Ring:
         """Write off the ``span`` slots from ticket ``seq - 1``, reserved by a thread we moved back to its
         probe."""
         slot = _HEADER + ((seq - 1) & (self.count - 1)) * self.record.itemsize
-        _VOID.pack_into(self._shared, slot, seq, VOID, span)
+        _VOID.pack_into(self._shared, slot, seq, VOID, span << 16)
 
     def unmap(self, via: int) -> None:
         """Take the ring out of the target (at detach, once read to the end)."""
