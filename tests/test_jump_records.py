@@ -230,6 +230,23 @@ def test_strings_and_arrays_are_read_by_the_trampoline_as_a_trap_reads_them(targ
     assert jumped[6]["errors"] == {"s": "fault reading a string at 0x0", "a": "fault reading 16 bytes at 0x0"}
 
 
+def test_as_many_strings_as_a_record_holds(targets):
+    """Eleven strings (with their pointer, the twelve words a record holds), each read just after the one before:
+    the values a trap reads, the trampoline's code (5 KiB) still a jump."""
+    program = str(targets / "strings")
+    probe = f"uprobe:{program}:take " + " ".join(f"s{k}=+{k}(%di):string" for k in range(11))
+    runs = {}
+    for options in ([], ["--trap"]):
+        events, proc, lost = _trace(*options, probe, "--", program, "shapes")
+        assert proc.returncode == 0 and lost == 0, proc.stderr
+        runs[bool(options)] = (_without_addresses(events), proc.stderr)
+    (jumped, stderr), (trapped, _) = runs[False], runs[True]
+    assert "1 of 1 probe points were jumps" in stderr, stderr
+    assert jumped == trapped and len(jumped) == 10
+    first = json.loads(jumped[0])[0]
+    assert [first[f"s{k}"] for k in range(6)] == ["hello", "ello", "llo", "lo", "o", ""]  # then what follows it
+
+
 def test_string_records_of_threads_keep_each_threads_order(targets):
     """Four threads each write records of a string and an array (many slots each): every one is read whole, in
     each thread's order, none lost."""

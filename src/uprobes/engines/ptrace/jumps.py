@@ -54,7 +54,7 @@ __all__ = ["FULL", "Jump", "JumpArea", "Jumps", "site_for"]
 
 _CODE_SIZE = 1 << 18
 _COUNTERS_SIZE = 1 << 18
-_TRAMPOLINE_MAX = 2048  # a trampoline takes what it needs, 16-byte aligned (dereferences take most)
+_TRAMPOLINE_MAX = 8192  # a trampoline takes what it needs, 16-byte aligned (16 strings take 5 KiB)
 _COUNTER_SIZE = 64  # one cache line each: threads counting different sites never share a line
 _REACH = (1 << 31) - (1 << 24)  # what a rel32 reaches, less a margin
 _COUNT = struct.Struct("<Q")
