@@ -569,16 +569,15 @@ class Jumps:
             self.recorder.saw(thread, ptrace_getregs(thread.tid).fs_base)
 
     def exiting(self, thread: Thread) -> None:
-        """``thread`` stopped at its exit: every record it wrote is read now, under its last key; its shadow
-        stack may serve another thread."""
+        """``thread`` stopped at its exit: every record it wrote is its own (read now, or once a record of another
+        thread that holds them back is written); its shadow stack may serve another thread."""
         shadow = self._stacks(thread.process)
         if self.recorder is not None or shadow is not None:
             key = ptrace_getregs(thread.tid).fs_base
             if shadow is not None:
                 shadow.free(key)
             if self.recorder is not None:
-                self.recorder.saw(thread, key)
-                self.recorder.read(thread.process.memory_owner or thread.process)
+                self.recorder.exited(thread, key)
 
     def execing(self, thread: Thread) -> None:
         """``thread`` is at its exec, the only one left of its image: what the image wrote is read now, under

@@ -204,6 +204,10 @@ class Recorder:
     _spans: list[int] = field(default_factory=list)  # the slots a record of each site takes
     _span_table: numpy.ndarray | None = None  # the same, where some take more than one
     _areas: dict[Process, dict[int, bytes]] = field(default_factory=lambda: collections.defaultdict(dict))
+    _latest: dict[Process, dict[int, int]] = field(default_factory=lambda: collections.defaultdict(dict))
+    # threads gone: (key, last ticket they may have written, thread), until the ring is read past it
+    _exited: dict[Process, list[tuple[int, int, Thread]]] = field(
+        default_factory=lambda: collections.defaultdict(list))
 
     @property
     def words(self) -> int:
@@ -252,6 +256,16 @@ class Recorder:
         if keys.get(key) is not thread:
             keys[key] = thread
             thread.comm  # noqa: B018 (read and kept: the name of the code that writes with this key)
+
+    def exited(self, thread: Thread, key: int) -> None:
+        """``thread`` (fs base ``key``) is at its exit stop: every record it wrote is its own, those read now and
+        those a record of another thread still being written holds back (every ticket handed out by now)."""
+        owner = thread.process.memory_owner or thread.process
+        self.saw(thread, key)
+        ring = self.rings.get(owner)
+        if ring is not None:
+            self._exited[owner].append((key, ring.handed_out, thread))
+        self.read(owner)
 
     def ended(self, thread: Thread) -> None:
         """``thread`` is gone (what it wrote was read at its exit stop): its key may come back with another."""
@@ -307,6 +321,8 @@ class Recorder:
             held.append(records)
         for batch in held:
             self._events(owner, batch)
+        if ring is not None and self._exited.get(owner):
+            self._exited[owner] = [gone for gone in self._exited[owner] if gone[1] > ring.read_to]
 
     def unmap(self, owner: Process, via: int) -> None:
         """At detach, every thread settled: ``owner``'s ring read to the end and taken out of it."""
@@ -328,6 +344,8 @@ class Recorder:
         self._keys.pop(owner, None)
         self._held.pop(owner, None)
         self._areas.pop(owner, None)
+        self._exited.pop(owner, None)
+        self._latest.pop(owner, None)
 
     def take(self) -> tuple[list[Group], list[Event]]:
         """The events read so far: in columns, and one by one."""
@@ -335,25 +353,36 @@ class Recorder:
         return groups, events
 
     def _events(self, owner: Process, records: numpy.ndarray) -> None:
+        for key, last, thread in self._exited.get(owner, ()):
+            theirs = (records["key"] == key) & (records["seq"] <= last)
+            if theirs.any():
+                self._made(owner, records[theirs], {key: thread})
+                records = records[~theirs]
         keys = self._keys.get(owner, {})
         unknown = ~numpy.isin(records["key"], numpy.fromiter(keys, numpy.uint64, len(keys)))
         if unknown.any():
             self._held.setdefault(owner, []).append(records[unknown])
             records = records[~unknown]
+        self._made(owner, records, keys)
+
+    def _made(self, owner: Process, records: numpy.ndarray, keys: dict[int, Thread]) -> None:
+        """The events of ``records``, each thread's known by its key in ``keys``."""
         records = records[records["site"] < len(self.sites)]  # VOID, or not ours
         areas = self._areas.get(owner)
         areas = {seq: areas.pop(seq) for seq in records["seq"].tolist() if seq in areas} if areas else {}
         ring = self.rings.get(owner)
         if ring is not None and any(ring.suppressed.values()):
             records = _unsuppressed(records, ring.suppressed)
+        if not len(records):
+            return
+        times = self._in_order(owner, records["key"], self._clock.to_ns(records["tsc"]))
         if self._handled_sites:
             handled = numpy.isin(records["site"], self._handled_sites)
             if handled.any():
-                self._one_by_one(keys, records[handled], areas)
-                records = records[~handled]
+                self._one_by_one(keys, records[handled], times[handled], areas)
+                records, times = records[~handled], times[~handled]
         if not len(records) or self.counting:
             return
-        times = self._clock.to_ns(records["tsc"])
         sites, record_keys = records["site"], records["key"]
         order = numpy.lexsort((record_keys, sites))  # by site, then thread; each in the order written
         by_site, by_key = sites[order], record_keys[order]
@@ -362,12 +391,25 @@ class Recorder:
             site = self.sites[int(sites[group[0]])]
             self._group(site, keys[int(record_keys[group[0]])], records[group], times[group], areas)
 
-    def _one_by_one(self, keys: dict[int, Thread], records: numpy.ndarray, areas: dict[int, bytes]) -> None:
-        """Events of ``records`` and their handlers' calls, in the order the ring holds them."""
-        times = self._clock.to_ns(records["tsc"]).tolist()
+    def _in_order(self, owner: Process, keys: numpy.ndarray, times: numpy.ndarray) -> numpy.ndarray:
+        """``times`` (of records in ring order, by thread key ``keys``) never earlier than the same thread's
+        record before: each conversion measures the counter's scale again, and two records read apart could
+        come out in the wrong order by a few nanoseconds."""
+        latest = self._latest[owner]
+        for key in numpy.unique(keys).tolist():
+            mine = numpy.flatnonzero(keys == key)
+            ordered = numpy.maximum.accumulate(numpy.maximum(times[mine], latest.get(key, 0)))
+            times[mine] = ordered
+            latest[key] = int(ordered[-1])
+        return times
+
+    def _one_by_one(self, keys: dict[int, Thread], records: numpy.ndarray, times: numpy.ndarray,
+                    areas: dict[int, bytes]) -> None:
+        """Events of ``records`` (at ``times``) and their handlers' calls, in the order the ring holds them."""
         for site_id, key, cpu, words, at, seq in zip(records["site"].tolist(), records["key"].tolist(),
                                                      (records["cpu"] & _CPU_MASK).tolist(),
-                                                     records["words"].tolist(), times, records["seq"].tolist()):
+                                                     records["words"].tolist(), times.tolist(),
+                                                     records["seq"].tolist()):
             site = self.sites[site_id]
             for index in site.probes:
                 if index not in self.removed:

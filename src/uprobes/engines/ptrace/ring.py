@@ -85,6 +85,17 @@ class Ring:
                           _PID)
 
     @property
+    def handed_out(self) -> int:
+        """Tickets handed out so far (a record's seq is its ticket + 1: every record written by now has a seq
+        at most this)."""
+        return self._tail if self._lost_at_retire is not None else int(self._header[_HEAD // 8])
+
+    @property
+    def read_to(self) -> int:
+        """Tickets read so far."""
+        return self._tail
+
+    @property
     def lost(self) -> int:
         """Hits whose record found the ring full."""
         if self._lost_at_retire is not None:
