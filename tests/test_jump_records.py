@@ -310,3 +310,18 @@ def test_python_handlers_get_the_strings_their_records_hold(targets):
     assert "1 of 1 probe points were jumps (no stop per hit)" in report, report
     assert all(s == f"t{a[0]}-{i}" and a[1] == i for _, s, a, i in seen)
     assert sorted([i for tid, *_, i in seen if tid == t] for t in {tid for tid, *_ in seen}) == [list(range(n))] * 2
+
+
+def test_a_real_interpreters_audit_events_read_their_names_as_a_trap_does():
+    """python3.11's audit marker (python:audit: the event's name a string its arg0 points to) on the jump path:
+    every event the interpreter raises, with the name a trap reads, in the same order."""
+    command = ["/usr/bin/python3.11", "-c", "import sys; sys.audit('hello', 1); open('/dev/null').close()"]
+    probe = "usdt:/usr/bin/python3.11:python:audit arg0:string"
+    runs = {}
+    for options in ([], ["--trap"]):
+        events, proc, lost = _trace(*options, probe, "--", *command)
+        assert proc.returncode == 0 and lost == 0, proc.stderr
+        runs[bool(options)] = ([e["args"]["arg0"] for e in events], proc.stderr)
+    (jumped, stderr), (trapped, _) = runs[False], runs[True]
+    assert "1 of 1 probe points were jumps" in stderr, stderr
+    assert jumped == trapped and "hello" in jumped and "open" in jumped, jumped
