@@ -385,12 +385,11 @@ class _Builder:
             self.pushed.pop()
 
     def _resume(self, loads: bool) -> Resume:
-        offsets = {name: 8 * (len(self.pushed) - 1 - i) for i, name in enumerate(self.pushed)
-                   if not name.startswith("_")}  # "_": scratch, or a value of the trampoline's own
+        offsets = {name: self._offset(name) for name in self.pushed if not name.startswith("_")}  # "_": scratch, or a value of the trampoline's own
         flags_at = offsets.pop("eflags", None)
         reserved_at = None  # the ticket is on the stack while its register serves a system call
         if self.reserved is not None and "_" + self.reserved in self.pushed:
-            reserved_at = 8 * (len(self.pushed) - 1 - self.pushed.index("_" + self.reserved))
+            reserved_at = self._offset("_" + self.reserved)
         return Resume(self.site, self.stack, flags_at, self.counted, tuple(offsets.items()), self.reserved,
                       self.reserved_if_zf, self.recorded, loads, self.shadowed, self.returning, self.returned,
                       reserved_at, self.reserved_span, self.reserved_ahead, self.shrunk_if_zf)
@@ -727,7 +726,11 @@ class _Builder:
 
     def _scratch(self, name: str) -> MemoryOperand:
         """Where the trampoline's own value ``name`` is on the stack."""
-        return MemoryOperand(Register.RSP, displ=8 * (len(self.pushed) - 1 - self.pushed.index(name)))
+        return MemoryOperand(Register.RSP, displ=self._offset(name))
+
+    def _offset(self, name: str) -> int:
+        """How far above the stack pointer what was saved as ``name`` is."""
+        return 8 * (len(self.pushed) - 1 - self.pushed.index(name))
 
     def _at_most(self, register: Register, limit: Register) -> None:
         self.add(Instruction.create_reg_reg(Code.CMP_R64_RM64, register, limit))
@@ -810,7 +813,7 @@ class _Builder:
             self.add(Instruction.create_reg_mem(Code.LEA_R64_M, register, MemoryOperand(Register.RSP,
                                                                                           displ=self.stack)))
         elif field in self.pushed:
-            at = 8 * (len(self.pushed) - 1 - self.pushed.index(field))
+            at = self._offset(field)
             self.add(_load(register, Register.RSP, at))
         else:
             self.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, register, getattr(Register, field.upper())))

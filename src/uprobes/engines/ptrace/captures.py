@@ -86,9 +86,14 @@ def arg_captures(arg: FetchArg, probe: Probe, load_bias: int, captures: list[Cap
         base = BY_KERNEL_NAME[source.inner.name].field
         _add(captures, CaptureRegister(base))
         return _loads(captures, CaptureLoad(base, source.offset, 8), arg.size)
-    start = source.addr if isinstance(source, Address) else probe.address - probe.offset + source.offset
-    return _loads(captures, CaptureLoad(None, start + (load_bias if isinstance(source, FileOffset) else 0), 8),
-                  arg.size)
+    return _loads(captures, CaptureLoad(None, _fixed_address(source, probe, load_bias), 8), arg.size)
+
+
+def _fixed_address(source: Address | FileOffset, probe: Probe, load_bias: int) -> int:
+    """Where ``@ADDR`` or ``@+FOFFS`` reads in the process (``load_bias``: of the probe's object)."""
+    if isinstance(source, Address):
+        return source.addr
+    return probe.address - probe.offset + source.offset + load_bias
 
 
 def _deref(source: Deref, size: int, captures: list[Capture]) -> CaptureRead | str:
@@ -117,9 +122,7 @@ def _bytes(source, probe: Probe, load_bias: int, captures: list[Capture], size: 
     if isinstance(source, Immediate):  # a string at a constant address
         capture = CaptureBytes(None, source.value, size, string=string)
     elif isinstance(source, (Address, FileOffset)):
-        start = source.addr if isinstance(source, Address) else probe.address - probe.offset + source.offset
-        capture = CaptureBytes(None, start + (load_bias if isinstance(source, FileOffset) else 0), size,
-                               string=string)
+        capture = CaptureBytes(None, _fixed_address(source, probe, load_bias), size, string=string)
     elif isinstance(source, Deref) and isinstance(source.inner, Register):
         base = BY_KERNEL_NAME[source.inner.name].field
         if base not in _CAPTURED:

@@ -201,8 +201,9 @@ class Recorder:
     rdpid: bool = field(default_factory=lambda: "rdpid" in cpu_flags())  # the CPU for a record, cheaper than rdtscp
     _clock: TscClock | None = None
     _handled_sites: list[int] = field(default_factory=list)
-    _spans: list[int] = field(default_factory=list)  # the slots a record of each site takes
-    _span_table: numpy.ndarray | None = None  # the same, where some take more than one
+    _spans: list[int] = field(default_factory=list)  # the most slots a record of each site takes
+    _span_table: numpy.ndarray | None = None  # the same as an array, made when read
+    _wide: bool = False  # some take more than one
     _areas: dict[Process, dict[int, bytes]] = field(default_factory=lambda: collections.defaultdict(dict))
     _latest: dict[Process, dict[int, int]] = field(default_factory=lambda: collections.defaultdict(dict))
     # threads gone: (key, last ticket they may have written, thread), until the ring is read past it
@@ -213,6 +214,10 @@ class Recorder:
     def words(self) -> int:
         """Words a record holds: every register where a probe has a handler."""
         return HANDLER_WORDS if self.handled else WORDS
+
+    @functools.cached_property
+    def _slot_size(self) -> int:
+        return record_type(self.words).itemsize
 
     @property
     def lost(self) -> int:
@@ -241,8 +246,8 @@ class Recorder:
                             for index in indices)
             self.sites.append(RecordedSite(breakpoint.address, breakpoint.file_offset, indices, captures, columns,
                                            returns, handled))
-            self._spans.append(1 + -(-area(captures) // record_type(self.words).itemsize))
-            self._span_table = numpy.array(self._spans) if max(self._spans) > 1 else None
+            self._spans.append(1 + -(-area(captures) // self._slot_size))
+            self._wide = self._wide or self._spans[-1] > 1
         return self._site_ids[key]
 
     def follow(self, parent: Ring, child: Process, via: int) -> Ring:
@@ -312,7 +317,7 @@ class Recorder:
     def read(self, owner: Process) -> None:
         """Events of every whole record of ``owner``'s ring (those of threads not known yet are held)."""
         ring = self.rings.get(owner)
-        records = ring.read(self._span_table) if ring is not None else None
+        records = ring.read(self._spans_read()) if ring is not None else None
         if ring is not None and ring.areas:
             self._areas[owner].update(ring.areas)
             ring.areas.clear()
@@ -323,6 +328,14 @@ class Recorder:
             self._events(owner, batch)
         if ring is not None and self._exited.get(owner):
             self._exited[owner] = [gone for gone in self._exited[owner] if gone[1] > ring.read_to]
+
+    def _spans_read(self) -> numpy.ndarray | None:
+        """The most slots a record of each site takes, where some take more than one (None: all take one)."""
+        if not self._wide:
+            return None
+        if self._span_table is None or len(self._span_table) != len(self._spans):
+            self._span_table = numpy.array(self._spans)
+        return self._span_table
 
     def unmap(self, owner: Process, via: int) -> None:
         """At detach, every thread settled: ``owner``'s ring read to the end and taken out of it."""
