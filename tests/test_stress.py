@@ -56,7 +56,7 @@ def test_four_threads_stepping_while_the_process_is_stopped_and_continued_twenty
 
 
 def test_four_threads_writing_a_ring_that_never_fills_lose_nothing_in_100_runs(targets):
-    """60,000 records in a ring of 65,536 slots: none may be counted lost. A writer that loaded the ring's head
+    """60,000 records in a ring of 131,072 slots: none may be counted lost. A writer that loaded the ring's head
     just before the others and the reader moved past it saw head - tail below zero, compared unsigned, and
     called the ring full (1 run in 20 here; a CI run of test_jump_records failed on it)."""
     program, n = str(targets / "jumps"), 15_000

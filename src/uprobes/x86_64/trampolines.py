@@ -241,17 +241,18 @@ _PAGE = 4096
 _FIRST_READ = 256  # a string's first read; each next one as long as what was read so far more, to the page end
 
 
-def recording_trampoline(site: JumpSite, address: int, counter: int | None, ring: RingLayout | None, site_id: int,
-                         captures: tuple[Capture, ...], rdpid: bool = False,
+def recording_trampoline(site: JumpSite, address: int, counter: int | None, ring: RingLayout | None,
+                         site_id: int | None, captures: tuple[Capture, ...], rdpid: bool = False,
                          returns: tuple[ShadowLayout, int] | None = None, handled: bool = False) -> Trampoline:
-    """Count a hit at ``counter``, write one record of it into ``ring`` (``captures`` as its words), run
-    ``site``'s displaced instructions and go back::
+    """Write one record of a hit into ``ring`` (``captures`` as its words), run ``site``'s displaced
+    instructions and go back; a hit whose record finds the ring full is counted at ``counter`` (the hits are the
+    records and that count: a locked add per hit would cost more than the record)::
 
-        lea -128(%rsp),%rsp; [pushfq;] push %rax, %rcx, %rdx, %rsi, %r11; lock incq counter(%rip)
+        lea -128(%rsp),%rsp; [pushfq;] push %rax, %rcx, %rdx, %rsi, %r11
         rdtscp (or rdtsc; rdpid %rsi, cheaper where there is rdpid); %rdx = tsc; %esi = cpu; %r11 = ring
         retry: %rax = head; full if head - tail >= count (signed); lock cmpxchg head+1 into head; jne retry
         %r11 = slot of ticket %rax; write tsc, cpu, site id, rdfsbase, the captured words; seq = ticket + 1
-        (full: lock incq lost)
+        (full: lock incq counter(%rip); lock incq lost)
         pop ...; [popfq;] lea 128(%rsp),%rsp; <displaced instructions>; jmp back
 
     A reserved slot is always written to the end (no branch out between the reservation and ``seq``); a
@@ -265,11 +266,11 @@ def recording_trampoline(site: JumpSite, address: int, counter: int | None, ring
     flags = site.flags_live or any(isinstance(c, CaptureRegister) and c.field == "eflags" for c in captures)
     builder = _Builder(site.address)
     builder.enter(flags, _SAVED)
-    if counter is not None:
+    if counter is not None and ring is None:
         builder.count(counter)
     full = builder.label() if handled else None
     if ring is not None:
-        builder.record(ring, site_id, captures, rdpid, full)
+        builder.record(ring, site_id, captures, rdpid, full, counter)
     if returns is None and full is None:
         builder.leave()
         return builder.assemble(address, _relocated(site, recorded=ring is not None))
@@ -290,7 +291,7 @@ def return_trampoline(function: int, address: int, shadow: ShadowLayout, counter
         lea -128(%rsp),%rsp; [pushfq;] push %rax, %rcx, %rdx, %rsi, %r11, %r8, %r9, %r10
         %rdx = the thread's record (by fs base); %r9 = its top entry, which must be this return's (its slot is
         the one the ret popped: %r10 = rsp - 8 of the program); %r8 = the record
-        lock incq counter(%rip), or a record of the return
+        lock incq counter(%rip), or a record of the return (counted there only if the ring is full)
         [%r10] = the real return address; depth - 1
         pop ...; lea 128(%rsp),%rsp; lea -8(%rsp),%rsp; ret
 
@@ -315,11 +316,11 @@ def return_trampoline(function: int, address: int, shadow: ShadowLayout, counter
     builder.add(Instruction.create_mem_reg(Code.CMP_RM64_R64, MemoryOperand(r9, displ=shadow.slot), r10))
     builder.branch(Code.JNE_REL32_64, slow)
     builder.add(Instruction.create_reg_reg(Code.MOV_R64_RM64, r8, rdx))
-    if counter is not None:
+    if counter is not None and ring is None:
         builder.count(counter)
     full = builder.label() if handled else None
     if ring is not None:
-        builder.record(ring, site_id, captures, rdpid, full)
+        builder.record(ring, site_id, captures, rdpid, full, counter)
     builder.add(_load(Register.R11, r9, shadow.original))
     builder.add(_store(r10, 0, Register.R11))
     builder.add(Instruction.create_mem(Code.DEC_RM64, MemoryOperand(r8, displ=shadow.depth)))
@@ -329,7 +330,7 @@ def return_trampoline(function: int, address: int, shadow: ShadowLayout, counter
     builder.add(Instruction.create(Code.RETNQ))
     builder.returning, builder.returned = True, False
     if full is not None:
-        builder.counted, builder.recorded = counter is not None, False
+        builder.counted = builder.recorded = False
         builder.exit(full, FULL)
     builder.counted = builder.recorded = False
     builder.exit(slow, RETURN)
@@ -421,6 +422,7 @@ class _Builder:
         self.shadowed = False
         for label, kind in kinds.items():
             if label is not None:
+                self.counted = flags[0] and kind != FULL  # a full ring: neither recorded nor counted
                 self.recorded = flags[1] and kind != FULL
                 self.exit(label, kind)
         self.counted, self.recorded, self.shadowed = flags
@@ -441,20 +443,21 @@ class _Builder:
                 self.add(Instruction.create_reg(Code.POP_R64, getattr(Register, name.upper())), stack=-8)
         self.add(_lea_rsp(RED_ZONE), stack=-RED_ZONE)
 
-    def count(self, counter: int) -> None:
-        increment = Instruction.create_mem(Code.INC_RM64, MemoryOperand(Register.RIP, displ=counter))
+    def count(self, counter: int, base: Register = Register.RIP) -> None:
+        increment = Instruction.create_mem(Code.INC_RM64, MemoryOperand(base, displ=counter))
         increment.has_lock_prefix = True
         self.add(increment)
         self.counted = True
 
     def record(self, ring: RingLayout, site_id: int, captures: tuple[Capture, ...], rdpid: bool,
-               full: int | None = None) -> None:
-        """Write one record into ``ring`` (or count it lost; ``full``: go there instead), through %rax, %rcx,
-        %rdx, %rsi and %r11: its first slot, and the slots after it that the bytes it reads need."""
+               full: int | None = None, counter: int | None = None) -> None:
+        """Write one record into ``ring`` (or count it lost, and the hit at ``counter``; ``full``: go there
+        instead), through %rax, %rcx, %rdx, %rsi and %r11: its first slot, and the slots after it that the bytes
+        it reads need. A hit is counted (:attr:`Resume.counted`) once its record is whole."""
         if len(captures) > (1 << ring.slot_shift) - ring.words >> 3:
             raise ValueError(f"{len(captures)} words do not fit a record")
         span = 1 + -(-area(captures) >> ring.slot_shift)
-        r11 = Register.R11
+        r11, counted = Register.R11, self.counted
         self.add(Instruction.create(Code.RDTSC if rdpid else Code.RDTSCP))
         self.add(Instruction.create_reg_u32(Code.SHL_RM64_IMM8, Register.RDX, 32))
         self.add(Instruction.create_reg_reg(Code.OR_R64_RM64, Register.RDX, Register.RAX))
@@ -508,15 +511,16 @@ class _Builder:
         # the next slot's line, for the next hit: a ring larger than the caches misses on every slot otherwise
         self.add(Instruction.create_mem(Code.PREFETCHW_M8, MemoryOperand(r11, displ=1 << ring.slot_shift)))
         self.reserved, self.recorded, self.reserved_span, self.shrunk_if_zf = None, True, 1, None
+        self.counted = self.counted or counter is not None
         if full is not None:
             return
         self.branch(Code.JMP_REL32_64, done)
-        self.recorded = False
-        lost = Instruction.create_mem(Code.INC_RM64, MemoryOperand(r11, displ=ring.lost))
-        lost.has_lock_prefix = True
+        self.recorded, self.counted = False, counted
         self.bind(lost_label)
-        self.add(lost)
-        self.recorded = True
+        if counter is not None:
+            self.count(counter)
+        self.count(ring.lost, r11)
+        self.counted, self.recorded = counted or counter is not None, True
         self.bind(done)
 
     def find_thread(self, shadow: ShadowLayout, missing: int) -> None:

@@ -10,6 +10,7 @@ stopped.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import replace
 
 from ...probes.fetchargs import (Address, Comm, Deref, FetchArg, FileOffset, Immediate, ImmediateString, Register,
@@ -22,9 +23,10 @@ from ...x86_64.registers import BY_KERNEL_NAME, GENERAL_REGISTERS
 from ...x86_64.trampolines import (Capture, CaptureBytes, CaptureFaults, CaptureLoad, CaptureRead, CaptureRegister,
                                    area)
 
-__all__ = ["HANDLER_WORDS", "REGISTERS", "WORDS", "arg_captures", "captures_for", "records_possible"]
+__all__ = ["HANDLER_WORDS", "REGISTERS", "WORDS", "arg_captures", "captures_for", "record_words", "records_possible"]
 
 WORDS = 12  # captured words a record holds
+LINE_WORDS = 4  # ... where every probe of the run needs no more: a record is then one 64-byte cache line
 HANDLER_WORDS = 28  # where a probe has a Python handler: every register, and what its arguments read
 AREA_LIMIT = 64 << 10  # the bytes a record's strings and arrays may take (a string takes its longest)
 _AT_HWCAP2, _HWCAP2_FSGSBASE = 26, 1 << 1
@@ -52,6 +54,21 @@ def captures_for(probe: Probe, load_bias: int = 0, handled: bool = False) -> tup
         return f"its strings and arrays may take {area(tuple(captures)):,} bytes, more than the {AREA_LIMIT:,} " \
                f"a record holds"
     return tuple(captures)
+
+
+def record_words(probes: list[Probe], handled: frozenset[int]) -> int:
+    """Words each record of a run of ``probes`` holds: every register where a probe has a Python handler (in
+    ``handled``); otherwise one cache line's worth where every probe's arguments fit in it, with those of the
+    probes at the same instruction. A record of one line costs a hit half the memory traffic of two."""
+    if handled:
+        return HANDLER_WORDS
+    sites: dict[tuple, list[Capture]] = collections.defaultdict(list)
+    for probe in probes:
+        captures = captures_for(probe)
+        if isinstance(captures, tuple):
+            site = sites[probe.path, probe.offset, probe.is_return]
+            site += [capture for capture in captures if capture not in site]
+    return LINE_WORDS if all(len(site) <= LINE_WORDS for site in sites.values()) else WORDS
 
 
 def arg_captures(arg: FetchArg, probe: Probe, load_bias: int, captures: list[Capture]) -> str | None:

@@ -402,8 +402,6 @@ class PtraceEngine(Engine):
         kind = (jump.trampoline if entry else jump.returns.trampoline).traps[address]
         regs.rip = address  # at the int3 itself until done: a handler that raises leaves a thread detach can settle
         ptrace_setregs(thread.tid, regs)
-        if kind == FULL:
-            jump.uncount(entry)
         if not serving and (kind == FULL or not entry):
             regs.rip = jump.site.address if entry else jump.returns.trampoline.address
             ptrace_setregs(thread.tid, regs)

@@ -173,11 +173,11 @@ class Jump(Strategy):
     probes, the function's return goes through a return trampoline (``returns``) too, kept on ``shadow``."""
 
     def __init__(self, breakpoint: Breakpoint, site: JumpSite, trampoline: Trampoline, area: JumpArea,
-                 counter: int, trap: Strategy, ring: Ring | None = None, site_id: int = 0,
+                 counter: int, trap: Strategy, ring: Ring | None = None, site_id: int | None = None,
                  returns: ReturnPath | None = None, shadow: ShadowStacks | None = None) -> None:
         super().__init__(breakpoint)
         self.site, self.trampoline, self.area, self.counter = site, trampoline, area, counter
-        self.ring, self.site_id = ring, site_id  # where its records go, if it records hits
+        self.ring, self.site_id = ring, site_id  # where its records go, and their site id if it records hits
         self.returns, self.shadow = returns, shadow
         self.trap = trap  # how the int3 of before the jump is taken out (a fork child's copy made before it)
         self.jump = jump_bytes(site.address, trampoline.address)
@@ -188,18 +188,16 @@ class Jump(Strategy):
 
     @property
     def hits(self) -> int:
-        return self.area.count(self.counter) + self.correction
+        """Hits of the entry so far: counted, or recorded (read from the ring)."""
+        written = self.ring.written(self.site_id) if self.site_id is not None else 0
+        return self.area.count(self.counter) + written + self.correction
 
     @property
     def return_hits(self) -> int:
-        return self.area.count(self.returns.counter) + self.return_correction if self.returns is not None else 0
-
-    def uncount(self, entry: bool) -> None:
-        """A hit counted at the entry (or the return) is the tracer's to count, or to run again."""
-        if entry:
-            self.correction -= 1
-        else:
-            self.return_correction -= 1
+        if self.returns is None:
+            return 0
+        written = self.ring.written(self.returns.site_id) if self.returns.recorded else 0
+        return self.area.count(self.returns.counter) + written + self.return_correction
 
     def trampolines(self) -> list[Trampoline]:
         return [self.trampoline] + ([self.returns.trampoline] if self.returns is not None else [])
@@ -253,10 +251,7 @@ class Jump(Strategy):
         if resume.returning or resume.returned:
             self._apply(thread, regs, resume)
             if resume.returning:
-                unwritten = resume.counted and not resume.recorded and self.returns.recorded  # a full ring
-                if unwritten:
-                    self.uncount(False)
-                take_return(thread, regs, not resume.counted or unwritten)
+                take_return(thread, regs, not resume.counted)
             thread.resume(sig)
             return
         fault = is_fault(sig, ptrace_getsiginfo(thread.tid))
@@ -395,10 +390,10 @@ class Jumps:
 
     def _trampolines(self, breakpoint: Breakpoint, site: JumpSite, area: JumpArea, ring: Ring | None,
                      shadow: ShadowStacks | None, captures: tuple, returned: tuple
-                     ) -> tuple[Trampoline, int, int, ReturnPath | None]:
-        """The trampoline of ``breakpoint``, its counter and site id, and its return path (return probes: its
-        own trampoline), each installed in ``area`` (ValueError: one cannot be made or does not fit); ``captures``
-        and ``returned``: the words of its records."""
+                     ) -> tuple[Trampoline, int, int | None, ReturnPath | None]:
+        """The trampoline of ``breakpoint``, its counter and site id (None: its hits are not recorded), and its
+        return path (return probes: its own trampoline), each installed in ``area`` (ValueError: one cannot be
+        made or does not fit); ``captures`` and ``returned``: the words of its records."""
         returns = None
         rdpid = self.recorder.rdpid if self.recorder is not None else False
         if shadow is not None:
@@ -416,8 +411,8 @@ class Jumps:
         if returns is None and ring is None:
             trampoline = counting_trampoline(site, code, counter)
             area.install(trampoline)
-            return trampoline, counter, 0, None
-        site_id = self.recorder.site_id(breakpoint, captures) if ring is not None else 0
+            return trampoline, counter, None, None
+        site_id = self.recorder.site_id(breakpoint, captures) if ring is not None else None
         trampoline = recording_trampoline(site, code, counter if entries else None, ring.layout if ring else None,
                                           site_id, captures, rdpid,
                                           (shadow.layout, returns.trampoline.address) if returns else None,
@@ -591,7 +586,9 @@ class Jumps:
             self.recorder.ended(thread)
 
     def counts(self, number: int) -> list[int]:
-        """Hits per probe (``number`` of them) counted by jumps so far, in every process."""
+        """Hits per probe (``number`` of them) counted or recorded by jumps so far, in every process."""
+        if self.recorder is not None:
+            self.recorder.read_all()
         totals = [0] * number
         for jump in self.placed:
             for indices, hits in ((jump.breakpoint.entries, jump.hits), (jump.breakpoint.returns, jump.return_hits)):
@@ -603,6 +600,8 @@ class Jumps:
 
     def freeze(self, index: int) -> None:
         """Probe ``index`` is being taken out: its count so far stays, whatever its jumps count from now on."""
+        if self.recorder is not None:
+            self.recorder.read_all()
         for jump in self.placed:
             if index in jump.breakpoint.entries:
                 jump.frozen[index] = jump.hits

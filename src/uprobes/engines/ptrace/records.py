@@ -33,7 +33,7 @@ from ...probes.resolve import Probe
 from ...proc.status import cpu_flags
 from ...x86_64.abi import RETURN_VALUE, return_value
 from ...x86_64.trampolines import Capture, CaptureBytes, CaptureFaults, CaptureLoad, CaptureRead, CaptureRegister, area
-from .captures import HANDLER_WORDS, WORDS, arg_captures
+from .captures import arg_captures, record_words
 from .clock import TscClock
 from .ring import Ring, record_type
 from .syscalls import ptrace_getregs
@@ -196,7 +196,6 @@ class Recorder:
     events: list[Event] = field(default_factory=list)  # and those evaluated one by one
     _keys: dict[Process, dict[int, Thread]] = field(default_factory=lambda: collections.defaultdict(dict))
     _held: dict[Process, list[numpy.ndarray]] = field(default_factory=dict)  # records with a key not known yet
-    _site_ids: dict[tuple[int, tuple[int, ...]], int] = field(default_factory=dict)
     _lost_before: int = 0  # lost by rings of address spaces that are gone
     rdpid: bool = field(default_factory=lambda: "rdpid" in cpu_flags())  # the CPU for a record, cheaper than rdtscp
     _clock: TscClock | None = None
@@ -210,10 +209,10 @@ class Recorder:
     _exited: dict[Process, list[tuple[int, int, Thread]]] = field(
         default_factory=lambda: collections.defaultdict(list))
 
-    @property
+    @functools.cached_property
     def words(self) -> int:
-        """Words a record holds: every register where a probe has a handler."""
-        return HANDLER_WORDS if self.handled else WORDS
+        """Words a record holds (:func:`.captures.record_words`)."""
+        return record_words(self.probes, self.handled)
 
     @functools.cached_property
     def _slot_size(self) -> int:
@@ -232,23 +231,22 @@ class Recorder:
         return self.rings[owner]
 
     def site_id(self, breakpoint: Breakpoint, captures: tuple[Capture, ...], returns: bool = False) -> int:
-        """The id of the records of ``breakpoint``'s hits (``returns``: of its function's returns)."""
+        """A new id for the records of one trampoline of ``breakpoint``'s (``returns``: of its function's
+        returns): its records are its hits (:meth:`Ring.written`), not those of a trampoline made before it for
+        the same address (a library mapped again there)."""
         indices = tuple(breakpoint.returns if returns else breakpoint.entries)
-        key = (breakpoint.address, indices, returns)
-        if key not in self._site_ids:
-            self._site_ids[key] = len(self.sites)
-            handled = not self.handled.isdisjoint(indices)
-            if handled:
-                self._handled_sites.append(len(self.sites))
-            # a return's events carry its value beside the arguments, a handler's get every register: one by one
-            columns = tuple(None if returns or handled else
-                            _columns(self.probes[index], breakpoint.address - self.probes[index].address, captures)
-                            for index in indices)
-            self.sites.append(RecordedSite(breakpoint.address, breakpoint.file_offset, indices, captures, columns,
-                                           returns, handled))
-            self._spans.append(1 + -(-area(captures) // self._slot_size))
-            self._wide = self._wide or self._spans[-1] > 1
-        return self._site_ids[key]
+        handled = not self.handled.isdisjoint(indices)
+        if handled:
+            self._handled_sites.append(len(self.sites))
+        # a return's events carry its value beside the arguments, a handler's get every register: one by one
+        columns = tuple(None if returns or handled else
+                        _columns(self.probes[index], breakpoint.address - self.probes[index].address, captures)
+                        for index in indices)
+        self.sites.append(RecordedSite(breakpoint.address, breakpoint.file_offset, indices, captures, columns,
+                                       returns, handled))
+        self._spans.append(1 + -(-area(captures) // self._slot_size))
+        self._wide = self._wide or self._spans[-1] > 1
+        return len(self.sites) - 1
 
     def follow(self, parent: Ring, child: Process, via: int) -> Ring:
         """A fork child's own ring, where its parent's ``parent`` is (the trampolines it copied write there)."""
@@ -317,7 +315,7 @@ class Recorder:
     def read(self, owner: Process) -> None:
         """Events of every whole record of ``owner``'s ring (those of threads not known yet are held)."""
         ring = self.rings.get(owner)
-        records = ring.read(self._spans_read()) if ring is not None else None
+        records = ring.read(len(self.sites), self._spans_read()) if ring is not None else None
         if ring is not None and ring.areas:
             self._areas[owner].update(ring.areas)
             ring.areas.clear()
@@ -437,9 +435,9 @@ class Recorder:
             if index in self.removed:
                 continue
             if columns is None:
-                for record_words, at, on, key, seq in zip(records["words"].tolist(), ts, cpu,
+                for row, at, on, key, seq in zip(records["words"].tolist(), ts, cpu,
                                                           records["key"].tolist(), records["seq"].tolist()):
-                    self._event(site, probe, index, thread, at, on, record_words, key, areas.get(seq))
+                    self._event(site, probe, index, thread, at, on, row, key, areas.get(seq))
                 continue
             words = records["words"] if words is None else words
             fixed = [arg for arg in probe.fetchargs if arg.name not in columns]

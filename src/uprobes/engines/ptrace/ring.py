@@ -71,6 +71,7 @@ class Ring:
         self._tail = 0
         self._lost_at_retire: int | None = None
         self.suppressed: collections.Counter = collections.Counter()  # (key, site): records to drop
+        self._written = numpy.zeros(0, numpy.int64)  # whole records read so far, by site id
 
     def suppress(self, key: int, site: int) -> None:
         """A thread (fs base ``key``) whose hit at ``site`` was recorded was sent back to its probe: its next
@@ -102,10 +103,14 @@ class Ring:
             return self._lost_at_retire
         return int(self._header[_LOST // 8])
 
-    def read(self, spans: numpy.ndarray | None = None) -> numpy.ndarray:
-        """Every whole record not read yet, in ticket order (void ones included); their slots go back.
-        ``spans``: the most slots a record of each site id takes, where some take more than one (what those
-        hold past their first slot is in :attr:`areas`)."""
+    def written(self, site: int) -> int:
+        """Records of site id ``site`` read so far."""
+        return int(self._written[site]) if site < len(self._written) else 0
+
+    def read(self, sites: int, spans: numpy.ndarray | None = None) -> numpy.ndarray:
+        """Every whole record not read yet, in ticket order (void ones included); their slots go back, and those
+        of site ids below ``sites`` are counted (:meth:`written`). ``spans``: the most slots a record of each site
+        id takes, where some take more than one (what those hold past their first slot is in :attr:`areas`)."""
         if self._lost_at_retire is not None or int(self._header[_HEAD // 8]) == self._tail:
             return numpy.empty(0, self.record)  # never a view: one kept alive (a traceback's) keeps our mapping
         head = int(self._header[_HEAD // 8])
@@ -125,6 +130,12 @@ class Ring:
             self._keep_areas(records, starts, taken, slots)
         self._tail += taken
         self._header[_TAIL // 8] = self._tail
+        ids = records["site"]
+        ids = ids[ids < sites]
+        if len(ids):
+            counts = numpy.bincount(ids, minlength=sites)
+            counts[:len(self._written)] += self._written
+            self._written = counts
         return records
 
     def _starts(self, slots: numpy.ndarray, whole: numpy.ndarray, spans: numpy.ndarray) -> tuple[list[int], int]:
