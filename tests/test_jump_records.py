@@ -68,6 +68,35 @@ def _check(program: str, n: int) -> str:
                                                      text=True).stdout)[1]
 
 
+def test_events_written_in_columns_are_the_lines_a_trap_writes_byte_for_byte(targets, tmp_path):
+    """JSON lines formatted in bulk from records (numbers as bytes through one template) are the lines each
+    trapped event writes, byte for byte: signed values below zero, unsigned and hex words, the thread's name,
+    a constant, and the events of two probes interleaved in time order. Only what differs from run to run
+    (time, CPU, ids, addresses) is masked."""
+    program, n = str(targets / "jumps"), 300
+    probes = [f"uprobe:{program}:jump_entry x=%di:s8 w=%di:s64 u=%di:u16 h=%di:x64 c=$comm k=\\-37",
+              f"uprobe:{program}:jump_call y=%di:s32"]
+    varying = re.compile(r'"(pid|tid|ts_ns|cpu|ip)": \d+')
+    lines = {}
+    for options in ([], ["--trap"]):
+        out = tmp_path / f"trace{len(options)}.jsonl"
+        proc = run_cli("trace", "--engine", "ptrace", "--json", "-o", str(out), *options, *probes, "--",
+                       program, "run", str(n))
+        assert proc.status == 0, proc.stderr
+        lines[bool(options)] = [varying.sub(r'"\1": N', line) for line in out.read_text().splitlines()]
+    assert "2 of 2 probe points were jumps" in run_cli("trace", "--engine", "ptrace", "--json", "-o",
+                                                        str(tmp_path / "again.jsonl"), *probes, "--", program,
+                                                        "run", "1").stderr
+    assert len(lines[False]) == 2 * n + 1 and lines[False] == lines[True]
+    # each iteration i: jump_entry(i), then jump_call(i); an immediate is a u64, as the kernel types it
+    assert lines[False][2:4] == [
+        '{"probe": "jump_entry", "pid": N, "tid": N, "comm": "jumps", "ts_ns": N, "cpu": N, "ip": N, '
+        '"args": {"x": 1, "w": 1, "u": 1, "h": 1, "c": "jumps", "k": 18446744073709551579}}',
+        '{"probe": "jump_call", "pid": N, "tid": N, "comm": "jumps", "ts_ns": N, "cpu": N, "ip": N, '
+        '"args": {"y": 1}}']
+    assert '"args": {"x": -1, "w": 255, "u": 255, "h": 255,' in lines[False][2 * 255]
+
+
 def test_threads_are_named_and_their_events_keep_their_order(targets):
     """Four threads started after the probes went in (their keys are learned as they start); the ring holds
     every record, so none is lost, and each thread's calls come out in the order it made them."""

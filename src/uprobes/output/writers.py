@@ -44,7 +44,9 @@ class EventWriter:
     def columns(self, events: EventColumns) -> None:
         """Many events at once: JSON lines formatted in bulk, text one event at a time."""
         if self.as_json:
-            self.out.write(events.json_lines() if len(events) else "")
+            if len(events):
+                self.out.flush()  # what was written as text goes first
+                self.out.buffer.write(events.json_lines())
             return
         for event in events.events():
             self.event(event)

@@ -378,7 +378,9 @@ class Recorder:
 
     def _made(self, owner: Process, records: numpy.ndarray, keys: dict[int, Thread]) -> None:
         """The events of ``records``, each thread's known by its key in ``keys``."""
-        records = records[records["site"] < len(self.sites)]  # VOID, or not ours
+        ours = records["site"] < len(self.sites)  # not VOID, nor written by the target over our slots
+        if not ours.all():
+            records = records[ours]
         areas = self._areas.get(owner)
         areas = {seq: areas.pop(seq) for seq in records["seq"].tolist() if seq in areas} if areas else {}
         ring = self.rings.get(owner)
@@ -395,6 +397,9 @@ class Recorder:
         if not len(records) or self.counting:
             return
         sites, record_keys = records["site"], records["key"]
+        if (sites == sites[0]).all() and (record_keys == record_keys[0]).all():  # one site, one thread
+            self._group(self.sites[int(sites[0])], keys[int(record_keys[0])], records, times, areas)
+            return
         order = numpy.lexsort((record_keys, sites))  # by site, then thread; each in the order written
         by_site, by_key = sites[order], record_keys[order]
         ends = numpy.flatnonzero((by_site[1:] != by_site[:-1]) | (by_key[1:] != by_key[:-1])) + 1

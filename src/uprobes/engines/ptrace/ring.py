@@ -116,17 +116,17 @@ class Ring:
         head = int(self._header[_HEAD // 8])
         head = min(head, self._tail + self.count)  # a target that wrote over our header
         tickets = numpy.arange(self._tail, head, dtype=numpy.uint64)
-        slots = (tickets & (self.count - 1)).astype(numpy.intp)
-        seqs = self._slots["seq"][slots]  # read before the records: a seq seen whole means its record is
-        whole = seqs == tickets + 1
+        first = self._tail & (self.count - 1)
+        # the seqs read before the records: a seq seen whole means its record is
+        whole = self._in_order(self._slots["seq"], first, len(tickets)) == tickets + 1
         if spans is None:
             pending = numpy.flatnonzero(~whole)
-            starts = numpy.arange(int(pending[0]) if len(pending) else len(tickets))
-            taken = len(starts)
+            taken = int(pending[0]) if len(pending) else len(tickets)
+            records = self._in_order(self._slots, first, taken)
         else:
+            slots = (tickets & (self.count - 1)).astype(numpy.intp)
             starts, taken = self._starts(slots, whole, spans)
-        records = self._slots[slots[numpy.asarray(starts, numpy.intp)]]
-        if spans is not None:
+            records = self._slots[slots[numpy.asarray(starts, numpy.intp)]]
             self._keep_areas(records, starts, taken, slots)
         self._tail += taken
         self._header[_TAIL // 8] = self._tail
@@ -137,6 +137,14 @@ class Ring:
             counts[:len(self._written)] += self._written
             self._written = counts
         return records
+
+    def _in_order(self, slots: numpy.ndarray, first: int, n: int) -> numpy.ndarray:
+        """A copy of ``n`` of ``slots`` (the slots, or a field of them) from slot ``first`` on, past the last
+        slot on to the first."""
+        end = first + n
+        if end <= self.count:
+            return slots[first:end].copy()
+        return numpy.concatenate((slots[first:], slots[:end - self.count]))
 
     def _starts(self, slots: numpy.ndarray, whole: numpy.ndarray, spans: numpy.ndarray) -> tuple[list[int], int]:
         """Where each whole record starts among ``slots`` (stepping over the slots each one says it takes), and
