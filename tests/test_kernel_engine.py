@@ -103,9 +103,54 @@ def test_counts_agree_with_the_kernels_uprobe_profile(targets, counting):
             hits = [0] * len(probes)
             for event in engine.poll(1.0) + engine.poll(0):
                 hits[event.probe_index] += 1
-        profile = engine.tracefs.hit_counts()
-        kernel = [profile[(p.path, e.event)] for p, e in zip(probes, engine._defined)]
+        # our definitions, each tagged with its probe's index (__probe=\\N), and the kernel's count of each
+        tagged = {int(re.search(r" __probe=\\(\d+):u32", line)[1]): count
+                  for line, count in engine.tracefs.profile() if f":{engine.group}/" in line}
+        kernel = [tagged[index] for index in range(len(probes))]
     assert hits == kernel == [N, N, N, N]
+
+
+def test_probes_of_one_signature_share_one_event_and_each_record_names_its_own(targets):
+    """Every instruction of insns-O2's functions that the kernel handles, traced: the probes (no arguments of
+    their own) are appended to one event, a definition each under one name, with one perf descriptor per CPU
+    for all of them; and each probe's events are exactly the hits the kernel counts for it when each probe is
+    an event of its own (counting)."""
+    from test_every_instruction import ITERATIONS, function_instructions, insns_functions, kernel_mishandles
+    from uprobes.engines.kernel.perfbuf import online_cpus
+
+    path = str(targets / "insns-O2")
+    probes = [probe for i in function_instructions(path, insns_functions()) if not kernel_mishandles(i.raw)
+              for probe in resolve_text(f"p {path}:{i.offset:#x}")]
+    untraced = subprocess.run([path, ITERATIONS], capture_output=True)
+    hits = {}
+    for counting in (True, False):
+        with KernelEngine() as engine:
+            child = HeldCommand([path, ITERATIONS])
+            engine.attach(probes, child.pid, counting=counting)
+            ours = [line for line, _ in engine.tracefs.profile() if f":{engine.group}/" in line]
+            perf = [fd for fd in os.listdir("/proc/self/fd") if _points_to(f"/proc/self/fd/{fd}", "anon_inode:[perf_event]")]
+            events = {line.split()[0] for line in ours}
+            child.release()
+            assert child.wait() == untraced.returncode
+            if counting:
+                hits[counting] = engine.hit_counts()
+            else:
+                hits[counting] = [0] * len(probes)
+                while batch := engine.poll(0.5) + engine.poll(0):
+                    for event in batch:
+                        hits[counting][event.probe_index] += 1
+                assert engine.lost == 0
+        assert len(ours) == len(probes) > 200
+        # tracing: a descriptor per CPU, and the copy of it Python's mmap of its buffer keeps; counting: one each
+        assert (len(events), len(perf)) == ((1, 2 * len(online_cpus())) if not counting else (len(probes),) * 2)
+    assert hits[False] == hits[True] and sum(hits[True]) > 0
+
+
+def _points_to(link: str, target: str) -> bool:
+    try:
+        return os.readlink(link) == target
+    except FileNotFoundError:  # the descriptor listdir itself had open
+        return False
 
 
 def test_count_command_reports_hits_per_probe_point(targets):

@@ -1,10 +1,15 @@
 """The kernel engine: our probes as the kernel's own uprobe events, read from perf ring buffers.
 
-Each probe point becomes one event in a group owned by this run (``uprobes_<pid>_<start>_<n>``), so hits are
-told apart per site. Events are opened through ``perf_event_open`` (which is when the kernel registers the
-uprobe and raises a marker's semaphore through ``REF_CTR_OFFSET``), on every thread of a process and what it
-starts when a pid is given, system-wide otherwise. Probes on instructions the kernel would refuse, or run
-wrongly, are refused before anything is defined. Everything we defined is deleted when the engine closes.
+Probe points become events in a group owned by this run (``uprobes_<pid>_<start>_<n>``). To trace, the probes
+of one kind (entry or return) whose arguments have the same names and types are appended to one event, each
+with an immediate argument ``__probe`` holding its index, which every record carries: one event, and one set
+of perf descriptors, for many probes, and one wait for the kernel's RCU grace periods when it goes, not one
+per probe (``../shared/notes/kernel-scale.md``). To count, each probe is an event of its own, whose perf
+counters are its exact hits. Events are opened through ``perf_event_open`` (which is when the kernel
+registers the uprobes and raises a marker's semaphore through ``REF_CTR_OFFSET``), on every thread of a
+process and what it starts when a pid is given, system-wide otherwise. Probes on instructions the kernel
+would refuse, or run wrongly, are refused before anything is defined. Everything we defined is deleted when
+the engine closes.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from dataclasses import dataclass, replace
 from ...consumers import Consumer
 from ...errors import KernelEngineError
 from ...output.event import Event
-from ...probes.fetchargs import Comm, FetchArg, FetchType, RetVal
+from ...probes.fetchargs import Comm, FetchArg, FetchType, Immediate, ImmediateString, RetVal
 from ...probes.markerargs import kernel_limitation
 from ...probes.resolve import Probe
 from ..base import Engine
@@ -31,7 +36,8 @@ __all__ = ["KernelEngine"]
 # Fetched with every hit: the thread's name while it is alive, and a return probe's value.
 _COMM_ARG = FetchArg("__comm", True, Comm(), FetchType("string"))
 _RETVAL_ARG = FetchArg("__retval", True, RetVal(), FetchType("s64"))
-_HIDDEN_FIELDS = frozenset({"__comm", "__retval", "__probe_ip", "__probe_func", "__probe_ret_ip"})
+_TAG = "__probe"  # the immediate argument that says which of an event's probes a record is of
+_HIDDEN_FIELDS = frozenset({"__comm", "__retval", _TAG, "__probe_ip", "__probe_func", "__probe_ret_ip"})
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 # Beyond this many probes closing takes seconds (the kernel waits for an RCU grace period as each uprobe
 # goes, some 70 ms), so the user is told why the run does not end at once.
@@ -62,6 +68,30 @@ class _Attached:
                 for arg in self.probe.fetchargs if kernel_limitation(arg)}
 
 
+@dataclass
+class _Event:
+    """One tracefs event of ours, and its probes by their ``__probe`` tag."""
+
+    defined: DefinedEvent
+    format: EventFormat
+    probes: dict[int, _Attached]
+
+    @functools.cached_property
+    def tag(self) -> int:
+        """Where a record's values (:meth:`EventFormat.unpack`) hold its probe's tag."""
+        return next(i for i, f in enumerate(self.format.fields) if f.name == _TAG)
+
+
+def _signature(probe: Probe, counting: bool, index: int) -> tuple:
+    """What probes share to be appended to one event (the kernel wants the same kind, and the same name and
+    type for each argument); to count, each probe is its own."""
+    if counting:
+        return (index,)
+    return (probe.is_return,) + tuple((arg.name, arg.type.format() if arg.type is not None else
+                                       "string" if isinstance(arg.source, (Comm, ImmediateString)) else "x64")
+                                      for arg in probe.kernel_fetchargs)
+
+
 class KernelEngine(Engine):
     """Probes through tracefs and perf. Use as a context manager so that every event is deleted."""
 
@@ -71,7 +101,9 @@ class KernelEngine(Engine):
         self.tracefs = Tracefs()
         self.group = new_group()
         self._pages = pages_per_cpu
-        self._attached: dict[int, _Attached] = {}  # tracepoint id -> probe
+        self._events: dict[int, _Event] = {}  # by tracepoint id
+        self._attached: list[_Attached] = []  # by probe index
+        self._read: list[int] = []  # records read, by probe index
         self._defined: list[DefinedEvent] = []
         self._reader: TracepointReader | None = None
         self._counts: dict[int, int] = {}  # tracepoint id -> hits, as last read: kept once closed
@@ -95,19 +127,29 @@ class KernelEngine(Engine):
         if consumers:
             raise KernelEngineError("Python handlers run on the ptrace engine, in the traced process's stops")
         refuse_unprobeable(probes)
+        events: dict[tuple, _Event] = {}
         for index, probe in enumerate(probes):
-            event_name = f"e{index}_{probe.event}"[:63]
             extra = (_COMM_ARG, _RETVAL_ARG) if probe.is_return else (_COMM_ARG,)
-            kernel_probe = replace(probe, group=self.group, event=event_name, fetchargs=probe.fetchargs + extra)
+            kernel_probe = replace(probe, group=self.group, fetchargs=probe.fetchargs + extra)
+            signature = _signature(kernel_probe, counting, index)
+            event = events.get(signature)
+            name = event.defined.event if event else f"e{len(events)}_{probe.event}"[:63]
+            tag = FetchArg(_TAG, True, Immediate(index), FetchType("u32"))
+            kernel_probe = replace(kernel_probe, event=name, fetchargs=kernel_probe.fetchargs + (tag,))
             defined = self.tracefs.define(kernel_probe.uprobe_events_line(), probe.spec)
-            self._defined.append(defined)
-            event_format = load_event_format(self.tracefs.root, defined.group, defined.event)
-            self._attached[event_format.id] = _Attached(index, probe, defined, event_format)
+            if event is None:
+                self._defined.append(defined)
+                event_format = load_event_format(self.tracefs.root, defined.group, defined.event)
+                event = events[signature] = self._events[event_format.id] = _Event(defined, event_format, {})
+            event.probes[index] = _Attached(index, probe, defined, event.format)
+            self._attached.append(event.probes[index])
+            self._read.append(0)
         # The kernel inserts the breakpoints when the perf events open; the reader explains its refusals.
         # A held child is still our own code until it execs: its events start at the exec, not before.
-        names = {event_id: f"probe {a.probe.name} at {a.probe.path}:{a.probe.offset:#x}"
-                 for event_id, a in self._attached.items()}
-        self._reader = TracepointReader(list(self._attached), pid, pages=self._pages, sampling=not counting,
+        names = {event_id: " or ".join(f"probe {a.probe.name} at {a.probe.path}:{a.probe.offset:#x}"
+                                       for a in event.probes.values())
+                 for event_id, event in self._events.items()}
+        self._reader = TracepointReader(list(self._events), pid, pages=self._pages, sampling=not counting,
                                         follow_forks=follow_forks, enable_on_exec=held, names=names)
         try:
             if not held:
@@ -117,11 +159,14 @@ class KernelEngine(Engine):
 
     def hit_counts(self) -> list[int]:
         """Hits so far per probe, in the order given to :meth:`attach`, as the kernel's counters say (after
-        :meth:`close`, the final counts)."""
+        :meth:`close`, the final counts); a probe that shares its event with others (to trace): the records
+        of its hits read so far."""
         self._read_counters()
-        hits = [0] * len(self._attached)
-        for event_id, attached in self._attached.items():
-            hits[attached.index] = self._counts.get(event_id, 0)
+        hits = list(self._read)
+        for event_id, event in self._events.items():
+            if len(event.probes) == 1:
+                (attached,) = event.probes.values()
+                hits[attached.index] = self._counts.get(event_id, 0)
         return hits
 
     def _read_counters(self) -> None:
@@ -137,14 +182,17 @@ class KernelEngine(Engine):
             return []
         events = []
         for sample in reader.read():
-            attached = self._attached.get(sample.event_id)
-            if attached is None:
+            event = self._events.get(sample.event_id)
+            if event is None:
                 continue
-            events.append(self._event(attached, sample))
+            values, errors = event.format.unpack(sample.raw)
+            attached = event.probes.get(values[event.tag])
+            if attached is not None:
+                self._read[attached.index] += 1
+                events.append(self._event(attached, sample, values, errors))
         return events
 
-    def _event(self, attached: _Attached, sample) -> Event:
-        values, errors = attached.format.unpack(sample.raw)
+    def _event(self, attached: _Attached, sample, values: list | tuple, errors: dict[str, str]) -> Event:
         arg_positions, comm, ip, retval = attached.positions
         args = {name: values[i] for name, i in arg_positions}
         probe = attached.probe

@@ -120,14 +120,17 @@ class Tracefs:
                 events.append(DefinedEvent(group, event))
         return events
 
-    def hit_counts(self) -> dict[tuple[str, str], int]:
-        """(path, event) -> hits, from ``uprobe_profile`` (system-wide, as the kernel counts them)."""
-        counts = {}
-        for line in (self.root / "uprobe_profile").read_text().splitlines():
-            fields = line.split()
-            if len(fields) >= 3:
-                counts[(" ".join(fields[:-2]), fields[-2])] = int(fields[-1])
-        return counts
+    def profile(self) -> list[tuple[str, int]]:
+        """Each uprobe now defined, as its ``uprobe_events`` line, with its hits as ``uprobe_profile`` counts
+        them (system-wide). The two files list the probes in the same order, a line each, the probes appended
+        to one event too (which ``uprobe_profile`` names alike)."""
+        definitions = (self.root / "uprobe_events").read_text().splitlines()
+        hits = [int(line.split()[-1]) for line in (self.root / "uprobe_profile").read_text().splitlines()
+                if line.strip()]
+        if len(definitions) != len(hits):
+            raise KernelEngineError(f"uprobe_events lists {len(definitions)} probes, uprobe_profile {len(hits)}: "
+                                    f"a probe was defined or deleted meanwhile; try again")
+        return list(zip(definitions, hits))
 
 
 def new_group() -> str:
