@@ -396,8 +396,9 @@ class PtraceEngine(Engine):
         """What a jump's trampoline leaves to us (an ``int3``, every register the program's again): sending a
         return to the return trampoline, or taking one, where the shadow stack needs more than the trampoline
         does (:mod:`.shadow`); or a hit of a Python handler's probe whose record found the ring full, which is
-        reported here, after every record before it. While the world is being stopped, a hit already counted
-        goes back to run again, and a return goes back to the start of its trampoline."""
+        reported here, after every record before it (or, while one of those is still being written by another
+        thread, runs again). While the world is being stopped, a hit already counted goes back to run again,
+        and a return goes back to the start of its trampoline."""
         entry = address in jump.trampoline.traps
         kind = (jump.trampoline if entry else jump.returns.trampoline).traps[address]
         regs.rip = address  # at the int3 itself until done: a handler that raises leaves a thread detach can settle
@@ -406,8 +407,12 @@ class PtraceEngine(Engine):
             regs.rip = jump.site.address if entry else jump.returns.trampoline.address
             ptrace_setregs(thread.tid, regs)
             return
-        if kind == FULL:
-            self.placement.jumps.recorder.drain(thread, regs.fs_base)
+        if kind == FULL and not self.placement.jumps.recorder.drain(thread, regs.fs_base):
+            # records before this hit are not all read yet: the hit runs again (most likely into the ring now)
+            regs.rip = jump.site.address if entry else jump.returns.trampoline.address
+            ptrace_setregs(thread.tid, regs)
+            thread.resume()
+            return
         if entry:
             if kind == FULL:
                 regs.rip = jump.site.address

@@ -302,11 +302,17 @@ class Recorder:
                 keys[key] = thread
         self.read(owner)
 
-    def drain(self, thread: Thread, key: int) -> None:
+    def drain(self, thread: Thread, key: int) -> bool:
         """``thread`` (fs base ``key``) is stopped at a hit that found the ring full: every record before it is
-        read now, its own first."""
+        read now, its own first. False when some are not: a record of another thread, reserved before them, is
+        still being written, and the reading stopped there (the hit must wait, or its thread's records would
+        come out of order)."""
         self.saw(thread, key)
-        self.read(thread.process.memory_owner or thread.process)
+        owner = thread.process.memory_owner or thread.process
+        ring = self.rings.get(owner)
+        handed_out = ring.handed_out if ring is not None else 0
+        self.read(owner)
+        return ring is None or ring.read_to >= handed_out
 
     def read_all(self) -> None:
         for owner in list(self.rings):
