@@ -73,7 +73,7 @@ _KERNEL_ONLY_TYPES = {
     "%pd": "it prints kernel dentries",
     "%pD": "it prints kernel files",
 }
-_DEFAULT_TYPE_SIZE = _TYPE_SIZES["x64"]
+_DEFAULT_TYPE = "x64"  # a fetch argument without a type, but for strings
 _BITFIELD_CONTAINERS = {8: "u8", 16: "u16", 32: "u32", 64: "u64"}
 
 # reserved_field_names[] in trace_probe.c: the record's own fields.
@@ -278,10 +278,14 @@ class FetchArg:
     @property
     def size(self) -> int:
         """Bytes this argument takes in a trace record."""
+        return self.type.size if self.type is not None else _TYPE_SIZES[self.type_text]
+
+    @property
+    def type_text(self) -> str:
+        """The type the kernel records it as: its own, or the default for its source."""
         if self.type is not None:
-            return self.type.size
-        string_default = isinstance(self.source, (Comm, ImmediateString))
-        return _TYPE_SIZES["string"] if string_default else _DEFAULT_TYPE_SIZE
+            return self.type.format()
+        return "string" if isinstance(self.source, (Comm, ImmediateString)) else _DEFAULT_TYPE
 
     def body(self) -> str:
         """``FETCHARG[:TYPE]`` as the kernel accepts it."""

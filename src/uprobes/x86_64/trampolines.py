@@ -92,8 +92,7 @@ def counting_trampoline(site: JumpSite, address: int, counter: int) -> Trampolin
     """Count a hit at ``counter`` (8 bytes), run ``site``'s displaced instructions and go back."""
     at_site = site.address
     pieces: list[tuple[Instruction, Resume]] = []
-    increment = Instruction.create_mem(Code.INC_RM64, MemoryOperand(Register.RIP, displ=counter))
-    increment.has_lock_prefix = True
+    increment = _locked_increment(MemoryOperand(Register.RIP, displ=counter))
     if not site.flags_live:
         pieces.append((increment, Resume(at_site)))
     else:
@@ -443,10 +442,8 @@ class _Builder:
                 self.add(Instruction.create_reg(Code.POP_R64, getattr(Register, name.upper())), stack=-8)
         self.add(_lea_rsp(RED_ZONE), stack=-RED_ZONE)
 
-    def count(self, counter: int, base: Register = Register.RIP) -> None:
-        increment = Instruction.create_mem(Code.INC_RM64, MemoryOperand(base, displ=counter))
-        increment.has_lock_prefix = True
-        self.add(increment)
+    def count(self, counter: int) -> None:
+        self.add(_locked_increment(MemoryOperand(Register.RIP, displ=counter)))
         self.counted = True
 
     def record(self, ring: RingLayout, site_id: int, captures: tuple[Capture, ...], rdpid: bool,
@@ -519,8 +516,8 @@ class _Builder:
         self.bind(lost_label)
         if counter is not None:
             self.count(counter)
-        self.count(ring.lost, r11)
-        self.counted, self.recorded = counted or counter is not None, True
+        self.add(_locked_increment(MemoryOperand(r11, displ=ring.lost)))
+        self.recorded = True
         self.bind(done)
 
     def find_thread(self, shadow: ShadowLayout, missing: int) -> None:
@@ -883,6 +880,13 @@ def _call_as_push_and_jump(call: Instruction) -> list[tuple[Instruction, Resume]
              Resume(call.ip, 8, counted=True)),
             (Instruction.create_branch(Code.JMP_REL32_64, call.near_branch_target),
              Resume(call.near_branch_target, counted=True))]
+
+
+def _locked_increment(operand: MemoryOperand) -> Instruction:
+    """``lock incq`` of the word at ``operand``."""
+    increment = Instruction.create_mem(Code.INC_RM64, operand)
+    increment.has_lock_prefix = True
+    return increment
 
 
 def _lea_rsp(delta: int) -> Instruction:

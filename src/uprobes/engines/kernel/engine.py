@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from ...consumers import Consumer
 from ...errors import KernelEngineError
 from ...output.event import Event
-from ...probes.fetchargs import Comm, FetchArg, FetchType, Immediate, ImmediateString, RetVal
+from ...probes.fetchargs import Comm, FetchArg, FetchType, Immediate, RetVal
 from ...probes.markerargs import kernel_limitation
 from ...probes.resolve import Probe
 from ..base import Engine
@@ -87,9 +87,7 @@ def _signature(probe: Probe, counting: bool, index: int) -> tuple:
     type for each argument); to count, each probe is its own."""
     if counting:
         return (index,)
-    return (probe.is_return,) + tuple((arg.name, arg.type.format() if arg.type is not None else
-                                       "string" if isinstance(arg.source, (Comm, ImmediateString)) else "x64")
-                                      for arg in probe.kernel_fetchargs)
+    return (probe.is_return,) + tuple((arg.name, arg.type_text) for arg in probe.kernel_fetchargs)
 
 
 class KernelEngine(Engine):

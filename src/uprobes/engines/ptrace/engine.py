@@ -403,15 +403,13 @@ class PtraceEngine(Engine):
         kind = (jump.trampoline if entry else jump.returns.trampoline).traps[address]
         regs.rip = address  # at the int3 itself until done: a handler that raises leaves a thread detach can settle
         ptrace_setregs(thread.tid, regs)
-        if not serving and (kind == FULL or not entry):
+        # records before a full ring's hit not all read yet: the hit runs again (most likely into the ring now)
+        if (kind == FULL or not entry) and not serving or \
+                kind == FULL and not self.placement.jumps.recorder.drain(thread, regs.fs_base):
             regs.rip = jump.site.address if entry else jump.returns.trampoline.address
             ptrace_setregs(thread.tid, regs)
-            return
-        if kind == FULL and not self.placement.jumps.recorder.drain(thread, regs.fs_base):
-            # records before this hit are not all read yet: the hit runs again (most likely into the ring now)
-            regs.rip = jump.site.address if entry else jump.returns.trampoline.address
-            ptrace_setregs(thread.tid, regs)
-            thread.resume()
+            if serving:
+                thread.resume()
             return
         if entry:
             if kind == FULL:
