@@ -1,6 +1,7 @@
 /* A program for the tests of a program's life under probes.
  *   lifecycle fork N K      N children each call handle(child, j) K times; the parent calls it once
  *   lifecycle forkret N     spawn(c) forks N times and returns in both: c in the parent, 1000 + c in the child
+ *   lifecycle vforks S      vfork children that call handle(0, 0) and exit, until SIGTERM (at most S seconds)
  *   lifecycle vfork PROGRAM ARGS...   vfork, the child calls handle(0, 0) then execs PROGRAM
  *   lifecycle exec N        calls handle(N, 0), then execs itself with N-1 until 0
  *   lifecycle dlopen LIB N  dlopen LIB (whose constructor calls lib_ctor), call lib_work N times,
@@ -32,6 +33,14 @@
 #include <time.h>
 #include <ucontext.h>
 #include <unistd.h>
+
+static volatile sig_atomic_t stop_requested;
+
+static void request_stop(int sig)
+{
+    (void)sig;
+    stop_requested = 1;
+}
 
 __attribute__((noinline)) long handle(long who, long j)
 {
@@ -211,10 +220,12 @@ int main(int argc, char **argv)
         printf("parent sum %ld\n", sum);
         return 0;
     }
-    if (!strcmp(mode, "vforks")) {  /* vforks SECONDS: vfork children that call handle() and exit, until then */
+    if (!strcmp(mode, "vforks")) {
         time_t end = time(NULL) + atoi(argv[2]);
         long spawned = 0, abnormal = 0;
-        while (time(NULL) < end) {
+        struct sigaction stop = {.sa_handler = request_stop, .sa_flags = SA_RESTART};
+        sigaction(SIGTERM, &stop, NULL);
+        while (!stop_requested && time(NULL) < end) {
             pid_t pid = vfork();
             if (pid == 0) {
                 handle(0, 0);
