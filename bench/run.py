@@ -65,18 +65,23 @@ TOOLS = {
     "kernel": "uprobes count --engine kernel",
     "ptrace": "uprobes count --engine ptrace --trap",
     "ptrace-jump": "uprobes count --engine ptrace (jump probes)",
-    "ptrace-trace": "uprobes trace --engine ptrace -o FILE, 3 args (jump probes; time in the target)",
+    "kernel-trace": "uprobes trace --engine kernel -o FILE, 3 args (time in the target)",
+    "ptrace-trace": "uprobes trace --engine ptrace -o FILE, 3 args (jump probes; time in the target; × the kernel engine's trace)",
     "ptrace-py": "ptrace + Python handler (from records: jump probes)",
     "ptrace-py-stop": "ptrace + Python handler, stop=True (a trap)",
     "bpftrace": "bpftrace count()",
     "perf": "perf probe + perf record",
     "gdb": "gdb dprintf",
 }
-NEEDS_ROOT = {"kernel", "bpftrace", "perf"}
+NEEDS_ROOT = {"kernel", "kernel-trace", "bpftrace", "perf"}
 # Largest N per tool: the calibration never goes past it (a safety net for a tool much slower than expected).
 N_MAX = {"baseline": 200_000_000, "kernel": 20_000_000, "bpftrace": 20_000_000, "perf": 1_000_000,
          "ptrace": 400_000, "ptrace-jump": 200_000_000, "ptrace-py": 200_000, "ptrace-py-stop": 200_000, "gdb": 50_000,
-         "ptrace-trace": 60_000}  # ptrace-trace: within one ring (65,536 records), so that every hit is written
+         "ptrace-trace": 60_000,  # within one ring (65,536 records), so that every hit is written
+         "kernel-trace": 2_000_000}
+TRACERS = {"kernel-trace": "kernel", "ptrace-trace": "ptrace"}  # the tools that are `uprobes trace`, their engine
+# What a tool's cost is a ratio to, where not the kernel engine's count: the kernel engine doing the same work
+RATIO_TO = {"ptrace-trace": "kernel-trace"}
 TRACED_ARGS = "a=%di b=%si c=%dx"  # what ptrace-trace fetches where the probe itself names nothing (a marker: its 3)
 COUNTERS = {"kernel", "ptrace", "ptrace-jump"}  # the tools that are `uprobes count`
 RUN_TIMEOUT = 300
@@ -202,10 +207,10 @@ class HitCell:
         if self.tool in ("ptrace-py", "ptrace-py-stop"):
             stop = ["--stop"] if self.tool == "ptrace-py-stop" else []
             return [PY, str(BENCH / "pyhandler.py"), *stop, self._words("uprobes"), "--", *target]
-        if self.tool == "ptrace-trace":
+        if self.tool in TRACERS:
             probe = self._words("uprobes") + ("" if self.site == "usdt" else f" {TRACED_ARGS}")
-            return [*UPROBES, "trace", "--engine", "ptrace", "--json", "-o", str(self.workdir / "trace.jsonl"), probe,
-                    "--", *target]
+            return [*UPROBES, "trace", "--engine", TRACERS[self.tool], "--json", "-o", str(self.workdir / "trace.jsonl"),
+                    probe, "--", *target]
         if self.tool == "bpftrace":
             return ["bpftrace", "-e", f"{self._words('bpftrace')} {{ @n = count(); }}", "-c", shlex.join(target)]
         if self.tool == "perf":
@@ -228,7 +233,7 @@ class HitCell:
             self.notes.append("trapped: " + _tail(result.stderr, 1))
         _check_target(result.stdout, n)
         _check_count(self._count(result), n, self.tool)
-        if self.tool == "ptrace-trace":  # the hits' cost in the target, not the tool's writing of the events
+        if self.tool in TRACERS:  # the hits' cost in the target, not the tool's writing of the events
             return int(re.search(r"^elapsed_ns=(\d+)$", result.stdout, re.M)[1]) / 1e9
         return seconds
 
@@ -245,6 +250,9 @@ class HitCell:
         if self.tool == "ptrace-trace":  # events; a lost one (there should be none) is not counted
             with open(self.workdir / "trace.jsonl") as f:
                 return sum(1 for line in f if line.startswith('{"probe"'))
+        if self.tool == "kernel-trace":  # events and the records the kernel lost (its buffer full): each was a hit
+            with open(self.workdir / "trace.jsonl") as f:
+                return sum(1 if line.startswith('{"probe"') else json.loads(line).get("lost", 0) for line in f)
         if self.tool == "bpftrace":
             found = re.findall(r"^@n: (\d+)$", result.stdout, re.M)
             return int(found[-1]) if found else 0  # bpftrace prints no map at all when nothing hit
@@ -686,8 +694,8 @@ def main() -> int:
                 results["hits"].setdefault(site, {})[tool] = record
                 note(key, record)
         for site, cells in results["hits"].items():
-            kernel = cells.get("kernel")
             for tool, cell in cells.items():
+                kernel = cells.get(RATIO_TO.get(tool, "kernel"))
                 if cell["status"] == "ok" and kernel and kernel["status"] == "ok" and tool != "baseline":
                     cell["ratio_to_kernel"] = cell["ns"] / kernel["ns"]
 
