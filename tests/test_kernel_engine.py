@@ -3,6 +3,7 @@ kernel's own hit counts. Every test leaves uprobe_events without a line of ours.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from conftest import error_as_nobody, run_cli, run_json
 from oracles import tool_output
+from uprobes.cli.tracing import _report_uncounted
 from uprobes.engines.kernel import perfbuf
 from uprobes.engines.kernel.engine import KernelEngine
 from uprobes.engines.kernel.perfbuf import TracepointReader
@@ -111,10 +113,11 @@ def test_counts_agree_with_the_kernels_uprobe_profile(targets, counting):
 
 
 def test_probes_of_one_signature_share_one_event_and_each_record_names_its_own(targets):
-    """Every instruction of insns-O2's functions that the kernel handles, traced: the probes (no arguments of
-    their own) are appended to one event, a definition each under one name, with one perf descriptor per CPU
-    for all of them; and each probe's events are exactly the hits the kernel counts for it when each probe is
-    an event of its own (counting)."""
+    """Every instruction of insns-O2's functions that the kernel handles, three ways: traced, the probes (no
+    arguments of their own) are appended to one event, a definition each under one name, with one perf
+    descriptor per CPU for all of them; counted, the same, each hit a record of its probe's tag alone; and
+    counted with each probe an event of its own (how a few probes are counted), by its perf counters. Each
+    way, every probe's hits are what the kernel's uprobe_profile says of it."""
     from test_every_instruction import ITERATIONS, function_instructions, insns_functions, kernel_mishandles
     from uprobes.engines.kernel.perfbuf import online_cpus
 
@@ -122,9 +125,11 @@ def test_probes_of_one_signature_share_one_event_and_each_record_names_its_own(t
     probes = [probe for i in function_instructions(path, insns_functions()) if not kernel_mishandles(i.raw)
               for probe in resolve_text(f"p {path}:{i.offset:#x}")]
     untraced = subprocess.run([path, ITERATIONS], capture_output=True)
-    hits = {}
-    for counting in (True, False):
-        with KernelEngine() as engine:
+    shared = (1, 2 * len(online_cpus()))  # events; descriptors: one per CPU, and the copy its mapping keeps
+    hits, profiles = {}, {}
+    for way, counting, alone, descriptors in (("traced", False, 0, shared), ("tagged", True, 0, shared),
+                                              ("counters", True, len(probes), (len(probes),) * 2)):
+        with KernelEngine(counted_alone=alone) as engine:
             child = HeldCommand([path, ITERATIONS])
             engine.attach(probes, child.pid, counting=counting)
             ours = [line for line, _ in engine.tracefs.profile() if f":{engine.group}/" in line]
@@ -133,17 +138,42 @@ def test_probes_of_one_signature_share_one_event_and_each_record_names_its_own(t
             child.release()
             assert child.wait() == untraced.returncode
             if counting:
-                hits[counting] = engine.hit_counts()
+                hits[way] = engine.hit_counts()
             else:
-                hits[counting] = [0] * len(probes)
+                hits[way] = [0] * len(probes)
                 while batch := engine.poll(0.5) + engine.poll(0):
                     for event in batch:
-                        hits[counting][event.probe_index] += 1
-                assert engine.lost == 0
+                        hits[way][event.probe_index] += 1
+            assert engine.lost == 0
+            tagged = {int(re.search(r" __probe=\\(\d+):u32", line)[1]): count
+                      for line, count in engine.tracefs.profile() if f":{engine.group}/" in line}
+            profiles[way] = [tagged[index] for index in range(len(probes))]
         assert len(ours) == len(probes) > 200
-        # tracing: a descriptor per CPU, and the copy of it Python's mmap of its buffer keeps; counting: one each
-        assert (len(events), len(perf)) == ((1, 2 * len(online_cpus())) if not counting else (len(probes),) * 2)
-    assert hits[False] == hits[True] and sum(hits[True]) > 0
+        assert (len(events), len(perf)) == descriptors, way
+    assert hits["traced"] == hits["tagged"] == hits["counters"] == profiles["traced"] == profiles["tagged"] \
+        == profiles["counters"] and sum(hits["tagged"]) > 0
+
+
+def test_counting_by_tag_says_what_a_full_buffer_dropped(targets, capsys):
+    """Counted by their records in a perf buffer of one page, most hits of a hot probe find it full: the counts
+    and what the engine says it lost add up to the kernel's own count of hits, each probe's count is at most
+    its hits, and `count` says how many its figures miss."""
+    calls = targets / "calls"
+    probes = resolve_text(f"uprobe:{calls}:work") + resolve_text(f"uretprobe:{calls}:work")
+    n = 20000
+    with KernelEngine(pages_per_cpu=1, counted_alone=0) as engine:
+        child = HeldCommand([str(calls), str(n)])
+        engine.attach(probes, child.pid, counting=True)
+        child.release()
+        assert child.wait() == 0
+        hits, lost = engine.hit_counts(), engine.lost
+        profile = [count for line, count in engine.tracefs.profile() if f":{engine.group}/" in line]
+    assert profile == [n, n] and lost > 0 and all(count <= n for count in hits)
+    assert sum(hits) + lost == 2 * n
+    out = io.StringIO()
+    _report_uncounted(out, lost, as_json=True)  # what `count` adds after its figures
+    assert json.loads(out.getvalue()) == {"lost": lost}
+    assert f"uprobes: {lost} hits are missing from the counts" in capsys.readouterr().err
 
 
 def _points_to(link: str, target: str) -> bool:

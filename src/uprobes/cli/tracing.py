@@ -284,6 +284,16 @@ def _report_notes(run: _Run) -> None:
         print(f"uprobes: the command was killed by {signum.name} ({signal.strsignal(signum)})", file=sys.stderr)
 
 
+def _report_uncounted(out, lost: int, as_json: bool) -> None:
+    """Hits the counts miss (the kernel engine counting many probes by their records, its buffers full)."""
+    if lost:
+        if as_json:
+            out.write(json.dumps({"lost": lost}) + "\n")
+            out.flush()
+        print(f"uprobes: {lost} hits are missing from the counts (the kernel's perf buffers overflowed: with this "
+              f"many probes each hit is a record); count fewer probes at once", file=sys.stderr)
+
+
 def _report_lost(writer: EventWriter, lost: int) -> None:
     writer.lost(lost)
     if lost:
@@ -308,6 +318,7 @@ def run_count(args: argparse.Namespace) -> int:
             run.end_command()
         # The kernel's counters hold every hit up to now, so nothing is lost between reports.
         _write_counts(out, run.probes, run.engine.hit_counts(), args.json)
+        _report_uncounted(out, run.engine.lost, args.json)
         _report_notes(run)
         return run.status
 

@@ -5,7 +5,9 @@ of one kind (entry or return) whose arguments have the same names and types are 
 with an immediate argument ``__probe`` holding its index, which every record carries: one event, and one set
 of perf descriptors, for many probes, and one wait for the kernel's RCU grace periods when it goes, not one
 per probe (``../shared/notes/kernel-scale.md``). To count, each probe is an event of its own, whose perf
-counters are its exact hits. Events are opened through ``perf_event_open`` (which is when the kernel
+counters are its exact hits, up to :data:`_COUNTED_ALONE` probes; beyond, they share events as to trace, each
+hit a record of its tag alone, counted by tag in bulk (a record the kernel drops for a full buffer is counted
+in :attr:`KernelEngine.lost`, never silently). Events are opened through ``perf_event_open`` (which is when the kernel
 registers the uprobes and raises a marker's semaphore through ``REF_CTR_OFFSET``), on every thread of a
 process and what it starts when a pid is given, system-wide otherwise. Probes on instructions the kernel
 would refuse, or run wrongly, are refused before anything is defined. Everything we defined is deleted when
@@ -18,6 +20,8 @@ import functools
 import signal
 import sys
 from dataclasses import dataclass, replace
+
+import numpy
 
 from ...consumers import Consumer
 from ...errors import KernelEngineError
@@ -37,11 +41,17 @@ __all__ = ["KernelEngine"]
 _COMM_ARG = FetchArg("__comm", True, Comm(), FetchType("string"))
 _RETVAL_ARG = FetchArg("__retval", True, RetVal(), FetchType("s64"))
 _TAG = "__probe"  # the immediate argument that says which of an event's probes a record is of
-_HIDDEN_FIELDS = frozenset({"__comm", "__retval", _TAG, "__probe_ip", "__probe_func", "__probe_ret_ip"})
+_HIDDEN_FIELDS = frozenset({"__comm", "__retval", _TAG, "__pad", "__probe_ip", "__probe_func", "__probe_ret_ip"})
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 # Beyond this many probes closing takes seconds (the kernel waits for an RCU grace period as each uprobe
 # goes, some 70 ms), so the user is told why the run does not end at once.
 _SAY_REMOVING = 50
+# Up to this many probes to count, each is an event of its own (exact counters, nothing to read per hit);
+# more would take seconds to remove, each one (as above).
+_COUNTED_ALONE = 64
+# To count by tag, an entry's record gets 8 bytes where a return's has its return address: every record then
+# has one layout (and one size), read as one array.
+_PAD_ARG = FetchArg("__pad", True, Immediate(0), FetchType("u64"))
 
 
 @dataclass
@@ -81,6 +91,11 @@ class _Event:
         """Where a record's values (:meth:`EventFormat.unpack`) hold its probe's tag."""
         return next(i for i, f in enumerate(self.format.fields) if f.name == _TAG)
 
+    @property
+    def tag_offset(self) -> int:
+        """Where a raw record holds its probe's tag."""
+        return self.format.fields[self.tag].offset
+
 
 def _signature(probe: Probe, counting: bool, index: int) -> tuple:
     """What probes share to be appended to one event (the kernel wants the same kind, and the same name and
@@ -95,10 +110,13 @@ class KernelEngine(Engine):
 
     name = "kernel"
 
-    def __init__(self, pages_per_cpu: int = 256) -> None:
+    def __init__(self, pages_per_cpu: int = 256, counted_alone: int = _COUNTED_ALONE) -> None:
+        """``pages_per_cpu``: each perf buffer's size; ``counted_alone``: to count up to this many probes,
+        each is an event of its own."""
         self.tracefs = Tracefs()
         self.group = new_group()
         self._pages = pages_per_cpu
+        self._counted_alone = counted_alone
         self._events: dict[int, _Event] = {}  # by tracepoint id
         self._attached: list[_Attached] = []  # by probe index
         self._read: list[int] = []  # records read, by probe index
@@ -106,6 +124,7 @@ class KernelEngine(Engine):
         self._reader: TracepointReader | None = None
         self._counts: dict[int, int] = {}  # tracepoint id -> hits, as last read: kept once closed
         self._lost = 0
+        self._tallied: numpy.ndarray | None = None  # counting by tag: hits read so far, by probe index
 
     @property
     def lost(self) -> int:
@@ -125,11 +144,15 @@ class KernelEngine(Engine):
         if consumers:
             raise KernelEngineError("Python handlers run on the ptrace engine, in the traced process's stops")
         refuse_unprobeable(probes)
+        tallied = counting and len(probes) > self._counted_alone
         events: dict[tuple, _Event] = {}
         for index, probe in enumerate(probes):
-            extra = (_COMM_ARG, _RETVAL_ARG) if probe.is_return else (_COMM_ARG,)
-            kernel_probe = replace(probe, group=self.group, fetchargs=probe.fetchargs + extra)
-            signature = _signature(kernel_probe, counting, index)
+            if tallied:
+                fetchargs = () if probe.is_return else (_PAD_ARG,)
+            else:
+                fetchargs = probe.fetchargs + ((_COMM_ARG, _RETVAL_ARG) if probe.is_return else (_COMM_ARG,))
+            kernel_probe = replace(probe, group=self.group, fetchargs=fetchargs)
+            signature = _signature(kernel_probe, counting and not tallied, index)
             event = events.get(signature)
             name = event.defined.event if event else f"e{len(events)}_{probe.event}"[:63]
             tag = FetchArg(_TAG, True, Immediate(index), FetchType("u32"))
@@ -147,8 +170,14 @@ class KernelEngine(Engine):
         names = {event_id: " or ".join(f"probe {a.probe.name} at {a.probe.path}:{a.probe.offset:#x}"
                                        for a in event.probes.values())
                  for event_id, event in self._events.items()}
-        self._reader = TracepointReader(list(self._events), pid, pages=self._pages, sampling=not counting,
-                                        follow_forks=follow_forks, enable_on_exec=held, names=names)
+        if tallied:
+            self._tallied = numpy.zeros(len(probes), numpy.int64)
+            if len({event.tag_offset for event in self._events.values()}) != 1:
+                raise KernelEngineError("the kernel laid out our events' records in an unexpected way; "
+                                        "count fewer probes at once")
+        self._reader = TracepointReader(list(self._events), pid, pages=self._pages,
+                                        sampling=not counting or tallied, follow_forks=follow_forks,
+                                        enable_on_exec=held, names=names, raw_only=tallied)
         try:
             if not held:
                 self._reader.enable()
@@ -157,9 +186,12 @@ class KernelEngine(Engine):
 
     def hit_counts(self) -> list[int]:
         """Hits so far per probe, in the order given to :meth:`attach`, as the kernel's counters say (after
-        :meth:`close`, the final counts); a probe that shares its event with others (to trace): the records
-        of its hits read so far."""
+        :meth:`close`, the final counts); a probe that shares its event with others: the records of its hits
+        read so far."""
         self._read_counters()
+        if self._tallied is not None:
+            self._tally()
+            return self._tallied.tolist()
         hits = list(self._read)
         for event_id, event in self._events.items():
             if len(event.probes) == 1:
@@ -171,12 +203,22 @@ class KernelEngine(Engine):
         if self._reader is not None:
             self._counts, self._lost = self._reader.counts(), self._reader.count_lost()
 
+    def _tally(self) -> None:
+        """Count the records of the hits by tag."""
+        if self._reader is not None:
+            offset = next(iter(self._events.values())).tag_offset
+            tags = self._reader.read_field(offset, 4)
+            self._tallied += numpy.bincount(tags[tags < len(self._tallied)], minlength=len(self._tallied))
+
     def poll(self, timeout: float) -> list[Event]:
         """Events that arrived, waiting up to ``timeout`` seconds for the first."""
         reader = self._reader
         if reader is None:
             return []
         if not reader.poll(timeout):
+            return []
+        if self._tallied is not None:
+            self._tally()
             return []
         events = []
         for sample in reader.read():
@@ -219,12 +261,18 @@ class KernelEngine(Engine):
         try:
             if len(self._defined) > _SAY_REMOVING:
                 print(f"uprobes: removing {len(self._defined)} kernel probes...", file=sys.stderr, flush=True)
-            if self._reader is not None:
-                self._read_counters()
-                self._reader.close()
-                self._reader = None
-            while self._defined:
-                self.tracefs.delete(self._defined.pop())
+            try:
+                if self._reader is not None:
+                    if self._tallied is not None:
+                        self._reader.disable()
+                        self._tally()
+                    self._read_counters()
+            finally:  # whatever went wrong reading, nothing of ours stays in the kernel
+                if self._reader is not None:
+                    self._reader.close()
+                    self._reader = None
+                while self._defined:
+                    self.tracefs.delete(self._defined.pop())
         finally:
             pending = signal.sigpending() & _STOP_SIGNALS
             for signum in pending:

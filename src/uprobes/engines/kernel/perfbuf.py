@@ -36,6 +36,8 @@ from operator import itemgetter
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy
+
 from ...errors import KernelEngineError
 from ...proc.status import thread_ids
 
@@ -58,6 +60,7 @@ _PERF_SAMPLE_CPU = 1 << 7
 _PERF_SAMPLE_RAW = 1 << 10
 _PERF_SAMPLE_IDENTIFIER = 1 << 16
 _SAMPLE_TYPE = _PERF_SAMPLE_IDENTIFIER | _PERF_SAMPLE_TID | _PERF_SAMPLE_TIME | _PERF_SAMPLE_CPU | _PERF_SAMPLE_RAW
+_RAW_SAMPLE_TYPE = _PERF_SAMPLE_IDENTIFIER | _PERF_SAMPLE_RAW  # to tell hits apart by a field, nothing else
 _PERF_FORMAT_LOST = 1 << 4
 
 # ioctls: _IO('$', n), and PERF_EVENT_IOC_ID = _IOR('$', 7, __u64 *)
@@ -80,6 +83,8 @@ _U64 = struct.Struct("<Q")
 # struct perf_event_header (type, misc, size), then for PERF_RECORD_SAMPLE with _SAMPLE_TYPE:
 # id; pid, tid; time; cpu, res; raw size -- the raw record follows.
 _SAMPLE = struct.Struct("<IHHQIIQIII")
+_RAW_SAMPLE = struct.Struct("<IHHQI")  # with _RAW_SAMPLE_TYPE: header; id; raw size
+_TYPE_AND_SIZE = numpy.uint64(0xFFFF_0000_FFFF_FFFF)  # of a header read as one word, all but misc
 # A LOST record is shorter than a sample's fixed part; zeros after the last record let every record be
 # unpacked as a sample first (one call per record) and told apart by its type afterwards.
 _PAD = bytes(_SAMPLE.size)
@@ -274,9 +279,10 @@ class TracepointReader:
 
     def __init__(self, event_ids: Sequence[int], pid: int | None, pages: int = 64, sampling: bool = True,
                  follow_forks: bool = True, enable_on_exec: bool = False,
-                 names: dict[int, str] | None = None) -> None:
+                 names: dict[int, str] | None = None, raw_only: bool = False) -> None:
         """``follow_forks`` False leaves the children the process forks alone (not its threads); ``names``:
-        what each tracepoint stands for, to name it in an error."""
+        what each tracepoint stands for, to name it in an error; ``raw_only``: samples hold the raw record
+        and nothing else, read with :meth:`read_field`."""
         if pages < 1 or pages & (pages - 1):
             raise KernelEngineError(f"perf buffer pages must be a power of two, not {pages}")
         self.lost = 0
@@ -286,6 +292,7 @@ class TracepointReader:
         self._poll = select.poll()
         self._pages = pages
         self._sampling = sampling
+        self._sample_type = _RAW_SAMPLE_TYPE if raw_only else _SAMPLE_TYPE
         self._follow_forks = follow_forks
         self._enable_on_exec = enable_on_exec
         self._event_of_fd: dict[int, int] = {}
@@ -361,7 +368,7 @@ class TracepointReader:
                               inherit_thread=int(process and not self._follow_forks),
                               enable_on_exec=int(self._enable_on_exec))
         if self._sampling:
-            attr.sample_period, attr.sample_type = 1, _SAMPLE_TYPE
+            attr.sample_period, attr.sample_type = 1, self._sample_type
             attr.watermark, attr.wakeup_watermark = 1, self._pages * mmap.PAGESIZE // _WAKEUP_FRACTION
             attr.use_clockid, attr.clockid = 1, _CLOCK_MONOTONIC
         try:
@@ -430,6 +437,40 @@ class TracepointReader:
                 pos += size
         samples.sort(key=_BY_TIME)
         return samples
+
+    def read_field(self, offset: int, size: int) -> numpy.ndarray:
+        """Drain every buffer of a ``raw_only`` reader: the unsigned field of ``size`` bytes (4 or 8) at
+        ``offset`` in each sample's raw record. Where every record of a buffer has the size of its first (the
+        samples of events of one layout, no ``PERF_RECORD_LOST`` among them) they are read as one array."""
+        dtype = numpy.dtype(f"<u{size}")
+        fields = []
+        for buffer in self._buffers:
+            chunk = buffer.take()
+            if not chunk:
+                continue
+            end = len(chunk) - len(_PAD)
+            kind, _misc, record_size, _ident, _raw_size = _RAW_SAMPLE.unpack_from(chunk, 0)
+            at = _RAW_SAMPLE.size + offset
+            if kind == _PERF_RECORD_SAMPLE and end % record_size == 0:
+                count = end // record_size
+                headers = numpy.ndarray(count, "<u8", chunk, 0, (record_size,)) & _TYPE_AND_SIZE
+                if (headers == headers[0]).all():
+                    fields.append(numpy.ndarray(count, dtype, chunk, at, (record_size,)).copy())
+                    continue
+            fields.append(numpy.array(self._walk_fields(chunk, end, at, dtype), dtype))
+        return numpy.concatenate(fields) if fields else numpy.empty(0, dtype)
+
+    def _walk_fields(self, chunk: bytes, end: int, at: int, dtype: numpy.dtype) -> list[int]:
+        """The field at ``at`` of each sample in ``chunk``, record by record; lost ones counted."""
+        values, pos = [], 0
+        while pos < end:
+            kind, _misc, size, _ident, _raw_size = _RAW_SAMPLE.unpack_from(chunk, pos)
+            if kind == _PERF_RECORD_SAMPLE:
+                values.append(int.from_bytes(chunk[pos + at:pos + at + dtype.itemsize], "little"))
+            elif kind == _PERF_RECORD_LOST:
+                self.lost += _LOST.unpack_from(chunk, pos)[1]
+            pos += size
+        return values
 
     def counts(self) -> dict[int, int]:
         """Hits per tracepoint id as the kernel counts them, summed over CPUs and threads (and over the
