@@ -10,6 +10,7 @@ kernel accepts for it:
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 import struct
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from ..elf.objfile import ElfObject
 from ..elf.symbols import Symbol
 from ..errors import ResolveError
 from ..sdt.notes import SdtSite, read_markers
-from ..x86_64.decode import instruction_containing
+from ..x86_64.decode import instruction_containing, instruction_starts
 from .fetchargs import FetchArg, parse_fetchargs
 from .markerargs import kernel_limitation, marker_fetchargs
 from .spec import MAX_NAME_LEN, ProbeSpec, parse_probe
@@ -169,6 +170,9 @@ def _check_code_address(obj: ElfObject, address: int, spec: ProbeSpec) -> None:
     start = obj.function_start(address)
     if start is None or start == address:
         return
+    bounds = obj.function_bounds(address)
+    if bounds is not None and bounds[1] > address and address in _instruction_starts(obj, start, bounds[1]):
+        return
     code = obj.read(start, address - start + _MAX_INSTRUCTION)
     instr = instruction_containing(code, start, address)
     if instr is not None and instr.address != address:
@@ -177,6 +181,12 @@ def _check_code_address(obj: ElfObject, address: int, spec: ProbeSpec) -> None:
             f"probe '{spec.text}': {obj.describe_address(address)} (file offset {obj.vaddr_to_offset(address):#x}) "
             f"is inside the instruction '{instr.text}' at {where} (file offset {obj.vaddr_to_offset(instr.address):#x},"
             f" {instr.length} bytes); probe its first byte or the next instruction")
+
+
+@functools.lru_cache(maxsize=4096)
+def _instruction_starts(obj: ElfObject, start: int, end: int) -> frozenset[int]:
+    """Every instruction start of a function, decoded once for all the probes placed inside it."""
+    return frozenset(instruction_starts(obj.read(start, end - start), start))
 
 
 def _check_function_entry(obj: ElfObject, address: int, spec: ProbeSpec) -> None:

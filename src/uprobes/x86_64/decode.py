@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from iced_x86 import Decoder, DecoderOptions, Formatter, FormatterSyntax, Instruction
 
-__all__ = ["DecodedInstruction", "decode_at", "instruction_containing"]
+__all__ = ["DecodedInstruction", "decode_at", "instruction_containing", "instruction_starts"]
 
 _MAX_INSTRUCTION = 15
 _formatter = Formatter(FormatterSyntax.GAS)
@@ -53,3 +53,8 @@ def instruction_containing(code: bytes, start: int, target: int) -> DecodedInstr
         if instr.ip > target:
             break
     return None
+
+
+def instruction_starts(code: bytes, start: int) -> list[int]:
+    """Where each instruction starts, decoding ``code`` (located at ``start``) linearly to its end."""
+    return [instr.ip for instr in Decoder(64, code, DecoderOptions.NONE, ip=start)]

@@ -97,12 +97,12 @@ class _Event:
         return self.format.fields[self.tag].offset
 
 
-def _signature(probe: Probe, counting: bool, index: int) -> tuple:
+def _signature(is_return: bool, fetchargs: tuple[FetchArg, ...], alone: bool, index: int) -> tuple:
     """What probes share to be appended to one event (the kernel wants the same kind, and the same name and
-    type for each argument); to count, each probe is its own."""
-    if counting:
+    type for each argument); ``alone``: each probe is its own."""
+    if alone:
         return (index,)
-    return (probe.is_return,) + tuple((arg.name, arg.type_text) for arg in probe.kernel_fetchargs)
+    return (is_return,) + tuple((arg.name, arg.type_text) for arg in fetchargs if kernel_limitation(arg) is None)
 
 
 class KernelEngine(Engine):
@@ -151,12 +151,11 @@ class KernelEngine(Engine):
                 fetchargs = () if probe.is_return else (_PAD_ARG,)
             else:
                 fetchargs = probe.fetchargs + ((_COMM_ARG, _RETVAL_ARG) if probe.is_return else (_COMM_ARG,))
-            kernel_probe = replace(probe, group=self.group, fetchargs=fetchargs)
-            signature = _signature(kernel_probe, counting and not tallied, index)
+            signature = _signature(probe.is_return, fetchargs, counting and not tallied, index)
             event = events.get(signature)
             name = event.defined.event if event else f"e{len(events)}_{probe.event}"[:63]
             tag = FetchArg(_TAG, True, Immediate(index), FetchType("u32"))
-            kernel_probe = replace(kernel_probe, event=name, fetchargs=kernel_probe.fetchargs + (tag,))
+            kernel_probe = replace(probe, group=self.group, event=name, fetchargs=fetchargs + (tag,))
             defined = self.tracefs.define(kernel_probe.uprobe_events_line(), probe.spec)
             if event is None:
                 self._defined.append(defined)
