@@ -434,13 +434,6 @@ def measure_insert(engine: str, count: int, probe_file: Path, runs: int) -> dict
     return {"status": "ok", "probes": count, **figure, "range": spread, "runs": results}
 
 
-def measure_insert_kernel_sample(probe_file: Path, sample: int, workdir: Path) -> dict:
-    """The kernel engine's removal is slow (see README): time ``sample`` probes and say so, rather than wait."""
-    small = workdir / f"probes-{sample}.txt"
-    small.write_text("".join(probe_file.read_text().splitlines(keepends=True)[:sample]))
-    return measure_insert("kernel", sample, small, runs=1)
-
-
 def measure_list(path: str | None, runs: int) -> dict:
     if path is None or not os.path.exists(path):
         return {"status": "missing", "reason": f"{path or 'libjvm.so'} not found"}
@@ -664,7 +657,7 @@ def main() -> int:
     runs = args.runs or (2 if args.quick else 5)
     span = args.span or (0.15 if args.quick else 0.6)
     only = [p.strip() for p in args.only.split(",")] if args.only else None
-    insert_counts = (100, 1000) if args.quick else (1000, 10000)  # the kernel engine: the first only
+    insert_counts = (100, 1000) if args.quick else (1000, 10000)
 
     subprocess.run(["make", "-s", "-C", str(BENCH / "targets")], check=True)
     began = time.perf_counter()
@@ -714,16 +707,7 @@ def main() -> int:
             if not _selected(f"insert/{engine}", only):
                 continue
             for count in insert_counts:
-                done = results["insert"].get(f"{engine}/{min(insert_counts)}", {})
-                if engine == "kernel" and count > min(insert_counts):
-                    # The kernel removes its uprobes one perf descriptor at a time, each waiting for an RCU
-                    # grace period (README, Performance): too slow for `make bench` at this count.
-                    estimate = (f" (~{done['close_s'] / min(insert_counts) * count / 60:.0f} min at the rate measured "
-                                f"for {min(insert_counts):,})" if done.get("status") == "ok" else "")
-                    record = {"status": "missing", "reason": f"not run: removing {count:,} kernel probes takes too "
-                                                              f"long for make bench{estimate}"}
-                else:
-                    record = measure_insert(engine, count, probe_files[count], runs=1 if engine == "kernel" else 3)
+                record = measure_insert(engine, count, probe_files[count], runs=3)
                 results["insert"][f"{engine}/{count}"] = record
                 note(f"insert/{engine}/{count}", record)
         if any(_selected(f"list/{n}", only) for n in ("libpython", "libjvm")):
@@ -744,11 +728,7 @@ def main() -> int:
             if not _selected(f"rss/{engine}", only):
                 continue
             count = max(insert_counts)
-            if engine == "kernel":
-                record = {"status": "missing", "reason": f"not run: removing {count:,} kernel probes takes too long "
-                                                          f"(see insert/kernel, whose peak RSS is shown)"}
-            else:
-                record = measure_rss(engine, probe_files[count], workdir)
+            record = measure_rss(engine, probe_files[count], workdir)
             record.setdefault("probes", count)
             results["rss"][engine] = record
             note(f"rss/{engine}", record)
