@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import io
 import itertools
 import os
 import re
@@ -45,6 +46,7 @@ class Tracefs:
 
     def __init__(self, root: Path = TRACEFS) -> None:
         self.root = root
+        self._writers: dict[str, io.FileIO] = {}
         if os.geteuid() != 0:
             raise KernelEngineError("the kernel engine needs root (it writes /sys/kernel/tracing/uprobe_events); "
                                     "run as root or use --engine ptrace")
@@ -62,11 +64,13 @@ class Tracefs:
         raise KernelEngineError(f"tracefs is not usable at {self.root}: {reason}; use --engine ptrace")
 
     def _append(self, name: str, line: str) -> None:
-        fd = os.open(self.root / name, os.O_WRONLY | os.O_APPEND)  # Python's "a" mode seeks; tracefs refuses that
-        try:
-            os.write(fd, (line + "\n").encode())
-        finally:
-            os.close(fd)
+        """Write one command to ``name``, kept open from one command to the next (each open and close of
+        uprobe_events costs more than a short command; a run defines thousands)."""
+        writer = self._writers.get(name)
+        if writer is None:
+            # Python's "a" mode seeks, and tracefs refuses that
+            writer = self._writers[name] = io.FileIO(os.open(self.root / name, os.O_WRONLY | os.O_APPEND), "w")
+        writer.write((line + "\n").encode())
 
     def define(self, line: str, probe_text: str) -> DefinedEvent:
         """Append one ``p:``/``r:`` definition; a refusal raises with the kernel's reason and token."""
