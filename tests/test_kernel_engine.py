@@ -635,3 +635,30 @@ def test_a_second_and_third_signal_wait_for_every_probe_to_be_removed(tracefs):
     assert "Traceback" not in err and tracer.returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM), err
     assert "_PyUnicode_" in out  # the counts were written before the removal began; nothing_left_behind checks
     # that every definition went
+
+
+_RENAMED = """
+import ctypes, os
+libc = ctypes.CDLL(None)
+for name in (b"first", b"second", b"first"):
+    libc.prctl(15, name, 0, 0, 0)  # PR_SET_NAME
+    for _ in range(3):
+        os.getppid()
+"""
+
+
+def test_records_read_in_columns_keep_their_order_and_each_ones_thread_name():
+    """A thread that renames itself between hits: trace reads the kernel's records as arrays, grouped by probe,
+    thread and name, and writes them back in the order they happened, each with the name the thread had;
+    beside a probe whose records are read one by one (a string argument), in one time order."""
+    records, proc = _trace_json("uprobe:libc:getppid", "uprobe:libc:prctl option=%di:s32 name=+0(%si):string",
+                                "--", sys.executable, "-c", _RENAMED)
+    assert proc.returncode == 0
+    events = [(r["probe"], r["comm"], r["args"].get("name")) for r in records if "probe" in r
+              and (r["probe"] == "getppid" or r["args"]["option"] == 15)]
+    started = Path(sys.executable).name[:15]  # the name exec gave it
+    assert events == [(probe, comm, name) for comm, renamed in ((started, "first"), ("first", "second"),
+                                                                ("second", "first"))
+                      for probe, comm, name in [("prctl", comm, renamed)] + [("getppid", renamed, None)] * 3]
+    times = [r["ts_ns"] for r in records if "probe" in r]
+    assert times == sorted(times) and records[-1] == {"lost": 0}

@@ -25,14 +25,15 @@ import numpy
 
 from ...consumers import Consumer
 from ...errors import KernelEngineError
+from ...output.columns import EventColumns, Group
 from ...output.event import Event
 from ...probes.fetchargs import Comm, FetchArg, FetchType, Immediate, RetVal
 from ...probes.markerargs import kernel_limitation
 from ...probes.resolve import Probe
 from ..base import Engine
-from .eventformat import EventFormat, load_event_format
+from .eventformat import EventFormat, FieldKind, load_event_format
 from .instructions import refuse_unprobeable
-from .perfbuf import TracepointReader
+from .perfbuf import Samples, TracepointReader
 from .tracefs import DefinedEvent, Tracefs, new_group
 
 __all__ = ["KernelEngine"]
@@ -95,6 +96,32 @@ class _Event:
     def tag_offset(self) -> int:
         """Where a raw record holds its probe's tag."""
         return self.format.fields[self.tag].offset
+
+    @functools.cached_property
+    def in_columns(self) -> bool:
+        """Whether its records can be read as arrays: an entry's, whose arguments are integers that need no
+        retyping, every one the kernel fetched."""
+        fields = {f.name: f for f in self.format.fields}
+        return all(not a.probe.is_return and not a.probe.retyped and not a.left_out
+                   and all(fields[name].kind is FieldKind.INT for name, _ in a.positions[0])
+                   for a in self.probes.values())
+
+    @functools.cached_property
+    def layout(self) -> _Layout:
+        """Where its records hold the probed address, the thread's name and each argument (:attr:`in_columns`)."""
+        fields = {f.name: f for f in self.format.fields}
+        args = next(iter(self.probes.values())).positions[0]
+        return _Layout(fields["__probe_ip"].offset, fields["__comm"].offset, tuple(name for name, _ in args),
+                       tuple((name, fields[name].offset, f"<{'i' if fields[name].signed else 'u'}{fields[name].size}")
+                             for name, _ in args))
+
+
+@dataclass(frozen=True)
+class _Layout:
+    ip: int
+    comm: int
+    names: tuple[str, ...]
+    args: tuple[tuple[str, int, str], ...]  # name, offset, numpy type
 
 
 def _signature(is_return: bool, fetchargs: tuple[FetchArg, ...], alone: bool, index: int) -> tuple:
@@ -211,27 +238,72 @@ class KernelEngine(Engine):
 
     def poll(self, timeout: float) -> list[Event]:
         """Events that arrived, waiting up to ``timeout`` seconds for the first."""
+        return self.poll_columns(timeout).events()
+
+    def poll_columns(self, timeout: float) -> EventColumns:
+        """:meth:`poll`, in columns where an event's records hold integers only (what a writer formats in
+        bulk): each such event's records read as arrays, field by field, a group per probe and thread."""
         reader = self._reader
-        if reader is None:
-            return []
-        if not reader.poll(timeout):
-            return []
+        if reader is None or not reader.poll(timeout):
+            return EventColumns()
         if self._tallied is not None:
             self._tally()
-            return []
-        events = []
-        for sample in reader.read():
-            event = self._events.get(sample.event_id)
+            return EventColumns()
+        samples = reader.read_samples()
+        columns = EventColumns()
+        for event_id in numpy.unique(samples.event_id).tolist():
+            event = self._events.get(event_id)
             if event is None:
                 continue
-            values, errors = event.format.unpack(sample.raw)
-            attached = event.probes.get(values[event.tag])
-            if attached is not None:
-                self._read[attached.index] += 1
-                events.append(self._event(attached, sample, values, errors))
+            rows = numpy.flatnonzero(samples.event_id == event_id)
+            tags = samples.field(rows, event.tag_offset, "<u4")
+            known = numpy.isin(tags, numpy.fromiter(event.probes, numpy.int64, len(event.probes)))
+            rows, tags = rows[known], tags[known]
+            for index, count in zip(*numpy.unique(tags, return_counts=True)):
+                self._read[int(index)] += int(count)
+            if event.in_columns:
+                columns.groups += self._groups(event, samples, rows, tags)
+            else:
+                columns.single += self._events_one_by_one(event, samples, rows)
+        return columns
+
+    def _groups(self, event: _Event, samples: Samples, rows: numpy.ndarray, tags: numpy.ndarray) -> list[Group]:
+        """The events of ``rows`` (all of ``event``, whose records hold integers and the thread's name): a
+        group per probe, thread, address and name, each in time order."""
+        if not len(rows):
+            return []
+        layout = event.layout
+        ips = samples.field(rows, layout.ip, "<u8")
+        location = samples.field(rows, layout.comm, "<u4")  # __data_loc: length << 16 | offset
+        name_bytes = samples.field(rows, location & 0xFFFF, "S16").view(numpy.uint8).reshape(len(rows), 16)
+        name_bytes[numpy.arange(16) >= (location >> 16).astype(numpy.int64)[:, None] - 1] = 0  # from the NUL on
+        names = name_bytes.view("S16")[:, 0]  # no name (the thread was gone): b""
+        values = {name: samples.field(rows, offset, dtype) for name, offset, dtype in layout.args}
+        pids, tids = samples.pid[rows], samples.tid[rows]
+        order = numpy.lexsort((names, ips, tids, pids, tags))  # stable: each group stays in time order
+        keys = (tags[order], pids[order], tids[order], ips[order], names[order])
+        ends = numpy.flatnonzero(numpy.any([key[1:] != key[:-1] for key in keys], axis=0)) + 1
+        groups = []
+        for group in numpy.split(order, ends):
+            first = int(group[0])
+            attached = event.probes[int(tags[first])]
+            groups.append(Group(attached.probe.name, attached.index, int(pids[first]), int(tids[first]),
+                                names[first].decode("utf-8", "replace"), int(ips[first]), layout.names, {},
+                                {name: column[group].tolist() for name, column in values.items()},
+                                samples.time_ns[rows[group]].tolist(), samples.cpu[rows[group]].tolist()))
+        return groups
+
+    def _events_one_by_one(self, event: _Event, samples: Samples, rows: numpy.ndarray) -> list[Event]:
+        events = []
+        data = samples.data
+        for row, at, size in zip(rows.tolist(), samples.raw_at[rows].tolist(), samples.raw_size[rows].tolist()):
+            values, errors = event.format.unpack(data[at:at + size])
+            events.append(self._event(event.probes[values[event.tag]], int(samples.pid[row]), int(samples.tid[row]),
+                                      int(samples.time_ns[row]), int(samples.cpu[row]), values, errors))
         return events
 
-    def _event(self, attached: _Attached, sample, values: list | tuple, errors: dict[str, str]) -> Event:
+    def _event(self, attached: _Attached, pid: int, tid: int, time_ns: int, cpu: int, values: list | tuple,
+               errors: dict[str, str]) -> Event:
         arg_positions, comm, ip, retval = attached.positions
         args = {name: values[i] for name, i in arg_positions}
         probe = attached.probe
@@ -242,7 +314,7 @@ class KernelEngine(Engine):
         if attached.left_out:
             errors = {**errors, **attached.left_out}
             args = {arg.name: args.get(arg.name) for arg in probe.fetchargs} | args  # in the order asked for
-        return Event(probe.name, sample.pid, sample.tid, values[comm], sample.time_ns, sample.cpu, values[ip],
+        return Event(probe.name, pid, tid, values[comm], time_ns, cpu, values[ip],
                      probe.typed(args) if probe.retyped else args, None if retval is None else values[retval],
                      errors or None, probe.is_return, attached.index)
 

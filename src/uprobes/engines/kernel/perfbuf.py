@@ -32,7 +32,7 @@ import os
 import select
 import struct
 from collections.abc import Sequence
-from operator import itemgetter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,7 +41,7 @@ import numpy
 from ...errors import KernelEngineError
 from ...proc.status import thread_ids
 
-__all__ = ["Sample", "TracepointReader", "online_cpus"]
+__all__ = ["Sample", "Samples", "TracepointReader", "online_cpus"]
 
 _NR_PERF_EVENT_OPEN = 298  # x86-64
 _PERF_TYPE_TRACEPOINT = 2
@@ -84,13 +84,15 @@ _U64 = struct.Struct("<Q")
 # id; pid, tid; time; cpu, res; raw size -- the raw record follows.
 _SAMPLE = struct.Struct("<IHHQIIQIII")
 _RAW_SAMPLE = struct.Struct("<IHHQI")  # with _RAW_SAMPLE_TYPE: header; id; raw size
+_HEADER = struct.Struct("<IHH")  # struct perf_event_header: type, misc, size
+# where _SAMPLE's fields are, to read them from many samples at once
+_IDENT_AT, _PID_AT, _TID_AT, _TIME_AT, _CPU_AT, _RAW_SIZE_AT = 8, 16, 20, 24, 32, 40
 _TYPE_AND_SIZE = numpy.uint64(0xFFFF_0000_FFFF_FFFF)  # of a header read as one word, all but misc
 # A LOST record is shorter than a sample's fixed part; zeros after the last record let every record be
 # unpacked as a sample first (one call per record) and told apart by its type afterwards.
 _PAD = bytes(_SAMPLE.size)
 _LOST = struct.Struct("<8xQQ")  # PERF_RECORD_LOST after the header: id, lost
 _READ_LOST = struct.Struct("<QQ")  # read() with read_format PERF_FORMAT_LOST: value, lost
-_BY_TIME = itemgetter(3)  # Sample.time_ns
 _EVERY_CPU = -1
 _EVERY_TASK = -1
 # Rounds of opening every thread's events again while the process keeps starting threads (see _open_process).
@@ -121,6 +123,36 @@ class Sample(NamedTuple):
     time_ns: int
     cpu: int
     raw: bytes
+
+
+@dataclass
+class Samples:
+    """Samples in columns, one entry per sample: where each raw record is in ``data`` (``view``, the same bytes
+    as an array), and the tracepoint id (-1: not ours), pid, tid, time, CPU and raw record size."""
+
+    data: bytes
+    view: numpy.ndarray
+    event_id: numpy.ndarray
+    pid: numpy.ndarray
+    tid: numpy.ndarray
+    time_ns: numpy.ndarray
+    cpu: numpy.ndarray
+    raw_at: numpy.ndarray
+    raw_size: numpy.ndarray
+
+    def field(self, rows: numpy.ndarray, offset: numpy.ndarray | int, dtype: str) -> numpy.ndarray:
+        """The value of type ``dtype`` at ``offset`` in the raw record of each of ``rows``."""
+        return _gather(self.view, self.raw_at[rows] + offset, dtype)
+
+
+def _gather(view: numpy.ndarray, at: numpy.ndarray, dtype: str) -> numpy.ndarray:
+    """The values of type ``dtype`` at byte offsets ``at`` of ``view`` (reads past its end give zeros)."""
+    size = numpy.dtype(dtype).itemsize
+    index = at[:, None] + numpy.arange(size)
+    if len(at) and index[:, -1].max() >= len(view):
+        inside = index < len(view)
+        return numpy.where(inside, view[numpy.where(inside, index, 0)], 0).astype(numpy.uint8).view(dtype)[:, 0]
+    return view[index].view(dtype)[:, 0]
 
 
 class _Wakeup(ctypes.Union):
@@ -418,59 +450,63 @@ class TracepointReader:
     def read(self) -> list[Sample]:
         """Drain every buffer. Samples come sorted by time within one call; a later call can still return
         a sample of another CPU that is older than one returned now."""
-        samples: list[Sample] = []
-        append = samples.append
-        tracepoint_of = self._tracepoint_of
-        # NamedTuple's own __new__ is Python code; tuple.__new__ builds the same Sample at C speed.
-        unpack, new = _SAMPLE.unpack_from, tuple.__new__
-        for buffer in self._buffers:
-            chunk = buffer.take()
-            pos, end = 0, len(chunk) - len(_PAD)
-            while pos < end:
-                kind, _misc, size, ident, pid, tid, time_ns, cpu, _res, raw_size = unpack(chunk, pos)
-                if kind == _PERF_RECORD_SAMPLE:
-                    raw_start = pos + _SAMPLE.size
-                    append(new(Sample, (tracepoint_of[ident], pid, tid, time_ns, cpu,
-                                        chunk[raw_start:raw_start + raw_size])))
-                elif kind == _PERF_RECORD_LOST:
-                    self.lost += _LOST.unpack_from(chunk, pos)[1]
-                pos += size
-        samples.sort(key=_BY_TIME)
-        return samples
+        block = self.read_samples()
+        data, new = block.data, tuple.__new__  # NamedTuple's own __new__ is Python code: this is C speed
+        return [new(Sample, (event_id, pid, tid, time_ns, cpu, data[at:at + size]))
+                for event_id, pid, tid, time_ns, cpu, at, size in zip(
+                    block.event_id.tolist(), block.pid.tolist(), block.tid.tolist(), block.time_ns.tolist(),
+                    block.cpu.tolist(), block.raw_at.tolist(), block.raw_size.tolist())]
+
+    def read_samples(self) -> Samples:
+        """Drain every buffer: its samples in columns, sorted by time (stable: one CPU's keep their order)."""
+        chunks = [chunk for buffer in self._buffers if (chunk := buffer.take())]
+        data = b"".join(chunks)
+        starts, base = [], 0
+        for chunk in chunks:
+            starts.append(self._sample_offsets(chunk, len(chunk) - len(_PAD)) + base)
+            base += len(chunk)
+        at = numpy.concatenate(starts) if starts else numpy.empty(0, numpy.intp)
+        view = numpy.frombuffer(data, numpy.uint8)
+        idents = _gather(view, at + _IDENT_AT, "<u8")
+        tracepoints = numpy.zeros(len(at), numpy.int64)
+        for ident in numpy.unique(idents).tolist():
+            tracepoints[idents == ident] = self._tracepoint_of.get(ident, -1)
+        time_ns = _gather(view, at + _TIME_AT, "<u8")
+        order = numpy.argsort(time_ns, kind="stable")
+        at = at[order]
+        return Samples(data, view, tracepoints[order], _gather(view, at + _PID_AT, "<u4"),
+                       _gather(view, at + _TID_AT, "<u4"), time_ns[order], _gather(view, at + _CPU_AT, "<u4"),
+                       at + _SAMPLE.size, _gather(view, at + _RAW_SIZE_AT, "<u4"))
 
     def read_field(self, offset: int, size: int) -> numpy.ndarray:
         """Drain every buffer of a ``raw_only`` reader: the unsigned field of ``size`` bytes (4 or 8) at
-        ``offset`` in each sample's raw record. Where every record of a buffer has the size of its first (the
-        samples of events of one layout, no ``PERF_RECORD_LOST`` among them) they are read as one array."""
-        dtype = numpy.dtype(f"<u{size}")
+        ``offset`` in each sample's raw record."""
         fields = []
         for buffer in self._buffers:
             chunk = buffer.take()
-            if not chunk:
-                continue
-            end = len(chunk) - len(_PAD)
-            kind, _misc, record_size, _ident, _raw_size = _RAW_SAMPLE.unpack_from(chunk, 0)
-            at = _RAW_SAMPLE.size + offset
-            if kind == _PERF_RECORD_SAMPLE and end % record_size == 0:
-                count = end // record_size
-                headers = numpy.ndarray(count, "<u8", chunk, 0, (record_size,)) & _TYPE_AND_SIZE
-                if (headers == headers[0]).all():
-                    fields.append(numpy.ndarray(count, dtype, chunk, at, (record_size,)).copy())
-                    continue
-            fields.append(numpy.array(self._walk_fields(chunk, end, at, dtype), dtype))
-        return numpy.concatenate(fields) if fields else numpy.empty(0, dtype)
+            if chunk:
+                at = self._sample_offsets(chunk, len(chunk) - len(_PAD))
+                fields.append(_gather(numpy.frombuffer(chunk, numpy.uint8), at + _RAW_SAMPLE.size + offset,
+                                      f"<u{size}"))
+        return numpy.concatenate(fields) if fields else numpy.empty(0, f"<u{size}")
 
-    def _walk_fields(self, chunk: bytes, end: int, at: int, dtype: numpy.dtype) -> list[int]:
-        """The field at ``at`` of each sample in ``chunk``, record by record; lost ones counted."""
-        values, pos = [], 0
+    def _sample_offsets(self, chunk: bytes, end: int) -> numpy.ndarray:
+        """Where each ``PERF_RECORD_SAMPLE`` in the first ``end`` bytes of ``chunk`` starts (lost ones counted):
+        in one step where every record has the size of the first (samples of one layout, nothing lost)."""
+        kind, _misc, size = _HEADER.unpack_from(chunk, 0)
+        if kind == _PERF_RECORD_SAMPLE and end % size == 0:
+            headers = numpy.ndarray(end // size, "<u8", chunk, 0, (size,)) & _TYPE_AND_SIZE
+            if (headers == headers[0]).all():
+                return numpy.arange(0, end, size, dtype=numpy.intp)
+        offsets, pos = [], 0
         while pos < end:
-            kind, _misc, size, _ident, _raw_size = _RAW_SAMPLE.unpack_from(chunk, pos)
+            kind, _misc, size = _HEADER.unpack_from(chunk, pos)
             if kind == _PERF_RECORD_SAMPLE:
-                values.append(int.from_bytes(chunk[pos + at:pos + at + dtype.itemsize], "little"))
+                offsets.append(pos)
             elif kind == _PERF_RECORD_LOST:
                 self.lost += _LOST.unpack_from(chunk, pos)[1]
             pos += size
-        return values
+        return numpy.array(offsets, numpy.intp)
 
     def counts(self) -> dict[int, int]:
         """Hits per tracepoint id as the kernel counts them, summed over CPUs and threads (and over the
