@@ -6,14 +6,14 @@ import argparse
 import json
 import sys
 
-from ..probes.resolve import Probe, resolve_text
+from ..probes.resolve import Probe, resolve_texts
 from ..probes.spec import group_probe_words
 
 __all__ = ["run_resolve"]
 
 
 def run_resolve(args: argparse.Namespace) -> int:
-    probes = [probe for text in group_probe_words(args.probes) for probe in resolve_text(text)]
+    probes = resolve_texts(group_probe_words(args.probes))
     for probe in probes:
         placement = _ptrace_placement(probe) if args.engine == "ptrace" else None
         if args.json:

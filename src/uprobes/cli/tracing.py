@@ -15,7 +15,7 @@ from contextlib import ExitStack
 from ..errors import UprobesError
 from ..output.columns import EventColumns
 from ..output.writers import EventWriter, count_records, format_count_table
-from ..probes.resolve import Probe, resolve_text
+from ..probes.resolve import Probe, resolve_texts
 from ..probes.spec import group_probe_words
 from ..proc.launch import HeldCommand
 from ..proc.maps import read_maps
@@ -105,7 +105,7 @@ class _Run:
         # (seen in the kill trials).
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         texts, command = _split_command(args)
-        self.probes: list[Probe] = [p for text in texts for p in resolve_text(text)]
+        self.probes: list[Probe] = resolve_texts(texts)
         if pair_returns:
             self.probes = _entry_and_return(self.probes)
         self.pid = args.pid

@@ -13,6 +13,7 @@ import fnmatch
 import functools
 import re
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..elf.locate import find_object
@@ -96,9 +97,21 @@ def resolve_text(text: str) -> list[Probe]:
     return resolve_probe(parse_probe(text))
 
 
-def resolve_probe(spec: ProbeSpec) -> list[Probe]:
-    """Every probe point ``spec`` names; raise :class:`ResolveError` when it names nothing."""
-    obj = ElfObject.open(find_object(spec.target))
+def resolve_texts(texts: Iterable[str]) -> list[Probe]:
+    """Parse and resolve many probe texts, in order; each file they name is looked up and opened once for all
+    of them (a list of thousands of probes names a few files)."""
+    objects: dict[str, ElfObject] = {}
+    return [probe for text in texts for probe in resolve_probe(parse_probe(text), objects)]
+
+
+def resolve_probe(spec: ProbeSpec, objects: dict[str, ElfObject] | None = None) -> list[Probe]:
+    """Every probe point ``spec`` names; raise :class:`ResolveError` when it names nothing. ``objects``: the
+    files opened so far, by the name a probe gave them (kept for the next)."""
+    obj = objects.get(spec.target) if objects is not None else None
+    if obj is None:
+        obj = ElfObject.open(find_object(spec.target))
+        if objects is not None:
+            objects[spec.target] = obj
     if obj.kind == "debug":
         raise ResolveError(f"probe '{spec.text}': {obj.path} is a separate debug file, which holds no code; "
                            f"probe the program or library it belongs to")
