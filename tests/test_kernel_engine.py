@@ -646,19 +646,24 @@ libc = ctypes.CDLL(None)
 for name in (b"first", b"second", b"first"):
     libc.prctl(15, name, 0, 0, 0)  # PR_SET_NAME
     for _ in range(3):
-        os.getppid()
+        parent = os.getppid()
+print(parent)
 """
 
 
 def test_records_read_in_columns_keep_their_order_and_each_ones_thread_name():
     """A thread that renames itself between hits: trace reads the kernel's records as arrays, grouped by probe,
-    thread and name, and writes them back in the order they happened, each with the name the thread had;
-    beside a probe whose records are read one by one (a string argument), in one time order."""
+    thread and name, and writes them back in the order they happened, each with the name the thread had (and
+    a return probe's, its return value); beside a probe whose records are read one by one (a string
+    argument), in one time order."""
     records, proc = _trace_json("uprobe:libc:getppid", "uprobe:libc:prctl option=%di:s32 name=+0(%si):string",
-                                "--", sys.executable, "-c", _RENAMED)
+                                "uretprobe:libc:getppid", "--", sys.executable, "-c", _RENAMED)
     assert proc.returncode == 0
+    parent = int(proc.stdout.splitlines()[-1])
+    returns = [r for r in records if r.get("probe") == "getppid%return"]
+    assert [r["retval"] for r in returns] == [parent] * 9
     events = [(r["probe"], r["comm"], r["args"].get("name")) for r in records if "probe" in r
-              and (r["probe"] == "getppid" or r["args"]["option"] == 15)]
+              and (r["probe"] == "getppid" or r["probe"] == "prctl" and r["args"]["option"] == 15)]
     started = Path(sys.executable).name[:15]  # the name exec gave it
     assert events == [(probe, comm, name) for comm, renamed in ((started, "first"), ("first", "second"),
                                                                 ("second", "first"))

@@ -25,7 +25,8 @@ _BY_TIME = operator.attrgetter("ts_ns")
 @dataclass
 class Group:
     """Hits of one probe by one thread. ``columns`` holds the integer arguments that vary (by name, a list per
-    argument, a value per hit); ``fixed`` the arguments with one value for every hit ($comm, a constant)."""
+    argument, a value per hit); ``fixed`` the arguments with one value for every hit ($comm, a constant);
+    ``retval`` a return probe's return values, a value per hit (None: an entry's hits)."""
 
     probe: str
     probe_index: int
@@ -38,14 +39,16 @@ class Group:
     columns: dict[str, list[int]]
     ts_ns: list[int]
     cpu: list[int]
+    retval: list[int] | None = None
 
     def events(self) -> Iterator[Event]:
         columns = [self.columns.get(name) for name in self.names]
+        returns = self.retval is not None
         for i, (ts, cpu) in enumerate(zip(self.ts_ns, self.cpu)):
             args = {name: self.fixed[name] if column is None else column[i]
                     for name, column in zip(self.names, columns)}
-            yield Event(self.probe, self.pid, self.tid, self.comm, ts, cpu, self.ip, args, None, None, False,
-                        self.probe_index)
+            yield Event(self.probe, self.pid, self.tid, self.comm, ts, cpu, self.ip, args,
+                        self.retval[i] if returns else None, None, returns, self.probe_index)
 
     def json_bytes(self) -> bytes:
         """The events as :meth:`Event.to_json` writes them, a line each in UTF-8, in the group's order."""
@@ -56,9 +59,11 @@ class Group:
                          for name in self.names)
         head = (f'{{"probe": {json_string(self.probe)}, "pid": {self.pid}, "tid": {self.tid}, '
                 f'"comm": {json_string(self.comm)}, ').replace("%", "%%")
-        template = (head + f'"ts_ns": %d, "cpu": %d, "ip": {self.ip}, "args": {{{args}}}}}\n').encode()
+        retval = ', "retval": %d' if self.retval is not None else ""
+        template = (head + f'"ts_ns": %d, "cpu": %d, "ip": {self.ip}, "args": {{{args}}}{retval}}}\n').encode()
+        varying = [self.columns[name] for name in self.names if name in self.columns]
         values = tuple(itertools.chain.from_iterable(
-            zip(self.ts_ns, self.cpu, *(self.columns[name] for name in self.names if name in self.columns))))
+            zip(self.ts_ns, self.cpu, *varying, *([self.retval] if self.retval is not None else []))))
         return template * len(self.ts_ns) % values
 
 

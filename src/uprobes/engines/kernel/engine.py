@@ -31,7 +31,7 @@ from ...probes.fetchargs import Comm, FetchArg, FetchType, Immediate, RetVal
 from ...probes.markerargs import kernel_limitation
 from ...probes.resolve import Probe
 from ..base import Engine
-from .eventformat import EventFormat, FieldKind, load_event_format
+from .eventformat import EventFormat, Field, FieldKind, load_event_format
 from .instructions import refuse_unprobeable
 from .perfbuf import Samples, TracepointReader
 from .tracefs import DefinedEvent, Tracefs, new_group
@@ -99,21 +99,24 @@ class _Event:
 
     @functools.cached_property
     def in_columns(self) -> bool:
-        """Whether its records can be read as arrays: an entry's, whose arguments are integers that need no
-        retyping, every one the kernel fetched."""
+        """Whether its records can be read as arrays: their arguments are integers that need no retyping,
+        every one the kernel fetched."""
         fields = {f.name: f for f in self.format.fields}
-        return all(not a.probe.is_return and not a.probe.retyped and not a.left_out
+        return all(not a.probe.retyped and not a.left_out
                    and all(fields[name].kind is FieldKind.INT for name, _ in a.positions[0])
                    for a in self.probes.values())
 
     @functools.cached_property
     def layout(self) -> _Layout:
-        """Where its records hold the probed address, the thread's name and each argument (:attr:`in_columns`)."""
+        """Where its records hold the probed address, the thread's name, each argument and a return probe's
+        value (:attr:`in_columns`)."""
         fields = {f.name: f for f in self.format.fields}
         args = next(iter(self.probes.values())).positions[0]
-        return _Layout(fields["__probe_ip"].offset, fields["__comm"].offset, tuple(name for name, _ in args),
-                       tuple((name, fields[name].offset, f"<{'i' if fields[name].signed else 'u'}{fields[name].size}")
-                             for name, _ in args))
+        retval = fields.get(_RETVAL_ARG.name)
+        return _Layout(fields["__probe_func" if retval else "__probe_ip"].offset, fields["__comm"].offset,
+                       tuple(name for name, _ in args), tuple((name, fields[name].offset, _numpy_type(fields[name]))
+                                                              for name, _ in args),
+                       retval.offset if retval else None)
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,11 @@ class _Layout:
     comm: int
     names: tuple[str, ...]
     args: tuple[tuple[str, int, str], ...]  # name, offset, numpy type
+    retval: int | None  # a return probe's: its value, an s64
+
+
+def _numpy_type(field: Field) -> str:
+    return f"<{'i' if field.signed else 'u'}{field.size}"
 
 
 def _signature(is_return: bool, fetchargs: tuple[FetchArg, ...], alone: bool, index: int) -> tuple:
@@ -279,6 +287,7 @@ class KernelEngine(Engine):
         name_bytes[numpy.arange(16) >= (location >> 16).astype(numpy.int64)[:, None] - 1] = 0  # from the NUL on
         names = name_bytes.view("S16")[:, 0]  # no name (the thread was gone): b""
         values = {name: samples.field(rows, offset, dtype) for name, offset, dtype in layout.args}
+        retvals = samples.field(rows, layout.retval, "<i8") if layout.retval is not None else None
         pids, tids = samples.pid[rows], samples.tid[rows]
         order = numpy.lexsort((names, ips, tids, pids, tags))  # stable: each group stays in time order
         keys = (tags[order], pids[order], tids[order], ips[order], names[order])
@@ -290,7 +299,8 @@ class KernelEngine(Engine):
             groups.append(Group(attached.probe.name, attached.index, int(pids[first]), int(tids[first]),
                                 names[first].decode("utf-8", "replace"), int(ips[first]), layout.names, {},
                                 {name: column[group].tolist() for name, column in values.items()},
-                                samples.time_ns[rows[group]].tolist(), samples.cpu[rows[group]].tolist()))
+                                samples.time_ns[rows[group]].tolist(), samples.cpu[rows[group]].tolist(),
+                                None if retvals is None else retvals[group].tolist()))
         return groups
 
     def _events_one_by_one(self, event: _Event, samples: Samples, rows: numpy.ndarray) -> list[Event]:
