@@ -89,12 +89,14 @@ def test_marker_semaphore_is_raised_only_while_attached(targets):
     assert untraced.stdout.endswith("guarded 0\n")
 
 
-@pytest.mark.parametrize("counting", [False, True], ids=["events", "counters"])
-def test_counts_agree_with_the_kernels_uprobe_profile(targets, counting):
+@pytest.mark.parametrize("counting, alone", [(False, 0), (True, 4), (True, 0)], ids=["events", "counters", "tags"])
+def test_counts_agree_with_the_kernels_uprobe_profile(targets, counting, alone):
+    """Entry, return, a marker with a semaphore and a library's function: traced, counted by an event's perf
+    counter each, and counted by tag in shared events, each probe's hits are what uprobe_profile says."""
     calls, lib = targets / "calls", targets / "libprobed.so"
     probes = [p for text in (f"uprobe:{calls}:work", f"uretprobe:{calls}:work", f"usdt:{calls}:calls:step",
                              f"uprobe:{lib}:lib_twice") for p in resolve_text(text)]
-    with KernelEngine() as engine:
+    with KernelEngine(counted_alone=alone) as engine:
         child = HeldCommand([str(calls), str(N)])
         engine.attach(probes, child.pid, counting=counting)
         child.release()
@@ -193,13 +195,21 @@ def test_count_command_reports_hits_per_probe_point(targets):
     assert work["path"] == str(calls) and work["offset"] == resolve_text(f"uprobe:{calls}:work")[0].offset
 
 
-def test_count_reports_along_the_way_and_loses_nothing_at_the_end(targets):
+@pytest.mark.parametrize("others", [0, 4], ids=["counter", "tags"])
+def test_count_reports_along_the_way_and_loses_nothing_at_the_end(targets, others):
+    """Reports every 0.3 s grow to the exact count; so they do with more probes than are counted by counters
+    (each hit a tagged record, read as the run goes)."""
     calls = targets / "calls"
-    result = run_cli("count", "--json", "--interval", "0.3", f"uprobe:{calls}:work", "--", str(calls), "30", "20",
-                     check=True)
-    reports = [json.loads(line)["hits"] for line in result.stdout.splitlines() if line.startswith("{")]
+    extra = [f"uretprobe:{calls}:work", f"usdt:{calls}:calls:step", f"uprobe:{targets / 'libprobed.so'}:lib_twice",
+             f"uprobe:{calls}:main"][:others]
+    result = run_cli("count", "--json", "--interval", "0.3", f"uprobe:{calls}:work", *extra, "--", str(calls), "30",
+                     "20", check=True)
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    reports = [r["hits"] for r in records if r["probe"] == "work"]
     assert len(reports) >= 2 and reports == sorted(reports)  # interval reports, then the final one
     assert reports[-1] == 30
+    every = {"work": 30, "work%return": 30, "calls:step": 30, "lib_twice": 30, "main": 1}
+    assert {r["probe"]: r["hits"] for r in records[-1 - others:]} == dict(list(every.items())[:1 + others])
 
 
 def test_a_fetch_argument_cannot_smuggle_a_second_definition(targets):
