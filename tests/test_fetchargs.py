@@ -227,6 +227,8 @@ INVALID = [
     ("a-b=%di", {}, "not a C identifier"),
     ("common_pid=%di", {}, "reserved"),
     ("__probe_ip=%di", {}, "reserved"),
+    ("__pad=%di", {}, "reserved"),  # the kernel engine's own, with every hit
+    ("__comm=%di", {}, "reserved"),
     ("x=%di y", {}, "blanks and '#' are not allowed"),
 ]
 

@@ -81,6 +81,7 @@ _RESERVED_NAMES = frozenset(
     {
         "common_type", "common_flags", "common_preempt_count", "common_pid", "common_tgid",
         "__probe_ip", "__probe_ret_ip", "__probe_func",
+        "__comm", "__retval", "__probe", "__pad",  # what the kernel engine fetches with every hit
     }
 )
 

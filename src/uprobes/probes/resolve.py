@@ -10,9 +10,9 @@ kernel accepts for it:
 from __future__ import annotations
 
 import fnmatch
-import functools
 import re
 import struct
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -196,10 +196,18 @@ def _check_code_address(obj: ElfObject, address: int, spec: ProbeSpec) -> None:
             f" {instr.length} bytes); probe its first byte or the next instruction")
 
 
-@functools.lru_cache(maxsize=4096)
 def _instruction_starts(obj: ElfObject, start: int, end: int) -> frozenset[int]:
-    """Every instruction start of a function, decoded once for all the probes placed inside it."""
-    return frozenset(instruction_starts(obj.read(start, end - start), start))
+    """Every instruction start of a function, decoded once for all the probes placed inside it (kept as long
+    as the object is)."""
+    functions = _INSTRUCTION_STARTS.setdefault(obj, {})
+    starts = functions.get((start, end))
+    if starts is None:
+        starts = functions[start, end] = frozenset(instruction_starts(obj.read(start, end - start), start))
+    return starts
+
+
+_INSTRUCTION_STARTS: weakref.WeakKeyDictionary[ElfObject, dict[tuple[int, int], frozenset[int]]] = \
+    weakref.WeakKeyDictionary()
 
 
 def _check_function_entry(obj: ElfObject, address: int, spec: ProbeSpec) -> None:

@@ -132,6 +132,12 @@ def _numpy_type(field: Field) -> str:
     return f"<{'i' if field.signed else 'u'}{field.size}"
 
 
+def _naming(probes: list[_Attached], most: int = 3) -> str:
+    """The probes of one event, for an error about it: the first few of many."""
+    named = " or ".join(f"probe {a.probe.name} at {a.probe.path}:{a.probe.offset:#x}" for a in probes[:most])
+    return named + (f" (or {len(probes) - most} more probes of that event)" if len(probes) > most else "")
+
+
 def _signature(is_return: bool, fetchargs: tuple[FetchArg, ...], alone: bool, index: int) -> tuple:
     """What probes share to be appended to one event (the kernel wants the same kind, and the same name and
     type for each argument); ``alone``: each probe is its own."""
@@ -201,9 +207,7 @@ class KernelEngine(Engine):
             self._read.append(0)
         # The kernel inserts the breakpoints when the perf events open; the reader explains its refusals.
         # A held child is still our own code until it execs: its events start at the exec, not before.
-        names = {event_id: " or ".join(f"probe {a.probe.name} at {a.probe.path}:{a.probe.offset:#x}"
-                                       for a in event.probes.values())
-                 for event_id, event in self._events.items()}
+        names = {event_id: _naming(list(event.probes.values())) for event_id, event in self._events.items()}
         if tallied:
             self._tallied = numpy.zeros(len(probes), numpy.int64)
             if len({event.tag_offset for event in self._events.values()}) != 1:
@@ -235,7 +239,9 @@ class KernelEngine(Engine):
 
     def _read_counters(self) -> None:
         if self._reader is not None:
-            self._counts, self._lost = self._reader.counts(), self._reader.count_lost()
+            if self._tallied is None:  # counted by tag: the records say it all
+                self._counts = self._reader.counts()
+            self._lost = self._reader.count_lost()
 
     def _tally(self) -> None:
         """Count the records of the hits by tag."""
@@ -354,6 +360,7 @@ class KernelEngine(Engine):
                     self._reader = None
                 while self._defined:
                     self.tracefs.delete(self._defined.pop())
+                self.tracefs.close()
         finally:
             pending = signal.sigpending() & _STOP_SIGNALS
             for signum in pending:

@@ -467,10 +467,9 @@ class TracepointReader:
             base += len(chunk)
         at = numpy.concatenate(starts) if starts else numpy.empty(0, numpy.intp)
         view = numpy.frombuffer(data, numpy.uint8)
-        idents = _gather(view, at + _IDENT_AT, "<u8")
-        tracepoints = numpy.zeros(len(at), numpy.int64)
-        for ident in numpy.unique(idents).tolist():
-            tracepoints[idents == ident] = self._tracepoint_of.get(ident, -1)
+        idents, where = numpy.unique(_gather(view, at + _IDENT_AT, "<u8"), return_inverse=True)
+        tracepoints = numpy.array([self._tracepoint_of.get(ident, -1) for ident in idents.tolist()],
+                                  numpy.int64)[where]
         time_ns = _gather(view, at + _TIME_AT, "<u8")
         order = numpy.argsort(time_ns, kind="stable")
         at = at[order]

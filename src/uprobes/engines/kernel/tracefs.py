@@ -72,6 +72,11 @@ class Tracefs:
             writer = self._writers[name] = io.FileIO(os.open(self.root / name, os.O_WRONLY | os.O_APPEND), "w")
         writer.write((line + "\n").encode())
 
+    def close(self) -> None:
+        """Close the files kept open for writing (a later write opens them again)."""
+        while self._writers:
+            self._writers.popitem()[1].close()
+
     def define(self, line: str, probe_text: str) -> DefinedEvent:
         """Append one ``p:``/``r:`` definition; a refusal raises with the kernel's reason and token."""
         try:
