@@ -98,10 +98,10 @@ def main() -> int:
     with open(args.probes) as f:
         texts = [line.strip() for line in f if line.strip()]
 
-    from uprobes.probes.resolve import resolve_text
+    from uprobes.probes.resolve import resolve_texts
 
     started = time.perf_counter()
-    probes = [p for text in texts for p in resolve_text(text)]
+    probes = resolve_texts(texts)
     resolved = time.perf_counter()
     watch = [probes[0], probes[-1]]
     original = [_byte_at(args.pid, p.path, p.offset) for p in watch]
