@@ -103,6 +103,11 @@ def kernel_limitation(fetcharg: FetchArg) -> str | None:
     return operand.why_not_tracefs if operand else None
 
 
+def kernel_fetchable(fetchargs: tuple[FetchArg, ...]) -> tuple[FetchArg, ...]:
+    """The fetch arguments tracefs can express (all but the marker operands only an engine can decode)."""
+    return tuple(arg for arg in fetchargs if kernel_limitation(arg) is None)
+
+
 def _operand(source) -> MarkerOperand | None:
     while isinstance(source, Deref):
         source = source.inner

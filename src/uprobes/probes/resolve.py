@@ -23,7 +23,7 @@ from ..errors import ResolveError
 from ..sdt.notes import SdtSite, read_markers
 from ..x86_64.decode import instruction_containing, instruction_starts
 from .fetchargs import FetchArg, parse_fetchargs
-from .markerargs import kernel_limitation, marker_fetchargs
+from .markerargs import kernel_fetchable, kernel_limitation, marker_fetchargs
 from .spec import MAX_NAME_LEN, ProbeSpec, parse_probe
 
 _NOT_IN_A_COMMAND = re.compile(r"[\s#]")
@@ -58,7 +58,7 @@ class Probe:
     @property
     def kernel_fetchargs(self) -> tuple[FetchArg, ...]:
         """The fetch arguments tracefs can express (all but the marker operands only an engine can decode)."""
-        return tuple(arg for arg in self.fetchargs if kernel_limitation(arg) is None)
+        return kernel_fetchable(self.fetchargs)
 
     def typed(self, values: dict) -> dict:
         """``values`` as fetched, retyped as the marker's spec says: float bits as numbers, signed high bytes."""

@@ -28,7 +28,7 @@ from ...errors import KernelEngineError
 from ...output.columns import EventColumns, Group
 from ...output.event import Event
 from ...probes.fetchargs import Comm, FetchArg, FetchType, Immediate, RetVal
-from ...probes.markerargs import kernel_limitation
+from ...probes.markerargs import kernel_fetchable, kernel_limitation
 from ...probes.resolve import Probe
 from ..base import Engine
 from .eventformat import EventFormat, Field, FieldKind, load_event_format
@@ -88,29 +88,33 @@ class _Event:
     probes: dict[int, _Attached]
 
     @functools.cached_property
+    def fields(self) -> dict[str, Field]:
+        """Its records' fields, by name."""
+        return {f.name: f for f in self.format.fields}
+
+    @functools.cached_property
     def tag(self) -> int:
         """Where a record's values (:meth:`EventFormat.unpack`) hold its probe's tag."""
-        return next(i for i, f in enumerate(self.format.fields) if f.name == _TAG)
+        return self.format.fields.index(self.fields[_TAG])
 
     @property
     def tag_offset(self) -> int:
         """Where a raw record holds its probe's tag."""
-        return self.format.fields[self.tag].offset
+        return self.fields[_TAG].offset
 
     @functools.cached_property
     def in_columns(self) -> bool:
         """Whether its records can be read as arrays: their arguments are integers that need no retyping,
         every one the kernel fetched."""
-        fields = {f.name: f for f in self.format.fields}
         return all(not a.probe.retyped and not a.left_out
-                   and all(fields[name].kind is FieldKind.INT for name, _ in a.positions[0])
+                   and all(self.fields[name].kind is FieldKind.INT for name, _ in a.positions[0])
                    for a in self.probes.values())
 
     @functools.cached_property
     def layout(self) -> _Layout:
         """Where its records hold the probed address, the thread's name, each argument and a return probe's
         value (:attr:`in_columns`)."""
-        fields = {f.name: f for f in self.format.fields}
+        fields = self.fields
         args = next(iter(self.probes.values())).positions[0]
         retval = fields.get(_RETVAL_ARG.name)
         return _Layout(fields["__probe_func" if retval else "__probe_ip"].offset, fields["__comm"].offset,
@@ -143,7 +147,7 @@ def _signature(is_return: bool, fetchargs: tuple[FetchArg, ...], alone: bool, in
     type for each argument); ``alone``: each probe is its own."""
     if alone:
         return (index,)
-    return (is_return,) + tuple((arg.name, arg.type_text) for arg in fetchargs if kernel_limitation(arg) is None)
+    return (is_return,) + tuple((arg.name, arg.type_text) for arg in kernel_fetchable(fetchargs))
 
 
 class KernelEngine(Engine):
@@ -160,12 +164,12 @@ class KernelEngine(Engine):
         self._counted_alone = counted_alone
         self._events: dict[int, _Event] = {}  # by tracepoint id
         self._attached: list[_Attached] = []  # by probe index
-        self._read: list[int] = []  # records read, by probe index
+        self._records = numpy.zeros(0, numpy.int64)  # records read, by probe index
         self._defined: list[DefinedEvent] = []
         self._reader: TracepointReader | None = None
         self._counts: dict[int, int] = {}  # tracepoint id -> hits, as last read: kept once closed
         self._lost = 0
-        self._tallied: numpy.ndarray | None = None  # counting by tag: hits read so far, by probe index
+        self._by_tag = False  # counting, each hit a record of its probe's tag
 
     @property
     def lost(self) -> int:
@@ -204,12 +208,12 @@ class KernelEngine(Engine):
                 event = events[signature] = self._events[event_format.id] = _Event(defined, event_format, {})
             event.probes[index] = _Attached(index, probe, defined, event.format)
             self._attached.append(event.probes[index])
-            self._read.append(0)
+        self._records = numpy.zeros(len(probes), numpy.int64)
         # The kernel inserts the breakpoints when the perf events open; the reader explains its refusals.
         # A held child is still our own code until it execs: its events start at the exec, not before.
         names = {event_id: _naming(list(event.probes.values())) for event_id, event in self._events.items()}
+        self._by_tag = tallied
         if tallied:
-            self._tallied = numpy.zeros(len(probes), numpy.int64)
             if len({event.tag_offset for event in self._events.values()}) != 1:
                 raise KernelEngineError("the kernel laid out our events' records in an unexpected way; "
                                         "count fewer probes at once")
@@ -227,10 +231,10 @@ class KernelEngine(Engine):
         :meth:`close`, the final counts); a probe that shares its event with others: the records of its hits
         read so far."""
         self._read_counters()
-        if self._tallied is not None:
+        if self._by_tag:
             self._tally()
-            return self._tallied.tolist()
-        hits = list(self._read)
+            return self._records.tolist()
+        hits = self._records.tolist()
         for event_id, event in self._events.items():
             if len(event.probes) == 1:
                 (attached,) = event.probes.values()
@@ -239,16 +243,18 @@ class KernelEngine(Engine):
 
     def _read_counters(self) -> None:
         if self._reader is not None:
-            if self._tallied is None:  # counted by tag: the records say it all
+            if not self._by_tag:  # counted by tag: the records say it all
                 self._counts = self._reader.counts()
             self._lost = self._reader.count_lost()
 
     def _tally(self) -> None:
-        """Count the records of the hits by tag."""
+        """Read the records of a run counting by tag."""
         if self._reader is not None:
-            offset = next(iter(self._events.values())).tag_offset
-            tags = self._reader.read_field(offset, 4)
-            self._tallied += numpy.bincount(tags[tags < len(self._tallied)], minlength=len(self._tallied))
+            self._count_records(self._reader.read_field(next(iter(self._events.values())).tag_offset, 4))
+
+    def _count_records(self, tags: numpy.ndarray) -> None:
+        """Count records read, by the probe index each one's tag holds."""
+        self._records += numpy.bincount(tags[tags < len(self._records)], minlength=len(self._records))
 
     def poll(self, timeout: float) -> list[Event]:
         """Events that arrived, waiting up to ``timeout`` seconds for the first."""
@@ -260,7 +266,7 @@ class KernelEngine(Engine):
         reader = self._reader
         if reader is None or not reader.poll(timeout):
             return EventColumns()
-        if self._tallied is not None:
+        if self._by_tag:
             self._tally()
             return EventColumns()
         samples = reader.read_samples()
@@ -273,8 +279,7 @@ class KernelEngine(Engine):
             tags = samples.field(rows, event.tag_offset, "<u4")
             known = numpy.isin(tags, numpy.fromiter(event.probes, numpy.int64, len(event.probes)))
             rows, tags = rows[known], tags[known]
-            for index, count in zip(*numpy.unique(tags, return_counts=True)):
-                self._read[int(index)] += int(count)
+            self._count_records(tags)
             if event.in_columns:
                 columns.groups += self._groups(event, samples, rows, tags)
             else:
@@ -350,7 +355,7 @@ class KernelEngine(Engine):
                 print(f"uprobes: removing {len(self._defined)} kernel probes...", file=sys.stderr, flush=True)
             try:
                 if self._reader is not None:
-                    if self._tallied is not None:
+                    if self._by_tag:
                         self._reader.disable()
                         self._tally()
                     self._read_counters()
