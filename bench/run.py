@@ -67,21 +67,27 @@ TOOLS = {
     "ptrace-jump": "uprobes count --engine ptrace (jump probes)",
     "kernel-trace": "uprobes trace --engine kernel -o FILE, 3 args (time in the target)",
     "ptrace-trace": "uprobes trace --engine ptrace -o FILE, 3 args (jump probes; time in the target; × the kernel engine's trace)",
+    "kernel-stack": "kernel-trace with --stack (its user stack copied and unwound; × kernel-trace)",
+    "ptrace-trap-trace": "uprobes trace --engine ptrace --trap -o FILE, 3 args (a stop per hit; × the kernel engine's trace)",
+    "ptrace-stack": "ptrace-trap-trace with --stack (its stack copied at the stop, unwound after it; × ptrace-trap-trace)",
     "ptrace-py": "ptrace + Python handler (from records: jump probes)",
     "ptrace-py-stop": "ptrace + Python handler, stop=True (a trap)",
     "bpftrace": "bpftrace count()",
     "perf": "perf probe + perf record",
     "gdb": "gdb dprintf",
 }
-NEEDS_ROOT = {"kernel", "kernel-trace", "bpftrace", "perf"}
+NEEDS_ROOT = {"kernel", "kernel-trace", "kernel-stack", "bpftrace", "perf"}
 # Largest N per tool: the calibration never goes past it (a safety net for a tool much slower than expected).
 N_MAX = {"baseline": 200_000_000, "kernel": 20_000_000, "bpftrace": 20_000_000, "perf": 1_000_000,
          "ptrace": 400_000, "ptrace-jump": 200_000_000, "ptrace-py": 200_000, "ptrace-py-stop": 200_000, "gdb": 50_000,
          "ptrace-trace": 60_000,  # within one ring (65,536 records), so that every hit is written
-         "kernel-trace": 2_000_000}
-TRACERS = {"kernel-trace": "kernel", "ptrace-trace": "ptrace"}  # the tools that are `uprobes trace`, their engine
+         "kernel-trace": 2_000_000, "kernel-stack": 1_000_000, "ptrace-trap-trace": 400_000, "ptrace-stack": 200_000}
+# The tools that are `uprobes trace`: their engine and options.
+TRACERS = {"kernel-trace": ("kernel",), "ptrace-trace": ("ptrace",), "kernel-stack": ("kernel", "--stack"),
+           "ptrace-trap-trace": ("ptrace", "--trap"), "ptrace-stack": ("ptrace", "--stack")}
 # What a tool's cost is a ratio to, where not the kernel engine's count: the kernel engine doing the same work
-RATIO_TO = {"ptrace-trace": "kernel-trace"}
+RATIO_TO = {"ptrace-trace": "kernel-trace", "kernel-stack": "kernel-trace", "ptrace-trap-trace": "kernel-trace",
+            "ptrace-stack": "ptrace-trap-trace"}
 TRACED_ARGS = "a=%di b=%si c=%dx"  # what ptrace-trace fetches where the probe itself names nothing (a marker: its 3)
 COUNTERS = {"kernel", "ptrace", "ptrace-jump"}  # the tools that are `uprobes count`
 RUN_TIMEOUT = 300
@@ -209,7 +215,7 @@ class HitCell:
             return [PY, str(BENCH / "pyhandler.py"), *stop, self._words("uprobes"), "--", *target]
         if self.tool in TRACERS:
             probe = self._words("uprobes") + ("" if self.site == "usdt" else f" {TRACED_ARGS}")
-            return [*UPROBES, "trace", "--engine", TRACERS[self.tool], "--json", "-o", str(self.workdir / "trace.jsonl"),
+            return [*UPROBES, "trace", "--engine", *TRACERS[self.tool], "--json", "-o", str(self.workdir / "trace.jsonl"),
                     probe, "--", *target]
         if self.tool == "bpftrace":
             return ["bpftrace", "-e", f"{self._words('bpftrace')} {{ @n = count(); }}", "-c", shlex.join(target)]
@@ -247,10 +253,10 @@ class HitCell:
         if self.tool in ("ptrace-py", "ptrace-py-stop"):
             found = re.findall(r"^pyhandler: hits=(\d+)$", result.stderr, re.M)
             return int(found[-1]) if found else -1
-        if self.tool == "ptrace-trace":  # events; a lost one (there should be none) is not counted
+        if self.tool in TRACERS and TRACERS[self.tool][0] == "ptrace":  # events; a lost one (none should be) is not counted
             with open(self.workdir / "trace.jsonl") as f:
                 return sum(1 for line in f if line.startswith('{"probe"'))
-        if self.tool == "kernel-trace":  # events and the records the kernel lost (its buffer full): each was a hit
+        if self.tool in TRACERS:  # the kernel's: events and the records it lost (its buffer full): each was a hit
             with open(self.workdir / "trace.jsonl") as f:
                 return sum(1 if line.startswith('{"probe"') else json.loads(line).get("lost", 0) for line in f)
         if self.tool == "bpftrace":

@@ -130,3 +130,37 @@ def anonymous_executable_mappings(pid: int) -> list[str]:
     tracer left behind."""
     return [line for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
             if line.split()[1][2] == "x" and (len(line.split()) < 6 or line.split()[5].startswith("/memfd:"))]
+
+
+def build_id_debug_file(path: str) -> str | None:
+    """The separate debug file of ``path`` under /usr/lib/debug/.build-id (from ``readelf -n``), if installed."""
+    match = re.search(r"Build ID: ([0-9a-f]+)", tool_output("readelf", "-n", path))
+    if not match:
+        return None
+    debug = f"/usr/lib/debug/.build-id/{match[1][:2]}/{match[1][2:]}.debug"
+    return debug if os.path.exists(debug) else None
+
+
+@functools.cache
+def function_addresses(path: str) -> dict[str, int]:
+    """Every function name ``readelf`` finds for ``path`` (.symtab, .dynsym, a separate debug file's .symtab),
+    and ``c++filt``'s demangling of each C++ name -> its address."""
+    tables = [function_symbols(path), function_symbols(path, dynamic=True)]
+    debug = build_id_debug_file(path)
+    if debug:
+        tables.append(function_symbols(debug))
+    addresses = {name: address for table in tables for name, (address, _) in table.items()}
+    mangled = [name for name in addresses if name.startswith("_Z")]
+    demangled = subprocess.run(["c++filt"], input="\n".join(mangled), capture_output=True, text=True,
+                               check=True).stdout.splitlines()
+    return addresses | {plain: addresses[name] for name, plain in zip(mangled, demangled)}
+
+
+def shared_libraries(path: str) -> dict[str, str]:
+    """The libraries ``ldd`` says ``path`` loads: file name -> path."""
+    libraries = {}
+    for line in tool_output("ldd", path).splitlines():
+        match = re.match(r"\s*(\S+) => (\S+)", line)
+        if match:
+            libraries[match[1]] = os.path.realpath(match[2])
+    return libraries

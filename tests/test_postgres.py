@@ -103,7 +103,7 @@ def _alive(pid: int) -> bool:
     """Whether ``pid`` exists and is not a zombie."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # ESRCH: reaped between the open and the read
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 

@@ -8,7 +8,7 @@ import signal
 import sys
 
 from ..errors import UprobesError
-from .tracing import add_tracing_options
+from .tracing import add_stack_options, add_tracing_options
 
 __all__ = ["main"]
 
@@ -18,10 +18,12 @@ examples:
   uprobes list libc 'malloc*'                      functions of libc.so.6 whose names start with malloc
   uprobes list -p 1234                             every object mapped in process 1234
   uprobes resolve 'uretprobe:libc:malloc ret=$retval:x64'
+                                                   the uprobe_events line the probe stands for
   uprobes trace -c 'ls /' 'uretprobe:libc:malloc ret=$retval'   every malloc of ls and what it returned
+  uprobes trace --format chrome -o ls.json -c 'ls /' 'uprobe:libc:malloc' 'uretprobe:libc:malloc'
+                                                   malloc's calls as slices, for https://ui.perfetto.dev
   uprobes count -d 5 'uprobe:libc:mem*'                     calls of libc's mem* functions, system-wide, 5 s
   uprobes latency -p 1234 'uprobe:libc:malloc'             how long malloc takes in process 1234
-                                                   the uprobe_events line the probe stands for
 """
 
 
@@ -47,7 +49,13 @@ def _build_parser() -> argparse.ArgumentParser:
     trace = commands.add_parser("trace", help="print every hit of the probes, with its arguments",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)
     add_tracing_options(trace)
+    trace.add_argument("--stack", action="store_true",
+                       help="add each hit's user stack (ptrace engine: every probe then stops the program)")
+    add_stack_options(trace)
     trace.add_argument("-n", "--max-events", type=int, metavar="N", help="stop after N events")
+    trace.add_argument("--format", choices=("text", "json", "chrome"),
+                       help="text (the default), json (JSON lines, as --json) or chrome (trace-event JSON for "
+                            "https://ui.perfetto.dev and chrome://tracing: calls as slices; needs -o FILE)")
     count = commands.add_parser("count", help="count the hits of each probe",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)
     add_tracing_options(count)
@@ -55,6 +63,10 @@ def _build_parser() -> argparse.ArgumentParser:
     latency = commands.add_parser("latency", help="time each call of a function, as a log2 histogram",
                                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)
     add_tracing_options(latency)
+    stacks = commands.add_parser("stacks", help="count hits per distinct user stack, as folded lines for flame graphs",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)
+    add_tracing_options(stacks)
+    add_stack_options(stacks)
     commands.add_parser("cleanup", help="delete the kernel uprobe events that runs which died left behind")
 
     resolve = commands.add_parser("resolve", help="show the probe points a probe names, as uprobe_events lines",
@@ -106,13 +118,26 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .cleanup import run_cleanup
 
         return run_cleanup(args)
-    from .tracing import launches_command, run_count, run_latency, run_trace
+    from .tracing import launches_command, run_count, run_latency, run_stacks, run_trace
 
+    if args.command == "trace":
+        args.format = _trace_format(args)
     if not launches_command(args):
         from .guard import work_in_a_child
 
         work_in_a_child()  # the traced process survives a SIGKILL of the pid the user holds
-    return {"trace": run_trace, "count": run_count, "latency": run_latency}[args.command](args)
+    return {"trace": run_trace, "count": run_count, "latency": run_latency, "stacks": run_stacks}[args.command](args)
+
+
+def _trace_format(args: argparse.Namespace) -> str:
+    """What ``trace`` writes: ``--format``, or ``--json`` (the same as ``--format json``); text by default."""
+    if args.json and args.format not in (None, "json"):
+        raise UprobesError(f"--json means --format json: give --format {args.format} without --json")
+    output_format = "json" if args.json else args.format or "text"
+    if output_format == "chrome" and not args.output:
+        raise UprobesError("--format chrome writes one JSON document to a file: add -o FILE, then open FILE in "
+                           "https://ui.perfetto.dev or chrome://tracing")
+    return output_format
 
 
 if __name__ == "__main__":

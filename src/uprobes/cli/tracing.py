@@ -13,15 +13,17 @@ import time
 from contextlib import ExitStack
 
 from ..errors import UprobesError
+from ..output.chrome import ChromeTraceWriter
 from ..output.columns import EventColumns
 from ..output.writers import EventWriter, count_records, format_count_table
 from ..probes.resolve import Probe, resolve_texts
 from ..probes.spec import group_probe_words
 from ..proc.launch import HeldCommand
 from ..proc.maps import read_maps
+from ..x86_64.unwind import DEFAULT_DEPTH
 from . import STOP_SIGNALS
 
-__all__ = ["add_tracing_options", "run_trace", "run_count", "run_latency"]
+__all__ = ["add_tracing_options", "add_stack_options", "run_trace", "run_count", "run_latency", "run_stacks"]
 
 _POLL_SECONDS = 0.1
 
@@ -52,6 +54,21 @@ def add_tracing_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     parser.add_argument("--json", action="store_true", help="JSON lines instead of text")
     parser.add_argument("words", nargs="+", metavar="PROBE", help="probes, each with its fetch arguments")
+
+
+def add_stack_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-stack", type=_stack_depth, default=DEFAULT_DEPTH, metavar="N",
+                        help=f"at most N frames per stack (default {DEFAULT_DEPTH}); a longer one ends in [truncated]")
+
+
+def _stack_depth(text: str) -> int:
+    try:
+        depth = int(text)
+    except ValueError:
+        depth = 0
+    if not 1 <= depth <= 1024:
+        raise argparse.ArgumentTypeError(f"--max-stack takes a number of frames from 1 to 1024, not {text!r}")
+    return depth
 
 
 def launches_command(args: argparse.Namespace) -> bool:
@@ -97,7 +114,7 @@ class _Run:
     """What trace and count share: probes resolved, engine attached, command launched, signals handled."""
 
     def __init__(self, args: argparse.Namespace, stack: ExitStack, counting: bool = False,
-                 pair_returns: bool = False) -> None:
+                 pair_returns: bool = False, stack_depth: int = 0) -> None:
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, _raise_stop)
         # Stop signals wait until the run is set up: raised in the middle of an import (the engine's modules load
@@ -122,7 +139,7 @@ class _Run:
         if self.child is not None:
             self.child.traced = self.engine.reaps_children
         self.engine.attach(self.probes, self.child.pid if self.child else self.pid, counting=counting,
-                           held=self.child is not None, follow_forks=not args.no_follow)
+                           held=self.child is not None, follow_forks=not args.no_follow, stack_depth=stack_depth)
         scope = f"pid {self.pid}" if self.pid else "the command" if self.child else "every process"
         print(f"uprobes: {len(self.probes)} probe points attached ({self.engine.name} engine, {scope})",
               file=sys.stderr, flush=True)
@@ -237,8 +254,9 @@ def _open_output(args: argparse.Namespace, stack: ExitStack):
 def run_trace(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         out = _open_output(args, stack)
-        writer = EventWriter(out, args.json)
-        run = _Run(args, stack)
+        run = _Run(args, stack, stack_depth=args.max_stack if args.stack else 0)
+        writer = (ChromeTraceWriter(out, run.probes) if args.format == "chrome"
+                  else EventWriter(out, args.format == "json"))
         seen = 0
         try:
             while True:
@@ -268,6 +286,8 @@ def run_trace(args: argparse.Namespace) -> int:
             writer.event(event)
             seen += 1
         _report_lost(writer, run.engine.lost)
+        if isinstance(writer, ChromeTraceWriter):
+            writer.close()  # the end of the document: no viewer opens it without
         _report_notes(run)
         out.flush()
         return run.status
@@ -284,17 +304,17 @@ def _report_notes(run: _Run) -> None:
         print(f"uprobes: the command was killed by {signum.name} ({signal.strsignal(signum)})", file=sys.stderr)
 
 
-def _report_uncounted(out, lost: int, as_json: bool) -> None:
-    """Hits the counts miss (the kernel engine counting many probes by their records, its buffers full)."""
+def _report_uncounted(out, lost: int, as_json: bool,
+                      why: str = "with this many probes each hit is a record); count fewer probes at once") -> None:
+    """Hits the counts miss (their records found the buffers full)."""
     if lost:
         if as_json:
             out.write(json.dumps({"lost": lost}) + "\n")
             out.flush()
-        print(f"uprobes: {lost} hits are missing from the counts (the kernel's perf buffers overflowed: with this "
-              f"many probes each hit is a record); count fewer probes at once", file=sys.stderr)
+        print(f"uprobes: {lost} hits are missing from the counts (the buffers overflowed: {why}", file=sys.stderr)
 
 
-def _report_lost(writer: EventWriter, lost: int) -> None:
+def _report_lost(writer: EventWriter | ChromeTraceWriter, lost: int) -> None:
     writer.lost(lost)
     if lost:
         print(f"uprobes: lost {lost} events (the ring buffers overflowed; try fewer probes or --json -o FILE)",
@@ -364,3 +384,31 @@ def _write_counts(out, probes: list[Probe], hits: list[int], as_json: bool) -> N
     else:
         out.write(format_count_table(counts))
     out.flush()
+
+
+def run_stacks(args: argparse.Namespace) -> int:
+    """Count hits per distinct user stack; folded lines (or JSON records) at the end."""
+    from ..output.folded import StackCounts
+
+    with ExitStack() as stack:
+        out = _open_output(args, stack)
+        run = _Run(args, stack, stack_depth=args.max_stack)
+        counts = StackCounts()
+        try:
+            while True:
+                finished = run.finished()
+                counts.add(run.poll(0 if finished else _POLL_SECONDS))
+                if finished:
+                    break
+        except KeyboardInterrupt as stop:
+            counts.add(run.poll(0))
+            run.interrupted(stop)
+        else:
+            run.end_command()
+        run.engine.close()
+        counts.add(run.engine.leftover())
+        out.write(counts.json_lines() if args.json else counts.folded())
+        _report_uncounted(out, run.engine.lost, args.json, "each hit's stack is a large record); probe fewer hits")
+        _report_notes(run)
+        out.flush()
+        return run.status

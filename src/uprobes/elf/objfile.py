@@ -26,7 +26,7 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.relocation import RelocationSection
 
 from ..errors import ElfError, ResolveError
-from .ehframe import FunctionStarts
+from .cfi import UnwindTable
 from .symbols import Symbol, SymbolTable, read_symbol_table
 
 __all__ = ["ElfObject", "LoadSegment"]
@@ -285,14 +285,14 @@ class ElfObject:
         return [sym.with_origin("minidebuginfo") for sym in inner._own_symbols("symtab")]
 
     @functools.cached_property
-    def _unwind_starts(self) -> FunctionStarts:
-        header = self._sections.get(".eh_frame_hdr")
-        return FunctionStarts(self.section_bytes(".eh_frame_hdr"), header.addr if header else 0)
+    def unwind_table(self) -> UnwindTable:
+        """The object's call frame information, for unwinding stacks through its code."""
+        return UnwindTable(self)
 
     def function_start(self, vaddr: int) -> int | None:
         """Where the function holding ``vaddr`` starts, from its symbol or its unwind entry; None if unknown."""
         sym = self.symbols.containing(vaddr)
-        starts = [start for start in (sym.value if sym else None, self._unwind_starts.start_of(vaddr))
+        starts = [start for start in (sym.value if sym else None, self.unwind_table.start_of(vaddr))
                   if start is not None]
         return max(starts, default=None)
 
@@ -302,7 +302,7 @@ class ElfObject:
         sym = self.symbols.containing(vaddr)
         if sym is not None and sym.size and sym.value <= vaddr < sym.value + sym.size:
             return sym.value, sym.value + sym.size
-        start, end = self._unwind_starts.start_of(vaddr), self._unwind_starts.next_after(vaddr)
+        start, end = self.unwind_table.start_of(vaddr), self.unwind_table.next_after(vaddr)
         return (start, end) if start is not None and end is not None else None
 
     def describe_address(self, vaddr: int) -> str:

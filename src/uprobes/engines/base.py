@@ -28,9 +28,11 @@ class Engine(ABC):
 
     @abstractmethod
     def attach(self, probes: list[Probe], pid: int | None, *, counting: bool = False, held: bool = False,
-               follow_forks: bool = True, consumers: dict[int, list[Consumer]] | None = None) -> None:
+               follow_forks: bool = True, consumers: dict[int, list[Consumer]] | None = None,
+               stack_depth: int = 0) -> None:
         """Place ``probes``; ``held``: ``pid`` is a command held before its exec; ``counting``: count hits
-        without building events; ``consumers``: Python handlers by probe index (where the engine runs them)."""
+        without building events; ``consumers``: Python handlers by probe index (where the engine runs them);
+        ``stack_depth``: each event carries its user stack, at most that many frames (0: none)."""
 
     @abstractmethod
     def poll(self, timeout: float) -> list[Event]:

@@ -33,6 +33,7 @@ class Event:
     errors: dict[str, str] | None = None
     is_return: bool = False
     probe_index: int = 0  # which of the attached probes, in the order given to the engine
+    stack: list[str] | None = None  # the user stack's frames, innermost first (``trace --stack``)
 
     def to_json(self) -> str:
         """The event as one JSON object (the fields in the order the README shows)."""
@@ -44,4 +45,6 @@ class Event:
             line += f', "retval": {"null" if self.retval is None else self.retval}'
         if self.errors:
             line += f', "errors": {encode_json(self.errors)}'
+        if self.stack is not None:
+            line += f', "stack": {encode_json(self.stack)}'
         return line + "}"

@@ -38,8 +38,9 @@ class EventWriter:
         args = " ".join(f"{name}={_value(value)}" for name, value in event.args.items())
         ret = f" retval={_value(event.retval)}" if event.is_return else ""
         errors = "".join(f" ({name}: {reason})" for name, reason in (event.errors or {}).items())
+        stack = "".join(f"        {frame}\n" for frame in event.stack or ())
         self.out.write(f"{clock} {event.comm:<16} {event.pid}/{event.tid} {event.probe}"
-                       f"{' ' + args if args else ''}{ret}{errors}\n")
+                       f"{' ' + args if args else ''}{ret}{errors}\n{stack}")
 
     def columns(self, events: EventColumns) -> None:
         """Many events at once: JSON lines formatted in bulk, text one event at a time."""

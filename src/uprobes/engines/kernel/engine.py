@@ -30,6 +30,8 @@ from ...output.event import Event
 from ...probes.fetchargs import Comm, FetchArg, FetchType, Immediate, RetVal
 from ...probes.markerargs import kernel_fetchable, kernel_limitation
 from ...probes.resolve import Probe
+from ...stacks import INCOMPLETE, StackReader
+from ...x86_64.unwind import PERF_REGISTER_BITS, RSP, STACK_BYTES, StackCopy
 from ..base import Engine
 from .eventformat import EventFormat, Field, FieldKind, load_event_format
 from .instructions import refuse_unprobeable
@@ -52,6 +54,9 @@ _SAY_REMOVING = 50
 _COUNTED_ALONE = 4
 # To count by tag, an entry's record gets 8 bytes where a return's has its return address: every record then
 # has one layout (and one size), read as one array.
+# The user registers an unwinder needs, by DWARF number, in the order perf writes them (their bits' order).
+_PERF_REGISTER_ORDER = sorted(PERF_REGISTER_BITS, key=PERF_REGISTER_BITS.get)
+_PERF_REGISTERS = sum(1 << bit for bit in PERF_REGISTER_BITS.values())
 _PAD_ARG = FetchArg("__pad", True, Immediate(0), FetchType("u64"))
 
 
@@ -170,6 +175,7 @@ class KernelEngine(Engine):
         self._counts: dict[int, int] = {}  # tracepoint id -> hits, as last read: kept once closed
         self._lost = 0
         self._by_tag = False  # counting, each hit a record of its probe's tag
+        self._stacks: StackReader | None = None
 
     @property
     def lost(self) -> int:
@@ -178,13 +184,15 @@ class KernelEngine(Engine):
         return self._lost
 
     def attach(self, probes: list[Probe], pid: int | None, *, counting: bool = False, held: bool = False,
-               follow_forks: bool = True, consumers: dict[int, list[Consumer]] | None = None) -> None:
+               follow_forks: bool = True, consumers: dict[int, list[Consumer]] | None = None,
+               stack_depth: int = 0) -> None:
         """Define every probe and start collecting its hits (of every thread of ``pid`` and what it starts,
         or of everyone).
 
         ``counting`` only counts hits (read them with :meth:`hit_counts`): no events, none lost. ``held``
         (a launched command held before exec): the events are enabled by its exec, so nothing the child runs
         before it (our own code) is counted. ``follow_forks`` False: the threads, not the forked children.
+        ``stack_depth``: perf copies the user registers and stack with each hit, unwound here.
         """
         if consumers:
             raise KernelEngineError("Python handlers run on the ptrace engine, in the traced process's stops")
@@ -217,9 +225,11 @@ class KernelEngine(Engine):
             if len({event.tag_offset for event in self._events.values()}) != 1:
                 raise KernelEngineError("the kernel laid out our events' records in an unexpected way; "
                                         "count fewer probes at once")
+        self._stacks = StackReader(stack_depth) if stack_depth and not counting else None
         self._reader = TracepointReader(list(self._events), pid, pages=self._pages,
                                         sampling=not counting or tallied, follow_forks=follow_forks,
-                                        enable_on_exec=held, names=names, raw_only=tallied)
+                                        enable_on_exec=held, names=names, raw_only=tallied,
+                                        user_stack=(_PERF_REGISTERS, STACK_BYTES) if self._stacks else None)
         try:
             if not held:
                 self._reader.enable()
@@ -270,6 +280,9 @@ class KernelEngine(Engine):
             self._tally()
             return EventColumns()
         samples = reader.read_samples()
+        if self._stacks is not None:
+            self._stacks.apply(reader.task_records)
+            reader.task_records.clear()
         columns = EventColumns()
         for event_id in numpy.unique(samples.event_id).tolist():
             event = self._events.get(event_id)
@@ -280,7 +293,7 @@ class KernelEngine(Engine):
             known = numpy.isin(tags, numpy.fromiter(event.probes, numpy.int64, len(event.probes)))
             rows, tags = rows[known], tags[known]
             self._count_records(tags)
-            if event.in_columns:
+            if event.in_columns and self._stacks is None:
                 columns.groups += self._groups(event, samples, rows, tags)
             else:
                 columns.single += self._events_one_by_one(event, samples, rows)
@@ -321,7 +334,18 @@ class KernelEngine(Engine):
             values, errors = event.format.unpack(data[at:at + size])
             events.append(self._event(event.probes[values[event.tag]], int(samples.pid[row]), int(samples.tid[row]),
                                       int(samples.time_ns[row]), int(samples.cpu[row]), values, errors))
+            if self._stacks is not None:
+                events[-1].stack = self._stack(samples, row, events[-1].pid)
         return events
+
+    def _stack(self, samples: Samples, row: int, pid: int) -> list[str]:
+        """The frames of sample ``row``'s user stack, innermost first."""
+        copied = samples.user_stack(row, len(_PERF_REGISTER_ORDER))
+        if copied is None:
+            return [INCOMPLETE]
+        values, data = copied
+        registers = dict(zip(_PERF_REGISTER_ORDER, values))
+        return self._stacks.frames(pid, StackCopy(registers, registers[RSP], data))
 
     def _event(self, attached: _Attached, pid: int, tid: int, time_ns: int, cpu: int, values: list | tuple,
                errors: dict[str, str]) -> Event:

@@ -39,9 +39,10 @@ from typing import NamedTuple
 import numpy
 
 from ...errors import KernelEngineError
+from ...proc.maps import Mapping
 from ...proc.status import thread_ids
 
-__all__ = ["Sample", "Samples", "TracepointReader", "online_cpus"]
+__all__ = ["Sample", "Samples", "TaskRecord", "TracepointReader", "online_cpus"]
 
 _NR_PERF_EVENT_OPEN = 298  # x86-64
 _PERF_TYPE_TRACEPOINT = 2
@@ -58,6 +59,8 @@ _PERF_SAMPLE_TID = 1 << 1
 _PERF_SAMPLE_TIME = 1 << 2
 _PERF_SAMPLE_CPU = 1 << 7
 _PERF_SAMPLE_RAW = 1 << 10
+_PERF_SAMPLE_REGS_USER = 1 << 12
+_PERF_SAMPLE_STACK_USER = 1 << 13
 _PERF_SAMPLE_IDENTIFIER = 1 << 16
 _SAMPLE_TYPE = _PERF_SAMPLE_IDENTIFIER | _PERF_SAMPLE_TID | _PERF_SAMPLE_TIME | _PERF_SAMPLE_CPU | _PERF_SAMPLE_RAW
 _RAW_SAMPLE_TYPE = _PERF_SAMPLE_IDENTIFIER | _PERF_SAMPLE_RAW  # to tell hits apart by a field, nothing else
@@ -71,7 +74,12 @@ _PERF_EVENT_IOC_ID = 0x80082407
 
 # enum perf_event_type
 _PERF_RECORD_LOST = 2
+_PERF_RECORD_COMM = 3
+_PERF_RECORD_FORK = 7
 _PERF_RECORD_SAMPLE = 9
+_PERF_RECORD_MMAP2 = 10
+_PERF_RECORD_MISC_COMM_EXEC = 1 << 13
+_PROT_READ, _PROT_WRITE, _PROT_EXEC = 1, 2, 4
 
 # struct perf_event_mmap_page: the first page of the mapping; the data area follows at data_offset.
 _DATA_HEAD = 1024
@@ -92,6 +100,8 @@ _TYPE_AND_SIZE = numpy.uint64(0xFFFF_0000_FFFF_FFFF)  # of a header read as one 
 # unpacked as a sample first (one call per record) and told apart by its type afterwards.
 _PAD = bytes(_SAMPLE.size)
 _LOST = struct.Struct("<8xQQ")  # PERF_RECORD_LOST after the header: id, lost
+_FORK = struct.Struct("<8xII")  # PERF_RECORD_FORK after the header: pid, ppid
+_MMAP2 = struct.Struct("<8xIIQQQIIQQII")  # pid, tid, addr, len, pgoff, maj, min, ino, ino_generation, prot, flags
 _READ_LOST = struct.Struct("<QQ")  # read() with read_format PERF_FORMAT_LOST: value, lost
 _EVERY_CPU = -1
 _EVERY_TASK = -1
@@ -125,6 +135,16 @@ class Sample(NamedTuple):
     raw: bytes
 
 
+class TaskRecord(NamedTuple):
+    """What a traced process did to its code, from a ``user_stack`` reader: ``mapped`` an executable
+    ``mapping``, ``exec``'d, or was ``forked`` from ``parent``."""
+
+    kind: str
+    pid: int
+    mapping: Mapping | None = None
+    parent: int = 0
+
+
 @dataclass
 class Samples:
     """Samples in columns, one entry per sample: where each raw record is in ``data`` (``view``, the same bytes
@@ -139,6 +159,20 @@ class Samples:
     cpu: numpy.ndarray
     raw_at: numpy.ndarray
     raw_size: numpy.ndarray
+
+    def user_stack(self, row: int, registers: int) -> tuple[list[int], bytes] | None:
+        """With a ``user_stack`` reader: sample ``row``'s user registers (``registers`` of them, in the order of
+        their bits in the mask) and the bytes of its stack copied from the stack pointer up; None where the
+        kernel had none (a sample taken in a kernel thread)."""
+        at = int(self.raw_at[row]) + int(self.raw_size[row])  # PERF_SAMPLE_REGS_USER follows the raw record
+        abi = _U64.unpack_from(self.data, at)[0]
+        if not abi:
+            return None
+        values = list(struct.unpack_from(f"<{registers}Q", self.data, at + 8))
+        at += 8 + 8 * registers
+        size = _U64.unpack_from(self.data, at)[0]  # PERF_SAMPLE_STACK_USER: size, data, dyn_size
+        copied = _U64.unpack_from(self.data, at + 8 + size)[0] if size else 0
+        return values, self.data[at + 8:at + 8 + copied]
 
     def field(self, rows: numpy.ndarray, offset: numpy.ndarray | int, dtype: str) -> numpy.ndarray:
         """The value of type ``dtype`` at ``offset`` in the raw record of each of ``rows``."""
@@ -311,13 +345,19 @@ class TracepointReader:
 
     def __init__(self, event_ids: Sequence[int], pid: int | None, pages: int = 64, sampling: bool = True,
                  follow_forks: bool = True, enable_on_exec: bool = False,
-                 names: dict[int, str] | None = None, raw_only: bool = False) -> None:
+                 names: dict[int, str] | None = None, raw_only: bool = False,
+                 user_stack: tuple[int, int] | None = None) -> None:
         """``follow_forks`` False leaves the children the process forks alone (not its threads); ``names``:
         what each tracepoint stands for, to name it in an error; ``raw_only``: samples hold the raw record
-        and nothing else, read with :meth:`read_field`."""
+        and nothing else, read with :meth:`read_field`; ``user_stack`` (a mask of ``enum perf_event_x86_regs``
+        bits, a size in bytes): each sample also holds those user registers and that much of the user stack
+        (read with :meth:`Samples.user_stack`), and :attr:`task_records` say what the traced processes
+        mapped executable, exec'd and forked meanwhile (what the stacks are read against, as ``perf record``
+        does: the process may be gone when its samples are read)."""
         if pages < 1 or pages & (pages - 1):
             raise KernelEngineError(f"perf buffer pages must be a power of two, not {pages}")
         self.lost = 0
+        self.task_records: list[TaskRecord] = []
         self._fds: list[int] = []
         self._buffers: list[_RingBuffer] = []
         self._tracepoint_of: dict[int, int] = {}  # perf event id (PERF_EVENT_IOC_ID) -> tracepoint id
@@ -325,6 +365,9 @@ class TracepointReader:
         self._pages = pages
         self._sampling = sampling
         self._sample_type = _RAW_SAMPLE_TYPE if raw_only else _SAMPLE_TYPE
+        self._user_stack = user_stack
+        if user_stack:
+            self._sample_type |= _PERF_SAMPLE_REGS_USER | _PERF_SAMPLE_STACK_USER
         self._follow_forks = follow_forks
         self._enable_on_exec = enable_on_exec
         self._event_of_fd: dict[int, int] = {}
@@ -375,7 +418,7 @@ class TracepointReader:
             buffer = None
             for task in tasks:
                 for event_id in event_ids:
-                    fd = self._open(event_id, task, cpu)
+                    fd = self._open(event_id, task, cpu, tracking=event_id == event_ids[0])
                     if fd is None:
                         break
                     alive.add(task)
@@ -391,8 +434,9 @@ class TracepointReader:
                     self._tracepoint_of[_U64.unpack(ident)[0]] = event_id
         return alive
 
-    def _open(self, event_id: int, task: int, cpu: int) -> int | None:
-        """One event's descriptor; None when the thread ``task`` has ended."""
+    def _open(self, event_id: int, task: int, cpu: int, tracking: bool = False) -> int | None:
+        """One event's descriptor; None when the thread ``task`` has ended. ``tracking``: this one of the
+        task's events on that CPU reports its executable mappings, execs and forks (with ``user_stack``)."""
         process = task != _EVERY_TASK
         # inherit_thread: only clone(CLONE_THREAD) children inherit, so forked processes are left alone.
         attr = _PerfEventAttr(type=_PERF_TYPE_TRACEPOINT, size=ctypes.sizeof(_PerfEventAttr), config=event_id,
@@ -403,6 +447,10 @@ class TracepointReader:
             attr.sample_period, attr.sample_type = 1, self._sample_type
             attr.watermark, attr.wakeup_watermark = 1, self._pages * mmap.PAGESIZE // _WAKEUP_FRACTION
             attr.use_clockid, attr.clockid = 1, _CLOCK_MONOTONIC
+            if self._user_stack:
+                attr.sample_regs_user, attr.sample_stack_user = self._user_stack
+                if tracking:
+                    attr.mmap = attr.mmap2 = attr.comm = attr.comm_exec = attr.task = 1
         try:
             fd = _perf_event_open(attr, task, cpu)
         except OSError as exc:
@@ -499,13 +547,31 @@ class TracepointReader:
                 return numpy.arange(0, end, size, dtype=numpy.intp)
         offsets, pos = [], 0
         while pos < end:
-            kind, _misc, size = _HEADER.unpack_from(chunk, pos)
+            kind, misc, size = _HEADER.unpack_from(chunk, pos)
             if kind == _PERF_RECORD_SAMPLE:
                 offsets.append(pos)
             elif kind == _PERF_RECORD_LOST:
                 self.lost += _LOST.unpack_from(chunk, pos)[1]
+            elif kind in (_PERF_RECORD_MMAP2, _PERF_RECORD_COMM, _PERF_RECORD_FORK):
+                self._task_record(kind, misc, chunk, pos, size)
             pos += size
         return numpy.array(offsets, numpy.intp)
+
+    def _task_record(self, kind: int, misc: int, chunk: bytes, pos: int, size: int) -> None:
+        if kind == _PERF_RECORD_MMAP2:
+            pid, _, address, length, offset, major, minor, inode, _, prot, _ = _MMAP2.unpack_from(chunk, pos)
+            name = chunk[pos + _MMAP2.size:pos + size].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            perms = "".join(c if prot & bit else "-" for c, bit in (("r", _PROT_READ), ("w", _PROT_WRITE),
+                                                                   ("x", _PROT_EXEC))) + "p"
+            mapping = Mapping(address, address + length, perms, offset, inode, name, os.makedev(major, minor))
+            self.task_records.append(TaskRecord("mapped", pid, mapping))
+        elif kind == _PERF_RECORD_COMM:
+            if misc & _PERF_RECORD_MISC_COMM_EXEC:
+                self.task_records.append(TaskRecord("exec", _FORK.unpack_from(chunk, pos)[0]))
+        else:
+            pid, parent = _FORK.unpack_from(chunk, pos)
+            if pid != parent:  # a new process, not a new thread
+                self.task_records.append(TaskRecord("forked", pid, parent=parent))
 
     def counts(self) -> dict[int, int]:
         """Hits per tracepoint id as the kernel counts them, summed over CPUs and threads (and over the

@@ -101,16 +101,18 @@ class PtraceEngine(Engine):
 
     @_uninterrupted
     def attach(self, probes: list[Probe], pid: int | None, *, counting: bool = False, held: bool = False,
-               follow_forks: bool = True, consumers: dict[int, list[Consumer]] | None = None) -> None:
+               follow_forks: bool = True, consumers: dict[int, list[Consumer]] | None = None,
+               stack_depth: int = 0) -> None:
         """Place ``probes`` in process ``pid``: a running one (every thread is seized), or, with ``held``, a
         child held before its exec (probes go in at the exec, before the program's first instruction).
         Children it forks are traced too, unless ``follow_forks`` is False: then they are let go, every
-        byte we wrote taken out of their copy of memory first."""
+        byte we wrote taken out of their copy of memory first. With ``stack_depth``, every probe traps: the
+        stack is copied at the stop (a trampoline records none)."""
         if pid is None:
             raise UprobesError("the ptrace engine traces one process: give -p PID or a command to run")
         self.placement = Placement(list(probes))
         consumers = consumers or {}
-        if self.jumps_allowed:
+        if self.jumps_allowed and not stack_depth:
             jumps = self.placement.jumps
             jumps.eligible = frozenset(i for i in range(len(probes))
                                        if not any(consumer.stop for consumer in consumers.get(i, ())))
@@ -121,7 +123,7 @@ class PtraceEngine(Engine):
                 jumps.recorder = Recorder(self.placement.probes, counting, handled, self._ring_hit,
                                           self.placement.removed)
         self.family = Family(self.placement, follow_forks)
-        self._reporter = Reporter(self.placement.probes, consumers, counting)
+        self._reporter = Reporter(self.placement.probes, consumers, counting, stack_depth)
         self._handlers_gone: list[int] = []  # probes whose last handler went in a record's call
         self._returns_wanted = any(probe.is_return for probe in probes)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # waited for with sigtimedwait
@@ -456,21 +458,23 @@ class PtraceEngine(Engine):
             return
         for instance in ended:
             regs.rip = instance.breakpoint.address  # events of a return probe carry the function's address
-            for index in self._report(thread, instance.breakpoint, regs, instance.probes, getattr(regs, RETURN_VALUE)):
+            for index in self._report(thread, instance.breakpoint, regs, instance.probes, getattr(regs, RETURN_VALUE),
+                                      instance.original):
                 self._remove_probe(index)
         regs.rip = ended[-1].original
         ptrace_setregs(thread.tid, regs)
         thread.resume()
 
     def _report(self, thread: Thread, breakpoint: Breakpoint, regs: Regs, probes: list[int],
-                retval: int | None = None) -> list[int]:
+                retval: int | None = None, returns_to: int | None = None) -> list[int]:
         if self.placement.removed:
             probes = [i for i in probes if i not in self.placement.removed]
         if not probes or (not thread.process.owns_memory and not self.family.follow_forks):
             return []  # a child serviced only because it shares its parent's memory (and our int3s)
         if retval is not None:
             retval = return_value(retval)
-        return self._reporter.report(thread, breakpoint.address, breakpoint.file_offset, regs, probes, retval)
+        return self._reporter.report(thread, breakpoint.address, breakpoint.file_offset, regs, probes, retval,
+                                     returns_to)
 
     def _remove_probe(self, index: int) -> None:
         """The last consumer of probe ``index`` went: it counts no more, and its breakpoints go where no other

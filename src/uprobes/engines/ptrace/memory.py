@@ -42,6 +42,10 @@ class ProcessMemory:
             raise OSError(errno.EFAULT, f"short read at {address:#x}")
         return data
 
+    def read_available(self, address: int, size: int) -> bytes:
+        """Up to ``size`` bytes at ``address``: fewer where the mapping ends; OSError if none is mapped."""
+        return os.pread(self._fd, size, address)
+
     def read_string(self, address: int, limit: int = STRING_LIMIT) -> bytes:
         """The NUL-terminated bytes at ``address`` (without the NUL), at most ``limit``; stops at unmapped memory."""
         result = bytearray()
