@@ -130,25 +130,38 @@ def test_stacks_through_a_cxx_exception(targets, engine):
 
 
 def test_return_probes_have_their_callers_stack(targets, engine):
-    """A return probe's stack is where the function returns to; a probe inside a function whose return is
-    pending (ours, or the kernel's) still has its whole stack on the ptrace engine."""
+    """A return probe's stack is where the function returns to; a probe inside functions whose returns are
+    pending has its whole stack: the return addresses replaced by our trampoline, or the kernel's, are read
+    as they were."""
     program = str(targets / "unwound-fp")
     objects = _objects(program)
     records, proc = run_json("trace", "--engine", engine, "--stack", f"uprobe:{program}:leaf",
-                             f"uretprobe:{program}:middle", "--", program, "1")
+                             f"uretprobe:{program}:middle", f"uretprobe:{program}:outer", "--", program, "1")
     assert proc.returncode == 0, proc.stderr
     # The program's own unwinder stops at the return address a return probe replaced: its stack comes from a
     # run without probes (the same offsets: only the load addresses change).
     seen = _program_stacks(subprocess.run([program, "1"], capture_output=True, text=True, check=True).stdout,
                            "stack")[0]
-    returned = next(record["stack"] for record in records if record["probe"].startswith("middle"))
-    assert [_address(frame, objects) for frame in returned] == seen[3:]  # from outer's call of middle on
+    middle, outer = (next(record["stack"] for record in records if record["probe"].startswith(name))
+                     for name in ("middle", "outer"))
+    assert [_address(frame, objects) for frame in middle] == seen[3:]  # from outer's call of middle on
+    assert [_address(frame, objects) for frame in outer] == seen[4:]
     leaf = _stacks(records, "leaf")[0]
-    if engine == "ptrace":  # the return address we replaced is put back in the copy
-        assert [_address(frame, objects) for frame in leaf] == [_function(program, "leaf")] + seen[2:]
-    else:  # the kernel's trampoline holds middle's return address: the stack ends there, marked
-        assert leaf[:2] == ["unwound-fp`leaf", "unwound-fp`middle+" + leaf[1].partition("+")[2]]
-        assert leaf[2].startswith("[uprobes]`") and leaf[-1] == "[incomplete]", leaf
+    assert [_address(frame, objects) for frame in leaf] == [_function(program, "leaf")] + seen[2:]
+
+
+def test_a_stack_through_recursive_calls_with_pending_returns(targets, engine):
+    program = str(targets / "unwound-nofp")
+    objects = _objects(program)
+    records, proc = run_json("trace", "--engine", engine, "--stack", f"uprobe:{program}:leaf",
+                             f"uretprobe:{program}:recurse", "--", program, "0")
+    assert proc.returncode == 0, proc.stderr
+    seen = _program_stacks(subprocess.run([program, "0"], capture_output=True, text=True, check=True).stdout,
+                           "stack")[-1]
+    (leaf,) = [stack for stack in _stacks(records, "leaf") if stack[1].startswith("unwound-nofp`recurse+")]
+    assert [_address(frame, objects) for frame in leaf] == [_function(program, "leaf")] + seen[2:]
+    returns = [record["stack"] for record in records if record.get("probe", "").startswith("recurse")]
+    assert [len(stack) for stack in returns] == [len(seen) - 3 - depth for depth in range(4)]  # 4 levels, innermost first
 
 
 def test_stacks_counts_hits_per_stack_as_folded_lines(targets, engine):

@@ -27,7 +27,7 @@ from ...consumers import Consumer
 from ...errors import KernelEngineError
 from ...output.columns import EventColumns, Group
 from ...output.event import Event
-from ...probes.fetchargs import Comm, FetchArg, FetchType, Immediate, RetVal
+from ...probes.fetchargs import Comm, Deref, FetchArg, FetchType, Immediate, RetVal, StackPointer
 from ...probes.markerargs import kernel_fetchable, kernel_limitation
 from ...probes.resolve import Probe
 from ...stacks import INCOMPLETE, StackReader
@@ -58,6 +58,10 @@ _COUNTED_ALONE = 4
 _PERF_REGISTER_ORDER = sorted(PERF_REGISTER_BITS, key=PERF_REGISTER_BITS.get)
 _PERF_REGISTERS = sum(1 << bit for bit in PERF_REGISTER_BITS.values())
 _PAD_ARG = FetchArg("__pad", True, Immediate(0), FetchType("u64"))
+# Where a function with a return probe keeps its return address, and what it is, at its entry: the kernel puts
+# its trampoline there, and a stack read through the function needs the address it replaced.
+_SLOT_ARG = FetchArg("__slot", True, StackPointer(), FetchType("u64"))
+_CALLER_ARG = FetchArg("__caller", True, Deref(0, StackPointer()), FetchType("u64"))
 
 
 @dataclass
@@ -176,6 +180,8 @@ class KernelEngine(Engine):
         self._lost = 0
         self._by_tag = False  # counting, each hit a record of its probe's tag
         self._stacks: StackReader | None = None
+        self._returns_event: int | None = None  # with stacks: the entries of the functions with a return probe
+        self._pending: dict[int, dict[int, int]] = {}  # tid -> the return addresses the kernel replaced, by slot
 
     @property
     def lost(self) -> int:
@@ -205,17 +211,15 @@ class KernelEngine(Engine):
             else:
                 fetchargs = probe.fetchargs + ((_COMM_ARG, _RETVAL_ARG) if probe.is_return else (_COMM_ARG,))
             signature = _signature(probe.is_return, fetchargs, counting and not tallied, index)
-            event = events.get(signature)
-            name = event.defined.event if event else f"e{len(events)}_{probe.event}"[:63]
-            tag = FetchArg(_TAG, True, Immediate(index), FetchType("u32"))
-            kernel_probe = replace(probe, group=self.group, event=name, fetchargs=fetchargs + (tag,))
-            defined = self.tracefs.define(kernel_probe.uprobe_events_line(), probe.spec)
-            if event is None:
-                self._defined.append(defined)
-                event_format = load_event_format(self.tracefs.root, defined.group, defined.event)
-                event = events[signature] = self._events[event_format.id] = _Event(defined, event_format, {})
-            event.probes[index] = _Attached(index, probe, defined, event.format)
-            self._attached.append(event.probes[index])
+            self._attached.append(self._define(events, signature, index, probe, fetchargs))
+        self._stacks = StackReader(stack_depth) if stack_depth and not counting else None
+        self._pending = {}
+        returning = {(p.path, p.offset): p for p in probes if p.is_return} if self._stacks else {}
+        for index, probe in enumerate(returning.values(), len(probes)):  # tagged past the probes: never counted
+            entry = replace(probe, is_return=False, event=probe.event.removesuffix("__return"))
+            self._define(events, ("returns",), index, entry, (_SLOT_ARG, _CALLER_ARG))
+        self._returns_event = next((event_id for event_id, event in self._events.items()
+                                    if min(event.probes) >= len(probes)), None)
         self._records = numpy.zeros(len(probes), numpy.int64)
         # The kernel inserts the breakpoints when the perf events open; the reader explains its refusals.
         # A held child is still our own code until it execs: its events start at the exec, not before.
@@ -225,16 +229,31 @@ class KernelEngine(Engine):
             if len({event.tag_offset for event in self._events.values()}) != 1:
                 raise KernelEngineError("the kernel laid out our events' records in an unexpected way; "
                                         "count fewer probes at once")
-        self._stacks = StackReader(stack_depth) if stack_depth and not counting else None
         self._reader = TracepointReader(list(self._events), pid, pages=self._pages,
                                         sampling=not counting or tallied, follow_forks=follow_forks,
                                         enable_on_exec=held, names=names, raw_only=tallied,
-                                        user_stack=(_PERF_REGISTERS, STACK_BYTES) if self._stacks else None)
+                                        user_stack=(_PERF_REGISTERS, STACK_BYTES) if self._stacks else None,
+                                        without_stack={self._returns_event} - {None})
         try:
             if not held:
                 self._reader.enable()
         except OSError as exc:
             raise KernelEngineError(f"cannot enable the uprobe events: {exc.strerror}") from None
+
+    def _define(self, events: dict[tuple, _Event], signature: tuple, index: int, probe: Probe,
+                fetchargs: tuple[FetchArg, ...]) -> _Attached:
+        """Define ``probe`` (tagged ``index``) in the event of its ``signature``, the event too if it is new."""
+        event = events.get(signature)
+        name = event.defined.event if event else f"e{len(events)}_{probe.event}"[:63]
+        tag = FetchArg(_TAG, True, Immediate(index), FetchType("u32"))
+        kernel_probe = replace(probe, group=self.group, event=name, fetchargs=fetchargs + (tag,))
+        defined = self.tracefs.define(kernel_probe.uprobe_events_line(), probe.spec)
+        if event is None:
+            self._defined.append(defined)
+            event_format = load_event_format(self.tracefs.root, defined.group, defined.event)
+            event = events[signature] = self._events[event_format.id] = _Event(defined, event_format, {})
+        event.probes[index] = _Attached(index, probe, defined, event.format)
+        return event.probes[index]
 
     def hit_counts(self) -> list[int]:
         """Hits so far per probe, in the order given to :meth:`attach`, as the kernel's counters say (after
@@ -283,6 +302,7 @@ class KernelEngine(Engine):
         if self._stacks is not None:
             self._stacks.apply(reader.task_records)
             reader.task_records.clear()
+            return EventColumns(single=self._stacked_events(samples))
         columns = EventColumns()
         for event_id in numpy.unique(samples.event_id).tolist():
             event = self._events.get(event_id)
@@ -293,7 +313,7 @@ class KernelEngine(Engine):
             known = numpy.isin(tags, numpy.fromiter(event.probes, numpy.int64, len(event.probes)))
             rows, tags = rows[known], tags[known]
             self._count_records(tags)
-            if event.in_columns and self._stacks is None:
+            if event.in_columns:
                 columns.groups += self._groups(event, samples, rows, tags)
             else:
                 columns.single += self._events_one_by_one(event, samples, rows)
@@ -334,18 +354,54 @@ class KernelEngine(Engine):
             values, errors = event.format.unpack(data[at:at + size])
             events.append(self._event(event.probes[values[event.tag]], int(samples.pid[row]), int(samples.tid[row]),
                                       int(samples.time_ns[row]), int(samples.cpu[row]), values, errors))
-            if self._stacks is not None:
-                events[-1].stack = self._stack(samples, row, events[-1].pid)
         return events
 
-    def _stack(self, samples: Samples, row: int, pid: int) -> list[str]:
-        """The frames of sample ``row``'s user stack, innermost first."""
+    def _stacked_events(self, samples: Samples) -> list[Event]:
+        """Every sample's event with its stack, in time order: the entries of functions with a return probe
+        (their return addresses) come before the stacks that pass through those functions."""
+        events, tags = [], []
+        data = samples.data
+        for row, event_id, tid, at, size in zip(range(len(samples.event_id)), samples.event_id.tolist(),
+                                                samples.tid.tolist(), samples.raw_at.tolist(),
+                                                samples.raw_size.tolist()):
+            event = self._events.get(event_id)
+            if event is None:
+                continue
+            values, errors = event.format.unpack(data[at:at + size])
+            attached = event.probes.get(values[event.tag])
+            if attached is None:
+                continue
+            if event_id == self._returns_event:
+                slot, caller = (values[event.format.fields.index(event.fields[arg.name])]
+                                for arg in (_SLOT_ARG, _CALLER_ARG))
+                self._pending.setdefault(tid, {})[slot] = caller
+                continue
+            tags.append(attached.index)
+            events.append(self._event(attached, int(samples.pid[row]), tid, int(samples.time_ns[row]),
+                                      int(samples.cpu[row]), values, errors))
+            events[-1].stack = self._stack(samples, row, events[-1].pid, tid)
+        self._count_records(numpy.array(tags, numpy.int64))
+        return events
+
+    def _stack(self, samples: Samples, row: int, pid: int, tid: int) -> list[str]:
+        """The frames of sample ``row``'s user stack, innermost first, read through the kernel's return
+        trampoline where a function with a return probe is in progress."""
         copied = samples.user_stack(row, len(_PERF_REGISTER_ORDER))
         if copied is None:
             return [INCOMPLETE]
         values, data = copied
         registers = dict(zip(_PERF_REGISTER_ORDER, values))
-        return self._stacks.frames(pid, StackCopy(registers, registers[RSP], data))
+        base = registers[RSP]
+        pending = self._pending.get(tid)
+        if pending:
+            for slot in [slot for slot in pending if slot < base]:  # returned, or left by longjmp or a throw
+                del pending[slot]
+            data = bytearray(data)
+            for slot, caller in pending.items():
+                if slot - base <= len(data) - 8:
+                    data[slot - base:slot - base + 8] = caller.to_bytes(8, "little")
+            data = bytes(data)
+        return self._stacks.frames(pid, StackCopy(registers, base, data))
 
     def _event(self, attached: _Attached, pid: int, tid: int, time_ns: int, cpu: int, values: list | tuple,
                errors: dict[str, str]) -> Event:

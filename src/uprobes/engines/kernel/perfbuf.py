@@ -346,14 +346,15 @@ class TracepointReader:
     def __init__(self, event_ids: Sequence[int], pid: int | None, pages: int = 64, sampling: bool = True,
                  follow_forks: bool = True, enable_on_exec: bool = False,
                  names: dict[int, str] | None = None, raw_only: bool = False,
-                 user_stack: tuple[int, int] | None = None) -> None:
+                 user_stack: tuple[int, int] | None = None, without_stack: set[int] = frozenset()) -> None:
         """``follow_forks`` False leaves the children the process forks alone (not its threads); ``names``:
         what each tracepoint stands for, to name it in an error; ``raw_only``: samples hold the raw record
         and nothing else, read with :meth:`read_field`; ``user_stack`` (a mask of ``enum perf_event_x86_regs``
         bits, a size in bytes): each sample also holds those user registers and that much of the user stack
-        (read with :meth:`Samples.user_stack`), and :attr:`task_records` say what the traced processes
-        mapped executable, exec'd and forked meanwhile (what the stacks are read against, as ``perf record``
-        does: the process may be gone when its samples are read)."""
+        (read with :meth:`Samples.user_stack`), but those of the tracepoints ``without_stack``, and
+        :attr:`task_records` say what the traced processes mapped executable, exec'd and forked meanwhile
+        (what the stacks are read against, as ``perf record`` does: the process may be gone when its samples
+        are read)."""
         if pages < 1 or pages & (pages - 1):
             raise KernelEngineError(f"perf buffer pages must be a power of two, not {pages}")
         self.lost = 0
@@ -366,8 +367,7 @@ class TracepointReader:
         self._sampling = sampling
         self._sample_type = _RAW_SAMPLE_TYPE if raw_only else _SAMPLE_TYPE
         self._user_stack = user_stack
-        if user_stack:
-            self._sample_type |= _PERF_SAMPLE_REGS_USER | _PERF_SAMPLE_STACK_USER
+        self._without_stack = without_stack
         self._follow_forks = follow_forks
         self._enable_on_exec = enable_on_exec
         self._event_of_fd: dict[int, int] = {}
@@ -447,10 +447,11 @@ class TracepointReader:
             attr.sample_period, attr.sample_type = 1, self._sample_type
             attr.watermark, attr.wakeup_watermark = 1, self._pages * mmap.PAGESIZE // _WAKEUP_FRACTION
             attr.use_clockid, attr.clockid = 1, _CLOCK_MONOTONIC
-            if self._user_stack:
+            if self._user_stack and event_id not in self._without_stack:
+                attr.sample_type |= _PERF_SAMPLE_REGS_USER | _PERF_SAMPLE_STACK_USER
                 attr.sample_regs_user, attr.sample_stack_user = self._user_stack
-                if tracking:
-                    attr.mmap = attr.mmap2 = attr.comm = attr.comm_exec = attr.task = 1
+            if self._user_stack and tracking:
+                attr.mmap = attr.mmap2 = attr.comm = attr.comm_exec = attr.task = 1
         try:
             fd = _perf_event_open(attr, task, cpu)
         except OSError as exc:
