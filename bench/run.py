@@ -67,27 +67,21 @@ TOOLS = {
     "ptrace-jump": "uprobes count --engine ptrace (jump probes)",
     "kernel-trace": "uprobes trace --engine kernel -o FILE, 3 args (time in the target)",
     "ptrace-trace": "uprobes trace --engine ptrace -o FILE, 3 args (jump probes; time in the target; × the kernel engine's trace)",
-    "kernel-stack": "kernel-trace with --stack (its user stack copied and unwound; × kernel-trace)",
-    "ptrace-trap-trace": "uprobes trace --engine ptrace --trap -o FILE, 3 args (a stop per hit; × the kernel engine's trace)",
-    "ptrace-stack": "ptrace-trap-trace with --stack (its stack copied at the stop, unwound after it; × ptrace-trap-trace)",
     "ptrace-py": "ptrace + Python handler (from records: jump probes)",
     "ptrace-py-stop": "ptrace + Python handler, stop=True (a trap)",
     "bpftrace": "bpftrace count()",
     "perf": "perf probe + perf record",
     "gdb": "gdb dprintf",
 }
-NEEDS_ROOT = {"kernel", "kernel-trace", "kernel-stack", "bpftrace", "perf"}
+NEEDS_ROOT = {"kernel", "kernel-trace", "bpftrace", "perf"}
 # Largest N per tool: the calibration never goes past it (a safety net for a tool much slower than expected).
 N_MAX = {"baseline": 200_000_000, "kernel": 20_000_000, "bpftrace": 20_000_000, "perf": 1_000_000,
          "ptrace": 400_000, "ptrace-jump": 200_000_000, "ptrace-py": 200_000, "ptrace-py-stop": 200_000, "gdb": 50_000,
          "ptrace-trace": 60_000,  # within one ring (65,536 records), so that every hit is written
-         "kernel-trace": 2_000_000, "kernel-stack": 1_000_000, "ptrace-trap-trace": 400_000, "ptrace-stack": 200_000}
-# The tools that are `uprobes trace`: their engine and options.
-TRACERS = {"kernel-trace": ("kernel",), "ptrace-trace": ("ptrace",), "kernel-stack": ("kernel", "--stack"),
-           "ptrace-trap-trace": ("ptrace", "--trap"), "ptrace-stack": ("ptrace", "--stack")}
+         "kernel-trace": 2_000_000}
+TRACERS = {"kernel-trace": "kernel", "ptrace-trace": "ptrace"}  # the tools that are `uprobes trace`, their engine
 # What a tool's cost is a ratio to, where not the kernel engine's count: the kernel engine doing the same work
-RATIO_TO = {"ptrace-trace": "kernel-trace", "kernel-stack": "kernel-trace", "ptrace-trap-trace": "kernel-trace",
-            "ptrace-stack": "ptrace-trap-trace"}
+RATIO_TO = {"ptrace-trace": "kernel-trace"}
 TRACED_ARGS = "a=%di b=%si c=%dx"  # what ptrace-trace fetches where the probe itself names nothing (a marker: its 3)
 COUNTERS = {"kernel", "ptrace", "ptrace-jump"}  # the tools that are `uprobes count`
 RUN_TIMEOUT = 300
@@ -215,7 +209,7 @@ class HitCell:
             return [PY, str(BENCH / "pyhandler.py"), *stop, self._words("uprobes"), "--", *target]
         if self.tool in TRACERS:
             probe = self._words("uprobes") + ("" if self.site == "usdt" else f" {TRACED_ARGS}")
-            return [*UPROBES, "trace", "--engine", *TRACERS[self.tool], "--json", "-o", str(self.workdir / "trace.jsonl"),
+            return [*UPROBES, "trace", "--engine", TRACERS[self.tool], "--json", "-o", str(self.workdir / "trace.jsonl"),
                     probe, "--", *target]
         if self.tool == "bpftrace":
             return ["bpftrace", "-e", f"{self._words('bpftrace')} {{ @n = count(); }}", "-c", shlex.join(target)]
@@ -253,10 +247,10 @@ class HitCell:
         if self.tool in ("ptrace-py", "ptrace-py-stop"):
             found = re.findall(r"^pyhandler: hits=(\d+)$", result.stderr, re.M)
             return int(found[-1]) if found else -1
-        if self.tool in TRACERS and TRACERS[self.tool][0] == "ptrace":  # events; a lost one (none should be) is not counted
+        if self.tool == "ptrace-trace":  # events; a lost one (there should be none) is not counted
             with open(self.workdir / "trace.jsonl") as f:
                 return sum(1 for line in f if line.startswith('{"probe"'))
-        if self.tool in TRACERS:  # the kernel's: events and the records it lost (its buffer full): each was a hit
+        if self.tool == "kernel-trace":  # events and the records the kernel lost (its buffer full): each was a hit
             with open(self.workdir / "trace.jsonl") as f:
                 return sum(1 if line.startswith('{"probe"') else json.loads(line).get("lost", 0) for line in f)
         if self.tool == "bpftrace":
@@ -283,6 +277,11 @@ TRACE_RATES = (25_000, 50_000, 100_000, 200_000, 400_000, 800_000, 1_200_000, 1_
 TRACE_ENGINES = ("kernel", "ptrace", "ptrace-trap")
 _TRACE_LABELS = {"kernel": "kernel engine", "ptrace": "ptrace engine, jump probes", "ptrace-trap": "ptrace engine, --trap"}
 TRACE_SECONDS = 2
+# trace --stack against the same trace without it, per engine: the hits' cost in the target at a pace each
+# keeps up with (every hit an event), from the time it spends between its sleeps.
+STACK_COSTS = {"kernel": (("--engine", "kernel"), ("--engine", "kernel", "--stack")),
+               "ptrace": (("--engine", "ptrace", "--trap"), ("--engine", "ptrace", "--stack"))}
+STACK_RATE, STACK_HITS = 2_000, 6_000
 
 
 def measure_trace(engine: str, workdir: Path, runs: int) -> dict:
@@ -333,6 +332,34 @@ def _trace_ladder(engine: str, workdir: Path) -> list[dict]:
         if lost or n / elapsed_s < 0.9 * rate:
             break
     return rungs
+
+
+def measure_stack_cost(engine: str, workdir: Path, runs: int) -> dict:
+    """What ``trace --stack`` adds to a hit: the entry site traced at STACK_RATE hits/s with and without it,
+    ``runs`` pairs; per hit, the target's time outside its sleeps (the median of the runs)."""
+    if engine == "kernel" and os.geteuid() != 0:
+        return {"status": "missing", "reason": "needs root"}
+    out = workdir / "stack.jsonl"
+    costs: dict[str, list[float]] = {"plain": [], "stack": []}
+    try:
+        for _ in range(runs):
+            for kind, options in zip(costs, STACK_COSTS[engine]):
+                out.unlink(missing_ok=True)
+                command = [*UPROBES, "trace", *options, "--json", "-o", str(out), f"uprobe:{TARGET}:site_entry",
+                           "--", str(TARGET), "entry", str(STACK_HITS), str(STACK_RATE)]
+                _, result = _run(command)
+                _check_status(result, command)
+                _check_target(result.stdout, STACK_HITS)
+                with open(out) as f:
+                    events = [json.loads(line) for line in f if line.startswith('{"probe"')]
+                if len(events) != STACK_HITS or (kind == "stack" and not all(e.get("stack") for e in events)):
+                    raise Failed(f"{shlex.join(options)}: {len(events):,} events for {STACK_HITS:,} hits")
+                costs[kind].append(int(re.search(r"^busy_ns=(\d+)$", result.stdout, re.M)[1]) / STACK_HITS)
+    except Failed as why:
+        return {"status": "failed", "reason": str(why)}
+    plain, stack = (statistics.median(values) for values in costs.values())
+    return {"status": "ok", "plain_ns": plain, "stack_ns": stack, "ratio": stack / plain,
+            "depth": len(events[0]["stack"]), "runs": costs}
 
 
 # -- the slope -----------------------------------------------------------------------------------------------
@@ -595,6 +622,12 @@ def table(results: dict) -> str:
         extra.append([f"uprobes trace --json -o FILE ({_TRACE_LABELS[engine]})", _outcome(record, lambda r: (
             f"{r['events_per_s']:,.0f} events/s with none lost ({r['min']:,.0f}–{r['max']:,.0f}; the target paced at "
             f"{', '.join(f'{rate:,}' for rate in TRACE_RATES)} hits/s, up to the first rate with a loss)"))])
+    for engine, record in results["stacks"].items():
+        extra.append([f"trace --stack, a hit's cost in the target ({_TRACE_LABELS[engine if engine == 'kernel' else 'ptrace-trap']})",
+                      _outcome(record, lambda r: (
+                          f"{r['stack_ns']:,.0f} ns with its stack ({r['depth']} frames) against {r['plain_ns']:,.0f} "
+                          f"ns without: {r['ratio']:.2f}× (the target paced at {STACK_RATE:,} hits/s, every hit an "
+                          f"event)"))])
     for engine, record in results["rss"].items():
         extra.append([f"peak RSS of uprobes count -p PID holding {record.get('probes', 'many'):,} probes ({engine} "
                       f"engine)", _outcome(record, lambda r: (
@@ -655,7 +688,7 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--quick", action="store_true", help="a smoke test: 2 runs, short spans, fewer probes")
     parser.add_argument("--only", help="comma-separated globs: SITE/TOOL, insert/ENGINE, list/NAME, trace/ENGINE, "
-                                       "rss/ENGINE")
+                                       "stacks/ENGINE, rss/ENGINE")
     parser.add_argument("--output", default=str(BENCH / "results.json"), help="where to write the results")
     parser.add_argument("--runs", type=int, help="runs per N (default 5, --quick 2)")
     parser.add_argument("--span", type=float, help="seconds of hits between t(N/4) and t(N) (default 0.6)")
@@ -670,7 +703,8 @@ def main() -> int:
     results: dict = {"machine": machine(), "settings": {"runs": runs, "span_s": span, "quick": args.quick,
                                                         "only": only, "command": shlex.join(sys.argv)},
                      "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                     "sites": _site_plans(), "hits": {}, "insert": {}, "list": {}, "trace": {}, "rss": {},
+                     "sites": _site_plans(), "hits": {}, "insert": {}, "list": {}, "trace": {}, "stacks": {},
+                     "rss": {},
                      "failures": []}
 
     def note(key: str, record: dict) -> None:
@@ -728,6 +762,12 @@ def main() -> int:
             if _selected(f"trace/{engine}", only):
                 results["trace"][engine] = measure_trace(engine, workdir, runs)
                 note(f"trace/{engine}", results["trace"][engine])
+        if any(_selected(f"stacks/{e}", only) for e in STACK_COSTS):
+            print("stack cost:", file=sys.stderr)
+        for engine in STACK_COSTS:
+            if _selected(f"stacks/{engine}", only):
+                results["stacks"][engine] = measure_stack_cost(engine, workdir, runs)
+                note(f"stacks/{engine}", results["stacks"][engine])
         if any(_selected(f"rss/{e}", only) for e in ("ptrace", "kernel")):
             print("peak RSS:", file=sys.stderr)
         for engine in ("ptrace", "kernel"):

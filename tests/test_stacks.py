@@ -195,9 +195,26 @@ def test_a_stack_deeper_than_the_limit_is_cut_and_marked(targets, engine):
     assert folded and all(line.startswith("[truncated];") and line.count(";") == 3 for line in folded), folded
 
 
-@pytest.mark.parametrize("depth", ["0", "-1", "x", "2000"])
-def test_a_bad_stack_limit_is_one_line(targets, depth):
-    result = run_cli("stacks", "--engine", "ptrace", "--max-stack", depth, f"uprobe:{targets}/unwound-fp:leaf",
+def test_a_stack_deeper_than_its_copy_is_marked_incomplete(targets, engine):
+    """64 bytes of stack hold the frames of leaf and middle (nofp: 8 and 16 bytes each) and not outer's."""
+    program = str(targets / "unwound-nofp")
+    records, proc = run_json("trace", "--engine", engine, "--stack", "--stack-size", "64", f"uprobe:{program}:leaf",
+                             "--", program, "1")
+    assert proc.returncode == 0, proc.stderr
+    first = _stacks(records, "leaf")[0]
+    assert first[:3] == ["unwound-nofp`leaf", "unwound-nofp`middle+0xc", "unwound-nofp`outer+0xd"]
+    assert first[-1] == "[incomplete]" and len(first) < 7, first
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--max-stack", "0", "--max-stack takes a number of frames from 1 to 1024, not '0'"),
+    ("--max-stack", "x", "--max-stack takes a number of frames from 1 to 1024, not 'x'"),
+    ("--max-stack", "2000", "--max-stack takes a number of frames from 1 to 1024, not '2000'"),
+    ("--stack-size", "100", "--stack-size takes a number of bytes from 64 to 65528, a multiple of 8, not '100'"),
+    ("--stack-size", "65536", "--stack-size takes a number of bytes from 64 to 65528, a multiple of 8, not '65536'"),
+])
+def test_a_bad_stack_limit_is_one_line(targets, option, value, message):
+    result = run_cli("stacks", "--engine", "ptrace", option, value, f"uprobe:{targets}/unwound-fp:leaf",
                      "--", f"{targets}/unwound-fp", "1")
-    assert result.status == 2 and "--max-stack takes a number of frames from 1 to 1024" in result.stderr
+    assert result.status == 2 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

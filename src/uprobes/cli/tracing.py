@@ -20,7 +20,8 @@ from ..probes.resolve import Probe, resolve_texts
 from ..probes.spec import group_probe_words
 from ..proc.launch import HeldCommand
 from ..proc.maps import read_maps
-from ..x86_64.unwind import DEFAULT_DEPTH
+from ..stacks import StackLimits
+from ..x86_64.unwind import DEFAULT_DEPTH, STACK_BYTES
 from . import STOP_SIGNALS
 
 __all__ = ["add_tracing_options", "add_stack_options", "run_trace", "run_count", "run_latency", "run_stacks"]
@@ -57,18 +58,34 @@ def add_tracing_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_stack_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-stack", type=_stack_depth, default=DEFAULT_DEPTH, metavar="N",
+    parser.add_argument("--max-stack", type=_number("--max-stack", "a number of frames", 1, 1024),
+                        default=DEFAULT_DEPTH, metavar="N",
                         help=f"at most N frames per stack (default {DEFAULT_DEPTH}); a longer one ends in [truncated]")
+    parser.add_argument("--stack-size", type=_number("--stack-size", "a number of bytes", 64, _MAX_STACK_SIZE, 8),
+                        default=STACK_BYTES, metavar="BYTES",
+                        help=f"how much of each hit's stack is copied to unwind it (default {STACK_BYTES}, as perf "
+                             f"record --call-graph dwarf); a stack deeper than that ends in [incomplete]")
 
 
-def _stack_depth(text: str) -> int:
-    try:
-        depth = int(text)
-    except ValueError:
-        depth = 0
-    if not 1 <= depth <= 1024:
-        raise argparse.ArgumentTypeError(f"--max-stack takes a number of frames from 1 to 1024, not {text!r}")
-    return depth
+_MAX_STACK_SIZE = 65528  # perf's limit: a sample is at most 64 KiB
+
+
+def _number(option: str, what: str, low: int, high: int, multiple: int = 1):
+    """An argparse type: an integer from ``low`` to ``high``, a multiple of ``multiple``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high or value % multiple:
+            also = f", a multiple of {multiple}" if multiple > 1 else ""
+            raise argparse.ArgumentTypeError(f"{option} takes {what} from {low} to {high}{also}, not {text!r}")
+        return value
+    return parse
+
+
+def _stack_limits(args: argparse.Namespace) -> StackLimits:
+    return StackLimits(args.max_stack, args.stack_size)
 
 
 def launches_command(args: argparse.Namespace) -> bool:
@@ -114,7 +131,7 @@ class _Run:
     """What trace and count share: probes resolved, engine attached, command launched, signals handled."""
 
     def __init__(self, args: argparse.Namespace, stack: ExitStack, counting: bool = False,
-                 pair_returns: bool = False, stack_depth: int = 0) -> None:
+                 pair_returns: bool = False, stacks: StackLimits | None = None) -> None:
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, _raise_stop)
         # Stop signals wait until the run is set up: raised in the middle of an import (the engine's modules load
@@ -139,7 +156,7 @@ class _Run:
         if self.child is not None:
             self.child.traced = self.engine.reaps_children
         self.engine.attach(self.probes, self.child.pid if self.child else self.pid, counting=counting,
-                           held=self.child is not None, follow_forks=not args.no_follow, stack_depth=stack_depth)
+                           held=self.child is not None, follow_forks=not args.no_follow, stacks=stacks)
         scope = f"pid {self.pid}" if self.pid else "the command" if self.child else "every process"
         print(f"uprobes: {len(self.probes)} probe points attached ({self.engine.name} engine, {scope})",
               file=sys.stderr, flush=True)
@@ -254,7 +271,7 @@ def _open_output(args: argparse.Namespace, stack: ExitStack):
 def run_trace(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         out = _open_output(args, stack)
-        run = _Run(args, stack, stack_depth=args.max_stack if args.stack else 0)
+        run = _Run(args, stack, stacks=_stack_limits(args) if args.stack else None)
         writer = (ChromeTraceWriter(out, run.probes) if args.format == "chrome"
                   else EventWriter(out, args.format == "json"))
         seen = 0
@@ -392,7 +409,7 @@ def run_stacks(args: argparse.Namespace) -> int:
 
     with ExitStack() as stack:
         out = _open_output(args, stack)
-        run = _Run(args, stack, stack_depth=args.max_stack)
+        run = _Run(args, stack, stacks=_stack_limits(args))
         counts = StackCounts()
         try:
             while True:

@@ -8,6 +8,7 @@ from ..consumers import Consumer
 from ..output.columns import EventColumns
 from ..output.event import Event
 from ..probes.resolve import Probe
+from ..stacks import StackLimits
 
 __all__ = ["Engine"]
 
@@ -29,10 +30,10 @@ class Engine(ABC):
     @abstractmethod
     def attach(self, probes: list[Probe], pid: int | None, *, counting: bool = False, held: bool = False,
                follow_forks: bool = True, consumers: dict[int, list[Consumer]] | None = None,
-               stack_depth: int = 0) -> None:
+               stacks: StackLimits | None = None) -> None:
         """Place ``probes``; ``held``: ``pid`` is a command held before its exec; ``counting``: count hits
         without building events; ``consumers``: Python handlers by probe index (where the engine runs them);
-        ``stack_depth``: each event carries its user stack, at most that many frames (0: none)."""
+        ``stacks``: each event carries its user stack, within those limits."""
 
     @abstractmethod
     def poll(self, timeout: float) -> list[Event]:

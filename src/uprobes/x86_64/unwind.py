@@ -32,9 +32,9 @@ RBX, RBP, RSP, RIP = 3, 6, 7, 16
 UNWOUND_REGISTERS = {RBX: "rbx", RBP: "rbp", RSP: "rsp", 12: "r12", 13: "r13", 14: "r14", 15: "r15", RIP: "rip"}
 PERF_REGISTER_BITS = {RBX: 1, RBP: 6, RSP: 7, RIP: 8, 12: 20, 13: 21, 14: 22, 15: 23}
 DEFAULT_DEPTH = 127
-# How much of the stack is copied at a hit, from %rsp up (perf record --call-graph dwarf copies 8 KiB):
-# enough for a hundred ordinary frames, and a small part of a hit's cost.
-STACK_BYTES = 16384
+# How much of the stack is copied at a hit, from %rsp up, unless asked otherwise: what perf record
+# --call-graph dwarf copies, enough for dozens of ordinary frames and one with a PATH_MAX buffer.
+STACK_BYTES = 8192
 
 _WORD = struct.Struct("<Q")
 _MASK = (1 << 64) - 1
@@ -75,9 +75,9 @@ def unwind(stack: StackCopy, row_at: Callable[[int], UnwindRow | None],
     while len(pcs) < depth:
         row = row_at(pcs[-1] - (len(pcs) > 1))
         caller = _caller(row, registers, stack) if row is not None else None
-        if caller is None:
+        if caller is None or RIP not in caller:  # its return address is outside the copy
             return pcs, Ending.INCOMPLETE
-        pc = caller.get(RIP)
+        pc = caller[RIP]
         if not pc:  # the return address is undefined (the CFI of _start and of a new thread say so) or null
             return pcs, Ending.COMPLETE
         if caller[RSP] <= registers[RSP]:  # a stack only unwinds upwards: anything else loops

@@ -30,8 +30,8 @@ from ...output.event import Event
 from ...probes.fetchargs import Comm, Deref, FetchArg, FetchType, Immediate, RetVal, StackPointer
 from ...probes.markerargs import kernel_fetchable, kernel_limitation
 from ...probes.resolve import Probe
-from ...stacks import INCOMPLETE, StackReader
-from ...x86_64.unwind import PERF_REGISTER_BITS, RSP, STACK_BYTES, StackCopy
+from ...stacks import INCOMPLETE, StackLimits, StackReader
+from ...x86_64.unwind import PERF_REGISTER_BITS, RSP, StackCopy
 from ..base import Engine
 from .eventformat import EventFormat, Field, FieldKind, load_event_format
 from .instructions import refuse_unprobeable
@@ -57,6 +57,7 @@ _COUNTED_ALONE = 4
 # The user registers an unwinder needs, by DWARF number, in the order perf writes them (their bits' order).
 _PERF_REGISTER_ORDER = sorted(PERF_REGISTER_BITS, key=PERF_REGISTER_BITS.get)
 _PERF_REGISTERS = sum(1 << bit for bit in PERF_REGISTER_BITS.values())
+_STACK_PAGES = 1024
 _PAD_ARG = FetchArg("__pad", True, Immediate(0), FetchType("u64"))
 # Where a function with a return probe keeps its return address, and what it is, at its entry: the kernel puts
 # its trampoline there, and a stack read through the function needs the address it replaced.
@@ -191,14 +192,14 @@ class KernelEngine(Engine):
 
     def attach(self, probes: list[Probe], pid: int | None, *, counting: bool = False, held: bool = False,
                follow_forks: bool = True, consumers: dict[int, list[Consumer]] | None = None,
-               stack_depth: int = 0) -> None:
+               stacks: StackLimits | None = None) -> None:
         """Define every probe and start collecting its hits (of every thread of ``pid`` and what it starts,
         or of everyone).
 
         ``counting`` only counts hits (read them with :meth:`hit_counts`): no events, none lost. ``held``
         (a launched command held before exec): the events are enabled by its exec, so nothing the child runs
         before it (our own code) is counted. ``follow_forks`` False: the threads, not the forked children.
-        ``stack_depth``: perf copies the user registers and stack with each hit, unwound here.
+        ``stacks``: perf copies the user registers and stack with each hit, unwound here.
         """
         if consumers:
             raise KernelEngineError("Python handlers run on the ptrace engine, in the traced process's stops")
@@ -212,7 +213,7 @@ class KernelEngine(Engine):
                 fetchargs = probe.fetchargs + ((_COMM_ARG, _RETVAL_ARG) if probe.is_return else (_COMM_ARG,))
             signature = _signature(probe.is_return, fetchargs, counting and not tallied, index)
             self._attached.append(self._define(events, signature, index, probe, fetchargs))
-        self._stacks = StackReader(stack_depth) if stack_depth and not counting else None
+        self._stacks = StackReader(stacks.depth) if stacks is not None and not counting else None
         self._pending = {}
         returning = {(p.path, p.offset): p for p in probes if p.is_return} if self._stacks else {}
         for index, probe in enumerate(returning.values(), len(probes)):  # tagged past the probes: never counted
@@ -229,10 +230,12 @@ class KernelEngine(Engine):
             if len({event.tag_offset for event in self._events.values()}) != 1:
                 raise KernelEngineError("the kernel laid out our events' records in an unexpected way; "
                                         "count fewer probes at once")
-        self._reader = TracepointReader(list(self._events), pid, pages=self._pages,
+        # Samples with stacks are large: 4 MiB a CPU hold 512 of 8 KiB, while the first stacks read symbols.
+        pages = max(self._pages, _STACK_PAGES) if self._stacks else self._pages
+        self._reader = TracepointReader(list(self._events), pid, pages=pages,
                                         sampling=not counting or tallied, follow_forks=follow_forks,
                                         enable_on_exec=held, names=names, raw_only=tallied,
-                                        user_stack=(_PERF_REGISTERS, STACK_BYTES) if self._stacks else None,
+                                        user_stack=(_PERF_REGISTERS, stacks.size) if self._stacks else None,
                                         without_stack={self._returns_event} - {None})
         try:
             if not held:

@@ -35,6 +35,7 @@ from ...errors import UprobesError
 from ...output.columns import EventColumns
 from ...output.event import Event
 from ...probes.resolve import Probe
+from ...stacks import StackLimits
 from ...x86_64.abi import RETURN_VALUE, return_value
 from ..base import Engine
 from .family import Family
@@ -102,17 +103,17 @@ class PtraceEngine(Engine):
     @_uninterrupted
     def attach(self, probes: list[Probe], pid: int | None, *, counting: bool = False, held: bool = False,
                follow_forks: bool = True, consumers: dict[int, list[Consumer]] | None = None,
-               stack_depth: int = 0) -> None:
+               stacks: StackLimits | None = None) -> None:
         """Place ``probes`` in process ``pid``: a running one (every thread is seized), or, with ``held``, a
         child held before its exec (probes go in at the exec, before the program's first instruction).
         Children it forks are traced too, unless ``follow_forks`` is False: then they are let go, every
-        byte we wrote taken out of their copy of memory first. With ``stack_depth``, every probe traps: the
+        byte we wrote taken out of their copy of memory first. With ``stacks``, every probe traps: the
         stack is copied at the stop (a trampoline records none)."""
         if pid is None:
             raise UprobesError("the ptrace engine traces one process: give -p PID or a command to run")
         self.placement = Placement(list(probes))
         consumers = consumers or {}
-        if self.jumps_allowed and not stack_depth:
+        if self.jumps_allowed and stacks is None:
             jumps = self.placement.jumps
             jumps.eligible = frozenset(i for i in range(len(probes))
                                        if not any(consumer.stop for consumer in consumers.get(i, ())))
@@ -123,7 +124,7 @@ class PtraceEngine(Engine):
                 jumps.recorder = Recorder(self.placement.probes, counting, handled, self._ring_hit,
                                           self.placement.removed)
         self.family = Family(self.placement, follow_forks)
-        self._reporter = Reporter(self.placement.probes, consumers, counting, stack_depth)
+        self._reporter = Reporter(self.placement.probes, consumers, counting, stacks)
         self._handlers_gone: list[int] = []  # probes whose last handler went in a record's call
         self._returns_wanted = any(probe.is_return for probe in probes)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # waited for with sigtimedwait

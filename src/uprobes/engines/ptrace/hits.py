@@ -10,8 +10,8 @@ from ...output.event import Event
 from ...probes.evaluate import HitContext, evaluate
 from ...probes.resolve import Probe
 from ...proc.status import last_cpu
-from ...stacks import ProcessStacks
-from ...x86_64.unwind import RIP, STACK_BYTES, UNWOUND_REGISTERS, StackCopy
+from ...stacks import ProcessStacks, StackLimits
+from ...x86_64.unwind import RIP, UNWOUND_REGISTERS, StackCopy
 from .syscalls import Regs, ptrace_getfpregs
 from .tracee import Process, Thread
 
@@ -22,14 +22,14 @@ class Reporter:
     """Counts hits per probe, builds their events (unless only counting) and runs their consumers."""
 
     def __init__(self, probes: list[Probe], consumers: dict[int, list[Consumer]], counting: bool,
-                 stack_depth: int = 0) -> None:
-        """``stack_depth``: each event carries its user stack, copied at the stop and unwound after it."""
+                 stacks: StackLimits | None = None) -> None:
+        """``stacks``: each event carries its user stack, copied at the stop and unwound after it."""
         self.probes = probes
         self.consumers = {index: list(c) for index, c in consumers.items()}
         self.counting = counting
         self.hits = [0] * len(probes)
         self.events: list[Event] = []
-        self.stack_depth = stack_depth
+        self.stack_limits = stacks
         # Per address space (an exec makes a new one under the same pid), its code read while it is stopped.
         self._stacks: weakref.WeakKeyDictionary[Process, ProcessStacks] = weakref.WeakKeyDictionary()
         self._unwinding: list[tuple[Event, ProcessStacks, StackCopy]] = []  # unwound in take_events()
@@ -54,8 +54,8 @@ class Reporter:
                 event = Event(probe.name, pid, thread.tid, context.comm, time.monotonic_ns(),
                               last_cpu(pid, thread.tid), address, args, retval, errors or None, probe.is_return, index)
                 self.events.append(event)
-                if self.stack_depth:
-                    stack = stack or _copy_stack(thread, regs, returns_to)
+                if self.stack_limits is not None:
+                    stack = stack or _copy_stack(thread, regs, returns_to, self.stack_limits.size)
                     self._unwinding.append((event, self._stacks_of(thread.process, stack), stack))
             if index in self.consumers and self.consume(index, Hit(probe, pid, thread.tid, regs, thread.process.memory,
                                                                    args, errors)):
@@ -76,7 +76,7 @@ class Reporter:
     def _stacks_of(self, process: Process, stack: StackCopy) -> ProcessStacks:
         stacks = self._stacks.get(process)
         if stacks is None:
-            stacks = self._stacks[process] = ProcessStacks(process.pid, self.stack_depth)
+            stacks = self._stacks[process] = ProcessStacks(process.pid, self.stack_limits.depth)
         stacks.ensure_mapped(stack.registers[RIP])  # a library loaded since: read while the process is there
         return stacks
 
@@ -88,15 +88,15 @@ class Reporter:
         return events
 
 
-def _copy_stack(thread: Thread, regs: Regs, returns_to: int | None) -> StackCopy:
-    """The registers an unwinder needs and the stack from ``%rsp`` up, with the return addresses we sent to
+def _copy_stack(thread: Thread, regs: Regs, returns_to: int | None, size: int) -> StackCopy:
+    """The registers an unwinder needs and ``size`` bytes of the stack from ``%rsp`` up, with the return addresses we sent to
     the return trampoline put back as the program wrote them (``returns_to``: where a return goes on)."""
     registers = {number: getattr(regs, field) for number, field in UNWOUND_REGISTERS.items()}
     if returns_to is not None:
         registers[RIP] = returns_to
     base = regs.rsp
     try:
-        data = bytearray(thread.process.memory.read_available(base, STACK_BYTES))
+        data = bytearray(thread.process.memory.read_available(base, size))
     except OSError:
         data = bytearray()
     for pending in thread.returns:
