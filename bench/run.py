@@ -756,18 +756,14 @@ def main() -> int:
             if _selected(f"list/{name}", only):
                 results["list"][name] = measure_list(path, runs)
                 note(f"list/{name}", results["list"][name])
-        if any(_selected(f"trace/{e}", only) for e in TRACE_ENGINES):
-            print("trace rate:", file=sys.stderr)
-        for engine in TRACE_ENGINES:
-            if _selected(f"trace/{engine}", only):
-                results["trace"][engine] = measure_trace(engine, workdir, runs)
-                note(f"trace/{engine}", results["trace"][engine])
-        if any(_selected(f"stacks/{e}", only) for e in STACK_COSTS):
-            print("stack cost:", file=sys.stderr)
-        for engine in STACK_COSTS:
-            if _selected(f"stacks/{engine}", only):
-                results["stacks"][engine] = measure_stack_cost(engine, workdir, runs)
-                note(f"stacks/{engine}", results["stacks"][engine])
+        for section, title, engines, measure_engine in (("trace", "trace rate", TRACE_ENGINES, measure_trace),
+                                                        ("stacks", "stack cost", STACK_COSTS, measure_stack_cost)):
+            if any(_selected(f"{section}/{e}", only) for e in engines):
+                print(f"{title}:", file=sys.stderr)
+            for engine in engines:
+                if _selected(f"{section}/{engine}", only):
+                    results[section][engine] = measure_engine(engine, workdir, runs)
+                    note(f"{section}/{engine}", results[section][engine])
         if any(_selected(f"rss/{e}", only) for e in ("ptrace", "kernel")):
             print("peak RSS:", file=sys.stderr)
         for engine in ("ptrace", "kernel"):
