@@ -218,3 +218,22 @@ def test_a_bad_stack_limit_is_one_line(targets, option, value, message):
                      "--", f"{targets}/unwound-fp", "1")
     assert result.status == 2 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_stacks_of_a_running_process_s_threads(targets, engine):
+    """Attached with -p: every thread's stack goes from its start in libc (clone3, whose unwind information
+    ends the stack) through the thread's function to the probe."""
+    worker = subprocess.Popen([str(targets / "threads"), "3", "1000000", "500"], stdout=subprocess.DEVNULL)
+    try:
+        result = run_cli("stacks", "--engine", engine, "-d", "1", "-p", str(worker.pid), f"uprobe:{targets}/threads:hit")
+    finally:
+        worker.kill()
+        worker.wait()
+    assert result.status == 0, result.stderr
+    folded = result.stdout.splitlines()
+    assert folded, result.stderr
+    for line in folded:
+        frames, _, hits = line.rpartition(" ")
+        assert re.fullmatch(r"libc\.so\.6`clone3\+0x[0-9a-f]+;libc\.so\.6`start_thread\+0x[0-9a-f]+;"
+                            r"threads`worker\+0x[0-9a-f]+;threads`hit", frames), line
+        assert int(hits) > 0
