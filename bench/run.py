@@ -282,6 +282,14 @@ TRACE_SECONDS = 2
 STACK_COSTS = {"kernel": (("--engine", "kernel"), ("--engine", "kernel", "--stack")),
                "ptrace": (("--engine", "ptrace", "--trap"), ("--engine", "ptrace", "--stack"))}
 STACK_RATE, STACK_HITS = 2_000, 6_000
+UNWIND_TABLES = ("/lib/x86_64-linux-gnu/libc.so.6", "/usr/bin/python3.11")
+_TABLE_LOAD = """import sys, time
+from uprobes.elf.objfile import ElfObject
+obj = ElfObject.open(sys.argv[1])
+began = time.perf_counter()
+obj.unwind_table.row(obj.entry)
+print(time.perf_counter() - began)
+"""
 
 
 def measure_trace(engine: str, workdir: Path, runs: int) -> dict:
@@ -360,6 +368,17 @@ def measure_stack_cost(engine: str, workdir: Path, runs: int) -> dict:
     plain, stack = (statistics.median(values) for values in costs.values())
     return {"status": "ok", "plain_ns": plain, "stack_ns": stack, "ratio": stack / plain,
             "depth": len(events[0]["stack"]), "runs": costs}
+
+
+def measure_unwind_table(path: str, runs: int) -> dict:
+    """How long an object's unwind table takes to be ready for the first lookup (a fresh process each run)."""
+    seconds = []
+    for _ in range(runs):
+        _, result = _run([PY, "-c", _TABLE_LOAD, path])
+        _check_status(result, [PY, "-c", "...", path])
+        seconds.append(float(result.stdout))
+    return {"status": "ok", "path": path, "s": statistics.median(seconds), "min_s": min(seconds),
+            "max_s": max(seconds)}
 
 
 # -- the slope -----------------------------------------------------------------------------------------------
@@ -622,6 +641,9 @@ def table(results: dict) -> str:
         extra.append([f"uprobes trace --json -o FILE ({_TRACE_LABELS[engine]})", _outcome(record, lambda r: (
             f"{r['events_per_s']:,.0f} events/s with none lost ({r['min']:,.0f}–{r['max']:,.0f}; the target paced at "
             f"{', '.join(f'{rate:,}' for rate in TRACE_RATES)} hits/s, up to the first rate with a loss)"))])
+    for name, record in results["tables"].items():
+        extra.append([f"unwind table of {name}: ready for its first lookup", _outcome(record, lambda r: (
+            f"{r['s'] * 1000:.1f} ms ({r['min_s'] * 1000:.1f}–{r['max_s'] * 1000:.1f})"))])
     for engine, record in results["stacks"].items():
         extra.append([f"trace --stack, a hit's cost in the target ({_TRACE_LABELS[engine if engine == 'kernel' else 'ptrace-trap']})",
                       _outcome(record, lambda r: (
@@ -688,7 +710,7 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--quick", action="store_true", help="a smoke test: 2 runs, short spans, fewer probes")
     parser.add_argument("--only", help="comma-separated globs: SITE/TOOL, insert/ENGINE, list/NAME, trace/ENGINE, "
-                                       "stacks/ENGINE, rss/ENGINE")
+                                       "stacks/ENGINE, tables/NAME, rss/ENGINE")
     parser.add_argument("--output", default=str(BENCH / "results.json"), help="where to write the results")
     parser.add_argument("--runs", type=int, help="runs per N (default 5, --quick 2)")
     parser.add_argument("--span", type=float, help="seconds of hits between t(N/4) and t(N) (default 0.6)")
@@ -704,7 +726,7 @@ def main() -> int:
                                                         "only": only, "command": shlex.join(sys.argv)},
                      "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                      "sites": _site_plans(), "hits": {}, "insert": {}, "list": {}, "trace": {}, "stacks": {},
-                     "rss": {},
+                     "tables": {}, "rss": {},
                      "failures": []}
 
     def note(key: str, record: dict) -> None:
@@ -764,6 +786,11 @@ def main() -> int:
                 if _selected(f"{section}/{engine}", only):
                     results[section][engine] = measure_engine(engine, workdir, runs)
                     note(f"{section}/{engine}", results[section][engine])
+        for path in UNWIND_TABLES:
+            name = os.path.basename(path)
+            if _selected(f"tables/{name}", only):
+                results["tables"][name] = measure_unwind_table(path, runs)
+                note(f"tables/{name}", results["tables"][name])
         if any(_selected(f"rss/{e}", only) for e in ("ptrace", "kernel")):
             print("peak RSS:", file=sys.stderr)
         for engine in ("ptrace", "kernel"):
