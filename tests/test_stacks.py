@@ -79,6 +79,21 @@ def test_stacks_are_those_the_program_sees(targets, engine, variant):
             assert addresses == wanted, stack
 
 
+@pytest.mark.parametrize("variant", ["fp", "nofp"])
+def test_a_stack_through_a_signal_handler(targets, engine, variant):
+    """A handler's stack goes through the signal frame (libc's __restore_rt, whose unwind information restores
+    every register from the signal's context) to the interrupted code in raise, then on to main."""
+    program = str(targets / f"unwound-{variant}")
+    objects = _objects(program)
+    records, proc = run_json("trace", "--engine", engine, "--stack", f"uprobe:{program}:leaf", "--", program, "0",
+                             "signal")
+    assert proc.returncode == 0, proc.stderr
+    seen = _program_stacks(proc.stdout, "stack")[-1]
+    ours = _stacks(records, "leaf")[-1]
+    assert "libc.so.6`__restore_rt" in ours, ours
+    assert [_address(frame, objects) for frame in ours] == [_function(program, "leaf")] + seen[2:]
+
+
 def test_a_stack_through_a_qsort_callback_crosses_libc(targets, engine):
     program = str(targets / "unwound-nofp")
     records, proc = run_json("trace", "--engine", engine, "--stack", f"uprobe:{program}:compare", "--", program, "0")

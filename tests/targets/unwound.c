@@ -1,7 +1,8 @@
 /* Stacks the tests know, built four ways (see the Makefile): with frame pointers, without, with frame
  * pointers but no unwind tables (NO_CFI), and as C++ (unwound-cxx) for an exception's path.
- * Usage: unwound N
+ * Usage: unwound N [signal]
  *   main -> outer -> middle -> leaf, N times; qsort -> compare -> leaf once; recurse(3) -> ... -> leaf once;
+ *   with "signal": signaller raises SIGUSR1, whose handler calls leaf (a stack through a signal frame);
  *   C++ only: catcher -> unwound::deeper -> thrower, which throws; a Guard's destructor calls leaf while the exception unwinds.
  * Each leaf prints the return addresses of the calls in progress, as libgcc's unwinder finds them
  * (backtrace(3)) or, built without unwind tables, by following the frame pointers itself up to main's
@@ -13,6 +14,7 @@
 #endif
 #include <dlfcn.h>
 #include <execinfo.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -91,6 +93,18 @@ __attribute__((noinline)) long recurse(int depth)
     return below + 1;
 }
 
+static void on_signal(int sig)
+{
+    leaf(sig);
+}
+
+__attribute__((noinline)) void signaller(void)
+{
+    signal(SIGUSR1, on_signal);
+    raise(SIGUSR1);
+    sink++;
+}
+
 #ifdef __cplusplus
 }
 
@@ -133,6 +147,8 @@ int main(int argc, char **argv)
     long values[] = {3, 1, 2};
     qsort(values, 3, sizeof values[0], compare);
     recurse(3);
+    if (argc > 2 && argv[2][0] == 's')
+        signaller();
 #ifdef __cplusplus
     sink += catcher(5);
 #endif

@@ -58,6 +58,7 @@ def add_tracing_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_stack_options(parser: argparse.ArgumentParser) -> None:
+    """``--max-stack`` and ``--stack-size``, for ``trace --stack`` and ``stacks``."""
     parser.add_argument("--max-stack", type=_number("--max-stack", "a number of frames", 1, 1024),
                         default=DEFAULT_DEPTH, metavar="N",
                         help=f"at most N frames per stack (default {DEFAULT_DEPTH}); a longer one ends in [truncated]")

@@ -18,8 +18,9 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from elftools.common.exceptions import ELFError as _PyelftoolsELFError
+from elftools.common.exceptions import DWARFError, ELFError as _PyelftoolsELFError
 from elftools.dwarf.callframe import FDE, CallFrameInfo, RegisterRule
+from elftools.dwarf.constants import DW_CFA
 from elftools.dwarf.structs import DWARFStructs
 
 if TYPE_CHECKING:
@@ -31,7 +32,8 @@ _HEADER = struct.Struct("<BBBBiI")
 _DW_EH_PE_UDATA4, _DW_EH_PE_SDATA4, _DW_EH_PE_DATAREL = 0x03, 0x0B, 0x30
 _STRUCTS = DWARFStructs(little_endian=True, dwarf_format=32, address_size=8)
 # What a damaged or unusual FDE makes pyelftools raise while parsing or decoding it.
-_UNREADABLE = (_PyelftoolsELFError, AssertionError, KeyError, ValueError, TypeError, IndexError, struct.error)
+_UNREADABLE = (_PyelftoolsELFError, DWARFError, AssertionError, KeyError, ValueError, TypeError, IndexError,
+               struct.error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,13 +48,16 @@ class Rule:
 
 @dataclass(frozen=True, slots=True)
 class UnwindRow:
-    """The rules from ``start`` on: the CFA is ``cfa_register + cfa_offset`` (or ``cfa_expression``)."""
+    """The rules from ``start`` on: the CFA is ``cfa_register + cfa_offset`` (or ``cfa_expression``).
+    ``signal_frame``: the code is a signal's return trampoline, whose caller's pc is where the signal came,
+    not a return address (the CIE's ``S`` augmentation)."""
 
     start: int
     cfa_register: int | None
     cfa_offset: int
     cfa_expression: bytes | None
     rules: dict[int, Rule]
+    signal_frame: bool = False
 
 
 class _Function:
@@ -142,17 +147,21 @@ class UnwindTable:
             entry = self._cfi._parse_entry_at(offset)
             if not isinstance(entry, FDE):
                 return None
+            # pyelftools parses DW_CFA_GNU_args_size (how much a call's arguments took on the stack, for the
+            # C++ unwinder) but its decoder refuses it: it changes no rule, so it goes.
+            entry.instructions = [i for i in entry.instructions if i.opcode != DW_CFA.GNU_args_size]
             decoded = entry.get_decoded()
         except _UNREADABLE:  # an opcode pyelftools does not know, a damaged entry: no rows, not an error
             return None
         start = entry["initial_location"]
-        rows = [_row(line) for line in decoded.table]
+        signal_frame = b"S" in bytes(entry.cie.header.get("augmentation", b""))
+        rows = [_row(line, signal_frame) for line in decoded.table]
         return _Function(start + entry["address_range"], rows)
 
 
-def _row(line: dict) -> UnwindRow:
+def _row(line: dict, signal_frame: bool) -> UnwindRow:
     cfa = line["cfa"]
     rules = {register: Rule(rule.type, bytes(rule.arg) if isinstance(rule.arg, list) else rule.arg)
              for register, rule in line.items() if isinstance(register, int) and isinstance(rule, RegisterRule)}
     expression = bytes(cfa.expr) if cfa.expr is not None else None
-    return UnwindRow(line["pc"], cfa.reg, cfa.offset or 0, expression, rules)
+    return UnwindRow(line["pc"], cfa.reg, cfa.offset or 0, expression, rules, signal_frame)

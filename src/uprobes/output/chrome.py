@@ -118,6 +118,7 @@ class ChromeTraceWriter:
         out.write('{"traceEvents": [')
 
     def event(self, event: Event) -> None:
+        """Write one event: a slice's beginning or end, or an instant."""
         if event.comm:  # "": the kernel could not name a thread that was gone
             self._name_thread(event)
         function = self._functions[event.probe_index]
@@ -130,6 +131,7 @@ class ChromeTraceWriter:
             self.event(event)
 
     def lost(self, count: int) -> None:
+        """How many events were lost: written at the end, in ``otherData``."""
         self._lost = count
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ class StackCounts:
         self._counts: Counter[tuple[str, tuple[str, ...]]] = Counter()
 
     def add(self, events: list[Event]) -> None:
+        """Count ``events`` (each with its stack)."""
         self._counts.update((event.probe, tuple(event.stack or ())) for event in events)
 
     def folded(self) -> str:

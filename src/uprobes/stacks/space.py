@@ -28,14 +28,22 @@ _PROCESSES_KEPT = 64
 
 
 class _Code:
-    """One executable mapping of an ELF object."""
+    """One executable mapping; its ELF object is opened the first time a stack passes through it."""
 
-    __slots__ = ("mapping", "obj", "name")
+    __slots__ = ("mapping", "name", "_obj")
 
-    def __init__(self, mapping: Mapping, obj: ElfObject | None) -> None:
+    def __init__(self, mapping: Mapping) -> None:
         self.mapping = mapping
-        self.obj = obj
         self.name = os.path.basename(mapping.path)
+        self._obj: ElfObject | None | bool = False  # False: not opened yet
+
+    @property
+    def obj(self) -> ElfObject | None:
+        """The mapped file as an ELF object; None where it is none (anonymous code, not ELF, gone, or the
+        file at that path is no longer the one mapped)."""
+        if self._obj is False:
+            self._obj = _open(self.mapping)
+        return self._obj
 
     def vaddr(self, pc: int) -> int | None:
         """``pc`` as the object's own virtual address."""
@@ -47,27 +55,31 @@ class _Code:
             return None
 
 
-def _code(mapping: Mapping) -> _Code:
-    obj = None
-    if mapping.file_backed:
-        try:
-            obj = ElfObject.open(mapping.path)
-        except UprobesError:
-            pass  # not ELF, or gone: its frames are named by offset
-    return _Code(mapping, obj)
+def _open(mapping: Mapping) -> ElfObject | None:
+    if not mapping.file_backed:
+        return None
+    try:
+        st = os.stat(mapping.path)
+        if (st.st_ino, st.st_dev) != (mapping.inode, mapping.device):
+            return None  # replaced since, or another mount namespace's file: its frames are named by offset
+        return ElfObject.open(mapping.path)
+    except (OSError, UprobesError):
+        return None  # not ELF, or gone
 
 
 class ProcessStacks:
     """The stacks of one process: unwinding copies of them and naming their frames."""
 
-    def __init__(self, pid: int, depth: int = DEFAULT_DEPTH) -> None:
+    def __init__(self, pid: int, depth: int = DEFAULT_DEPTH, code: list[_Code] | None = None) -> None:
+        """The code is read from ``/proc/PID/maps``, or is ``code`` (a fork's: its parent's)."""
         self.pid = pid
         self.depth = depth
-        self._starts: list[int] = []
-        self._code: list[_Code] = []
+        self._code: list[_Code] = list(code or ())
         self._names: dict[tuple[int, bool], str] = {}
         self._rows: dict[int, UnwindRow | None] = {}
-        self._read_maps()
+        self._forget_code()
+        if code is None:
+            self._read_maps()
 
     def _read_maps(self) -> bool:
         """The process's executable mappings now; False (and those known kept) when it is gone."""
@@ -77,14 +89,14 @@ class ProcessStacks:
             return False
         if not mappings:  # a zombie's: it has no memory left
             return False
-        self._code = [_code(mapping) for mapping in mappings if mapping.executable]
+        self._code = [_Code(mapping) for mapping in mappings if mapping.executable]
         self._forget_code()
         return True
 
     def mapped(self, mapping: Mapping) -> None:
         """The process mapped code (perf told us): it replaces whatever it overlaps."""
         kept = [c for c in self._code if c.mapping.end <= mapping.start or c.mapping.start >= mapping.end]
-        self._code = sorted(kept + [_code(mapping)], key=lambda c: c.mapping.start)
+        self._code = sorted(kept + [_Code(mapping)], key=lambda c: c.mapping.start)
         self._forget_code()
 
     def exec(self) -> None:
@@ -94,10 +106,7 @@ class ProcessStacks:
 
     def forked(self, pid: int) -> ProcessStacks:
         """The stacks of a child ``pid`` forked from this process: the same code, from now on its own."""
-        child = ProcessStacks.__new__(ProcessStacks)
-        child.pid, child.depth, child._names, child._rows = pid, self.depth, {}, {}
-        child._code, child._starts = list(self._code), list(self._starts)
-        return child
+        return ProcessStacks(pid, self.depth, self._code)
 
     def ensure_mapped(self, pc: int) -> None:
         """Read the mappings again now if ``pc`` is in none known (the process is alive now, maybe not later)."""
@@ -159,6 +168,8 @@ class ProcessStacks:
             return f"[unknown]`{pc:#x}"
         vaddr = code.vaddr(pc)
         symbol = code.obj.symbols.containing(vaddr - returns_here) if vaddr is not None else None
+        if symbol is None and returns_here and vaddr is not None:  # a signal trampoline "returned" to at its start
+            symbol = code.obj.symbols.containing(vaddr)
         if symbol is None:
             return f"{code.name}`{pc - code.mapping.start + code.mapping.offset:#x}"
         offset, name = vaddr - symbol.value, demangle(symbol.name)
@@ -178,25 +189,32 @@ class StackReader:
         self._processes: OrderedDict[int, ProcessStacks] = OrderedDict()
 
     def process(self, pid: int) -> ProcessStacks:
+        """The stacks of process ``pid`` (its code read now, the first time)."""
         stacks = self._processes.get(pid)
         if stacks is None:
-            stacks = self._processes[pid] = ProcessStacks(pid, self.depth)
-            if len(self._processes) > _PROCESSES_KEPT:
-                self._processes.popitem(last=False)
-        else:
-            self._processes.move_to_end(pid)
+            return self._keep(ProcessStacks(pid, self.depth))
+        self._processes.move_to_end(pid)
+        return stacks
+
+    def _keep(self, stacks: ProcessStacks) -> ProcessStacks:
+        self._processes[stacks.pid] = stacks
+        self._processes.move_to_end(stacks.pid)
+        if len(self._processes) > _PROCESSES_KEPT:
+            self._processes.popitem(last=False)
         return stacks
 
     def frames(self, pid: int, stack: StackCopy) -> list[str]:
         """The named frames of a hit of process ``pid``, innermost first."""
         return self.process(pid).frames(stack)
 
-    def apply(self, records: list) -> None:
-        """What processes did to their code, as perf reports it (:class:`~uprobes.engines.kernel.perfbuf.TaskRecord`)."""
-        for record in records:
-            if record.kind == "mapped":
-                self.process(record.pid).mapped(record.mapping)
-            elif record.kind == "exec":
-                self.process(record.pid).exec()
-            else:
-                self._processes[record.pid] = self.process(record.parent).forked(record.pid)
+    def mapped(self, pid: int, mapping: Mapping) -> None:
+        """Process ``pid`` mapped code."""
+        self.process(pid).mapped(mapping)
+
+    def exec(self, pid: int) -> None:
+        """Process ``pid`` exec'd."""
+        self.process(pid).exec()
+
+    def forked(self, pid: int, parent: int) -> None:
+        """Process ``pid`` was forked from ``parent``: it has its parent's code."""
+        self._keep(self.process(parent).forked(pid))

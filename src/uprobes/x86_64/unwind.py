@@ -17,6 +17,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from elftools.common.exceptions import DWARFError, ELFError as _PyelftoolsELFError
 from elftools.dwarf.dwarf_expr import DWARFExprParser
 from elftools.dwarf.structs import DWARFStructs
 from iced_x86 import Code, Decoder, DecoderOptions, Register
@@ -68,28 +69,34 @@ class StackCopy:
 def unwind(stack: StackCopy, row_at: Callable[[int], UnwindRow | None],
            depth: int = DEFAULT_DEPTH) -> tuple[list[int], Ending]:
     """The pcs of ``stack``'s frames, innermost first, and how the walk ended. ``row_at(pc)`` gives the rules
-    of the code at ``pc`` (None: not code, or code nobody can unwind); a caller's pc is looked up one byte
-    before its return address, inside the call (a call can be a function's last instruction)."""
+    of the code at ``pc`` (None: not code, or code nobody can unwind). A caller's pc is looked up one byte
+    before its return address, inside the call (a call can be a function's last instruction), but where a
+    signal came: the pc a signal frame restores is the interrupted instruction's own."""
     registers = stack.registers
     pcs = [registers[RIP]]
-    while len(pcs) < depth:
-        row = row_at(pcs[-1] - (len(pcs) > 1))
+    exact = True  # pcs[-1] is an instruction's own address, not a return address
+    while True:
+        row = row_at(pcs[-1] if exact else pcs[-1] - 1)
+        if row is not None and row.cfa_register == RBP and registers.get(RBP) == 0:
+            return pcs, Ending.COMPLETE  # the frame pointers' chain ends with a null %rbp (_start clears it)
         caller = _caller(row, registers, stack) if row is not None else None
-        if caller is None or RIP not in caller:  # its return address is outside the copy
+        if caller is None or RIP not in caller:  # code we cannot unwind, or a return address outside the copy
             return pcs, Ending.INCOMPLETE
         pc = caller[RIP]
-        if not pc:  # the return address is undefined (the CFI of _start and of a new thread say so) or null
+        if not pc:  # undefined (the CFI of _start and of a new thread say so) or null, as libunwind takes it
             return pcs, Ending.COMPLETE
         if caller[RSP] <= registers[RSP]:  # a stack only unwinds upwards: anything else loops
             return pcs, Ending.INCOMPLETE
+        if len(pcs) == depth:
+            return pcs, Ending.TRUNCATED
         pcs.append(pc)
-        registers = caller
-    return pcs, Ending.TRUNCATED
+        registers, exact = caller, row.signal_frame
 
 
 def _caller(row: UnwindRow, registers: dict[int, int], stack: StackCopy) -> dict[int, int] | None:
-    """The caller's registers by ``row``; None where a rule needs what the copy or the registers lack, or where
-    the row has no rule for the return address (code with no frame to leave)."""
+    """The caller's registers by ``row`` (a register left out is unknown); None where the CFA needs what the
+    copy or the registers lack, or where the row has no rule for the return address (code with no frame to
+    leave)."""
     if RIP not in row.rules:
         return None
     if row.cfa_expression is not None:
@@ -103,11 +110,15 @@ def _caller(row: UnwindRow, registers: dict[int, int], stack: StackCopy) -> dict
     caller = registers.copy()  # a register without a rule keeps its value (callee-saved: the same value)
     caller[RSP] = cfa
     for register, rule in row.rules.items():
+        if rule.kind == "SAME_VALUE":
+            continue
         value = _apply(rule, cfa, registers, stack)
-        if value is _MISSING:
-            caller.pop(register, None)
-        else:
+        if value is not _MISSING:
             caller[register] = value
+        elif register == RIP and rule.kind == "UNDEFINED":
+            caller[RIP] = None  # the end of the stack
+        else:
+            caller.pop(register, None)
     return caller
 
 
@@ -115,15 +126,14 @@ _MISSING = object()
 
 
 def _apply(rule: Rule, cfa: int, registers: dict[int, int], stack: StackCopy):
-    """A register's value in the caller (None: undefined; ``_MISSING``: unknown to us)."""
+    """A register's value in the caller by ``rule``; ``_MISSING`` where it is unknown to us (undefined, or
+    outside the copy)."""
     kind = rule.kind
     if kind == "OFFSET":
         value = stack.word(cfa + rule.arg)
         return _MISSING if value is None else value
     if kind == "VAL_OFFSET":
         return (cfa + rule.arg) & _MASK
-    if kind == "UNDEFINED":
-        return None
     if kind == "REGISTER":
         return registers.get(rule.arg, _MISSING)
     if kind in ("EXPRESSION", "VAL_EXPRESSION"):
@@ -134,7 +144,7 @@ def _apply(rule: Rule, cfa: int, registers: dict[int, int], stack: StackCopy):
             return value
         value = stack.word(value)
         return _MISSING if value is None else value
-    return _MISSING  # SAME_VALUE is handled by the copy of the registers; ARCHITECTURAL is never x86-64's
+    return _MISSING  # UNDEFINED; ARCHITECTURAL is never x86-64's
 
 
 _BINARY = {
@@ -173,7 +183,7 @@ def _evaluate(expression: bytes, registers: dict[int, int], stack: StackCopy, pu
             else:
                 return None
         return values[-1] & _MASK
-    except (KeyError, IndexError, ValueError):
+    except (KeyError, IndexError, ValueError, _PyelftoolsELFError, DWARFError):  # a damaged expression
         return None
 
 

@@ -17,6 +17,7 @@ the engine closes.
 from __future__ import annotations
 
 import functools
+import operator
 import signal
 import sys
 from dataclasses import dataclass, replace
@@ -35,7 +36,7 @@ from ...x86_64.unwind import PERF_REGISTER_BITS, RSP, StackCopy
 from ..base import Engine
 from .eventformat import EventFormat, Field, FieldKind, load_event_format
 from .instructions import refuse_unprobeable
-from .perfbuf import Samples, TracepointReader
+from .perfbuf import Samples, TaskChange, TaskRecord, TracepointReader
 from .tracefs import DefinedEvent, Tracefs, new_group
 
 __all__ = ["KernelEngine"]
@@ -58,6 +59,7 @@ _COUNTED_ALONE = 4
 _PERF_REGISTER_ORDER = sorted(PERF_REGISTER_BITS, key=PERF_REGISTER_BITS.get)
 _PERF_REGISTERS = sum(1 << bit for bit in PERF_REGISTER_BITS.values())
 _STACK_PAGES = 1024
+_BY_TIME = operator.attrgetter("time_ns")
 _PAD_ARG = FetchArg("__pad", True, Immediate(0), FetchType("u64"))
 # Where a function with a return probe keeps its return address, and what it is, at its entry: the kernel puts
 # its trampoline there, and a stack read through the function needs the address it replaced.
@@ -106,6 +108,12 @@ class _Event:
     def tag(self) -> int:
         """Where a record's values (:meth:`EventFormat.unpack`) hold its probe's tag."""
         return self.format.fields.index(self.fields[_TAG])
+
+    @functools.cached_property
+    def return_address(self) -> tuple[int, int]:
+        """The entries of functions with a return probe: where their values hold the stack slot of the return
+        address, and the address."""
+        return tuple(self.format.fields.index(self.fields[arg.name]) for arg in (_SLOT_ARG, _CALLER_ARG))
 
     @property
     def tag_offset(self) -> int:
@@ -268,7 +276,7 @@ class KernelEngine(Engine):
             return self._records.tolist()
         hits = self._records.tolist()
         for event_id, event in self._events.items():
-            if len(event.probes) == 1:
+            if len(event.probes) == 1 and event_id != self._returns_event:
                 (attached,) = event.probes.values()
                 hits[attached.index] = self._counts.get(event_id, 0)
         return hits
@@ -303,9 +311,8 @@ class KernelEngine(Engine):
             return EventColumns()
         samples = reader.read_samples()
         if self._stacks is not None:
-            self._stacks.apply(reader.task_records)
-            reader.task_records.clear()
-            return EventColumns(single=self._stacked_events(samples))
+            records, reader.task_records = reader.task_records, []
+            return EventColumns(single=self._stacked_events(samples, records))
         columns = EventColumns()
         for event_id in numpy.unique(samples.event_id).tolist():
             event = self._events.get(event_id)
@@ -359,14 +366,20 @@ class KernelEngine(Engine):
                                       int(samples.time_ns[row]), int(samples.cpu[row]), values, errors))
         return events
 
-    def _stacked_events(self, samples: Samples) -> list[Event]:
-        """Every sample's event with its stack, in time order: the entries of functions with a return probe
-        (their return addresses) come before the stacks that pass through those functions."""
+    def _stacked_events(self, samples: Samples, records: list[TaskRecord]) -> list[Event]:
+        """Every sample's event with its stack, in time order, and what the processes did to their code
+        (``records``) at its time: the entries of functions with a return probe (their return addresses) and
+        the mappings come before the stacks that pass through them."""
         events, tags = [], []
         data = samples.data
-        for row, event_id, tid, at, size in zip(range(len(samples.event_id)), samples.event_id.tolist(),
-                                                samples.tid.tolist(), samples.raw_at.tolist(),
-                                                samples.raw_size.tolist()):
+        records = sorted(records, key=_BY_TIME)
+        done = 0
+        for row, event_id, tid, time_ns, at, size in zip(range(len(samples.event_id)), samples.event_id.tolist(),
+                                                         samples.tid.tolist(), samples.time_ns.tolist(),
+                                                         samples.raw_at.tolist(), samples.raw_size.tolist()):
+            while done < len(records) and records[done].time_ns <= time_ns:
+                self._task_changed(records[done])
+                done += 1
             event = self._events.get(event_id)
             if event is None:
                 continue
@@ -375,16 +388,29 @@ class KernelEngine(Engine):
             if attached is None:
                 continue
             if event_id == self._returns_event:
-                slot, caller = (values[event.format.fields.index(event.fields[arg.name])]
-                                for arg in (_SLOT_ARG, _CALLER_ARG))
-                self._pending.setdefault(tid, {})[slot] = caller
+                slot, caller = (values[i] for i in event.return_address)
+                # A slot still pending is a tail call's: the kernel's trampoline is there already, and the
+                # address it replaced is the one kept.
+                self._pending.setdefault(tid, {}).setdefault(slot, caller)
                 continue
             tags.append(attached.index)
-            events.append(self._event(attached, int(samples.pid[row]), tid, int(samples.time_ns[row]),
-                                      int(samples.cpu[row]), values, errors))
+            events.append(self._event(attached, int(samples.pid[row]), tid, time_ns, int(samples.cpu[row]), values,
+                                      errors))
             events[-1].stack = self._stack(samples, row, events[-1].pid, tid)
+        for record in records[done:]:
+            self._task_changed(record)
         self._count_records(numpy.array(tags, numpy.int64))
         return events
+
+    def _task_changed(self, record: TaskRecord) -> None:
+        if record.change is TaskChange.MAPPED:
+            self._stacks.mapped(record.pid, record.mapping)
+        elif record.change is TaskChange.EXEC:
+            self._stacks.exec(record.pid)
+        else:  # a fork: the child has its parent's code, and its pending returns (uprobe_copy_process)
+            self._stacks.forked(record.pid, record.parent)
+            if record.parent_tid in self._pending:
+                self._pending[record.tid] = dict(self._pending[record.parent_tid])
 
     def _stack(self, samples: Samples, row: int, pid: int, tid: int) -> list[str]:
         """The frames of sample ``row``'s user stack, innermost first, read through the kernel's return

@@ -25,6 +25,7 @@ exact per-event counters (``PERF_FORMAT_LOST``, Linux 6.0+).
 from __future__ import annotations
 
 import ctypes
+import enum
 import errno
 import fcntl
 import mmap
@@ -42,7 +43,7 @@ from ...errors import KernelEngineError
 from ...proc.maps import Mapping
 from ...proc.status import thread_ids
 
-__all__ = ["Sample", "Samples", "TaskRecord", "TracepointReader", "online_cpus"]
+__all__ = ["Sample", "Samples", "TaskChange", "TaskRecord", "TracepointReader", "online_cpus"]
 
 _NR_PERF_EVENT_OPEN = 298  # x86-64
 _PERF_TYPE_TRACEPOINT = 2
@@ -100,7 +101,8 @@ _TYPE_AND_SIZE = numpy.uint64(0xFFFF_0000_FFFF_FFFF)  # of a header read as one 
 # unpacked as a sample first (one call per record) and told apart by its type afterwards.
 _PAD = bytes(_SAMPLE.size)
 _LOST = struct.Struct("<8xQQ")  # PERF_RECORD_LOST after the header: id, lost
-_FORK = struct.Struct("<8xII")  # PERF_RECORD_FORK after the header: pid, ppid
+_FORK = struct.Struct("<8xIIII")  # PERF_RECORD_FORK after the header: pid, ppid, tid, ptid
+_TRAILER_TIME = 24  # with sample_id_all, a record ends in pid, tid; time; cpu; identifier: its time is this far back
 _MMAP2 = struct.Struct("<8xIIQQQIIQQII")  # pid, tid, addr, len, pgoff, maj, min, ino, ino_generation, prot, flags
 _READ_LOST = struct.Struct("<QQ")  # read() with read_format PERF_FORMAT_LOST: value, lost
 _EVERY_CPU = -1
@@ -135,14 +137,22 @@ class Sample(NamedTuple):
     raw: bytes
 
 
-class TaskRecord(NamedTuple):
-    """What a traced process did to its code, from a ``user_stack`` reader: ``mapped`` an executable
-    ``mapping``, ``exec``'d, or was ``forked`` from ``parent``."""
+class TaskChange(enum.Enum):
+    MAPPED = "mapped"  # an executable mapping
+    EXEC = "exec"
+    FORKED = "forked"  # a new process (its first thread ``tid``) from thread ``parent_tid`` of ``parent``
 
-    kind: str
+
+class TaskRecord(NamedTuple):
+    """What a traced process did to its code, at ``time_ns`` (CLOCK_MONOTONIC), from a ``user_stack`` reader."""
+
+    change: TaskChange
+    time_ns: int
     pid: int
     mapping: Mapping | None = None
+    tid: int = 0
     parent: int = 0
+    parent_tid: int = 0
 
 
 @dataclass
@@ -450,8 +460,8 @@ class TracepointReader:
             if self._user_stack and event_id not in self._without_stack:
                 attr.sample_type |= _PERF_SAMPLE_REGS_USER | _PERF_SAMPLE_STACK_USER
                 attr.sample_regs_user, attr.sample_stack_user = self._user_stack
-            if self._user_stack and tracking:
-                attr.mmap = attr.mmap2 = attr.comm = attr.comm_exec = attr.task = 1
+            if self._user_stack and tracking:  # with their time, to be read in order with the samples
+                attr.mmap = attr.mmap2 = attr.comm = attr.comm_exec = attr.task = attr.sample_id_all = 1
         try:
             fd = _perf_event_open(attr, task, cpu)
         except OSError as exc:
@@ -559,20 +569,22 @@ class TracepointReader:
         return numpy.array(offsets, numpy.intp)
 
     def _task_record(self, kind: int, misc: int, chunk: bytes, pos: int, size: int) -> None:
+        time_ns = _U64.unpack_from(chunk, pos + size - _TRAILER_TIME)[0]
         if kind == _PERF_RECORD_MMAP2:
             pid, _, address, length, offset, major, minor, inode, _, prot, _ = _MMAP2.unpack_from(chunk, pos)
-            name = chunk[pos + _MMAP2.size:pos + size].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            end = pos + size - _TRAILER_TIME - 8
+            name = chunk[pos + _MMAP2.size:end].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             perms = "".join(c if prot & bit else "-" for c, bit in (("r", _PROT_READ), ("w", _PROT_WRITE),
                                                                    ("x", _PROT_EXEC))) + "p"
             mapping = Mapping(address, address + length, perms, offset, inode, name, os.makedev(major, minor))
-            self.task_records.append(TaskRecord("mapped", pid, mapping))
+            self.task_records.append(TaskRecord(TaskChange.MAPPED, time_ns, pid, mapping))
         elif kind == _PERF_RECORD_COMM:
             if misc & _PERF_RECORD_MISC_COMM_EXEC:
-                self.task_records.append(TaskRecord("exec", _FORK.unpack_from(chunk, pos)[0]))
+                self.task_records.append(TaskRecord(TaskChange.EXEC, time_ns, _FORK.unpack_from(chunk, pos)[0]))
         else:
-            pid, parent = _FORK.unpack_from(chunk, pos)
+            pid, parent, tid, parent_tid = _FORK.unpack_from(chunk, pos)
             if pid != parent:  # a new process, not a new thread
-                self.task_records.append(TaskRecord("forked", pid, parent=parent))
+                self.task_records.append(TaskRecord(TaskChange.FORKED, time_ns, pid, None, tid, parent, parent_tid))
 
     def counts(self) -> dict[int, int]:
         """Hits per tracepoint id as the kernel counts them, summed over CPUs and threads (and over the
