@@ -252,3 +252,20 @@ def test_stacks_of_a_running_process_s_threads(targets, engine):
         assert re.fullmatch(r"libc\.so\.6`clone3\+0x[0-9a-f]+;libc\.so\.6`start_thread\+0x[0-9a-f]+;"
                             r"threads`worker\+0x[0-9a-f]+;threads`hit", frames), line
         assert int(hits) > 0
+
+
+def test_stacks_of_programs_a_shell_forks_and_execs(targets, engine):
+    """A shell forks and execs one program, then another: each hit is unwound against the code its process
+    had then (the kernel engine reads the stacks later, from perf's records of the forks, execs and mappings)."""
+    first, second = str(targets / "unwound-nofp"), str(targets / "unwound-fp")
+    records, proc = run_json("trace", "--engine", engine, "--stack", f"uprobe:{first}:leaf", f"uprobe:{second}:leaf",
+                             "--", "sh", "-c", f"{first} 1; {second} 1")
+    assert proc.returncode == 0, proc.stderr
+    for program in (first, second):
+        name = os.path.basename(program)
+        objects = _objects(program)
+        seen = [stack for stack in _program_stacks(proc.stdout, "stack") if stack[1][0] == name]
+        ours = [record["stack"] for record in records if record.get("stack", [""])[0] == f"{name}`leaf"]
+        assert len(ours) == len(seen) == 3
+        for stack, expected in zip(ours, seen):
+            assert [_address(frame, objects) for frame in stack] == [_function(program, "leaf")] + expected[2:]
