@@ -24,6 +24,8 @@ examples:
                                                    malloc's calls as slices, for https://ui.perfetto.dev
   uprobes count -d 5 'uprobe:libc:mem*'                     calls of libc's mem* functions, system-wide, 5 s
   uprobes latency -p 1234 'uprobe:libc:malloc'             how long malloc takes in process 1234
+  uprobes stacks -d 5 -p 1234 'uprobe:libc:malloc' -o malloc.folded
+                                                   who calls malloc, as folded stacks for a flame graph
 """
 
 
