@@ -33,6 +33,10 @@ def test_empty_or_blank_string_has_no_arguments(text):
         ("8@( %rax , %rbx ) 1@%al", ["8@( %rax , %rbx )", "1@%al"]),
         ("%rdi -8(%rbp)", ["%rdi", "-8(%rbp)"]),
         ("8@%rax x@%rbx 4@%ecx", ["8@%rax", "x@%rbx", "4@%ecx"]),
+        # size-less arguments after a sized one, as assembly-written markers have them
+        ("8@$1 %rdi %rax", ["8@$1", "%rdi", "%rax"]),
+        ("8@$1 -8(%rbp) 4@%ecx %rdx", ["8@$1", "-8(%rbp)", "4@%ecx", "%rdx"]),
+        ("8@%rdi $5", ["8@%rdi", "$5"]),
     ],
 )
 def test_splits_only_on_whitespace_before_the_next_size_prefix(text, tokens):
@@ -143,6 +147,12 @@ def test_constant_is_truncated_to_size_then_extended_by_sign(text, value):
         ("8@$1|$2+$4", 7),
         ("8@$(1+2)*3", 9),
         ("8@$9223372036854775807+$1", 1 << 63),
+        ("8@$!0", 1),
+        ("8@$!7", 0),
+        ("8@$!!7", 1),
+        ("-8@$-!0", -1),
+        ("8@$~!0", (1 << 64) - 2),
+        ("8@$!($3-$3)+$1", 2),
     ],
 )
 def test_constant_expressions_evaluate_like_gdb(text, value):
@@ -167,6 +177,7 @@ def test_constant_expressions_evaluate_like_gdb(text, value):
         ("8@$12ab", "bad number '12ab'"),
         ("8@$18446744073709551616", "does not fit in 64 bits"),
         ("8@$counter", "symbol 'counter'"),
+        ("8@$!counter", "cannot apply '!' to symbol 'counter'"),
         ("8@$1#2", "unexpected character '#'"),
         ("8@$5(%rbp)", "unexpected '(' in '$5(%rbp)'"),
     ],
@@ -431,3 +442,19 @@ def test_pathological_input_is_invalid_not_a_crash(text):
     arg = one(text)
     assert arg.kind in ("invalid", "mem")
     assert arg.error is None or len(arg.error) < 200
+
+
+@pytest.mark.parametrize("engine", ["ptrace", "kernel"])
+def test_a_marker_mixing_sized_and_size_less_arguments_reads_each(targets, engine):
+    """mixedargs' marker was written with STAP_PROBE_ASM: its argument string is "8@$7 %rdi %rax"."""
+    from conftest import run_json
+
+    if engine == "kernel" and os.geteuid() != 0:
+        pytest.skip("the kernel engine needs root")
+    program = str(targets / "mixedargs")
+    records, proc = run_json("trace", "--engine", engine, f"usdt:{program}:mixed:hit a=arg0 b=arg1 c=arg2",
+                             "--", program, "4")
+    assert proc.returncode == 0, proc.stderr
+    printed = [tuple(int(word) for word in line.split()[1:]) for line in proc.stdout.splitlines()]
+    seen = [(r["args"]["a"], r["args"]["b"], r["args"]["c"]) for r in records if "args" in r]
+    assert seen == printed and len(seen) == 4

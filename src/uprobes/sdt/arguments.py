@@ -55,7 +55,20 @@ class SdtArgument:
 
 def parse_arguments(text: str) -> list[SdtArgument]:
     """Parse a whole argument string; ``parse_arguments("8@%rax -4@$0")`` gives a reg and a const."""
-    return [_parse_argument(token) for token in _split(text)]
+    return [argument for token in _split(text) for argument in _arguments(token)]
+
+
+def _arguments(token: str) -> list[SdtArgument]:
+    """One argument, or a sized one and the size-less ones after it (``8@$1 %rdi %rax``: assembly-written
+    markers mix them). As GDB reads an argument as far as its expression goes, the whole is one argument
+    where it parses as one; else it is split at whitespace where every word is an operand of its own."""
+    whole = _parse_argument(token)
+    words = token.split()
+    if whole.kind != "invalid" or len(words) < 2 or "@" not in words[0] or \
+            not all(word[0] in "%$" or "(" in word for word in words[1:]):
+        return [whole]
+    parts = [_parse_argument(word) for word in words]
+    return parts if all(part.kind != "invalid" for part in parts) else [whole]
 
 
 _SIZES = {str(n): n for n in (1, 2, 4, 8, 16, 24)}
@@ -76,7 +89,7 @@ _SPLIT_RE = re.compile(r"(?<!\s)\s++(?=[^\s@]*@)")
 _SIZE_RE = re.compile(r"(-?)([0-9]+)(f?)", re.ASCII)
 _REGISTER_RE = re.compile(r"%([A-Za-z0-9]*)(.*)", re.ASCII | re.DOTALL)
 _TOKEN_RE = re.compile(
-    r"\s*(?:(?P<num>[0-9][A-Za-z0-9_]*)|(?P<sym>[A-Za-z_.][A-Za-z0-9_.$]*)|(?P<op><<|>>|[-+*/%&|^~()$]))"
+    r"\s*(?:(?P<num>[0-9][A-Za-z0-9_]*)|(?P<sym>[A-Za-z_.][A-Za-z0-9_.$]*)|(?P<op><<|>>|[-+*/%&|^~!()$]))"
 )
 _NUMBER_RE = re.compile(r"0[xX]([0-9a-fA-F]+)|([0-9]+)", re.ASCII)
 # gas and GDB precedence, not C's: "* / % << >>" bind tightest, then "& | ^", then "+ -".
@@ -250,7 +263,7 @@ class _Evaluator:
             return None, _s64(self._number(tok))
         if kind == "sym":
             return tok, 0
-        if tok not in ("(", "-", "+", "~") and not (tok == "$" and self.allow_dollar):
+        if tok not in ("(", "-", "+", "~", "!") and not (tok == "$" and self.allow_dollar):
             raise self._error(f"unexpected {_q(tok)}")
         self.depth += 1
         if self.depth > _MAX_DEPTH:
@@ -262,9 +275,9 @@ class _Evaluator:
             self.pos += 1
         else:
             symbol, operand = self._unary()
-            if symbol is not None and tok in ("-", "~"):
+            if symbol is not None and tok in ("-", "~", "!"):
                 raise self._error(f"cannot apply {_q(tok)} to symbol {_q(symbol)}")
-            value = symbol, _s64({"-": -operand, "~": ~operand}.get(tok, operand))
+            value = symbol, _s64({"-": -operand, "~": ~operand, "!": int(not operand)}.get(tok, operand))
         self.depth -= 1
         return value
 
