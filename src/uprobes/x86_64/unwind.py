@@ -65,6 +65,18 @@ class StackCopy:
         at = address - self.base
         return _WORD.unpack_from(self.data, at)[0] if 0 <= at <= len(self.data) - 8 else None
 
+    def with_words(self, words: dict[int, int]) -> StackCopy:
+        """This copy with the 8-byte ``words`` (by address) written where it holds them: return addresses a
+        return probe's trampoline took, put back as the program wrote them."""
+        inside = {address - self.base: word for address, word in words.items()
+                  if 0 <= address - self.base <= len(self.data) - 8}
+        if not inside:
+            return self
+        data = bytearray(self.data)
+        for at, word in inside.items():
+            _WORD.pack_into(data, at, word)
+        return StackCopy(self.registers, self.base, bytes(data))
+
 
 def unwind(stack: StackCopy, row_at: Callable[[int], UnwindRow | None],
            depth: int = DEFAULT_DEPTH) -> tuple[list[int], Ending]:

@@ -55,12 +55,12 @@ _SAY_REMOVING = 50
 _COUNTED_ALONE = 4
 # To count by tag, an entry's record gets 8 bytes where a return's has its return address: every record then
 # has one layout (and one size), read as one array.
+_PAD_ARG = FetchArg("__pad", True, Immediate(0), FetchType("u64"))
 # The user registers an unwinder needs, by DWARF number, in the order perf writes them (their bits' order).
 _PERF_REGISTER_ORDER = sorted(PERF_REGISTER_BITS, key=PERF_REGISTER_BITS.get)
 _PERF_REGISTERS = sum(1 << bit for bit in PERF_REGISTER_BITS.values())
 _STACK_PAGES = 1024
 _BY_TIME = operator.attrgetter("time_ns")
-_PAD_ARG = FetchArg("__pad", True, Immediate(0), FetchType("u64"))
 # Where a function with a return probe keeps its return address, and what it is, at its entry: the kernel puts
 # its trampoline there, and a stack read through the function needs the address it replaced.
 _SLOT_ARG = FetchArg("__slot", True, StackPointer(), FetchType("u64"))
@@ -420,17 +420,13 @@ class KernelEngine(Engine):
             return [INCOMPLETE]
         values, data = copied
         registers = dict(zip(_PERF_REGISTER_ORDER, values))
-        base = registers[RSP]
+        stack = StackCopy(registers, registers[RSP], data)
         pending = self._pending.get(tid)
         if pending:
-            for slot in [slot for slot in pending if slot < base]:  # returned, or left by longjmp or a throw
+            for slot in [slot for slot in pending if slot < stack.base]:  # returned, or left by longjmp or a throw
                 del pending[slot]
-            data = bytearray(data)
-            for slot, caller in pending.items():
-                if slot - base <= len(data) - 8:
-                    data[slot - base:slot - base + 8] = caller.to_bytes(8, "little")
-            data = bytes(data)
-        return self._stacks.frames(pid, StackCopy(registers, base, data))
+            stack = stack.with_words(pending)
+        return self._stacks.frames(pid, stack)
 
     def _event(self, attached: _Attached, pid: int, tid: int, time_ns: int, cpu: int, values: list | tuple,
                errors: dict[str, str]) -> Event:

@@ -89,17 +89,14 @@ class Reporter:
 
 
 def _copy_stack(thread: Thread, regs: Regs, returns_to: int | None, size: int) -> StackCopy:
-    """The registers an unwinder needs and ``size`` bytes of the stack from ``%rsp`` up, with the return addresses we sent to
-    the return trampoline put back as the program wrote them (``returns_to``: where a return goes on)."""
+    """The registers an unwinder needs and ``size`` bytes of the stack from ``%rsp`` up, with the return
+    addresses we sent to the return trampoline put back as the program wrote them (``returns_to``: where a
+    return goes on)."""
     registers = {number: getattr(regs, field) for number, field in UNWOUND_REGISTERS.items()}
     if returns_to is not None:
         registers[RIP] = returns_to
-    base = regs.rsp
     try:
-        data = bytearray(thread.process.memory.read_available(base, size))
+        data = thread.process.memory.read_available(regs.rsp, size)
     except OSError:
-        data = bytearray()
-    for pending in thread.returns:
-        if 0 <= pending.stack - base <= len(data) - 8:
-            data[pending.stack - base:pending.stack - base + 8] = pending.original.to_bytes(8, "little")
-    return StackCopy(registers, base, bytes(data))
+        data = b""
+    return StackCopy(registers, regs.rsp, data).with_words({r.stack: r.original for r in thread.returns})
