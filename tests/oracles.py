@@ -164,3 +164,14 @@ def shared_libraries(path: str) -> dict[str, str]:
         if match:
             libraries[match[1]] = os.path.realpath(match[2])
     return libraries
+
+
+@functools.cache
+def statement_lines(path: str) -> dict[tuple[str, int], list[int]]:
+    """(file name, line) -> the addresses of its statement rows, as ``objdump --dwarf=decodedline`` lists them."""
+    lines: dict[tuple[str, int], list[int]] = {}
+    for text in tool_output("objdump", "--dwarf=decodedline", path).splitlines():
+        match = re.match(r"(\S+)\s+(\d+)\s+(0x[0-9a-f]+)(?:\s+\d+)?\s+x\s*$", text)
+        if match:
+            lines.setdefault((os.path.basename(match[1]), int(match[2])), []).append(int(match[3], 16))
+    return lines

@@ -152,6 +152,11 @@ class ElfObject:
         text = self._sections.get(".text")
         return text is not None and text.type == "SHT_NOBITS"
 
+    @property
+    def elf_file(self) -> ELFFile:
+        """pyelftools' view of the file, for what it reads best (DWARF)."""
+        return self._elf
+
     def section(self, name: str) -> _Section | None:
         return self._sections.get(name)
 

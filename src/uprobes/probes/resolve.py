@@ -10,12 +10,15 @@ kernel accepts for it:
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 import struct
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ..dwarf.info import DebugInfo
+from ..dwarf.lines import function_line, line_points
 from ..elf.locate import find_object
 from ..elf.objfile import ElfObject
 from ..elf.symbols import Symbol
@@ -117,6 +120,8 @@ def resolve_probe(spec: ProbeSpec, objects: dict[str, ElfObject] | None = None) 
                            f"probe the program or library it belongs to")
     if spec.is_usdt:
         return _resolve_marker(spec, obj)
+    if spec.is_line:
+        return _resolve_line(spec, obj)
     if spec.symbol is not None:
         points = [(address, obj.describe_address(address), sym) for address, sym in _symbol_addresses(spec, obj)]
     else:
@@ -260,6 +265,28 @@ def _resolve_marker(spec: ProbeSpec, obj: ElfObject) -> list[Probe]:
                                 site.address, site.qualified_name, site.semaphore_offset, fetch.fetchargs, site,
                                 fetch.unavailable, spec.event is not None, fetch.kernel_unavailable,
                                 fetch.retyped, fetch.memory))
+    return probes
+
+
+def _resolve_line(spec: ProbeSpec, obj: ElfObject) -> list[Probe]:
+    try:
+        info = DebugInfo.of(obj)
+    except ResolveError as exc:
+        raise ResolveError(f"probe '{spec.text}': {exc}") from None
+    if spec.source_function is not None:
+        file_name, line, copies = function_line(info, spec.source_function, spec.line, spec.text)
+        points = line_points(info, file_name, line, spec.text, within=copies)
+    else:
+        points = line_points(info, spec.source_file, spec.line, spec.text)
+    fetchargs = parse_fetchargs(spec.fetchargs, is_return=False)
+    probes = []
+    for point in points:
+        _check_code_address(obj, point.address, spec)
+        event = spec.event or _identifier(f"{point.function}_L{point.line}")
+        location = f"{os.path.basename(point.file)}:{point.line}"
+        probes.append(Probe(spec.text, False, spec.group or DEFAULT_GROUP, event, obj.path,
+                            obj.vaddr_to_offset(point.address), point.address, location, None, fetchargs,
+                            explicit_event=spec.event is not None))
     return probes
 
 

@@ -12,7 +12,9 @@ Two families are accepted, each followed by optional fetch arguments separated b
   where OFFSET is a file offset read as the kernel reads it (``0x`` hex, leading ``0`` octal, else decimal),
   or ``SYMBOL[+OFFSET]``;
 - bpftrace-style names: ``uprobe:PATH:SYMBOL[+OFFSET]``, ``uprobe:PATH:0xADDR`` (a link-time address),
-  ``uretprobe:PATH:SYMBOL``, ``usdt:PATH:[PROVIDER:]NAME``.
+  ``uretprobe:PATH:SYMBOL``, ``usdt:PATH:[PROVIDER:]NAME``, and source lines from DWARF:
+  ``uprobe:PATH:FILE:LINE`` (FILE holds a ``.``: ``app.c``, ``src/app.c``) and ``uprobe:PATH:FUNCTION:+N``
+  (N lines below the line the function is written on).
 
 PATH may be a bare name (``libc``, ``python3``). ``*`` and ``?`` in SYMBOL, PROVIDER and NAME are globs.
 Parsing only reads text; :mod:`uprobes.probes.resolve` turns a :class:`ProbeSpec` into probe points.
@@ -55,6 +57,13 @@ class ProbeSpec:
     marker: str | None = None  # USDT name glob
     ref_ctr_offset: int | None = None
     fetchargs: tuple[str, ...] = ()
+    source_file: str | None = None  # FILE of uprobe:PATH:FILE:LINE
+    source_function: str | None = None  # FUNCTION of uprobe:PATH:FUNCTION:+N
+    line: int | None = None  # LINE, or N lines below FUNCTION's first
+
+    @property
+    def is_line(self) -> bool:
+        return self.line is not None
 
     @property
     def is_usdt(self) -> bool:
@@ -154,6 +163,12 @@ def _parse_bpftrace(text: str, head: str, fetchargs: tuple[str, ...]) -> ProbeSp
     if not colon or not path or not where:
         raise ProbeSyntaxError(f"probe '{text}': write {kind}:PATH:SYMBOL[+OFFSET]"
                                f"{'' if is_return else ' or uprobe:PATH:0xADDRESS'}")
+    line_spec = _source_line(text, path, where, fetchargs)
+    if line_spec is not None:
+        if is_return:
+            raise ProbeSyntaxError(f"probe '{text}': a return probe goes on a function's entry, not a source line "
+                                   f"(write uretprobe:PATH:FUNCTION)")
+        return line_spec
     if where[0].isdigit():
         address = parse_kernel_number(where, "address", text)
         return ProbeSpec(text, is_return, path, address=address, fetchargs=fetchargs)
@@ -161,6 +176,21 @@ def _parse_bpftrace(text: str, head: str, fetchargs: tuple[str, ...]) -> ProbeSp
     if is_return and symbol_offset:
         raise ProbeSyntaxError(f"probe '{text}': a return probe goes on a function's entry, not '{where}'")
     return ProbeSpec(text, is_return, path, symbol=symbol, symbol_offset=symbol_offset, fetchargs=fetchargs)
+
+
+def _source_line(text: str, path: str, where: str, fetchargs: tuple[str, ...]) -> ProbeSpec | None:
+    """``PATH:FILE:LINE`` or ``PATH:FUNCTION:+N`` (split as ``path`` = PATH:FILE, ``where`` = LINE); None when
+    ``where`` is no line."""
+    target, colon, name = path.rpartition(":")
+    relative = where.startswith("+") and where[1:].isdigit()
+    if not colon or not target or not name or not (relative or (where.isdigit() and "." in name)):
+        return None
+    if relative:
+        symbol, _ = _split_symbol(name, text)
+        return ProbeSpec(text, False, target, source_function=symbol, line=int(where[1:]), fetchargs=fetchargs)
+    if int(where) == 0:
+        raise ProbeSyntaxError(f"probe '{text}': lines count from 1, not 0")
+    return ProbeSpec(text, False, target, source_file=name, line=int(where), fetchargs=fetchargs)
 
 
 def _parse_usdt(text: str, rest: str, fetchargs: tuple[str, ...]) -> ProbeSpec:

@@ -1,0 +1,367 @@
+"""An object's DWARF, read per compile unit: its scopes (functions, inlined copies, blocks) and line table.
+
+The DWARF comes from the object itself or from its separate debug file (by build-id or ``.gnu_debuglink``,
+as for symbols). A compile unit is parsed only when an address or a name leads to it: an address through
+``.debug_aranges`` (or the units' own ranges), so a probe on one function of a big object reads one unit.
+
+    >>> info = DebugInfo.of(ElfObject.open("tests/targets/build/sourcevars-O2"))
+    >>> [scope.name for scope in info.scopes_at(0x1163)]
+    ['twice', 'main', 'main']
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import os
+import weakref
+from dataclasses import dataclass, field
+
+from elftools.common.exceptions import DWARFError, ELFError as _PyelftoolsELFError
+from elftools.dwarf.die import DIE
+from elftools.dwarf.dwarf_expr import DWARFExprParser
+from elftools.dwarf.locationlists import LocationEntry, LocationExpr, LocationParser
+from elftools.dwarf.ranges import RangeEntry
+
+from ..elf.objfile import ElfObject
+from ..errors import ResolveError
+
+__all__ = ["DebugInfo", "Scope", "LineRow", "Unit", "SCOPE_TAGS"]
+
+SCOPE_TAGS = {"DW_TAG_subprogram": "function", "DW_TAG_inlined_subroutine": "inlined",
+              "DW_TAG_lexical_block": "block"}
+# What a damaged or unusual unit makes pyelftools raise while it is parsed.
+_UNREADABLE = (DWARFError, _PyelftoolsELFError, AssertionError, KeyError, ValueError, TypeError, IndexError,
+               AttributeError)
+
+
+@dataclass(eq=False)
+class Scope:
+    """A range of code with variables of its own: a function, an inlined copy of one, or a block.
+
+    ``origin`` is the DIE that names it (the abstract function of an inlined copy or of an out-of-line
+    instance); ``function`` the concrete function the code belongs to, whose frame base applies.
+    """
+
+    die: DIE
+    kind: str
+    ranges: tuple[tuple[int, int], ...]
+    parent: Scope | None
+    children: list[Scope] = field(default_factory=list)
+
+    @functools.cached_property
+    def origin(self) -> DIE:
+        return _origin(self.die)
+
+    @property
+    def name(self) -> str | None:
+        if self.kind == "block":
+            return self.parent.name if self.parent else None
+        return _name(self.origin)
+
+    @property
+    def function(self) -> Scope:
+        scope = self
+        while scope.kind != "function" and scope.parent is not None:
+            scope = scope.parent
+        return scope
+
+    @property
+    def low(self) -> int:
+        return min(low for low, _ in self.ranges)
+
+    @property
+    def entry(self) -> int:
+        """Where control enters: ``DW_AT_entry_pc``, else the lowest address."""
+        attr = self.die.attributes.get("DW_AT_entry_pc")
+        if attr is not None and attr.form == "DW_FORM_addr":
+            return attr.value
+        return self.low
+
+    def contains(self, address: int) -> bool:
+        return any(low <= address < high for low, high in self.ranges)
+
+    def instance_of(self, function: DIE) -> bool:
+        """Whether this is ``function`` itself, out of line or inlined."""
+        return self.kind != "block" and self.origin.offset == function.offset
+
+    @property
+    def decl_line(self) -> int | None:
+        attr = self.origin.attributes.get("DW_AT_decl_line")
+        return attr.value if attr is not None else None
+
+    @property
+    def call_line(self) -> int | None:
+        attr = self.die.attributes.get("DW_AT_call_line")
+        return attr.value if attr is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class LineRow:
+    """One row of a line table: ``address`` starts code of ``file``:``line``."""
+
+    address: int
+    file: str
+    line: int
+    is_stmt: bool
+    end_sequence: bool
+
+
+class Unit:
+    """One compile unit: its scope tree and its line table, each read on first use."""
+
+    def __init__(self, info: DebugInfo, cu) -> None:
+        self.info = info
+        self.cu = cu
+        self.top = cu.get_top_DIE()
+        self.name = _name(self.top) or "?"
+        self.expressions = DWARFExprParser(cu.structs)
+
+    @functools.cached_property
+    def scopes(self) -> list[Scope]:
+        """The functions with code, each with its inlined copies and blocks as children."""
+        found: list[Scope] = []
+        self._collect(self.top, None, found)
+        return found
+
+    def _collect(self, die: DIE, parent: Scope | None, out: list[Scope]) -> None:
+        for child in die.iter_children():
+            kind = SCOPE_TAGS.get(child.tag)
+            if kind is None:
+                if child.tag in ("DW_TAG_namespace", "DW_TAG_class_type", "DW_TAG_structure_type"):
+                    self._collect(child, parent, out)
+                continue
+            ranges = self.ranges(child)
+            if not ranges:
+                if kind == "block":  # a block without code of its own may still hold scopes that have some
+                    self._collect(child, parent, out)
+                continue
+            scope = Scope(child, kind, ranges, parent)
+            (parent.children if parent else out).append(scope)
+            self._collect(child, scope, out)
+
+    def ranges(self, die: DIE) -> tuple[tuple[int, int], ...]:
+        """The address ranges ``die`` covers (``DW_AT_low_pc``/``high_pc`` or ``DW_AT_ranges``)."""
+        attrs = die.attributes
+        if "DW_AT_low_pc" in attrs and "DW_AT_high_pc" in attrs:
+            low = attrs["DW_AT_low_pc"].value
+            high = attrs["DW_AT_high_pc"]
+            end = high.value if high.form == "DW_FORM_addr" else low + high.value
+            return ((low, end),) if low and end > low else ()
+        if "DW_AT_ranges" not in attrs:
+            return ()
+        lists = self.info.dwarf.range_lists()
+        if lists is None:
+            return ()
+        base = self.base_address
+        result = []
+        for entry in lists.get_range_list_at_offset(attrs["DW_AT_ranges"].value, cu=self.cu):
+            if isinstance(entry, RangeEntry):
+                low, high = entry.begin_offset, entry.end_offset
+                if not entry.is_absolute:
+                    low, high = low + base, high + base
+                if high > low and low:
+                    result.append((low, high))
+            else:  # a base address entry
+                base = entry.base_address
+        return tuple(result)
+
+    @property
+    def base_address(self) -> int:
+        attr = self.top.attributes.get("DW_AT_low_pc")
+        return attr.value if attr is not None else 0
+
+    @functools.cached_property
+    def rows(self) -> list[LineRow]:
+        """The line table, in the order the compiler wrote it (sequences one after another)."""
+        program = self.info.dwarf.line_program_for_CU(self.cu)
+        if program is None:
+            return []
+        files = self._file_names(program)
+        rows = []
+        for entry in program.get_entries():
+            state = entry.state
+            if state is None:
+                continue
+            name = files.get(state.file, "?")
+            rows.append(LineRow(state.address, name, state.line, bool(state.is_stmt), bool(state.end_sequence)))
+        return rows
+
+    def _file_names(self, program) -> dict[int, str]:
+        directories = [_text(d) for d in program["include_directory"]]
+        version = program.header.version
+        names = {}
+        for index, entry in enumerate(program["file_entry"]):
+            name = _text(entry.name)
+            dir_index = entry.dir_index
+            if version < 5:  # DWARF 4 counts directories from 1 (0 is the unit's own) and files from 1
+                directory = directories[dir_index - 1] if 0 < dir_index <= len(directories) else ""
+                index += 1
+            else:
+                directory = directories[dir_index] if dir_index < len(directories) else ""
+            names[index] = name if name.startswith("/") or not directory else os.path.join(directory, name)
+        return names
+
+    def file_name(self, index: int) -> str | None:
+        """The path of file ``index`` as ``DW_AT_decl_file`` and ``DW_AT_call_file`` number them."""
+        program = self.info.dwarf.line_program_for_CU(self.cu)
+        return self._file_names(program).get(index) if program is not None else None
+
+    def location(self, attr, die: DIE):
+        """A location attribute parsed: a :class:`LocationExpr`, or a list of location-list entries."""
+        return self.info.location_parser.parse_from_attribute(attr, self.cu.header.version, die=die)
+
+    def location_at(self, die: DIE, address: int) -> list | None:
+        """The parsed DWARF expression locating ``die``'s value at ``address``; None where it has none there."""
+        attr = die.attributes.get("DW_AT_location")
+        if attr is None:
+            return None
+        parsed = self.location(attr, die)
+        if isinstance(parsed, LocationExpr):
+            return self.expressions.parse_expr(parsed.loc_expr)
+        base = self.base_address
+        for entry in parsed:
+            if isinstance(entry, LocationEntry):
+                low, high = entry.begin_offset, entry.end_offset
+                if not entry.is_absolute:
+                    low, high = low + base, high + base
+                if low <= address < high:
+                    return self.expressions.parse_expr(entry.loc_expr)
+            elif hasattr(entry, "base_address"):
+                base = entry.base_address
+        return None
+
+    def lifetime(self, die: DIE) -> list[tuple[int, int]]:
+        """The address ranges where ``die`` has a location (everywhere in its scope for a single expression)."""
+        attr = die.attributes.get("DW_AT_location")
+        if attr is None:
+            return []
+        parsed = self.location(attr, die)
+        if isinstance(parsed, LocationExpr):
+            return [(0, 1 << 64)]
+        base, ranges = self.base_address, []
+        for entry in parsed:
+            if isinstance(entry, LocationEntry):
+                low, high = entry.begin_offset, entry.end_offset
+                if not entry.is_absolute:
+                    low, high = low + base, high + base
+                ranges.append((low, high))
+            elif hasattr(entry, "base_address"):
+                base = entry.base_address
+        return ranges
+
+
+class DebugInfo:
+    """The DWARF of one object, whether it sits in the object or in its separate debug file."""
+
+    def __init__(self, obj: ElfObject, path: str, dwarf) -> None:
+        self.obj = obj
+        self.path = path  # the file the DWARF was read from
+        self.dwarf = dwarf
+        self.location_parser = LocationParser(dwarf.location_lists())
+        self._units: dict[int, Unit] = {}
+        self._aranges = None
+
+    @classmethod
+    def of(cls, obj: ElfObject) -> DebugInfo:
+        """The DWARF for ``obj``; :class:`ResolveError` saying how to get it when there is none."""
+        info = _BY_OBJECT.get(obj)
+        if info is None:
+            info = _BY_OBJECT[obj] = cls._open(obj)
+        return info
+
+    @classmethod
+    def _open(cls, obj: ElfObject) -> DebugInfo:
+        from ..elf.debuginfo import find_debug_file
+
+        candidates = [obj]
+        debug_path = find_debug_file(obj)
+        if debug_path:
+            candidates.append(ElfObject.open(debug_path))
+        for holder in candidates:
+            if holder.section(".debug_info") is None:
+                continue
+            try:
+                return cls(obj, holder.path, holder.elf_file.get_dwarf_info(follow_links=False))
+            except _UNREADABLE as exc:
+                raise ResolveError(f"{holder.path}: unreadable DWARF ({exc})") from None
+        hint = f" (its debug file {debug_path} has none either)" if debug_path else ""
+        raise ResolveError(f"{obj.path} has no DWARF debug information{hint}: rebuild it with -g, or install its "
+                           f"debug symbols (Debian: the -dbgsym package, or debuginfod)")
+
+    def unit(self, cu) -> Unit:
+        unit = self._units.get(cu.cu_offset)
+        if unit is None:
+            unit = self._units[cu.cu_offset] = Unit(self, cu)
+        return unit
+
+    def units(self):
+        """Every compile unit, parsed as it is reached."""
+        for cu in self.dwarf.iter_CUs():
+            yield self.unit(cu)
+
+    def unit_at(self, address: int) -> Unit | None:
+        """The compile unit whose code holds ``address``."""
+        if self._aranges is None:
+            self._aranges = self._read_aranges()
+        i = bisect.bisect_right(self._aranges, (address, 1 << 64)) - 1
+        while i >= 0:
+            low, high, cu_offset = self._aranges[i]
+            if low <= address < high:
+                return self.unit(self.dwarf.get_CU_at(cu_offset))
+            if high <= address and i >= 0 and low < address - (1 << 24):
+                break
+            i -= 1
+        return None
+
+    def _read_aranges(self) -> list[tuple[int, int, int]]:
+        ranges = []
+        aranges = self.dwarf.get_aranges()
+        if aranges is not None:
+            for entry in aranges.entries:
+                if entry.length:
+                    ranges.append((entry.begin_addr, entry.begin_addr + entry.length, entry.info_offset))
+        if not ranges:  # no .debug_aranges: every unit's own ranges
+            for unit in self.units():
+                ranges.extend((low, high, unit.cu.cu_offset) for low, high in unit.ranges(unit.top))
+        return sorted(ranges)
+
+    def scopes_at(self, address: int) -> list[Scope]:
+        """The scopes holding ``address``, innermost first (an inlined copy, then what it was inlined into)."""
+        unit = self.unit_at(address)
+        if unit is None:
+            return []
+        chain: list[Scope] = []
+        level = unit.scopes
+        while True:
+            inner = next((scope for scope in level if scope.contains(address)), None)
+            if inner is None:
+                return chain[::-1]
+            chain.append(inner)
+            level = inner.children
+
+
+_BY_OBJECT: weakref.WeakKeyDictionary[ElfObject, DebugInfo] = weakref.WeakKeyDictionary()
+
+
+def _origin(die: DIE) -> DIE:
+    """The DIE that names ``die``: followed through ``DW_AT_abstract_origin`` and ``DW_AT_specification``."""
+    seen = 0
+    while seen < 8:
+        for attr in ("DW_AT_abstract_origin", "DW_AT_specification"):
+            if attr in die.attributes:
+                die = die.get_DIE_from_attribute(attr)
+                break
+        else:
+            return die
+        seen += 1
+    return die
+
+
+def _name(die: DIE) -> str | None:
+    attr = _origin(die).attributes.get("DW_AT_name")
+    return _text(attr.value) if attr is not None else None
+
+
+def _text(value) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

@@ -1,0 +1,194 @@
+"""Source lines as probe points: where a line's code is entered, once per copy of the function holding it.
+
+A line's code is rarely one run of instructions: a loop's line has its start, its test and its step, and an
+optimised line is spread among its neighbours'. Probing every ``is_stmt`` row of a line (as perf probe does)
+counts a line twice where its code has two rows. Instead, within each function or inlined copy that holds
+the line, a row is a probe point where control can come to it from code of *another* line, or from outside:
+the line's statement rows whose predecessors (fall-through or direct branch) all belong to the same line
+are skipped. Code inlined into the function counts as the line that called it.
+
+    >>> [(p.function, p.line) for p in line_points(DebugInfo.of(obj), "sourcevars.c", 77)]
+    [('main', 77)]
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from dataclasses import dataclass
+
+from ..errors import ResolveError
+from ..x86_64.flow import predecessors
+from .info import DebugInfo, LineRow, Scope, Unit
+
+__all__ = ["LinePoint", "line_points", "function_line", "lines_with_code", "file_matches"]
+
+
+@dataclass(frozen=True)
+class LinePoint:
+    """Where a probe on ``file``:``line`` goes in one function or inlined copy (``scope``)."""
+
+    address: int
+    file: str
+    line: int
+    scope: Scope
+
+    @property
+    def function(self) -> str:
+        return self.scope.name or "?"
+
+
+def file_matches(path: str, wanted: str) -> bool:
+    """Whether ``wanted`` names ``path``: equal, or a suffix of it that starts at a ``/``."""
+    return path == wanted or path.endswith("/" + wanted.lstrip("./")) or os.path.basename(path) == wanted
+
+
+def lines_with_code(info: DebugInfo, wanted: str) -> dict[str, set[int]]:
+    """Every file matching ``wanted`` with the lines that have statement rows."""
+    found: dict[str, set[int]] = {}
+    for unit in info.units():
+        for row in unit.rows:
+            if row.is_stmt and not row.end_sequence and file_matches(row.file, wanted):
+                found.setdefault(row.file, set()).add(row.line)
+    return found
+
+
+def function_line(info: DebugInfo, function: str, relative: int, text: str) -> tuple[str, int, list[Scope]]:
+    """``FUNCTION:+N``: the file and line N lines below the function's first line, and its copies with code."""
+    copies: list[Scope] = []
+    for unit in info.units():
+        copies.extend(_instances(unit.scopes, function))
+    if not copies:
+        raise ResolveError(f"probe '{text}': no function '{function}' with code in the DWARF of {info.path}")
+    origin = copies[0].origin
+    decl_line = copies[0].decl_line
+    decl_file = origin.attributes.get("DW_AT_decl_file")
+    unit = info.unit(origin.cu)
+    file_name = unit.file_name(decl_file.value) if decl_file is not None else None
+    if decl_line is None or file_name is None:
+        raise ResolveError(f"probe '{text}': the DWARF of {info.path} does not say where '{function}' is written")
+    return file_name, decl_line + relative, [c for c in copies if c.origin.offset == origin.offset]
+
+
+def _instances(scopes: list[Scope], name: str):
+    for scope in scopes:
+        if scope.kind != "block" and scope.name == name:
+            yield scope
+        yield from _instances(scope.children, name)
+
+
+def line_points(info: DebugInfo, wanted: str, line: int, text: str, within: list[Scope] | None = None) -> list[LinePoint]:
+    """The probe points of ``wanted``:``line``; ``within`` limits them to these function copies."""
+    points: list[LinePoint] = []
+    matched_file = False
+    for unit in info.units():
+        rows = [row for row in unit.rows if row.is_stmt and not row.end_sequence and file_matches(row.file, wanted)]
+        matched_file = matched_file or bool(rows)
+        by_scope: dict[int, tuple[Scope, list[LineRow]]] = {}
+        for row in rows:
+            if row.line != line:
+                continue
+            scope = _owner(info, unit, row)
+            if scope is None or (within is not None and not any(scope is w for w in within)):
+                continue
+            by_scope.setdefault(id(scope), (scope, []))[1].append(row)
+        for scope, scope_rows in by_scope.values():
+            points.extend(_entries(info, unit, scope, scope_rows))
+    if not points:
+        raise ResolveError(_no_code_message(info, wanted, line, text, matched_file))
+    return sorted(points, key=lambda p: p.address)
+
+
+def _owner(info: DebugInfo, unit: Unit, row: LineRow) -> Scope | None:
+    """The function or inlined copy whose code ``row`` is: the innermost holding its address, unless that is a
+    copy inlined right there by this very line (the row is the call, not the callee's code)."""
+    for scope in info.scopes_at(row.address):
+        if scope.kind == "block":
+            continue
+        if scope.kind == "inlined" and scope.call_line == row.line and _call_file(unit, scope) == row.file:
+            continue
+        if _written_after(unit, scope, row):
+            return None  # optimised code can carry a row of an inlined line outside the copy's ranges
+        return scope
+    return None
+
+
+def _written_after(unit: Unit, scope: Scope, row: LineRow) -> bool:
+    """Whether ``scope``'s function is written below ``row``'s line in the same file (so the row is not its)."""
+    decl_file = scope.origin.attributes.get("DW_AT_decl_file")
+    decl_line = scope.decl_line
+    if decl_file is None or decl_line is None or scope.origin.cu is not unit.cu:
+        return False
+    return unit.file_name(decl_file.value) == row.file and decl_line > row.line
+
+
+def _call_file(unit: Unit, scope: Scope) -> str | None:
+    attr = scope.die.attributes.get("DW_AT_call_file")
+    return unit.file_name(attr.value) if attr is not None else None
+
+
+def _entries(info: DebugInfo, unit: Unit, scope: Scope, rows: list[LineRow]) -> list[LinePoint]:
+    """The rows of one copy where its line is entered from elsewhere (at least the first one)."""
+    flow: dict[int, list[int]] = {}
+    for low, high in scope.function.ranges:
+        flow.update(predecessors(info.obj.read(low, high - low), low))
+    statements = _StatementLines(unit)
+    target = (rows[0].file, rows[0].line)
+
+    def line_of(address: int) -> tuple[str | None, int | None] | None:
+        if not scope.contains(address):
+            return None
+        inner = _inlined_child(scope, address)
+        if inner is not None:
+            return _call_file(unit, inner), inner.call_line
+        return statements.at(address)
+
+    entered = []
+    for address in sorted({row.address for row in rows}):
+        if address not in flow:
+            continue
+        before = flow[address]
+        if address in (scope.entry, scope.function.low) or not before or any(line_of(p) != target for p in before):
+            entered.append(address)
+    if not entered:
+        entered = [min(row.address for row in rows)]
+    return [LinePoint(address, target[0], target[1], scope) for address in entered]
+
+
+def _inlined_child(scope: Scope, address: int) -> Scope | None:
+    """The copy inlined into ``scope`` (directly, or through its blocks) whose code holds ``address``."""
+    for child in scope.children:
+        if child.contains(address):
+            return child if child.kind == "inlined" else _inlined_child(child, address)
+    return None
+
+
+class _StatementLines:
+    """The line each address belongs to by the statement rows: the last one at or before it."""
+
+    def __init__(self, unit: Unit) -> None:
+        marks = []
+        for order, row in enumerate(unit.rows):
+            if row.end_sequence:
+                marks.append((row.address, 0, order, None))
+            elif row.is_stmt:
+                marks.append((row.address, 1, order, (row.file, row.line)))
+        marks.sort()
+        self.addresses = [mark[0] for mark in marks]
+        self.lines = [mark[3] for mark in marks]
+
+    def at(self, address: int) -> tuple[str, int] | None:
+        i = bisect.bisect_right(self.addresses, address) - 1
+        return self.lines[i] if i >= 0 else None
+
+
+def _no_code_message(info: DebugInfo, wanted: str, line: int, text: str, matched_file: bool) -> str:
+    if not matched_file:
+        files = sorted({os.path.basename(row.file) for unit in info.units() for row in unit.rows})
+        return (f"probe '{text}': no source file '{wanted}' in the line tables of {info.path}"
+                f"{'; it has ' + ', '.join(files[:8]) if files else ''}")
+    lines = sorted(set().union(*lines_with_code(info, wanted).values()))
+    below = [n for n in lines if n < line][-1:]
+    above = [n for n in lines if n > line][:1]
+    near = " and ".join(str(n) for n in below + above)
+    return f"probe '{text}': {wanted}:{line} has no code; the nearest lines with code are {near}"

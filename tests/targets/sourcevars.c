@@ -1,0 +1,84 @@
+/* Variables, types and source lines for probes written in the program's own terms (issue 19).
+ * Built twice: -g -O0 and -g -O2 -fomit-frame-pointer. Usage: sourcevars N
+ *
+ * For i = 0..N-1 it calls area() on a struct it fills from i, and prints what area() sees, one line per call:
+ *   area x=X big=B name=NAME y=Y z=Z flag=F level=L tag2=T color=C ratio=R scale=S label=LABEL
+ * consume(dead, keep) prints "consume dead=D keep=K"; dead is not used after its first use.
+ * Each line marked COUNTED below runs once per iteration; the program prints how often it ran:
+ *   counted N
+ * twice() is inlined (at -O0 too) twice per iteration; the program prints "twice N" with the number of its calls. */
+#include <stdio.h>
+#include <stdlib.h>
+
+enum color { RED, GREEN = 5, BLUE };
+
+struct inner {
+    int y;
+    short z;
+};
+
+struct point {
+    int x;
+    long big;
+    const char *name;
+    struct inner inner;
+    unsigned flag : 1;
+    unsigned level : 3;
+    unsigned char tag[4];
+    double ratio;
+    enum color color;
+};
+
+static const char *names[] = {"zero", "one", "two", "three"};
+volatile long sink;
+int twice_calls;
+
+__attribute__((noinline)) long area(struct point *p, int scale, const char *label)
+{
+    long result = (long)p->x * scale;
+    sink += p->big;
+    printf("area x=%d big=%ld name=%s y=%d z=%d flag=%u level=%u tag2=%u color=%d ratio=%g scale=%d label=%s\n",
+           p->x, p->big, p->name, p->inner.y, p->inner.z, p->flag, p->level, p->tag[2], p->color, p->ratio,
+           scale, label);
+    return result;
+}
+
+__attribute__((noinline)) int consume(int dead, int keep)
+{
+    sink += dead;
+    printf("consume dead=%d keep=%d\n", dead, keep);
+    return keep * 3;
+}
+
+static inline __attribute__((always_inline)) int twice(int v)
+{
+    twice_calls++;
+    return v * 2 + (int)(sink & 1);
+}
+
+int main(int argc, char **argv)
+{
+    int n = argc > 1 ? atoi(argv[1]) : 3;
+    long total = 0;
+    int counted = 0;
+    struct point pt = {0};
+    for (int i = 0; i < n; i++) {
+        pt.x = 10 + i;
+        pt.big = 1000000000000L * (i + 1);
+        pt.name = names[i % 4];
+        pt.inner.y = -i;
+        pt.inner.z = (short)(200 + i);
+        pt.flag = i & 1;
+        pt.level = (i + 2) & 7;
+        pt.tag[2] = (unsigned char)(250 + i);
+        pt.ratio = 0.5 * i;
+        pt.color = i % 2 ? GREEN : BLUE;
+        total += area(&pt, i + 1, "lbl");
+        counted++; total += twice(i) + twice(i + 7); /* COUNTED */
+        total += consume(i * 11, i + 4);
+    }
+    printf("counted %d\n", counted);
+    printf("twice %d\n", twice_calls);
+    printf("total %ld\n", total);
+    return 0;
+}
