@@ -3,7 +3,7 @@
  *
  * For i = 0..N-1 it calls area() on a struct it fills from i, and prints what area() sees, one line per call:
  *   area x=X big=B name=NAME y=Y z=Z flag=F level=L tag2=T color=C ratio=R scale=S label=LABEL
- * consume(dead, keep) prints "consume dead=D keep=K"; dead is not used after its first use.
+ * Before calling consume(dead, keep) it prints "consume dead=D keep=K"; consume uses dead once, first thing.
  * Each line marked COUNTED below runs once per iteration; the program prints how often it ran:
  *   counted N
  * twice() is inlined (at -O0 too) twice per iteration; the program prints "twice N" with the number of its calls. */
@@ -46,8 +46,9 @@ __attribute__((noinline)) long area(struct point *p, int scale, const char *labe
 __attribute__((noinline)) int consume(int dead, int keep)
 {
     sink += dead;
-    printf("consume dead=%d keep=%d\n", dead, keep);
-    return keep * 3;
+    keep = keep * 3 + (int)(sink & 1);
+    printf("consume %d\n", keep);
+    return keep;
 }
 
 static inline __attribute__((always_inline)) int twice(int v)
@@ -75,6 +76,7 @@ int main(int argc, char **argv)
         pt.color = i % 2 ? GREEN : BLUE;
         total += area(&pt, i + 1, "lbl");
         counted++; total += twice(i) + twice(i + 7); /* COUNTED */
+        printf("consume dead=%d keep=%d\n", i * 11, i + 4);
         total += consume(i * 11, i + 4);
     }
     printf("counted %d\n", counted);

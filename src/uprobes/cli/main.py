@@ -47,6 +47,12 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="glob over function names and PROVIDER:NAME of markers (default: everything)")
     listing.add_argument("-p", "--pid", type=int, help="list every object mapped in this process")
     listing.add_argument("--json", action="store_true", help="one JSON document instead of text")
+    source = listing.add_mutually_exclusive_group()
+    source.add_argument("--vars", action="store_true",
+                        help="the variables a probe can read at PATTERN (FUNCTION, FUNCTION:+N or FILE:LINE), "
+                             "with their types and where each is there (from DWARF)")
+    source.add_argument("--lines", action="store_true",
+                        help="the source lines of the function PATTERN that a line probe can go on (from DWARF)")
 
     trace = commands.add_parser("trace", help="print every hit of the probes, with its arguments",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)
@@ -108,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "list" and (args.vars or args.lines):
+        from .source_listing import run_source_listing
+
+        return run_source_listing(args)
     if args.command == "list":
         from .listing import run_list
 

@@ -22,14 +22,16 @@ from elftools.dwarf.die import DIE
 from elftools.dwarf.dwarf_expr import DWARFExprParser
 from elftools.dwarf.locationlists import LocationEntry, LocationExpr, LocationParser
 from elftools.dwarf.ranges import RangeEntry
+from elftools.dwarf.structs import DWARFStructs
 
 from ..elf.objfile import ElfObject
 from ..errors import ResolveError
 
-__all__ = ["DebugInfo", "Scope", "LineRow", "Unit", "SCOPE_TAGS"]
+__all__ = ["DebugInfo", "Scope", "LineRow", "LineTable", "Unit", "SCOPE_TAGS", "origin_of", "die_name"]
 
 SCOPE_TAGS = {"DW_TAG_subprogram": "function", "DW_TAG_inlined_subroutine": "inlined",
               "DW_TAG_lexical_block": "block"}
+_ENTRY_VALUE = (0xA3, 0xF3)  # DW_OP_entry_value, DW_OP_GNU_entry_value
 # What a damaged or unusual unit makes pyelftools raise while it is parsed.
 _UNREADABLE = (DWARFError, _PyelftoolsELFError, AssertionError, KeyError, ValueError, TypeError, IndexError,
                AttributeError)
@@ -51,13 +53,13 @@ class Scope:
 
     @functools.cached_property
     def origin(self) -> DIE:
-        return _origin(self.die)
+        return origin_of(self.die)
 
     @property
     def name(self) -> str | None:
         if self.kind == "block":
             return self.parent.name if self.parent else None
-        return _name(self.origin)
+        return die_name(self.origin)
 
     @property
     def function(self) -> Scope:
@@ -107,6 +109,51 @@ class LineRow:
     end_sequence: bool
 
 
+class LineTable:
+    """One line program of ``.debug_line``: its files and, read on first use, its rows."""
+
+    def __init__(self, program, directory: str = "") -> None:
+        self.program = program
+        self.directory = directory
+
+    @functools.cached_property
+    def file_names(self) -> dict[int, str]:
+        """The files by the number rows, ``DW_AT_decl_file`` and ``DW_AT_call_file`` give them."""
+        program = self.program
+        if program is None:
+            return {}
+        directories = [_text(d) for d in program["include_directory"]]
+        version = program.header.version
+        names = {}
+        for index, entry in enumerate(program["file_entry"]):
+            name = _text(entry.name)
+            dir_index = entry.dir_index
+            if version < 5:  # DWARF 4 counts directories from 1 (0 is the unit's own) and files from 1
+                directory = directories[dir_index - 1] if 0 < dir_index <= len(directories) else self.directory
+                index += 1
+            else:
+                directory = directories[dir_index] if dir_index < len(directories) else ""
+            if directory and not directory.startswith("/") and self.directory:
+                directory = os.path.join(self.directory, directory)
+            names[index] = os.path.normpath(name if name.startswith("/") or not directory
+                                            else os.path.join(directory, name))
+        return names
+
+    @functools.cached_property
+    def rows(self) -> list[LineRow]:
+        """The rows, in the order the compiler wrote them (sequences one after another)."""
+        if self.program is None:
+            return []
+        files = self.file_names
+        rows = []
+        for entry in self.program.get_entries():
+            state = entry.state
+            if state is not None:
+                rows.append(LineRow(state.address, files.get(state.file, "?"), state.line, bool(state.is_stmt),
+                                    bool(state.end_sequence)))
+        return rows
+
+
 class Unit:
     """One compile unit: its scope tree and its line table, each read on first use."""
 
@@ -114,8 +161,11 @@ class Unit:
         self.info = info
         self.cu = cu
         self.top = cu.get_top_DIE()
-        self.name = _name(self.top) or "?"
-        self.expressions = DWARFExprParser(cu.structs)
+        self.name = die_name(self.top) or "?"
+
+    @functools.cached_property
+    def expressions(self) -> DWARFExprParser:
+        return DWARFExprParser(self.cu.structs)
 
     @functools.cached_property
     def scopes(self) -> list[Scope]:
@@ -172,40 +222,27 @@ class Unit:
         return attr.value if attr is not None else 0
 
     @functools.cached_property
-    def rows(self) -> list[LineRow]:
-        """The line table, in the order the compiler wrote it (sequences one after another)."""
-        program = self.info.dwarf.line_program_for_CU(self.cu)
-        if program is None:
-            return []
-        files = self._file_names(program)
-        rows = []
-        for entry in program.get_entries():
-            state = entry.state
-            if state is None:
-                continue
-            name = files.get(state.file, "?")
-            rows.append(LineRow(state.address, name, state.line, bool(state.is_stmt), bool(state.end_sequence)))
-        return rows
+    def line_table(self) -> LineTable:
+        attr = self.top.attributes.get("DW_AT_stmt_list")
+        return self.info.line_table(attr.value if attr is not None else None, self.directory)
 
-    def _file_names(self, program) -> dict[int, str]:
-        directories = [_text(d) for d in program["include_directory"]]
-        version = program.header.version
-        names = {}
-        for index, entry in enumerate(program["file_entry"]):
-            name = _text(entry.name)
-            dir_index = entry.dir_index
-            if version < 5:  # DWARF 4 counts directories from 1 (0 is the unit's own) and files from 1
-                directory = directories[dir_index - 1] if 0 < dir_index <= len(directories) else ""
-                index += 1
-            else:
-                directory = directories[dir_index] if dir_index < len(directories) else ""
-            names[index] = name if name.startswith("/") or not directory else os.path.join(directory, name)
-        return names
+    @property
+    def file_names(self) -> dict[int, str]:
+        return self.line_table.file_names
+
+    @property
+    def rows(self) -> list[LineRow]:
+        return self.line_table.rows
+
+    @property
+    def directory(self) -> str:
+        """The compilation directory."""
+        attr = self.top.attributes.get("DW_AT_comp_dir")
+        return _text(attr.value) if attr is not None else ""
 
     def file_name(self, index: int) -> str | None:
         """The path of file ``index`` as ``DW_AT_decl_file`` and ``DW_AT_call_file`` number them."""
-        program = self.info.dwarf.line_program_for_CU(self.cu)
-        return self._file_names(program).get(index) if program is not None else None
+        return self.file_names.get(index)
 
     def location(self, attr, die: DIE):
         """A location attribute parsed: a :class:`LocationExpr`, or a list of location-list entries."""
@@ -232,7 +269,8 @@ class Unit:
         return None
 
     def lifetime(self, die: DIE) -> list[tuple[int, int]]:
-        """The address ranges where ``die`` has a location (everywhere in its scope for a single expression)."""
+        """The address ranges where ``die`` has a location (everywhere in its scope for a single expression), but
+        for those where only its value at the function's entry is known."""
         attr = die.attributes.get("DW_AT_location")
         if attr is None:
             return []
@@ -245,7 +283,8 @@ class Unit:
                 low, high = entry.begin_offset, entry.end_offset
                 if not entry.is_absolute:
                     low, high = low + base, high + base
-                ranges.append((low, high))
+                if not entry.loc_expr or entry.loc_expr[0] not in _ENTRY_VALUE:
+                    ranges.append((low, high))
             elif hasattr(entry, "base_address"):
                 base = entry.base_address
         return ranges
@@ -260,6 +299,7 @@ class DebugInfo:
         self.dwarf = dwarf
         self.location_parser = LocationParser(dwarf.location_lists())
         self._units: dict[int, Unit] = {}
+        self._line_tables: dict[int | None, LineTable] = {}
         self._aranges = None
 
     @classmethod
@@ -288,6 +328,36 @@ class DebugInfo:
         hint = f" (its debug file {debug_path} has none either)" if debug_path else ""
         raise ResolveError(f"{obj.path} has no DWARF debug information{hint}: rebuild it with -g, or install its "
                            f"debug symbols (Debian: the -dbgsym package, or debuginfod)")
+
+    def line_table(self, offset: int | None, directory: str = "") -> LineTable:
+        """The line program at ``offset`` of ``.debug_line`` (an empty table for None)."""
+        table = self._line_tables.get(offset)
+        if table is None or (directory and not table.directory):
+            program = None
+            if offset is not None:
+                structs = DWARFStructs(little_endian=True, dwarf_format=self._line_format(offset), address_size=8)
+                program = self.dwarf._parse_line_program_at_offset(offset, structs)
+            table = self._line_tables[offset] = LineTable(program, directory)
+        return table
+
+    def _line_format(self, offset: int) -> int:
+        section = self.dwarf.debug_line_sec
+        data = section.stream.getbuffer()[offset:offset + 4] if hasattr(section.stream, "getbuffer") else b""
+        return 64 if bytes(data) == b"\xff\xff\xff\xff" else 32
+
+    def line_tables(self):
+        """Every line program, read straight from ``.debug_line`` (no compile unit needs parsing to find which
+        tables name a file)."""
+        section = self.dwarf.debug_line_sec
+        if section is None:
+            return
+        size = section.size
+        offset = 0
+        while offset < size:
+            table = self.line_table(offset)
+            yield table
+            header = table.program.header
+            offset += header["unit_length"] + (12 if self._line_format(offset) == 64 else 4)
 
     def unit(self, cu) -> Unit:
         unit = self._units.get(cu.cu_offset)
@@ -344,7 +414,7 @@ class DebugInfo:
 _BY_OBJECT: weakref.WeakKeyDictionary[ElfObject, DebugInfo] = weakref.WeakKeyDictionary()
 
 
-def _origin(die: DIE) -> DIE:
+def origin_of(die: DIE) -> DIE:
     """The DIE that names ``die``: followed through ``DW_AT_abstract_origin`` and ``DW_AT_specification``."""
     seen = 0
     while seen < 8:
@@ -358,8 +428,9 @@ def _origin(die: DIE) -> DIE:
     return die
 
 
-def _name(die: DIE) -> str | None:
-    attr = _origin(die).attributes.get("DW_AT_name")
+def die_name(die: DIE) -> str | None:
+    """The name of ``die``, or of the DIE it is a copy or definition of."""
+    attr = origin_of(die).attributes.get("DW_AT_name")
     return _text(attr.value) if attr is not None else None
 
 

@@ -21,7 +21,8 @@ from ..errors import ResolveError
 from ..x86_64.flow import predecessors
 from .info import DebugInfo, LineRow, Scope, Unit
 
-__all__ = ["LinePoint", "line_points", "function_line", "lines_with_code", "file_matches"]
+__all__ = ["LinePoint", "line_points", "function_line", "lines_with_code", "lines_with_code_in", "file_matches",
+           "prologue_end"]
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,8 @@ def file_matches(path: str, wanted: str) -> bool:
 def lines_with_code(info: DebugInfo, wanted: str) -> dict[str, set[int]]:
     """Every file matching ``wanted`` with the lines that have statement rows."""
     found: dict[str, set[int]] = {}
-    for unit in info.units():
-        for row in unit.rows:
+    for rows in _tables_naming(info, wanted):
+        for row in rows:
             if row.is_stmt and not row.end_sequence and file_matches(row.file, wanted):
                 found.setdefault(row.file, set()).add(row.line)
     return found
@@ -56,8 +57,16 @@ def lines_with_code(info: DebugInfo, wanted: str) -> dict[str, set[int]]:
 def function_line(info: DebugInfo, function: str, relative: int, text: str) -> tuple[str, int, list[Scope]]:
     """``FUNCTION:+N``: the file and line N lines below the function's first line, and its copies with code."""
     copies: list[Scope] = []
-    for unit in info.units():
+    # The function's symbol leads to its unit; only a function that is inlined everywhere needs them all read.
+    symbols = info.obj.symbols.lookup(function)
+    units = [unit for unit in (info.unit_at(sym.value) for sym in symbols) if unit is not None] or info.units()
+    for unit in dict.fromkeys(units):
         copies.extend(_instances(unit.scopes, function))
+    if not copies:  # an alias (malloc for __libc_malloc): the function the symbol's code is
+        for sym in symbols:
+            scope = next((s for s in info.scopes_at(sym.value) if s.kind == "function"), None)
+            if scope is not None:
+                copies.extend(_instances(info.unit(scope.die.cu).scopes, scope.name))
     if not copies:
         raise ResolveError(f"probe '{text}': no function '{function}' with code in the DWARF of {info.path}")
     origin = copies[0].origin
@@ -70,6 +79,34 @@ def function_line(info: DebugInfo, function: str, relative: int, text: str) -> t
     return file_name, decl_line + relative, [c for c in copies if c.origin.offset == origin.offset]
 
 
+def lines_with_code_in(info: DebugInfo, copies: list[Scope]) -> set[int]:
+    """The lines of a function (each of its ``copies``) that a line probe can go on: those of its own file
+    with statement rows in its code, inlined code aside."""
+    lines: set[int] = set()
+    for copy in copies:
+        unit = info.unit(copy.die.cu)
+        decl_file = copy.origin.attributes.get("DW_AT_decl_file")
+        file_name = info.unit(copy.origin.cu).file_name(decl_file.value) if decl_file is not None else None
+        for row in unit.rows:
+            if row.is_stmt and not row.end_sequence and row.file == file_name and copy.contains(row.address) \
+                    and _owner(info, row) is copy:
+                lines.add(row.line)
+    return lines
+
+
+def prologue_end(info: DebugInfo, entry: int) -> int | None:
+    """Where the function starting at ``entry`` has built its frame: its first statement row of another line
+    than its opening one (as GDB and perf probe skip a prologue); None when its line table does not say."""
+    unit = info.unit_at(entry)
+    scope = next((s for s in info.scopes_at(entry) if s.kind == "function"), None)
+    if unit is None or scope is None:
+        return None
+    rows = sorted((row for row in unit.rows if row.is_stmt and not row.end_sequence and scope.contains(row.address)),
+                  key=lambda row: row.address)
+    opening = next((row.line for row in rows if row.address == entry), None)
+    return next((row.address for row in rows if row.address > entry and row.line != opening), None)
+
+
 def _instances(scopes: list[Scope], name: str):
     for scope in scopes:
         if scope.kind != "block" and scope.name == name:
@@ -78,48 +115,58 @@ def _instances(scopes: list[Scope], name: str):
 
 
 def line_points(info: DebugInfo, wanted: str, line: int, text: str, within: list[Scope] | None = None) -> list[LinePoint]:
-    """The probe points of ``wanted``:``line``; ``within`` limits them to these function copies."""
+    """The probe points of ``wanted``:``line``; ``within`` limits them to these function copies (and to their
+    units' line tables)."""
     points: list[LinePoint] = []
     matched_file = False
-    for unit in info.units():
-        rows = [row for row in unit.rows if row.is_stmt and not row.end_sequence and file_matches(row.file, wanted)]
+    tables = _tables_naming(info, wanted) if within is None else \
+        [unit.rows for unit in dict.fromkeys(info.unit(copy.die.cu) for copy in within)]
+    for table_rows in tables:
+        rows = [row for row in table_rows if row.is_stmt and not row.end_sequence and file_matches(row.file, wanted)]
         matched_file = matched_file or bool(rows)
         by_scope: dict[int, tuple[Scope, list[LineRow]]] = {}
         for row in rows:
             if row.line != line:
                 continue
-            scope = _owner(info, unit, row)
+            scope = _owner(info, row)
             if scope is None or (within is not None and not any(scope is w for w in within)):
                 continue
             by_scope.setdefault(id(scope), (scope, []))[1].append(row)
         for scope, scope_rows in by_scope.values():
-            points.extend(_entries(info, unit, scope, scope_rows))
+            points.extend(_entries(info, scope, scope_rows))
     if not points:
         raise ResolveError(_no_code_message(info, wanted, line, text, matched_file))
     return sorted(points, key=lambda p: p.address)
 
 
-def _owner(info: DebugInfo, unit: Unit, row: LineRow) -> Scope | None:
-    """The function or inlined copy whose code ``row`` is: the innermost holding its address, unless that is a
-    copy inlined right there by this very line (the row is the call, not the callee's code)."""
-    for scope in info.scopes_at(row.address):
-        if scope.kind == "block":
+def _tables_naming(info: DebugInfo, wanted: str):
+    """The rows of each line table that names a file matching ``wanted`` (its names as its unit gives them)."""
+    for table in info.line_tables():
+        if not any(file_matches(name, wanted) for name in table.file_names.values()):
             continue
-        if scope.kind == "inlined" and scope.call_line == row.line and _call_file(unit, scope) == row.file:
-            continue
-        if _written_after(unit, scope, row):
-            return None  # optimised code can carry a row of an inlined line outside the copy's ranges
-        return scope
-    return None
+        first = next((row.address for row in table.rows if not row.end_sequence), None)
+        unit = info.unit_at(first) if first is not None else None
+        yield unit.rows if unit is not None else table.rows
 
 
-def _written_after(unit: Unit, scope: Scope, row: LineRow) -> bool:
-    """Whether ``scope``'s function is written below ``row``'s line in the same file (so the row is not its)."""
-    decl_file = scope.origin.attributes.get("DW_AT_decl_file")
-    decl_line = scope.decl_line
-    if decl_file is None or decl_line is None or scope.origin.cu is not unit.cu:
-        return False
-    return unit.file_name(decl_file.value) == row.file and decl_line > row.line
+def _owner(info: DebugInfo, row: LineRow) -> Scope | None:
+    """The function or inlined copy whose source ``row``'s line is. Its address may lie in several (a copy
+    inlined into a copy inlined into a function); C functions do not nest, so the line is in the one of them
+    written in the row's file that starts closest above it (the innermost where they tie, as in recursion)."""
+    chain = [scope for scope in info.scopes_at(row.address) if scope.kind != "block"]
+    best, best_line = None, -1
+    for scope in chain:
+        decl_line = scope.decl_line
+        if decl_line is not None and best_line < decl_line <= row.line and _decl_file(info, scope) == row.file:
+            best, best_line = scope, decl_line
+    if best is None and chain and not any(_decl_file(info, scope) == row.file for scope in chain):
+        return chain[0]  # the DWARF does not say where these functions are written
+    return best
+
+
+def _decl_file(info: DebugInfo, scope: Scope) -> str | None:
+    attr = scope.origin.attributes.get("DW_AT_decl_file")
+    return info.unit(scope.origin.cu).file_name(attr.value) if attr is not None else None
 
 
 def _call_file(unit: Unit, scope: Scope) -> str | None:
@@ -127,8 +174,9 @@ def _call_file(unit: Unit, scope: Scope) -> str | None:
     return unit.file_name(attr.value) if attr is not None else None
 
 
-def _entries(info: DebugInfo, unit: Unit, scope: Scope, rows: list[LineRow]) -> list[LinePoint]:
+def _entries(info: DebugInfo, scope: Scope, rows: list[LineRow]) -> list[LinePoint]:
     """The rows of one copy where its line is entered from elsewhere (at least the first one)."""
+    unit = info.unit(scope.die.cu)
     flow: dict[int, list[int]] = {}
     for low, high in scope.function.ranges:
         flow.update(predecessors(info.obj.read(low, high - low), low))

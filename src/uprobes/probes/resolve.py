@@ -18,11 +18,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..dwarf.info import DebugInfo
-from ..dwarf.lines import function_line, line_points
+from ..dwarf.lines import function_line, line_points, prologue_end
+from ..dwarf.variables import is_variable_expression, retval_fetcharg, variable_fetcharg
 from ..elf.locate import find_object
 from ..elf.objfile import ElfObject
 from ..elf.symbols import Symbol
-from ..errors import ResolveError
+from ..errors import ProbeSyntaxError, ResolveError
 from ..sdt.notes import SdtSite, read_markers
 from ..x86_64.decode import instruction_containing, instruction_starts
 from .fetchargs import FetchArg, parse_fetchargs
@@ -55,7 +56,8 @@ class Probe:
     unavailable: tuple[str, ...] = ()  # marker arguments no engine can fetch, with the reason
     explicit_event: bool = False
     kernel_unavailable: tuple[str, ...] = ()  # marker arguments only the kernel engine leaves out, and why
-    retyped: tuple[tuple[str, str], ...] = ()  # (argument, "f32" | "f64" | "s8"): bits tracefs cannot type
+    # (argument, "f32" | "f64" | "sN" | ((value, enumerator), ...)): bits tracefs cannot type as they are meant
+    retyped: tuple[tuple[str, str | tuple[tuple[int, str], ...]], ...] = ()
     marker_memory: frozenset = frozenset()  # memory the marker's operands name (the compiler put them there)
 
     @property
@@ -64,13 +66,17 @@ class Probe:
         return kernel_fetchable(self.fetchargs)
 
     def typed(self, values: dict) -> dict:
-        """``values`` as fetched, retyped as the marker's spec says: float bits as numbers, signed high bytes."""
+        """``values`` as fetched, retyped as the marker's spec or the DWARF says: float bits as numbers, signed
+        high bytes and bitfields, enumerators by name."""
         for name, value_type in self.retyped:
             bits = values.get(name)
             if not isinstance(bits, int):
                 continue
-            if value_type == "s8":
-                values[name] = (bits & 0xFF) - ((bits & 0x80) << 1)
+            if isinstance(value_type, tuple):
+                values[name] = dict(value_type).get(bits, bits)
+            elif value_type[0] == "s":
+                sign = 1 << (int(value_type[1:]) - 1)
+                values[name] = (bits & (2 * sign - 1)) - ((bits & sign) << 1)
             else:
                 size = int(value_type[1:]) // 8
                 values[name] = struct.unpack("<f" if size == 4 else "<d", bits.to_bytes(size, "little"))[0]
@@ -127,17 +133,70 @@ def resolve_probe(spec: ProbeSpec, objects: dict[str, ElfObject] | None = None) 
     else:
         address = spec.address if spec.address is not None else _offset_to_address(obj, spec.offset, spec)
         points = [(address, obj.describe_address(address), None)]
-    fetchargs = parse_fetchargs(spec.fetchargs, is_return=spec.is_return)
     probes = []
     for address, location, sym in points:
         _check_code_address(obj, address, spec)
         if spec.is_return:
             _check_function_entry(obj, address, spec)
         event = _event_name(spec, obj, address, sym, len(points) > 1)
+        fetch = _source_fetchargs(spec, obj, address, function_entry=sym is not None and address == sym.value)
+        if fetch.address != address:
+            location = obj.describe_address(fetch.address)
         probes.append(Probe(spec.text, spec.is_return, spec.group or DEFAULT_GROUP, event, obj.path,
-                            obj.vaddr_to_offset(address), address, location, spec.ref_ctr_offset, fetchargs,
-                            explicit_event=spec.event is not None))
+                            obj.vaddr_to_offset(fetch.address), fetch.address, location, spec.ref_ctr_offset,
+                            fetch.fetchargs, explicit_event=spec.event is not None, retyped=fetch.retyped))
     return probes
+
+
+@dataclass(frozen=True)
+class _SourceFetch:
+    """Fetch arguments with the variables by name translated at ``address`` (past the prologue, when they are
+    kept in a frame the prologue builds)."""
+
+    address: int
+    fetchargs: tuple[FetchArg, ...]
+    retyped: tuple = ()
+
+
+def _source_fetchargs(spec: ProbeSpec, obj: ElfObject, address: int, function_entry: bool) -> _SourceFetch:
+    """The probe's fetch arguments at ``address``: variables by name and ``$retval`` typed through DWARF."""
+    tokens = list(spec.fetchargs)
+    named = [i for i, token in enumerate(tokens) if is_variable_expression(_fetch_source(token))]
+    retvals = [i for i, token in enumerate(tokens) if spec.is_return and _fetch_source(token) == "$retval"]
+    if not named and not retvals:
+        return _SourceFetch(address, parse_fetchargs(tokens, is_return=spec.is_return))
+    if named and spec.is_return:
+        raise ProbeSyntaxError(f"bad fetch argument '{tokens[named[0]]}': a return probe has only $retval; "
+                               f"variables are read at an entry or a line (uprobe:PATH:FUNCTION or FILE:LINE)")
+    try:
+        info = DebugInfo.of(obj)
+    except ResolveError as exc:
+        if not named:
+            return _SourceFetch(address, parse_fetchargs(tokens, is_return=spec.is_return))
+        raise ResolveError(f"probe '{spec.text}': variables by name need DWARF: {exc}") from None
+    retyped = []
+    if named and function_entry:
+        fetches = [variable_fetcharg(info, address, obj.vaddr_to_offset(address), tokens[i], i + 1) for i in named]
+        if any(fetch.frame_relative for fetch in fetches):
+            address = prologue_end(info, address) or address
+    for i in named:
+        fetch = variable_fetcharg(info, address, obj.vaddr_to_offset(address), tokens[i], i + 1)
+        tokens[i] = fetch.text
+        if fetch.retype is not None:
+            retyped.append((fetch.name, fetch.retype))
+    for i in retvals:
+        fetch = retval_fetcharg(info, address, tokens[i], i + 1)
+        if fetch is not None:
+            tokens[i] = fetch.text
+            if fetch.retype is not None:
+                retyped.append((fetch.name, fetch.retype))
+    return _SourceFetch(address, parse_fetchargs(tokens, is_return=spec.is_return), tuple(retyped))
+
+
+def _fetch_source(token: str) -> str:
+    """The FETCHARG of ``[NAME=]FETCHARG[:TYPE]``."""
+    name, equals, body = token.partition("=")
+    return (body if equals else token).partition(":")[0]
 
 
 def _offset_to_address(obj: ElfObject, offset: int, spec: ProbeSpec) -> int:
@@ -278,15 +337,20 @@ def _resolve_line(spec: ProbeSpec, obj: ElfObject) -> list[Probe]:
         points = line_points(info, file_name, line, spec.text, within=copies)
     else:
         points = line_points(info, spec.source_file, spec.line, spec.text)
-    fetchargs = parse_fetchargs(spec.fetchargs, is_return=False)
     probes = []
+    signatures: dict[tuple, str] = {}
     for point in points:
         _check_code_address(obj, point.address, spec)
-        event = spec.event or _identifier(f"{point.function}_L{point.line}")
+        fetch = _source_fetchargs(spec, obj, point.address, function_entry=False)
+        base = spec.event or _identifier(f"{point.function}_L{point.line}")
+        # Points of one event must agree on argument names and types (the kernel refuses siblings that differ).
+        signature = (base, *((arg.name, arg.type) for arg in fetch.fetchargs), fetch.retyped)
+        event = signatures.setdefault(signature, _identifier(base, f"_{len(signatures) + 1}") if any(
+            known[0] == base for known in signatures) else base)
         location = f"{os.path.basename(point.file)}:{point.line}"
         probes.append(Probe(spec.text, False, spec.group or DEFAULT_GROUP, event, obj.path,
-                            obj.vaddr_to_offset(point.address), point.address, location, None, fetchargs,
-                            explicit_event=spec.event is not None))
+                            obj.vaddr_to_offset(point.address), point.address, location, None, fetch.fetchargs,
+                            explicit_event=spec.event is not None, retyped=fetch.retyped))
     return probes
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "SubRegister", "UserRegister", "USER_REGS", "GENERAL_REGISTERS", "XMM_REGISTERS", "BY_FIELD", "BY_KERNEL_NAME",
-    "FETCHARG_NAMES", "OPERAND_NAMES", "STATUS_FLAGS", "ZERO_FLAG",
+    "FETCHARG_NAMES", "OPERAND_NAMES", "STATUS_FLAGS", "ZERO_FLAG", "DWARF_REGISTERS",
 ]
 
 
@@ -112,3 +112,9 @@ OPERAND_NAMES: dict[str, tuple[UserRegister, SubRegister]] = {part.name: (reg, p
 ZERO_FLAG = 0x40
 STATUS_FLAGS = 0x1 | 0x4 | 0x10 | ZERO_FLAG | 0x80 | 0x400 | 0x800
 """CF PF AF ZF SF DF OF of rflags: what the program's own code reads, and a trampoline saves and puts back."""
+
+DWARF_REGISTERS: dict[int, UserRegister] = {
+    number: BY_FIELD[field] for number, field in enumerate(
+        ("rax", "rdx", "rcx", "rbx", "rsi", "rdi", "rbp", "rsp", *(f"r{n}" for n in range(8, 16)), "rip"))
+}
+"""The general registers and rip by DWARF number (the x86-64 psABI, figure 3.36); 17-32 are xmm0-15."""
