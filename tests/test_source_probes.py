@@ -270,3 +270,34 @@ def test_list_vars_agrees_with_perf_probe(targets, build, where):
         assert (result.status == 0) == (variable["location"] is not None), (variable, result.stderr)
         if variable["location"] is None:
             assert variable["note"] in result.stderr
+
+
+@pytest.mark.parametrize("trap", [False, True], ids=["jump", "trap"])
+def test_a_computed_variable_is_read_by_the_ptrace_engine(targets, trap):
+    """At -O2, area()'s result lives at its line as rbx * rbp sign-extended: a DWARF expression no fetch
+    argument can say, which the ptrace engine evaluates from the registers of each hit."""
+    program = _program(targets, "O2")
+    listed = json.loads(run_cli("list", "--vars", "--json", program, f"sourcevars.c:{SINK_IN_AREA}", check=True).stdout)
+    result = next(v for v in listed[0]["variables"] if v["name"] == "result")
+    assert result["location"].startswith("computed (DW_OP_breg"), result
+    records, proc = run_json("trace", "--engine", "ptrace", *(["--trap"] if trap else []),
+                             f"uprobe:{program}:sourcevars.c:{SINK_IN_AREA} result", "--", program, "4")
+    assert proc.returncode == 0, proc.stderr
+    printed = _printed_lines(proc.stdout, "area")
+    assert [event["args"]["result"] for event in records if "args" in event] == [
+        int(seen["x"]) * int(seen["scale"]) for seen in printed]
+    assert ("1 of 1 probe points were jumps" in proc.stderr) != trap, proc.stderr
+
+
+def test_the_kernel_engine_names_a_computed_variable_it_cannot_fetch(targets):
+    if os.geteuid() != 0:
+        pytest.skip("the kernel engine needs root")
+    program = _program(targets, "O2")
+    records, proc = run_json("trace", "--engine", "kernel", f"uprobe:{program}:sourcevars.c:{SINK_IN_AREA} result x=p->x",
+                             "--", program, "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "left out result: 'result' at area+" in proc.stderr and "tracefs cannot evaluate" in proc.stderr
+    events = [event for event in records if "args" in event]
+    assert [event["args"] for event in events] == [{"result": None, "x": int(seen["x"])}
+                                                   for seen in _printed_lines(proc.stdout, "area")]
+    assert all("tracefs cannot evaluate" in event["errors"]["result"] for event in events)

@@ -249,13 +249,13 @@ class Unit:
         return self.info.location_parser.parse_from_attribute(attr, self.cu.header.version, die=die)
 
     def location_at(self, die: DIE, address: int) -> list | None:
-        """The parsed DWARF expression locating ``die``'s value at ``address``; None where it has none there."""
+        """The DWARF expression (its bytes) locating ``die``'s value at ``address``; None where it has none."""
         attr = die.attributes.get("DW_AT_location")
         if attr is None:
             return None
         parsed = self.location(attr, die)
         if isinstance(parsed, LocationExpr):
-            return self.expressions.parse_expr(parsed.loc_expr)
+            return list(parsed.loc_expr)
         base = self.base_address
         for entry in parsed:
             if isinstance(entry, LocationEntry):
@@ -263,7 +263,7 @@ class Unit:
                 if not entry.is_absolute:
                     low, high = low + base, high + base
                 if low <= address < high:
-                    return self.expressions.parse_expr(entry.loc_expr)
+                    return list(entry.loc_expr)
             elif hasattr(entry, "base_address"):
                 base = entry.base_address
         return None

@@ -23,7 +23,9 @@ from elftools.dwarf.enums import ENUM_DW_ATE
 
 from ..elf.objfile import ElfObject
 from ..errors import ResolveError
+from ..probes.computed import DwarfValue
 from ..x86_64.registers import DWARF_REGISTERS
+from .expression import unsupported
 from .info import DebugInfo, Scope, Unit, die_name, origin_of
 
 __all__ = ["VariableFetch", "VariableInfo", "is_variable_expression", "variable_fetcharg", "retval_fetcharg",
@@ -37,6 +39,7 @@ _SIGNED = {"DW_ATE_signed", "DW_ATE_signed_char"}
 _UNSIGNED = {"DW_ATE_unsigned", "DW_ATE_unsigned_char", "DW_ATE_boolean", "DW_ATE_UTF"}
 _MAX_ARRAY = 64
 _ENTRY_VALUE_OPS = ("DW_OP_entry_value", "DW_OP_GNU_entry_value")
+_ENTRY_VALUE_CODES = (0xA3, 0xF3)
 _ENCODINGS = {value: name for name, value in ENUM_DW_ATE.items()}
 _XMM = range(17, 33)
 
@@ -51,6 +54,7 @@ class VariableFetch:
     name: str
     retype: str | tuple[tuple[int, str], ...] | None = None
     frame_relative: bool = False  # kept in the frame for the whole function (-O0): set up by the prologue
+    computed: DwarfValue | None = None  # the value ``\\0`` stands for in ``text`` (innermost), if computed
 
 
 def is_variable_expression(body: str) -> bool:
@@ -68,6 +72,7 @@ class _Place:
     die_type: DIE | None
     bits: tuple[int, int] | None = None  # (bit offset, bit size) of a bitfield
     frame_relative: bool = False
+    computed: DwarfValue | None = None  # what _COMPUTED in ``source`` stands for
 
     def shifted(self, offset: int) -> str:
         """The memory ``offset`` bytes further on."""
@@ -81,6 +86,9 @@ class _Place:
     def value(self) -> str:
         """Fetch-argument text whose value is this place's value (for dereferencing a pointer)."""
         return self.source
+
+
+_COMPUTED = "\\0"  # stands for the place's computed value in the text, until the text is parsed
 
 
 def _deref(offset: int, inner: str) -> str:
@@ -146,11 +154,13 @@ def variables_described(info: DebugInfo, address: int, file_offset: int) -> list
         except ResolveError as exc:
             typed = die if "DW_AT_type" in die.attributes else origin_of(die)
             die_type = typed.get_DIE_from_attribute("DW_AT_type") if "DW_AT_type" in typed.attributes else None
-            operations = info.unit(die.cu).location_at(die, address)
-            available = bool(operations) and operations[0].op_name not in _ENTRY_VALUE_OPS
+            expression = info.unit(die.cu).location_at(die, address)
+            available = bool(expression) and expression[0] not in _ENTRY_VALUE_CODES
             described.append(VariableInfo(name, describe_type(die_type), kind, None, str(exc), available=available))
             continue
-        described.append(VariableInfo(name, describe_type(place.die_type), kind, place.source, "",
+        location = place.source if place.computed is None else \
+            f"computed ({' '.join(op.op_name for op in place.computed.operations)}; ptrace engine only)"
+        described.append(VariableInfo(name, describe_type(place.die_type), kind, location, "",
                                       place.frame_relative))
     return described
 
@@ -197,7 +207,7 @@ def variable_fetcharg(info: DebugInfo, address: int, file_offset: int, token: st
     place = _access(context, place, expression[len(first):], expression)
     default = re.sub(r"\W+", "_", expression).strip("_")
     fetch = _finish(context, place, name or default, wanted if colon else None, expression)
-    return VariableFetch(fetch.text, fetch.name, fetch.retype, frame_relative)
+    return VariableFetch(fetch.text, fetch.name, fetch.retype, frame_relative, fetch.computed)
 
 
 def retval_fetcharg(info: DebugInfo, function_address: int, token: str, position: int) -> VariableFetch | None:
@@ -230,10 +240,10 @@ def _locate(context: _Context, die: DIE, scope: Scope | None, name: str) -> _Pla
         if isinstance(value, int):
             return _Place(f"\\{value}", False, die_type)
     unit = context.info.unit(die.cu)
-    operations = unit.location_at(die, context.address)
-    if not operations:
+    expression = unit.location_at(die, context.address)
+    if not expression:
         raise context.error(f"'{name}' is optimised out at {context.where()}{_lives(unit, die)}")
-    return _place(context, operations, die_type, scope, name, unit, die)
+    return _place(context, expression, die_type, scope, name, unit, die)
 
 
 def _lives(unit: Unit, die: DIE) -> str:
@@ -250,8 +260,9 @@ def _lives(unit: Unit, die: DIE) -> str:
     return f"; it lives at lines {numbers} of {files[0]} (probe one of those)"
 
 
-def _place(context: _Context, operations: list, die_type: DIE | None, scope: Scope | None, name: str, unit: Unit,
-           die: DIE) -> _Place:
+def _place(context: _Context, expression: list[int], die_type: DIE | None, scope: Scope | None, name: str,
+           unit: Unit, die: DIE) -> _Place:
+    operations = unit.expressions.parse_expr(expression)
     names = [op.op_name for op in operations]
     if len(names) == 2 and names[1] == "DW_OP_piece":
         operations = operations[:1]
@@ -284,8 +295,17 @@ def _place(context: _Context, operations: list, die_type: DIE | None, scope: Sco
                 return _Place(_register(context, int(inner[0].op_name[len("DW_OP_reg"):]), name), False, die_type)
             raise context.error(f"'{name}' is optimised out at {context.where()}: only its value at the function's "
                                 f"entry is known there{_lives(unit, die)}")
-    raise context.error(f"'{name}' is computed at {context.where()} ({' '.join(names)}), which a fetch argument "
-                        f"cannot express; probe another line{_lives(unit, die)}")
+    missing = unsupported(operations)
+    if missing is not None:
+        raise context.error(f"'{name}' is computed at {context.where()} with {missing}, which uprobes does not "
+                            f"evaluate{_lives(unit, die)}")
+    frame_base = None
+    if any(op in ("DW_OP_fbreg", "DW_OP_call_frame_cfa") for op in names):
+        frame_base = _frame_base_rule(context, scope, name)
+    computed = DwarfValue(bytes(expression), frame_base, f"'{name}' at {context.where()}")
+    if names[-1] == "DW_OP_stack_value":
+        return _Place(_COMPUTED, False, die_type, computed=computed)
+    return _Place(_deref(0, _COMPUTED), True, die_type, computed=computed)  # the expression gives its address
 
 
 def _register(context: _Context, number: int, name: str) -> str:
@@ -301,6 +321,12 @@ def _register(context: _Context, number: int, name: str) -> str:
 
 def _frame_base(context: _Context, scope: Scope | None, offset: int, name: str) -> str:
     """``DW_OP_fbreg offset`` as fetch-argument text: the function's frame base, usually the CFA from CFI."""
+    register, base = _frame_base_rule(context, scope, name)
+    return _deref(base + offset, _register(context, register, name))
+
+
+def _frame_base_rule(context: _Context, scope: Scope | None, name: str) -> tuple[int, int]:
+    """The function's frame base at the probe as (DWARF register, offset): usually the CFA, from the CFI."""
     function = scope.function.die if scope is not None else None
     attr = function.attributes.get("DW_AT_frame_base") if function is not None else None
     if attr is None:
@@ -312,11 +338,11 @@ def _frame_base(context: _Context, scope: Scope | None, offset: int, name: str) 
         row = context.obj.unwind_table.row(context.address)
         if row is None or row.cfa_register is None:
             raise context.error(f"'{name}' is relative to the frame, and no CFI gives the frame at {context.where()}")
-        return _deref(row.cfa_offset + offset, _register(context, row.cfa_register, name))
+        return row.cfa_register, row.cfa_offset
     if op is not None and op.startswith("DW_OP_breg"):
-        return _deref(base[0].args[0] + offset, _register(context, int(op[len("DW_OP_breg"):]), name))
+        return int(op[len("DW_OP_breg"):]), base[0].args[0]
     if op is not None and op.startswith("DW_OP_reg"):
-        return _deref(offset, _register(context, int(op[len("DW_OP_reg"):]), name))
+        return int(op[len("DW_OP_reg"):]), 0
     raise context.error(f"'{name}' is relative to a frame base given as {[o.op_name for o in base]}, which a fetch "
                         f"argument cannot express")
 
@@ -332,7 +358,7 @@ def _access(context: _Context, place: _Place, accessors: str, expression: str) -
             if die_type is None or die_type.tag != "DW_TAG_pointer_type":
                 raise context.error(f"'{done}' is {describe_type(place.die_type)}, not a pointer: write {done}.{match[1]}")
             target = _pointee(die_type)
-            place = _member(context, _Place(_deref(0, place.value()), True, target), match[1], done)
+            place = _member(context, _Place(_deref(0, place.value()), True, target, computed=place.computed), match[1], done)
         elif match[2] is not None:  # .member
             if die_type is not None and die_type.tag == "DW_TAG_pointer_type":
                 raise context.error(f"'{done}' is a pointer: write {done}->{match[2]}")
@@ -346,10 +372,10 @@ def _access(context: _Context, place: _Place, accessors: str, expression: str) -
                     raise context.error(f"'{done}' has {count} elements; [{index}] is past its end")
                 if not place.memory:
                     raise context.error(f"'{done}' is not in memory at {context.where()}")
-                place = _Place(place.shifted(index * _size(element)), True, element)
+                place = _Place(place.shifted(index * _size(element)), True, element, computed=place.computed)
             elif die_type is not None and die_type.tag == "DW_TAG_pointer_type":
                 element = _pointee(die_type)
-                place = _Place(_deref(index * _size(element), place.value()), True, element)
+                place = _Place(_deref(index * _size(element), place.value()), True, element, computed=place.computed)
             else:
                 raise context.error(f"'{done}' is {describe_type(place.die_type)}: only arrays and pointers take [N]")
         done += match[0]
@@ -377,8 +403,8 @@ def _member(context: _Context, place: _Place, member: str, done: str) -> _Place:
             container = attrs.get("DW_AT_byte_size")
             container_bits = 8 * (container.value if container else _size(member_type))
             bit = 8 * offset + container_bits - attrs["DW_AT_bit_offset"].value - size
-        return _Place(place.shifted(bit // 8), True, member_type, (bit % 8, size))
-    return _Place(place.shifted(offset), True, member_type)
+        return _Place(place.shifted(bit // 8), True, member_type, (bit % 8, size), computed=place.computed)
+    return _Place(place.shifted(offset), True, member_type, computed=place.computed)
 
 
 def _find_member(struct: DIE, name: str) -> tuple[DIE, int] | None:
@@ -420,7 +446,7 @@ def _finish(context: _Context, place: _Place, name: str, wanted: str | None, exp
     else:
         source, fetch_type, retype = _natural(context, place, die_type, expression)
     text = f"{name}={source}:{fetch_type}" if fetch_type else f"{name}={source}"
-    return VariableFetch(text, name, retype)
+    return VariableFetch(text, name, retype, computed=place.computed)
 
 
 def _natural(context: _Context, place: _Place, die_type: DIE | None, expression: str):

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..x86_64.registers import BY_KERNEL_NAME
+from ..x86_64.registers import BY_KERNEL_NAME, DWARF_REGISTERS
+from .computed import DwarfValue
 from .fetchargs import (STRING_LIMIT, Address, Comm, Deref, FetchArg, FileOffset, Immediate, ImmediateString,
                         Register, RetVal, StackPointer, StackSlot)
 from .markerargs import MarkerOperand
@@ -91,7 +92,18 @@ def _word(source, hit: HitContext) -> int:
         return int.from_bytes(_read(hit, _address(source, hit), 8), "little")
     if isinstance(source, MarkerOperand):
         return int.from_bytes(_operand_bytes(source, hit)[:8], "little")
+    if isinstance(source, DwarfValue):
+        value = source.value(lambda number: _dwarf_register(hit, number),
+                             lambda address: int.from_bytes(_read(hit, address, 8), "little"))
+        if value is None:
+            raise _Fault(f"{source.text}: its DWARF expression cannot be evaluated")
+        return value
     raise _Fault(f"{source.format()} has no numeric value")
+
+
+def _dwarf_register(hit: HitContext, number: int) -> int | None:
+    register = DWARF_REGISTERS.get(number)
+    return getattr(hit.regs, register.field) if register is not None else None
 
 
 def _operand_bytes(operand: MarkerOperand, hit: HitContext) -> bytes:

@@ -17,6 +17,7 @@ from ..errors import ProbeSyntaxError
 from ..sdt.arguments import SdtArgument
 from ..sdt.notes import SdtSite
 from ..x86_64.registers import BY_FIELD
+from .computed import DwarfValue
 from .fetchargs import (Address, Deref, FetchArg, FetchType, FileOffset, Immediate, Register, UsdtArg,
                         parse_fetcharg, parse_fetchargs)
 
@@ -98,7 +99,8 @@ def _value_type(arg: SdtArgument) -> str | None:
 
 
 def kernel_limitation(fetcharg: FetchArg) -> str | None:
-    """Why tracefs cannot fetch ``fetcharg`` (a :class:`MarkerOperand` inside it), or None when it can."""
+    """Why tracefs cannot fetch ``fetcharg`` (a :class:`MarkerOperand` or a :class:`DwarfValue` inside it), or
+    None when it can."""
     operand = _operand(fetcharg.source)
     return operand.why_not_tracefs if operand else None
 
@@ -108,10 +110,10 @@ def kernel_fetchable(fetchargs: tuple[FetchArg, ...]) -> tuple[FetchArg, ...]:
     return tuple(arg for arg in fetchargs if kernel_limitation(arg) is None)
 
 
-def _operand(source) -> MarkerOperand | None:
+def _operand(source) -> MarkerOperand | DwarfValue | None:
     while isinstance(source, Deref):
         source = source.inner
-    return source if isinstance(source, MarkerOperand) else None
+    return source if isinstance(source, (MarkerOperand, DwarfValue)) else None
 
 
 def _value(arg: SdtArgument, site: SdtSite, obj: ElfObject) -> tuple[object, FetchType] | Unexpressible:

@@ -15,7 +15,7 @@ import re
 import struct
 import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..dwarf.info import DebugInfo
 from ..dwarf.lines import function_line, line_points, prologue_end
@@ -26,7 +26,7 @@ from ..elf.symbols import Symbol
 from ..errors import ProbeSyntaxError, ResolveError
 from ..sdt.notes import SdtSite, read_markers
 from ..x86_64.decode import instruction_containing, instruction_starts
-from .fetchargs import FetchArg, parse_fetchargs
+from .fetchargs import Deref, FetchArg, parse_fetchargs
 from .markerargs import kernel_fetchable, kernel_limitation, marker_fetchargs
 from .spec import MAX_NAME_LEN, ProbeSpec, parse_probe
 
@@ -144,7 +144,8 @@ def resolve_probe(spec: ProbeSpec, objects: dict[str, ElfObject] | None = None) 
             location = obj.describe_address(fetch.address)
         probes.append(Probe(spec.text, spec.is_return, spec.group or DEFAULT_GROUP, event, obj.path,
                             obj.vaddr_to_offset(fetch.address), fetch.address, location, spec.ref_ctr_offset,
-                            fetch.fetchargs, explicit_event=spec.event is not None, retyped=fetch.retyped))
+                            fetch.fetchargs, explicit_event=spec.event is not None, retyped=fetch.retyped,
+                            kernel_unavailable=fetch.kernel_unavailable))
     return probes
 
 
@@ -156,6 +157,11 @@ class _SourceFetch:
     address: int
     fetchargs: tuple[FetchArg, ...]
     retyped: tuple = ()
+
+    @property
+    def kernel_unavailable(self) -> tuple[str, ...]:
+        """The arguments tracefs cannot fetch (computed by a DWARF expression), and why."""
+        return tuple(f"{arg.name}: {kernel_limitation(arg)}" for arg in self.fetchargs if kernel_limitation(arg))
 
 
 def _source_fetchargs(spec: ProbeSpec, obj: ElfObject, address: int, function_entry: bool) -> _SourceFetch:
@@ -174,7 +180,7 @@ def _source_fetchargs(spec: ProbeSpec, obj: ElfObject, address: int, function_en
         if not named:
             return _SourceFetch(address, parse_fetchargs(tokens, is_return=spec.is_return))
         raise ResolveError(f"probe '{spec.text}': variables by name need DWARF: {exc}") from None
-    retyped = []
+    retyped, computed = [], {}
     if named and function_entry:
         fetches = [variable_fetcharg(info, address, obj.vaddr_to_offset(address), tokens[i], i + 1) for i in named]
         if any(fetch.frame_relative for fetch in fetches):
@@ -184,13 +190,25 @@ def _source_fetchargs(spec: ProbeSpec, obj: ElfObject, address: int, function_en
         tokens[i] = fetch.text
         if fetch.retype is not None:
             retyped.append((fetch.name, fetch.retype))
+        if fetch.computed is not None:
+            computed[i] = fetch.computed
     for i in retvals:
         fetch = retval_fetcharg(info, address, tokens[i], i + 1)
         if fetch is not None:
             tokens[i] = fetch.text
             if fetch.retype is not None:
                 retyped.append((fetch.name, fetch.retype))
-    return _SourceFetch(address, parse_fetchargs(tokens, is_return=spec.is_return), tuple(retyped))
+    fetchargs = list(parse_fetchargs(tokens, is_return=spec.is_return))
+    for i, value in computed.items():
+        fetchargs[i] = replace(fetchargs[i], source=_with_base(fetchargs[i].source, value))
+    return _SourceFetch(address, tuple(fetchargs), tuple(retyped))
+
+
+def _with_base(source, base):
+    """``source`` with its innermost part (what its dereferences start from) replaced by ``base``."""
+    if isinstance(source, Deref):
+        return replace(source, inner=_with_base(source.inner, base))
+    return base
 
 
 def _fetch_source(token: str) -> str:
@@ -350,7 +368,8 @@ def _resolve_line(spec: ProbeSpec, obj: ElfObject) -> list[Probe]:
         location = f"{os.path.basename(point.file)}:{point.line}"
         probes.append(Probe(spec.text, False, spec.group or DEFAULT_GROUP, event, obj.path,
                             obj.vaddr_to_offset(point.address), point.address, location, None, fetch.fetchargs,
-                            explicit_event=spec.event is not None, retyped=fetch.retyped))
+                            explicit_event=spec.event is not None, retyped=fetch.retyped,
+                            kernel_unavailable=fetch.kernel_unavailable))
     return probes
 
 

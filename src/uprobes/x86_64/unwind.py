@@ -22,6 +22,7 @@ from elftools.dwarf.dwarf_expr import DWARFExprParser
 from elftools.dwarf.structs import DWARFStructs
 from iced_x86 import Code, Decoder, DecoderOptions, Register
 
+from ..dwarf.expression import evaluate
 from ..elf.cfi import Rule, UnwindRow
 
 __all__ = ["RBP", "RSP", "RIP", "UNWOUND_REGISTERS", "PERF_REGISTER_BITS", "DEFAULT_DEPTH", "STACK_BYTES", "StackCopy", "Ending", "unwind", "frame_pointer_row"]
@@ -159,44 +160,14 @@ def _apply(rule: Rule, cfa: int, registers: dict[int, int], stack: StackCopy):
     return _MISSING  # UNDEFINED; ARCHITECTURAL is never x86-64's
 
 
-_BINARY = {
-    "DW_OP_and": lambda a, b: a & b, "DW_OP_or": lambda a, b: a | b, "DW_OP_xor": lambda a, b: a ^ b,
-    "DW_OP_plus": lambda a, b: a + b, "DW_OP_minus": lambda a, b: a - b, "DW_OP_mul": lambda a, b: a * b,
-    "DW_OP_shl": lambda a, b: a << b, "DW_OP_shr": lambda a, b: a >> b,
-    "DW_OP_ge": lambda a, b: int(a >= b), "DW_OP_gt": lambda a, b: int(a > b),
-    "DW_OP_le": lambda a, b: int(a <= b), "DW_OP_lt": lambda a, b: int(a < b),
-    "DW_OP_eq": lambda a, b: int(a == b), "DW_OP_ne": lambda a, b: int(a != b),
-}
-
-
 def _evaluate(expression: bytes, registers: dict[int, int], stack: StackCopy, push: int | None = None) -> int | None:
     """A CFI DWARF expression's value (the arithmetic the PLT's and signal frames' CFI use); None if it uses
     an operation we do not evaluate, or memory outside the copy."""
-    values = [] if push is None else [push]
     try:
-        for op in _expressions.parse_expr(list(expression)):
-            name = op.op_name
-            if name.startswith("DW_OP_lit"):
-                values.append(int(name[9:]))
-            elif name.startswith("DW_OP_breg"):
-                values.append(registers[int(name[10:])] + op.args[0])
-            elif name.startswith("DW_OP_const"):
-                values.append(op.args[0])
-            elif name == "DW_OP_plus_uconst":
-                values.append(values.pop() + op.args[0])
-            elif name in _BINARY:
-                right, left = values.pop(), values.pop()
-                values.append(_BINARY[name](left, right) & _MASK)
-            elif name == "DW_OP_deref":
-                word = stack.word(values.pop())
-                if word is None:
-                    return None
-                values.append(word)
-            else:
-                return None
-        return values[-1] & _MASK
+        operations = _expressions.parse_expr(list(expression))
     except (KeyError, IndexError, ValueError, _PyelftoolsELFError, DWARFError):  # a damaged expression
         return None
+    return evaluate(operations, registers.get, stack.word, push=push)
 
 
 def frame_pointer_row(function_start: int, pc: int, code: bytes) -> UnwindRow:

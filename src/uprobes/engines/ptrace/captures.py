@@ -15,11 +15,12 @@ from dataclasses import replace
 
 from ...probes.fetchargs import (Address, Comm, Deref, FetchArg, FileOffset, Immediate, ImmediateString, Register,
                                  RetVal, StackPointer, StackSlot, STRING_LIMIT)
+from ...probes.computed import DwarfValue
 from ...probes.markerargs import MarkerOperand
 from ...probes.resolve import Probe
 from ...proc.status import auxv
 from ...x86_64.abi import RETURN_VALUE
-from ...x86_64.registers import BY_KERNEL_NAME, GENERAL_REGISTERS
+from ...x86_64.registers import BY_KERNEL_NAME, DWARF_REGISTERS, GENERAL_REGISTERS
 from ...x86_64.trampolines import (Capture, CaptureBytes, CaptureFaults, CaptureLoad, CaptureRead, CaptureRegister,
                                    area)
 
@@ -92,6 +93,8 @@ def arg_captures(arg: FetchArg, probe: Probe, load_bias: int, captures: list[Cap
         return _loads(captures, CaptureLoad("rsp", 8 * source.n, 8), 8)
     if isinstance(source, MarkerOperand):
         return _operand(source, load_bias, captures)
+    if isinstance(source, DwarfValue):
+        return _computed(source, captures)
     if isinstance(source, Deref) and source not in probe.marker_memory:
         if arg.type is not None and arg.type.array or arg.size > 8:
             return _bytes(source, probe, load_bias, captures, arg.size)
@@ -171,6 +174,18 @@ def _operand(operand: MarkerOperand, load_bias: int, captures: list[Capture]) ->
         if register is not None:
             _add(captures, CaptureRegister(register))
     return _loads(captures, CaptureLoad(base, disp, 8, arg.index, arg.scale or 1), arg.size)
+
+
+def _computed(value: DwarfValue, captures: list[Capture]) -> str | None:
+    """A value a DWARF expression computes from registers: the registers, for the tracer to compute it from."""
+    if value.reads_memory:
+        return f"{value.text} is computed from memory"
+    for number in value.registers:
+        register = DWARF_REGISTERS.get(number)
+        if register is None or register.field not in _CAPTURED:
+            return f"{value.text} is computed from DWARF register {number}"
+        _add(captures, CaptureRegister(register.field))
+    return None
 
 
 def _loads(captures: list[Capture], first: CaptureLoad, size: int) -> None:

@@ -27,6 +27,7 @@ import numpy
 
 from ...output.columns import Group
 from ...output.event import Event
+from ...probes.computed import DwarfValue
 from ...probes.evaluate import HitContext, evaluate
 from ...probes.fetchargs import STRING_LIMIT
 from ...probes.resolve import Probe
@@ -62,6 +63,8 @@ def _columns(probe: Probe, load_bias: int, captures: tuple[Capture, ...]) -> dic
             continue  # a constant, $comm, %ip
         if any(isinstance(capture, CaptureRead) for capture in fresh):
             return None  # a read may fail: an error, not a number
+        if isinstance(arg.source, DwarfValue):
+            return None  # a value computed from several words
         loads = [capture for capture in fresh if isinstance(capture, CaptureLoad)]
         type_name = arg.type.name if arg.type is not None else "x64"
         integer = _INTEGER.fullmatch(type_name)
