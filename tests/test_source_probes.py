@@ -39,7 +39,7 @@ def engine(request, targets):
 
 
 def _program(targets, build: str) -> str:
-    return str(targets / f"sourcevars-{build}")
+    return str(targets / f"sourcevars-{build}")  # O0, O2, or dwz (-O2, its DWARF partly in build/sourcevars.dwz)
 
 
 def _printed(stdout: str, word: str) -> int:
@@ -132,7 +132,7 @@ def _events(records: list[dict], probe: str) -> list[dict]:
     return [record for record in records if record.get("probe") == probe]
 
 
-@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("build", [*BUILDS, "dwz"])
 def test_variables_by_name_are_what_the_program_sees(targets, engine, build):
     program = _program(targets, build)
     records, proc = run_json("trace", "--engine", engine, f"uprobe:{program}:area {AREA_ARGS}",
@@ -301,3 +301,53 @@ def test_the_kernel_engine_names_a_computed_variable_it_cannot_fetch(targets):
     assert [event["args"] for event in events] == [{"result": None, "x": int(seen["x"])}
                                                    for seen in _printed_lines(proc.stdout, "area")]
     assert all("tracefs cannot evaluate" in event["errors"]["result"] for event in events)
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_a_float_argument_and_a_returned_string(targets, engine, build):
+    """label_of(int i, double factor) returns a char *: $retval:string is the string; factor is in memory at
+    -O0 and in %xmm0 at -O2, where only the ptrace engine can read it."""
+    program = _program(targets, build)
+    records, proc = run_json("trace", "--engine", engine, f"uprobe:{program}:label_of i factor",
+                             f"uretprobe:{program}:label_of name=$retval:string", "--", program, "3")
+    assert proc.returncode == 0, proc.stderr
+    calls = _printed_lines(proc.stdout, "label_of")
+    labels = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("label ")]
+    entries = [event for event in records if event.get("probe", "").startswith("label_of") and "%" not in event["probe"]]
+    returns = [event for event in records if event.get("probe") == "label_of%return"]
+    assert [event["args"]["name"] for event in returns] == labels
+    assert [event["args"]["i"] for event in entries] == [int(call["i"]) for call in calls]
+    factors = [event["args"]["factor"] for event in entries]
+    if engine == "kernel" and build == "O2":
+        assert factors == [None] * len(calls) and "is in %xmm0, which tracefs cannot read" in proc.stderr
+    else:
+        assert factors == [float(call["factor"]) for call in calls]
+
+
+def test_a_dwz_file_that_is_not_there_is_a_one_line_error(targets, tmp_path):
+    alone = tmp_path / "sourcevars-dwz"
+    shutil.copy(targets / "sourcevars-dwz", alone)  # without build/sourcevars.dwz beside it
+    result = run_cli("resolve", f"uprobe:{alone}:area p->x")
+    assert result.status == 2
+    assert "its DWARF continues in the dwz file sourcevars.dwz (build-id " in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_dwarf_in_a_separate_debug_file(targets, engine):
+    """demo-debuglink is stripped; its DWARF is in demo.debug, found through .gnu_debuglink."""
+    stripped, whole = targets / "demo-debuglink", targets / "demo"
+    line = next(n for n, text in enumerate((TARGETS_DIR / "demo.c").read_text().splitlines(), 1)
+                if "grand_total += total;" in text)
+    for probe in (f"process_order item:string quantity id", f"demo.c:{line} total id"):
+        assert run_cli("resolve", f"uprobe:{stripped}:{probe}", check=True).stdout.split()[1:] == \
+            [word.replace(str(whole), str(stripped)) for word in
+             run_cli("resolve", f"uprobe:{whole}:{probe}", check=True).stdout.split()[1:]]
+    records, proc = run_json("trace", "--engine", engine, f"uprobe:{stripped}:process_order item:string quantity id",
+                             f"uprobe:{stripped}:demo.c:{line} total id", "--", str(stripped), "3")
+    assert proc.returncode == 0, proc.stderr
+    orders = [re.match(r"order (\d+): (\d+) x (\S+) = (\d+)", text).groups()
+              for text in proc.stdout.splitlines() if text.startswith("order ")]
+    assert [event["args"] for event in records if event.get("probe") == "process_order"] == [
+        {"item": item, "quantity": int(quantity), "id": int(order)} for order, quantity, item, _ in orders]
+    assert [event["args"] for event in records if event.get("probe") == f"demo.c:{line}"] == [
+        {"total": int(total), "id": int(order)} for order, _, _, total in orders]

@@ -6,6 +6,7 @@
  * Before calling consume(dead, keep) it prints "consume dead=D keep=K"; consume uses dead once, first thing.
  * Each line marked COUNTED below runs once per iteration; the program prints how often it ran:
  *   counted N
+ * label_of(i, factor) prints "label_of i=I factor=F" and returns names[i % 4], which main prints as "label NAME".
  * twice() is inlined (at -O0 too) twice per iteration; the program prints "twice N" with the number of its calls. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -51,6 +52,12 @@ __attribute__((noinline)) int consume(int dead, int keep)
     return keep;
 }
 
+__attribute__((noinline)) const char *label_of(int i, double factor)
+{
+    printf("label_of i=%d factor=%g\n", i, factor);
+    return names[i % 4];
+}
+
 static inline __attribute__((always_inline)) int twice(int v)
 {
     twice_calls++;
@@ -78,6 +85,7 @@ int main(int argc, char **argv)
         counted++; total += twice(i) + twice(i + 7); /* COUNTED */
         printf("consume dead=%d keep=%d\n", i * 11, i + 4);
         total += consume(i * 11, i + 4);
+        printf("label %s\n", label_of(i, 1.5 * i + 0.25));
     }
     printf("counted %d\n", counted);
     printf("twice %d\n", twice_calls);

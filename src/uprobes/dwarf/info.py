@@ -24,6 +24,7 @@ from elftools.dwarf.locationlists import LocationEntry, LocationExpr, LocationPa
 from elftools.dwarf.ranges import RangeEntry
 from elftools.dwarf.structs import DWARFStructs
 
+from ..elf.debuginfo import DEBUG_ROOTS, find_debug_file
 from ..elf.objfile import ElfObject
 from ..errors import ResolveError
 
@@ -312,8 +313,6 @@ class DebugInfo:
 
     @classmethod
     def _open(cls, obj: ElfObject) -> DebugInfo:
-        from ..elf.debuginfo import find_debug_file
-
         candidates = [obj]
         debug_path = find_debug_file(obj)
         if debug_path:
@@ -322,7 +321,9 @@ class DebugInfo:
             if holder.section(".debug_info") is None:
                 continue
             try:
-                return cls(obj, holder.path, holder.elf_file.get_dwarf_info(follow_links=False))
+                dwarf = holder.elf_file.get_dwarf_info(follow_links=False)
+                dwarf.supplementary_dwarfinfo = _alternate(holder)
+                return cls(obj, holder.path, dwarf)
             except _UNREADABLE as exc:
                 raise ResolveError(f"{holder.path}: unreadable DWARF ({exc})") from None
         hint = f" (its debug file {debug_path} has none either)" if debug_path else ""
@@ -409,6 +410,24 @@ class DebugInfo:
                 return chain[::-1]
             chain.append(inner)
             level = inner.children
+
+
+def _alternate(holder: ElfObject):
+    """The DWARF of the file ``.gnu_debugaltlink`` names (what dwz moved out of several debug files into one,
+    as Debian's debug packages have it), found by its path or its build-id; None when there is no link."""
+    raw = holder.section_bytes(".gnu_debugaltlink")
+    if not raw or b"\0" not in raw:
+        return None
+    name = raw[:raw.index(b"\0")].decode("utf-8", "replace")
+    build_id = raw[raw.index(b"\0") + 1:].hex()
+    candidates = [os.path.join(os.path.dirname(holder.path), name)]
+    if len(build_id) > 2:
+        candidates += [os.path.join(root, ".build-id", build_id[:2], build_id[2:] + ".debug") for root in DEBUG_ROOTS]
+    for path in candidates:
+        if os.path.isfile(path):
+            return ElfObject.open(path).elf_file.get_dwarf_info(follow_links=False)
+    raise ResolveError(f"{holder.path}: its DWARF continues in the dwz file {name} (build-id {build_id}), which is "
+                       f"not installed; install the package's debug symbols whole")
 
 
 _BY_OBJECT: weakref.WeakKeyDictionary[ElfObject, DebugInfo] = weakref.WeakKeyDictionary()

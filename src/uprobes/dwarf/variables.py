@@ -158,7 +158,8 @@ def variables_described(info: DebugInfo, address: int, file_offset: int) -> list
             available = bool(expression) and expression[0] not in _ENTRY_VALUE_CODES
             described.append(VariableInfo(name, describe_type(die_type), kind, None, str(exc), available=available))
             continue
-        location = place.source if place.computed is None else \
+        location = place.source if place.computed is None else f"%xmm{place.computed.xmm} (ptrace engine only)" \
+            if place.computed.xmm is not None else \
             f"computed ({' '.join(op.op_name for op in place.computed.operations)}; ptrace engine only)"
         described.append(VariableInfo(name, describe_type(place.die_type), kind, location, "",
                                       place.frame_relative))
@@ -271,6 +272,9 @@ def _place(context: _Context, expression: list[int], die_type: DIE | None, scope
     if len(names) == 1:
         if op.startswith("DW_OP_reg") or op == "DW_OP_regx":
             number = first.args[0] if op == "DW_OP_regx" else int(op[len("DW_OP_reg"):])
+            if number in _XMM and op != "DW_OP_regx":  # a float: the ptrace engine reads it
+                return _Place(_COMPUTED, False, die_type,
+                              computed=DwarfValue(bytes(expression), None, f"'{name}' at {context.where()}"))
             return _Place(_register(context, number, name), False, die_type)
         if op.startswith("DW_OP_breg") or op == "DW_OP_bregx":
             number, offset = (first.args if op == "DW_OP_bregx" else (int(op[len("DW_OP_breg"):]), first.args[0]))

@@ -1,5 +1,6 @@
-"""Values the DWARF computes at a hit, where tracefs has no way to say them: a fetch source the engines that
-read registers themselves evaluate (the ptrace engine), and the kernel engine leaves out, saying why.
+"""Values the DWARF computes at a hit, or keeps in an ``xmm`` register, where tracefs has no way to say them: a
+fetch source the engines that read registers themselves evaluate (the ptrace engine), and the kernel engine
+leaves out, saying why.
 
 An optimised program often keeps a variable as an expression of registers (``p->x * scale`` as rbx * rbp, a
 bitfield masked out of a register): DWARF writes it as a small stack program, which this source carries.
@@ -32,7 +33,15 @@ class DwarfValue:
 
     @property
     def why_not_tracefs(self) -> str:
+        if self.xmm is not None:
+            return f"{self.text} is in %xmm{self.xmm}, which tracefs cannot read"
         return f"{self.text} is computed by a DWARF expression, which tracefs cannot evaluate"
+
+    @property
+    def xmm(self) -> int | None:
+        """N when the value is the whole of register %xmmN (``DW_OP_reg17`` .. ``DW_OP_reg32``)."""
+        return self.expression[0] - 0x50 - 17 if len(self.expression) == 1 and 0x61 <= self.expression[0] <= 0x70 \
+            else None
 
     def format(self) -> str:
         from .markerargs import Unexpressible

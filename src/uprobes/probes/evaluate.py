@@ -92,6 +92,8 @@ def _word(source, hit: HitContext) -> int:
         return int.from_bytes(_read(hit, _address(source, hit), 8), "little")
     if isinstance(source, MarkerOperand):
         return int.from_bytes(_operand_bytes(source, hit)[:8], "little")
+    if isinstance(source, DwarfValue) and source.xmm is not None:
+        return int.from_bytes(_xmm(hit, source.xmm)[:8], "little")
     if isinstance(source, DwarfValue):
         value = source.value(lambda number: _dwarf_register(hit, number),
                              lambda address: int.from_bytes(_read(hit, address, 8), "little"))
@@ -99,6 +101,14 @@ def _word(source, hit: HitContext) -> int:
             raise _Fault(f"{source.text}: its DWARF expression cannot be evaluated")
         return value
     raise _Fault(f"{source.format()} has no numeric value")
+
+
+def _xmm(hit: HitContext, number: int) -> bytes:
+    """The 16 bytes of %xmmN at the hit."""
+    if hit.fpregs is None or number >= 16:
+        raise _Fault(f"%xmm{number} cannot be read here")
+    start = _FXSAVE_XMM + 16 * number
+    return hit.fpregs()[start:start + 16]
 
 
 def _dwarf_register(hit: HitContext, number: int) -> int | None:
@@ -110,11 +120,7 @@ def _operand_bytes(operand: MarkerOperand, hit: HitContext) -> bytes:
     """The value of a marker argument, ``arg.size`` bytes, decoded from its spec as the spec says."""
     arg = operand.arg
     if arg.kind == "reg":  # an xmm register: tracefs cannot read those
-        number = int(arg.reg[3:])
-        if hit.fpregs is None or number >= 16:
-            raise _Fault(f"%{arg.reg} cannot be read here")
-        start = _FXSAVE_XMM + 16 * number
-        return hit.fpregs()[start:start + arg.size]
+        return _xmm(hit, int(arg.reg[3:]))[:arg.size]
     address = arg.disp
     if operand.symbol_address is not None:
         address += operand.symbol_address + hit.probe_address - operand.site_address

@@ -178,6 +178,8 @@ def _operand(operand: MarkerOperand, load_bias: int, captures: list[Capture]) ->
 
 def _computed(value: DwarfValue, captures: list[Capture]) -> str | None:
     """A value a DWARF expression computes from registers: the registers, for the tracer to compute it from."""
+    if value.xmm is not None:
+        return f"reads %xmm{value.xmm}"
     if value.reads_memory:
         return f"{value.text} is computed from memory"
     for number in value.registers:
