@@ -486,23 +486,48 @@ def measure_insert(engine: str, count: int, probe_file: Path, runs: int) -> dict
     return {"status": "ok", "probes": count, **figure, "range": spread, "runs": results}
 
 
+def measure_command(command: list[str], runs: int) -> tuple[dict, str]:
+    """Wall time of a whole uprobes command (interpreter start-up included), after one run that warms the page
+    cache; and what that first run printed."""
+    _, result = _run(command)
+    if result.returncode != 0:
+        return {"status": "failed", "reason": _tail(result.stderr)}, ""
+    times = []
+    for _ in range(runs):
+        seconds, again = _run(command)
+        if again.returncode != 0:
+            return {"status": "failed", "reason": _tail(again.stderr)}, ""
+        times.append(seconds)
+    return {"status": "ok", "s": statistics.median(times), "min_s": min(times), "max_s": max(times), "runs": runs}, \
+        result.stdout
+
+
 def measure_list(path: str | None, runs: int) -> dict:
     if path is None or not os.path.exists(path):
         return {"status": "missing", "reason": f"{path or 'libjvm.so'} not found"}
-    command = [*UPROBES, "list", path, "--json"]
-    _, result = _run(command)  # warm the page cache, and count what it lists
-    if result.returncode != 0:
-        return {"status": "failed", "reason": _tail(result.stderr)}
-    listing = json.loads(result.stdout)
-    times = []
-    for _ in range(runs):
-        seconds, result = _run(command)
-        if result.returncode != 0:
-            return {"status": "failed", "reason": _tail(result.stderr)}
-        times.append(seconds)
-    return {"status": "ok", "path": path, "s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-            "runs": runs, "functions": len(listing["functions"]),
-            "marker_sites": sum(len(m["sites"]) for m in listing["markers"]), "size_bytes": os.path.getsize(path)}
+    record, printed = measure_command([*UPROBES, "list", path, "--json"], runs)
+    if record["status"] != "ok":
+        return record
+    listing = json.loads(printed)
+    return record | {"path": path, "functions": len(listing["functions"]),
+                     "marker_sites": sum(len(m["sites"]) for m in listing["markers"]), "size_bytes": os.path.getsize(path)}
+
+
+def measure_dwarf(runs: int) -> dict[str, dict]:
+    """How long libc's DWARF (libc6-dbg's debug file) takes to answer: a function's variables, its lines, and
+    a probe on one of those lines with a variable, each a whole command."""
+    libc = UNWIND_TABLES[0]
+    lines_record, printed = measure_command([*UPROBES, "list", "--lines", "--json", libc, "malloc"], runs)
+    results = {"list --lines libc malloc": lines_record}
+    if lines_record["status"] != "ok":
+        return results
+    listing = json.loads(printed)
+    line = [entry["line"] for entry in listing["lines"] if entry["code"]][2]
+    base = os.path.basename(listing["file"])
+    results["list --vars libc malloc"] = measure_command([*UPROBES, "list", "--vars", libc, "malloc"], runs)[0]
+    results[f"resolve 'uprobe:libc:{base}:{line} bytes'"] = measure_command(
+        [*UPROBES, "resolve", f"uprobe:{libc}:{base}:{line} bytes"], runs)[0]
+    return results
 
 
 def measure_rss(engine: str, probe_file: Path, workdir: Path) -> dict:
@@ -641,6 +666,9 @@ def table(results: dict) -> str:
         extra.append([f"uprobes trace --json -o FILE ({_TRACE_LABELS[engine]})", _outcome(record, lambda r: (
             f"{r['events_per_s']:,.0f} events/s with none lost ({r['min']:,.0f}–{r['max']:,.0f}; the target paced at "
             f"{', '.join(f'{rate:,}' for rate in TRACE_RATES)} hits/s, up to the first rate with a loss)"))])
+    for what, record in results["dwarf"].items():
+        extra.append([f"uprobes {what} (DWARF from libc6-dbg)", _outcome(record, lambda r: (
+            f"{r['s']:.2f} s ({r['min_s']:.2f}–{r['max_s']:.2f}; includes interpreter start-up)"))])
     for name, record in results["tables"].items():
         extra.append([f"unwind table of {name}: ready for its first lookup", _outcome(record, lambda r: (
             f"{r['s'] * 1000:.1f} ms ({r['min_s'] * 1000:.1f}–{r['max_s'] * 1000:.1f})"))])
@@ -710,7 +738,7 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--quick", action="store_true", help="a smoke test: 2 runs, short spans, fewer probes")
     parser.add_argument("--only", help="comma-separated globs: SITE/TOOL, insert/ENGINE, list/NAME, trace/ENGINE, "
-                                       "stacks/ENGINE, tables/NAME, rss/ENGINE")
+                                       "stacks/ENGINE, tables/NAME, dwarf/libc, rss/ENGINE")
     parser.add_argument("--output", default=str(BENCH / "results.json"), help="where to write the results")
     parser.add_argument("--runs", type=int, help="runs per N (default 5, --quick 2)")
     parser.add_argument("--span", type=float, help="seconds of hits between t(N/4) and t(N) (default 0.6)")
@@ -725,7 +753,7 @@ def main() -> int:
     results: dict = {"machine": machine(), "settings": {"runs": runs, "span_s": span, "quick": args.quick,
                                                         "only": only, "command": shlex.join(sys.argv)},
                      "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                     "sites": _site_plans(), "hits": {}, "insert": {}, "list": {}, "trace": {}, "stacks": {},
+                     "sites": _site_plans(), "hits": {}, "insert": {}, "list": {}, "dwarf": {}, "trace": {}, "stacks": {},
                      "tables": {}, "rss": {},
                      "failures": []}
 
@@ -778,6 +806,11 @@ def main() -> int:
             if _selected(f"list/{name}", only):
                 results["list"][name] = measure_list(path, runs)
                 note(f"list/{name}", results["list"][name])
+        if _selected("dwarf/libc", only):
+            print("DWARF:", file=sys.stderr)
+            results["dwarf"] = measure_dwarf(runs)
+            for what, record in results["dwarf"].items():
+                note(f"dwarf/{what}", record)
         for section, title, engines, measure_engine in (("trace", "trace rate", TRACE_ENGINES, measure_trace),
                                                         ("stacks", "stack cost", STACK_COSTS, measure_stack_cost)):
             if any(_selected(f"{section}/{e}", only) for e in engines):

@@ -201,3 +201,22 @@ def test_list_of_a_process_says_when_nothing_matches(targets):
     finally:
         target.kill()
         target.wait()
+
+
+def test_readme_dwarf_examples_run_as_written(targets):
+    """The shell block of the README's DWARF section, run from tests/targets as it says (ptrace engine)."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Source lines and variables (DWARF)"):]
+    block = section[section.index("```sh\n") + 6:section.index("```", section.index("```sh\n") + 6)]
+    commands = [line.split("   #")[0].strip() for line in block.replace("\\\n", " ").splitlines()
+                if line.startswith("uprobes ")]
+    assert len(commands) == 4
+    for command in commands:
+        proc = subprocess.run(f"{sys.executable} -m {command}", shell=True, capture_output=True, text=True,
+                              cwd=Path(__file__).parent / "targets", timeout=120)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, (command, proc.stderr)
+        if command.startswith("uprobes count"):
+            assert re.search(r"sourcevars\.c:85\s+5\s", proc.stdout), proc.stdout
+            assert "counted++;" in (Path(__file__).parent / "targets" / "sourcevars.c").read_text().splitlines()[84]
+        if command.startswith("uprobes trace"):
+            assert re.search(r"area p_x=10 p_name=\"zero\" p_inner_y=0 p_color=\"BLUE\" scale=1", proc.stdout)

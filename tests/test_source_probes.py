@@ -338,7 +338,7 @@ def test_dwarf_in_a_separate_debug_file(targets, engine):
     stripped, whole = targets / "demo-debuglink", targets / "demo"
     line = next(n for n, text in enumerate((TARGETS_DIR / "demo.c").read_text().splitlines(), 1)
                 if "grand_total += total;" in text)
-    for probe in (f"process_order item:string quantity id", f"demo.c:{line} total id"):
+    for probe in ("process_order item:string quantity id", f"demo.c:{line} total id"):
         assert run_cli("resolve", f"uprobe:{stripped}:{probe}", check=True).stdout.split()[1:] == \
             [word.replace(str(whole), str(stripped)) for word in
              run_cli("resolve", f"uprobe:{whole}:{probe}", check=True).stdout.split()[1:]]
@@ -351,3 +351,13 @@ def test_dwarf_in_a_separate_debug_file(targets, engine):
         {"item": item, "quantity": int(quantity), "id": int(order)} for order, quantity, item, _ in orders]
     assert [event["args"] for event in records if event.get("probe") == f"demo.c:{line}"] == [
         {"total": int(total), "id": int(order)} for order, _, _, total in orders]
+
+
+def test_a_parameter_of_each_inlined_copy(targets, engine):
+    """twice(v) is inlined twice per iteration, with v = i and v = i + 7: each copy reads its own v."""
+    program = _program(targets, "O0")
+    records, proc = run_json("trace", "--engine", engine, f"uprobe:{program}:sourcevars.c:{TWICE_BODY} v",
+                             "--", program, "3")
+    assert proc.returncode == 0, proc.stderr
+    values = [event["args"]["v"] for event in records if "args" in event]
+    assert values == [v for i in range(_printed(proc.stdout, "counted")) for v in (i, i + 7)]
