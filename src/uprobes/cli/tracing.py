@@ -165,7 +165,12 @@ class _Run:
         if self.child:
             self.child.release()
         self.status = 0
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS - mask)  # a stop that came meanwhile ends the run now
+        self._mask = mask
+
+    def go(self) -> None:
+        """Let stop signals in: one that came while the run was set up ends it now, as a stop does, inside the
+        caller's ``try`` (so what was counted or seen is still reported)."""
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS - self._mask)
 
     def poll(self, timeout: float) -> list:
         """The engine's events of up to ``timeout`` seconds; its warnings meanwhile go to stderr at once."""
@@ -277,6 +282,7 @@ def run_trace(args: argparse.Namespace) -> int:
                   else EventWriter(out, args.format == "json"))
         seen = 0
         try:
+            run.go()
             while True:
                 finished = run.finished()
                 events = run.poll_columns(0 if finished else _POLL_SECONDS)
@@ -345,6 +351,7 @@ def run_count(args: argparse.Namespace) -> int:
         run = _Run(args, stack, counting=True)
         next_report = time.monotonic() + args.interval if args.interval else None
         try:
+            run.go()
             while not run.finished():
                 run.poll(_POLL_SECONDS)  # the ptrace engine services its target in here
                 if next_report is not None and time.monotonic() >= next_report:
@@ -371,6 +378,7 @@ def run_latency(args: argparse.Namespace) -> int:
         histogram = Log2Histogram()
         started: dict[int, list[int]] = {}  # tid -> entry times of the calls in flight (innermost last)
         try:
+            run.go()
             while True:
                 finished = run.finished()
                 for event in run.poll(0 if finished else _POLL_SECONDS):
@@ -413,6 +421,7 @@ def run_stacks(args: argparse.Namespace) -> int:
         run = _Run(args, stack, stacks=_stack_limits(args))
         counts = StackCounts()
         try:
+            run.go()
             while True:
                 finished = run.finished()
                 counts.add(run.poll(0 if finished else _POLL_SECONDS))
