@@ -374,3 +374,17 @@ def test_a_real_interpreters_audit_events_read_their_names_as_a_trap_does():
     (jumped, stderr), (trapped, _) = runs[False], runs[True]
     assert "1 of 1 probe points were jumps" in stderr, stderr
     assert jumped == trapped and "hello" in jumped and "open" in jumped, jumped
+
+
+def test_two_reads_of_one_address_with_different_sizes(targets):
+    """A 16-bit and an 8-bit read of the same address in one record (a bitfield's container and a byte beside
+    it): each gets its own bytes, as a trap reads them (the byte's shorter read once hid the other's)."""
+    program = str(targets / "sourcevars-O0")  # at area+0x16, p is at -40(%rbp); p->inner.z is at +28
+    probe = f"uprobe:{program}:area+0x16 z=+28(-40(%bp)):u16 low=+28(-40(%bp)):u8"
+    runs = {}
+    for options in ([], ["--trap"]):
+        events, proc, _ = _trace(*options, probe, "--", program, "3")
+        assert proc.returncode == 0, proc.stderr
+        runs[bool(options)] = [event["args"] for event in events]
+        zs = [int(z) for z in re.findall(r" z=(\d+)", proc.stdout)]
+    assert runs[False] == runs[True] == [{"z": z, "low": z & 0xFF} for z in zs]

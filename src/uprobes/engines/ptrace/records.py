@@ -160,6 +160,13 @@ class _Unknown:
         self.process, self.tid, self.comm = process, process.pid, ""
 
 
+def _keep(chunks: dict[int, bytes], address: int, data: bytes) -> None:
+    """Note ``data`` read at ``address``, unless a longer read there is noted (two arguments may read one
+    address with different sizes: a 16-bit bitfield container and a byte)."""
+    if len(data) > len(chunks.get(address, b"")):
+        chunks[address] = data
+
+
 class _Memory:
     """The memory a record holds, by address: ``chunks`` of bytes, and ``strings`` (None: unreadable)."""
 
@@ -469,15 +476,16 @@ class Recorder:
         registers: dict[str, int] = dict(zip(site.fields, words))
         registers.pop(None, None)
         registers["rip"], registers["fs_base"] = site.address, key
-        chunks = {capture.address(registers): words[i].to_bytes(8, "little")[:capture.size]
-                  for i, capture in site.loads}
+        chunks: dict[int, bytes] = {}
+        for i, capture in site.loads:
+            _keep(chunks, capture.address(registers), words[i].to_bytes(8, "little")[:capture.size])
         values: dict[CaptureRead, int] = {}
         if site.reads:
             failed = words[site.faults]
             for i, read in site.reads:
                 values[read] = words[i]
                 if not failed >> i & 1:
-                    chunks[read.address(registers, values)] = words[i].to_bytes(8, "little")[:read.size]
+                    _keep(chunks, read.address(registers, values), words[i].to_bytes(8, "little")[:read.size])
         strings: dict[int, bytes | None] = {}
         cursor = 0
         for i, capture in site.areas if record_area is not None else ():
@@ -487,7 +495,7 @@ class Recorder:
             if capture.string:
                 strings[capture.address(registers, values)] = data
             elif taken == capture.size:
-                chunks[capture.address(registers, values)] = data
+                _keep(chunks, capture.address(registers, values), data)
         retval = return_value(registers[RETURN_VALUE]) if site.returns else None
         context = HitContext(_Registers(registers), _Memory(chunks, strings), site.address, site.file_offset,
                              thread.comm, retval)
