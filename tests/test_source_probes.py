@@ -39,7 +39,8 @@ def engine(request, targets):
 
 
 def _program(targets, build: str) -> str:
-    return str(targets / f"sourcevars-{build}")  # O0, O2, or dwz (-O2, its DWARF partly in build/sourcevars.dwz)
+    # O0, O2, dwz (-O2, its DWARF partly in build/sourcevars.dwz), dwarf4 (-O2 -gdwarf-4), dwarf2 (-O0, strict 2)
+    return str(targets / f"sourcevars-{build}")
 
 
 def _printed(stdout: str, word: str) -> int:
@@ -115,12 +116,12 @@ def test_bad_line_probes_are_one_line_errors(targets, probe, message):
 
 COLORS = {0: "RED", 5: "GREEN", 6: "BLUE"}  # enum color in sourcevars.c
 AREA_ARGS = ("p->x p->big p->name:string p->inner.y p->inner.z p->flag p->level p->tag[2] p->color p->ratio scale "
-             "label:string")
+             "label:string p->grid[1][2] row=p->grid[1]")
 # What the program prints about area()'s arguments -> our argument name and how the printed text reads.
 PRINTED = {"x": ("p_x", int), "big": ("p_big", int), "name": ("p_name", str), "y": ("p_inner_y", int),
            "z": ("p_inner_z", int), "flag": ("p_flag", int), "level": ("p_level", int), "tag2": ("p_tag_2", int),
            "color": ("p_color", lambda text: COLORS[int(text)]), "ratio": ("p_ratio", float),
-           "scale": ("scale", int), "label": ("label", str)}
+           "scale": ("scale", int), "label": ("label", str), "g12": ("p_grid_1_2", int)}
 
 
 def _printed_lines(stdout: str, word: str) -> list[dict[str, str]]:
@@ -132,7 +133,7 @@ def _events(records: list[dict], probe: str) -> list[dict]:
     return [record for record in records if record.get("probe") == probe]
 
 
-@pytest.mark.parametrize("build", [*BUILDS, "dwz"])
+@pytest.mark.parametrize("build", [*BUILDS, "dwz", "dwarf4", "dwarf2"])
 def test_variables_by_name_are_what_the_program_sees(targets, engine, build):
     program = _program(targets, build)
     records, proc = run_json("trace", "--engine", engine, f"uprobe:{program}:area {AREA_ARGS}",
@@ -143,7 +144,9 @@ def test_variables_by_name_are_what_the_program_sees(targets, engine, build):
     entries = [e for e in records if e.get("probe", "").startswith("area") and not e["probe"].endswith("%return")]
     assert len(entries) == len(printed) == 4
     for event, seen in zip(entries, printed):
-        assert event["args"] == {name: parse(seen[key]) for key, (name, parse) in PRINTED.items()}, event
+        i = int(seen["x"]) - 10  # grid[r][c] is 100 * i + 10 * r + c
+        assert event["args"] == {name: parse(seen[key]) for key, (name, parse) in PRINTED.items()} | {
+            "row": [100 * i + 10, 100 * i + 11, 100 * i + 12]}, event
     returns = _events(records, "area%return")
     assert [event["retval"] for event in returns] == [int(seen["x"]) * int(seen["scale"]) for seen in printed]
     assert [event["args"]["arg1"] for event in returns] == [event["retval"] for event in returns]
@@ -361,3 +364,21 @@ def test_a_parameter_of_each_inlined_copy(targets, engine):
     assert proc.returncode == 0, proc.stderr
     values = [event["args"]["v"] for event in records if "args" in event]
     assert values == [v for i in range(_printed(proc.stdout, "counted")) for v in (i, i + 7)]
+
+
+@pytest.mark.parametrize("build", [*BUILDS, "dwarf4", "dwarf2"])
+def test_a_function_on_one_line_and_a_returned_double(targets, engine, build):
+    """thrice(v) is written on one line: at -O0 its prologue's end is a second row of that line, where v is
+    stored. half(x) returns a double in %xmm0: the ptrace engine reads it, the kernel engine names it."""
+    program = _program(targets, build)
+    records, proc = run_json("trace", "--engine", engine, f"uprobe:{program}:thrice v",
+                             f"uretprobe:{program}:half $retval", "--", program, "3")
+    assert proc.returncode == 0, proc.stderr
+    thrice = [int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("thrice ")]
+    halves = [float(line.split()[2]) for line in proc.stdout.splitlines() if line.startswith("half ")]
+    assert [event["args"]["v"] for event in records if event.get("probe", "").startswith("thrice")] == thrice
+    returned = [event["args"]["arg1"] for event in records if event.get("probe") == "half%return"]
+    if engine == "kernel":
+        assert returned == [None] * len(halves) and "$retval is in %xmm0, which tracefs cannot read" in proc.stderr
+    else:
+        assert returned == halves

@@ -2,7 +2,9 @@
  * Built twice: -g -O0 and -g -O2 -fomit-frame-pointer. Usage: sourcevars N
  *
  * For i = 0..N-1 it calls area() on a struct it fills from i, and prints what area() sees, one line per call:
- *   area x=X big=B name=NAME y=Y z=Z flag=F level=L tag2=T color=C ratio=R scale=S label=LABEL
+ *   area x=X big=B name=NAME y=Y z=Z flag=F level=L tag2=T color=C ratio=R scale=S label=LABEL g12=G
+ * (g12 is p->grid[1][2]; grid[r][c] is 100 * i + 10 * r + c). Then it prints "thrice V W" for thrice(V) = W (a
+ * function written on one line) and "half X Y" for half(X) = Y (a double returned in %xmm0).
  * Before calling consume(dead, keep) it prints "consume dead=D keep=K"; consume uses dead once, first thing.
  * Each line marked COUNTED below runs once per iteration; the program prints how often it ran:
  *   counted N
@@ -28,6 +30,7 @@ struct point {
     unsigned char tag[4];
     double ratio;
     enum color color;
+    int grid[2][3];
 };
 
 static const char *names[] = {"zero", "one", "two", "three"};
@@ -38,9 +41,9 @@ __attribute__((noinline)) long area(struct point *p, int scale, const char *labe
 {
     long result = (long)p->x * scale;
     sink += p->big;
-    printf("area x=%d big=%ld name=%s y=%d z=%d flag=%u level=%u tag2=%u color=%d ratio=%g scale=%d label=%s\n",
-           p->x, p->big, p->name, p->inner.y, p->inner.z, p->flag, p->level, p->tag[2], p->color, p->ratio,
-           scale, label);
+    printf("area x=%d big=%ld name=%s y=%d z=%d flag=%u level=%u tag2=%u color=%d ratio=%g scale=%d label=%s "
+           "g12=%d\n", p->x, p->big, p->name, p->inner.y, p->inner.z, p->flag, p->level, p->tag[2], p->color,
+           p->ratio, scale, label, p->grid[1][2]);
     return result;
 }
 
@@ -50,6 +53,13 @@ __attribute__((noinline)) int consume(int dead, int keep)
     keep = keep * 3 + (int)(sink & 1);
     printf("consume %d\n", keep);
     return keep;
+}
+
+__attribute__((noinline)) int thrice(int v) { return v * 3 + (int)(sink & 1); }
+
+__attribute__((noinline)) double half(double x)
+{
+    return x / 2;
 }
 
 __attribute__((noinline)) const char *label_of(int i, double factor)
@@ -81,11 +91,16 @@ int main(int argc, char **argv)
         pt.tag[2] = (unsigned char)(250 + i);
         pt.ratio = 0.5 * i;
         pt.color = i % 2 ? GREEN : BLUE;
+        for (int r = 0; r < 2; r++)
+            for (int c = 0; c < 3; c++)
+                pt.grid[r][c] = 100 * i + 10 * r + c;
         total += area(&pt, i + 1, "lbl");
         counted++; total += twice(i) + twice(i + 7); /* COUNTED */
         printf("consume dead=%d keep=%d\n", i * 11, i + 4);
         total += consume(i * 11, i + 4);
         printf("label %s\n", label_of(i, 1.5 * i + 0.25));
+        printf("thrice %d %d\n", i + 2, thrice(i + 2));
+        printf("half %g %g\n", i + 0.5, half(i + 0.5));
     }
     printf("counted %d\n", counted);
     printf("twice %d\n", twice_calls);

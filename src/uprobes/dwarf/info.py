@@ -129,13 +129,16 @@ class LineTable:
         for index, entry in enumerate(program["file_entry"]):
             name = _text(entry.name)
             dir_index = entry.dir_index
-            if version < 5:  # DWARF 4 counts directories from 1 (0 is the unit's own) and files from 1
-                directory = directories[dir_index - 1] if 0 < dir_index <= len(directories) else self.directory
+            # Directories other than the compilation directory may be relative to it. DWARF 5 lists it first;
+            # DWARF 4 leaves it to the unit (DW_AT_comp_dir) and counts directories and files from 1.
+            if version < 5:
+                base = self.directory
+                directory = directories[dir_index - 1] if 0 < dir_index <= len(directories) else ""
                 index += 1
             else:
-                directory = directories[dir_index] if dir_index < len(directories) else ""
-            if directory and not directory.startswith("/") and self.directory:
-                directory = os.path.join(self.directory, directory)
+                base = directories[0] if directories else ""
+                directory = directories[dir_index] if 0 < dir_index < len(directories) else ""
+            directory = os.path.join(base, directory) if directory else base
             names[index] = os.path.normpath(name if name.startswith("/") or not directory
                                             else os.path.join(directory, name))
         return names
@@ -249,9 +252,10 @@ class Unit:
         """A location attribute parsed: a :class:`LocationExpr`, or a list of location-list entries."""
         return self.info.location_parser.parse_from_attribute(attr, self.cu.header.version, die=die)
 
-    def location_at(self, die: DIE, address: int) -> list | None:
-        """The DWARF expression (its bytes) locating ``die``'s value at ``address``; None where it has none."""
-        attr = die.attributes.get("DW_AT_location")
+    def location_at(self, die: DIE, address: int, attribute: str = "DW_AT_location") -> list | None:
+        """The DWARF expression (its bytes) locating ``die``'s value (or its ``attribute``: the frame base) at
+        ``address``; None where it has none."""
+        attr = die.attributes.get(attribute)
         if attr is None:
             return None
         parsed = self.location(attr, die)

@@ -95,16 +95,16 @@ def lines_with_code_in(info: DebugInfo, copies: list[Scope]) -> set[int]:
 
 
 def prologue_end(info: DebugInfo, entry: int) -> int | None:
-    """Where the function starting at ``entry`` has built its frame: its first statement row of another line
-    than its opening one (as GDB and perf probe skip a prologue); None when its line table does not say."""
+    """Where the function starting at ``entry`` has built its frame: its second statement row (the first
+    after the entry's, of its first line or of its opening line when it is written on one), as GDB and perf
+    probe skip a prologue; None when its line table does not say."""
     unit = info.unit_at(entry)
     scope = next((s for s in info.scopes_at(entry) if s.kind == "function"), None)
     if unit is None or scope is None:
         return None
     rows = sorted((row for row in unit.rows if row.is_stmt and not row.end_sequence and scope.contains(row.address)),
                   key=lambda row: row.address)
-    opening = next((row.line for row in rows if row.address == entry), None)
-    return next((row.address for row in rows if row.address > entry and row.line != opening), None)
+    return next((row.address for row in rows if row.address > entry), None)
 
 
 def _instances(scopes: list[Scope], name: str):
@@ -180,7 +180,7 @@ def _entries(info: DebugInfo, scope: Scope, rows: list[LineRow]) -> list[LinePoi
     flow: dict[int, list[int]] = {}
     for low, high in scope.function.ranges:
         flow.update(predecessors(info.obj.read(low, high - low), low))
-    statements = _StatementLines(unit)
+    lines = _RowLines(unit)
     target = (rows[0].file, rows[0].line)
 
     def line_of(address: int) -> tuple[str | None, int | None] | None:
@@ -189,7 +189,7 @@ def _entries(info: DebugInfo, scope: Scope, rows: list[LineRow]) -> list[LinePoi
         inner = _inlined_child(scope, address)
         if inner is not None:
             return _call_file(unit, inner), inner.call_line
-        return statements.at(address)
+        return lines.at(address)
 
     entered = []
     for address in sorted({row.address for row in rows}):
@@ -211,16 +211,15 @@ def _inlined_child(scope: Scope, address: int) -> Scope | None:
     return None
 
 
-class _StatementLines:
-    """The line each address belongs to by the statement rows: the last one at or before it."""
+class _RowLines:
+    """The line each address belongs to: that of the last row at or before it (statement or not: a scheduled
+    instruction of another line, between two of this one's, is code of that other line)."""
 
     def __init__(self, unit: Unit) -> None:
         marks = []
         for order, row in enumerate(unit.rows):
-            if row.end_sequence:
-                marks.append((row.address, 0, order, None))
-            elif row.is_stmt:
-                marks.append((row.address, 1, order, (row.file, row.line)))
+            marks.append((row.address, int(not row.end_sequence), order,
+                          None if row.end_sequence else (row.file, row.line)))
         marks.sort()
         self.addresses = [mark[0] for mark in marks]
         self.lines = [mark[3] for mark in marks]
@@ -232,11 +231,12 @@ class _StatementLines:
 
 def _no_code_message(info: DebugInfo, wanted: str, line: int, text: str, matched_file: bool) -> str:
     if not matched_file:
-        files = sorted({os.path.basename(row.file) for unit in info.units() for row in unit.rows})
-        return (f"probe '{text}': no source file '{wanted}' in the line tables of {info.path}"
-                f"{'; it has ' + ', '.join(files[:8]) if files else ''}")
+        named = any(file_matches(name, wanted) for table in info.line_tables() for name in table.file_names.values())
+        if named:
+            return f"probe '{text}': no code in {info.path} comes from '{wanted}' (it declares, it does not define)"
+        return (f"probe '{text}': no source file '{wanted}' in the line tables of {info.path}; "
+                f"'uprobes list --lines {info.obj.path} FUNCTION' shows a function's file and lines")
     lines = sorted(set().union(*lines_with_code(info, wanted).values()))
-    below = [n for n in lines if n < line][-1:]
-    above = [n for n in lines if n > line][:1]
-    near = " and ".join(str(n) for n in below + above)
-    return f"probe '{text}': {wanted}:{line} has no code; the nearest lines with code are {near}"
+    near = [n for n in lines if n < line][-1:] + [n for n in lines if n > line][:1]
+    nearest = f"lines with code are {' and '.join(map(str, near))}" if len(near) > 1 else f"line with code is {near[0]}"
+    return f"probe '{text}': {wanted}:{line} has no code; the nearest {nearest}"

@@ -14,12 +14,15 @@ only). What tracefs cannot express (a value the compiler computes from several r
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
 
 from elftools.dwarf.die import DIE
+from elftools.dwarf.dwarf_expr import DWARFExprParser
 from elftools.dwarf.enums import ENUM_DW_ATE
+from elftools.dwarf.locationlists import LocationExpr
 
 from ..elf.objfile import ElfObject
 from ..errors import ResolveError
@@ -38,10 +41,13 @@ _QUALIFIERS = {"DW_TAG_typedef", "DW_TAG_const_type", "DW_TAG_volatile_type", "D
 _SIGNED = {"DW_ATE_signed", "DW_ATE_signed_char"}
 _UNSIGNED = {"DW_ATE_unsigned", "DW_ATE_unsigned_char", "DW_ATE_boolean", "DW_ATE_UTF"}
 _MAX_ARRAY = 64
+_REFERENCES = ("DW_TAG_reference_type", "DW_TAG_rvalue_reference_type")
 _ENTRY_VALUE_OPS = ("DW_OP_entry_value", "DW_OP_GNU_entry_value")
 _ENTRY_VALUE_CODES = (0xA3, 0xF3)
+_UNPARSABLE = (KeyError, IndexError, ValueError, TypeError, AttributeError)  # pyelftools on operations it lacks
 _ENCODINGS = {value: name for name, value in ENUM_DW_ATE.items()}
 _XMM = range(17, 33)
+_DW_OP_REG0 = 0x50
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,7 @@ class _Place:
     memory: bool
     die_type: DIE | None
     bits: tuple[int, int] | None = None  # (bit offset, bit size) of a bitfield
+    dims: tuple[int | None, ...] | None = None  # of an array type indexed already: the dimensions left
     frame_relative: bool = False
     computed: DwarfValue | None = None  # what _COMPUTED in ``source`` stands for
 
@@ -224,7 +231,11 @@ def retval_fetcharg(info: DebugInfo, function_address: int, token: str, position
     if not scopes or "DW_AT_type" not in scopes[0].origin.attributes:
         return None
     context = _Context(info, function_address, 0, token)
-    place = _Place("$retval", False, scopes[0].origin.get_DIE_from_attribute("DW_AT_type"))
+    return_type = scopes[0].origin.get_DIE_from_attribute("DW_AT_type")
+    if _encoding(_strip(return_type)) in ("DW_ATE_float", "DW_ATE_complex_float"):  # returned in %xmm0
+        place = _Place(_COMPUTED, False, return_type, computed=DwarfValue(bytes([_DW_OP_REG0 + 17]), None, "$retval"))
+    else:
+        place = _Place("$retval", False, return_type)
     try:
         return _finish(context, place, name or f"arg{position}", wanted if colon else None, "$retval")
     except ResolveError:
@@ -263,7 +274,11 @@ def _lives(unit: Unit, die: DIE) -> str:
 
 def _place(context: _Context, expression: list[int], die_type: DIE | None, scope: Scope | None, name: str,
            unit: Unit, die: DIE) -> _Place:
-    operations = unit.expressions.parse_expr(expression)
+    try:
+        operations = unit.expressions.parse_expr(expression)
+    except _UNPARSABLE:
+        raise context.error(f"'{name}' is located at {context.where()} by a DWARF operation uprobes cannot read "
+                            f"({expression[:1]}){_lives(unit, die)}") from None
     names = [op.op_name for op in operations]
     if len(names) == 2 and names[1] == "DW_OP_piece":
         operations = operations[:1]
@@ -280,10 +295,14 @@ def _place(context: _Context, expression: list[int], die_type: DIE | None, scope
             number, offset = (first.args if op == "DW_OP_bregx" else (int(op[len("DW_OP_breg"):]), first.args[0]))
             return _Place(_deref(offset, _register(context, number, name)), True, die_type)
         if op == "DW_OP_fbreg":
-            single = die.attributes["DW_AT_location"].form == "DW_FORM_exprloc"
-            return _Place(_frame_base(context, scope, first.args[0], name), True, die_type, frame_relative=single)
-        if op == "DW_OP_addr":
-            return _Place(f"@+{first.args[0] - (context.address - context.file_offset):#x}", True, die_type)
+            # A parameter kept in the frame for the whole function (unoptimised code) is stored there by the
+            # prologue; an optimised one has a location list saying where it is before that.
+            stored = die.tag == "DW_TAG_formal_parameter" and \
+                isinstance(unit.location(die.attributes["DW_AT_location"], die), LocationExpr)
+            return _Place(_frame_base(context, scope, first.args[0], name), True, die_type, frame_relative=stored)
+        if op in ("DW_OP_addr", "DW_OP_addrx", "DW_OP_GNU_addr_index"):
+            address = first.args[0] if op == "DW_OP_addr" else context.info.dwarf.get_addr(die.cu, first.args[0])
+            return _Place(f"@+{address - (context.address - context.file_offset):#x}", True, die_type)
     if len(names) == 2 and names[1] == "DW_OP_stack_value":
         if op.startswith("DW_OP_lit"):
             return _Place(f"\\{int(op[len('DW_OP_lit'):])}", False, die_type)
@@ -332,11 +351,14 @@ def _frame_base(context: _Context, scope: Scope | None, offset: int, name: str) 
 def _frame_base_rule(context: _Context, scope: Scope | None, name: str) -> tuple[int, int]:
     """The function's frame base at the probe as (DWARF register, offset): usually the CFA, from the CFI."""
     function = scope.function.die if scope is not None else None
-    attr = function.attributes.get("DW_AT_frame_base") if function is not None else None
-    if attr is None:
-        raise context.error(f"'{name}' is relative to a frame base its function does not give")
-    unit = context.info.unit(function.cu)
-    base = unit.expressions.parse_expr(attr.value)
+    unit = context.info.unit(function.cu) if function is not None else None
+    expression = unit.location_at(function, context.address, "DW_AT_frame_base") if unit is not None else None
+    if not expression:
+        raise context.error(f"'{name}' is relative to a frame base its function does not give at {context.where()}")
+    try:
+        base = unit.expressions.parse_expr(expression)
+    except _UNPARSABLE:
+        raise context.error(f"'{name}' is relative to a frame base uprobes cannot read") from None
     op = base[0].op_name if len(base) == 1 else None
     if op == "DW_OP_call_frame_cfa":
         row = context.obj.unwind_table.row(context.address)
@@ -358,6 +380,9 @@ def _access(context: _Context, place: _Place, accessors: str, expression: str) -
         if place.bits is not None:
             raise context.error(f"'{done}' is a bitfield; it has no members")
         die_type = _strip(place.die_type)
+        if die_type is not None and die_type.tag in _REFERENCES:  # a C++ reference reads as what it refers to
+            place = _Place(_deref(0, place.value()), True, _pointee(die_type), computed=place.computed)
+            die_type = _strip(place.die_type)
         if match[1] is not None:  # ->member
             if die_type is None or die_type.tag != "DW_TAG_pointer_type":
                 raise context.error(f"'{done}' is {describe_type(place.die_type)}, not a pointer: write {done}.{match[1]}")
@@ -370,13 +395,15 @@ def _access(context: _Context, place: _Place, accessors: str, expression: str) -
         else:  # [index]
             index = int(match[3])
             if die_type is not None and die_type.tag == "DW_TAG_array_type":
+                dims = place.dims if place.dims is not None else _subranges(die_type)
                 element = die_type.get_DIE_from_attribute("DW_AT_type")
-                count = _array_count(die_type)
-                if count is not None and index >= count:
-                    raise context.error(f"'{done}' has {count} elements; [{index}] is past its end")
+                if dims[0] is not None and index >= dims[0]:
+                    raise context.error(f"'{done}' has {dims[0]} elements; [{index}] is past its end")
                 if not place.memory:
                     raise context.error(f"'{done}' is not in memory at {context.where()}")
-                place = _Place(place.shifted(index * _size(element)), True, element, computed=place.computed)
+                stride = _size(element) * math.prod(d or 0 for d in dims[1:])
+                inner = (die_type, tuple(dims[1:])) if len(dims) > 1 else (element, None)
+                place = _Place(place.shifted(index * stride), True, inner[0], dims=inner[1], computed=place.computed)
             elif die_type is not None and die_type.tag == "DW_TAG_pointer_type":
                 element = _pointee(die_type)
                 place = _Place(_deref(index * _size(element), place.value()), True, element, computed=place.computed)
@@ -412,18 +439,36 @@ def _member(context: _Context, place: _Place, member: str, done: str) -> _Place:
 
 
 def _find_member(struct: DIE, name: str) -> tuple[DIE, int] | None:
-    """The member ``name`` of ``struct`` and its byte offset, looking through anonymous structs and unions."""
+    """The member ``name`` of ``struct`` and its byte offset, looking through anonymous structs and unions and
+    base classes; a static member (a declaration, stored elsewhere) is not one."""
     for child in struct.iter_children():
-        if child.tag != "DW_TAG_member":
+        if child.tag not in ("DW_TAG_member", "DW_TAG_inheritance") or "DW_AT_declaration" in child.attributes:
             continue
-        location = child.attributes.get("DW_AT_data_member_location")
-        offset = location.value if location is not None and isinstance(location.value, int) else 0
-        if die_name(child) == name:
+        offset = _member_offset(child)
+        if offset is None:
+            continue
+        if child.tag == "DW_TAG_member" and die_name(child) == name:
             return child, offset
-        if die_name(child) is None and "DW_AT_type" in child.attributes:
+        if (child.tag == "DW_TAG_inheritance" or die_name(child) is None) and "DW_AT_type" in child.attributes:
             inner = _find_member(_strip(child.get_DIE_from_attribute("DW_AT_type")), name)
             if inner is not None:
                 return inner[0], offset + inner[1]
+    return None
+
+
+def _member_offset(member: DIE) -> int | None:
+    """``DW_AT_data_member_location``: a constant, or (DWARF 2 and 3) ``DW_OP_plus_uconst N``; None if neither."""
+    location = member.attributes.get("DW_AT_data_member_location")
+    if location is None:
+        return 0  # a union's members, and DWARF 5 bitfields (DW_AT_data_bit_offset)
+    if isinstance(location.value, int):
+        return location.value
+    try:
+        operations = DWARFExprParser(member.cu.structs).parse_expr(location.value)
+    except _UNPARSABLE:
+        return None
+    if len(operations) == 1 and operations[0].op_name == "DW_OP_plus_uconst":
+        return operations[0].args[0]
     return None
 
 
@@ -443,7 +488,10 @@ def _finish(context: _Context, place: _Place, name: str, wanted: str | None, exp
         source, fetch_type = place.source, wanted
     elif place.bits is not None:
         bit, size = place.bits
-        container = next(c for c in (8, 16, 32, 64) if bit + size <= c)
+        container = next((c for c in (8, 16, 32, 64) if bit + size <= c), None)
+        if container is None:
+            raise context.error(f"'{expression}' is a {size}-bit bitfield at bit {bit} of its byte, which spans "
+                                f"more than the 64 bits a fetch argument reads")
         source, fetch_type = place.source, f"b{size}@{bit}/{container}"
         if _encoding(die_type) in _SIGNED:
             retype = f"s{size}"
@@ -478,10 +526,11 @@ def _natural(context: _Context, place: _Place, die_type: DIE | None, expression:
         return place.source, f"{'s' if signed else 'u'}{size * 8}", enumerators
     if tag == "DW_TAG_array_type":
         element = _strip(die_type.get_DIE_from_attribute("DW_AT_type"))
-        count = _array_count(die_type)
+        dims = place.dims if place.dims is not None else _subranges(die_type)
+        count = math.prod(dims) if None not in dims else None
         if not place.memory:
             raise context.error(f"'{expression}' is an array not in memory at {context.where()}")
-        if element is not None and element.tag == "DW_TAG_base_type" and _size(element) == 1 \
+        if len(dims) == 1 and element is not None and element.tag == "DW_TAG_base_type" and _size(element) == 1 \
                 and _encoding(element) in ("DW_ATE_signed_char", "DW_ATE_unsigned_char"):
             return place.source, "string", None
         if element is None or element.tag != "DW_TAG_base_type" or count is None:
@@ -534,15 +583,25 @@ def _encoding(die: DIE | None) -> str | None:
     return _ENCODINGS.get(attr.value)
 
 
-def _array_count(array: DIE) -> int | None:
+def _subranges(array: DIE) -> list[int | None]:
+    """An array type's dimensions, outermost first (None: not known, as ``int a[]``)."""
+    dims: list[int | None] = []
     for child in array.iter_children():
         if child.tag == "DW_TAG_subrange_type":
-            if "DW_AT_count" in child.attributes:
-                return child.attributes["DW_AT_count"].value
-            if "DW_AT_upper_bound" in child.attributes and isinstance(child.attributes["DW_AT_upper_bound"].value, int):
-                return child.attributes["DW_AT_upper_bound"].value + 1
-            return None
-    return None
+            attrs = child.attributes
+            if "DW_AT_count" in attrs and isinstance(attrs["DW_AT_count"].value, int):
+                dims.append(attrs["DW_AT_count"].value)
+            elif "DW_AT_upper_bound" in attrs and isinstance(attrs["DW_AT_upper_bound"].value, int):
+                dims.append(attrs["DW_AT_upper_bound"].value + 1)
+            else:
+                dims.append(None)
+    return dims or [None]
+
+
+def _array_count(array: DIE) -> int | None:
+    """How many elements an array type holds in all (every dimension multiplied); None if unknown."""
+    dims = _subranges(array)
+    return None if None in dims else math.prod(dims)
 
 
 def describe_type(die: DIE | None) -> str:
@@ -566,8 +625,7 @@ def describe_type(die: DIE | None) -> str:
     if tag == "DW_TAG_volatile_type":
         return f"volatile {describe_type(inner)}"
     if tag == "DW_TAG_array_type":
-        count = _array_count(die)
-        return f"{describe_type(inner)}[{count if count is not None else ''}]"
+        return describe_type(inner) + "".join(f"[{'' if n is None else n}]" for n in _subranges(die))
     if tag == "DW_TAG_subroutine_type":
         return "function"
     return describe_type(inner) if inner is not None else tag.removeprefix("DW_TAG_")

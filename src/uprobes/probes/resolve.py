@@ -185,19 +185,16 @@ def _source_fetchargs(spec: ProbeSpec, obj: ElfObject, address: int, function_en
         fetches = [variable_fetcharg(info, address, obj.vaddr_to_offset(address), tokens[i], i + 1) for i in named]
         if any(fetch.frame_relative for fetch in fetches):
             address = prologue_end(info, address) or address
-    for i in named:
-        fetch = variable_fetcharg(info, address, obj.vaddr_to_offset(address), tokens[i], i + 1)
+    for i in named + retvals:
+        fetch = (variable_fetcharg(info, address, obj.vaddr_to_offset(address), tokens[i], i + 1) if i in named
+                 else retval_fetcharg(info, address, tokens[i], i + 1))
+        if fetch is None:
+            continue
         tokens[i] = fetch.text
         if fetch.retype is not None:
             retyped.append((fetch.name, fetch.retype))
         if fetch.computed is not None:
             computed[i] = fetch.computed
-    for i in retvals:
-        fetch = retval_fetcharg(info, address, tokens[i], i + 1)
-        if fetch is not None:
-            tokens[i] = fetch.text
-            if fetch.retype is not None:
-                retyped.append((fetch.name, fetch.retype))
     fetchargs = list(parse_fetchargs(tokens, is_return=spec.is_return))
     for i, value in computed.items():
         fetchargs[i] = replace(fetchargs[i], source=_with_base(fetchargs[i].source, value))

@@ -186,7 +186,9 @@ def _source_line(text: str, path: str, where: str, fetchargs: tuple[str, ...]) -
     if not colon or not target or not name or not (relative or (where.isdigit() and "." in name)):
         return None
     if relative:
-        symbol, _ = _split_symbol(name, text)
+        symbol, offset = _split_symbol(name, text)
+        if offset:
+            raise ProbeSyntaxError(f"probe '{text}': write FUNCTION:+LINES or FUNCTION+OFFSET, not both")
         return ProbeSpec(text, False, target, source_function=symbol, line=int(where[1:]), fetchargs=fetchargs)
     if int(where) == 0:
         raise ProbeSyntaxError(f"probe '{text}': lines count from 1, not 0")
