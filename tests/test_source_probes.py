@@ -382,3 +382,17 @@ def test_a_function_on_one_line_and_a_returned_double(targets, engine, build):
         assert returned == [None] * len(halves) and "$retval is in %xmm0, which tracefs cannot read" in proc.stderr
     else:
         assert returned == halves
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_cxx_members_through_this_a_base_a_static_and_a_reference(targets, engine, build):
+    program = str(targets / f"cxxvars-{build}")
+    records, proc = run_json("trace", "--engine", engine,
+                             f"uprobe:{program}:_ZNK4shop4Item5valueEi this->price this->tag count_ k",
+                             f"uprobe:{program}:_Z5totalRKN4shop4ItemE item.price", "--", program, "3")
+    assert proc.returncode == 0, proc.stderr
+    values = [event["args"] for event in records if event.get("probe", "").startswith("_ZNK4shop4Item5valueEi")]
+    totals = [event["args"] for event in records if event.get("probe", "").startswith("_Z5totalRKN4shop4ItemE")]
+    assert values == [{"this_price": int(seen["price"]), "this_tag": int(seen["tag"]), "count_": int(seen["count"]),
+                       "k": int(seen["k"])} for seen in _printed_lines(proc.stdout, "value")]
+    assert totals == [{"item_price": int(seen["price"])} for seen in _printed_lines(proc.stdout, "total")]

@@ -5,10 +5,11 @@ optimised line is spread among its neighbours'. Probing every ``is_stmt`` row of
 counts a line twice where its code has two rows. Instead, within each function or inlined copy that holds
 the line, a row is a probe point where control can come to it from code of *another* line, or from outside:
 the line's statement rows whose predecessors (fall-through or direct branch) all belong to the same line
-are skipped. Code inlined into the function counts as the line that called it.
+are skipped. Code inlined into the function counts as the line that called it. Where the compiler
+interleaves the line's code with another line's, control comes to it more than once and so does the probe.
 
-    >>> [(p.function, p.line) for p in line_points(DebugInfo.of(obj), "sourcevars.c", 77)]
-    [('main', 77)]
+    >>> [(p.function, p.line) for p in line_points(DebugInfo.of(obj), "sourcevars.c", 85, "x")]
+    [('main', 85)]
 """
 
 from __future__ import annotations

@@ -213,7 +213,7 @@ def variable_fetcharg(info: DebugInfo, address: int, file_offset: int, token: st
     place = _locate(context, die, scope, first)
     frame_relative = place.frame_relative
     place = _access(context, place, expression[len(first):], expression)
-    default = re.sub(r"\W+", "_", expression).strip("_")
+    default = re.sub(r"\W+", "_", expression.rstrip("]"))  # p->inner.y is p_inner_y, arr[3] arr_3
     fetch = _finish(context, place, name or default, wanted if colon else None, expression)
     return VariableFetch(fetch.text, fetch.name, fetch.retype, frame_relative, fetch.computed)
 
