@@ -20,6 +20,7 @@ from ..probes.resolve import Probe, resolve_texts
 from ..probes.spec import group_probe_words
 from ..proc.launch import HeldCommand
 from ..proc.maps import read_maps
+from ..proc.status import namespace_pid
 from ..stacks import StackLimits
 from ..x86_64.unwind import DEFAULT_DEPTH, STACK_BYTES
 from . import STOP_SIGNALS
@@ -140,7 +141,7 @@ class _Run:
         # (seen in the kill trials).
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         texts, command = _split_command(args)
-        self.probes: list[Probe] = resolve_texts(texts)
+        self.probes: list[Probe] = resolve_texts(texts, args.pid)
         if pair_returns:
             self.probes = _entry_and_return(self.probes)
         self.pid = args.pid
@@ -158,7 +159,7 @@ class _Run:
             self.child.traced = self.engine.reaps_children
         self.engine.attach(self.probes, self.child.pid if self.child else self.pid, counting=counting,
                            held=self.child is not None, follow_forks=not args.no_follow, stacks=stacks)
-        scope = f"pid {self.pid}" if self.pid else "the command" if self.child else "every process"
+        scope = _pid_text(self.pid) if self.pid else "the command" if self.child else "every process"
         print(f"uprobes: {len(self.probes)} probe points attached ({self.engine.name} engine, {scope})",
               file=sys.stderr, flush=True)
         self.deadline = time.monotonic() + args.duration if args.duration else None
@@ -272,6 +273,12 @@ def _open_output(args: argparse.Namespace, stack: ExitStack):
     except OSError as exc:
         raise UprobesError(f"cannot write {args.output}: {exc.strerror}") from None
     return stack.enter_context(io.TextIOWrapper(io.BufferedWriter(raw, 1 << 16), encoding="utf-8"))
+
+
+def _pid_text(pid: int) -> str:
+    """``pid 1234``, and the pid it has in its own pid namespace when it is in another (a container)."""
+    inner = namespace_pid(pid)
+    return f"pid {pid}" + (f", pid {inner} in its namespace" if inner is not None else "")
 
 
 def run_trace(args: argparse.Namespace) -> int:

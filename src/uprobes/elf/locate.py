@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import struct
 
-from ..errors import ElfError
+from ..errors import ElfError, UprobesError
 
-__all__ = ["find_object", "read_ld_cache"]
+__all__ = ["find_object", "read_ld_cache", "real_path"]
 
 LD_CACHE = "/etc/ld.so.cache"
 _NEW_MAGIC = b"glibc-ld.so.cache1.1"
@@ -45,20 +46,102 @@ def _cstring(data: bytes, offset: int) -> str:
     return data[offset:end].decode("utf-8", "replace") if 0 <= offset < end else ""
 
 
-def find_object(name: str) -> str:
-    """Resolve ``name`` to a real path: a path as given, a library through the linker cache, a program through PATH."""
+def real_path(path: str) -> str:
+    """``path`` with its symbolic links resolved, as :func:`os.path.realpath` does, but for a path through
+    another process's root (``/proc/PID/root/...``, a container's files): its links are resolved inside that
+    root, and the result still goes through it (realpath would give a path of our own file system), unless
+    our file system has that very file at that path. An ``/proc/PID/exe`` is the program's path in that root."""
+    path = os.path.abspath(path)
+    exe = _PROC_EXE.fullmatch(path)
+    if exe:
+        try:
+            path = f"/proc/{exe[1]}/root{os.readlink(path).removesuffix(' (deleted)')}"
+        except OSError:
+            return os.path.realpath(path)
+    inside = _PROC_ROOT.fullmatch(path)
+    if inside is None:
+        return os.path.realpath(path)
+    root = inside[1]
+    resolved = _resolved_within(root, inside[2] or "/")
+    try:
+        if os.path.samestat(os.stat(root + resolved), os.stat(resolved)):
+            return os.path.realpath(resolved)  # the same file is at the same path here: ours is plainer
+    except OSError:
+        pass
+    return root + resolved
+
+
+_PROC_ROOT = re.compile(r"(/proc/\d+/root)(/.*)?")
+_PROC_EXE = re.compile(r"/proc/(\d+)/exe")
+_MAX_LINKS = 40  # the kernel's limit on links followed in one lookup
+
+
+def _resolved_within(root: str, path: str) -> str:
+    """``path`` (absolute, in the file system whose root is ``root``) with every link resolved there."""
+    pending = [part for part in path.split("/") if part]
+    done: list[str] = []
+    links = 0
+    while pending:
+        part = pending.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        here = root + "/" + "/".join([*done, part])
+        if os.path.islink(here) and links < _MAX_LINKS:
+            links += 1
+            target = os.readlink(here)
+            if target.startswith("/"):
+                done = []
+            pending = [p for p in target.split("/") if p] + pending
+            continue
+        done.append(part)
+    return "/" + "/".join(done)
+
+
+def find_object(name: str, pid: int | None = None) -> str:
+    """Resolve ``name`` to a real path: a path as given, a library through the linker cache, a program through PATH.
+    With ``pid``, as that process sees it: an absolute path in its mount namespace (a container's), and a bare
+    name (``libc``) first among the files it maps."""
+    if pid is not None:
+        found = _in_process(name, pid)
+        if found:
+            return found
     if "/" in name:
         if not os.path.exists(name):
             raise ElfError(f"{name}: no such file")
-        return os.path.realpath(name)
+        return real_path(name)
     for resolver in (_from_ld_cache, _from_path) if _looks_like_library(name) else (_from_path, _from_ld_cache):
         found = resolver(name)
         if found:
-            return os.path.realpath(found)
+            return real_path(found)
     if os.path.isfile(name):
-        return os.path.realpath(name)
+        return real_path(name)
     raise ElfError(f"{name}: no such file, program in PATH or library in the linker cache "
                    f"(give a path, or check `ldconfig -p`)")
+
+
+def _in_process(name: str, pid: int) -> str | None:
+    """``name`` as process ``pid`` sees it: a path in its root, or the first object it maps with that name
+    (``libc``, ``libc.so.6``, ``server``); None when it names nothing there."""
+    from ..proc.maps import mapped_objects  # local: proc imports nothing of elf, elf little of proc
+
+    root = f"/proc/{pid}/root"
+    if name.startswith("/") and not name.startswith("/proc/"):
+        return real_path(root + name) if os.path.exists(root + name) else None
+    if "/" in name:
+        return None
+    try:
+        mapped = mapped_objects(pid)
+    except UprobesError:
+        return None
+    for path in mapped:
+        base = os.path.basename(path)
+        if base == name or base.split(".so", 1)[0] == name or (".so" in name and base.startswith(name)):
+            return real_path(root + path) if os.path.exists(root + path) else None
+    return None
 
 
 def _looks_like_library(name: str) -> bool:

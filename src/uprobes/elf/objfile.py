@@ -27,6 +27,7 @@ from elftools.elf.relocation import RelocationSection
 
 from ..errors import ElfError, ResolveError
 from .cfi import UnwindTable
+from .locate import real_path
 from .symbols import Symbol, SymbolTable, read_symbol_table
 
 __all__ = ["ElfObject", "LoadSegment"]
@@ -106,7 +107,7 @@ class ElfObject:
     @classmethod
     def open(cls, path: str) -> ElfObject:
         """Open ``path`` (following symlinks); raise :class:`ElfError` with a one-line reason if unusable."""
-        real = os.path.realpath(path)
+        real = real_path(path)
         try:
             st = os.stat(real)
         except FileNotFoundError:

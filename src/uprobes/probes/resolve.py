@@ -106,19 +106,21 @@ def resolve_text(text: str) -> list[Probe]:
     return resolve_probe(parse_probe(text))
 
 
-def resolve_texts(texts: Iterable[str]) -> list[Probe]:
+def resolve_texts(texts: Iterable[str], pid: int | None = None) -> list[Probe]:
     """Parse and resolve many probe texts, in order; each file they name is looked up and opened once for all
-    of them (a list of thousands of probes names a few files)."""
+    of them (a list of thousands of probes names a few files). With ``pid``, paths are as that process sees
+    them (its mount namespace: a container's files)."""
     objects: dict[str, ElfObject] = {}
-    return [probe for text in texts for probe in resolve_probe(parse_probe(text), objects)]
+    return [probe for text in texts for probe in resolve_probe(parse_probe(text), objects, pid)]
 
 
-def resolve_probe(spec: ProbeSpec, objects: dict[str, ElfObject] | None = None) -> list[Probe]:
+def resolve_probe(spec: ProbeSpec, objects: dict[str, ElfObject] | None = None, pid: int | None = None) -> list[Probe]:
     """Every probe point ``spec`` names; raise :class:`ResolveError` when it names nothing. ``objects``: the
-    files opened so far, by the name a probe gave them (kept for the next)."""
+    files opened so far, by the name a probe gave them (kept for the next); ``pid``: the process whose view of
+    the file system names them."""
     obj = objects.get(spec.target) if objects is not None else None
     if obj is None:
-        obj = ElfObject.open(find_object(spec.target))
+        obj = ElfObject.open(find_object(spec.target, pid))
         if objects is not None:
             objects[spec.target] = obj
     if obj.kind == "debug":

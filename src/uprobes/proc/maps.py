@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ..elf.locate import real_path
 from ..errors import ProcessError
 
 __all__ = ["Mapping", "read_maps", "free_range_near", "mapped_objects", "path_in_process", "runtime_addresses", "unreadable_reason"]
@@ -85,7 +86,7 @@ def path_in_process(pid: int, path: str) -> str:
     if path.endswith(" (deleted)"):
         path = path[: -len(" (deleted)")]
     through_root = f"/proc/{pid}/root{path}"
-    return through_root if os.path.exists(through_root) else path
+    return real_path(through_root) if os.path.exists(through_root) else path
 
 
 def runtime_addresses(mappings: list[Mapping], path: str, file_offset: int, permission: str) -> list[int]:

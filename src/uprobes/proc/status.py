@@ -49,6 +49,13 @@ def tgid(tid: int) -> int:
     return tid if value is None else int(value)
 
 
+def namespace_pid(pid: int) -> int | None:
+    """The pid process ``pid`` has in its own pid namespace (a container's), when that is another than ours."""
+    value = status_field(f"/proc/{pid}/status", "NSpid")
+    ids = value.split() if value else []
+    return int(ids[-1]) if len(ids) > 1 else None
+
+
 def thread_comm(pid: int, tid: int) -> str:
     """The thread's name, as the kernel's ``comm`` ("" once it is gone)."""
     try:

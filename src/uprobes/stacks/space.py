@@ -16,7 +16,7 @@ from ..elf.cfi import UnwindRow
 from ..elf.demangle import demangle
 from ..elf.objfile import ElfObject
 from ..errors import UprobesError
-from ..proc.maps import Mapping, read_maps
+from ..proc.maps import Mapping, path_in_process, read_maps
 from ..x86_64.unwind import DEFAULT_DEPTH, Ending, StackCopy, frame_pointer_row, unwind
 
 __all__ = ["ProcessStacks", "StackReader", "TRUNCATED", "INCOMPLETE"]
@@ -30,10 +30,11 @@ _PROCESSES_KEPT = 64
 class _Code:
     """One executable mapping; its ELF object is opened the first time a stack passes through it."""
 
-    __slots__ = ("mapping", "name", "_obj")
+    __slots__ = ("mapping", "pid", "name", "_obj")
 
-    def __init__(self, mapping: Mapping) -> None:
+    def __init__(self, mapping: Mapping, pid: int) -> None:
         self.mapping = mapping
+        self.pid = pid  # whose view of the file system names the mapping's path
         self.name = os.path.basename(mapping.path)
         self._obj: ElfObject | None | bool = False  # False: not opened yet
 
@@ -42,7 +43,7 @@ class _Code:
         """The mapped file as an ELF object; None where it is none (anonymous code, not ELF, gone, or the
         file at that path is no longer the one mapped)."""
         if self._obj is False:
-            self._obj = _open(self.mapping)
+            self._obj = _open(self.mapping, self.pid)
         return self._obj
 
     def vaddr(self, pc: int) -> int | None:
@@ -55,14 +56,15 @@ class _Code:
             return None
 
 
-def _open(mapping: Mapping) -> ElfObject | None:
+def _open(mapping: Mapping, pid: int) -> ElfObject | None:
     if not mapping.file_backed:
         return None
+    path = path_in_process(pid, mapping.path)  # a container's file, through its root
     try:
-        st = os.stat(mapping.path)
+        st = os.stat(path)
         if (st.st_ino, st.st_dev) != (mapping.inode, mapping.device):
-            return None  # replaced since, or another mount namespace's file: its frames are named by offset
-        return ElfObject.open(mapping.path)
+            return None  # replaced since: its frames are named by offset
+        return ElfObject.open(path)
     except (OSError, UprobesError):
         return None  # not ELF, or gone
 
@@ -89,14 +91,14 @@ class ProcessStacks:
             return False
         if not mappings:  # a zombie's: it has no memory left
             return False
-        self._code = [_Code(mapping) for mapping in mappings if mapping.executable]
+        self._code = [_Code(mapping, self.pid) for mapping in mappings if mapping.executable]
         self._forget_code()
         return True
 
     def mapped(self, mapping: Mapping) -> None:
         """The process mapped code (perf told us): it replaces whatever it overlaps."""
         kept = [c for c in self._code if c.mapping.end <= mapping.start or c.mapping.start >= mapping.end]
-        self._code = sorted(kept + [_Code(mapping)], key=lambda c: c.mapping.start)
+        self._code = sorted(kept + [_Code(mapping, self.pid)], key=lambda c: c.mapping.start)
         self._forget_code()
 
     def exec(self) -> None:

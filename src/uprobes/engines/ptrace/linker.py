@@ -14,7 +14,7 @@ import os
 
 from ...elf.objfile import ElfObject
 from ...errors import UprobesError
-from ...proc.maps import Mapping
+from ...proc.maps import Mapping, path_in_process
 from ...proc.status import AT_BASE, auxv
 from .placement import Role
 
@@ -44,14 +44,14 @@ def role_sites(pid: int, mappings: list[Mapping], returns: bool) -> list[tuple[i
                     continue
             elif not os.path.basename(mapping.path).startswith(where):
                 continue
-            sites += [(address, role, mapping.inode, name) for address, name in _addresses(mapping, functions)]
+            sites += [(address, role, mapping.inode, name) for address, name in _addresses(pid, mapping, functions)]
     return sites
 
 
-def _addresses(mapping: Mapping, functions: tuple[str, ...]) -> list[tuple[int, str]]:
-    """Where each of ``functions`` that the mapping holds is, and its name."""
+def _addresses(pid: int, mapping: Mapping, functions: tuple[str, ...]) -> list[tuple[int, str]]:
+    """Where each of ``functions`` that the mapping (of process ``pid``) holds is, and its name."""
     try:
-        obj = ElfObject.open(mapping.path)
+        obj = ElfObject.open(path_in_process(pid, mapping.path))
         found = [(obj.symbols.lookup(name), name) for name in functions]
         offsets = [(obj.vaddr_to_offset(symbols[0].value), name) for symbols, name in found if symbols]
     except UprobesError:
