@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -222,3 +223,33 @@ def test_readme_dwarf_examples_run_as_written(targets):
             assert re.search(rf"sourcevars\.c:{line}\s+5\s", proc.stdout), proc.stdout
         if command.startswith("uprobes trace"):
             assert re.search(r"area p_x=10 p_name=\"zero\" p_inner_y=0 p_color=\"BLUE\" scale=1", proc.stdout)
+
+
+@pytest.mark.parametrize("engine", ["ptrace", "kernel"])
+def test_events_seen_just_before_ctrl_c_are_written(targets, engine, tmp_path):
+    """Ctrl-C right after the hits: the poll that took them from the ring (a jump probe's, or the kernel's perf
+    buffer) ends with the interrupt, and they must still be written (they were lost nearly every time)."""
+    if engine == "kernel" and os.geteuid() != 0:
+        pytest.skip("the kernel engine needs root")
+    placement, lib = str(targets / "placement"), str(targets / "libctor.so")
+    for attempt in range(5):
+        program = subprocess.Popen([placement, "later", lib], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert program.stdout.readline() == "ready\n"
+        out = tmp_path / f"events{attempt}.jsonl"
+        tool = subprocess.Popen([sys.executable, "-m", "uprobes", "trace", "--engine", engine, "--json", "-o", str(out),
+                                 "-p", str(program.pid), f"uprobe:{placement}:step", f"uprobe:{lib}:lib_work"],
+                                stderr=subprocess.PIPE, text=True)
+        said = ""
+        while "attached" not in said:
+            line = tool.stderr.readline()
+            assert line, said
+            said += line
+        program.stdin.write("\n")
+        program.stdin.flush()
+        assert program.stdout.readline().startswith("later steps 33")  # step(0..2) and lib_work(0..2) are done
+        tool.send_signal(signal.SIGINT)
+        _, rest = tool.communicate(timeout=60)
+        program.communicate("\n", timeout=30)
+        assert tool.returncode == 130 and "Traceback" not in rest, rest
+        probes = [json.loads(line).get("probe") for line in out.read_text().splitlines()]
+        assert (probes.count("step"), probes.count("lib_work")) == (3, 3), (attempt, rest)

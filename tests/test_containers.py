@@ -94,6 +94,7 @@ def test_a_program_and_a_library_only_its_namespace_has(targets, engine, contain
     for event in events:
         if "probe" in event:
             by_probe.setdefault(event["probe"], []).append(event["args"])
+    assert "step" in by_probe, (events, tracing.said, printed)
     assert sorted(by_probe.pop("step"), key=lambda args: (len(args), str(args))) == [{}] * 3 + [{"i": 0}, {"i": 1}, {"i": 2}]
     assert by_probe == {"by_exe": [{}] * 3, "by_name": [{}] * 3, "lib_work": [{"i": 0}, {"i": 1}, {"i": 2}]}
 

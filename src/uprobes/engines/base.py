@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import signal
 from abc import ABC, abstractmethod
 
 from ..consumers import Consumer
@@ -10,7 +12,35 @@ from ..output.event import Event
 from ..probes.resolve import Probe
 from ..stacks import StackLimits
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "uninterrupted", "STOP_SIGNALS"]
+
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+"""Ctrl-C, kill and a closed terminal: what ends a run, and what an engine defers while it must not stop."""
+
+
+def uninterrupted(method):
+    """A stop signal waits until ``method`` is done; the exception its handler raises then comes as the method
+    returns. Events the method returned are kept for the engine's next poll instead of being lost with it
+    (the poll that took them from a ring is how they would otherwise end)."""
+    @functools.wraps(method)
+    def wrapper(engine, *args, **kwargs):
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        kept, engine.undelivered = engine.undelivered, []
+        result = None
+        try:
+            result = method(engine, *args, **kwargs)
+            if isinstance(result, EventColumns) and kept:
+                result = EventColumns([group for columns in (*kept, result) for group in columns.groups],
+                                      [event for columns in (*kept, result) for event in columns.single])
+            return result
+        finally:
+            try:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS - previous)
+            except BaseException:
+                if isinstance(result, EventColumns) and len(result):
+                    engine.undelivered.append(result)
+                raise
+    return wrapper
 
 
 class Engine(ABC):
@@ -20,6 +50,9 @@ class Engine(ABC):
     name: str
     #: Whether this engine traces a launched command with ptrace, and so collects its exit (ask :meth:`exited`).
     reaps_children: bool = False
+    #: Events a poll took as a stop signal ended it, for the next poll (see :func:`uninterrupted`); each
+    #: engine makes its own list.
+    undelivered: list[EventColumns]
 
     def __enter__(self) -> Engine:
         return self
@@ -70,5 +103,7 @@ class Engine(ABC):
         """Remove everything placed and let every process go, as it was."""
 
     def leftover(self) -> list[Event]:
-        """After :meth:`close`: the events of hits read while detaching (after the last :meth:`poll`)."""
-        return []
+        """After :meth:`close`: the events of hits read while detaching (after the last :meth:`poll`), and
+        those a last poll took as a stop signal ended it."""
+        kept, self.undelivered = self.undelivered, []
+        return [event for columns in kept for event in columns.events()]

@@ -33,7 +33,7 @@ from ...probes.markerargs import kernel_fetchable, kernel_limitation
 from ...probes.resolve import Probe
 from ...stacks import INCOMPLETE, StackLimits, StackReader
 from ...x86_64.unwind import PERF_REGISTER_BITS, RSP, StackCopy
-from ..base import Engine
+from ..base import Engine, uninterrupted
 from .eventformat import EventFormat, Field, FieldKind, load_event_format
 from .instructions import refuse_unprobeable
 from .perfbuf import Samples, TaskChange, TaskRecord, TracepointReader
@@ -179,6 +179,7 @@ class KernelEngine(Engine):
         self.tracefs = Tracefs()
         self.group = new_group()
         self._pages = pages_per_cpu
+        self.undelivered: list[EventColumns] = []
         self._counted_alone = counted_alone
         self._events: dict[int, _Event] = {}  # by tracepoint id
         self._attached: list[_Attached] = []  # by probe index
@@ -300,6 +301,7 @@ class KernelEngine(Engine):
         """Events that arrived, waiting up to ``timeout`` seconds for the first."""
         return self.poll_columns(timeout).events()
 
+    @uninterrupted
     def poll_columns(self, timeout: float) -> EventColumns:
         """:meth:`poll`, in columns where an event's records hold integers only (what a writer formats in
         bulk): each such event's records read as arrays, field by field, a group per probe and thread."""

@@ -23,7 +23,6 @@ Hazards of section 4 of the ptrace note are named where they are handled (``haza
 
 from __future__ import annotations
 
-import functools
 import math
 import signal
 import threading
@@ -37,7 +36,7 @@ from ...output.event import Event
 from ...probes.resolve import Probe
 from ...stacks import StackLimits
 from ...x86_64.abi import RETURN_VALUE, return_value
-from ..base import Engine
+from ..base import STOP_SIGNALS, Engine, uninterrupted
 from .family import Family
 from .hits import Reporter
 from .jumps import FULL, Jump
@@ -55,26 +54,13 @@ if TYPE_CHECKING:
 
 __all__ = ["PtraceEngine"]
 
-_TOOL_STOPPERS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+_TOOL_STOPPERS = STOP_SIGNALS
 _WAKERS = _TOOL_STOPPERS | {signal.SIGCHLD}
 # While stops come closer together than this, the next one is awaited by polling waitpid, not by sleeping:
 # on a VM, waking a sleeping tracer costs more than the hit itself (perf-levers.md; bench/ measures it).
 _SPIN_S = 0.002
 _REFUSALS_SHOWN = 5
 _RING_READ_S = 0.005  # how often rings are read while no stop comes (a ring holds 65,536 records)
-
-
-def _uninterrupted(method):
-    """Ctrl-C, SIGTERM and SIGHUP to the tool wait until ``method`` is done: the exception their handler raises
-    halfway through a stop would lose it, and leave a thread stopped past a probe's int3 (hazard 24)."""
-    @functools.wraps(method)
-    def wrapper(*args, **kwargs):
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _TOOL_STOPPERS)
-        try:
-            return method(*args, **kwargs)
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _TOOL_STOPPERS - previous)
-    return wrapper
 
 
 class PtraceEngine(Engine):
@@ -91,6 +77,7 @@ class PtraceEngine(Engine):
         self.family = Family(self.placement, follow_forks=True)
         self._reporter = Reporter([], {}, counting=False)
         self._closing = False
+        self.undelivered: list[EventColumns] = []
         self._handler_error: BaseException | None = None  # raised by a handler while detaching: raised after
         self._returns_wanted = False
         self._sigchld_blocked = False
@@ -100,7 +87,7 @@ class PtraceEngine(Engine):
 
     # -- attaching ---------------------------------------------------------------------------------------
 
-    @_uninterrupted
+    @uninterrupted
     def attach(self, probes: list[Probe], pid: int | None, *, counting: bool = False, held: bool = False,
                follow_forks: bool = True, consumers: dict[int, list[Consumer]] | None = None,
                stacks: StackLimits | None = None) -> None:
@@ -215,7 +202,7 @@ class PtraceEngine(Engine):
         """Service the target for up to ``timeout`` seconds; return the events of the hits meanwhile."""
         return self.poll_columns(timeout).events()
 
-    @_uninterrupted
+    @uninterrupted
     def poll_columns(self, timeout: float) -> EventColumns:
         """:meth:`poll`, with the events of jump probes in columns (what a writer formats in bulk)."""
         deadline = time.monotonic() + timeout
@@ -505,9 +492,9 @@ class PtraceEngine(Engine):
 
     def leftover(self) -> list[Event]:
         """Records read at detach, from the rings' last slots."""
-        return self._take_events().events()
+        return super().leftover() + self._take_events().events()
 
-    @_uninterrupted
+    @uninterrupted
     def close(self) -> None:
         """Stop every thread, finish or undo what is in flight, restore every byte, unmap the area, detach.
         Records read meanwhile still go to their handlers; one that raises does so once the detach is done."""
