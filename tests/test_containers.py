@@ -52,13 +52,14 @@ def _untraced(targets) -> str:
 
 
 class _Tracing:
-    """``uprobes trace --json -p PID PROBES`` beside a test: started, waited for until attached, stopped with
+    """``uprobes trace --json -p PID PROBES`` (or system-wide) beside a test: started, waited for until attached, stopped with
     Ctrl-C; its events once it is done."""
 
-    def __init__(self, engine: str, pid: int, probes: list[str], out: Path) -> None:
+    def __init__(self, engine: str, pid: int, probes: list[str], out: Path, system_wide: bool = False) -> None:
         self.out = out
+        scope = [] if system_wide else ["-p", str(pid)]
         self.tool = subprocess.Popen([sys.executable, "-m", "uprobes", "trace", "--engine", engine, "--json", "-o",
-                                      str(out), "-p", str(pid), *probes], stderr=subprocess.PIPE, text=True)
+                                      str(out), *scope, *probes], stderr=subprocess.PIPE, text=True)
         self.said = ""
         while "attached" not in self.said:
             line = self.tool.stderr.readline()
@@ -107,3 +108,21 @@ def test_list_shows_what_a_contained_process_maps(targets, contained):
     found = {os.path.basename(obj["path"]): obj for obj in listing["objects"]}
     assert found["placement"]["path"] == f"/proc/{process.pid}/root{app}/placement"
     assert [f["name"] for f in found["placement"]["functions"]] == ["step"]
+
+
+def test_system_wide_a_path_through_a_process_root_probes_that_file(targets, contained, tmp_path):
+    """Without -p, the kernel engine probes the file /proc/PID/root/... names, in whatever process runs it."""
+    if os.geteuid() != 0:
+        pytest.skip("the kernel engine needs root")
+    process, app = contained
+    tracing = _Tracing("kernel", 0, [f"uprobe:/proc/{process.pid}/root{app}/placement:step i=%di"],
+                       tmp_path / "events.jsonl", system_wide=True)
+    assert tracing.tool.poll() is None, tracing.said
+    process.stdin.write("\n")
+    process.stdin.flush()
+    assert process.stdout.readline().startswith("later steps 33")
+    events = [event for event in tracing.stop() if "probe" in event]
+    process.stdin.write("\n")
+    process.stdin.flush()
+    assert [(event["pid"], event["args"]) for event in events] == [(process.pid, {"i": i}) for i in range(3)]
+    assert "every process" in tracing.said
