@@ -126,3 +126,28 @@ def test_system_wide_a_path_through_a_process_root_probes_that_file(targets, con
     process.stdin.flush()
     assert [(event["pid"], event["args"]) for event in events] == [(process.pid, {"i": i}) for i in range(3)]
     assert "every process" in tracing.said
+
+
+def test_list_reads_a_jit_map_file_in_the_process_namespace(tmp_path):
+    """A JIT compiler writes /tmp/perf-PID.map with its own pid, in its own /tmp: here a process that is pid 1
+    of a pid namespace, with a tmpfs on /tmp of its own mount namespace, writes one as the JVM or Node would."""
+    if os.geteuid() != 0:
+        pytest.skip("namespaces (unshare) need root")
+    script = ("mount -t tmpfs none /tmp && printf '7f0000001000 40 jit::hot_loop\\n7f0000001040 20 jit::cold path\\n"
+              "not a line\\n' > /tmp/perf-$$.map && echo ready && exec sleep 60")
+    outer = subprocess.Popen(["unshare", "--pid", "--fork", "--mount", "--propagation", "private", "sh", "-c", script],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert outer.stdout.readline() == "ready\n"
+        pid = int(subprocess.run(["pgrep", "-P", str(outer.pid)], capture_output=True, text=True).stdout.split()[0])
+        assert not Path("/tmp/perf-1.map").exists() or Path("/tmp/perf-1.map").read_text().find("jit::") < 0
+        listing = json.loads(run_cli("list", "-p", str(pid), "--json", "jit::*", check=True).stdout)
+        (jit,) = [obj for obj in listing["objects"] if obj["kind"] == "jit"]
+        assert jit["path"] == "/tmp/perf-1.map"
+        assert [(f["name"], f["address"], f["size"]) for f in jit["functions"]] == [
+            ("jit::hot_loop", 0x7F0000001000, 0x40), ("jit::cold path", 0x7F0000001040, 0x20)]
+        assert "jit::hot_loop" in run_cli("list", "-p", str(pid), check=True).stdout
+    finally:
+        subprocess.run(["pkill", "-KILL", "-P", str(outer.pid)])  # the namespace's pid 1, and with it the namespace
+        outer.kill()
+        outer.wait()

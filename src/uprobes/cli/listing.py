@@ -1,4 +1,5 @@
-"""``uprobes list``: the functions and SDT markers of a file, or of every object a process maps."""
+"""``uprobes list``: the functions and SDT markers of a file, or of every object a process maps (and the
+functions a JIT compiler in it lists in its perf map file)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from ..elf.locate import find_object
 from ..elf.objfile import ElfObject
 from ..errors import UprobesError
 from ..proc.maps import mapped_objects, path_in_process, read_maps, runtime_addresses
+from ..proc.status import namespace_pid
 from ..sdt.arguments import SdtArgument
 from ..sdt.notes import SdtMarker, read_markers
 
@@ -41,6 +43,8 @@ def run_list(args: argparse.Namespace) -> int:
             if args.pid is None:
                 raise
             print(f"uprobes: warning: skipping {exc}", file=sys.stderr)
+    if args.pid is not None:
+        listings += _jit_listing(args.pid, pattern)
     out = sys.stdout
     if args.json:
         document = {"pid": args.pid, "objects": listings} if args.pid is not None else listings[0]
@@ -68,6 +72,29 @@ def _listing(obj: ElfObject, pattern: str) -> dict:
                       for sym in functions],
         "markers": [_marker_record(m) for m in markers],
     }
+
+
+def _jit_listing(pid: int, pattern: str) -> list[dict]:
+    """The functions a JIT compiler says it wrote, in ``/tmp/perf-PID.map`` as the process sees it (the JVM
+    with perf-map-agent, Node with --perf-basic-prof, Python 3.12's perf trampoline): ``START SIZE NAME``."""
+    inner = f"/tmp/perf-{namespace_pid(pid) or pid}.map"
+    try:
+        with open(f"/proc/{pid}/root{inner}", encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    matches = re.compile(fnmatch.translate(pattern)).match
+    functions = []
+    for line in lines:
+        start, size, name = (line.split(None, 2) + ["", ""])[:3]
+        try:
+            address, length = int(start, 16), int(size, 16)
+        except ValueError:
+            continue  # not a map line
+        if name and matches(name):
+            functions.append({"name": name, "address": address, "offset": None, "size": length, "type": "FUNC",
+                              "binding": "jit", "origin": "perf-map"})
+    return [{"path": inner, "kind": "jit", "build_id": None, "functions": functions, "markers": []}]
 
 
 def _read_semaphores(listing: dict, pid: int, mappings) -> None:
