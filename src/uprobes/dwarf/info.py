@@ -252,47 +252,37 @@ class Unit:
         """A location attribute parsed: a :class:`LocationExpr`, or a list of location-list entries."""
         return self.info.location_parser.parse_from_attribute(attr, self.cu.header.version, die=die)
 
-    def location_at(self, die: DIE, address: int, attribute: str = "DW_AT_location") -> list | None:
-        """The DWARF expression (its bytes) locating ``die``'s value (or its ``attribute``: the frame base) at
-        ``address``; None where it has none."""
+    def _locations(self, die: DIE, attribute: str = "DW_AT_location"):
+        """``(low, high, expression bytes)`` of each entry of ``die``'s location (``(0, 2**64, ...)`` for a
+        single expression, valid wherever the DIE's scope is)."""
         attr = die.attributes.get(attribute)
         if attr is None:
-            return None
+            return
         parsed = self.location(attr, die)
         if isinstance(parsed, LocationExpr):
-            return list(parsed.loc_expr)
+            yield 0, 1 << 64, list(parsed.loc_expr)
+            return
         base = self.base_address
         for entry in parsed:
             if isinstance(entry, LocationEntry):
                 low, high = entry.begin_offset, entry.end_offset
                 if not entry.is_absolute:
                     low, high = low + base, high + base
-                if low <= address < high:
-                    return list(entry.loc_expr)
+                yield low, high, list(entry.loc_expr)
             elif hasattr(entry, "base_address"):
                 base = entry.base_address
-        return None
+
+    def location_at(self, die: DIE, address: int, attribute: str = "DW_AT_location") -> list | None:
+        """The DWARF expression (its bytes) locating ``die``'s value (or its ``attribute``: the frame base) at
+        ``address``; None where it has none."""
+        return next((expression for low, high, expression in self._locations(die, attribute)
+                     if low <= address < high), None)
 
     def lifetime(self, die: DIE) -> list[tuple[int, int]]:
         """The address ranges where ``die`` has a location (everywhere in its scope for a single expression), but
         for those where only its value at the function's entry is known."""
-        attr = die.attributes.get("DW_AT_location")
-        if attr is None:
-            return []
-        parsed = self.location(attr, die)
-        if isinstance(parsed, LocationExpr):
-            return [(0, 1 << 64)]
-        base, ranges = self.base_address, []
-        for entry in parsed:
-            if isinstance(entry, LocationEntry):
-                low, high = entry.begin_offset, entry.end_offset
-                if not entry.is_absolute:
-                    low, high = low + base, high + base
-                if not entry.loc_expr or entry.loc_expr[0] not in _ENTRY_VALUE:
-                    ranges.append((low, high))
-            elif hasattr(entry, "base_address"):
-                base = entry.base_address
-        return ranges
+        return [(low, high) for low, high, expression in self._locations(die)
+                if not expression or expression[0] not in _ENTRY_VALUE]
 
 
 class DebugInfo:

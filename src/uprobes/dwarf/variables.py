@@ -159,8 +159,7 @@ def variables_described(info: DebugInfo, address: int, file_offset: int) -> list
         try:
             place = _locate(context, die, scope, name)
         except ResolveError as exc:
-            typed = die if "DW_AT_type" in die.attributes else origin_of(die)
-            die_type = typed.get_DIE_from_attribute("DW_AT_type") if "DW_AT_type" in typed.attributes else None
+            die_type = _declared_type(die)
             expression = info.unit(die.cu).location_at(die, address)
             available = bool(expression) and expression[0] not in _ENTRY_VALUE_CODES
             described.append(VariableInfo(name, describe_type(die_type), kind, None, str(exc), available=available))
@@ -245,8 +244,7 @@ def retval_fetcharg(info: DebugInfo, function_address: int, token: str, position
 
 
 def _locate(context: _Context, die: DIE, scope: Scope | None, name: str) -> _Place:
-    typed = die if "DW_AT_type" in die.attributes else origin_of(die)
-    die_type = typed.get_DIE_from_attribute("DW_AT_type") if "DW_AT_type" in typed.attributes else None
+    die_type = _declared_type(die)
     if "DW_AT_const_value" in die.attributes:
         value = die.attributes["DW_AT_const_value"].value
         if isinstance(value, int):
@@ -256,6 +254,12 @@ def _locate(context: _Context, die: DIE, scope: Scope | None, name: str) -> _Pla
     if not expression:
         raise context.error(f"'{name}' is optimised out at {context.where()}{_lives(unit, die)}")
     return _place(context, expression, die_type, scope, name, unit, die)
+
+
+def _declared_type(die: DIE) -> DIE | None:
+    """A variable's type, from the DIE or from the one it is a copy of (an inlined parameter); None: void."""
+    typed = die if "DW_AT_type" in die.attributes else origin_of(die)
+    return typed.get_DIE_from_attribute("DW_AT_type") if "DW_AT_type" in typed.attributes else None
 
 
 def _lives(unit: Unit, die: DIE) -> str:

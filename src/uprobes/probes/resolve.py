@@ -183,13 +183,17 @@ def _source_fetchargs(spec: ProbeSpec, obj: ElfObject, address: int, function_en
             return _SourceFetch(address, parse_fetchargs(tokens, is_return=spec.is_return))
         raise ResolveError(f"probe '{spec.text}': variables by name need DWARF: {exc}") from None
     retyped, computed = [], {}
-    if named and function_entry:
-        fetches = [variable_fetcharg(info, address, obj.vaddr_to_offset(address), tokens[i], i + 1) for i in named]
-        if any(fetch.frame_relative for fetch in fetches):
-            address = prologue_end(info, address) or address
-    for i in named + retvals:
-        fetch = (variable_fetcharg(info, address, obj.vaddr_to_offset(address), tokens[i], i + 1) if i in named
-                 else retval_fetcharg(info, address, tokens[i], i + 1))
+
+    def variables_at(at: int) -> dict:
+        return {i: variable_fetcharg(info, at, obj.vaddr_to_offset(at), tokens[i], i + 1) for i in named}
+
+    fetches = variables_at(address)
+    if function_entry and any(fetch.frame_relative for fetch in fetches.values()):
+        moved = prologue_end(info, address)
+        if moved is not None:
+            address, fetches = moved, variables_at(moved)
+    fetches.update({i: retval_fetcharg(info, address, tokens[i], i + 1) for i in retvals})
+    for i, fetch in fetches.items():
         if fetch is None:
             continue
         tokens[i] = fetch.text
