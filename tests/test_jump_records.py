@@ -64,6 +64,20 @@ def test_each_site_shape_records_the_events_traps_give(targets):
     assert {args["c"] for probe, args, *_ in jumped if probe == "jump_entry"} == {"jumps"}
 
 
+def test_record_times_of_one_thread_strictly_increase_across_reads():
+    """Each read converts counter values with the scale measured again, so a later read can give a thread's
+    records times before, or tied with, its last ones: they come out a nanosecond after it instead, so a merge
+    by time of several sites' events keeps the thread's order (a tie was ordered by site: a flake in CI)."""
+    import numpy
+
+    from uprobes.engines.ptrace.records import Recorder
+
+    recorder, owner = Recorder(probes=[]), object()
+    first = recorder._in_order(owner, numpy.array([1, 2, 1, 1], numpy.uint64), numpy.array([100, 50, 100, 99]))
+    later = recorder._in_order(owner, numpy.array([1, 2], numpy.uint64), numpy.array([90, 40]))
+    assert first.tolist() == [100, 50, 101, 102] and later.tolist() == [103, 51]
+
+
 def _check(program: str, n: int) -> str:
     return re.search(r"check (\d+)", subprocess.run([program, "run", str(n)], capture_output=True,
                                                      text=True).stdout)[1]

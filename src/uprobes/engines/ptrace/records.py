@@ -424,13 +424,15 @@ class Recorder:
             self._group(site, keys[int(record_keys[group[0]])], records[group], times[group], areas)
 
     def _in_order(self, owner: Process, keys: numpy.ndarray, times: numpy.ndarray) -> numpy.ndarray:
-        """``times`` (of records in ring order, by thread key ``keys``) never earlier than the same thread's
-        record before: each conversion measures the counter's scale again, and two records read apart could
-        come out in the wrong order by a few nanoseconds."""
+        """``times`` (of records in ring order, by thread key ``keys``) later than the same thread's record
+        before, if only by a nanosecond: each conversion measures the counter's scale again, and two records
+        read apart could come out in the wrong order, or tied, which the merge by time of events from several
+        sites would order by site rather than as the thread wrote them."""
         latest = self._latest[owner]
         for key in numpy.unique(keys).tolist():
             mine = numpy.flatnonzero(keys == key)
-            ordered = numpy.maximum.accumulate(numpy.maximum(times[mine], latest.get(key, 0)))
+            steps = numpy.arange(len(mine), dtype=numpy.int64)
+            ordered = numpy.maximum.accumulate(numpy.maximum(times[mine] - steps, latest.get(key, 0) + 1)) + steps
             times[mine] = ordered
             latest[key] = int(ordered[-1])
         return times
