@@ -32,11 +32,7 @@ with more than one instruction displaced:
   object has C++ exception tables
 ================================================  ==============================================================
 
-Jump tables are found by what the code refers to: every address a memory operand names (``lea
-.L4(%rip)``, ``jmp *.L4(,%rax,8)``), and the word stored there (a table reached through the GOT), is read
-as a table of 32-bit offsets from its start (what GCC and Clang emit for position-independent code) and as
-a table of 8-byte addresses (non-PIC code, computed ``goto`` label arrays), entry after entry while they
-point into the function. Reading past a table's end can only add targets, never miss one.
+Jump tables are found as :mod:`uprobes.x86_64.function` says.
 
 A thread may stand at the start of any displaced instruction but the first when the jump is written, or
 when it is taken out; the trampoline keeps a place for each (:mod:`uprobes.x86_64.trampolines`).
@@ -46,41 +42,20 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Protocol
 
-from iced_x86 import Code, Decoder, DecoderOptions, FlowControl, Instruction, OpKind, Register, RflagsBits
+from iced_x86 import Code, Decoder, DecoderOptions, FlowControl, Instruction, RflagsBits
 
-from ..errors import UprobesError
 from .analysis import format_instruction, refusal
 from .codegen import encode
+from .function import DIRECT_BRANCHES, CodeObject, decode, function_code
 
 __all__ = ["JUMP_LENGTH", "CodeObject", "JumpSite", "jump_site", "jump_bytes"]
 
 JUMP_LENGTH = 5
 _ENDS_PATH = frozenset({FlowControl.UNCONDITIONAL_BRANCH, FlowControl.INDIRECT_BRANCH, FlowControl.RETURN})
-_DIRECT_BRANCHES = frozenset({FlowControl.UNCONDITIONAL_BRANCH, FlowControl.CONDITIONAL_BRANCH})
 _STATUS_FLAGS = RflagsBits.OF | RflagsBits.SF | RflagsBits.ZF | RflagsBits.AF | RflagsBits.CF | RflagsBits.PF
 _FLAGS_DEAD_AFTER = frozenset({FlowControl.CALL, FlowControl.INDIRECT_CALL, FlowControl.RETURN})  # the ABI's rule
 _FLAGS_LOOKAHEAD = 16
-_MAX_TABLE = 4096
-
-
-class CodeObject(Protocol):
-    """What the analysis reads of an object, at link-time addresses (:class:`uprobes.elf.objfile.ElfObject`)."""
-
-    exception_tables: bool
-
-    def read(self, vaddr: int, size: int) -> bytes:
-        """The object's bytes as in its file."""
-
-    def function_bounds(self, vaddr: int) -> tuple[int, int] | None:
-        """``(start, end)`` of the function holding ``vaddr``, or None."""
-
-    def pointer_at(self, vaddr: int) -> int | None:
-        """The 8-byte word at ``vaddr`` as the loader leaves it (relocated), in link-time terms."""
-
-    def is_outlined_part(self, vaddr: int) -> bool:
-        """Whether code starting at ``vaddr`` may be part of another function (its ``.cold`` part)."""
 
 
 @dataclass(frozen=True)
@@ -112,7 +87,7 @@ def jump_site(address: int, obj: CodeObject) -> JumpSite | str:
     if function is None:
         return "the function's bounds are unknown (no symbol size or unwind entry)"
     start, end = function
-    instructions = _decode(obj, start, end)
+    instructions = decode(obj, start, end)
     if instructions is None:
         return "the function holds bytes that do not decode"
     at = _starts(obj, start, end).get(address)
@@ -181,77 +156,21 @@ def _lands_inside(site: JumpSite, instructions: list[Instruction], obj: CodeObje
 def _arrivals(obj: CodeObject, start: int, end: int) -> dict[int, str] | str:
     """Every address a branch of the function ``[start, end)``, or of its parts moved out of line, or of a jump
     table they use may arrive at, each with the reason to give; or why that cannot be known."""
-    function = (start, end)
-    ranges, code = [function], list(_decode(obj, start, end))
-    for target in sorted({ins.near_branch_target for ins in code if ins.flow_control in _DIRECT_BRANCHES}):
-        if start <= target < end or not obj.is_outlined_part(target):
-            continue  # within the function, or a tail call
-        part = obj.function_bounds(target)
-        if part is None or part in ranges:
-            continue
-        decoded = _decode(obj, *part)
-        if decoded is None:
-            return f"code the function branches to at {target:#x} does not decode"
-        ranges.append(part)
-        code += decoded
+    code = function_code(obj, start, end)
+    if isinstance(code, str):
+        return code
     arrivals = {}
-    if any(ins.flow_control == FlowControl.INDIRECT_BRANCH for ins in code):
-        for table, target in _table_entries(code, ranges, obj):
+    if code.indirect_jumps:
+        for table, target in code.table_entries(obj):
             arrivals.setdefault(target, f"the jump table at {table:#x} holds {target:#x}, inside the displaced bytes")
-    for ins in code:
-        if ins.flow_control in _DIRECT_BRANCHES | {FlowControl.CALL}:
+    for ins in code.instructions:
+        if ins.flow_control in DIRECT_BRANCHES | {FlowControl.CALL}:
             arrivals[ins.near_branch_target] = \
                 f"'{format_instruction(ins)}' at {ins.ip:#x} branches inside the displaced bytes"
     return arrivals
 
 
-def _table_entries(code: list[Instruction], ranges: list[tuple[int, int]], obj: CodeObject):
-    """(table, target) for every entry of every table ``code`` may jump through (module docstring)."""
-    def in_code(address: int) -> bool:
-        return any(low <= address < high for low, high in ranges)
-
-    for table in sorted(_tables(code, obj) - {None}):
-        if in_code(table):
-            continue
-        for index in range(_MAX_TABLE):
-            try:
-                offset = int.from_bytes(obj.read(table + 4 * index, 4), "little", signed=True)
-            except UprobesError:
-                break
-            if not in_code(table + offset):
-                break
-            yield table, table + offset
-        for index in range(_MAX_TABLE):
-            address = obj.pointer_at(table + 8 * index)
-            if address is None or not in_code(address):
-                break
-            yield table, address
-
-
-def _tables(code: list[Instruction], obj: CodeObject) -> set[int | None]:
-    """Addresses the memory operands of ``code`` name, and the words stored there."""
-    named = set()
-    for ins in code:
-        if not any(ins.op_kind(i) == OpKind.MEMORY for i in range(ins.op_count)):
-            continue
-        if ins.is_ip_rel_memory_operand:
-            named.add(ins.ip_rel_memory_address)
-        elif ins.memory_base == Register.NONE and ins.memory_displacement:
-            named.add(ins.memory_displacement)
-    return named | {obj.pointer_at(address) for address in named}
-
-
 @functools.lru_cache(maxsize=256)
 def _starts(obj: CodeObject, start: int, end: int) -> dict[int, int]:
     """Where each instruction of the function starts -> its index."""
-    return {ins.ip: i for i, ins in enumerate(_decode(obj, start, end))}
-
-
-@functools.lru_cache(maxsize=256)  # every probe of one function decodes it once
-def _decode(obj: CodeObject, start: int, end: int) -> list[Instruction] | None:
-    try:
-        code = obj.read(start, end - start)
-    except UprobesError:
-        return None
-    instructions = list(Decoder(64, code, DecoderOptions.NONE, ip=start))
-    return None if any(ins.is_invalid for ins in instructions) else instructions
+    return {ins.ip: i for i, ins in enumerate(decode(obj, start, end))}
