@@ -46,13 +46,15 @@ def strict_json(text: str) -> dict:
     return json.loads(text, parse_constant=refuse)
 
 
-def trace_chrome(engine: str, probes: list[str], command: list[str]) -> tuple[dict, subprocess.CompletedProcess]:
-    """Run ``uprobes trace --format chrome -o FILE PROBES -- COMMAND``; the document, and the finished run
-    (whose stdout is the command's)."""
+def trace_chrome(engine: str, probes: list[str], command: list[str], *options: str
+                 ) -> tuple[dict, subprocess.CompletedProcess]:
+    """Run ``uprobes trace --format chrome -o FILE [OPTIONS] PROBES -- COMMAND``; the document, and the finished
+    run (whose stdout is the command's)."""
     out = Path(f"/tmp/uprobes-test-{os.getpid()}-{os.urandom(4).hex()}.json")
     try:
         proc = subprocess.run([sys.executable, "-m", "uprobes", "trace", "--engine", engine, "--format", "chrome",
-                               "-o", str(out), *probes, "--", *command], capture_output=True, text=True, timeout=120)
+                               "-o", str(out), *options, *probes, "--", *command], capture_output=True, text=True,
+                              timeout=120)
         assert "Traceback" not in proc.stderr, proc.stderr
         assert proc.returncode == 0, proc.stderr
         return strict_json(out.read_text()), proc
@@ -136,13 +138,14 @@ def names(document: dict, kind: str) -> dict[int, str]:
             if record["ph"] == "M" and record["name"] == kind}
 
 
-def trace_nest(engine: str, targets: Path, n: int, depth: int) -> tuple[dict, dict[int, list[Call]]]:
-    """The document of a run of ``nest N DEPTH`` with every function's entry and return probed, and the calls
-    the program says it made."""
+def trace_nest(engine: str, targets: Path, n: int, depth: int, *options: str,
+               functions: tuple[str, ...] = NEST_FUNCTIONS) -> tuple[dict, dict[int, list[Call]]]:
+    """The document of a run of ``nest N DEPTH`` with each of ``functions`` probed at its entry and return, and
+    the calls the program says it made."""
     nest = str(targets / "nest")
-    probes = [probe for name in NEST_FUNCTIONS
+    probes = [probe for name in functions
               for probe in (f"uprobe:{nest}:{name} a=%di:s64", f"uretprobe:{nest}:{name}")]
-    document, proc = trace_chrome(engine, probes, [nest, str(n), str(depth)])
+    document, proc = trace_chrome(engine, probes, [nest, str(n), str(depth)], *options)
     return document, program_calls(proc.stdout)
 
 
@@ -186,6 +189,29 @@ def test_calls_deeper_than_the_returns_an_engine_keeps_are_instants(engine, targ
         assert calls == pruned(expected[tid], 64) and not still_open
         deep = [(record["name"], record["args"]) for record in records if record["ph"] == "i"]
         assert deep == [("fact", {"a": k}) for k in range(100 - 64, -1, -1)]
+
+
+def test_return_probes_on_the_exits_give_every_slice_at_any_depth(engine, targets):
+    """With the return probes on each function's ret instructions (--return-mode insn), no return address is
+    replaced, so there is no limit of 64 nested calls: fact's 100 levels are slices, each with its value.
+    thrower, which only leaves by longjmp, has no ret to probe, so it is left out."""
+    functions = tuple(name for name in NEST_FUNCTIONS if name != "thrower")
+    document, expected = trace_nest(engine, targets, 2, 100, "--return-mode", "insn", functions=functions)
+    for tid, records in thread_events(document).items():
+        calls, still_open = slice_calls(records)
+        assert calls == without(expected[tid], "thrower") and not still_open
+        assert not [record for record in records if record["ph"] == "i"]
+        assert _depth(calls) == 101
+
+
+def without(calls: list[Call], name: str) -> list[Call]:
+    """``calls`` without those of function ``name`` (and what they called)."""
+    return [Call(call.name, call.arg, call.result, without(call.children, name)) for call in calls
+            if call.name != name]
+
+
+def _depth(calls: list[Call]) -> int:
+    return max((1 + _depth(call.children) for call in calls), default=0)
 
 
 def test_a_probe_without_its_return_is_an_instant_event(engine, targets):

@@ -8,7 +8,7 @@ import signal
 import sys
 
 from ..errors import UprobesError
-from .tracing import add_stack_options, add_tracing_options
+from .tracing import add_return_mode_option, add_stack_options, add_tracing_options
 
 __all__ = ["main"]
 
@@ -81,6 +81,7 @@ def _build_parser() -> argparse.ArgumentParser:
                                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)
     resolve.add_argument("probes", nargs="+", metavar="PROBE", help="a probe with its fetch arguments, quoted")
     resolve.add_argument("--json", action="store_true", help="one JSON object per probe point")
+    add_return_mode_option(resolve)
     resolve.add_argument("--engine", choices=("ptrace",),
                          help="ptrace: also say how that engine places each probe point: a jump (no stop per hit; "
                               "counted, or traced too) or an int3, and why not a jump")

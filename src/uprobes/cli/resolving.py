@@ -6,14 +6,16 @@ import argparse
 import json
 import sys
 
-from ..probes.resolve import Probe, resolve_texts
+from ..elf.objfile import ElfObject
+from ..probes.resolve import Probe, ReturnMode, resolve_texts
 from ..probes.spec import group_probe_words
 
 __all__ = ["run_resolve"]
 
 
 def run_resolve(args: argparse.Namespace) -> int:
-    probes = resolve_texts(group_probe_words(args.probes))
+    returns = ReturnMode(args.return_mode, unwinder_meets_stack=args.engine != "ptrace")
+    probes = resolve_texts(group_probe_words(args.probes), returns=returns)
     for probe in probes:
         placement = _ptrace_placement(probe) if args.engine == "ptrace" else None
         if args.json:
@@ -21,11 +23,19 @@ def run_resolve(args: argparse.Namespace) -> int:
                       "address": probe.address, "location": probe.location, "return": probe.is_return,
                       "ref_ctr_offset": probe.ref_ctr_offset, "line": probe.uprobe_events_line(),
                       "unavailable": list(probe.unavailable), "kernel_unavailable": list(probe.kernel_unavailable)}
+            if probe.is_return:
+                record["return_mode"] = _return_mode(probe, returns)
+            if probe.notes:
+                record["notes"] = list(probe.notes)
             if placement is not None:
                 record["ptrace"] = placement
             print(json.dumps(record))
             continue
         print(probe.uprobe_events_line())
+        if probe.is_return:
+            print(f"# {probe.name}: return mode {_return_mode(probe, returns)}", file=sys.stderr)
+        for note in probe.notes:
+            print(f"# {probe.name}: {note}", file=sys.stderr)
         if placement is not None:
             print(f"# ptrace engine: {probe.location}: " + _placement_text(placement), file=sys.stderr)
         for reason in probe.unavailable:
@@ -34,6 +44,15 @@ def run_resolve(args: argparse.Namespace) -> int:
             print(f"# {probe.location} at {probe.address:#x}: the kernel leaves out {reason} (the ptrace engine "
                   f"fetches it)", file=sys.stderr)
     return 0
+
+
+def _return_mode(probe: Probe, returns: ReturnMode) -> str:
+    """How a return probe is placed, and why: ``insn (a Go object): ret at work+0x2f``, ``stack``."""
+    if probe.exit is None:
+        return "stack"
+    why = returns.why_insn(ElfObject.open(probe.path))
+    kind = "tail call" if probe.exit.tail_call else "ret"
+    return f"insn ({why}): the {kind} '{probe.exit.instruction}' at {probe.location}+{probe.address - probe.function:#x}"
 
 
 def _ptrace_placement(probe: Probe) -> dict:

@@ -16,7 +16,7 @@ from ..errors import UprobesError
 from ..output.chrome import ChromeTraceWriter
 from ..output.columns import EventColumns
 from ..output.writers import EventWriter, count_records, format_count_table
-from ..probes.resolve import Probe, resolve_texts
+from ..probes.resolve import RETURN_MODES, Probe, ReturnMode, resolve_texts, return_probes
 from ..probes.spec import group_probe_words
 from ..proc.launch import HeldCommand
 from ..proc.maps import read_maps
@@ -25,7 +25,7 @@ from ..stacks import StackLimits
 from ..x86_64.unwind import DEFAULT_DEPTH, STACK_BYTES
 from . import STOP_SIGNALS
 
-__all__ = ["add_tracing_options", "add_stack_options", "run_trace", "run_count", "run_latency", "run_stacks"]
+__all__ = ["add_tracing_options", "add_return_mode_option", "add_stack_options", "run_trace", "run_count", "run_latency", "run_stacks"]
 
 _POLL_SECONDS = 0.1
 
@@ -52,10 +52,19 @@ def add_tracing_options(parser: argparse.ArgumentParser) -> None:
                              "no Python handler becomes a jump to generated code where its site allows (a return "
                              "probe: at its function's entry, and its return goes through generated code too), "
                              "with no stop")
+    add_return_mode_option(parser)
     parser.add_argument("-d", "--duration", type=float, metavar="SECONDS", help="stop after SECONDS")
     parser.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     parser.add_argument("--json", action="store_true", help="JSON lines instead of text")
     parser.add_argument("words", nargs="+", metavar="PROBE", help="probes, each with its fetch arguments")
+
+
+def add_return_mode_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--return-mode", choices=RETURN_MODES, default="auto",
+                        help="how return probes are placed: insn, a probe on each ret and tail call of the function "
+                             "(nothing on the stack changes); stack, the return address replaced by the engine's "
+                             "trampoline; auto (the default): insn for Go programs, and on the kernel engine for "
+                             "objects that link the C++ unwinder (its trampoline breaks exceptions), stack otherwise")
 
 
 def add_stack_options(parser: argparse.ArgumentParser) -> None:
@@ -141,19 +150,22 @@ class _Run:
         # (seen in the kill trials).
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         texts, command = _split_command(args)
-        self.probes: list[Probe] = resolve_texts(texts, args.pid)
-        if pair_returns:
-            self.probes = _entry_and_return(self.probes)
         self.pid = args.pid
         if self.pid is not None:
             read_maps(self.pid)  # a clear error now if the process is gone or not ours
         self.engine = stack.enter_context(_engine(args.engine, system_wide=self.pid is None and not command,
                                                           jumps=not args.trap))
+        returns = ReturnMode(args.return_mode, self.engine.unwinder_meets_stack)
+        self.probes: list[Probe] = resolve_texts(texts, args.pid, returns)
+        if pair_returns:
+            self.probes = _entry_and_return(self.probes, returns)
         self.child = (HeldCommand(command, ptraced_by_user=self.engine.reaps_children and os.geteuid() != 0,
                                   signal_mask=mask) if command else None)
         stack.callback(self._stop_child)
         for note in (f"{p.name} at {p.path}:{p.offset:#x}: left out {u}" for p in self.probes
                      for u in p.unavailable + (p.kernel_unavailable if self.engine.name == "kernel" else ())):
+            print(f"uprobes: warning: {note}", file=sys.stderr)
+        for note in dict.fromkeys(f"{p.name}: {note}" for p in self.probes for note in p.notes):
             print(f"uprobes: warning: {note}", file=sys.stderr)
         if self.child is not None:
             self.child.traced = self.engine.reaps_children
@@ -234,21 +246,21 @@ class _Run:
             self.child.returncode = reaped
 
 
-def _entry_and_return(probes: list[Probe]) -> list[Probe]:
-    """For ``latency``: one function's entry probe and its return probe, without fetch arguments."""
+def _entry_and_return(probes: list[Probe], returns: ReturnMode) -> list[Probe]:
+    """For ``latency``: one function's entry probe and its return probes, without fetch arguments."""
     from dataclasses import replace
 
-    functions = {(p.path, p.offset) for p in probes}
+    functions = {(p.path, p.entry_offset) for p in probes}
     if len(functions) != 1 or any(p.site is not None for p in probes):
         raise UprobesError("latency takes one function: give uprobe:PATH:FUNCTION (a glob must match one)")
     if probes[0].fetchargs:
         raise UprobesError(f"latency times calls and fetches nothing: drop the fetch arguments of '{probes[0].spec}'")
     if "+" in probes[0].location or probes[0].location.startswith("0x"):  # not at a symbol's first byte
         raise UprobesError(f"latency times a function from its first instruction, not {probes[0].location}")
-    entry = replace(probes[0], is_return=False, fetchargs=(), event=probes[0].event.removesuffix("__return"),
-                    explicit_event=False)
-    returned = replace(entry, is_return=True, event=f"{entry.event}__return")
-    return [entry, returned]
+    if probes[0].is_return:
+        raise UprobesError(f"latency takes the function's entry, uprobe:PATH:FUNCTION, not '{probes[0].spec}'")
+    entry = replace(probes[0], fetchargs=(), explicit_event=False)
+    return [entry, *return_probes(entry, returns)]
 
 
 def _raise_stop(signum, frame) -> None:

@@ -33,7 +33,7 @@ from .symbols import Symbol, SymbolTable, read_symbol_table
 __all__ = ["ElfObject", "LoadSegment"]
 
 _ELF_MAGIC = b"\x7fELF"
-_DT_SONAME, _DT_FLAGS_1 = 14, 0x6FFFFFFB
+_DT_NEEDED, _DT_SONAME, _DT_FLAGS_1 = 1, 14, 0x6FFFFFFB
 _R_X86_64_RELATIVE = 8
 # What pyelftools (and the construct library under it) raise on malformed input, beyond its own ELFError.
 _MALFORMED = (_PyElfError, _ConstructError, ValueError, KeyError, IndexError, UnicodeDecodeError, OverflowError)
@@ -62,6 +62,9 @@ class LoadSegment:
 
     def contains_offset(self, offset: int) -> bool:
         return self.offset <= offset < self.offset + self.filesz
+
+
+_PLT_SECTIONS = (".plt", ".plt.sec", ".plt.got")
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,14 +140,41 @@ class ElfObject:
             return "pie" if self._is_pie() else "shared"
         return self.elf_type
 
-    def _is_pie(self) -> bool:
+    @functools.cached_property
+    def _dynamic(self) -> list[tuple[int, int]]:
+        """The ``.dynamic`` entries (tag, value), up to DT_NULL."""
         # Elf64_Dyn records read directly: pyelftools' iter_tags() asserts or fails on a damaged .dynamic.
         raw = self.section_bytes(".dynamic") or b""
-        tags: dict[int, int] = {}
+        entries = []
         for tag, value in struct.iter_unpack("<qQ", raw[:len(raw) - len(raw) % 16]):
             if tag == 0:  # DT_NULL
                 break
-            tags.setdefault(tag, value)
+            entries.append((tag, value))
+        return entries
+
+    @functools.cached_property
+    def linked_names(self) -> tuple[str, ...]:
+        """The libraries the object names (DT_NEEDED), then its own name (DT_SONAME), as written there."""
+        strings = self.section_bytes(".dynstr") or b""
+        names = [strings[value:strings.find(b"\0", value)].decode(errors="replace")
+                 for tag, value in sorted(self._dynamic, key=lambda entry: entry[0] == _DT_SONAME)
+                 if tag in (_DT_NEEDED, _DT_SONAME) and value < len(strings)]
+        return tuple(names)
+
+    @property
+    def is_go(self) -> bool:
+        """Whether the Go toolchain built the object (its build info, build id or function table is there)."""
+        return any(name in self._sections for name in (".go.buildinfo", ".note.go.buildid", ".gopclntab"))
+
+    @property
+    def links_cxx_unwinder(self) -> bool:
+        """Whether C++ exceptions may unwind through the object's frames: it links libstdc++ or libgcc_s (or is
+        one), or holds the unwinder itself."""
+        return (any(name.startswith(("libstdc++.so", "libgcc_s.so")) for name in self.linked_names)
+                or bool(self.symbols.match("_Unwind_RaiseException")))
+
+    def _is_pie(self) -> bool:
+        tags = dict(reversed(self._dynamic))  # the first of each tag
         if _DT_FLAGS_1 in tags:
             return bool(tags[_DT_FLAGS_1] & 0x08000000)  # DF_1_PIE
         return ".interp" in self._sections and _DT_SONAME not in tags
@@ -216,9 +246,27 @@ class ElfObject:
 
     def is_outlined_part(self, vaddr: int) -> bool:
         """Whether code that starts at ``vaddr`` is a part of another function moved out of line (``foo.cold``),
-        not a function of its own; with no symbol there, it may be."""
+        not a function of its own; with no symbol there, it may be, unless it is a stub of the PLT."""
+        if any(sec.addr <= vaddr < sec.addr + sec.size for name in _PLT_SECTIONS
+               if (sec := self._sections.get(name)) is not None):
+            return False
         sym = self.symbols.containing(vaddr)
         return sym is None or sym.value != vaddr or ".cold" in sym.name
+
+    def outlined_parts(self, vaddr: int) -> tuple[tuple[int, int], ...]:
+        """``(start, end)`` of each part of the function starting at ``vaddr`` moved out of line under a name of its
+        own (``foo.cold``, ``foo.cold.1``): where a landing pad, reached by no branch, may lie."""
+        sym = self.symbols.containing(vaddr)
+        return self._cold_parts.get(sym.name, ()) if sym is not None and sym.value == vaddr else ()
+
+    @functools.cached_property
+    def _cold_parts(self) -> dict[str, tuple[tuple[int, int], ...]]:
+        parts: dict[str, list[tuple[int, int]]] = {}
+        for sym in self.symbols.functions:
+            base, cold, _ = sym.name.partition(".cold")
+            if cold and sym.size:
+                parts.setdefault(base, []).append((sym.value, sym.value + sym.size))
+        return {name: tuple(sorted(set(ranges))) for name, ranges in parts.items()}
 
     @property
     def text_bias(self) -> int:

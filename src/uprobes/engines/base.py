@@ -50,6 +50,10 @@ class Engine(ABC):
     name: str
     #: Whether this engine traces a launched command with ptrace, and so collects its exit (ask :meth:`exited`).
     reaps_children: bool = False
+    #: Whether a return address this engine replaces is left on the stack a C++ exception unwinds, which then
+    #: ends in ``std::terminate`` (the kernel's trampoline): return probes go on the functions' exits instead,
+    #: in objects that link the C++ unwinder (:class:`uprobes.probes.resolve.ReturnMode`).
+    unwinder_meets_stack: bool = False
     #: Events a poll took as a stop signal ended it, for the next poll (see :func:`uninterrupted`); each
     #: engine makes its own list.
     undelivered: list[EventColumns]

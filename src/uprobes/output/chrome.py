@@ -15,7 +15,8 @@ Where the hits say less than a call tree, the document stays balanced, and Perfe
 - a return of a call that has calls still open above it (they left by ``longjmp`` or an exception, so their
   returns never came) ends those too, at the same time, with ``"returned": false``;
 - an entry 64 calls deep in slices is an instant: neither engine reports the return of a call nested deeper
-  (the kernel's limit), and a slice that never ends would take the next return of its function;
+  (the kernel's limit), and a slice that never ends would take the next return of its function (calls whose
+  return probes are on the function's exits, ``--return-mode insn``, have no such limit and do not count);
 - calls still open when the trace ends are left open: Perfetto draws them to the end of the trace as "Did not
   end" (chrome://tracing as "Did Not Finish"), which is what is known of them; closing them at the last event
   would invent a return.
@@ -81,15 +82,23 @@ def _micros(ts_ns: int) -> str:
 def _functions(probes: list[Probe]) -> list[int | None]:
     """For each probe, the index of the entry probe whose calls its hits begin or end; None: an instant."""
     entries: dict[tuple[str, int], int] = {}
-    returns: dict[tuple[str, int], int] = {}
+    returns: dict[tuple[str, int], list[int]] = {}
     for index, probe in enumerate(probes):
-        if probe.site is None:  # a marker's site is not a function's entry, whatever its offset
-            # The first entry and return of a function pair up; a second probe there would double its calls.
-            (returns if probe.is_return else entries).setdefault((probe.path, probe.offset), index)
+        if probe.site is not None:  # a marker's site is not a function's entry, whatever its offset
+            continue
+        # The first entry and return probe of a function pair up (a return probe on the function's exits: all
+        # of them); a second probe there would double its calls.
+        if not probe.is_return:
+            entries.setdefault((probe.path, probe.offset), index)
+            continue
+        first = returns.setdefault((probe.path, probe.entry_offset), [index])
+        if first[0] != index and probe.exit is not None and probes[first[0]].spec == probe.spec:
+            first.append(index)
     functions: list[int | None] = [None] * len(probes)
     for key, entry in entries.items():
-        if key in returns:
-            functions[entry] = functions[returns[key]] = entry
+        functions[entry] = entry if key in returns else None
+        for index in returns.get(key, ()):
+            functions[index] = entry
     return functions
 
 
@@ -109,6 +118,9 @@ class ChromeTraceWriter:
     def __init__(self, out: TextIO, probes: list[Probe]) -> None:
         self.out = out
         self._functions = _functions(probes)
+        # functions whose returns are probed on their exits: no return address is kept for them, so no limit
+        self._on_exits = {self._functions[i] for i, probe in enumerate(probes) if probe.exit is not None}
+        self._kept: dict[int, int] = {}  # tid -> its calls in flight whose return addresses an engine keeps
         self._names = [json_string(probe.name) for probe in probes]
         self._open: dict[int, list[int]] = {}  # tid -> its calls in flight (entry probe indexes), innermost last
         self._thread_names: dict[int, str] = {}
@@ -144,16 +156,20 @@ class ChromeTraceWriter:
         calls = self._open.get(event.tid)
         if calls is None:
             calls = self._open[event.tid] = []
+        kept = function not in self._on_exits
         if not event.is_return:
-            if len(calls) >= _RETURN_DEPTH:  # its return will not come
+            if kept and self._kept.get(event.tid, 0) >= _RETURN_DEPTH:  # its return will not come
                 return False
             calls.append(function)
+            self._kept[event.tid] = self._kept.get(event.tid, 0) + kept
             self._write("B", self._names[function], event, _args(event, False))
             return True
         if not calls or calls[-1] != function and function not in calls:  # began before the trace, or too deep
             return False
         while (innermost := calls.pop()) != function:  # left without returning
+            self._kept[event.tid] -= innermost not in self._on_exits
             self._write("E", self._names[innermost], event, {"returned": False})
+        self._kept[event.tid] -= kept
         # An "E" event's arguments are added to its slice's: the stack at the return (the caller's) would clash
         # with the entry's, which says more.
         self._write("E", self._names[function], event, _args(event, True, with_stack=False))

@@ -26,15 +26,17 @@ from ..elf.symbols import Symbol
 from ..errors import ProbeSyntaxError, ResolveError
 from ..sdt.notes import SdtSite, read_markers
 from ..x86_64.decode import instruction_containing, instruction_starts
-from .fetchargs import Deref, FetchArg, parse_fetchargs
+from ..x86_64.exits import FunctionExit, function_exits
+from .fetchargs import Deref, FetchArg, Register, RetVal, parse_fetchargs
 from .markerargs import kernel_fetchable, kernel_limitation, marker_fetchargs
 from .spec import MAX_NAME_LEN, ProbeSpec, parse_probe
 
 _NOT_IN_A_COMMAND = re.compile(r"[\s#]")
 
-__all__ = ["Probe", "resolve_probe", "resolve_text", "DEFAULT_GROUP"]
+__all__ = ["Probe", "ReturnMode", "resolve_probe", "resolve_text", "return_probes", "DEFAULT_GROUP", "RETURN_MODES"]
 
 DEFAULT_GROUP = "uprobes"
+RETURN_MODES = ("auto", "insn", "stack")
 _MAX_INSTRUCTION = 15
 
 
@@ -59,6 +61,36 @@ class Probe:
     # (argument, "f32" | "f64" | "sN" | ((value, enumerator), ...)): bits tracefs cannot type as they are meant
     retyped: tuple[tuple[str, str | tuple[tuple[int, str], ...]], ...] = ()
     marker_memory: frozenset = frozenset()  # memory the marker's operands name (the compiler put them there)
+    # A return probe on one of its function's exits (return mode insn), a plain breakpoint there; and the
+    # function's link-time address. None: a return probe replaces the return address (mode stack).
+    exit: FunctionExit | None = None
+    function: int | None = None
+    notes: tuple[str, ...] = ()  # what the user should know about how the probe is placed
+
+    @property
+    def replaces_return(self) -> bool:
+        """A return probe that replaces its function's return address (return mode stack)."""
+        return self.is_return and self.exit is None
+
+    @property
+    def returns_value_here(self) -> bool:
+        """A return probe on a ``ret`` of its function: the return value is in ``%rax`` at the probe."""
+        return self.exit is not None and not self.exit.tail_call
+
+    @property
+    def reports_retval(self) -> bool:
+        """Whether the probe's events carry the function's return value (a return probe not on a tail call)."""
+        return self.replaces_return or self.returns_value_here
+
+    @property
+    def entry_offset(self) -> int:
+        """The file offset of the function a return probe on an exit returns from; the probe's own otherwise."""
+        return self.offset if self.function is None else self.offset - (self.address - self.function)
+
+    def reported_address(self, runtime: int) -> int:
+        """The address events give for a hit at run-time address ``runtime``: a return probe's events give its
+        function's, whichever way it is placed."""
+        return runtime if self.function is None else runtime - (self.address - self.function)
 
     @property
     def kernel_fetchargs(self) -> tuple[FetchArg, ...]:
@@ -98,26 +130,49 @@ class Probe:
             # may hold blanks, '#' or a newline: the kernel would read a second command or a comment.
             raise ResolveError(f"{self.path}: the kernel's uprobe_events cannot take a path with blanks, '#' or "
                                f"control characters; make a hard link without them (ln), or use --engine ptrace")
-        return f"{'r' if self.is_return else 'p'}:{self.group}/{self.event} {self.path}:{self.offset:#x}{ref}{args}"
+        return f"{'r' if self.replaces_return else 'p'}:{self.group}/{self.event} {self.path}:{self.offset:#x}{ref}{args}"
 
 
-def resolve_text(text: str) -> list[Probe]:
+@dataclass(frozen=True)
+class ReturnMode:
+    """How return probes are placed: ``insn``, a probe on each exit of the function (nothing on the stack
+    changes); ``stack``, the return address replaced by the engine's trampoline; ``auto``, insn for Go objects
+    (the Go runtime aborts on a return address it does not know) and, where ``unwinder_meets_stack`` (the
+    engine's trampoline is on the stack a C++ exception unwinds: the kernel's), for objects that link the C++
+    unwinder; stack otherwise."""
+
+    mode: str = "auto"
+    unwinder_meets_stack: bool = False
+
+    def why_insn(self, obj: ElfObject) -> str | None:
+        """Why the return probes of ``obj`` go on the functions' exits, or None: they replace return addresses."""
+        if self.mode != "auto":
+            return "asked for" if self.mode == "insn" else None
+        if obj.is_go:
+            return "a Go object"
+        if self.unwinder_meets_stack and obj.links_cxx_unwinder:
+            return "C++ exceptions may unwind its frames"
+        return None
+
+
+def resolve_text(text: str, returns: ReturnMode = ReturnMode()) -> list[Probe]:
     """Parse and resolve one probe text."""
-    return resolve_probe(parse_probe(text))
+    return resolve_probe(parse_probe(text), returns=returns)
 
 
-def resolve_texts(texts: Iterable[str], pid: int | None = None) -> list[Probe]:
+def resolve_texts(texts: Iterable[str], pid: int | None = None, returns: ReturnMode = ReturnMode()) -> list[Probe]:
     """Parse and resolve many probe texts, in order; each file they name is looked up and opened once for all
     of them (a list of thousands of probes names a few files). With ``pid``, paths are as that process sees
     them (its mount namespace: a container's files)."""
     objects: dict[str, ElfObject] = {}
-    return [probe for text in texts for probe in resolve_probe(parse_probe(text), objects, pid)]
+    return [probe for text in texts for probe in resolve_probe(parse_probe(text), objects, pid, returns)]
 
 
-def resolve_probe(spec: ProbeSpec, objects: dict[str, ElfObject] | None = None, pid: int | None = None) -> list[Probe]:
+def resolve_probe(spec: ProbeSpec, objects: dict[str, ElfObject] | None = None, pid: int | None = None,
+                  returns: ReturnMode = ReturnMode()) -> list[Probe]:
     """Every probe point ``spec`` names; raise :class:`ResolveError` when it names nothing. ``objects``: the
     files opened so far, by the name a probe gave them (kept for the next); ``pid``: the process whose view of
-    the file system names them."""
+    the file system names them; ``returns``: how return probes are placed."""
     obj = objects.get(spec.target) if objects is not None else None
     if obj is None:
         obj = ElfObject.open(find_object(spec.target, pid))
@@ -135,7 +190,7 @@ def resolve_probe(spec: ProbeSpec, objects: dict[str, ElfObject] | None = None, 
     else:
         address = spec.address if spec.address is not None else _offset_to_address(obj, spec.offset, spec)
         points = [(address, obj.describe_address(address), None)]
-    probes = []
+    probes, unplaced = [], []
     for address, location, sym in points:
         _check_code_address(obj, address, spec)
         if spec.is_return:
@@ -144,11 +199,77 @@ def resolve_probe(spec: ProbeSpec, objects: dict[str, ElfObject] | None = None, 
         fetch = _source_fetchargs(spec, obj, address, function_entry=sym is not None and address == sym.value)
         if fetch.address != address:
             location = obj.describe_address(fetch.address)
-        probes.append(Probe(spec.text, spec.is_return, spec.group or DEFAULT_GROUP, event, obj.path,
-                            obj.vaddr_to_offset(fetch.address), fetch.address, location, spec.ref_ctr_offset,
-                            fetch.fetchargs, explicit_event=spec.event is not None, retyped=fetch.retyped,
-                            kernel_unavailable=fetch.kernel_unavailable))
+        probe = Probe(spec.text, spec.is_return, spec.group or DEFAULT_GROUP, event, obj.path,
+                      obj.vaddr_to_offset(fetch.address), fetch.address, location, spec.ref_ctr_offset,
+                      fetch.fetchargs, explicit_event=spec.event is not None, retyped=fetch.retyped,
+                      kernel_unavailable=fetch.kernel_unavailable)
+        if not spec.is_return:
+            probes.append(probe)
+            continue
+        try:
+            probes += _placed_returns(probe, obj, returns)
+        except _Unplaced as why:
+            unplaced.append(str(why))
+    if unplaced and not probes:
+        raise ResolveError(f"probe '{spec.text}': {unplaced[0]}")
+    if unplaced:
+        probes[0] = replace(probes[0], notes=probes[0].notes + tuple(f"no return probe: {why}" for why in unplaced))
     return probes
+
+
+class _Unplaced(Exception):
+    """Why a function named by a probe gets no return probe."""
+
+
+def return_probes(entry: Probe, returns: ReturnMode) -> list[Probe]:
+    """The return probes of the function ``entry`` probes at its first instruction, without fetch arguments."""
+    probe = replace(entry, is_return=True, fetchargs=(), event=_identifier(entry.event, "__return"),
+                    explicit_event=False)
+    try:
+        return _placed_returns(probe, ElfObject.open(entry.path), returns)
+    except _Unplaced as why:
+        raise ResolveError(f"probe '{entry.spec}': {why}") from None
+
+
+def _placed_returns(probe: Probe, obj: ElfObject, returns: ReturnMode) -> list[Probe]:
+    """``probe``, a return probe, as ``returns`` places it: itself (its return address replaced), or a probe on
+    each exit of its function."""
+    why = returns.why_insn(obj)
+    if why is None:
+        return [probe]
+    exits = function_exits(obj, probe.address)
+    if isinstance(exits, str):
+        if obj.is_go:
+            raise _Unplaced(f"the exits of {probe.location} cannot all be found ({exits}), and replacing a return "
+                            f"address makes the Go runtime abort; probe its ret instructions by offset instead")
+        return [replace(probe, notes=probe.notes + (f"return mode stack, not insn ({why}): the exits of "
+                                                    f"{probe.location} cannot all be found: {exits}",))]
+    if not exits:
+        raise _Unplaced(f"{probe.location} never returns (it has no ret and no tail call)")
+    return [_at_exit(probe, obj, leave) for leave in exits]
+
+
+def _at_exit(probe: Probe, obj: ElfObject, leave: FunctionExit) -> Probe:
+    """``probe`` (a return probe at its function's entry) placed on ``leave``: ``$retval`` is ``%ax`` at a
+    ``ret``; at a tail call, what the function returns is the callee's, not seen there, so what reads it is
+    left out."""
+    fetchargs, unavailable = [], list(probe.unavailable)
+    for arg in probe.fetchargs:
+        if not _reads_retval(arg.source):
+            fetchargs.append(arg)
+        elif not leave.tail_call:
+            fetchargs.append(replace(arg, source=_with_base(arg.source, Register("ax"))))
+        else:
+            callee = obj.describe_address(leave.target) if leave.target is not None else "a function pointer"
+            unavailable.append(f"{arg.name}: {probe.location} leaves by a tail call at "
+                               f"{obj.describe_address(leave.address)} ('{leave.instruction}'); what it returns "
+                               f"is what {callee} returns, not seen there")
+    return replace(probe, offset=obj.vaddr_to_offset(leave.address), address=leave.address,
+                   fetchargs=tuple(fetchargs), unavailable=tuple(unavailable), exit=leave, function=probe.address)
+
+
+def _reads_retval(source) -> bool:
+    return isinstance(source, RetVal) or isinstance(source, Deref) and _reads_retval(source.inner)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,9 @@ class CodeObject(Protocol):
     def is_outlined_part(self, vaddr: int) -> bool:
         """Whether code starting at ``vaddr`` may be part of another function (its ``.cold`` part)."""
 
+    def outlined_parts(self, vaddr: int) -> tuple[tuple[int, int], ...]:
+        """The parts of the function starting at ``vaddr`` moved out of line under names of their own."""
+
 
 @dataclass(frozen=True)
 class FunctionCode:
@@ -84,24 +87,33 @@ class FunctionCode:
 
 @functools.lru_cache(maxsize=64)  # every site of one function asks the same
 def function_code(obj: CodeObject, start: int, end: int) -> FunctionCode | str:
-    """The function ``[start, end)`` of ``obj`` and the parts of it moved out of line that it branches to (a
-    direct branch out of the function to anything but another function's first byte); or why it cannot be
-    read whole."""
+    """The function ``[start, end)`` of ``obj`` and the parts of it moved out of line: those named after it
+    (``foo.cold``, where landing pads may be) and those it, or such a part, branches to (a direct branch out of
+    them to anything but another function's first byte); or why it cannot be read whole."""
     instructions = decode(obj, start, end)
     if instructions is None:
         return "the function holds bytes that do not decode"
-    ranges, code = [(start, end)], list(instructions)
-    for target in sorted({ins.near_branch_target for ins in code if ins.flow_control in DIRECT_BRANCHES}):
-        if start <= target < end or not obj.is_outlined_part(target):
-            continue  # within the function, or a tail call
-        part = obj.function_bounds(target)
-        if part is None or part in ranges:
-            continue
+    ranges, code, read = [(start, end)], list(instructions), 0
+    for part in obj.outlined_parts(start):
         decoded = decode(obj, *part)
         if decoded is None:
-            return f"code the function branches to at {target:#x} does not decode"
+            return f"its part at {part[0]:#x} does not decode"
         ranges.append(part)
         code += decoded
+    while read < len(code):  # the parts' own branches too: a cold part may branch to another
+        targets = sorted({ins.near_branch_target for ins in code[read:] if ins.flow_control in DIRECT_BRANCHES})
+        read = len(code)
+        for target in targets:
+            if any(low <= target < high for low, high in ranges) or not obj.is_outlined_part(target):
+                continue  # within the function, or a tail call
+            part = obj.function_bounds(target)
+            if part is None or part in ranges:
+                continue
+            decoded = decode(obj, *part)
+            if decoded is None:
+                return f"code the function branches to at {target:#x} does not decode"
+            ranges.append(part)
+            code += decoded
     return FunctionCode(tuple(ranges), tuple(code))
 
 

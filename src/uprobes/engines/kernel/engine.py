@@ -28,7 +28,7 @@ from ...consumers import Consumer
 from ...errors import KernelEngineError
 from ...output.columns import EventColumns, Group
 from ...output.event import Event
-from ...probes.fetchargs import Comm, Deref, FetchArg, FetchType, Immediate, RetVal, StackPointer
+from ...probes.fetchargs import Comm, Deref, FetchArg, FetchType, Immediate, Register, RetVal, StackPointer
 from ...probes.markerargs import kernel_fetchable, kernel_limitation
 from ...probes.resolve import Probe
 from ...stacks import INCOMPLETE, StackLimits, StackReader
@@ -44,6 +44,7 @@ __all__ = ["KernelEngine"]
 # Fetched with every hit: the thread's name while it is alive, and a return probe's value.
 _COMM_ARG = FetchArg("__comm", True, Comm(), FetchType("string"))
 _RETVAL_ARG = FetchArg("__retval", True, RetVal(), FetchType("s64"))
+_EXIT_RETVAL_ARG = FetchArg("__retval", True, Register("ax"), FetchType("s64"))  # at a ret of the function
 _TAG = "__probe"  # the immediate argument that says which of an event's probes a record is of
 _HIDDEN_FIELDS = frozenset({"__comm", "__retval", _TAG, "__pad", "__probe_ip", "__probe_func", "__probe_ret_ip"})
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
@@ -81,7 +82,7 @@ class _Attached:
         index = {f.name: i for i, f in enumerate(self.format.fields)}
         args = tuple((name, i) for name, i in index.items()
                      if name not in _HIDDEN_FIELDS and not name.startswith("common_"))
-        ip = index["__probe_func" if self.probe.is_return else "__probe_ip"]
+        ip = index["__probe_func" if self.probe.replaces_return else "__probe_ip"]
         return args, index["__comm"], ip, index.get("__retval")
 
     @functools.cached_property
@@ -123,8 +124,8 @@ class _Event:
     @functools.cached_property
     def in_columns(self) -> bool:
         """Whether its records can be read as arrays: their arguments are integers that need no retyping,
-        every one the kernel fetched."""
-        return all(not a.probe.retyped and not a.left_out
+        every one the kernel fetched, and a return's value is in them (not a return probe's on a tail call)."""
+        return all(not a.probe.retyped and not a.left_out and a.probe.reports_retval == a.probe.is_return
                    and all(self.fields[name].kind is FieldKind.INT for name, _ in a.positions[0])
                    for a in self.probes.values())
 
@@ -135,7 +136,7 @@ class _Event:
         fields = self.fields
         args = next(iter(self.probes.values())).positions[0]
         retval = fields.get(_RETVAL_ARG.name)
-        return _Layout(fields["__probe_func" if retval else "__probe_ip"].offset, fields["__comm"].offset,
+        return _Layout(fields.get("__probe_func", fields.get("__probe_ip")).offset, fields["__comm"].offset,
                        tuple(name for name, _ in args), tuple((name, fields[name].offset, _numpy_type(fields[name]))
                                                               for name, _ in args),
                        retval.offset if retval else None)
@@ -172,6 +173,7 @@ class KernelEngine(Engine):
     """Probes through tracefs and perf. Use as a context manager so that every event is deleted."""
 
     name = "kernel"
+    unwinder_meets_stack = True
 
     def __init__(self, pages_per_cpu: int = 256, counted_alone: int = _COUNTED_ALONE) -> None:
         """``pages_per_cpu``: each perf buffer's size; ``counted_alone``: to count up to this many probes,
@@ -217,14 +219,15 @@ class KernelEngine(Engine):
         events: dict[tuple, _Event] = {}
         for index, probe in enumerate(probes):
             if tallied:
-                fetchargs = () if probe.is_return else (_PAD_ARG,)
+                fetchargs = () if probe.replaces_return else (_PAD_ARG,)
             else:
-                fetchargs = probe.fetchargs + ((_COMM_ARG, _RETVAL_ARG) if probe.is_return else (_COMM_ARG,))
-            signature = _signature(probe.is_return, fetchargs, counting and not tallied, index)
+                fetchargs = probe.fetchargs + (_COMM_ARG,) + (
+                    (_RETVAL_ARG,) if probe.replaces_return else (_EXIT_RETVAL_ARG,) if probe.reports_retval else ())
+            signature = _signature(probe.replaces_return, fetchargs, counting and not tallied, index)
             self._attached.append(self._define(events, signature, index, probe, fetchargs))
         self._stacks = StackReader(stacks.depth) if stacks is not None and not counting else None
         self._pending = {}
-        returning = {(p.path, p.offset): p for p in probes if p.is_return} if self._stacks else {}
+        returning = {(p.path, p.offset): p for p in probes if p.replaces_return} if self._stacks else {}
         for index, probe in enumerate(returning.values(), len(probes)):  # tagged past the probes: never counted
             entry = replace(probe, is_return=False, event=probe.event.removesuffix("__return"))
             self._define(events, ("returns",), index, entry, (_SLOT_ARG, _CALLER_ARG))
@@ -353,7 +356,8 @@ class KernelEngine(Engine):
             first = int(group[0])
             attached = event.probes[int(tags[first])]
             groups.append(Group(attached.probe.name, attached.index, int(pids[first]), int(tids[first]),
-                                names[first].decode("utf-8", "replace"), int(ips[first]), layout.names, {},
+                                names[first].decode("utf-8", "replace"),
+                                attached.probe.reported_address(int(ips[first])), layout.names, {},
                                 {name: column[group].tolist() for name, column in values.items()},
                                 samples.time_ns[rows[group]].tolist(), samples.cpu[rows[group]].tolist(),
                                 None if retvals is None else retvals[group].tolist()))
@@ -442,7 +446,7 @@ class KernelEngine(Engine):
         if attached.left_out:
             errors = {**errors, **attached.left_out}
             args = {arg.name: args.get(arg.name) for arg in probe.fetchargs} | args  # in the order asked for
-        return Event(probe.name, pid, tid, values[comm], time_ns, cpu, values[ip],
+        return Event(probe.name, pid, tid, values[comm], time_ns, cpu, probe.reported_address(values[ip]),
                      probe.typed(args) if probe.retyped else args, None if retval is None else values[retval],
                      errors or None, probe.is_return, attached.index)
 

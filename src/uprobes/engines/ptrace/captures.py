@@ -41,7 +41,7 @@ def captures_for(probe: Probe, load_bias: int = 0, handled: bool = False) -> tup
     """The words a record of ``probe`` needs (``load_bias``: runtime minus link-time address of its object),
     or why its fetch arguments cannot be taken by a trampoline. A return probe's record holds its return value
     first; ``handled`` (a Python handler's), every register."""
-    captures: list[Capture] = [CaptureRegister(RETURN_VALUE)] if probe.is_return else []
+    captures: list[Capture] = [CaptureRegister(RETURN_VALUE)] if probe.reports_retval else []
     for capture in REGISTERS if handled else ():
         _add(captures, capture)
     for arg in probe.fetchargs:
@@ -67,7 +67,7 @@ def record_words(probes: list[Probe], handled: frozenset[int]) -> int:
     for probe in probes:
         captures = captures_for(probe)
         if isinstance(captures, tuple):
-            site = sites[probe.path, probe.offset, probe.is_return]
+            site = sites[probe.path, probe.offset, probe.replaces_return]
             site += [capture for capture in captures if capture not in site]
     return LINE_WORDS if all(len(site) <= LINE_WORDS for site in sites.values()) else WORDS
 

@@ -113,7 +113,7 @@ class PtraceEngine(Engine):
         self.family = Family(self.placement, follow_forks)
         self._reporter = Reporter(self.placement.probes, consumers, counting, stacks)
         self._handlers_gone: list[int] = []  # probes whose last handler went in a record's call
-        self._returns_wanted = any(probe.is_return for probe in probes)
+        self._returns_wanted = any(probe.replaces_return for probe in probes)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # waited for with sigtimedwait
         self._sigchld_blocked = True
         if held:

@@ -11,6 +11,7 @@ from ...probes.evaluate import HitContext, evaluate
 from ...probes.resolve import Probe
 from ...proc.status import last_cpu
 from ...stacks import ProcessStacks, StackLimits
+from ...x86_64.abi import RETURN_VALUE, return_value
 from ...x86_64.unwind import RIP, UNWOUND_REGISTERS, StackCopy
 from .syscalls import Regs, ptrace_getfpregs
 from .tracee import Process, Thread
@@ -51,8 +52,11 @@ class Reporter:
             probe.typed(args)
             pid = thread.process.pid
             if not self.counting:
+                value = retval if probe.replaces_return else \
+                    return_value(getattr(regs, RETURN_VALUE)) if probe.returns_value_here else None
                 event = Event(probe.name, pid, thread.tid, context.comm, time.monotonic_ns(),
-                              last_cpu(pid, thread.tid), address, args, retval, errors or None, probe.is_return, index)
+                              last_cpu(pid, thread.tid), probe.reported_address(address), args, value,
+                              errors or None, probe.is_return, index)
                 self.events.append(event)
                 if self.stack_limits is not None:
                     stack = stack or _copy_stack(thread, regs, returns_to, self.stack_limits.size)

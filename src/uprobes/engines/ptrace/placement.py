@@ -155,7 +155,7 @@ class Placement:
         self.removed.add(index)
         probe = self.probes[index]
         for address, breakpoint in list(process.breakpoints.items()):
-            kind = breakpoint.returns if probe.is_return else breakpoint.entries
+            kind = breakpoint.returns if probe.replaces_return else breakpoint.entries
             if index not in kind:
                 continue
             kind.remove(index)
@@ -178,7 +178,7 @@ class Placement:
         Semaphores(parent.semaphores.raised).lower_all(child, _maps_or_none(child_pid), child_pid)
 
     def _add(self, breakpoint: Breakpoint, index: int) -> None:
-        kind = breakpoint.returns if self.probes[index].is_return else breakpoint.entries
+        kind = breakpoint.returns if self.probes[index].replaces_return else breakpoint.entries
         if index not in kind:
             kind.append(index)
 

@@ -249,7 +249,9 @@ class Recorder:
         if handled:
             self._handled_sites.append(len(self.sites))
         # a return's events carry its value beside the arguments, a handler's get every register: one by one
-        columns = tuple(None if returns or handled else
+        # (and a return probe's on a tail call: an event that is a return without a value)
+        columns = tuple(None if returns or handled or self.probes[index].is_return and
+                        not self.probes[index].reports_retval else
                         _columns(self.probes[index], breakpoint.address - self.probes[index].address, captures)
                         for index in indices)
         self.sites.append(RecordedSite(breakpoint.address, breakpoint.file_offset, indices, captures, columns,
@@ -467,9 +469,12 @@ class Recorder:
             context = HitContext(_Registers({"rip": site.address}), _Memory({}), site.address, site.file_offset,
                                  thread.comm)
             values = evaluate(tuple(fixed), context)[0]
-            self.groups.append(Group(probe.name, index, thread.process.pid, thread.tid, thread.comm, site.address,
-                                     tuple(arg.name for arg in probe.fetchargs), values,
-                                     {name: column.values(words) for name, column in columns.items()}, ts, cpu))
+            retval = (Column(site.fields.index(RETURN_VALUE), 64, True).values(words)
+                      if probe.returns_value_here else None)
+            self.groups.append(Group(probe.name, index, thread.process.pid, thread.tid, thread.comm,
+                                     probe.reported_address(site.address), tuple(arg.name for arg in probe.fetchargs),
+                                     values, {name: column.values(words) for name, column in columns.items()}, ts,
+                                     cpu, retval))
 
     def _event(self, site: RecordedSite, probe: Probe, index: int, thread: Thread, ts: int, cpu: int,
                words: list[int], key: int, record_area: bytes | None = None) -> None:
@@ -498,14 +503,14 @@ class Recorder:
                 strings[capture.address(registers, values)] = data
             elif taken == capture.size:
                 _keep(chunks, capture.address(registers, values), data)
-        retval = return_value(registers[RETURN_VALUE]) if site.returns else None
+        retval = return_value(registers[RETURN_VALUE]) if site.returns or probe.returns_value_here else None
         context = HitContext(_Registers(registers), _Memory(chunks, strings), site.address, site.file_offset,
                              thread.comm, retval)
         args, errors = evaluate(probe.fetchargs, context)
         probe.typed(args)
         if not self.counting:
-            self.events.append(Event(probe.name, thread.process.pid, thread.tid, context.comm, ts, cpu, site.address,
-                                     args, retval, errors or None, site.returns, index))
+            self.events.append(Event(probe.name, thread.process.pid, thread.tid, context.comm, ts, cpu,
+                                     probe.reported_address(site.address), args, retval, errors or None,
+                                     probe.is_return, index))
         if index in self.handled:
             self.deliver(index, thread, context.regs, args, errors)
-
