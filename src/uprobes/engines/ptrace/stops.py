@@ -1,8 +1,11 @@
 """The one waitpid dispatcher: every stop and end of every traced thread is routed from here.
 
 The phase is a parameter: while **serving**, a hit is reported and the thread goes on; while **stopping**
-the world (detach, and code patching next), nothing new starts: a hit is rewound unreported, a signal is
-held for the detach, a step is settled, and only a thread that must report a trap first is let run.
+the world (detach), nothing new starts: a hit is rewound unreported, a signal is held for the detach, a step
+is settled, and only a thread that must report a trap first is let run. **Pausing** the world for a moment
+(to write jumps, read threads' keys, take out probes) is stopping it, except that a step already under way
+finishes first: its hit was reported, and undoing it would have the thread hit the probe, and report it,
+again (a Go program's goroutine, preempted there, even from another thread).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ __all__ = ["Phase", "dispatch", "drain"]
 class Phase(enum.Enum):
     SERVING = "serving hits"
     STOPPING = "stopping the world"
+    PAUSING = "stopping the world for a moment"
 
 
 def drain(engine: PtraceEngine, phase: Phase) -> bool:
@@ -68,8 +72,8 @@ def dispatch(engine: PtraceEngine, tid: int, status: int, phase: Phase) -> None:
                 engine.placement.jumps.exiting(thread)
             thread.resume()  # its end goes on; WIFEXITED follows (hazards 12-13)
         elif thread.step is not None:
-            on_step_stop(thread, event, sig, serving)
-            engine.freed_slot(thread if thread.step is None else None, serving)
+            on_step_stop(thread, event, sig, serving, finish=phase is Phase.PAUSING)
+            engine.freed_slot(thread if thread.step is None else None, phase is not Phase.STOPPING)
         elif event == 0 and sig == signal.SIGTRAP:
             engine.on_trap(thread, serving)
         elif event == 0:

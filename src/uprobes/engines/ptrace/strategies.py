@@ -175,9 +175,10 @@ def retry_step(thread: Thread) -> None:
     start_step(thread, thread.hit, ptrace_getregs(thread.tid))
 
 
-def on_step_stop(thread: Thread, event: int, sig: int, serving: bool) -> None:
+def on_step_stop(thread: Thread, event: int, sig: int, serving: bool, finish: bool = False) -> None:
     """``thread`` owns a step and reported a stop: its own trap ends the step; anything else waits for it
-    (serving) or settles it (``serving`` False: the world is being stopped)."""
+    (serving) or settles it (``serving`` False: the world is being stopped). ``finish``: the world is being
+    paused, and the step goes on until it ends (the thread then stays stopped)."""
     step = thread.step
     regs = ptrace_getregs(thread.tid)
     if not event and sig == signal.SIGTRAP and _ends_step(thread, step, regs):
@@ -195,7 +196,9 @@ def on_step_stop(thread: Thread, event: int, sig: int, serving: bool) -> None:
             thread.resume(thread.take_held(sig))
             return
         thread.hold(sig, info)  # (hazard 17)
-    if not serving and event == EVENT_STOP and regs.rip != step.slot \
+    if finish and not (event == EVENT_STOP and sig in GROUP_STOP_SIGNALS) and not (info is not None and is_fault(sig, info)):
+        thread.resume()  # with the trap flag: the step goes on, and its trap ends it (the first case above)
+    elif not serving and event == EVENT_STOP and regs.rip != step.slot \
             and signal_pending(thread.process.pid, thread.tid, signal.SIGTRAP):
         thread.resume()  # the copy ran and its trap is due: take it now, not after we are gone (hazard 24)
     elif not serving:

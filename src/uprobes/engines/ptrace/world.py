@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from .family import when_stopped
 from .returns import put_back, returned
 from .stops import Phase, dispatch
+from .strategies import Boost
 from .syscalls import WALL, ptrace_detach, ptrace_getregs, ptrace_interrupt, ptrace_setregs
 from .tracee import EXITING, STOPPED, Thread
 
@@ -30,7 +31,8 @@ _STOP_SECONDS = 10
 def stop_world(engine: PtraceEngine, detaching: bool = True) -> None:
     """Interrupt every thread that is not stopped, stepping and group-stopped ones included, and wait until
     each is stopped with nothing in flight (``detaching`` False: the world goes on afterwards, so a return
-    about to be taken at the trampoline is left to be taken and reported)."""
+    about to be taken at the trampoline is left to be taken and reported, a step under way finishes, and a
+    thread sent into a boosted copy stays there: each has had its hit reported)."""
     family = engine.family
     for thread in list(family.threads.values()):
         if not thread.state.stopped and thread.state is not EXITING:
@@ -47,7 +49,7 @@ def stop_world(engine: PtraceEngine, detaching: bool = True) -> None:
         if tid == 0:
             signal.sigtimedwait({signal.SIGCHLD}, 0.05)
             continue
-        dispatch(engine, tid, status, Phase.STOPPING)
+        dispatch(engine, tid, status, Phase.STOPPING if detaching else Phase.PAUSING)
     for thread in list(family.threads.values()):
         if thread.process.area is not None:
             thread.process.area.waiters.clear()
@@ -70,7 +72,8 @@ def _settle(thread: Thread, engine: PtraceEngine, detaching: bool) -> None:
             regs.rip = ended[-1].original
             ptrace_setregs(thread.tid, regs)
     elif area is not None and (owner := area.owner(regs.rip)) is not None:
-        owner.settle(thread, regs)
+        if detaching or not isinstance(owner, Boost):  # a boosted copy's slot is kept while the area is
+            owner.settle(thread, regs)
     elif detaching:
         engine.placement.jumps.settle(thread, regs)
     thread.hit, thread.state = None, STOPPED
