@@ -32,7 +32,7 @@ from .expression import unsupported
 from .info import DebugInfo, Scope, Unit, die_name, origin_of
 
 __all__ = ["VariableFetch", "VariableInfo", "is_variable_expression", "variable_fetcharg", "retval_fetcharg",
-           "variables_at", "variables_described", "describe_type"]
+           "variables_at", "variables_described", "describe_type", "member_offset"]
 
 _EXPRESSION = re.compile(r"[A-Za-z_]\w*(?:->[A-Za-z_]\w*|\.[A-Za-z_]\w*|\[\d+\])*")
 _ACCESS = re.compile(r"->([A-Za-z_]\w*)|\.([A-Za-z_]\w*)|\[(\d+)\]")
@@ -457,6 +457,17 @@ def _find_member(struct: DIE, name: str) -> tuple[DIE, int] | None:
             inner = _find_member(_strip(child.get_DIE_from_attribute("DW_AT_type")), name)
             if inner is not None:
                 return inner[0], offset + inner[1]
+    return None
+
+
+def member_offset(info: DebugInfo, structure: str, member: str) -> int | None:
+    """The offset of ``member`` in the structure type called ``structure`` (the first unit that defines it at
+    its top level), or None where no unit does."""
+    for unit in info.units():
+        for die in unit.cu.get_top_DIE().iter_children():
+            if die.tag == "DW_TAG_structure_type" and die_name(die) == structure:
+                found = _find_member(die, member)
+                return found[1] if found else None
     return None
 
 

@@ -17,6 +17,7 @@ import io
 import lzma
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 
 from elftools.common.exceptions import ELFError as _PyElfError
@@ -65,6 +66,7 @@ class LoadSegment:
 
 
 _PLT_SECTIONS = (".plt", ".plt.sec", ".plt.got")
+_SHF_COMPRESSED = 0x800
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,10 +194,20 @@ class ElfObject:
         return self._sections.get(name)
 
     def section_bytes(self, name: str) -> bytes | None:
+        """The section's contents (decompressed, for a compressed one: Go compresses its debug sections)."""
         sec = self._sections.get(name)
         if sec is None or sec.type == "SHT_NOBITS":
             return None
+        if sec.flags & _SHF_COMPRESSED:
+            return self._decompressed(name)
         return self._data[sec.offset:sec.offset + sec.size]
+
+    @functools.lru_cache(maxsize=8)
+    def _decompressed(self, name: str) -> bytes | None:
+        try:
+            return self._elf.get_section_by_name(name).data()
+        except _MALFORMED + (zlib.error,):
+            return None
 
     def segment_for_vaddr(self, vaddr: int) -> LoadSegment | None:
         return next((seg for seg in self.segments if seg.contains_vaddr(vaddr)), None)

@@ -132,8 +132,9 @@ class SymbolTable:
     def match(self, pattern: str, *, functions_only: bool = True) -> list[Symbol]:
         """Symbols whose name (or versioned name) matches the glob ``pattern``, in address order."""
         pool = self._functions if functions_only else self._symbols
-        if not any(c in pattern for c in "*?["):
-            return [s for s in self.lookup(pattern) if s.is_function or not functions_only]
+        exact = [s for s in self.lookup(pattern) if s.is_function or not functions_only]
+        if exact or not any(c in pattern for c in "*?["):  # a name itself (Go's main.(*T).m) before a glob
+            return exact
         return [s for s in pool
                 if fnmatch.fnmatchcase(s.name, pattern) or fnmatch.fnmatchcase(s.display_name, pattern)]
 

@@ -27,6 +27,7 @@ from ..errors import ProbeSyntaxError, ResolveError
 from ..sdt.notes import SdtSite, read_markers
 from ..x86_64.decode import instruction_containing, instruction_starts
 from ..x86_64.exits import FunctionExit, function_exits
+from .abiargs import ABI_TOKEN, abi_fetcharg
 from .fetchargs import Deref, FetchArg, Register, RetVal, parse_fetchargs
 from .markerargs import kernel_fetchable, kernel_limitation, marker_fetchargs
 from .spec import MAX_NAME_LEN, ProbeSpec, parse_probe
@@ -288,8 +289,10 @@ class _SourceFetch:
 
 
 def _source_fetchargs(spec: ProbeSpec, obj: ElfObject, address: int, function_entry: bool) -> _SourceFetch:
-    """The probe's fetch arguments at ``address``: variables by name and ``$retval`` typed through DWARF."""
-    tokens = list(spec.fetchargs)
+    """The probe's fetch arguments at ``address``: ``$argN`` and ``$goid`` as the function's ABI places them,
+    variables by name and ``$retval`` typed through DWARF."""
+    tokens = [abi_fetcharg(token, obj, address, function_entry, spec.is_return) if ABI_TOKEN.search(token)
+              else token for token in spec.fetchargs]
     named = [i for i, token in enumerate(tokens) if is_variable_expression(_fetch_source(token))]
     retvals = [i for i, token in enumerate(tokens) if spec.is_return and _fetch_source(token) == "$retval"]
     if not named and not retvals:

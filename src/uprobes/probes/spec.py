@@ -34,7 +34,7 @@ __all__ = ["ProbeSpec", "parse_probe", "parse_kernel_number", "group_probe_words
 
 MAX_NAME_LEN = 63  # the kernel's MAX_EVENT_NAME_LEN is 64, including the NUL
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_SYMBOL = re.compile(r"[A-Za-z_.$?*\[\]][\w.$@?*\[\]:<>~,-]*\Z")
+_SYMBOL = re.compile(r"[A-Za-z_.$?*\[\]][\w.$@?*\[\]:<>~,()/-]*\Z")  # Go's: net/http.(*conn).serve
 _KERNEL_HEAD = re.compile(r"(?P<kind>[pr])(?::(?P<name>\S*))?\Z")
 _REF_SUFFIX = re.compile(r"\((?P<ref>[^()]*)\)\Z")
 _BPFTRACE_KINDS = {"uprobe": False, "uretprobe": True}

@@ -15,7 +15,8 @@ from typing import Any, Protocol
 from iced_x86 import Code, Encoder, Instruction
 
 __all__ = [
-    "BREAKPOINT", "Location", "RETURN_ADDRESS", "RETURN_VALUE", "return_value", "SYSCALL_INSTRUCTION", "SYSCALL_ARGUMENTS", "NR_MMAP",
+    "BREAKPOINT", "Location", "RETURN_ADDRESS", "RETURN_VALUE", "return_value", "SYSV_ARGUMENTS", "GO_ARGUMENTS",
+    "GO_G_REGISTER", "SYSCALL_INSTRUCTION", "SYSCALL_ARGUMENTS", "NR_MMAP",
     "NR_MUNMAP", "NR_MADVISE", "NR_CLOSE", "NR_MPROTECT", "NR_FTRUNCATE", "NR_MEMFD_CREATE", "NR_PROCESS_VM_READV", "NR_RESTART_SYSCALL", "ERESTARTSYS", "ERESTARTNOINTR", "ERESTARTNOHAND",
     "ERESTART_RESTARTBLOCK", "SyscallRegs", "restart_interrupted_syscall",
 ]
@@ -41,6 +42,17 @@ RETURN_ADDRESS = Location("rsp", 0, 8)
 
 RETURN_VALUE = "rax"
 """The register an integer or pointer return value is in when the function returns."""
+
+SYSV_ARGUMENTS = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
+"""Where a C function's first six integer or pointer arguments are at its entry; the next are on the stack,
+after the return address."""
+
+GO_ARGUMENTS = ("rax", "rbx", "rcx", "rdi", "rsi", "r8", "r9", "r10", "r11")
+"""Where a Go function (its ABIInternal, Go 1.17 on) takes its first nine integer words at its entry: each
+argument takes as many as it has (a string two, a slice three); where the rest are depends on their types."""
+
+GO_G_REGISTER = "r14"
+"""The register that holds the running goroutine's ``runtime.g`` inside Go code (ABIInternal)."""
 
 
 def return_value(word: int) -> int:
