@@ -127,6 +127,20 @@ def test_every_return_is_seen_with_its_value_and_nothing_on_the_stack_changes(en
     assert [e["ts_ns"] for e in events] == sorted(e["ts_ns"] for e in events)
 
 
+def test_arguments_by_number_are_where_the_c_abi_puts_them(engine, targets):
+    """$arg1..$arg6 are the System V registers at the entry, $arg7 and $arg8 the stack past the return address."""
+    exits = str(targets / "exits")
+    records, proc = run_json("trace", "--engine", engine,
+                             f"uprobe:{exits}:spread " + " ".join(f"$arg{n}:s64" for n in range(1, 9)),
+                             f"uretprobe:{exits}:spread", "--", exits, "5")
+    assert proc.returncode == 0, proc.stderr
+    entries = [r["args"] for r in records if r.get("probe") == "spread"]
+    assert entries == [{f"arg{n}": i + n - 1 for n in range(1, 9)} for i in range(5)]
+    assert [r["retval"] for r in records if r.get("probe") == "spread%return"] == _program_results(proc.stdout)["spread"]
+    line = run_cli("resolve", f"uprobe:{exits}:spread $arg1 $arg6 $arg7 x=+0($arg8)", check=True).stdout
+    assert line.rstrip().endswith(" arg1=%di arg6=%r9 arg7=$stack1 x=+0($stack2)")
+
+
 def test_the_two_modes_agree_where_both_see_the_return(engine, targets):
     """Where a return address can be replaced safely (no tail call, no longjmp), both modes give the same
     returns with the same values, in the same order, each event naming the function's entry."""

@@ -6,6 +6,7 @@
  *   relay(i)     a tail call: jmp scaled (scaled's own return value is the result)
  *   depth(i)     recursion down to depth(0)
  *   leap(i)      calls fall(i), which leaves by longjmp for odd i (fall never returns then; leap returns -1)
+ *   spread(i, i + 1, ..., i + 7)  eight arguments: six in registers, two on the stack
  * and each line reads "NAME ARG RESULT". */
 #include <setjmp.h>
 #include <stdio.h>
@@ -72,6 +73,11 @@ __attribute__((noinline)) long leap(long x)
     return fall(x) * 2;
 }
 
+__attribute__((noipa)) long spread(long a, long b, long c, long d, long e, long f, long g, long h)
+{
+    return a + 2 * b + 3 * c + 4 * d + 5 * e + 6 * f + 7 * g + 8 * h;
+}
+
 int main(int argc, char **argv)
 {
     long n = argc > 1 ? atol(argv[1]) : 8;
@@ -82,6 +88,7 @@ int main(int argc, char **argv)
         long d = depth(i);
         printf("depth %ld %ld\n", i, d);
         printf("leap %ld %ld\n", i, leap(i));
+        printf("spread %ld %ld\n", i, spread(i, i + 1, i + 2, i + 3, i + 4, i + 5, i + 6, i + 7));
     }
     return 0;
 }
