@@ -269,3 +269,26 @@ def test_stacks_of_programs_a_shell_forks_and_execs(targets, engine):
         assert len(ours) == len(seen) == 3
         for stack, expected in zip(ours, seen):
             assert [_address(frame, objects) for frame in stack] == [_function(program, "leaf")] + expected[2:]
+
+
+def test_a_stack_through_code_a_jit_compiler_lists_in_its_perf_map(targets, engine):
+    """jitted runs a copy of hop() from anonymous memory and lists it in /tmp/perf-PID.map, as a JIT compiler
+    does: the frame is named from that map (the return address inside the copy, past its call), and the stack
+    is unwound on through it by its frame pointer, down to _start."""
+    program = str(targets / "jitted")
+    records, proc = run_json("stacks", "--engine", engine, f"uprobe:{program}:leaf", "--", program, "4")
+    try:
+        assert proc.returncode == 0 and proc.stdout == "jitted 16\n", proc.stderr
+        (record,) = records
+        disassembly = subprocess.run(["objdump", "-d", "--no-show-raw-insn", program], capture_output=True,
+                                     text=True, check=True).stdout
+        hop = re.search(r"^([0-9a-f]+) <hop>:\n(.*?)\n\n", disassembly, re.M | re.S)
+        calls = re.findall(r"^\s+([0-9a-f]+):\tcall\s+\*%\w+\n\s+([0-9a-f]+):", hop[2], re.M)
+        (_, after_call), = calls
+        assert record["hits"] == 4 and record["stack"][:2] == ["jitted`leaf",
+                                                               f"[jit]`jitted_hop+{int(after_call, 16) - int(hop[1], 16):#x}"]
+        assert record["stack"][2].startswith("jitted`main+") and record["stack"][-1].startswith("jitted`_start")
+    finally:
+        for path in os.listdir("/tmp"):
+            if re.fullmatch(r"perf-\d+\.map", path) and "jitted_hop" in open(f"/tmp/{path}").read():
+                os.unlink(f"/tmp/{path}")

@@ -14,7 +14,7 @@ from ..elf.locate import find_object
 from ..elf.objfile import ElfObject
 from ..errors import UprobesError
 from ..proc.maps import mapped_objects, path_in_process, read_maps, runtime_addresses
-from ..proc.status import namespace_pid
+from ..proc.perfmap import PerfMap
 from ..sdt.arguments import SdtArgument
 from ..sdt.notes import SdtMarker, read_markers
 
@@ -75,26 +75,15 @@ def _listing(obj: ElfObject, pattern: str) -> dict:
 
 
 def _jit_listing(pid: int, pattern: str) -> list[dict]:
-    """The functions a JIT compiler says it wrote, in ``/tmp/perf-PID.map`` as the process sees it (the JVM
-    with perf-map-agent, Node with --perf-basic-prof, Python 3.12's perf trampoline): ``START SIZE NAME``."""
-    inner = f"/tmp/perf-{namespace_pid(pid) or pid}.map"
-    try:
-        with open(f"/proc/{pid}/root{inner}", encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return []
+    """The functions a JIT compiler says it wrote, in ``/tmp/perf-PID.map`` as the process sees it
+    (:mod:`uprobes.proc.perfmap`)."""
+    perf_map = PerfMap(pid)
     matches = re.compile(fnmatch.translate(pattern)).match
-    functions = []
-    for line in lines:
-        start, size, name = (line.split(None, 2) + ["", ""])[:3]
-        try:
-            address, length = int(start, 16), int(size, 16)
-        except ValueError:
-            continue  # not a map line
-        if name and matches(name):
-            functions.append({"name": name, "address": address, "offset": None, "size": length, "type": "FUNC",
-                              "binding": "jit", "origin": "perf-map"})
-    return [{"path": inner, "kind": "jit", "build_id": None, "functions": functions, "markers": []}]
+    functions = [{"name": f.name, "address": f.start, "offset": None, "size": f.size, "type": "FUNC",
+                  "binding": "jit", "origin": "perf-map"} for f in perf_map.functions if f.name and matches(f.name)]
+    if not perf_map.functions:
+        return []
+    return [{"path": perf_map.path, "kind": "jit", "build_id": None, "functions": functions, "markers": []}]
 
 
 def _read_semaphores(listing: dict, pid: int, mappings) -> None:

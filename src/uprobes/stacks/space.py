@@ -17,6 +17,7 @@ from ..elf.demangle import demangle
 from ..elf.objfile import ElfObject
 from ..errors import UprobesError
 from ..proc.maps import Mapping, path_in_process, read_maps
+from ..proc.perfmap import PerfMap
 from ..x86_64.unwind import DEFAULT_DEPTH, Ending, StackCopy, frame_pointer_row, unwind
 
 __all__ = ["ProcessStacks", "StackReader", "TRUNCATED", "INCOMPLETE"]
@@ -79,6 +80,7 @@ class ProcessStacks:
         self._code: list[_Code] = list(code or ())
         self._names: dict[tuple[int, bool], str] = {}
         self._rows: dict[int, UnwindRow | None] = {}
+        self._jit = PerfMap(pid)
         self._forget_code()
         if code is None:
             self._read_maps()
@@ -111,8 +113,11 @@ class ProcessStacks:
         return ProcessStacks(pid, self.depth, self._code)
 
     def ensure_mapped(self, pc: int) -> None:
-        """Read the mappings again now if ``pc`` is in none known (the process is alive now, maybe not later)."""
+        """Read the mappings again now if ``pc`` is in none known, and a JIT compiler's perf map if it has
+        changed (the process is alive now, maybe not later)."""
         self._code_at(pc)
+        if any(not code.mapping.file_backed for code in self._code):
+            self._jit.containing(pc)
 
     def _forget_code(self) -> None:
         self._starts = [c.mapping.start for c in self._code]
@@ -140,6 +145,9 @@ class ProcessStacks:
         if code is None:
             return None
         vaddr = code.vaddr(pc)
+        if vaddr is None and not code.mapping.file_backed:  # a JIT compiler's code: its frame pointer's chain
+            jitted = self._jit.containing(pc)
+            return frame_pointer_row(jitted.start if jitted else pc - 1, pc, b"")
         if vaddr is None:
             return None
         row = code.obj.unwind_table.row(vaddr)
@@ -156,8 +164,9 @@ class ProcessStacks:
 
     def name(self, pc: int, returns_here: bool) -> str:
         """``object`function+0xoff`` for the frame at ``pc`` (``returns_here``: a return address, named by the
-        call before it; C++ names demangled); ``object`0xOFFSET`` (file offset) where no symbol covers it; ``[unknown]`0xADDR``
-        where no object does."""
+        call before it; C++ names demangled); ``object`0xOFFSET`` (file offset) where no symbol covers it;
+        ``[jit]`function+0xoff`` in code a JIT compiler lists in its perf map; ``[unknown]`0xADDR`` where no
+        object does."""
         key = (pc, returns_here)
         name = self._names.get(key)
         if name is None:
@@ -166,8 +175,12 @@ class ProcessStacks:
 
     def _name(self, pc: int, returns_here: bool) -> str:
         code = self._code_at(pc)
-        if code is None:
-            return f"[unknown]`{pc:#x}"
+        if code is None or not code.mapping.file_backed:
+            jitted = self._jit.containing(pc - returns_here)
+            if jitted is None:
+                return f"[unknown]`{pc:#x}"
+            offset = pc - jitted.start
+            return f"[jit]`{jitted.name}+{offset:#x}" if offset else f"[jit]`{jitted.name}"
         vaddr = code.vaddr(pc)
         symbol = code.obj.symbols.containing(vaddr - returns_here) if vaddr is not None else None
         if symbol is None and returns_here and vaddr is not None:  # a signal trampoline "returned" to at its start
