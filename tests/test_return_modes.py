@@ -210,6 +210,17 @@ def test_resolve_says_how_each_return_probe_is_placed(targets):
     assert re.fullmatch(r"return mode stack, not insn \(asked for\): the exits of __mem\w+_chk_erms cannot all be "
                         r"found: 'jb 0x[0-9A-F]+' at 0x[0-9a-f]+ is a conditional tail call \(a probe on it would fire "
                         r"whether or not it is taken\)", record["notes"][0])
+    # depth ends in 'pop %r12; pop %r13; pop %rbp; ret': a probe reading only %ax (and what the pops leave alone)
+    # goes five bytes before the ret, where a jump fits; one reading a register they change stays on the ret
+    ret = next(e for e in function_exits(obj, obj.symbols.match("depth")[0].value))
+    assert obj.read(ret.seen_from, ret.address - ret.seen_from + 1) == bytes.fromhex("415c415d5dc3")
+    assert ret.written == {"r12", "r13", "rbp", "rsp"}
+    for args, at in (("r=$retval b=%bx", ret.seen_from), ("r=$retval v=%r13", ret.address)):
+        line = run_cli("resolve", "--return-mode", "insn", f"uretprobe:{exits}:depth {args}", check=True).stdout
+        assert f":{obj.vaddr_to_offset(at):#x} " in line
+    placed = run_cli("resolve", "--engine", "ptrace", "--return-mode", "insn", f"uretprobe:{exits}:depth", check=True)
+    assert "probed from depth+0x" in placed.stderr and "a jump, counted or traced (pop %r12; pop %r13; pop %rbp)" \
+        in placed.stderr
     never = run_cli("resolve", "--return-mode", "insn", f"uretprobe:{nest}:thrower")
     assert never.status == 2 and never.stderr == (f"uprobes: error: probe 'uretprobe:{nest}:thrower': thrower never "
                                                   f"returns (it has no ret and no tail call)\n")

@@ -52,7 +52,10 @@ def _return_mode(probe: Probe, returns: ReturnMode) -> str:
         return "stack"
     why = returns.why_insn(ElfObject.open(probe.path))
     kind = "tail call" if probe.exit.tail_call else "ret"
-    return f"insn ({why}): the {kind} '{probe.exit.instruction}' at {probe.location}+{probe.address - probe.function:#x}"
+    text = f"insn ({why}): the {kind} '{probe.exit.instruction}' at {probe.location}+{probe.exit.address - probe.function:#x}"
+    if probe.address != probe.exit.address:  # the last instructions before it change nothing the probe reads
+        text += f", probed from {probe.location}+{probe.address - probe.function:#x}"
+    return text
 
 
 def _ptrace_placement(probe: Probe) -> dict:

@@ -27,8 +27,9 @@ from ..errors import ProbeSyntaxError, ResolveError
 from ..sdt.notes import SdtSite, read_markers
 from ..x86_64.decode import instruction_containing, instruction_starts
 from ..x86_64.exits import FunctionExit, function_exits
+from ..x86_64.registers import BY_KERNEL_NAME
 from .abiargs import ABI_TOKEN, abi_fetcharg
-from .fetchargs import Deref, FetchArg, Register, RetVal, parse_fetchargs
+from .fetchargs import Comm, Deref, FetchArg, Immediate, ImmediateString, Register, RetVal, parse_fetchargs
 from .markerargs import kernel_fetchable, kernel_limitation, marker_fetchargs
 from .spec import MAX_NAME_LEN, ProbeSpec, parse_probe
 
@@ -265,12 +266,30 @@ def _at_exit(probe: Probe, obj: ElfObject, leave: FunctionExit) -> Probe:
             unavailable.append(f"{arg.name}: {probe.location} leaves by a tail call at "
                                f"{obj.describe_address(leave.address)} ('{leave.instruction}'); what it returns "
                                f"is what {callee} returns, not seen there")
-    return replace(probe, offset=obj.vaddr_to_offset(leave.address), address=leave.address,
-                   fetchargs=tuple(fetchargs), unavailable=tuple(unavailable), exit=leave, function=probe.address)
+    # Where the arguments read no register the last instructions change, the probe may go where the ret is as
+    # good as reached, a jump's length before it.
+    at = leave.seen_from if all(_unchanged_by(arg.source, leave.written) for arg in fetchargs) else leave.address
+    return replace(probe, offset=obj.vaddr_to_offset(at), address=at, fetchargs=tuple(fetchargs),
+                   unavailable=tuple(unavailable), exit=leave, function=probe.address)
 
 
 def _reads_retval(source) -> bool:
-    return isinstance(source, RetVal) or isinstance(source, Deref) and _reads_retval(source.inner)
+    return isinstance(_innermost(source), RetVal)
+
+
+def _innermost(source):
+    """What ``source``'s dereferences start from."""
+    return _innermost(source.inner) if isinstance(source, Deref) else source
+
+
+def _unchanged_by(source, written: frozenset[str]) -> bool:
+    """Whether ``source`` reads the same before instructions that write the registers ``written`` (and no
+    memory) as after them."""
+    base = _innermost(source)
+    if isinstance(base, Register):
+        register = BY_KERNEL_NAME.get(base.name)
+        return register is not None and register.general and register.field not in written
+    return isinstance(base, (Comm, Immediate, ImmediateString))
 
 
 @dataclass(frozen=True)

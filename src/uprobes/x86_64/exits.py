@@ -6,6 +6,11 @@ nothing on the stack changes, so the Go runtime's stack walks and copies, C++ un
 recursion meet only the program's own frames. At a ``ret`` the return value is in ``%rax``; at a tail call the
 function's frame is gone and what it returns is the callee's, not seen there.
 
+A ``ret`` is one byte, too short for a jump probe; but the instructions just before it often run only into it
+and change neither ``%rax`` nor memory (an epilogue: ``mov 0x818(%rsp),%rbp; add $0x820,%rsp; ret``), so a
+probe five bytes or more before it, where no branch lands in between, sees the return value the ``ret`` would
+(:attr:`FunctionExit.seen_from`).
+
 A function cannot be read whole where it holds bytes that do not decode, where its bounds are unknown, where it
 leaves by a conditional jump to another function (a probe on the jump would fire whether or not it is taken),
 and where an indirect jump may be a tail call or a jump table's dispatch and the two cannot be told apart.
@@ -15,23 +20,37 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from iced_x86 import FlowControl, Instruction, OpKind, Register
+from iced_x86 import FlowControl, Instruction, InstructionInfoFactory, OpAccess, OpKind, Register, RegisterInfo
 
 from .analysis import format_instruction
-from .function import CodeObject, FunctionCode, function_code
+from .function import DIRECT_BRANCHES, CodeObject, FunctionCode, function_code
+from .jumps import JUMP_LENGTH
+from .registers import GENERAL_REGISTERS
 
 __all__ = ["FunctionExit", "function_exits"]
+
+_INFO = InstructionInfoFactory()
+_FIELDS = {getattr(Register, register.field.upper()): register.field for register in GENERAL_REGISTERS}
+_WRITES = frozenset({OpAccess.WRITE, OpAccess.READ_WRITE, OpAccess.COND_WRITE, OpAccess.READ_COND_WRITE})
 
 
 @dataclass(frozen=True)
 class FunctionExit:
     """An instruction that leaves the function: a ``ret``, or a tail call (to ``target``, None when through a
-    pointer)."""
+    pointer). ``seen_from``: where a probe sees this exit as well as on it, %rax and memory as they will be,
+    at least five bytes before a ``ret`` where the code allows (a jump fits), else the exit itself; ``written``:
+    the registers (``user_regs`` fields) the instructions from there to the exit change."""
 
     address: int
     instruction: str
     tail_call: bool = False
     target: int | None = None
+    seen_from: int | None = None
+    written: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        if self.seen_from is None:
+            object.__setattr__(self, "seen_from", self.address)
 
 
 def function_exits(obj: CodeObject, entry: int) -> tuple[FunctionExit, ...] | str:
@@ -47,10 +66,13 @@ def function_exits(obj: CodeObject, entry: int) -> tuple[FunctionExit, ...] | st
     dispatches = _dispatches(code, obj)
     if isinstance(dispatches, str):
         return dispatches
-    for ins in code.instructions:
+    arrivals = None
+    for i, ins in enumerate(code.instructions):
         flow = ins.flow_control
         if flow == FlowControl.RETURN:
-            exits.append(FunctionExit(ins.ip, format_instruction(ins)))
+            arrivals = _arrivals(code, obj) if arrivals is None else arrivals
+            start, written = _seen_from(code, i, arrivals)
+            exits.append(FunctionExit(ins.ip, format_instruction(ins), seen_from=start, written=written))
         elif flow in (FlowControl.UNCONDITIONAL_BRANCH, FlowControl.CONDITIONAL_BRANCH) \
                 and not code.holds(ins.near_branch_target):
             if flow == FlowControl.CONDITIONAL_BRANCH:
@@ -60,6 +82,40 @@ def function_exits(obj: CodeObject, entry: int) -> tuple[FunctionExit, ...] | st
         elif flow == FlowControl.INDIRECT_BRANCH and ins.ip not in dispatches:
             exits.append(FunctionExit(ins.ip, format_instruction(ins), True))
     return tuple(sorted(exits, key=lambda e: e.address))
+
+
+def _seen_from(code: FunctionCode, at: int, arrivals: frozenset[int]) -> tuple[int, frozenset[str]]:
+    """The latest start, at least :data:`JUMP_LENGTH` bytes before the ``ret`` ``code.instructions[at]``, of a
+    straight run into it that no branch enters and that writes neither %rax nor memory, and the registers the
+    run writes; the ret's own address where there is none."""
+    ret = code.instructions[at]
+    start, written = ret.ip, set()
+    for ins in reversed(code.instructions[:at]):
+        registers = _written_registers(ins)
+        if ins.ip + ins.len != start or start in arrivals or ins.flow_control != FlowControl.NEXT \
+                or registers is None or "rax" in registers:
+            break
+        start = ins.ip
+        written |= registers
+        if ret.ip - start >= JUMP_LENGTH:
+            return start, frozenset(written)
+    return ret.ip, frozenset()
+
+
+def _written_registers(ins: Instruction) -> set[str] | None:
+    """The general registers ``ins`` writes, by ``user_regs`` field (and ``eflags``); None if it writes memory."""
+    info = _INFO.info(ins)
+    if any(used.access in _WRITES for used in info.used_memory()):
+        return None
+    written = {_FIELDS.get(RegisterInfo(used.register).full_register, "other")
+               for used in info.used_registers() if used.access in _WRITES}
+    return written | ({"eflags"} if ins.rflags_modified else set())
+
+
+def _arrivals(code: FunctionCode, obj: CodeObject) -> frozenset[int]:
+    """Every address a branch of the function, or an entry of its jump tables, may go to."""
+    direct = {ins.near_branch_target for ins in code.instructions if ins.flow_control in DIRECT_BRANCHES}
+    return frozenset(direct | {target for _, target in code.table_entries(obj)})
 
 
 def _dispatches(code: FunctionCode, obj: CodeObject) -> frozenset[int] | str:
