@@ -23,6 +23,7 @@ Hazards of section 4 of the ptrace note are named where they are handled (``haza
 
 from __future__ import annotations
 
+import collections
 import math
 import signal
 import threading
@@ -182,13 +183,17 @@ class PtraceEngine(Engine):
         if jumps.eligible:
             jumped = jumps.jumped()
             notes.append(f"{len(jumped)} of {len(self.placement.placed)} probe points were jumps (no stop per hit)")
-            notes += [f"{self.placement.probes[index].name} trapped at an int3, not a jump: {why}"
-                      for index, why in sorted(jumps.refused.items())[:_REFUSALS_SHOWN]]
+            # one line per probe and reason: a return probe's exits often give the same
+            refusals = collections.Counter((self.placement.probes[index].name, why)
+                                           for index, why in sorted(jumps.refused.items()))
+            shown = list(refusals.items())[:_REFUSALS_SHOWN]
+            notes += [f"{name} trapped at an int3, not a jump{f' ({n} probe points)' if n > 1 else ''}: {why}"
+                      for (name, why), n in shown]
             notes += [f"{self.placement.probes[index].name} trapped after its first hits: a load for its record "
                       f"faulted (the program never saw the fault)" for index in jumps.demoted()]
-            if len(jumps.refused) > _REFUSALS_SHOWN:
-                notes.append(f"{len(jumps.refused) - _REFUSALS_SHOWN} more probe points trapped ('uprobes resolve "
-                             f"--engine ptrace' says why)")
+            unshown = len(jumps.refused) - sum(n for _, n in shown)
+            if unshown:
+                notes.append(f"{unshown} more probe points trapped ('uprobes resolve --engine ptrace' says why)")
         if self.skipped_returns:
             notes.append(f"{self.skipped_returns} return probes skipped (nesting deeper than {MAX_RETURN_DEPTH}, "
                          f"an unreadable stack, or frames unwound by a C++ exception)")
