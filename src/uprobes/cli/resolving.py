@@ -27,6 +27,8 @@ def run_resolve(args: argparse.Namespace) -> int:
                 record["return_mode"] = _return_mode(probe, returns)
             if probe.notes:
                 record["notes"] = list(probe.notes)
+            if probe.predicate is not None:
+                record["predicate"] = {"text": probe.predicate.text, "kernel_filter": probe.kernel_filter}
             if placement is not None:
                 record["ptrace"] = placement
             print(json.dumps(record))
@@ -36,6 +38,8 @@ def run_resolve(args: argparse.Namespace) -> int:
             print(f"# {probe.name}: return mode {_return_mode(probe, returns)}", file=sys.stderr)
         for note in probe.notes:
             print(f"# {probe.name}: {note}", file=sys.stderr)
+        if probe.predicate is not None:
+            print(f"# {probe.name}: if {probe.predicate.text}: {_predicate_text(probe)}", file=sys.stderr)
         if placement is not None:
             print(f"# ptrace engine: {probe.location}: " + _placement_text(placement), file=sys.stderr)
         for reason in probe.unavailable:
@@ -44,6 +48,14 @@ def run_resolve(args: argparse.Namespace) -> int:
             print(f"# {probe.location} at {probe.address:#x}: the kernel leaves out {reason} (the ptrace engine "
                   f"fetches it)", file=sys.stderr)
     return 0
+
+
+def _predicate_text(probe: Probe) -> str:
+    """Where a probe's predicate is judged: by the kernel engine in the kernel (its filter), or in the tool."""
+    applied = probe.kernel_filter
+    if applied is not None:
+        return f"the kernel engine applies it in the kernel ({applied}); the ptrace engine judges each hit"
+    return "judged in the tool, hit by hit, on both engines (the kernel's event filters cannot say it)"
 
 
 def _return_mode(probe: Probe, returns: ReturnMode) -> str:

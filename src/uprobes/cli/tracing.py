@@ -15,6 +15,7 @@ from contextlib import ExitStack
 from ..errors import UprobesError
 from ..output.chrome import ChromeTraceWriter
 from ..output.columns import EventColumns
+from ..output.event import Event
 from ..output.writers import EventWriter, count_records, format_count_table
 from ..probes.resolve import RETURN_MODES, Probe, ReturnMode, resolve_texts, return_probes
 from ..probes.spec import group_probe_words
@@ -159,6 +160,11 @@ class _Run:
         self.probes: list[Probe] = resolve_texts(texts, args.pid, returns)
         if pair_returns:
             self.probes = _entry_and_return(self.probes, returns)
+        self._predicates = {i: p.predicate for i, p in enumerate(self.probes) if p.predicate is not None}
+        # a predicate judges each hit's arguments: counted from events, unless the engine's counters can
+        self.counting = counting and all(p.predicate is None or self.engine.counts_filtered and p.kernel_filter
+                                         for p in self.probes)
+        self.hits = [0] * len(self.probes)
         self.child = (HeldCommand(command, ptraced_by_user=self.engine.reaps_children and os.geteuid() != 0,
                                   signal_mask=mask) if command else None)
         stack.callback(self._stop_child)
@@ -169,7 +175,7 @@ class _Run:
             print(f"uprobes: warning: {note}", file=sys.stderr)
         if self.child is not None:
             self.child.traced = self.engine.reaps_children
-        self.engine.attach(self.probes, self.child.pid if self.child else self.pid, counting=counting,
+        self.engine.attach(self.probes, self.child.pid if self.child else self.pid, counting=self.counting,
                            held=self.child is not None, follow_forks=not args.no_follow, stacks=stacks)
         scope = _pid_text(self.pid) if self.pid else "the command" if self.child else "every process"
         print(f"uprobes: {len(self.probes)} probe points attached ({self.engine.name} engine, {scope})",
@@ -186,8 +192,9 @@ class _Run:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS - self._mask)
 
     def poll(self, timeout: float) -> list:
-        """The engine's events of up to ``timeout`` seconds; its warnings meanwhile go to stderr at once."""
-        events = self.engine.poll(timeout)
+        """The engine's events of up to ``timeout`` seconds, those its probes' predicates keep; its warnings
+        meanwhile go to stderr at once."""
+        events = self.judged(self.engine.poll(timeout))
         self.warn()
         return events
 
@@ -195,7 +202,35 @@ class _Run:
         """:meth:`poll`, in columns where the engine has them."""
         events = self.engine.poll_columns(timeout)
         self.warn()
-        return events
+        if not self._predicates:
+            return events
+        groups = []
+        for group in events.groups:
+            predicate = self._predicates.get(group.probe_index)
+            if predicate is not None:
+                import numpy  # loaded by the engine that made the groups
+                keep = predicate.mask({name: numpy.asarray(values) for name, values in group.columns.items()},
+                                      group.fixed, group.pid, group.tid, group.comm)
+                group = group if keep.all() else group.select(keep.nonzero()[0].tolist())
+            self.hits[group.probe_index] += len(group.ts_ns)
+            if group.ts_ns:
+                groups.append(group)
+        return EventColumns(groups, self.judged(events.single))
+
+    def judged(self, events: list[Event]) -> list[Event]:
+        """The events the predicates of their probes keep (counted, where the engine does not count)."""
+        if not self._predicates:
+            return events
+        kept = [event for event in events if (predicate := self._predicates.get(event.probe_index)) is None
+                or predicate.holds(event.args, event.pid, event.tid, event.comm)]
+        for event in kept:
+            self.hits[event.probe_index] += 1
+        return kept
+
+    def hit_counts(self) -> list[int]:
+        """Hits so far per probe: the engine's counts, or where the run counts by events (a predicate judges
+        its hits), the events kept."""
+        return self.engine.hit_counts() if self.counting else list(self.hits)
 
     def warn(self) -> None:
         for notice in self.engine.notices():
@@ -372,16 +407,20 @@ def run_count(args: argparse.Namespace) -> int:
         try:
             run.go()
             while not run.finished():
-                run.poll(_POLL_SECONDS)  # the ptrace engine services its target in here
+                run.poll_columns(_POLL_SECONDS)  # the ptrace engine services its target in here
                 if next_report is not None and time.monotonic() >= next_report:
-                    _write_counts(out, run.probes, run.engine.hit_counts(), args.json)
+                    _write_counts(out, run.probes, run.hit_counts(), args.json)
                     next_report += args.interval
         except KeyboardInterrupt as stop:
+            run.poll_columns(0)  # what was seen before the signal
             run.interrupted(stop)
         else:
             run.end_command()
+        if not run.counting:  # counted by events: those read while detaching count too
+            run.engine.close()
+            run.judged(run.engine.leftover())
         # The kernel's counters hold every hit up to now, so nothing is lost between reports.
-        _write_counts(out, run.probes, run.engine.hit_counts(), args.json)
+        _write_counts(out, run.probes, run.hit_counts(), args.json)
         _report_uncounted(out, run.engine.lost, args.json)
         _report_notes(run)
         return run.status

@@ -54,6 +54,9 @@ class Engine(ABC):
     #: ends in ``std::terminate`` (the kernel's trampoline): return probes go on the functions' exits instead,
     #: in objects that link the C++ unwinder (:class:`uprobes.probes.resolve.ReturnMode`).
     unwinder_meets_stack: bool = False
+    #: Whether its counts (``attach(counting=True)``) are only of the hits a probe's predicate keeps, where the
+    #: predicate is its kernel filter (:attr:`uprobes.probes.resolve.Probe.kernel_filter`).
+    counts_filtered: bool = False
     #: Events a poll took as a stop signal ended it, for the next poll (see :func:`uninterrupted`); each
     #: engine makes its own list.
     undelivered: list[EventColumns]

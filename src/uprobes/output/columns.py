@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import operator
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .event import ArgValue, Event, encode_json, json_string
 
@@ -49,6 +49,15 @@ class Group:
                     for name, column in zip(self.names, columns)}
             yield Event(self.probe, self.pid, self.tid, self.comm, ts, cpu, self.ip, args,
                         self.retval[i] if returns else None, None, returns, self.probe_index)
+
+    def select(self, rows: list[int]) -> Group:
+        """The group of the hits at ``rows`` (indexes, in order)."""
+        def pick(values: list) -> list:
+            return [values[i] for i in rows]
+
+        return replace(self, columns={name: pick(values) for name, values in self.columns.items()},
+                       ts_ns=pick(self.ts_ns), cpu=pick(self.cpu),
+                       retval=None if self.retval is None else pick(self.retval))
 
     def json_bytes(self) -> bytes:
         """The events as :meth:`Event.to_json` writes them, a line each in UTF-8, in the group's order."""

@@ -31,6 +31,7 @@ from ..x86_64.registers import BY_KERNEL_NAME
 from .abiargs import ABI_TOKEN, abi_fetcharg
 from .fetchargs import Comm, Deref, FetchArg, Immediate, ImmediateString, Register, RetVal, parse_fetchargs
 from .markerargs import kernel_fetchable, kernel_limitation, marker_fetchargs
+from .predicate import ARRAY, INTEGER, STRING, Predicate, parse_predicate
 from .spec import MAX_NAME_LEN, ProbeSpec, parse_probe
 
 _NOT_IN_A_COMMAND = re.compile(r"[\s#]")
@@ -68,6 +69,18 @@ class Probe:
     exit: FunctionExit | None = None
     function: int | None = None
     notes: tuple[str, ...] = ()  # what the user should know about how the probe is placed
+    predicate: Predicate | None = None  # only the hits for which it holds are reported
+
+    @property
+    def kernel_filter(self) -> str | None:
+        """The predicate as the event filter the kernel applies, over the arguments tracefs fetches as events
+        report them; None where there is none or the kernel cannot say it (each event is judged here anyway)."""
+        if self.predicate is None:
+            return None
+        retyped = {name for name, _ in self.retyped}
+        fields = {arg.name: arg.name for arg in self.kernel_fetchargs
+                  if arg.name not in retyped and not (arg.type is not None and arg.type.array)}
+        return self.predicate.kernel_filter(fields)
 
     @property
     def replaces_return(self) -> bool:
@@ -184,9 +197,35 @@ def resolve_probe(spec: ProbeSpec, objects: dict[str, ElfObject] | None = None, 
         raise ResolveError(f"probe '{spec.text}': {obj.path} is a separate debug file, which holds no code; "
                            f"probe the program or library it belongs to")
     if spec.is_usdt:
-        return _resolve_marker(spec, obj)
-    if spec.is_line:
-        return _resolve_line(spec, obj)
+        probes = _resolve_marker(spec, obj)
+    elif spec.is_line:
+        probes = _resolve_line(spec, obj)
+    else:
+        probes = _resolve_code(spec, obj, returns)
+    if spec.predicate is None:
+        return probes
+    return [replace(probe, predicate=parse_predicate(spec.predicate, _predicate_types(probe))) for probe in probes]
+
+
+def _predicate_types(probe: Probe) -> dict[str, str]:
+    """What a predicate may compare each fetch argument as: its value as events give it."""
+    retyped = dict(probe.retyped)
+    types = {}
+    for arg in probe.fetchargs:
+        if arg.type is not None and arg.type.array:
+            types[arg.name] = ARRAY
+        elif isinstance(retyped.get(arg.name), tuple):  # an enum, by its enumerators' names
+            types[arg.name] = STRING
+        elif arg.type is not None and arg.type.is_string or arg.type is None and isinstance(arg.source, (
+                Comm, ImmediateString)):
+            types[arg.name] = STRING
+        else:
+            types[arg.name] = INTEGER
+    return types
+
+
+def _resolve_code(spec: ProbeSpec, obj: ElfObject, returns: ReturnMode) -> list[Probe]:
+    """The probe points of a function, an instruction or an address, and of their returns."""
     if spec.symbol is not None:
         points = [(address, obj.describe_address(address), sym) for address, sym in _symbol_addresses(spec, obj)]
     else:

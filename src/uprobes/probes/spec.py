@@ -26,7 +26,7 @@ Parsing only reads text; :mod:`uprobes.probes.resolve` turns a :class:`ProbeSpec
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import ProbeSyntaxError
 
@@ -38,6 +38,7 @@ _SYMBOL = re.compile(r"[A-Za-z_.$?*\[\]][\w.$@?*\[\]:<>~,()/-]*\Z")  # Go's: net
 _KERNEL_HEAD = re.compile(r"(?P<kind>[pr])(?::(?P<name>\S*))?\Z")
 _REF_SUFFIX = re.compile(r"\((?P<ref>[^()]*)\)\Z")
 _BPFTRACE_KINDS = {"uprobe": False, "uretprobe": True}
+_IF = re.compile(r"\sif(?:\s|$)")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class ProbeSpec:
     source_file: str | None = None  # FILE of uprobe:PATH:FILE:LINE
     source_function: str | None = None  # FUNCTION of uprobe:PATH:FUNCTION:+N
     line: int | None = None  # LINE, or N lines below FUNCTION's first
+    predicate: str | None = None  # EXPR of a trailing "if EXPR"
 
     @property
     def is_line(self) -> bool:
@@ -87,7 +89,19 @@ def parse_kernel_number(text: str, what: str, probe: str) -> int:
 
 
 def parse_probe(text: str) -> ProbeSpec:
-    """Parse one probe with its fetch arguments; raise :class:`ProbeSyntaxError` naming the bad token."""
+    """Parse one probe with its fetch arguments and predicate (``if EXPR``, checked when the probe is resolved,
+    against its arguments); raise :class:`ProbeSyntaxError` naming the bad token."""
+    keyword = _IF.search(text)
+    spec = _parse_probe(text[:keyword.start()] if keyword else text)
+    if keyword is None:
+        return spec
+    predicate = text[keyword.end():]
+    if not predicate.strip():
+        raise ProbeSyntaxError(f"probe '{text}': 'if' must be followed by a condition, e.g. 'if size > 4096'")
+    return replace(spec, text=text, predicate=predicate.strip())
+
+
+def _parse_probe(text: str) -> ProbeSpec:
     tokens = text.split()
     if not tokens:
         raise ProbeSyntaxError("empty probe: write e.g. 'uprobe:/bin/bash:readline' or 'p /bin/bash:0x1234'")
@@ -116,8 +130,9 @@ def group_probe_words(words: list[str]) -> list[str]:
     """
     probes: list[str] = []
     for word in words:
-        if probes and not _starts_probe(word.split(None, 1)[0] if word.strip() else word):
-            probes[-1] += " " + word
+        first = word.split(None, 1)[0] if word.strip() else word
+        if probes and (not _starts_probe(first) or _IF.search(probes[-1]) and ":" not in first):
+            probes[-1] += " " + word  # a predicate's words ("if p == 1") start no probe but uprobe:... does
         elif probes and _KERNEL_HEAD.match(probes[-1]):  # "p:grp/ev" waits for its PATH:OFFSET
             probes[-1] += " " + word
         else:

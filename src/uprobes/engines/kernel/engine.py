@@ -99,6 +99,7 @@ class _Event:
     defined: DefinedEvent
     format: EventFormat
     probes: dict[int, _Attached]
+    filter: str | None = None  # the predicate of its probes, as the kernel applies it
 
     @functools.cached_property
     def fields(self) -> dict[str, Field]:
@@ -174,6 +175,7 @@ class KernelEngine(Engine):
 
     name = "kernel"
     unwinder_meets_stack = True
+    counts_filtered = True
 
     def __init__(self, pages_per_cpu: int = 256, counted_alone: int = _COUNTED_ALONE) -> None:
         """``pages_per_cpu``: each perf buffer's size; ``counted_alone``: to count up to this many probes,
@@ -215,7 +217,8 @@ class KernelEngine(Engine):
         if consumers:
             raise KernelEngineError("Python handlers run on the ptrace engine, in the traced process's stops")
         refuse_unprobeable(probes)
-        tallied = counting and len(probes) > self._counted_alone
+        # a probe with a predicate is counted alone: its counter counts what its filter keeps
+        tallied = counting and len(probes) > self._counted_alone and not any(p.predicate for p in probes)
         events: dict[tuple, _Event] = {}
         for index, probe in enumerate(probes):
             if tallied:
@@ -224,7 +227,9 @@ class KernelEngine(Engine):
                 fetchargs = probe.fetchargs + (_COMM_ARG,) + (
                     (_RETVAL_ARG,) if probe.replaces_return else (_EXIT_RETVAL_ARG,) if probe.reports_retval else ())
             signature = _signature(probe.replaces_return, fetchargs, counting and not tallied, index)
-            self._attached.append(self._define(events, signature, index, probe, fetchargs))
+            event_filter = None if tallied else probe.kernel_filter
+            self._attached.append(self._define(events, signature + (event_filter,), index, probe, fetchargs,
+                                               event_filter))
         self._stacks = StackReader(stacks.depth) if stacks is not None and not counting else None
         self._pending = {}
         returning = {(p.path, p.offset): p for p in probes if p.replaces_return} if self._stacks else {}
@@ -245,6 +250,8 @@ class KernelEngine(Engine):
         # Samples with stacks are large: 4 MiB a CPU hold 512 of 8 KiB, while the first stacks read symbols.
         pages = max(self._pages, _STACK_PAGES) if self._stacks else self._pages
         self._reader = TracepointReader(list(self._events), pid, pages=pages,
+                                        filters={event_id: event.filter for event_id, event in self._events.items()
+                                                 if event.filter},
                                         sampling=not counting or tallied, follow_forks=follow_forks,
                                         enable_on_exec=held, names=names, raw_only=tallied,
                                         user_stack=(_PERF_REGISTERS, stacks.size) if self._stacks else None,
@@ -256,7 +263,7 @@ class KernelEngine(Engine):
             raise KernelEngineError(f"cannot enable the uprobe events: {exc.strerror}") from None
 
     def _define(self, events: dict[tuple, _Event], signature: tuple, index: int, probe: Probe,
-                fetchargs: tuple[FetchArg, ...]) -> _Attached:
+                fetchargs: tuple[FetchArg, ...], event_filter: str | None = None) -> _Attached:
         """Define ``probe`` (tagged ``index``) in the event of its ``signature``, the event too if it is new."""
         event = events.get(signature)
         name = event.defined.event if event else f"e{len(events)}_{probe.event}"[:63]
@@ -266,7 +273,8 @@ class KernelEngine(Engine):
         if event is None:
             self._defined.append(defined)
             event_format = load_event_format(self.tracefs.root, defined.group, defined.event)
-            event = events[signature] = self._events[event_format.id] = _Event(defined, event_format, {})
+            event = events[signature] = self._events[event_format.id] = _Event(defined, event_format, {},
+                                                                                event_filter)
         event.probes[index] = _Attached(index, probe, defined, event.format)
         return event.probes[index]
 

@@ -72,6 +72,7 @@ _PERF_EVENT_IOC_ENABLE = 0x2400
 _PERF_EVENT_IOC_DISABLE = 0x2401
 _PERF_EVENT_IOC_SET_OUTPUT = 0x2405
 _PERF_EVENT_IOC_ID = 0x80082407
+_PERF_EVENT_IOC_SET_FILTER = 0x40082406  # _IOW('$', 6, char *)
 
 # enum perf_event_type
 _PERF_RECORD_LOST = 2
@@ -356,7 +357,8 @@ class TracepointReader:
     def __init__(self, event_ids: Sequence[int], pid: int | None, pages: int = 64, sampling: bool = True,
                  follow_forks: bool = True, enable_on_exec: bool = False,
                  names: dict[int, str] | None = None, raw_only: bool = False,
-                 user_stack: tuple[int, int] | None = None, without_stack: set[int] = frozenset()) -> None:
+                 user_stack: tuple[int, int] | None = None, without_stack: set[int] = frozenset(),
+                 filters: dict[int, str] | None = None) -> None:
         """``follow_forks`` False leaves the children the process forks alone (not its threads); ``names``:
         what each tracepoint stands for, to name it in an error; ``raw_only``: samples hold the raw record
         and nothing else, read with :meth:`read_field`; ``user_stack`` (a mask of ``enum perf_event_x86_regs``
@@ -364,7 +366,8 @@ class TracepointReader:
         (read with :meth:`Samples.user_stack`), but those of the tracepoints ``without_stack``, and
         :attr:`task_records` say what the traced processes mapped executable, exec'd and forked meanwhile
         (what the stacks are read against, as ``perf record`` does: the process may be gone when its samples
-        are read)."""
+        are read); ``filters``: a tracepoint's event filter (tracefs's grammar), applied in the kernel to
+        every descriptor of it."""
         if pages < 1 or pages & (pages - 1):
             raise KernelEngineError(f"perf buffer pages must be a power of two, not {pages}")
         self.lost = 0
@@ -382,6 +385,7 @@ class TracepointReader:
         self._enable_on_exec = enable_on_exec
         self._event_of_fd: dict[int, int] = {}
         self._names = names or {}
+        self._filters = filters or {}
         try:
             if pid is None:
                 self._open_set(event_ids, [_EVERY_TASK])
@@ -470,6 +474,13 @@ class TracepointReader:
             what = self._names.get(event_id, f"tracepoint {event_id}")
             raise KernelEngineError(_open_error(exc.errno, what, cpu)) from None
         self._fds.append(fd)
+        if event_id in self._filters:
+            try:
+                fcntl.ioctl(fd, _PERF_EVENT_IOC_SET_FILTER, self._filters[event_id].encode() + b"\0")
+            except OSError as exc:
+                what = self._names.get(event_id, f"tracepoint {event_id}")
+                raise KernelEngineError(f"the kernel refuses the filter '{self._filters[event_id]}' of {what}: "
+                                        f"{exc.strerror}") from None
         return fd
 
     def _map(self, fd: int, pages: int) -> _RingBuffer:

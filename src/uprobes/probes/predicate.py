@@ -1,0 +1,314 @@
+"""Predicates: a probe's text may end in ``if EXPR``, and only the hits for which EXPR holds are reported.
+
+    >>> p = parse_predicate("size >= 1048576 && $comm == \\"ls\\"", {"size": INTEGER})
+    >>> p.holds({"size": 2 << 20}, pid=1, tid=1, comm="ls"), p.holds({"size": 10}, pid=1, tid=1, comm="ls")
+    (True, False)
+    >>> p.kernel_filter({"size": "size"})
+    '(size >= 1048576) && (__comm == "ls")'
+
+EXPR is made of fetch-argument names, ``$pid`` (the process), ``$tid`` (the thread), ``$comm`` (its name),
+integers (decimal, ``0x`` hex, negative), strings in double quotes, ``== != < <= > >=``, ``&`` (a mask),
+``&& || !`` and parentheses. An integer where a condition is wanted means "not zero". Each name is typed by its
+argument: integers compare with integers, strings (``:string``, ``$comm``) only for equality with a string. A
+value that could not be fetched (a bad pointer) makes the predicate false.
+
+The kernel engine applies what tracefs's event filters can say in the kernel (:meth:`Predicate.kernel_filter`);
+anything else, and the ptrace engine's hits, are judged here, with the same result.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import ProbeSyntaxError
+
+__all__ = ["ARRAY", "INTEGER", "STRING", "Predicate", "parse_predicate"]
+
+INTEGER, STRING = "integer", "string"
+_ARTICLES = {INTEGER: "an integer", STRING: "a string"}
+_SPECIALS = {"$pid": INTEGER, "$tid": INTEGER, "$comm": STRING}
+_COMPARISONS = ("==", "!=", "<=", ">=", "<", ">")
+_TOKEN = re.compile(r"""\s*(?:(?P<number>-?(?:0[xX][0-9a-fA-F]+|\d+))\b|(?P<string>"(?:[^"\\]|\\.)*")
+                        |(?P<name>\$?[A-Za-z_]\w*)|(?P<op>==|!=|<=|>=|&&|\|\||[<>!&()]))""", re.X)
+
+
+@dataclass(frozen=True)
+class _Node:
+    kind: str  # "name", "int", "str", "cmp", "and", "or", "not", "mask"
+    value: object = None  # a name, a number, a string, or a comparison's operator
+    left: _Node | None = None
+    right: _Node | None = None
+    type: str = INTEGER
+
+
+ARRAY = "an array"
+
+
+class Predicate:
+    """A parsed, typed ``if EXPR``."""
+
+    def __init__(self, text: str, root: _Node) -> None:
+        self.text = text
+        self._root = root
+
+    @property
+    def names(self) -> frozenset[str]:
+        """The fetch arguments and specials (``$pid``...) it reads."""
+        return frozenset(_names(self._root))
+
+    def holds(self, args: dict, pid: int, tid: int, comm: str) -> bool:
+        """Whether a hit with these argument values, by this thread, is one to report."""
+        def value(node: _Node):
+            if node.kind == "name":
+                if node.value == "$pid":
+                    return pid
+                if node.value == "$tid":
+                    return tid
+                if node.value == "$comm":
+                    return comm
+                found = args.get(node.value)
+                if found is None:
+                    raise _Unknown
+                return found
+            return node.value
+
+        try:
+            return bool(_evaluate(self._root, value))
+        except _Unknown:
+            return False
+
+    def mask(self, columns: dict, fixed: dict, pid: int, tid: int, comm: str):
+        """For hits in columns (argument name -> numpy array, one value per hit; ``fixed``: those with one
+        value for all), a numpy array saying which to report."""
+        import numpy
+
+        count = len(next(iter(columns.values()))) if columns else 0
+
+        def value(node: _Node):
+            if node.kind != "name":
+                return node.value
+            special = {"$pid": pid, "$tid": tid, "$comm": comm}
+            if node.value in special:
+                return special[node.value]
+            found = columns.get(node.value, fixed.get(node.value))
+            if found is None:
+                raise _Unknown
+            return found
+
+        try:
+            result = _evaluate(self._root, value)
+        except _Unknown:
+            return numpy.zeros(count, bool)
+        return numpy.broadcast_to(numpy.asarray(result, bool), (count,))
+
+    def kernel_filter(self, fields: dict[str, str]) -> str | None:
+        """The predicate as a tracefs event filter over the event's ``fields`` (argument name -> field), or
+        None where it cannot be one (the process id, an argument the kernel does not fetch as the tool types
+        it)."""
+        try:
+            return _filter(self._root, fields)
+        except _Unknown:
+            return None
+
+
+class _Unknown(Exception):
+    pass
+
+
+def parse_predicate(text: str, types: dict[str, str]) -> Predicate:
+    """``text`` (EXPR) parsed and typed against the probe's fetch arguments ``types`` (name -> INTEGER or
+    STRING); a one-line :class:`ProbeSyntaxError` naming the token otherwise."""
+    tokens = _tokens(text)
+    parser = _Parser(text, tokens, types)
+    root = parser.expression()
+    if parser.position < len(tokens):
+        raise parser.error(f"unexpected '{tokens[parser.position][1]}'")
+    if root.type == STRING:
+        raise parser.error("a string is not a condition: compare it with == or !=")
+    return Predicate(text, root)
+
+
+def _tokens(text: str) -> list[tuple[str, str]]:
+    tokens, at = [], 0
+    while at < len(text.rstrip()):
+        found = _TOKEN.match(text, at)
+        if found is None or found.end() == at:
+            raise ProbeSyntaxError(f"bad predicate 'if {text}': cannot read '{text[at:].strip()[:20]}'")
+        kind = found.lastgroup
+        tokens.append((kind, found.group(kind)))
+        at = found.end()
+    return tokens
+
+
+class _Parser:
+    def __init__(self, text: str, tokens: list[tuple[str, str]], types: dict[str, str]) -> None:
+        self.text, self.tokens, self.types, self.position = text, tokens, types, 0
+
+    def error(self, why: str) -> ProbeSyntaxError:
+        return ProbeSyntaxError(f"bad predicate 'if {self.text}': {why}")
+
+    def _peek(self) -> str | None:
+        return self.tokens[self.position][1] if self.position < len(self.tokens) else None
+
+    def _take(self) -> tuple[str, str]:
+        if self.position >= len(self.tokens):
+            raise self.error("it ends too soon")
+        self.position += 1
+        return self.tokens[self.position - 1]
+
+    def expression(self) -> _Node:
+        node = self._and()
+        while self._peek() == "||":
+            self._take()
+            node = _Node("or", None, self._condition(node), self._condition(self._and()))
+        return node
+
+    def _and(self) -> _Node:
+        node = self._not()
+        while self._peek() == "&&":
+            self._take()
+            node = _Node("and", None, self._condition(node), self._condition(self._not()))
+        return node
+
+    def _not(self) -> _Node:
+        if self._peek() == "!":
+            self._take()
+            return _Node("not", None, self._condition(self._not()))
+        return self._comparison()
+
+    def _comparison(self) -> _Node:
+        left = self._mask()
+        if self._peek() not in _COMPARISONS:
+            return left
+        operator = self._take()[1]
+        right = self._mask()
+        if left.type != right.type:
+            raise self.error(f"'{_show(left)} {operator} {_show(right)}' compares {_ARTICLES[left.type]} with "
+                             f"{_ARTICLES[right.type]}")
+        if left.type == STRING and operator not in ("==", "!="):
+            raise self.error(f"strings compare with == and != only, not '{operator}'")
+        return _Node("cmp", operator, left, right)
+
+    def _mask(self) -> _Node:
+        node = self._atom()
+        while self._peek() == "&":
+            self._take()
+            right = self._atom()
+            for side in (node, right):
+                if side.type != INTEGER:
+                    raise self.error(f"'&' masks integers, not the string {_show(side)}")
+            node = _Node("mask", None, node, right)
+        return node
+
+    def _atom(self) -> _Node:
+        kind, token = self._take()
+        if token == "(":
+            node = self.expression()
+            if self._peek() != ")":
+                raise self.error("a '(' is not closed")
+            self._take()
+            return node
+        if kind == "number":
+            return _Node("int", int(token, 0))
+        if kind == "string":
+            return _Node("str", bytes(token[1:-1], "utf-8").decode("unicode_escape"), type=STRING)
+        if kind == "name":
+            kind_of = _SPECIALS.get(token) if token.startswith("$") else self.types.get(token)
+            if kind_of is None:
+                known = ", ".join(sorted(self.types)) or "none"
+                raise self.error(f"unknown name '{token}' (the probe's arguments: {known}; and $pid, $tid, "
+                                 f"$comm)")
+            if kind_of not in (INTEGER, STRING):
+                raise self.error(f"'{token}' is {kind_of}: compare one of its elements, fetched as an "
+                                 f"argument of its own")
+            return _Node("name", token, type=kind_of)
+        raise self.error(f"unexpected '{token}'")
+
+    def _condition(self, node: _Node) -> _Node:
+        if node.type == STRING:
+            raise self.error(f"the string {_show(node)} is not a condition: compare it with == or !=")
+        return node
+
+
+def _show(node: _Node) -> str:
+    if node.kind == "str":
+        return f'"{node.value}"'
+    if node.kind in ("name", "int"):
+        return str(node.value)
+    return "(...)"
+
+
+def _names(node: _Node | None):
+    if node is None:
+        return
+    if node.kind == "name":
+        yield node.value
+    yield from _names(node.left)
+    yield from _names(node.right)
+
+
+_OPERATORS = {"==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b,
+              "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b}
+
+
+def _evaluate(node: _Node, value):
+    """``node``'s value (``value`` gives each leaf's); ``&&``, ``||`` and ``!`` work on scalars and on numpy
+    arrays alike (``&``, ``|`` and ``==`` 0 of booleans)."""
+    if node.kind in ("name", "int", "str"):
+        return value(node)
+    if node.kind == "cmp":
+        return _OPERATORS[node.value](_evaluate(node.left, value), _evaluate(node.right, value))
+    if node.kind == "mask":
+        return _evaluate(node.left, value) & _evaluate(node.right, value)
+    if node.kind == "not":
+        return _truth(_evaluate(node.left, value)) == False  # noqa: E712 (an array's elementwise not)
+    left, right = _truth(_evaluate(node.left, value)), _truth(_evaluate(node.right, value))
+    return (left & right) if node.kind == "and" else (left | right)
+
+
+def _truth(value):
+    return value != 0 if not isinstance(value, bool) else value
+
+
+def _filter(node: _Node, fields: dict[str, str]) -> str:
+    """tracefs's filter grammar: ``FIELD OP CONSTANT`` (``FIELD & MASK`` as a condition), joined by ``&&``,
+    ``||``, ``!`` and parentheses."""
+    if node.kind == "cmp":
+        left, operator, right = node.left, node.value, node.right
+        if left.kind in ("int", "str") and right.kind == "name":
+            left, right, operator = right, left, _FLIPPED[operator]
+        if left.kind != "name" or right.kind not in ("int", "str"):
+            raise _Unknown  # two fields, or a mask, compared: not in the grammar
+        return f"{_field(left, fields)} {operator} {_constant(right)}"
+    if node.kind == "mask" and node.left.kind == "name" and node.right.kind == "int":
+        return f"{_field(node.left, fields)} & {node.right.value}"
+    if node.kind == "name":
+        return f"{_field(node, fields)} != 0"
+    if node.kind == "not":
+        return f"!({_filter(node.left, fields)})"
+    if node.kind in ("and", "or"):
+        joiner = " && " if node.kind == "and" else " || "
+        return f"({_filter(node.left, fields)}){joiner}({_filter(node.right, fields)})"
+    raise _Unknown
+
+
+_FLIPPED = {"==": "==", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
+
+
+def _field(node: _Node, fields: dict[str, str]) -> str:
+    if node.value == "$comm":
+        return "__comm"
+    if node.value == "$tid":
+        return "common_pid"  # the task's pid: the thread's
+    if node.value not in fields:  # $pid (the kernel's events hold no tgid), or not fetched as typed here
+        raise _Unknown
+    return fields[node.value]
+
+
+def _constant(node: _Node) -> str:
+    if node.kind == "int":
+        return str(node.value)
+    if '"' in node.value or "\\" in node.value:
+        raise _Unknown
+    return f'"{node.value}"'

@@ -1,0 +1,144 @@
+"""Predicates, ``PROBE ... if EXPR``: only the hits for which EXPR holds are reported and counted.
+
+The oracle is the program: takes prints every call it made, with its arguments and result, and the test applies
+the same condition to those lines in Python. The kernel engine applies what an event filter can say in the
+kernel (resolve says which), and judges the rest itself; the ptrace engine judges every hit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+from conftest import run_cli, run_json
+
+ENGINES = ["ptrace", "kernel"]
+N = 400
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request, targets) -> str:
+    if request.param == "kernel":
+        request.getfixturevalue("tracefs")  # root, tracefs mounted; skipped otherwise
+    return request.param
+
+
+def _calls(stdout: str) -> list[tuple[int, str, int, int]]:
+    """(size, name, flags, result) of every call takes printed."""
+    calls = [(int(size), name, int(flags), int(result))
+             for size, name, flags, result in re.findall(r"^take (\d+) (\w+) (\d+) (-?\d+)$", stdout, re.M)]
+    assert stdout.endswith(f"takes {len(calls)}\n")
+    return calls
+
+
+def _probe(takes: str, condition: str) -> str:
+    return f"uprobe:{takes}:take size=%di:s64 name=+0(%si):string flags=%dx:u32 if {condition}"
+
+
+CONDITIONS = [
+    # condition, the same in Python over (size, name, flags), whether the kernel can apply it
+    ("size >= 2500", lambda size, name, flags: size >= 2500, True),
+    ('name == "beta" && !(flags & 8)', lambda size, name, flags: name == "beta" and not flags & 8, True),
+    ('(size < 100 || size > 4900) && name != "gamma"',
+     lambda size, name, flags: (size < 100 or size > 4900) and name != "gamma", True),
+    ("flags & 4", lambda size, name, flags: bool(flags & 4), True),
+    ("size > flags", lambda size, name, flags: size > flags, False),  # two fields: not a filter
+    ("$pid > 0 && 0x8 > flags", lambda size, name, flags: flags < 0x8, False),  # the kernel has no tgid
+]
+
+
+@pytest.mark.parametrize("condition, python, in_kernel", CONDITIONS, ids=[c[0] for c in CONDITIONS])
+def test_only_the_hits_the_predicate_keeps_are_traced_and_counted(engine, targets, condition, python, in_kernel):
+    takes = str(targets / "takes")
+    resolved = json.loads(run_cli("resolve", "--json", _probe(takes, condition), check=True).stdout)
+    assert (resolved["predicate"]["kernel_filter"] is not None) == in_kernel
+    records, proc = run_json("trace", "--engine", engine, _probe(takes, condition), "--", takes, str(N))
+    assert proc.returncode == 0, proc.stderr
+    calls = _calls(proc.stdout)
+    expected = [(size, name, flags) for size, name, flags, _ in calls if python(size, name, flags)]
+    assert 0 < len(expected) < N
+    assert [(r["args"]["size"], r["args"]["name"], r["args"]["flags"]) for r in records if "probe" in r] == expected
+    counted, proc = run_json("count", "--engine", engine, _probe(takes, condition), "--", takes, str(N))
+    assert proc.returncode == 0 and [r["hits"] for r in counted] == [len(expected)], proc.stderr
+
+
+def test_a_return_probe_keeps_the_returns_its_predicate_asks_for(engine, targets):
+    """On $retval (named r): take returns 2 * size when flags & 4, else -size."""
+    takes = str(targets / "takes")
+    records, proc = run_json("trace", "--engine", engine, f"uretprobe:{takes}:take r=$retval:s64 if r > 5000",
+                             "--", takes, str(N))
+    assert proc.returncode == 0, proc.stderr
+    assert [r["retval"] for r in records if "probe" in r] == [result for *_, result in _calls(proc.stdout)
+                                                              if result > 5000]
+
+
+def test_a_value_that_cannot_be_fetched_makes_the_predicate_false(targets):
+    """+0(%dx) reads at address flags (0..15): a fault on the ptrace engine, and a predicate that reads it is
+    false, whatever else it says (the kernel engine reads a faulting integer as 0)."""
+    takes = str(targets / "takes")
+    runs = {}
+    for condition in ("flags == 3", "bad == 0 || flags == 3"):
+        records, proc = run_json("trace", "--engine", "ptrace",
+                                 f"uprobe:{takes}:take bad=+0(%dx):u64 flags=%dx:u32 if {condition}", "--", takes, "40")
+        assert proc.returncode == 0, proc.stderr
+        runs[condition] = [r["args"]["flags"] for r in records if "probe" in r]
+    assert runs == {"flags == 3": [3, 3, 3], "bad == 0 || flags == 3": []}
+
+
+@pytest.mark.parametrize("condition, message", [
+    ("siz > 3", "unknown name 'siz' (the probe's arguments: flags, name, size; and $pid, $tid, $comm)"),
+    ('size == "big"', "'size == \"big\"' compares an integer with a string"),
+    ("name > 3", "'name > 3' compares a string with an integer"),
+    ('name < "b"', "strings compare with == and != only, not '<'"),
+    ("size >", "it ends too soon"),
+    ("(size > 3", "a '(' is not closed"),
+    ("size > 3 size", "unexpected 'size'"),
+    ("size ~ 3", "cannot read '~ 3'"),
+    ("name", "a string is not a condition: compare it with == or !="),
+])
+def test_a_bad_predicate_is_one_line_naming_the_token(targets, condition, message):
+    takes = str(targets / "takes")
+    result = run_cli("trace", "--engine", "ptrace", _probe(takes, condition), "--", takes, "1")
+    assert result.status == 2 and result.stderr == f"uprobes: error: bad predicate 'if {condition}': {message}\n"
+    assert run_cli("resolve", f"uprobe:{takes}:take if").stderr == \
+        f"uprobes: error: probe 'uprobe:{takes}:take if': 'if' must be followed by a condition, e.g. 'if size > 4096'\n"
+
+
+def test_the_predicate_s_words_need_no_quotes(targets):
+    """On the command line, the words after 'if' belong to the probe, even one that looks like a kernel
+    probe's 'p' or 'r'; a word that starts a probe with a colon starts the next probe."""
+    takes = str(targets / "takes")
+    result = run_cli("count", "--engine", "ptrace", "--json", f"uprobe:{takes}:take", "p=%dx:u32", "if", "p", "==", "2",
+                     f"uprobe:{takes}:take", "--", takes, "32")
+    assert result.status == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["hits"] for r in records) == [2, 32]
+    assert os.path.exists(takes)
+
+
+def test_the_kernel_engine_filters_in_the_kernel(tracefs, targets):
+    """Where the predicate is a filter, the hits it leaves out never leave the kernel: the engine itself reads
+    only the kept ones, and its counters count only those (in a forked child too)."""
+    import subprocess
+    import time
+
+    from uprobes.engines.kernel.engine import KernelEngine
+    from uprobes.probes.resolve import resolve_text
+
+    takes = str(targets / "takes")
+    (probe,) = resolve_text(f"uprobe:{takes}:take size=%di:s64 if size >= 4990")
+    alone = subprocess.run([takes, "2000"], capture_output=True, text=True, check=True).stdout
+    expected = sorted(size for size, *_ in _calls(alone) if size >= 4990)
+    for counting in (False, True):
+        child = subprocess.Popen(["sh", "-c", f"sleep 0.3; {takes} 2000 > /dev/null; true"])
+        with KernelEngine() as engine:
+            engine.attach([probe], child.pid, counting=counting)
+            assert child.wait() == 0
+            time.sleep(0.1)
+            events = engine.poll(0.1)
+            assert engine.hit_counts() == [len(expected)]
+            if not counting:
+                assert sorted(event.args["size"] for event in events) == expected
