@@ -24,6 +24,8 @@ examples:
                                                    malloc's calls as slices, for https://ui.perfetto.dev
   uprobes count -d 5 'uprobe:libc:mem*'                     calls of libc's mem* functions, system-wide, 5 s
   uprobes latency -p 1234 'uprobe:libc:malloc'             how long malloc takes in process 1234
+  uprobes count --by size -c 'ls /' 'uprobe:libc:malloc size=%di:u64'   which sizes ls mallocs, how often
+  uprobes hist -c 'ls /' 'uprobe:libc:malloc size=%di:u64' size        the sizes as a log2 histogram
   uprobes stacks -d 5 -p 1234 'uprobe:libc:malloc' -o malloc.folded
                                                    who calls malloc, as folded stacks for a flame graph
 """
@@ -67,7 +69,20 @@ def _build_parser() -> argparse.ArgumentParser:
     count = commands.add_parser("count", help="count the hits of each probe",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)
     add_tracing_options(count)
-    count.add_argument("--interval", type=float, metavar="SECONDS", help="also print the counts every SECONDS")
+    count.add_argument("--interval", type=float, metavar="SECONDS",
+                       help="also print the counts every SECONDS (with --by: the counts of those SECONDS)")
+    count.add_argument("--by", metavar="ARG[,ARG...]",
+                       help="count hits per distinct value of these fetch arguments (or $pid, $tid, $comm), most "
+                            "first")
+    count.add_argument("--top", type=int, metavar="N", help="with --by: only the N keys with the most hits")
+    hist = commands.add_parser("hist", help="a histogram of an argument's values: uprobes hist PROBE... ARG",
+                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)
+    add_tracing_options(hist)
+    hist.add_argument("--linear", type=int, metavar="STEP",
+                      help="buckets of STEP values each (default: powers of two, as latency's)")
+    hist.add_argument("--by", metavar="ARG[,ARG...]", help="one histogram per distinct value of these arguments")
+    hist.add_argument("--interval", type=float, metavar="SECONDS",
+                      help="also print the histograms of the last SECONDS, every SECONDS")
     latency = commands.add_parser("latency", help="time each call of a function, as a log2 histogram",
                                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)
     add_tracing_options(latency)
@@ -131,7 +146,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .cleanup import run_cleanup
 
         return run_cleanup(args)
-    from .tracing import launches_command, run_count, run_latency, run_stacks, run_trace
+    from .tracing import launches_command, run_count, run_hist, run_latency, run_stacks, run_trace
 
     if args.command == "trace":
         args.format = _trace_format(args)
@@ -139,7 +154,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .guard import work_in_a_child
 
         work_in_a_child()  # the traced process survives a SIGKILL of the pid the user holds
-    return {"trace": run_trace, "count": run_count, "latency": run_latency, "stacks": run_stacks}[args.command](args)
+    return {"trace": run_trace, "count": run_count, "latency": run_latency, "stacks": run_stacks,
+            "hist": run_hist}[args.command](args)
 
 
 def _trace_format(args: argparse.Namespace) -> str:

@@ -10,13 +10,15 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 
 from ..errors import UprobesError
 from ..output.chrome import ChromeTraceWriter
 from ..output.columns import EventColumns
 from ..output.event import Event
-from ..output.writers import EventWriter, count_records, format_count_table
+from ..output.aggregate import SPECIAL_KEYS, CountsByKey, HistogramsByKey
+from ..output.writers import EventWriter, count_records, format_count_table, format_keyed_counts
 from ..probes.resolve import RETURN_MODES, Probe, ReturnMode, resolve_texts, return_probes
 from ..probes.spec import group_probe_words
 from ..proc.launch import HeldCommand
@@ -26,7 +28,8 @@ from ..stacks import StackLimits
 from ..x86_64.unwind import DEFAULT_DEPTH, STACK_BYTES
 from . import STOP_SIGNALS
 
-__all__ = ["add_tracing_options", "add_return_mode_option", "add_stack_options", "run_trace", "run_count", "run_latency", "run_stacks"]
+__all__ = ["add_tracing_options", "add_return_mode_option", "add_stack_options", "run_trace", "run_count", "run_latency",
+           "run_stacks", "run_hist"]
 
 _POLL_SECONDS = 0.1
 
@@ -143,7 +146,9 @@ class _Run:
     """What trace and count share: probes resolved, engine attached, command launched, signals handled."""
 
     def __init__(self, args: argparse.Namespace, stack: ExitStack, counting: bool = False,
-                 pair_returns: bool = False, stacks: StackLimits | None = None) -> None:
+                 pair_returns: bool = False, stacks: StackLimits | None = None,
+                 check: Callable[[list[Probe]], None] | None = None) -> None:
+        """``check``: raises an error about the probes, once resolved, before anything is placed."""
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, _raise_stop)
         # Stop signals wait until the run is set up: raised in the middle of an import (the engine's modules load
@@ -160,6 +165,8 @@ class _Run:
         self.probes: list[Probe] = resolve_texts(texts, args.pid, returns)
         if pair_returns:
             self.probes = _entry_and_return(self.probes, returns)
+        if check is not None:
+            check(self.probes)
         self._predicates = {i: p.predicate for i, p in enumerate(self.probes) if p.predicate is not None}
         # a predicate judges each hit's arguments: counted from events, unless the engine's counters can
         self.counting = counting and all(p.predicate is None or self.engine.counts_filtered and p.kernel_filter
@@ -399,7 +406,35 @@ def _report_lost(writer: EventWriter | ChromeTraceWriter, lost: int) -> None:
               file=sys.stderr)
 
 
+def _key_names(text: str | None, option: str) -> tuple[str, ...]:
+    """``--by size,name``: the names, each a fetch argument's or ``$pid``, ``$tid``, ``$comm``."""
+    if text is None:
+        return ()
+    names = tuple(name.strip() for name in text.split(","))
+    for name in names:
+        if not (name.isidentifier() or name in SPECIAL_KEYS):
+            raise UprobesError(f"{option} takes names of fetch arguments (or $pid, $tid, $comm), separated by "
+                               f"commas, not {name!r}")
+    return names
+
+
+def _check_names(probes: list[Probe], names: tuple[str, ...], option: str) -> None:
+    """Every probe fetches each of ``names`` (or it is a special): a one-line error naming what is missing."""
+    for probe in probes:
+        fetched = [arg.name for arg in probe.fetchargs]
+        for name in names:
+            if name not in fetched and name not in SPECIAL_KEYS:
+                have = ", ".join(fetched) or "none"
+                raise UprobesError(f"{option} {name}: probe '{probe.spec}' has no argument '{name}' (its "
+                                   f"arguments: {have}; and $pid, $tid, $comm)")
+
+
 def run_count(args: argparse.Namespace) -> int:
+    keys = _key_names(args.by, "--by")
+    if args.top is not None and not keys:
+        raise UprobesError("--top N keeps the N keys with the most hits: give --by ARG too")
+    if keys:
+        return _run_aggregation(args, CountsByKey(keys), keys)
     with ExitStack() as stack:
         out = _open_output(args, stack)
         run = _Run(args, stack, counting=True)
@@ -428,12 +463,12 @@ def run_count(args: argparse.Namespace) -> int:
 
 def run_latency(args: argparse.Namespace) -> int:
     """Time each call of a function from entry to return; a log2 histogram at the end."""
-    from ..output.histogram import Log2Histogram
+    from ..output.histogram import Histogram
 
     with ExitStack() as stack:
         out = _open_output(args, stack)
         run = _Run(args, stack, pair_returns=True)
-        histogram = Log2Histogram()
+        histogram = Histogram()
         started: dict[int, list[int]] = {}  # tid -> entry times of the calls in flight (innermost last)
         try:
             run.go()
@@ -444,7 +479,7 @@ def run_latency(args: argparse.Namespace) -> int:
                     if not event.is_return:
                         calls.append(event.ts_ns)
                     elif calls:
-                        histogram.add(event.ts_ns - calls.pop())
+                        histogram.add(max(0, event.ts_ns - calls.pop()))
                 if finished:
                     break
         except KeyboardInterrupt as stop:
@@ -452,11 +487,12 @@ def run_latency(args: argparse.Namespace) -> int:
         else:
             run.end_command()
         if args.json:
-            out.write(json.dumps({"probe": run.probes[0].name, **histogram.summary(),
+            out.write(json.dumps({"probe": run.probes[0].name, **histogram.summary("_ns"),
                                   "buckets": [{"low_ns": lo, "high_ns": hi, "count": n}
                                               for lo, hi, n in histogram.buckets()]}) + "\n")
         else:
-            out.write(f"{run.probes[0].name}: time from entry to return\n{histogram.render()}")
+            out.write(f"{run.probes[0].name}: time from entry to return\n"
+                      f"{histogram.render('ns', empty='no calls completed')}")
         _report_notes(run)
         return run.status
 
@@ -497,3 +533,90 @@ def run_stacks(args: argparse.Namespace) -> int:
         _report_notes(run)
         out.flush()
         return run.status
+
+
+def run_hist(args: argparse.Namespace) -> int:
+    """A histogram of one argument's values per probe (and per key of ``--by``)."""
+    if not args.words or not args.words[-1].isidentifier():
+        raise UprobesError("hist PROBE... ARG: give the name of the argument to draw last, e.g. uprobes hist "
+                           "'uprobe:libc:malloc size=%di:u64' size")
+    arg = args.words.pop()
+    if not args.words:
+        raise UprobesError(f"hist PROBE... ARG: give a probe that fetches {arg}")
+    keys = _key_names(args.by, "--by")
+    return _run_aggregation(args, HistogramsByKey(arg, keys, args.linear), keys, arg)
+
+
+def _run_aggregation(args: argparse.Namespace, aggregate, keys: tuple[str, ...], arg: str | None = None) -> int:
+    """``count --by`` and ``hist``: events aggregated as they come, printed at the end (and every
+    ``--interval`` seconds, each time from zero)."""
+    with ExitStack() as stack:
+        out = _open_output(args, stack)
+        def check(probes: list[Probe]) -> None:
+            _check_names(probes, keys, "--by")
+            if arg is not None:
+                _check_names(probes, (arg,), "hist")
+                _check_integer(probes, arg)
+
+        run = _Run(args, stack, check=check)
+        next_report = time.monotonic() + args.interval if args.interval else None
+        try:
+            run.go()
+            while not run.finished():
+                aggregate.add(run.poll_columns(_POLL_SECONDS))
+                if next_report is not None and time.monotonic() >= next_report:
+                    _write_aggregate(out, run.probes, aggregate, args)
+                    aggregate.clear()
+                    next_report += args.interval
+        except KeyboardInterrupt as stop:
+            aggregate.add(run.poll_columns(0))  # what was seen before the signal
+            run.interrupted(stop)
+        else:
+            run.end_command()
+        run.engine.close()
+        aggregate.add(EventColumns(single=run.judged(run.engine.leftover())))
+        _write_aggregate(out, run.probes, aggregate, args)
+        _report_lost_aggregated(run.engine.lost)
+        _report_notes(run)
+        return run.status
+
+
+def _check_integer(probes: list[Probe], arg: str) -> None:
+    for probe in probes:
+        fetcharg = next(a for a in probe.fetchargs if a.name == arg)
+        if fetcharg.type is not None and (fetcharg.type.is_string or fetcharg.type.array) \
+                or isinstance(dict(probe.retyped).get(arg), tuple):
+            raise UprobesError(f"hist {arg}: probe '{probe.spec}' fetches it as {fetcharg.type_text or 'a name'}; "
+                               f"a histogram draws integers")
+
+
+def _write_aggregate(out, probes: list[Probe], aggregate, args: argparse.Namespace) -> None:
+    keys = aggregate.keys
+    if isinstance(aggregate, CountsByKey):
+        rows = aggregate.rows(args.top)
+        if args.json:
+            out.writelines(json.dumps({"probe": probes[probe].name, "key": dict(zip(keys, key)), "hits": hits}) + "\n"
+                           for probe, key, hits in rows)
+        else:
+            out.write(format_keyed_counts(keys, [(probes[probe].name, key, hits) for probe, key, hits in rows]))
+    else:
+        for probe, key, histogram in aggregate.items():
+            if args.json:
+                record = {"probe": probes[probe].name, "arg": aggregate.arg, **({"key": dict(zip(keys, key))}
+                                                                               if keys else {}),
+                          **histogram.summary(), "buckets": [{"low": low, "high": high, "count": n}
+                                                             for low, high, n in histogram.buckets()]}
+                out.write(json.dumps(record) + "\n")
+            else:
+                where = ", ".join(f"{name}={json.dumps(value)}" for name, value in zip(keys, key))
+                out.write(f"{probes[probe].name}: {aggregate.arg}{f' ({where})' if where else ''}\n"
+                          f"{histogram.render()}")
+        if not aggregate.histograms:
+            out.write(json.dumps({"count": 0}) + "\n" if args.json else "no hits\n")
+    out.flush()
+
+
+def _report_lost_aggregated(lost: int) -> None:
+    if lost:
+        print(f"uprobes: lost {lost} events (the ring buffers overflowed): the figures leave them out",
+              file=sys.stderr)

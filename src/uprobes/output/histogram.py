@@ -1,8 +1,14 @@
-"""Log2 histograms of durations, printed with bars as bpftrace's ``hist()`` prints them."""
+"""Histograms of integers (durations, an argument's values), printed with bars as bpftrace's ``hist()`` prints
+them.
+
+Log2 buckets: ``[0, 2)``, then ``[2^k, 2^(k+1))``; a negative value goes to the mirror bucket ``(-2^(k+1), -2^k]``
+(``-1`` to ``(-2, -1]``). Linear buckets of ``step``: ``[n*step, (n+1)*step)``. Each bucket is kept as its lowest
+and highest value.
+"""
 
 from __future__ import annotations
 
-__all__ = ["Log2Histogram"]
+__all__ = ["Histogram"]
 
 _BAR_WIDTH = 52
 
@@ -11,14 +17,35 @@ def _percentile(ordered: list[int], fraction: float) -> int:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-class Log2Histogram:
-    """Durations in nanoseconds, bucketed by powers of two: bucket k holds [2^k, 2^(k+1)), bucket 0 also 0."""
+class Histogram:
+    """Values bucketed by powers of two, or by ``step`` (linear)."""
 
-    def __init__(self) -> None:
+    def __init__(self, step: int | None = None) -> None:
+        self.step = step
         self.values: list[int] = []
 
     def add(self, value: int) -> None:
-        self.values.append(max(0, value))
+        self.values.append(value)
+
+    def extend(self, values) -> None:
+        self.values.extend(values)
+
+    def _bucket(self, value: int) -> int:
+        """The bucket's number: ordered as the values are."""
+        if self.step is not None:
+            return value // self.step
+        if value >= 0:
+            return max(0, value.bit_length() - 1)
+        return -1 - max(0, (-value).bit_length() - 1)
+
+    def _bounds(self, bucket: int) -> tuple[int, int]:
+        """Lowest and highest value of bucket number ``bucket``."""
+        if self.step is not None:
+            return bucket * self.step, (bucket + 1) * self.step - 1
+        if bucket >= 0:
+            return (0 if bucket == 0 else 1 << bucket), (1 << (bucket + 1)) - 1
+        k = -1 - bucket
+        return -((1 << (k + 1)) - 1), -(1 << k)
 
     def buckets(self) -> list[tuple[int, int, int]]:
         """(low, high, count) for every bucket from the lowest to the highest used, empty ones included."""
@@ -26,37 +53,38 @@ class Log2Histogram:
             return []
         counts: dict[int, int] = {}
         for value in self.values:
-            k = max(0, value.bit_length() - 1)
-            counts[k] = counts.get(k, 0) + 1
-        return [(0 if k == 0 else 1 << k, (1 << (k + 1)) - 1, counts.get(k, 0))
-                for k in range(min(counts), max(counts) + 1)]
+            bucket = self._bucket(value)
+            counts[bucket] = counts.get(bucket, 0) + 1
+        return [(*self._bounds(bucket), counts.get(bucket, 0)) for bucket in range(min(counts), max(counts) + 1)]
 
-    def summary(self) -> dict:
+    def summary(self, suffix: str = "") -> dict:
+        """count, mean, p50, p99, max and min (each name followed by ``suffix``: ``_ns``)."""
         ordered = sorted(self.values)
         if not ordered:
             return {"count": 0}
-        return {"count": len(ordered), "mean_ns": sum(ordered) // len(ordered), "p50_ns": _percentile(ordered, 0.5),
-                "p99_ns": _percentile(ordered, 0.99), "max_ns": ordered[-1], "min_ns": ordered[0]}
+        return {"count": len(ordered), f"mean{suffix}": sum(ordered) // len(ordered),
+                f"p50{suffix}": _percentile(ordered, 0.5), f"p99{suffix}": _percentile(ordered, 0.99),
+                f"max{suffix}": ordered[-1], f"min{suffix}": ordered[0]}
 
-    def render(self, unit: str = "ns") -> str:
+    def render(self, unit: str = "", empty: str = "no values") -> str:
         """The histogram as text: ``[1K, 2K)   12 |@@@@@   |`` lines, then count, mean, p50, p99, max."""
         buckets = self.buckets()
         if not buckets:
-            return "no calls completed\n"
+            return f"{empty}\n"
         peak = max(count for _, _, count in buckets)
         lines = []
         for low, high, count in buckets:
             bar = "@" * (count * _BAR_WIDTH // peak if peak else 0)
-            label = f"[{_human(low)}, {_human(high + 1)})"
+            label = f"[{_human(low)}, {_human(high + 1)})" if low >= 0 else f"({_human(low - 1)}, {_human(high)}]"
             lines.append(f"{label:<14} {count:>8} |{bar:<{_BAR_WIDTH}}|")
         s = self.summary()
-        lines.append(f"count {s['count']}  mean {_human(s['mean_ns'])}{unit}  p50 {_human(s['p50_ns'])}{unit}  "
-                     f"p99 {_human(s['p99_ns'])}{unit}  max {_human(s['max_ns'])}{unit}")
+        lines.append(f"count {s['count']}  mean {_human(s['mean'])}{unit}  p50 {_human(s['p50'])}{unit}  "
+                     f"p99 {_human(s['p99'])}{unit}  max {_human(s['max'])}{unit}")
         return "\n".join(lines) + "\n"
 
 
 def _human(value: int) -> str:
     for suffix, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if value >= scale and value % scale == 0:
+        if abs(value) >= scale and value % scale == 0:
             return f"{value // scale}{suffix}"
     return str(value)

@@ -70,3 +70,16 @@ def format_count_table(counts: list[tuple[str, str, int, int]]) -> str:
     lines = [f"{'PROBE':<{width}}  {'HITS':>10}  WHERE"]
     lines += [f"{r['probe']:<{width}}  {r['hits']:>10}  {r['path']}:{r['offset']:#x}" for r in records]
     return "\n".join(lines) + "\n"
+
+
+def format_keyed_counts(keys: tuple[str, ...], rows: list[tuple[str, tuple, int]]) -> str:
+    """Hits per probe and key ((probe, key values, hits), in order), as an aligned table: a column per key."""
+    table = [("PROBE", *keys, "HITS")] + [(probe, *(_value(v) for v in key), str(hits)) for probe, key, hits in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return "\n".join("  ".join(cell.ljust(width) if i == 0 or i < len(row) - 1 and not _numeric(cell) else
+                                cell.rjust(width) for i, (cell, width) in enumerate(zip(row, widths))).rstrip()
+                      for row in table) + "\n"
+
+
+def _numeric(cell: str) -> bool:
+    return cell.lstrip("-").isdigit()

@@ -1,0 +1,137 @@
+"""``count --by`` and ``hist``: hits counted per distinct argument value, and histograms of an argument, made in
+the tool from the events, on both engines.
+
+The oracle is the program: takes prints every call with its arguments and result; the counts and the buckets
+are computed from those lines here (the buckets by the rule README gives: log2 as latency's, the negative ones
+mirrored, or linear).
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+
+import pytest
+
+from conftest import run_cli, run_json
+
+ENGINES = ["ptrace", "kernel"]
+N = 600
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request, targets) -> str:
+    if request.param == "kernel":
+        request.getfixturevalue("tracefs")  # root, tracefs mounted; skipped otherwise
+    return request.param
+
+
+def _calls(stdout: str) -> list[tuple[int, str, int, int]]:
+    calls = [(int(size), name, int(flags), int(result))
+             for size, name, flags, result in re.findall(r"^take (\d+) (\w+) (\d+) (-?\d+)$", stdout, re.M)]
+    assert stdout.endswith(f"takes {len(calls)}\n") and len(calls) == N
+    return calls
+
+
+def _take(targets, condition: str = "") -> str:
+    return f"uprobe:{targets / 'takes'}:take size=%di:s64 name=+0(%si):string flags=%dx:u32{condition}"
+
+
+def test_counts_by_value_are_what_the_program_did(engine, targets):
+    """By one argument, by two, with a predicate, and the first few with --top; text and JSON."""
+    takes = str(targets / "takes")
+    records, proc = run_json("count", "--engine", engine, "--by", "name,flags", _take(targets, " if size > 1000"),
+                             "--", takes, str(N))
+    assert proc.returncode == 0, proc.stderr
+    calls = _calls(proc.stdout)
+    expected = collections.Counter((name, flags) for size, name, flags, _ in calls if size > 1000)
+    assert {(r["key"]["name"], r["key"]["flags"]): r["hits"] for r in records} == expected
+    assert all(r["probe"] == "take" and set(r["key"]) == {"name", "flags"} for r in records)
+    assert [r["hits"] for r in records] == sorted((r["hits"] for r in records), reverse=True)
+
+    text = run_cli("count", "--engine", engine, "--by", "flags", "--top", "3", _take(targets), "--", takes, str(N))
+    assert text.status == 0, text.stderr
+    table = text.stdout.splitlines()[N + 1:]
+    by_flags = collections.Counter(flags for _, _, flags, _ in calls)
+    assert table[0].split() == ["PROBE", "flags", "HITS"] and len(table) == 4
+    rows = [line.split() for line in table[1:]]
+    assert all(name == "take" and by_flags[int(flags)] == int(hits) for name, flags, hits in rows)
+    assert sorted(int(hits) for *_, hits in rows) == sorted(by_flags.values())[-3:]
+
+
+def _log2_bucket(value: int) -> tuple[int, int]:
+    if value >= 0:
+        k = max(0, value.bit_length() - 1)
+        return (0 if k == 0 else 1 << k), (1 << (k + 1)) - 1
+    k = max(0, (-value).bit_length() - 1)
+    return -((1 << (k + 1)) - 1), -(1 << k)
+
+
+def _buckets(values: list[int], bucket) -> list[tuple[int, int, int]]:
+    """(low, high, count) of every bucket from the lowest used to the highest, as they follow each other."""
+    counts = collections.Counter(bucket(value) for value in values)
+    ordered = sorted(counts)
+    result, (low, high) = [], ordered[0]
+    while True:
+        result.append((low, high, counts.get((low, high), 0)))
+        if (low, high) == ordered[-1]:
+            return result
+        low, high = bucket(high + 1)
+
+
+def test_a_histogram_of_an_argument_has_the_program_s_values(engine, targets):
+    """take's sizes, log2 and linear; take's return values (negative for most: the mirrored buckets)."""
+    takes = str(targets / "takes")
+    records, proc = run_json("hist", "--engine", engine, _take(targets), "size", "--", takes, str(N))
+    assert proc.returncode == 0, proc.stderr
+    sizes = [size for size, *_ in _calls(proc.stdout)]
+    (record,) = records
+    assert record["probe"] == "take" and record["arg"] == "size" and record["count"] == N
+    assert (record["min"], record["max"], record["mean"]) == (min(sizes), max(sizes), sum(sizes) // N)
+    assert [(b["low"], b["high"], b["count"]) for b in record["buckets"]] == _buckets(sizes, _log2_bucket)
+
+    records, proc = run_json("hist", "--engine", engine, "--linear", "1000", _take(targets), "size", "--", takes,
+                             str(N))
+    (record,) = records
+    assert [(b["low"], b["high"], b["count"]) for b in record["buckets"]] == \
+        _buckets(sizes, lambda v: (v // 1000 * 1000, v // 1000 * 1000 + 999))
+
+    records, proc = run_json("hist", "--engine", engine, f"uretprobe:{takes}:take r=$retval:s64", "r", "--", takes,
+                             str(N))
+    results = [result for *_, result in _calls(proc.stdout)]
+    (record,) = records
+    assert [(b["low"], b["high"], b["count"]) for b in record["buckets"]] == _buckets(results, _log2_bucket)
+    assert record["buckets"][0]["low"] < 0 < record["buckets"][-1]["high"]
+
+
+def test_one_histogram_per_key(engine, targets):
+    takes = str(targets / "takes")
+    records, proc = run_json("hist", "--engine", engine, "--by", "name", _take(targets), "size", "--", takes, str(N))
+    assert proc.returncode == 0, proc.stderr
+    calls = _calls(proc.stdout)
+    assert {r["key"]["name"]: r["count"] for r in records} == collections.Counter(name for _, name, _, _ in calls)
+    for record in records:
+        sizes = [size for size, name, _, _ in calls if name == record["key"]["name"]]
+        assert [(b["low"], b["high"], b["count"]) for b in record["buckets"]] == _buckets(sizes, _log2_bucket)
+    text = run_cli("hist", "--engine", engine, "--by", "name", _take(targets), "size", "--", takes, "8").stdout
+    assert 'take: size (name="alpha")' in text and text.count("count 2  mean") == 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["count", "--by", "sizes"], "--by sizes: probe '{probe}' has no argument 'sizes' (its arguments: size, name, "
+                                 "flags; and $pid, $tid, $comm)"),
+    (["count", "--top", "2"], "--top N keeps the N keys with the most hits: give --by ARG too"),
+    (["count", "--by", "size;name"], "--by takes names of fetch arguments (or $pid, $tid, $comm), separated by "
+                                     "commas, not 'size;name'"),
+    (["hist", "name"], "hist name: probe '{probe}' fetches it as string; a histogram draws integers"),
+    (["hist", "--by", "$comm", "bogus"], "hist bogus: probe '{probe}' has no argument 'bogus' (its arguments: "
+                                         "size, name, flags; and $pid, $tid, $comm)"),
+])
+def test_aggregation_errors_are_one_line(targets, args, message):
+    probe = _take(targets)
+    command, *options = args
+    words = [*options[:-1], probe, options[-1]] if command == "hist" else [*options, probe]
+    result = run_cli(command, "--engine", "ptrace", *words, "--", str(targets / "takes"), "1")
+    assert result.status == 2 and result.stderr == f"uprobes: error: {message.format(probe=probe)}\n"
+    assert run_cli("hist", "--engine", "ptrace", probe, "--", "true").stderr.startswith(
+        "uprobes: error: hist PROBE... ARG: give the name of the argument to draw last")
