@@ -135,3 +135,28 @@ def test_aggregation_errors_are_one_line(targets, args, message):
     assert result.status == 2 and result.stderr == f"uprobes: error: {message.format(probe=probe)}\n"
     assert run_cli("hist", "--engine", "ptrace", probe, "--", "true").stderr.startswith(
         "uprobes: error: hist PROBE... ARG: give the name of the argument to draw last")
+
+
+def test_the_python_api_judges_predicates_and_aggregates(targets):
+    """A Session's handler sees only the hits its probe's predicate keeps; count() and hist() aggregate the kept
+    events of the probes that fetch the names asked for."""
+    from uprobes.api import Session
+
+    takes = str(targets / "takes")
+    seen = []
+    with Session(command=[takes, str(N)]) as session:
+        session.probe(_take(targets, " if size > 4000"), lambda hit: seen.append(hit.args["size"]))
+        session.probe(f"uprobe:{takes}:take flags=%dx:u32")
+        assert session.run() == 0
+    calls = [(size, name, flags) for size, name, flags in
+             ((i * 7919 % 5000 + 1, ("alpha", "beta", "gamma", "delta")[i % 4], i % 16) for i in range(N))]
+    big = [call for call in calls if call[0] > 4000]
+    assert seen == [size for size, _, _ in big] and session.hit_counts() == [len(big), N]
+    assert {tuple(key.values()): hits for _, key, hits in session.count(by="name")} == \
+        collections.Counter((name,) for _, name, _ in big)
+    by_flags = collections.Counter()
+    for _, key, hits in session.count("flags"):  # both probes fetch flags: the first's kept hits, all the second's
+        by_flags[key["flags"]] += hits
+    assert by_flags == collections.Counter(f for *_, f in calls) + collections.Counter(f for *_, f in big)
+    ((probe, key, histogram),) = session.hist("size")
+    assert probe == "take" and key == {} and histogram.buckets() == _buckets([s for s, _, _ in big], _log2_bucket)

@@ -16,6 +16,14 @@ of the hit while the program goes on (the registers and arguments are the hit's,
 then), or, with ``stop=True``, while the thread waits at the probe. Returning :data:`REMOVE` removes the
 handler, and the probe with its last handler (its byte restored at once); an exception in a handler ends the
 run with a clean detach.
+
+A probe's predicate (``... if size > 4096``) decides which hits are events, counted and handed to handlers.
+:meth:`Session.count` and :meth:`Session.hist` aggregate the events kept, as ``count --by`` and ``hist`` do::
+
+    session.probe("uprobe:libc:malloc size=%di:u64 if size >= 1024")
+    session.run()
+    session.count(by="size")  # [("malloc", {"size": 4096}, 12), ...], most hits first
+    session.hist("size")      # [("malloc", {}, Histogram), ...]: .buckets(), .summary(), .render()
 """
 
 from __future__ import annotations
@@ -25,9 +33,14 @@ from collections.abc import Callable
 from .consumers import REMOVE, Consumer, Hit
 from .engines.ptrace.engine import PtraceEngine
 from .errors import UprobesError
+from .output.aggregate import SPECIAL_KEYS, CountsByKey, HistogramsByKey
+from .output.columns import EventColumns
 from .output.event import Event
+from .output.histogram import Histogram
+from .probes.predicate import Predicate
 from .probes.resolve import Probe, resolve_text
 from .proc.launch import HeldCommand
+from .proc.status import thread_comm
 
 __all__ = ["Session", "Hit", "REMOVE"]
 
@@ -52,6 +65,7 @@ class Session:
         self._keep_events = keep_events
         self.events: list[Event] = []
         self.notices: list[str] = []  # warnings of the run: a probe left out of a library, rewritten code
+        self._kept: list[int] = []  # per probe, the events its predicate kept
 
     def __enter__(self) -> Session:
         return self
@@ -68,7 +82,8 @@ class Session:
         probes = resolve_text(text)
         for probe in probes:
             if handler is not None:
-                self._consumers.setdefault(len(self._probes), []).append(Consumer(handler, pid, stop))
+                judged = handler if probe.predicate is None else _judging(handler, probe.predicate)
+                self._consumers.setdefault(len(self._probes), []).append(Consumer(judged, pid, stop))
             self._probes.append(probe)
         return probes
 
@@ -79,20 +94,20 @@ class Session:
 
         if not self._attached:
             self._attached = True
+            self._kept = [0] * len(self._probes)
             if self._command is not None:
                 self._child = HeldCommand(self._command)
                 self._child.traced = True
                 self._engine.attach(self._probes, self._child.pid, held=True, consumers=self._consumers,
-                                    counting=not self._keep_events)
+                                    counting=self._counting)
                 self._child.release()
             else:
-                self._engine.attach(self._probes, self._pid, consumers=self._consumers,
-                                    counting=not self._keep_events)
+                self._engine.attach(self._probes, self._pid, consumers=self._consumers, counting=self._counting)
         deadline = None if duration is None else time.monotonic() + duration
         pid = self._child.pid if self._child else self._pid
         try:
             while deadline is None or time.monotonic() < deadline:
-                self.events += self._engine.poll(0.1)
+                self._keep(self._engine.poll(0.1))
                 self.notices += self._engine.notices()
                 status = self._engine.exited(pid)
                 if status is not None:
@@ -103,9 +118,52 @@ class Session:
             raise
         return None
 
+    @property
+    def _counting(self) -> bool:
+        """Only counts, no events: unless they are kept, or a predicate judges them."""
+        return not self._keep_events and not any(probe.predicate for probe in self._probes)
+
+    def _keep(self, events: list[Event]) -> None:
+        """The events the predicates keep, counted; those of probes without one, kept if asked."""
+        for event in events:
+            predicate = self._probes[event.probe_index].predicate
+            if predicate is None:
+                if self._keep_events:
+                    self.events.append(event)
+            elif predicate.holds(event.args, event.pid, event.tid, event.comm):
+                self._kept[event.probe_index] += 1
+                if self._keep_events:
+                    self.events.append(event)
+
     def hit_counts(self) -> list[int]:
-        """Hits per probe so far, in the order they were added."""
-        return self._engine.hit_counts()
+        """Hits per probe so far, in the order they were added (those its predicate kept)."""
+        counts = self._engine.hit_counts()
+        return [self._kept[i] if probe.predicate else n for i, (probe, n) in enumerate(zip(self._probes, counts))]
+
+    def _fetching(self, names: tuple[str, ...]) -> EventColumns:
+        """The events kept of the probes that fetch each of ``names`` (or it is ``$pid``, ``$tid``, ``$comm``)."""
+        wanted = {i for i, probe in enumerate(self._probes)
+                  if all(name in SPECIAL_KEYS or name in {arg.name for arg in probe.fetchargs} for name in names)}
+        return EventColumns(single=[event for event in self.events if event.probe_index in wanted])
+
+    def count(self, by: str | tuple[str, ...]) -> list[tuple[str, dict, int]]:
+        """The events kept so far of the probes that fetch the ``by`` arguments (names of fetch arguments, or
+        ``$pid``, ``$tid``, ``$comm``), counted per probe and distinct value of those: (probe name, key, hits),
+        most hits first."""
+        keys = (by,) if isinstance(by, str) else tuple(by)
+        counts = CountsByKey(keys)
+        counts.add(self._fetching(keys))
+        return [(self._probes[probe].name, dict(zip(keys, key)), hits) for probe, key, hits in counts.rows()]
+
+    def hist(self, arg: str, by: str | tuple[str, ...] = (), linear: int | None = None
+             ) -> list[tuple[str, dict, Histogram]]:
+        """Histograms of argument ``arg`` over the events kept so far, per probe and distinct value of the
+        ``by`` arguments (log2 buckets, or ``linear`` ones of that step): (probe name, key, histogram)."""
+        keys = (by,) if isinstance(by, str) else tuple(by)
+        histograms = HistogramsByKey(arg, keys, linear)
+        histograms.add(self._fetching((arg, *keys)))
+        return [(self._probes[probe].name, dict(zip(keys, key)), histogram)
+                for probe, key, histogram in histograms.items()]
 
     @property
     def lost(self) -> int:
@@ -115,7 +173,7 @@ class Session:
     def close(self) -> None:
         """Detach: every byte restored, the out-of-line area unmapped. A started command is not stopped."""
         self._engine.close()
-        self.events += self._engine.leftover()
+        self._keep(self._engine.leftover())
         self.notices += self._engine.notices()
         if self._child is not None:
             self._child.traced = False
@@ -125,3 +183,12 @@ class Session:
         if self._child is None:
             raise UprobesError("this session started no command")
         return self._child.wait()
+
+
+def _judging(handler: Handler, predicate: Predicate) -> Handler:
+    """``handler``, called only for the hits ``predicate`` keeps."""
+    def judged(hit: Hit) -> object:
+        if predicate.holds(hit.args, hit.pid, hit.tid, thread_comm(hit.pid, hit.tid)):
+            return handler(hit)
+        return None
+    return judged
