@@ -160,3 +160,18 @@ def test_the_python_api_judges_predicates_and_aggregates(targets):
     assert by_flags == collections.Counter(f for *_, f in calls) + collections.Counter(f for *_, f in big)
     ((probe, key, histogram),) = session.hist("size")
     assert probe == "take" and key == {} and histogram.buckets() == _buckets([s for s, _, _ in big], _log2_bucket)
+
+
+def test_interval_reports_start_from_zero_each_time(targets):
+    """Two runs of takes 0.6 s apart, reported every 0.4 s: each run's calls fall in one interval or another,
+    never summed with the other's, and the intervals add up to every call (numbered in JSON)."""
+    takes = str(targets / "takes")
+    records, proc = run_json("count", "--engine", "ptrace", "--interval", "0.4", "--by", "name",
+                             f"uprobe:{takes}:take name=+0(%si):string", "--", "sh", "-c",
+                             f"{takes} 200 > /dev/null; sleep 0.6; {takes} 100 > /dev/null")
+    assert proc.returncode == 0, proc.stderr
+    assert len({r["interval"] for r in records}) >= 2 and all(r["hits"] <= 50 for r in records)
+    total = collections.Counter()
+    for record in records:
+        total[record["key"]["name"]] += record["hits"]
+    assert total == {"alpha": 75, "beta": 75, "gamma": 75, "delta": 75}

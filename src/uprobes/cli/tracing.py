@@ -560,6 +560,7 @@ def _run_aggregation(args: argparse.Namespace, aggregate, keys: tuple[str, ...],
 
         run = _Run(args, stack, check=check)
         next_report = time.monotonic() + args.interval if args.interval else None
+        args.reports = 0
         try:
             run.go()
             while not run.finished():
@@ -591,12 +592,17 @@ def _check_integer(probes: list[Probe], arg: str) -> None:
 
 
 def _write_aggregate(out, probes: list[Probe], aggregate, args: argparse.Namespace) -> None:
+    """The figures so far; with ``--interval``, those of an interval, numbered (JSON) or timed (text)."""
     keys = aggregate.keys
+    args.reports += 1
+    interval = {"interval": args.reports} if args.interval else {}
+    if args.interval and not args.json:
+        out.write(f"{time.strftime('%H:%M:%S')}\n")
     if isinstance(aggregate, CountsByKey):
         rows = aggregate.rows(args.top)
         if args.json:
-            out.writelines(json.dumps({"probe": probes[probe].name, "key": dict(zip(keys, key)), "hits": hits}) + "\n"
-                           for probe, key, hits in rows)
+            out.writelines(json.dumps({"probe": probes[probe].name, "key": dict(zip(keys, key)), "hits": hits,
+                                       **interval}) + "\n" for probe, key, hits in rows)
         else:
             out.write(format_keyed_counts(keys, [(probes[probe].name, key, hits) for probe, key, hits in rows]))
     else:
@@ -605,14 +611,14 @@ def _write_aggregate(out, probes: list[Probe], aggregate, args: argparse.Namespa
                 record = {"probe": probes[probe].name, "arg": aggregate.arg, **({"key": dict(zip(keys, key))}
                                                                                if keys else {}),
                           **histogram.summary(), "buckets": [{"low": low, "high": high, "count": n}
-                                                             for low, high, n in histogram.buckets()]}
+                                                             for low, high, n in histogram.buckets()], **interval}
                 out.write(json.dumps(record) + "\n")
             else:
                 where = ", ".join(f"{name}={json.dumps(value)}" for name, value in zip(keys, key))
                 out.write(f"{probes[probe].name}: {aggregate.arg}{f' ({where})' if where else ''}\n"
                           f"{histogram.render()}")
         if not aggregate.histograms:
-            out.write(json.dumps({"count": 0}) + "\n" if args.json else "no hits\n")
+            out.write(json.dumps({"count": 0, **interval}) + "\n" if args.json else "no hits\n")
     out.flush()
 
 
