@@ -57,6 +57,15 @@ def cli():
     return run_cli
 
 
+@pytest.fixture(params=["ptrace", "kernel"])
+def engine(request, targets) -> str:
+    """Each engine in turn: the kernel's only as root, with tracefs mounted (skipped otherwise). A test module
+    may define its own."""
+    if request.param == "kernel":
+        request.getfixturevalue("tracefs")
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def tracefs() -> Path:
     """The mounted tracefs, mounting it if needed; skips when not root."""

@@ -175,3 +175,12 @@ def statement_lines(path: str) -> dict[tuple[str, int], list[int]]:
         if match:
             lines.setdefault((os.path.basename(match[1]), int(match[2])), []).append(int(match[3], 16))
     return lines
+
+
+def takes_calls(stdout: str, n: int | None = None) -> list[tuple[int, str, int, int]]:
+    """(size, name, flags, result) of every call the takes target printed it made (and checked it printed all:
+    ``n`` of them, if given)."""
+    calls = [(int(size), name, int(flags), int(result))
+             for size, name, flags, result in re.findall(r"^take (\d+) (\w+) (\d+) (-?\d+)$", stdout, re.M)]
+    assert stdout.endswith(f"takes {len(calls)}\n") and (n is None or len(calls) == n), stdout[-200:]
+    return calls

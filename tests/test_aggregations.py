@@ -9,28 +9,13 @@ mirrored, or linear).
 from __future__ import annotations
 
 import collections
-import re
 
 import pytest
 
 from conftest import run_cli, run_json
+from oracles import takes_calls
 
-ENGINES = ["ptrace", "kernel"]
 N = 600
-
-
-@pytest.fixture(params=ENGINES)
-def engine(request, targets) -> str:
-    if request.param == "kernel":
-        request.getfixturevalue("tracefs")  # root, tracefs mounted; skipped otherwise
-    return request.param
-
-
-def _calls(stdout: str) -> list[tuple[int, str, int, int]]:
-    calls = [(int(size), name, int(flags), int(result))
-             for size, name, flags, result in re.findall(r"^take (\d+) (\w+) (\d+) (-?\d+)$", stdout, re.M)]
-    assert stdout.endswith(f"takes {len(calls)}\n") and len(calls) == N
-    return calls
 
 
 def _take(targets, condition: str = "") -> str:
@@ -43,7 +28,7 @@ def test_counts_by_value_are_what_the_program_did(engine, targets):
     records, proc = run_json("count", "--engine", engine, "--by", "name,flags", _take(targets, " if size > 1000"),
                              "--", takes, str(N))
     assert proc.returncode == 0, proc.stderr
-    calls = _calls(proc.stdout)
+    calls = takes_calls(proc.stdout, N)
     expected = collections.Counter((name, flags) for size, name, flags, _ in calls if size > 1000)
     assert {(r["key"]["name"], r["key"]["flags"]): r["hits"] for r in records} == expected
     assert all(r["probe"] == "take" and set(r["key"]) == {"name", "flags"} for r in records)
@@ -84,7 +69,7 @@ def test_a_histogram_of_an_argument_has_the_program_s_values(engine, targets):
     takes = str(targets / "takes")
     records, proc = run_json("hist", "--engine", engine, _take(targets), "size", "--", takes, str(N))
     assert proc.returncode == 0, proc.stderr
-    sizes = [size for size, *_ in _calls(proc.stdout)]
+    sizes = [size for size, *_ in takes_calls(proc.stdout, N)]
     (record,) = records
     assert record["probe"] == "take" and record["arg"] == "size" and record["count"] == N
     assert (record["min"], record["max"], record["mean"]) == (min(sizes), max(sizes), sum(sizes) // N)
@@ -98,7 +83,7 @@ def test_a_histogram_of_an_argument_has_the_program_s_values(engine, targets):
 
     records, proc = run_json("hist", "--engine", engine, f"uretprobe:{takes}:take r=$retval:s64", "r", "--", takes,
                              str(N))
-    results = [result for *_, result in _calls(proc.stdout)]
+    results = [result for *_, result in takes_calls(proc.stdout, N)]
     (record,) = records
     assert [(b["low"], b["high"], b["count"]) for b in record["buckets"]] == _buckets(results, _log2_bucket)
     assert record["buckets"][0]["low"] < 0 < record["buckets"][-1]["high"]
@@ -108,7 +93,7 @@ def test_one_histogram_per_key(engine, targets):
     takes = str(targets / "takes")
     records, proc = run_json("hist", "--engine", engine, "--by", "name", _take(targets), "size", "--", takes, str(N))
     assert proc.returncode == 0, proc.stderr
-    calls = _calls(proc.stdout)
+    calls = takes_calls(proc.stdout, N)
     assert {r["key"]["name"]: r["count"] for r in records} == collections.Counter(name for _, name, _, _ in calls)
     for record in records:
         sizes = [size for size, name, _, _ in calls if name == record["key"]["name"]]

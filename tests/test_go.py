@@ -17,15 +17,7 @@ import pytest
 
 from conftest import run_cli, run_json
 
-ENGINES = ["ptrace", "kernel"]
 GOROUTINES, DEPTH = 4, 300
-
-
-@pytest.fixture(params=ENGINES)
-def engine(request, targets) -> str:
-    if request.param == "kernel":
-        request.getfixturevalue("tracefs")  # root, tracefs mounted; skipped otherwise
-    return request.param
 
 
 def _depth(n: int, g: int) -> int:

@@ -9,29 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import pytest
 
 from conftest import run_cli, run_json
+from oracles import takes_calls
 
-ENGINES = ["ptrace", "kernel"]
 N = 400
-
-
-@pytest.fixture(params=ENGINES)
-def engine(request, targets) -> str:
-    if request.param == "kernel":
-        request.getfixturevalue("tracefs")  # root, tracefs mounted; skipped otherwise
-    return request.param
-
-
-def _calls(stdout: str) -> list[tuple[int, str, int, int]]:
-    """(size, name, flags, result) of every call takes printed."""
-    calls = [(int(size), name, int(flags), int(result))
-             for size, name, flags, result in re.findall(r"^take (\d+) (\w+) (\d+) (-?\d+)$", stdout, re.M)]
-    assert stdout.endswith(f"takes {len(calls)}\n")
-    return calls
 
 
 def _probe(takes: str, condition: str) -> str:
@@ -57,7 +41,7 @@ def test_only_the_hits_the_predicate_keeps_are_traced_and_counted(engine, target
     assert (resolved["predicate"]["kernel_filter"] is not None) == in_kernel
     records, proc = run_json("trace", "--engine", engine, _probe(takes, condition), "--", takes, str(N))
     assert proc.returncode == 0, proc.stderr
-    calls = _calls(proc.stdout)
+    calls = takes_calls(proc.stdout)
     expected = [(size, name, flags) for size, name, flags, _ in calls if python(size, name, flags)]
     assert 0 < len(expected) < N
     assert [(r["args"]["size"], r["args"]["name"], r["args"]["flags"]) for r in records if "probe" in r] == expected
@@ -71,7 +55,7 @@ def test_a_return_probe_keeps_the_returns_its_predicate_asks_for(engine, targets
     records, proc = run_json("trace", "--engine", engine, f"uretprobe:{takes}:take r=$retval:s64 if r > 5000",
                              "--", takes, str(N))
     assert proc.returncode == 0, proc.stderr
-    assert [r["retval"] for r in records if "probe" in r] == [result for *_, result in _calls(proc.stdout)
+    assert [r["retval"] for r in records if "probe" in r] == [result for *_, result in takes_calls(proc.stdout)
                                                               if result > 5000]
 
 
@@ -131,7 +115,7 @@ def test_the_kernel_engine_filters_in_the_kernel(tracefs, targets):
     takes = str(targets / "takes")
     (probe,) = resolve_text(f"uprobe:{takes}:take size=%di:s64 if size >= 4990")
     alone = subprocess.run([takes, "2000"], capture_output=True, text=True, check=True).stdout
-    expected = sorted(size for size, *_ in _calls(alone) if size >= 4990)
+    expected = sorted(size for size, *_ in takes_calls(alone) if size >= 4990)
     for counting in (False, True):
         child = subprocess.Popen(["sh", "-c", f"sleep 0.3; {takes} 2000 > /dev/null; true"])
         with KernelEngine() as engine:

@@ -21,16 +21,8 @@ from conftest import run_cli, run_json
 from uprobes.elf.objfile import ElfObject
 from uprobes.x86_64.exits import function_exits
 
-ENGINES = ["ptrace", "kernel"]
 EXITS_FUNCTIONS = ("classify", "pick", "relay", "scaled", "depth", "fall", "leap")
 LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
-
-
-@pytest.fixture(params=ENGINES)
-def engine(request, targets) -> str:
-    if request.param == "kernel":
-        request.getfixturevalue("tracefs")  # root, tracefs mounted; skipped otherwise
-    return request.param
 
 
 def _objdump(path: str) -> tuple[dict[int, str], set[int]]:
