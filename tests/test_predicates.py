@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import pytest
 
@@ -19,7 +20,11 @@ N = 400
 
 
 def _probe(takes: str, condition: str) -> str:
-    return f"uprobe:{takes}:take size=%di:s64 name=+0(%si):string flags=%dx:u32 if {condition}"
+    return f"uprobe:{takes}:take size=%di:s64 name=+0(%si):string flags=%dx:u32 lo=%di:s8 w=%dx:u16 if {condition}"
+
+
+def _s8(value: int) -> int:
+    return ((value & 0xFF) ^ 0x80) - 0x80
 
 
 CONDITIONS = [
@@ -31,6 +36,9 @@ CONDITIONS = [
     ("flags & 4", lambda size, name, flags: bool(flags & 4), True),
     ("size > flags", lambda size, name, flags: size > flags, False),  # two fields: not a filter
     ("$pid > 0 && 0x8 > flags", lambda size, name, flags: flags < 0x8, False),  # the kernel has no tgid
+    # narrower views of the registers: a signed byte, a 16-bit word; a constant wider than 32 bits
+    ("lo < 0 && !(w == 3)", lambda size, name, flags: _s8(size) < 0 and flags != 3, True),
+    ("lo & 0x100 || size == 0x100000000", lambda size, name, flags: bool(_s8(size) & 0x100), True),
 ]
 
 
@@ -73,7 +81,7 @@ def test_a_value_that_cannot_be_fetched_makes_the_predicate_false(targets):
 
 
 @pytest.mark.parametrize("condition, message", [
-    ("siz > 3", "unknown name 'siz' (the probe's arguments: flags, name, size; and $pid, $tid, $comm)"),
+    ("siz > 3", "unknown name 'siz' (the probe's arguments: flags, lo, name, size, w; and $pid, $tid, $comm)"),
     ('size == "big"', "'size == \"big\"' compares an integer with a string"),
     ("name > 3", "'name > 3' compares a string with an integer"),
     ('name < "b"', "strings compare with == and != only, not '<'"),
@@ -126,3 +134,29 @@ def test_the_kernel_engine_filters_in_the_kernel(tracefs, targets):
             assert engine.hit_counts() == [len(expected)]
             if not counting:
                 assert sorted(event.args["size"] for event in events) == expected
+
+
+def test_the_ptrace_engine_tests_register_predicates_in_the_trampoline(targets):
+    """A predicate that compares arguments read from registers with constants is tested by the jump probe's
+    trampoline: the hits it leaves out are never recorded (the engine's count is of records); one that compares
+    two arguments is judged in the tool, every hit recorded."""
+    from uprobes.engines.ptrace.engine import PtraceEngine
+    from uprobes.probes.resolve import resolve_text
+    from uprobes.proc.launch import HeldCommand
+
+    takes = str(targets / "takes")
+    calls = takes_calls(subprocess.run([takes, "2000"], capture_output=True, text=True, check=True).stdout)
+    for condition, kept in (("size >= 4990 || lo < -126", sum(s >= 4990 or _s8(s) < -126 for s, *_ in calls)),
+                            ("size > flags", 2000)):
+        probes = resolve_text(f"uprobe:{takes}:take size=%di:s64 flags=%dx:u32 lo=%di:s8 if {condition}")
+        child = HeldCommand([takes, "2000"])
+        child.traced = True
+        with PtraceEngine() as engine:
+            engine.attach(probes, child.pid, held=True)
+            child.release()
+            while engine.exited(child.pid) is None:
+                engine.poll(0.05)
+            engine.close()
+            assert engine.hit_counts() == [kept] and engine.report()[0] == "1 of 1 probe points were jumps (no stop per hit)"
+        resolved = run_cli("resolve", "--engine", "ptrace", probes[0].spec, check=True).stderr
+        assert ("its predicate tested there" in resolved) == (kept < 2000), resolved

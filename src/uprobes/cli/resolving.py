@@ -73,7 +73,7 @@ def _return_mode(probe: Probe, returns: ReturnMode) -> str:
 def _ptrace_placement(probe: Probe) -> dict:
     """How the ptrace engine places ``probe``: a jump (and the instructions it replaces), or an int3 and why."""
     from ..engines.ptrace.jumps import site_for
-    from ..engines.ptrace.captures import captures_for
+    from ..engines.ptrace.captures import captures_for, register_arguments
     from ..x86_64.analysis import format_instruction
 
     site = site_for(probe)
@@ -82,6 +82,8 @@ def _ptrace_placement(probe: Probe) -> dict:
     placement = {"jump": True, "replaces": "; ".join(format_instruction(ins) for ins in site.displaced)}
     captures = captures_for(probe)
     placement.update({"traced": True} if not isinstance(captures, str) else {"traced": False, "why": captures})
+    if probe.predicate is not None and not isinstance(captures, str):
+        placement["tests_predicate"] = probe.predicate.compiled(register_arguments(probe)) is not None
     return placement
 
 
@@ -89,5 +91,6 @@ def _placement_text(placement: dict) -> str:
     if not placement["jump"]:
         return f"an int3, not a jump: {placement['why']}"
     if placement["traced"]:
-        return f"a jump, counted or traced ({placement['replaces']})"
+        tested = ", its predicate tested there" if placement.get("tests_predicate") else ""
+        return f"a jump, counted or traced ({placement['replaces']}){tested}"
     return f"a jump when counted ({placement['replaces']}); traced, an int3: {placement['why']}"

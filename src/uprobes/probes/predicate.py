@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import ProbeSyntaxError
+from ..x86_64.trampolines import Compare, Logic, Mask, Test
 
 __all__ = ["ARRAY", "INTEGER", "STRING", "Predicate", "parse_predicate"]
 
@@ -101,6 +102,14 @@ class Predicate:
         except _Unknown:
             return numpy.zeros(count, bool)
         return numpy.broadcast_to(numpy.asarray(result, bool), (count,))
+
+    def compiled(self, registers: dict[str, tuple[str, int, bool]]) -> Test | None:
+        """The predicate as a test a jump probe's trampoline makes, where it only compares arguments read from
+        registers (name -> register field, bits, signed) with constants; None otherwise."""
+        try:
+            return _compiled(self._root, registers)
+        except _Unknown:
+            return None
 
     def kernel_filter(self, fields: dict[str, str]) -> str | None:
         """The predicate as a tracefs event filter over the event's ``fields`` (argument name -> field), or
@@ -294,6 +303,34 @@ def _filter(node: _Node, fields: dict[str, str]) -> str:
 
 
 _FLIPPED = {"==": "==", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
+
+
+def _compiled(node: _Node, registers: dict[str, tuple[str, int, bool]]) -> Test:
+    if node.kind in ("and", "or"):
+        return Logic(node.kind, _compiled(node.left, registers), _compiled(node.right, registers))
+    if node.kind == "not":
+        return Logic("not", _compiled(node.left, registers))
+    if node.kind == "name":
+        return Logic("not", Compare(*_register(node, registers), "==", 0))
+    if node.kind == "mask" and node.left.kind == "name" and node.right.kind == "int":
+        return Mask(*_register(node.left, registers), node.right.value & ((1 << 64) - 1))
+    if node.kind == "cmp":
+        left, operator, right = node.left, node.value, node.right
+        if left.kind == "int" and right.kind == "name":
+            left, right, operator = right, left, _FLIPPED[operator]
+        if left.kind == "name" and right.kind == "int":
+            field, bits, signed = _register(left, registers)
+            # the tool compares the value as the argument's type gives it: a constant outside what a
+            # register of that signedness holds would compare otherwise in 64 bits
+            if signed and -(1 << 63) <= right.value < 1 << 63 or not signed and 0 <= right.value < 1 << 64:
+                return Compare(field, bits, signed, operator, right.value)
+    raise _Unknown
+
+
+def _register(node: _Node, registers: dict[str, tuple[str, int, bool]]) -> tuple[str, int, bool]:
+    if node.value not in registers:
+        raise _Unknown
+    return registers[node.value]
 
 
 def _field(node: _Node, fields: dict[str, str]) -> str:

@@ -31,8 +31,8 @@ from .abi import NR_PROCESS_VM_READV
 from .codegen import encode
 from .jumps import JumpSite
 
-__all__ = ["CaptureLoad", "CaptureRegister", "FULL", "HIJACK", "RETURN", "RingLayout", "Resume", "ShadowLayout",
-           "Trampoline",
+__all__ = ["CaptureLoad", "CaptureRegister", "Compare", "FULL", "HIJACK", "Logic", "Mask", "RETURN", "RingLayout",
+           "Resume", "ShadowLayout", "Test", "Trampoline",
            "counting_trampoline", "recording_trampoline", "return_trampoline", "tsc_reader", "RED_ZONE"]
 
 RED_ZONE = 128
@@ -216,6 +216,47 @@ class CaptureBytes:
         return start + self.disp & (1 << 64) - 1
 
 
+@dataclass(frozen=True)
+class Compare:
+    """A test a trampoline makes before it records a hit: the low ``bits`` of register ``field`` at the hit,
+    ``signed`` or not, ``op`` (``== != < <= > >=``) ``value``."""
+
+    field: str
+    bits: int
+    signed: bool
+    op: str
+    value: int
+
+
+@dataclass(frozen=True)
+class Mask:
+    """True when the low ``bits`` of register ``field`` (extended as ``signed`` says) and ``value`` have a bit in
+    common."""
+
+    field: str
+    bits: int
+    signed: bool
+    value: int
+
+
+@dataclass(frozen=True)
+class Logic:
+    """``and``, ``or`` of two tests, or ``not`` of one (``right`` None)."""
+
+    op: str
+    left: Test
+    right: Test | None = None
+
+
+Test = Compare | Mask | Logic
+_JUMP_IF_NOT = {  # (op, signed) -> the branch taken when the comparison is false
+    ("==", False): Code.JNE_REL32_64, ("!=", False): Code.JE_REL32_64,
+    ("<", True): Code.JGE_REL32_64, ("<=", True): Code.JG_REL32_64, (">", True): Code.JLE_REL32_64,
+    (">=", True): Code.JL_REL32_64, ("<", False): Code.JAE_REL32_64, ("<=", False): Code.JA_REL32_64,
+    (">", False): Code.JBE_REL32_64, (">=", False): Code.JB_REL32_64,
+}
+
+
 def area(captures: tuple[Capture, ...]) -> int:
     """The most bytes the :class:`CaptureBytes` of a record may read, past its first slot."""
     return sum(capture.size for capture in captures if isinstance(capture, CaptureBytes))
@@ -242,7 +283,8 @@ _FIRST_READ = 256  # a string's first read; each next one as long as what was re
 
 def recording_trampoline(site: JumpSite, address: int, counter: int | None, ring: RingLayout | None,
                          site_id: int | None, captures: tuple[Capture, ...], rdpid: bool = False,
-                         returns: tuple[ShadowLayout, int] | None = None, handled: bool = False) -> Trampoline:
+                         returns: tuple[ShadowLayout, int] | None = None, handled: bool = False,
+                         test: Test | None = None) -> Trampoline:
     """Write one record of a hit into ``ring`` (``captures`` as its words), run ``site``'s displaced
     instructions and go back; a hit whose record finds the ring full is counted at ``counter`` (the hits are the
     records and that count: a locked add per hit would cost more than the record)::
@@ -260,16 +302,26 @@ def recording_trampoline(site: JumpSite, address: int, counter: int | None, ring
     ``returns`` (the shadow stacks, a return trampoline): the function's return goes to that trampoline, the
     real return address kept on the thread's shadow stack (:meth:`_Builder.hijack`); ``counter`` and ``ring``
     None: no hit of the entry itself is counted or recorded. ``handled`` (a Python handler's record): a full
-    ring is no loss, the hit goes to the tracer (:data:`FULL`) with the thread stopped.
+    ring is no loss, the hit goes to the tracer (:data:`FULL`) with the thread stopped. ``test`` (a probe's
+    predicate over registers; with a ring, no ``returns``, not ``handled``): a hit it finds false is neither
+    recorded nor counted, and the trampoline goes straight on to the displaced instructions.
     """
-    flags = site.flags_live or any(isinstance(c, CaptureRegister) and c.field == "eflags" for c in captures)
+    if test is not None and (ring is None or returns is not None or handled):
+        raise ValueError("a trampoline tests a hit only to record it")
+    flags = site.flags_live or test is not None or any(isinstance(c, CaptureRegister) and c.field == "eflags"
+                                                       for c in captures)
     builder = _Builder(site.address)
     builder.enter(flags, _SAVED)
     if counter is not None and ring is None:
         builder.count(counter)
     full = builder.label() if handled else None
+    skip = builder.label() if test is not None else None
+    if test is not None:
+        builder.test(test, skip)
     if ring is not None:
         builder.record(ring, site_id, captures, rdpid, full, counter)
+    if skip is not None:
+        builder.bind(skip)  # the hits left out join here, as if recorded: the tracer has nothing to redo
     if returns is None and full is None:
         builder.leave()
         return builder.assemble(address, _relocated(site, recorded=ring is not None))
@@ -445,6 +497,44 @@ class _Builder:
     def count(self, counter: int) -> None:
         self.add(_locked_increment(MemoryOperand(Register.RIP, displ=counter)))
         self.counted = True
+
+    def test(self, test: Test, false: int) -> None:
+        """Go to ``false`` when ``test`` does not hold for the hit's registers (through %rax and %rcx, saved);
+        on through otherwise."""
+        if isinstance(test, Logic):
+            if test.op == "and":
+                self.test(test.left, false)
+                self.test(test.right, false)
+                return
+            right, true = self.label(), self.label()
+            if test.op == "or":
+                self.test(test.left, right)
+                self.branch(Code.JMP_REL32_64, true)
+                self.bind(right)
+                self.test(test.right, false)
+            else:  # not
+                self.test(test.left, right)
+                self.branch(Code.JMP_REL32_64, false)
+                self.bind(right)
+            self.bind(true)
+            return
+        self._original_into(Register.RAX, test.field)
+        signed = test.signed
+        if test.bits < 64:
+            self.add(_widened(test.bits, signed))
+        value = test.value & ((1 << 64) - 1)
+        immediate = value - (1 << 64) if value >> 63 else value  # an imm32 is sign-extended to 64 bits
+        fits = -(1 << 31) <= immediate < 1 << 31
+        if not fits:
+            self.add(Instruction.create_reg_u64(Code.MOV_R64_IMM64, Register.RCX, value))
+        if isinstance(test, Mask):
+            self.add(Instruction.create_reg_reg(Code.TEST_RM64_R64, Register.RAX, Register.RCX) if not fits else
+                     Instruction.create_reg_i32(Code.TEST_RM64_IMM32, Register.RAX, immediate))
+            self.branch(Code.JE_REL32_64, false)
+            return
+        self.add(Instruction.create_reg_reg(Code.CMP_R64_RM64, Register.RAX, Register.RCX) if not fits else
+                 Instruction.create_reg_i32(Code.CMP_RM64_IMM32, Register.RAX, immediate))
+        self.branch(_JUMP_IF_NOT[test.op, signed if test.op not in ("==", "!=") else False], false)
 
     def record(self, ring: RingLayout, site_id: int, captures: tuple[Capture, ...], rdpid: bool,
                full: int | None = None, counter: int | None = None) -> None:
@@ -833,6 +923,17 @@ class _Builder:
         return Trampoline(address, code + tail.code,
                           {**dict(zip(starts, (resume for _, resume in self.pieces))), **tail.resumes},
                           address + len(code), {starts[index]: kind for index, kind in self.traps.items()})
+
+
+def _widened(bits: int, signed: bool) -> Instruction:
+    """%rax from its low ``bits``, sign- or zero-extended."""
+    if bits == 32:
+        return (Instruction.create_reg_reg(Code.MOVSXD_R64_RM32, Register.RAX, Register.EAX) if signed else
+                Instruction.create_reg_reg(Code.MOV_R32_RM32, Register.EAX, Register.EAX))
+    small = {8: Register.AL, 16: Register.AX}[bits]
+    code = {(8, True): Code.MOVSX_R64_RM8, (8, False): Code.MOVZX_R64_RM8, (16, True): Code.MOVSX_R64_RM16,
+            (16, False): Code.MOVZX_R64_RM16}[bits, signed]
+    return Instruction.create_reg_reg(code, Register.RAX, small)
 
 
 def _load(register: Register, base: Register, displ: int) -> Instruction:

@@ -11,6 +11,7 @@ stopped.
 from __future__ import annotations
 
 import collections
+import re
 from dataclasses import replace
 
 from ...probes.fetchargs import (Address, Comm, Deref, FetchArg, FileOffset, Immediate, ImmediateString, Register,
@@ -24,7 +25,8 @@ from ...x86_64.registers import BY_KERNEL_NAME, DWARF_REGISTERS, GENERAL_REGISTE
 from ...x86_64.trampolines import (Capture, CaptureBytes, CaptureFaults, CaptureLoad, CaptureRead, CaptureRegister,
                                    area)
 
-__all__ = ["HANDLER_WORDS", "REGISTERS", "WORDS", "arg_captures", "captures_for", "record_words", "records_possible"]
+__all__ = ["HANDLER_WORDS", "REGISTERS", "WORDS", "arg_captures", "captures_for", "record_words", "records_possible",
+           "register_arguments"]
 
 WORDS = 12  # captured words a record holds
 LINE_WORDS = 4  # ... where every probe of the run needs no more: a record is then one 64-byte cache line
@@ -55,6 +57,22 @@ def captures_for(probe: Probe, load_bias: int = 0, handled: bool = False) -> tup
         return f"its strings and arrays may take {area(tuple(captures)):,} bytes, more than the {AREA_LIMIT:,} " \
                f"a record holds"
     return tuple(captures)
+
+
+def register_arguments(probe: Probe) -> dict[str, tuple[str, int, bool]]:
+    """The integer arguments of ``probe`` read straight from a general register at the hit, as values events
+    give them: name -> (register field, bits, signed)."""
+    retyped = {name for name, _ in probe.retyped}
+    found = {}
+    for arg in probe.fetchargs:
+        fetch_type = arg.type
+        if not isinstance(arg.source, Register) or arg.name in retyped or fetch_type is None \
+                or fetch_type.array or fetch_type.bitfield or not re.fullmatch(r"[usx](8|16|32|64)", fetch_type.name):
+            continue
+        register = BY_KERNEL_NAME.get(arg.source.name)
+        if register is not None and register.general:
+            found[arg.name] = (register.field, fetch_type.size * 8, fetch_type.name[0] == "s")
+    return found
 
 
 def record_words(probes: list[Probe], handled: frozenset[int]) -> int:

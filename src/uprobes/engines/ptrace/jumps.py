@@ -33,10 +33,10 @@ from ...proc.maps import free_range_near, read_maps
 from ...x86_64.abi import NR_MPROTECT
 from ...x86_64.jumps import JUMP_LENGTH, JumpSite, jump_bytes, jump_site
 from ...x86_64.registers import STATUS_FLAGS, ZERO_FLAG
-from ...x86_64.trampolines import (FULL, CaptureFaults, Resume, Trampoline, counting_trampoline,
+from ...x86_64.trampolines import (FULL, CaptureFaults, Resume, Test, Trampoline, counting_trampoline,
                                    recording_trampoline, return_trampoline)
 from .memory import ProcessMemory
-from .captures import captures_for, records_possible
+from .captures import captures_for, records_possible, register_arguments
 from .shadow import Forked, ShadowStacks
 from .shared import PROT_EXEC, PROT_READ, PROT_WRITE, map_shared, reads_possible, unmap_shared
 from .strategies import INT3, Strategy
@@ -413,12 +413,24 @@ class Jumps:
             area.install(trampoline)
             return trampoline, counter, None, None
         site_id = self.recorder.site_id(breakpoint, captures) if ring is not None else None
+        handled = self._handled(breakpoint.entries)
+        test = self._test(breakpoint) if ring is not None and returns is None and not handled else None
         trampoline = recording_trampoline(site, code, counter if entries else None, ring.layout if ring else None,
                                           site_id, captures, rdpid,
                                           (shadow.layout, returns.trampoline.address) if returns else None,
-                                          self._handled(breakpoint.entries))
+                                          handled, test)
         area.install(trampoline)
         return trampoline, counter, site_id, returns
+
+    def _test(self, breakpoint: Breakpoint) -> Test | None:
+        """The test the trampoline of ``breakpoint`` makes before recording a hit: its one probe's predicate,
+        where that compares arguments read from registers with constants (the tool judges each event anyway)."""
+        if len(breakpoint.entries) != 1:
+            return None
+        probe = self.recorder.probes[breakpoint.entries[0]]
+        if probe.predicate is None:
+            return None
+        return probe.predicate.compiled(register_arguments(probe))
 
     def _handled(self, indices: list[int]) -> bool:
         """Whether some of probes ``indices`` has a Python handler run from records."""
