@@ -8,7 +8,6 @@ kernel (resolve says which), and judges the rest itself; the ptrace engine judge
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 
 import pytest
@@ -80,6 +79,27 @@ def test_a_value_that_cannot_be_fetched_makes_the_predicate_false(targets):
     assert runs == {"flags == 3": [3, 3, 3], "bad == 0 || flags == 3": []}
 
 
+def test_predicates_on_what_is_not_a_varying_integer(engine, targets):
+    """A predicate over no argument that varies ($pid, $comm, a constant), over a char (a one-character
+    string), and over u64 values past 2^63 (compared exactly, as the integers they are, masks too)."""
+    takes = str(targets / "takes")
+    cases = [
+        (f"uprobe:{takes}:take if $pid == 1", lambda size, name, flags, result: False),
+        (f'uprobe:{takes}:take k=\\"x" if $comm == "takes" && k == "x"', lambda *call: True),
+        (f'uprobe:{takes}:take c=+0(%si):char if c == "a"', lambda size, name, flags, result: name == "alpha"),
+        (f"uretprobe:{takes}:take r=$retval:u64 if r > 0xfffffffffffff000",
+         lambda size, name, flags, result: result % (1 << 64) > 0xfffffffffffff000),
+        (f"uretprobe:{takes}:take r=$retval:u64 if r & 0x8000000000000000 && !(r & 1)",
+         lambda size, name, flags, result: result < 0 and not result & 1),
+        (f"uprobe:{takes}:take lo=%di:s8 if lo & 0x10000000000000000",  # a signed value's sign bits past 64
+         lambda size, name, flags, result: bool(_s8(size) & 0x10000000000000000)),
+    ]
+    for probe, python in cases:
+        counted, proc = run_json("count", "--engine", engine, probe, "--", takes, str(N))
+        assert proc.returncode == 0, proc.stderr
+        assert [r["hits"] for r in counted] == [sum(python(*call) for call in takes_calls(proc.stdout))], probe
+
+
 @pytest.mark.parametrize("condition, message", [
     ("siz > 3", "unknown name 'siz' (the probe's arguments: flags, lo, name, size, w; and $pid, $tid, $comm)"),
     ('size == "big"', "'size == \"big\"' compares an integer with a string"),
@@ -90,6 +110,8 @@ def test_a_value_that_cannot_be_fetched_makes_the_predicate_false(targets):
     ("size > 3 size", "unexpected 'size'"),
     ("size ~ 3", "cannot read '~ 3'"),
     ("name", "a string is not a condition: compare it with == or !="),
+    ("size == 08", "'08' is not a number (write 8, 0x8 or -8)"),
+    ('name == "\\N{nope}"', 'cannot read the string "\\N{nope}"'),
 ])
 def test_a_bad_predicate_is_one_line_naming_the_token(targets, condition, message):
     takes = str(targets / "takes")
@@ -97,6 +119,14 @@ def test_a_bad_predicate_is_one_line_naming_the_token(targets, condition, messag
     assert result.status == 2 and result.stderr == f"uprobes: error: bad predicate 'if {condition}': {message}\n"
     assert run_cli("resolve", f"uprobe:{takes}:take if").stderr == \
         f"uprobes: error: probe 'uprobe:{takes}:take if': 'if' must be followed by a condition, e.g. 'if size > 4096'\n"
+
+
+def test_strings_in_predicates_are_as_written(targets):
+    """A string beyond ASCII reaches the kernel's filter as written, and matches as written in the tool."""
+    takes = str(targets / "takes")
+    record = json.loads(run_cli("resolve", "--json", f'uprobe:{takes}:take n=+0(%si):string if n != "café"',
+                                check=True).stdout)
+    assert record["predicate"] == {"text": 'n != "café"', "kernel_filter": 'n != "café"'}
 
 
 def test_the_predicate_s_words_need_no_quotes(targets):
@@ -108,7 +138,12 @@ def test_the_predicate_s_words_need_no_quotes(targets):
     assert result.status == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert sorted(r["hits"] for r in records) == [2, 32]
-    assert os.path.exists(takes)
+    # a kernel-form probe given as one word after a predicate is a probe of its own
+    result = run_cli("count", "--engine", "ptrace", "--json", f"uprobe:{takes}:take s=%di:s64 if s > 4900",
+                     f"p {takes}:take", "--", takes, "400")
+    assert result.status == 0, result.stderr
+    assert sorted(json.loads(line)["hits"] for line in result.stdout.splitlines() if line.startswith("{")) == \
+        sorted([400, sum(size > 4900 for size, *_ in takes_calls(result.stdout[:result.stdout.index("{")]))])
 
 
 def test_the_kernel_engine_filters_in_the_kernel(tracefs, targets):

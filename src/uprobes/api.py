@@ -142,6 +142,9 @@ class Session:
 
     def _fetching(self, names: tuple[str, ...]) -> EventColumns:
         """The events kept of the probes that fetch each of ``names`` (or it is ``$pid``, ``$tid``, ``$comm``)."""
+        if not self._keep_events:
+            raise UprobesError("count() and hist() aggregate the events a Session keeps: make it with "
+                               "keep_events=True")
         wanted = {i for i, probe in enumerate(self._probes)
                   if all(name in SPECIAL_KEYS or name in {arg.name for arg in probe.fetchargs} for name in names)}
         return EventColumns(single=[event for event in self.events if event.probe_index in wanted])
@@ -187,8 +190,10 @@ class Session:
 
 def _judging(handler: Handler, predicate: Predicate) -> Handler:
     """``handler``, called only for the hits ``predicate`` keeps."""
+    reads_comm = "$comm" in predicate.names
+
     def judged(hit: Hit) -> object:
-        if predicate.holds(hit.args, hit.pid, hit.tid, thread_comm(hit.pid, hit.tid)):
+        if predicate.holds(hit.args, hit.pid, hit.tid, thread_comm(hit.pid, hit.tid) if reads_comm else ""):
             return handler(hit)
         return None
     return judged

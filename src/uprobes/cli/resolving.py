@@ -54,8 +54,8 @@ def _predicate_text(probe: Probe) -> str:
     """Where a probe's predicate is judged: by the kernel engine in the kernel (its filter), or in the tool."""
     applied = probe.kernel_filter
     if applied is not None:
-        return f"the kernel engine applies it in the kernel ({applied}); the ptrace engine judges each hit"
-    return "judged in the tool, hit by hit, on both engines (the kernel's event filters cannot say it)"
+        return f"the kernel engine applies it in the kernel ({applied})"
+    return "the kernel engine judges each hit's event (its event filters cannot say it)"
 
 
 def _return_mode(probe: Probe, returns: ReturnMode) -> str:
@@ -91,6 +91,7 @@ def _placement_text(placement: dict) -> str:
     if not placement["jump"]:
         return f"an int3, not a jump: {placement['why']}"
     if placement["traced"]:
-        tested = ", its predicate tested there" if placement.get("tests_predicate") else ""
+        tested = (", its predicate tested there (where no other probe shares the site)"
+                  if placement.get("tests_predicate") else "")
         return f"a jump, counted or traced ({placement['replaces']}){tested}"
     return f"a jump when counted ({placement['replaces']}); traced, an int3: {placement['why']}"

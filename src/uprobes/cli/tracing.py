@@ -19,7 +19,8 @@ from ..output.columns import EventColumns
 from ..output.event import Event
 from ..output.aggregate import SPECIAL_KEYS, CountsByKey, HistogramsByKey
 from ..output.writers import EventWriter, count_records, format_count_table, format_keyed_counts
-from ..probes.resolve import RETURN_MODES, Probe, ReturnMode, resolve_texts, return_probes
+from ..probes.predicate import INTEGER
+from ..probes.resolve import RETURN_MODES, Probe, ReturnMode, argument_kinds, resolve_texts, return_probes
 from ..probes.spec import group_probe_words
 from ..proc.launch import HeldCommand
 from ..proc.maps import read_maps
@@ -215,9 +216,7 @@ class _Run:
         for group in events.groups:
             predicate = self._predicates.get(group.probe_index)
             if predicate is not None:
-                import numpy  # loaded by the engine that made the groups
-                keep = predicate.mask({name: numpy.asarray(values) for name, values in group.columns.items()},
-                                      group.fixed, group.pid, group.tid, group.comm)
+                keep = predicate.mask(len(group.ts_ns), group.columns, group.fixed, group.pid, group.tid, group.comm)
                 group = group if keep.all() else group.select(keep.nonzero()[0].tolist())
             self.hits[group.probe_index] += len(group.ts_ns)
             if group.ts_ns:
@@ -584,10 +583,10 @@ def _run_aggregation(args: argparse.Namespace, aggregate, keys: tuple[str, ...],
 
 def _check_integer(probes: list[Probe], arg: str) -> None:
     for probe in probes:
-        fetcharg = next(a for a in probe.fetchargs if a.name == arg)
-        if fetcharg.type is not None and (fetcharg.type.is_string or fetcharg.type.array) \
-                or isinstance(dict(probe.retyped).get(arg), tuple):
-            raise UprobesError(f"hist {arg}: probe '{probe.spec}' fetches it as {fetcharg.type_text or 'a name'}; "
+        kind = argument_kinds(probe)[arg]
+        if kind != INTEGER:
+            fetcharg = next(a for a in probe.fetchargs if a.name == arg)
+            raise UprobesError(f"hist {arg}: probe '{probe.spec}' fetches it as {fetcharg.type_text or kind}; "
                                f"a histogram draws integers")
 
 

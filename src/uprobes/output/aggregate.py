@@ -39,6 +39,11 @@ def _rows(columns: EventColumns, names: tuple[str, ...]) -> Iterator[tuple[int, 
         yield event.probe_index, iter([tuple(_event_value(event, name) for name in names)])
 
 
+def _order(key: tuple) -> tuple:
+    """A key's place among keys of as many hits: numbers by value, before strings (and the rest) by text."""
+    return tuple((0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value)) for value in key)
+
+
 def _hashable(value):
     return tuple(value) if isinstance(value, list) else value
 
@@ -56,7 +61,7 @@ class CountsByKey:
 
     def rows(self, top: int | None = None) -> list[tuple[int, tuple, int]]:
         """(probe index, key, hits), most hits first (then by probe and key), the first ``top`` of them."""
-        ordered = sorted(self.counts.items(), key=lambda item: (-item[1], item[0][0], repr(item[0][1])))
+        ordered = sorted(self.counts.items(), key=lambda item: (-item[1], item[0][0], _order(item[0][1])))
         return [(probe, key, hits) for (probe, key), hits in ordered[:top]]
 
     def clear(self) -> None:
@@ -85,7 +90,7 @@ class HistogramsByKey:
     def items(self) -> list[tuple[int, tuple, Histogram]]:
         """(probe index, key, histogram), the most values first."""
         return sorted(((probe, key, histogram) for (probe, key), histogram in self.histograms.items()),
-                      key=lambda item: (-len(item[2].values), item[0], repr(item[1])))
+                      key=lambda item: (-len(item[2].values), item[0], _order(item[1])))
 
     def clear(self) -> None:
         self.histograms.clear()

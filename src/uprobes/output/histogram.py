@@ -3,14 +3,16 @@ them.
 
 Log2 buckets: ``[0, 2)``, then ``[2^k, 2^(k+1))``; a negative value goes to the mirror bucket ``(-2^(k+1), -2^k]``
 (``-1`` to ``(-2, -1]``). Linear buckets of ``step``: ``[n*step, (n+1)*step)``. Each bucket is kept as its lowest
-and highest value.
+and highest value. Empty buckets between used ones are listed, unless there would be more than
+:data:`MOST_BUCKETS` in all.
 """
 
 from __future__ import annotations
 
-__all__ = ["Histogram"]
+__all__ = ["Histogram", "MOST_BUCKETS"]
 
 _BAR_WIDTH = 52
+MOST_BUCKETS = 1024  # a range of more buckets lists only those used
 
 
 def _percentile(ordered: list[int], fraction: float) -> int:
@@ -48,14 +50,17 @@ class Histogram:
         return -((1 << (k + 1)) - 1), -(1 << k)
 
     def buckets(self) -> list[tuple[int, int, int]]:
-        """(low, high, count) for every bucket from the lowest to the highest used, empty ones included."""
+        """(low, high, count) for every bucket from the lowest to the highest used, empty ones included where
+        there are at most :data:`MOST_BUCKETS` of them (else only those used)."""
         if not self.values:
             return []
         counts: dict[int, int] = {}
         for value in self.values:
             bucket = self._bucket(value)
             counts[bucket] = counts.get(bucket, 0) + 1
-        return [(*self._bounds(bucket), counts.get(bucket, 0)) for bucket in range(min(counts), max(counts) + 1)]
+        span = range(min(counts), max(counts) + 1)
+        return [(*self._bounds(bucket), counts.get(bucket, 0))
+                for bucket in (span if len(span) <= MOST_BUCKETS else sorted(counts))]
 
     def summary(self, suffix: str = "") -> dict:
         """count, mean, p50, p99, max and min (each name followed by ``suffix``: ``_ns``)."""
@@ -75,7 +80,8 @@ class Histogram:
         lines = []
         for low, high, count in buckets:
             bar = "@" * (count * _BAR_WIDTH // peak if peak else 0)
-            label = f"[{_human(low)}, {_human(high + 1)})" if low >= 0 else f"({_human(low - 1)}, {_human(high)}]"
+            mirrored = low < 0 and self.step is None
+            label = f"({_human(low - 1)}, {_human(high)}]" if mirrored else f"[{_human(low)}, {_human(high + 1)})"
             lines.append(f"{label:<14} {count:>8} |{bar:<{_BAR_WIDTH}}|")
         s = self.summary()
         lines.append(f"count {s['count']}  mean {_human(s['mean'])}{unit}  p50 {_human(s['p50'])}{unit}  "

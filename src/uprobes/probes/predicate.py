@@ -18,6 +18,7 @@ anything else, and the ptrace engine's hits, are judged here, with the same resu
 
 from __future__ import annotations
 
+import ast
 import re
 from dataclasses import dataclass
 
@@ -79,12 +80,13 @@ class Predicate:
         except _Unknown:
             return False
 
-    def mask(self, columns: dict, fixed: dict, pid: int, tid: int, comm: str):
-        """For hits in columns (argument name -> numpy array, one value per hit; ``fixed``: those with one
-        value for all), a numpy array saying which to report."""
+    def mask(self, count: int, columns: dict, fixed: dict, pid: int, tid: int, comm: str):
+        """For ``count`` hits in columns (argument name -> list of values, one per hit; ``fixed``: those with
+        one value for all), a numpy array saying which to report. The values are compared as Python's integers
+        are (arrays of objects: a u64 past 2^63 stays exact)."""
         import numpy
 
-        count = len(next(iter(columns.values()))) if columns else 0
+        columns = {name: numpy.array(values, dtype=object) for name, values in columns.items()}
 
         def value(node: _Node):
             if node.kind != "name":
@@ -219,9 +221,15 @@ class _Parser:
             self._take()
             return node
         if kind == "number":
-            return _Node("int", int(token, 0))
+            try:
+                return _Node("int", int(token, 0))
+            except ValueError:
+                raise self.error(f"'{token}' is not a number (write 8, 0x8 or -8)") from None
         if kind == "string":
-            return _Node("str", bytes(token[1:-1], "utf-8").decode("unicode_escape"), type=STRING)
+            try:
+                return _Node("str", ast.literal_eval(token), type=STRING)
+            except (SyntaxError, ValueError):
+                raise self.error(f"cannot read the string {token}") from None
         if kind == "name":
             kind_of = _SPECIALS.get(token) if token.startswith("$") else self.types.get(token)
             if kind_of is None:
@@ -312,7 +320,8 @@ def _compiled(node: _Node, registers: dict[str, tuple[str, int, bool]]) -> Test:
         return Logic("not", _compiled(node.left, registers))
     if node.kind == "name":
         return Logic("not", Compare(*_register(node, registers), "==", 0))
-    if node.kind == "mask" and node.left.kind == "name" and node.right.kind == "int":
+    if node.kind == "mask" and node.left.kind == "name" and node.right.kind == "int" \
+            and -(1 << 63) <= node.right.value < 1 << 64:  # past 64 bits, a signed value's sign bits would count
         return Mask(*_register(node.left, registers), node.right.value & ((1 << 64) - 1))
     if node.kind == "cmp":
         left, operator, right = node.left, node.value, node.right

@@ -36,7 +36,8 @@ from .spec import MAX_NAME_LEN, ProbeSpec, parse_probe
 
 _NOT_IN_A_COMMAND = re.compile(r"[\s#]")
 
-__all__ = ["Probe", "ReturnMode", "resolve_probe", "resolve_text", "return_probes", "DEFAULT_GROUP", "RETURN_MODES"]
+__all__ = ["Probe", "ReturnMode", "argument_kinds", "resolve_probe", "resolve_text", "return_probes", "DEFAULT_GROUP",
+           "RETURN_MODES"]
 
 DEFAULT_GROUP = "uprobes"
 RETURN_MODES = ("auto", "insn", "stack")
@@ -204,24 +205,25 @@ def resolve_probe(spec: ProbeSpec, objects: dict[str, ElfObject] | None = None, 
         probes = _resolve_code(spec, obj, returns)
     if spec.predicate is None:
         return probes
-    return [replace(probe, predicate=parse_predicate(spec.predicate, _predicate_types(probe))) for probe in probes]
+    return [replace(probe, predicate=parse_predicate(spec.predicate, argument_kinds(probe))) for probe in probes]
 
 
-def _predicate_types(probe: Probe) -> dict[str, str]:
-    """What a predicate may compare each fetch argument as: its value as events give it."""
+def argument_kinds(probe: Probe) -> dict[str, str]:
+    """Each fetch argument's value as events give it: INTEGER (a number), STRING or ARRAY (what a predicate
+    may compare it as, what a histogram may draw)."""
     retyped = dict(probe.retyped)
-    types = {}
+    kinds = {}
     for arg in probe.fetchargs:
         if arg.type is not None and arg.type.array:
-            types[arg.name] = ARRAY
+            kinds[arg.name] = ARRAY
         elif isinstance(retyped.get(arg.name), tuple):  # an enum, by its enumerators' names
-            types[arg.name] = STRING
-        elif arg.type is not None and arg.type.is_string or arg.type is None and isinstance(arg.source, (
-                Comm, ImmediateString)):
-            types[arg.name] = STRING
+            kinds[arg.name] = STRING
+        elif arg.type is not None and (arg.type.is_string or arg.type.name == "char") or arg.type is None and \
+                isinstance(arg.source, (Comm, ImmediateString)):
+            kinds[arg.name] = STRING
         else:
-            types[arg.name] = INTEGER
-    return types
+            kinds[arg.name] = INTEGER
+    return kinds
 
 
 def _resolve_code(spec: ProbeSpec, obj: ElfObject, returns: ReturnMode) -> list[Probe]:

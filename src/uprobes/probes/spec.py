@@ -130,9 +130,14 @@ def group_probe_words(words: list[str]) -> list[str]:
     """
     probes: list[str] = []
     for word in words:
-        first = word.split(None, 1)[0] if word.strip() else word
-        if probes and (not _starts_probe(first) or _IF.search(probes[-1]) and ":" not in first):
-            probes[-1] += " " + word  # a predicate's words ("if p == 1") start no probe but uprobe:... does
+        tokens = word.split()
+        first = tokens[0] if tokens else word
+        # in a predicate, "p" may be an argument's name ("if p == 1"): a probe starts with a colon in it
+        # (uprobe:..., p:ev) or, given as one word, with its PATH:OFFSET ("p /bin/x:0x10")
+        new_probe = _starts_probe(first) and (not probes or not _IF.search(probes[-1]) or ":" in first
+                                              or len(tokens) > 1 and ":" in tokens[1])
+        if probes and not new_probe:
+            probes[-1] += " " + word
         elif probes and _KERNEL_HEAD.match(probes[-1]):  # "p:grp/ev" waits for its PATH:OFFSET
             probes[-1] += " " + word
         else:
