@@ -262,3 +262,12 @@ def test_a_sandbox_that_refuses_the_jump_area_gets_traps_and_one_warning(targets
     finally:
         sandboxed.kill()
         sandboxed.wait()
+
+
+def test_a_jump_never_replaces_bytes_a_neighbouring_function_branches_into():
+    """glibc's __mempcpy_avx512_unaligned_erms ends in a jump 3 bytes into __memmove_avx512_unaligned_erms,
+    inside the instructions a jump at the latter's entry would displace (the program then died of SIGILL)."""
+    result = run_cli("resolve", "--engine", "ptrace", "uprobe:libc:__memmove_avx512_unaligned_erms")
+    assert result.status == 0, result.stderr
+    assert re.search(r"an int3, not a jump: 'jmp 0x[0-9A-F]+' at 0x[0-9a-f]+, in a neighbouring function, branches "
+                     r"inside the displaced bytes", result.stderr), result.stderr

@@ -37,7 +37,8 @@ CONDITIONS = [
     ("$pid > 0 && 0x8 > flags", lambda size, name, flags: flags < 0x8, False),  # the kernel has no tgid
     # narrower views of the registers: a signed byte, a 16-bit word; a constant wider than 32 bits
     ("lo < 0 && !(w == 3)", lambda size, name, flags: _s8(size) < 0 and flags != 3, True),
-    ("lo & 0x100 || size == 0x100000000", lambda size, name, flags: bool(_s8(size) & 0x100), True),
+    # ... a constant an s8 cannot hold: the kernel would cut it to 8 bits, so the tool judges
+    ("lo & 0x100 || size == 0x100000000", lambda size, name, flags: bool(_s8(size) & 0x100), False),
 ]
 
 
@@ -85,7 +86,7 @@ def test_predicates_on_what_is_not_a_varying_integer(engine, targets):
     takes = str(targets / "takes")
     cases = [
         (f"uprobe:{takes}:take if $pid == 1", lambda size, name, flags, result: False),
-        (f'uprobe:{takes}:take k=\\"x" if $comm == "takes" && k == "x"', lambda *call: True),
+        (f'uprobe:{takes}:take k=\\7 if $comm == "takes" && k == 7', lambda *call: True),
         (f'uprobe:{takes}:take c=+0(%si):char if c == "a"', lambda size, name, flags, result: name == "alpha"),
         (f"uretprobe:{takes}:take r=$retval:u64 if r > 0xfffffffffffff000",
          lambda size, name, flags, result: result % (1 << 64) > 0xfffffffffffff000),

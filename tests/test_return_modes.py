@@ -51,7 +51,8 @@ def test_exits_are_the_rets_and_the_jumps_out_that_objdump_shows(targets, path):
         exits = function_exits(obj, function.value)
         if isinstance(exits, str):
             refused += 1
-            assert re.search(r"conditional tail call|outnumber|bounds are unknown|decode", exits), exits
+            assert re.search(r"conditional tail call|cannot be told|bounds are unknown|decode|not a part of its own",
+                             exits), exits
             continue
         ranges = [(function.value, function.value + function.size), *obj.outlined_parts(function.value)]
         inside = [a for low, high in ranges
@@ -66,7 +67,7 @@ def test_exits_are_the_rets_and_the_jumps_out_that_objdump_shows(targets, path):
         assert {e.address for e in exits if not e.tail_call} == rets, function.name
         assert {e.address for e in exits if e.tail_call} <= jumps_out, function.name  # less: jump tables' jumps
         checked += 1
-    assert checked > (3000 if "libc" in path else 7) and refused < checked / 20 and shared < checked / 20
+    assert checked > (3000 if "libc" in path else 7) and refused <= checked / 20 + 1 and shared < checked / 20
 
 
 def _branch_target(text: str) -> int | None:
@@ -218,3 +219,40 @@ def test_resolve_says_how_each_return_probe_is_placed(targets):
     never = run_cli("resolve", "--return-mode", "insn", f"uretprobe:{nest}:thrower")
     assert never.status == 2 and never.stderr == (f"uprobes: error: probe 'uretprobe:{nest}:thrower': thrower never "
                                                   f"returns (it has no ret and no tail call)\n")
+
+
+def test_what_a_probe_on_the_exits_cannot_see_is_left_out_or_placed_on_the_stack(targets):
+    """ftail returns a double by a tail call: its DWARF-typed $retval (%xmm0) is left out there, as an integer's
+    is, not read as the callee's argument. hop tail-calls through a table holding hop itself: every call is
+    still one return. cgoto's computed goto makes its indirect jump unknowable: it falls back to the stack,
+    and says so."""
+    exits = str(targets / "exits")
+    runs = {}
+    for mode in ("insn", "stack"):
+        records, proc = run_json("trace", "--engine", "ptrace", "--return-mode", mode, f"uretprobe:{exits}:ftail r=$retval",
+                                 f"uretprobe:{exits}:hop", f"uretprobe:{exits}:cgoto r=$retval:s64", "--", exits, "6")
+        assert proc.returncode == 0, proc.stderr
+        runs[mode] = (records, proc)
+    printed = _program_results(runs["stack"][1].stdout)
+    by_probe = {mode: defaultdict(list) for mode in runs}
+    for mode, (records, _) in runs.items():
+        for record in records[:-1]:
+            by_probe[mode][record["probe"]].append(record)
+    assert [r["args"]["r"] for r in by_probe["stack"]["ftail%return"]] == printed["ftail"]
+    assert all(r["args"] == {} and r["retval"] is None for r in by_probe["insn"]["ftail%return"])
+    assert len(by_probe["insn"]["ftail%return"]) == 6
+    assert "left out r: ftail leaves by a tail call" in runs["insn"][1].stderr
+    assert len(by_probe["insn"]["hop%return"]) == len(by_probe["stack"]["hop%return"]) == 6 + 3
+    assert [r["retval"] for r in by_probe["insn"]["cgoto%return"]] == printed["cgoto"]
+    assert "the exits of cgoto cannot all be found: which of its indirect jumps ('jmp *%" in runs["insn"][1].stderr
+    assert "it takes addresses of its own code (a computed goto)" in runs["insn"][1].stderr
+
+
+def test_arguments_by_number_and_variables_read_past_the_prologue_do_not_mix(targets):
+    """At -O0 a variable lives in the frame the prologue builds, so its probe moves past the prologue, where
+    $argN's registers no longer hold the arguments: one line saying to use two probes."""
+    program = str(targets / "sourcevars-O0")
+    result = run_cli("resolve", f"uprobe:{program}:area $arg1 p")
+    assert result.status == 2 and result.stderr == (
+        f"uprobes: error: probe 'uprobe:{program}:area $arg1 p': $argN is where the ABI puts it at the function's "
+        f"entry, and p only past its prologue: give them in two probes\n")

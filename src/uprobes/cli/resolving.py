@@ -62,11 +62,12 @@ def _return_mode(probe: Probe, returns: ReturnMode) -> str:
     """How a return probe is placed, and why: ``insn (a Go object): ret at work+0x2f``, ``stack``."""
     if probe.exit is None:
         return "stack"
-    why = returns.why_insn(ElfObject.open(probe.path))
+    obj = ElfObject.open(probe.path)
+    why = returns.why_insn(obj)
     kind = "tail call" if probe.exit.tail_call else "ret"
-    text = f"insn ({why}): the {kind} '{probe.exit.instruction}' at {probe.location}+{probe.exit.address - probe.function:#x}"
+    text = f"insn ({why}): the {kind} '{probe.exit.instruction}' at {obj.describe_address(probe.exit.address)}"
     if probe.address != probe.exit.address:  # the last instructions before it change nothing the probe reads
-        text += f", probed from {probe.location}+{probe.address - probe.function:#x}"
+        text += f", probed from {obj.describe_address(probe.address)}"
     return text
 
 

@@ -125,6 +125,13 @@ class UnwindTable:
         i = bisect.bisect_right(self._starts, vaddr) - 1
         return self._starts[i] if i >= 0 else None
 
+    def around(self, vaddr: int, count: int) -> list[tuple[int, int]]:
+        """The spans between FDE starts (a function each, its padding included): ``count`` of them before the one
+        holding ``vaddr``, and ``count`` after it."""
+        i = bisect.bisect_right(self._starts, vaddr) - 1
+        starts = self._starts[max(0, i - count):i + count + 2]
+        return [(low, high) for low, high in zip(starts, starts[1:]) if not low <= vaddr < high]
+
     def next_after(self, vaddr: int) -> int | None:
         """The first FDE start above ``vaddr``: where the function holding ``vaddr`` ends at the latest."""
         i = bisect.bisect_right(self._starts, vaddr)

@@ -269,7 +269,21 @@ class ElfObject:
         """``(start, end)`` of each part of the function starting at ``vaddr`` moved out of line under a name of its
         own (``foo.cold``, ``foo.cold.1``): where a landing pad, reached by no branch, may lie."""
         sym = self.symbols.containing(vaddr)
-        return self._cold_parts.get(sym.name, ()) if sym is not None and sym.value == vaddr else ()
+        if sym is None or sym.value != vaddr or len({s.value for s in self.symbols.lookup(sym.name)}) > 1:
+            return ()  # two functions of that name (static, in two files): whose part is whose cannot be told
+        return self._cold_parts.get(sym.name, ())
+
+    def neighbours(self, vaddr: int, count: int) -> list[tuple[int, int]]:
+        """The code of up to ``count`` functions on each side of the one holding ``vaddr``, as its unwind entries
+        delimit them."""
+        return self.unwind_table.around(vaddr, count)
+
+    def owns_part(self, function: int, part: int) -> bool:
+        """Whether code starting at ``part`` is a part of the function starting at ``function``, moved out of
+        line under its name (``foo.cold``, ``foo.cold.1``)."""
+        owner, named = self.symbols.containing(function), self.symbols.containing(part)
+        return (owner is not None and named is not None and named.value == part
+                and named.name.startswith(f"{owner.name}.cold"))
 
     @functools.cached_property
     def _cold_parts(self) -> dict[str, tuple[tuple[int, int], ...]]:

@@ -68,9 +68,14 @@ def _written(found: re.Match, token: str, obj: ElfObject, address: int, function
 
 
 def _is_go_function(name: str) -> bool:
-    """Whether a function of a Go program is Go code (``pkg.Name``, ABIInternal), not C linked in by cgo
-    (no package) nor Go assembly (``.abi0``)."""
-    return "." in name and not name.endswith(".abi0") and not name.startswith(("_", "."))
+    """Whether a function of a Go program is Go code (``pkg.Name``, ABIInternal), not C linked in by cgo (no
+    package, or a name GCC gave a copy: ``work.constprop.0``, ``.isra.1``, ``.part.0``, ``.cold``) nor Go
+    assembly (``.abi0``)."""
+    return ("." in name and not name.endswith(".abi0") and not name.startswith(("_", "."))
+            and not _C_COPY.search(name))
+
+
+_C_COPY = re.compile(r"\.(constprop|isra|part|cold|lto_priv|localalias)(\.\d+)*$")
 
 
 def _goid_offset(obj: ElfObject) -> int:

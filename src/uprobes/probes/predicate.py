@@ -3,7 +3,7 @@
     >>> p = parse_predicate("size >= 1048576 && $comm == \\"ls\\"", {"size": INTEGER})
     >>> p.holds({"size": 2 << 20}, pid=1, tid=1, comm="ls"), p.holds({"size": 10}, pid=1, tid=1, comm="ls")
     (True, False)
-    >>> p.kernel_filter({"size": "size"})
+    >>> p.kernel_filter({"size": ("size", 64, False)})
     '(size >= 1048576) && (__comm == "ls")'
 
 EXPR is made of fetch-argument names, ``$pid`` (the process), ``$tid`` (the thread), ``$comm`` (its name),
@@ -113,10 +113,11 @@ class Predicate:
         except _Unknown:
             return None
 
-    def kernel_filter(self, fields: dict[str, str]) -> str | None:
-        """The predicate as a tracefs event filter over the event's ``fields`` (argument name -> field), or
-        None where it cannot be one (the process id, an argument the kernel does not fetch as the tool types
-        it)."""
+    def kernel_filter(self, fields: dict[str, tuple[str, int | None, bool]]) -> str | None:
+        """The predicate as a tracefs event filter over the event's ``fields`` (argument name -> field, its bits
+        and sign; bits None for a string), or None where it cannot be one (the process id, an argument the
+        kernel does not fetch as the tool types it, a constant the field's type cannot hold: the kernel would
+        cut it to the field's size)."""
         try:
             return _filter(self._root, fields)
         except _Unknown:
@@ -297,9 +298,9 @@ def _filter(node: _Node, fields: dict[str, str]) -> str:
             left, right, operator = right, left, _FLIPPED[operator]
         if left.kind != "name" or right.kind not in ("int", "str"):
             raise _Unknown  # two fields, or a mask, compared: not in the grammar
-        return f"{_field(left, fields)} {operator} {_constant(right)}"
+        return f"{_field(left, fields)} {operator} {_constant(right, left, fields)}"
     if node.kind == "mask" and node.left.kind == "name" and node.right.kind == "int":
-        return f"{_field(node.left, fields)} & {node.right.value}"
+        return f"{_field(node.left, fields)} & {_constant(node.right, node.left, fields)}"
     if node.kind == "name":
         return f"{_field(node, fields)} != 0"
     if node.kind == "not":
@@ -349,11 +350,20 @@ def _field(node: _Node, fields: dict[str, str]) -> str:
         return "common_pid"  # the task's pid: the thread's
     if node.value not in fields:  # $pid (the kernel's events hold no tgid), or not fetched as typed here
         raise _Unknown
-    return fields[node.value]
+    return fields[node.value][0]
 
 
-def _constant(node: _Node) -> str:
+_SPECIAL_FIELDS = {"$tid": (32, True), "$comm": (None, False)}
+
+
+def _constant(node: _Node, field: _Node, fields: dict[str, tuple[str, int | None, bool]]) -> str:
+    """A constant compared with ``field``, as the filter writes it; one the field's type cannot hold (which
+    the kernel would cut to the field's size) cannot be written."""
     if node.kind == "int":
+        bits, signed = _SPECIAL_FIELDS.get(field.value) or fields[field.value][1:]
+        low, high = (-(1 << bits - 1), 1 << bits - 1) if signed else (0, 1 << bits)
+        if not low <= node.value < high:
+            raise _Unknown
         return str(node.value)
     if '"' in node.value or "\\" in node.value:
         raise _Unknown

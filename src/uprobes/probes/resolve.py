@@ -29,6 +29,7 @@ from ..x86_64.decode import instruction_containing, instruction_starts
 from ..x86_64.exits import FunctionExit, function_exits
 from ..x86_64.registers import BY_KERNEL_NAME
 from .abiargs import ABI_TOKEN, abi_fetcharg
+from .computed import DwarfValue
 from .fetchargs import Comm, Deref, FetchArg, Immediate, ImmediateString, Register, RetVal, parse_fetchargs
 from .markerargs import kernel_fetchable, kernel_limitation, marker_fetchargs
 from .predicate import ARRAY, INTEGER, STRING, Predicate, parse_predicate
@@ -79,8 +80,9 @@ class Probe:
         if self.predicate is None:
             return None
         retyped = {name for name, _ in self.retyped}
-        fields = {arg.name: arg.name for arg in self.kernel_fetchargs
-                  if arg.name not in retyped and not (arg.type is not None and arg.type.array)}
+        fields = {arg.name: (arg.name, *_field_type(arg)) for arg in self.kernel_fetchargs
+                  if arg.name not in retyped and not (arg.type is not None and (
+                      arg.type.array or arg.type.bitfield or arg.type.name == "char"))}
         return self.predicate.kernel_filter(fields)
 
     @property
@@ -169,6 +171,14 @@ class ReturnMode:
         if self.unwinder_meets_stack and obj.links_cxx_unwinder:
             return "C++ exceptions may unwind its frames"
         return None
+
+
+def _field_type(arg: FetchArg) -> tuple[int | None, bool]:
+    """The bits and sign of the record field tracefs makes of ``arg`` (bits None: a string)."""
+    text = arg.type_text
+    if text in ("string", "ustring", "char"):
+        return None, False
+    return int(text[1:]), text[0] == "s"
 
 
 def resolve_text(text: str, returns: ReturnMode = ReturnMode()) -> list[Probe]:
@@ -300,8 +310,9 @@ def _at_exit(probe: Probe, obj: ElfObject, leave: FunctionExit) -> Probe:
     for arg in probe.fetchargs:
         if not _reads_retval(arg.source):
             fetchargs.append(arg)
-        elif not leave.tail_call:
-            fetchargs.append(replace(arg, source=_with_base(arg.source, Register("ax"))))
+        elif not leave.tail_call:  # $retval is %ax at a ret; a float's %xmm0 is read there as it is
+            fetchargs.append(arg if isinstance(_innermost(arg.source), DwarfValue) else
+                             replace(arg, source=_with_base(arg.source, Register("ax"))))
         else:
             callee = obj.describe_address(leave.target) if leave.target is not None else "a function pointer"
             unavailable.append(f"{arg.name}: {probe.location} leaves by a tail call at "
@@ -315,7 +326,9 @@ def _at_exit(probe: Probe, obj: ElfObject, leave: FunctionExit) -> Probe:
 
 
 def _reads_retval(source) -> bool:
-    return isinstance(_innermost(source), RetVal)
+    """Whether a return probe's argument reads the return value: $retval, or what DWARF made of it (a float's
+    %xmm0; a return probe has no other computed value)."""
+    return isinstance(_innermost(source), (RetVal, DwarfValue))
 
 
 def _innermost(source):
@@ -374,6 +387,10 @@ def _source_fetchargs(spec: ProbeSpec, obj: ElfObject, address: int, function_en
     fetches = variables_at(address)
     if function_entry and any(fetch.frame_relative for fetch in fetches.values()):
         moved = prologue_end(info, address)
+        if moved is not None and any(ABI_TOKEN.search(token) for token in spec.fetchargs):
+            names = ", ".join(tokens[i] for i in named)
+            raise ProbeSyntaxError(f"probe '{spec.text}': $argN is where the ABI puts it at the function's entry, "
+                                   f"and {names} only past its prologue: give them in two probes")
         if moved is not None:
             address, fetches = moved, variables_at(moved)
     fetches.update({i: retval_fetcharg(info, address, tokens[i], i + 1) for i in retvals})

@@ -57,6 +57,12 @@ class _Code:
             return None
 
 
+def _jit_code(code: _Code) -> bool:
+    """Whether code may be a JIT compiler's: anonymous, or in a memfd (mapped twice, as .NET does)."""
+    path = code.mapping.path
+    return (not code.mapping.file_backed and path != "[vdso]") or path.startswith("/memfd:")
+
+
 def _open(mapping: Mapping, pid: int) -> ElfObject | None:
     if not mapping.file_backed:
         return None
@@ -116,7 +122,7 @@ class ProcessStacks:
         """Read the mappings again now if ``pc`` is in none known, and a JIT compiler's perf map if it has
         changed (the process is alive now, maybe not later)."""
         self._code_at(pc)
-        if any(not code.mapping.file_backed for code in self._code):
+        if any(_jit_code(code) for code in self._code):
             self._jit.containing(pc)
 
     def _forget_code(self) -> None:
@@ -145,7 +151,7 @@ class ProcessStacks:
         if code is None:
             return None
         vaddr = code.vaddr(pc)
-        if vaddr is None and not code.mapping.file_backed:  # a JIT compiler's code: its frame pointer's chain
+        if vaddr is None and _jit_code(code):  # a JIT compiler's code (anonymous, a memfd): its frame pointer's
             jitted = self._jit.containing(pc)
             return frame_pointer_row(jitted.start if jitted else pc - 1, pc, b"")
         if vaddr is None:
@@ -170,17 +176,19 @@ class ProcessStacks:
         key = (pc, returns_here)
         name = self._names.get(key)
         if name is None:
-            name = self._names[key] = self._name(pc, returns_here)
+            name = self._name(pc, returns_here)
+            if not name.startswith(("[jit]", "[unknown]")):  # a JIT's map may name it later
+                self._names[key] = name
         return name
 
     def _name(self, pc: int, returns_here: bool) -> str:
         code = self._code_at(pc)
-        if code is None or not code.mapping.file_backed:
-            jitted = self._jit.containing(pc - returns_here)
-            if jitted is None:
-                return f"[unknown]`{pc:#x}"
+        jitted = self._jit.containing(pc - returns_here) if code is None or _jit_code(code) else None
+        if jitted is not None:
             offset = pc - jitted.start
             return f"[jit]`{jitted.name}+{offset:#x}" if offset else f"[jit]`{jitted.name}"
+        if code is None or not code.mapping.file_backed:
+            return f"[unknown]`{pc:#x}"
         vaddr = code.vaddr(pc)
         symbol = code.obj.symbols.containing(vaddr - returns_here) if vaddr is not None else None
         if symbol is None and returns_here and vaddr is not None:  # a signal trampoline "returned" to at its start

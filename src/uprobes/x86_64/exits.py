@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from iced_x86 import FlowControl, Instruction, InstructionInfoFactory, OpAccess, OpKind, Register, RegisterInfo
+from iced_x86 import (FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register,
+                      RegisterInfo)
 
 from .analysis import format_instruction
 from .function import DIRECT_BRANCHES, CodeObject, FunctionCode, function_code
@@ -62,6 +63,10 @@ def function_exits(obj: CodeObject, entry: int) -> tuple[FunctionExit, ...] | st
     code = function_code(obj, *bounds)
     if isinstance(code, str):
         return code
+    for low, _ in code.ranges[1:]:
+        if not obj.owns_part(entry, low):
+            return (f"it goes on in code at {low:#x} that is not a part of its own (shared with another function, "
+                    f"or without a symbol to say whose it is)")
     exits = []
     dispatches = _dispatches(code, obj)
     if isinstance(dispatches, str):
@@ -113,9 +118,23 @@ def _written_registers(ins: Instruction) -> set[str] | None:
 
 
 def _arrivals(code: FunctionCode, obj: CodeObject) -> frozenset[int]:
-    """Every address a branch of the function, or an entry of its jump tables, may go to."""
+    """Every address a branch of the function, an entry of its jump tables or an address of its code it takes
+    (a computed goto's label) may go to."""
     direct = {ins.near_branch_target for ins in code.instructions if ins.flow_control in DIRECT_BRANCHES}
-    return frozenset(direct | {target for _, target in code.table_entries(obj)})
+    return frozenset(direct | {target for _, target in code.table_entries(obj)} | _labels(code))
+
+
+def _labels(code: FunctionCode) -> set[int]:
+    """Addresses of the function's own code, but its entry, that its instructions take (``lea label(%rip)``,
+    ``mov $label``): where a computed ``goto`` may go."""
+    entry, found = code.ranges[0][0], set()
+    for ins in code.instructions:
+        if ins.mnemonic == Mnemonic.LEA and ins.is_ip_rel_memory_operand:
+            found.add(ins.ip_rel_memory_address)
+        for i in range(ins.op_count):
+            if ins.op_kind(i) in (OpKind.IMMEDIATE32, OpKind.IMMEDIATE32TO64, OpKind.IMMEDIATE64):
+                found.add(ins.immediate(i) & ((1 << 64) - 1))
+    return {address for address in found if address != entry and code.holds(address)}
 
 
 def _dispatches(code: FunctionCode, obj: CodeObject) -> frozenset[int] | str:
@@ -128,13 +147,20 @@ def _dispatches(code: FunctionCode, obj: CodeObject) -> frozenset[int] | str:
     through_register = [ins for ins in code.indirect_jumps if not _through_own_pointer(ins)]
     if not through_register:
         return frozenset()
-    tables = {table for table, _ in code.table_entries(obj)}
-    if not tables:
-        return frozenset()
-    if len(through_register) > len(tables):
-        jumps = ", ".join(f"'{format_instruction(ins)}' at {ins.ip:#x}" for ins in through_register)
-        return (f"its indirect jumps ({jumps}) outnumber its {len(tables)} jump table(s): which leave the function "
-                f"cannot be told")
+    entries: dict[int, set[int]] = {}
+    for table, target in code.table_entries(obj):
+        if target != code.ranges[0][0]:  # a pointer to the function itself (a vtable, a table of handlers)
+            entries.setdefault(table, set()).add(target)
+    tables = [table for table, targets in entries.items() if len(targets) > 1]
+    labels = _labels(code)
+    if not tables and not labels:
+        return frozenset()  # tail calls through a pointer
+    if labels or len(through_register) > len(tables):
+        jumps = ", ".join(f"'{format_instruction(ins)}' at {ins.ip:#x}" for ins in through_register[:3])
+        more = f" and {len(through_register) - 3} more" if len(through_register) > 3 else ""
+        why = "it takes addresses of its own code (a computed goto)" if labels else \
+            f"they outnumber its {len(tables)} jump table(s)"
+        return f"which of its indirect jumps ({jumps}{more}) leave the function cannot be told: {why}"
     return frozenset(ins.ip for ins in through_register)
 
 

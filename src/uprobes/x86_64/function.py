@@ -48,6 +48,12 @@ class CodeObject(Protocol):
     def outlined_parts(self, vaddr: int) -> tuple[tuple[int, int], ...]:
         """The parts of the function starting at ``vaddr`` moved out of line under names of their own."""
 
+    def owns_part(self, function: int, part: int) -> bool:
+        """Whether code starting at ``part`` is a part of the function starting at ``function`` (by its name)."""
+
+    def neighbours(self, vaddr: int, count: int) -> list[tuple[int, int]]:
+        """The code of up to ``count`` functions on each side of the one holding ``vaddr``."""
+
 
 @dataclass(frozen=True)
 class FunctionCode:
@@ -94,7 +100,10 @@ def function_code(obj: CodeObject, start: int, end: int) -> FunctionCode | str:
     if instructions is None:
         return "the function holds bytes that do not decode"
     ranges, code, read = [(start, end)], list(instructions), 0
+    called = {ins.near_branch_target for ins in instructions if ins.flow_control == FlowControl.CALL}
     for part in obj.outlined_parts(start):
+        if part[0] in called:
+            continue  # a function split off and called (LLVM's foo.cold.1), which returns into this one
         decoded = decode(obj, *part)
         if decoded is None:
             return f"its part at {part[0]:#x} does not decode"

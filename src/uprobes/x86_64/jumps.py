@@ -146,10 +146,28 @@ def _lands_inside(site: JumpSite, instructions: list[Instruction], obj: CodeObje
     start = instructions[0].ip
     if obj.exception_tables and site.address != start:
         return "the object has C++ exception tables, and a landing pad may lie inside the displaced bytes"
-    arrivals = _arrivals(obj, start, instructions[-1].ip + instructions[-1].len)
+    end = instructions[-1].ip + instructions[-1].len
+    arrivals = _arrivals(obj, start, end)
     if isinstance(arrivals, str):
         return arrivals
-    return next((why for target, why in arrivals.items() if site.inside(target)), None)
+    inside = next((why for target, why in arrivals.items() if site.inside(target)), None)
+    if inside is not None:
+        return inside
+    for low, high in obj.neighbours(start, _NEIGHBOURS):  # glibc's string functions jump into each other's middle
+        for target, text, at in _branches(obj, low, high):
+            if site.inside(target):
+                return f"'{text}' at {at:#x}, in a neighbouring function, branches inside the displaced bytes"
+    return None
+
+
+@functools.lru_cache(maxsize=16384)  # each function of an object read once, however many sites ask
+def _branches(obj: CodeObject, low: int, high: int) -> tuple[tuple[int, str, int], ...]:
+    """(target, instruction, address) of the direct branches and calls of the code ``[low, high)``."""
+    return tuple((ins.near_branch_target, format_instruction(ins), ins.ip) for ins in decode(obj, low, high) or ()
+                 if ins.flow_control in DIRECT_BRANCHES | {FlowControl.CALL})
+
+
+_NEIGHBOURS = 8
 
 
 @functools.lru_cache(maxsize=64)  # every site of one function asks the same
