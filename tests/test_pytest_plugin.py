@@ -131,3 +131,20 @@ def test_the_example_suite_passes_as_a_user_runs_it():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "examples/"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_tests_are_skipped_where_ptrace_is_refused(pytester, targets):
+    """Under a seccomp filter that refuses ptrace (as a sandbox's does), a test using the fixture is skipped
+    with the reason, not failed; one that does not use it runs."""
+    pytester.makepyfile('''
+def test_probed(uprobes):
+    raise AssertionError("never run")
+
+def test_plain():
+    assert True
+''')
+    proc = subprocess.run([str(targets / "noptrace"), sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs",
+                           str(pytester.path)], capture_output=True, text=True, timeout=120, cwd=pytester.path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 passed, 1 skipped" in proc.stdout
+    assert "ptrace is not allowed here (a security policy refuses PTRACE_TRACEME)" in proc.stdout
