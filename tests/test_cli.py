@@ -253,3 +253,20 @@ def test_events_seen_just_before_ctrl_c_are_written(targets, engine, tmp_path):
         assert tool.returncode == 130 and "Traceback" not in rest, rest
         probes = [json.loads(line).get("probe") for line in out.read_text().splitlines()]
         assert (probes.count("step"), probes.count("lib_work")) == (3, 3), (attempt, rest)
+
+
+@pytest.mark.parametrize("command, option, value, message", [
+    ("trace", "-d", "-1", "-d takes a number of seconds above 0, not '-1'"),
+    ("trace", "-d", "nan", "-d takes a number of seconds above 0, not 'nan'"),
+    ("count", "-d", "inf", "-d takes a number of seconds above 0, not 'inf'"),
+    ("trace", "-n", "0", "-n takes a number of events above 0, not '0'"),
+    ("trace", "-n", "-3", "-n takes a number of events above 0, not '-3'"),
+    ("count", "--interval", "0", "--interval takes a number of seconds above 0, not '0'"),
+    ("count", "--interval", "-1", "--interval takes a number of seconds above 0, not '-1'"),
+])
+def test_durations_counts_and_intervals_must_be_above_zero(command, option, value, message):
+    """-d -1 used to stop the command before it ran (then said the library was never mapped)."""
+    result = run_cli(command, option, value, "uprobe:libc:malloc", "--", "true")
+    long_option = {"-d": "-d/--duration", "-n": "-n/--max-events"}.get(option, option)
+    assert result.status == 2 and result.stderr == \
+        f"uprobes {command}: error: argument {long_option}: {message} (see --help)\n"

@@ -8,7 +8,7 @@ import signal
 import sys
 
 from ..errors import UprobesError
-from .tracing import add_return_mode_option, add_stack_options, add_tracing_options
+from .tracing import add_return_mode_option, add_stack_options, add_tracing_options, positive
 
 __all__ = ["main"]
 
@@ -34,19 +34,6 @@ examples:
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line and exit 2, as for every other input error
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _positive(kind: type, option: str, what: str):
-    """An argparse type: a number of ``kind`` above zero."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not value > 0 or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"{option} takes {what} above 0, not {text!r}")
-        return value
-    return parse
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -75,27 +62,28 @@ def _build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--stack", action="store_true",
                        help="add each hit's user stack (ptrace engine: every probe then stops the program)")
     add_stack_options(trace)
-    trace.add_argument("-n", "--max-events", type=int, metavar="N", help="stop after N events")
+    trace.add_argument("-n", "--max-events", type=positive(int, "-n", "a number of events"), metavar="N",
+                       help="stop after N events")
     trace.add_argument("--format", choices=("text", "json", "chrome"),
                        help="text (the default), json (JSON lines, as --json) or chrome (trace-event JSON for "
                             "https://ui.perfetto.dev and chrome://tracing: calls as slices; needs -o FILE)")
     count = commands.add_parser("count", help="count the hits of each probe",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)
     add_tracing_options(count)
-    count.add_argument("--interval", type=_positive(float, "--interval", "a number of seconds"), metavar="SECONDS",
+    count.add_argument("--interval", type=positive(float, "--interval", "a number of seconds"), metavar="SECONDS",
                        help="also print the counts every SECONDS (with --by: the counts of those SECONDS)")
     count.add_argument("--by", metavar="ARG[,ARG...]",
                        help="count hits per distinct value of these fetch arguments (or $pid, $tid, $comm), most "
                             "first")
-    count.add_argument("--top", type=_positive(int, "--top", "a number of keys"), metavar="N",
+    count.add_argument("--top", type=positive(int, "--top", "a number of keys"), metavar="N",
                        help="with --by: only the N keys with the most hits")
     hist = commands.add_parser("hist", help="a histogram of an argument's values: uprobes hist PROBE... ARG",
                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)
     add_tracing_options(hist)
-    hist.add_argument("--linear", type=_positive(int, "--linear", "a step"), metavar="STEP",
+    hist.add_argument("--linear", type=positive(int, "--linear", "a step"), metavar="STEP",
                       help="buckets of STEP values each (default: powers of two, as latency's)")
     hist.add_argument("--by", metavar="ARG[,ARG...]", help="one histogram per distinct value of these arguments")
-    hist.add_argument("--interval", type=_positive(float, "--interval", "a number of seconds"), metavar="SECONDS",
+    hist.add_argument("--interval", type=positive(float, "--interval", "a number of seconds"), metavar="SECONDS",
                       help="also print the histograms of the last SECONDS, every SECONDS")
     latency = commands.add_parser("latency", help="time each call of a function, as a log2 histogram",
                                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)

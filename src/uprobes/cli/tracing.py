@@ -29,7 +29,7 @@ from ..stacks import StackLimits
 from ..x86_64.unwind import DEFAULT_DEPTH, STACK_BYTES
 from . import STOP_SIGNALS
 
-__all__ = ["add_tracing_options", "add_return_mode_option", "add_stack_options", "run_trace", "run_count", "run_latency",
+__all__ = ["add_tracing_options", "add_return_mode_option", "add_stack_options", "positive", "run_trace", "run_count", "run_latency",
            "run_stacks", "run_hist"]
 
 _POLL_SECONDS = 0.1
@@ -58,7 +58,8 @@ def add_tracing_options(parser: argparse.ArgumentParser) -> None:
                              "probe: at its function's entry, and its return goes through generated code too), "
                              "with no stop")
     add_return_mode_option(parser)
-    parser.add_argument("-d", "--duration", type=float, metavar="SECONDS", help="stop after SECONDS")
+    parser.add_argument("-d", "--duration", type=positive(float, "-d", "a number of seconds"), metavar="SECONDS",
+                        help="stop after SECONDS")
     parser.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     parser.add_argument("--json", action="store_true", help="JSON lines instead of text")
     parser.add_argument("words", nargs="+", metavar="PROBE", help="probes, each with its fetch arguments")
@@ -96,6 +97,19 @@ def _number(option: str, what: str, low: int, high: int, multiple: int = 1):
         if not low <= value <= high or value % multiple:
             also = f", a multiple of {multiple}" if multiple > 1 else ""
             raise argparse.ArgumentTypeError(f"{option} takes {what} from {low} to {high}{also}, not {text!r}")
+        return value
+    return parse
+
+
+def positive(kind: type, option: str, what: str):
+    """An argparse type: a number of ``kind`` above zero."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{option} takes {what} above 0, not {text!r}")
         return value
     return parse
 
