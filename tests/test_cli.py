@@ -270,3 +270,18 @@ def test_durations_counts_and_intervals_must_be_above_zero(command, option, valu
     long_option = {"-d": "-d/--duration", "-n": "-n/--max-events"}.get(option, option)
     assert result.status == 2 and result.stderr == \
         f"uprobes {command}: error: argument {long_option}: {message} (see --help)\n"
+
+
+@pytest.mark.parametrize("command, message", [
+    (["-c", 'ls "unclosed'], "-c 'ls \"unclosed': no closing quotation: -c splits the command as a shell would, "
+                             "without running one"),
+    (["-c", ""], "-c '': empty command"),
+    (["--", "/tmp"], "/tmp is a directory, not a command"),
+    (["--", "/etc/passwd"], "/etc/passwd is not executable (chmod +x it, or run it with its interpreter)"),
+    (["--", "no-such-command-here"], "command not found: no-such-command-here"),
+])
+def test_a_command_that_cannot_run_is_one_line(command, message):
+    """Issue 24, items 1 and 6: a -c the shell splitting refuses was a traceback; a directory or a file that is
+    not executable was 'command not found'."""
+    result = run_cli("count", "--engine", "ptrace", "uprobe:libc:malloc", *command)
+    assert result.status == 2 and result.stderr == f"uprobes: error: {message}\n"

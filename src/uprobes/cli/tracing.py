@@ -49,7 +49,10 @@ def add_tracing_options(parser: argparse.ArgumentParser) -> None:
                              "ptrace: our own engine; auto: the kernel engine where it is usable")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("-p", "--pid", type=int, help="only this process (and the threads and children it makes)")
-    target.add_argument("-c", "--command", dest="command_line", metavar="CMD", help="run CMD with every probe in place, and trace it")
+    target.add_argument("-c", "--command", dest="command_line", metavar="CMD",
+                        help="run CMD with every probe in place, and trace it (CMD is split into words as a shell "
+                             "would, but no shell runs it: for redirections or pipes, -c \"sh -c '...'\" or -- sh -c "
+                             "'...')")
     parser.add_argument("--no-follow", action="store_true",
                         help="leave the children the process forks alone (by default they are traced too)")
     parser.add_argument("--trap", action="store_true",
@@ -126,7 +129,13 @@ def launches_command(args: argparse.Namespace) -> bool:
 def _split_command(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
     """Probe texts and the command to run, from PROBE... [-- CMD ARGS...] or -c 'CMD'."""
     words = list(args.words)
-    command = shlex.split(args.command_line) if args.command_line else None
+    try:
+        command = shlex.split(args.command_line) if args.command_line is not None else None
+    except ValueError as exc:
+        raise UprobesError(f"-c {args.command_line!r}: {str(exc).lower()}: -c splits the command as a shell "
+                           f"would, without running one") from None
+    if command == []:
+        raise UprobesError("-c '': empty command")
     if args.dash_command:
         if command is not None or args.pid is not None:
             raise UprobesError("give the command once: with -c 'CMD' or after --, not with -p")

@@ -28,7 +28,7 @@ class HeldCommand:
             raise UprobesError("no command to run")
         program = shutil.which(argv[0])
         if program is None:
-            raise UprobesError(f"command not found: {argv[0]}")
+            raise UprobesError(_not_runnable(argv[0]))
         if ptraced_by_user:
             _refuse_privileged(program)
         read_end, self._release_fd = os.pipe()
@@ -94,6 +94,15 @@ class HeldCommand:
                 os.kill(self.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass  # reaped by a tracer meanwhile; it knows the status
+
+
+def _not_runnable(name: str) -> str:
+    """Why ``name`` cannot be run: it is a directory, not executable, or found nowhere."""
+    if "/" in name and os.path.isdir(name):
+        return f"{name} is a directory, not a command"
+    if "/" in name and os.path.exists(name):
+        return f"{name} is not executable (chmod +x it, or run it with its interpreter)"
+    return f"command not found: {name}"
 
 
 def _refuse_privileged(program: str) -> None:
