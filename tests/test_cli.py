@@ -285,3 +285,24 @@ def test_a_command_that_cannot_run_is_one_line(command, message):
     not executable was 'command not found'."""
     result = run_cli("count", "--engine", "ptrace", "uprobe:libc:malloc", *command)
     assert result.status == 2 and result.stderr == f"uprobes: error: {message}\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["resolve", "p:/bin/ls:main"], "probe 'p:/bin/ls:main': 'p:/bin/ls:main' must be followed by PATH:OFFSET; did you "
+                                    "mean 'p /bin/ls:main'?"),
+    (["resolve", "uretprobe:libc:malloc r="], "bad fetch argument 'r=': there is no fetch argument after '=' (if it "
+                                              "was $retval, $comm or $stack, the shell replaced it: quote the probe, "
+                                              "'uretprobe:libc:malloc ret=$retval')"),
+    (["count", "--engine", "ptrace", "-p", str(os.getpid()), "uprobe:libc:malloc", "x=%di", "ls"],
+     "bad fetch argument 'ls': ..."),
+])
+def test_common_mistakes_get_a_hint(args, message):
+    """Issue 24, item 4: a kernel-form probe whose PATH went into the event name, a $retval the shell ate, a
+    command given without --."""
+    result = run_cli(*args)
+    assert result.status == 2, result.stderr
+    if message.endswith("..."):
+        assert result.stderr.startswith(f"uprobes: error: {message[:-3]}")
+        assert result.stderr.endswith(" (to run ls, give it after --: ... -- ls)\n")
+    else:
+        assert result.stderr == f"uprobes: error: {message}\n"

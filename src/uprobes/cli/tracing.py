@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -143,6 +144,15 @@ def _split_command(args: argparse.Namespace) -> tuple[list[str], list[str] | Non
     return group_probe_words(words), command
 
 
+def _forgotten_dashes(texts: list[str], command: list[str] | None) -> str:
+    """A hint for an error in the probes when their last word is a program and no command was given: the
+    ``--`` before it was forgotten."""
+    last = texts[-1].split()[-1] if texts and texts[-1].split() else ""
+    if command or len(texts[-1].split()) < 2 or "=" in last or ":" in last or not shutil.which(last):
+        return ""
+    return f" (to run {last}, give it after --: ... -- {last})"
+
+
 def _engine(name: str, system_wide: bool, jumps: bool = True):
     """The engine asked for; ``auto`` is the kernel engine where it is usable, else the ptrace engine."""
     from ..errors import KernelEngineError
@@ -186,7 +196,10 @@ class _Run:
         self.engine = stack.enter_context(_engine(args.engine, system_wide=self.pid is None and not command,
                                                           jumps=not args.trap))
         returns = ReturnMode(args.return_mode, self.engine.unwinder_meets_stack)
-        self.probes: list[Probe] = resolve_texts(texts, args.pid, returns)
+        try:
+            self.probes: list[Probe] = resolve_texts(texts, args.pid, returns)
+        except UprobesError as exc:
+            raise UprobesError(f"{exc}{_forgotten_dashes(texts, command)}") from None
         if pair_returns:
             self.probes = _entry_and_return(self.probes, returns)
         if check is not None:

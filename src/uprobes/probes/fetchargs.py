@@ -523,7 +523,8 @@ def parse_fetcharg(token: str, position: int, *, is_return: bool, usdt_args: int
     else:
         name, body = f"arg{position}", token
     if not body:
-        raise parser.error("there is no fetch argument after '='")
+        raise parser.error("there is no fetch argument after '=' (if it was $retval, $comm or $stack, the shell "
+                           "replaced it: quote the probe, 'uretprobe:libc:malloc ret=$retval')")
 
     source_text, colon, type_text = body.partition(":")
     if not source_text:

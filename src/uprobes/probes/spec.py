@@ -113,6 +113,10 @@ def _parse_probe(text: str) -> ProbeSpec:
     if head_match and rest:
         return _parse_kernel(text, head_match, rest[0], rest[1:])
     if head_match:
+        name = head_match["name"] or ""
+        if name.startswith("/") or ":" in name or name.count("/") > 1:  # a path, not GRP/EVENT
+            raise ProbeSyntaxError(f"probe '{text}': '{head}' must be followed by PATH:OFFSET; did you mean "
+                                   f"'{head_match['kind']} {name}'?")
         raise ProbeSyntaxError(f"probe '{text}': '{head}' must be followed by PATH:OFFSET")
     raise ProbeSyntaxError(f"probe '{text}': unknown probe type '{prefix}' "
                            f"(use uprobe:, uretprobe:, usdt:, or the kernel's p: and r: forms)")
