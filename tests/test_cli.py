@@ -306,3 +306,41 @@ def test_common_mistakes_get_a_hint(args, message):
         assert result.stderr.endswith(" (to run ls, give it after --: ... -- ls)\n")
     else:
         assert result.stderr == f"uprobes: error: {message}\n"
+
+
+def test_a_kernel_thread_a_thread_and_a_zombie_are_named_as_such(targets):
+    """Issue 24, item 5: -p 2 said the process had ended; -p TID of a thread silently traced its process."""
+    result = run_cli("trace", "--engine", "ptrace", "-p", "2", "uprobe:libc:malloc")
+    assert result.status == 2 and result.stderr == \
+        "uprobes: error: process 2 (kthreadd) is a kernel thread: it runs no user code to probe\n"
+    threads = subprocess.Popen([str(targets / "threads"), "2", "100000", "1000"], stdout=subprocess.DEVNULL)
+    zombie = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 10
+        while len(os.listdir(f"/proc/{threads.pid}/task")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        tid = max(int(task) for task in os.listdir(f"/proc/{threads.pid}/task"))
+        result = run_cli("trace", "--engine", "ptrace", "-p", str(tid), "uprobe:libc:malloc")
+        assert result.status == 2 and result.stderr == (
+            f"uprobes: error: {tid} is a thread of process {threads.pid}: -p takes the process, whose threads are "
+            f"all traced; give -p {threads.pid}\n")
+        while not open(f"/proc/{zombie.pid}/status").read().count("zombie") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        result = run_cli("trace", "--engine", "ptrace", "-p", str(zombie.pid), "uprobe:libc:malloc")
+        assert result.status == 2 and result.stderr == \
+            f"uprobes: error: process {zombie.pid} has ended (a zombie its parent has not reaped)\n"
+    finally:
+        threads.kill()
+        threads.wait()
+        zombie.wait()
+
+
+@pytest.mark.parametrize("probe, message", [
+    ("uprobe:libc:malloc+99999999999999999999999999", "symbol offset '99999999999999999999999999' is out of range "
+                                                      "(more than 64 bits)"),
+    ("p libc:0xffffffffffffffffff", "offset '0xffffffffffffffffff' is out of range (more than 64 bits)"),
+])
+def test_numbers_past_64_bits_are_out_of_range(probe, message):
+    """Issue 24, item 9: they were 'not a number'."""
+    result = run_cli("resolve", probe)
+    assert result.status == 2 and result.stderr == f"uprobes: error: probe '{probe}': {message}\n"

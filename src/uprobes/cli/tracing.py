@@ -25,7 +25,7 @@ from ..probes.resolve import RETURN_MODES, Probe, ReturnMode, argument_kinds, re
 from ..probes.spec import group_probe_words
 from ..proc.launch import HeldCommand
 from ..proc.maps import read_maps
-from ..proc.status import namespace_pid
+from ..proc.status import namespace_pid, status_field, tgid, thread_comm
 from ..stacks import StackLimits
 from ..x86_64.unwind import DEFAULT_DEPTH, STACK_BYTES
 from . import STOP_SIGNALS
@@ -144,6 +144,19 @@ def _split_command(args: argparse.Namespace) -> tuple[list[str], list[str] | Non
     return group_probe_words(words), command
 
 
+def _check_process(pid: int, mappings: list) -> None:
+    """-p names a process with code of its own: not a kernel thread, nor one thread of a process."""
+    if not mappings:
+        if (status_field(f"/proc/{pid}/status", "State") or "").startswith("Z"):
+            raise UprobesError(f"process {pid} has ended (a zombie its parent has not reaped)")
+        raise UprobesError(f"process {pid} ({thread_comm(pid, pid) or '?'}) is a kernel thread: it runs no user "
+                           f"code to probe")
+    leader = tgid(pid)
+    if leader != pid:
+        raise UprobesError(f"{pid} is a thread of process {leader}: -p takes the process, whose threads are all "
+                           f"traced; give -p {leader}")
+
+
 def _forgotten_dashes(texts: list[str], command: list[str] | None) -> str:
     """A hint for an error in the probes when their last word is a program and no command was given: the
     ``--`` before it was forgotten."""
@@ -192,7 +205,7 @@ class _Run:
         texts, command = _split_command(args)
         self.pid = args.pid
         if self.pid is not None:
-            read_maps(self.pid)  # a clear error now if the process is gone or not ours
+            _check_process(self.pid, read_maps(self.pid))  # a clear error now if it is gone or not ours
         self.engine = stack.enter_context(_engine(args.engine, system_wide=self.pid is None and not command,
                                                           jumps=not args.trap))
         returns = ReturnMode(args.return_mode, self.engine.unwinder_meets_stack)

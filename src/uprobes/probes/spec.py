@@ -83,8 +83,10 @@ def parse_kernel_number(text: str, what: str, probe: str) -> int:
             value = int(text, 10) if text.isdigit() else None
     except ValueError:
         value = None
-    if value is None or value >= 1 << 64:
+    if value is None:
         raise ProbeSyntaxError(f"probe '{probe}': {what} '{text}' is not a number (write 0x1234, 0755 or 4660)")
+    if value >= 1 << 64:
+        raise ProbeSyntaxError(f"probe '{probe}': {what} '{text}' is out of range (more than 64 bits)")
     return value
 
 
