@@ -344,3 +344,11 @@ def test_numbers_past_64_bits_are_out_of_range(probe, message):
     """Issue 24, item 9: they were 'not a number'."""
     result = run_cli("resolve", probe)
     assert result.status == 2 and result.stderr == f"uprobes: error: probe '{probe}': {message}\n"
+
+
+def test_version_and_cleanup_say_what_they_are():
+    """Issue 24, item 7 (part): uprobes --version, and cleanup --help describes it."""
+    from importlib.metadata import version
+
+    assert run_cli("--version", check=True).stdout == f"uprobes {version('uprobes')}\n"
+    assert "left behind by uprobes runs whose process died" in " ".join(run_cli("cleanup", "--help").stdout.split())

@@ -36,9 +36,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("uprobes")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="uprobes", description="Linux user-space probes for x86-64 programs.",
                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)
+    parser.add_argument("--version", action="version", version=f"uprobes {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     listing = commands.add_parser("list", help="list the functions and SDT markers of a file or a process",
@@ -92,7 +102,9 @@ def _build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)
     add_tracing_options(stacks)
     add_stack_options(stacks)
-    commands.add_parser("cleanup", help="delete the kernel uprobe events that runs which died left behind")
+    commands.add_parser("cleanup", help="delete the kernel uprobe events that runs which died left behind",
+                        description="Delete the kernel uprobe events (tracefs) left behind by uprobes runs whose "
+                                    "process died (SIGKILLed, say); those of live runs are left alone. Needs root.")
 
     resolve = commands.add_parser("resolve", help="show the probe points a probe names, as uprobe_events lines",
                                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)
