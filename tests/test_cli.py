@@ -171,12 +171,18 @@ def test_json_events_are_what_json_reads_back(is_return):
     assert "ö" in event.to_json()  # kept as it is, not \u-escaped
 
 
-@pytest.mark.parametrize("ending", [["-d", "1"], ["-n", "2"]], ids=["duration", "max-events"])
-def test_a_command_still_running_when_the_run_ends_is_terminated_and_its_status_is_ours(targets, ending):
+@pytest.mark.parametrize("ending, said", [(["-d", "1"], "1 s"), (["-n", "2"], "2 events")],
+                         ids=["duration", "max-events"])
+def test_a_command_still_running_when_the_run_ends_is_stopped_as_asked(targets, ending, said):
+    """Issue 24, item 8: the tool stopped it, as asked: said so, and the status is 0 (it was 143, 'killed by
+    SIGTERM'); a command that ended by itself keeps its own status."""
     calls = str(targets / "calls")
     result = run_cli("trace", "--engine", "ptrace", *ending, f"uprobe:{calls}:work", "--", calls, "1000", "20")
-    assert result.status == 128 + 15 and "the command was killed by SIGTERM" in result.stderr
+    assert result.status == 0 and f"uprobes: stopped the command after {said}, as asked\n" in result.stderr
+    assert "killed by" not in result.stderr
     assert 2 <= len(re.findall(r" work", result.stdout)) < 1000
+    failed = run_cli("trace", "--engine", "ptrace", "-d", "30", f"uprobe:{calls}:work", "--", "sh", "-c", "exit 3")
+    assert failed.status == 3 and "stopped the command" not in failed.stderr
 
 
 def test_an_output_file_that_cannot_be_written_is_one_line(targets):

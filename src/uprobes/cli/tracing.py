@@ -238,6 +238,8 @@ class _Run:
         print(f"uprobes: {len(self.probes)} probe points attached ({self.engine.name} engine, {scope})",
               file=sys.stderr, flush=True)
         self.deadline = time.monotonic() + args.duration if args.duration else None
+        self._duration = args.duration
+        self.stopped_after: str | None = None  # the run's limit that stopped the command
         if self.child:
             self.child.release()
         self.status = 0
@@ -319,16 +321,22 @@ class _Run:
         else:
             self.status = 128 + getattr(stop, "signum", signal.SIGINT)
 
-    def end_command(self, grace: float = 0.0) -> None:
+    def end_command(self, grace: float = 0.0, limit: str | None = None) -> None:
         """The run is over (the command exited, -d, -n or a signal): a command we started that still runs
-        ``grace`` seconds later is terminated, and its exit status becomes ours."""
+        ``grace`` seconds later is terminated, and its exit status becomes ours; but where the run's own
+        ``limit`` (-n: "2 events") or -d ended it, it was stopped as asked: the status is 0, and it is said."""
         if self.child is None:
             return
         self.engine.close()  # a traced child must be let go before it can be stopped and waited for
         self._take_reaped_status()
         self.child.traced = False
+        if limit is None and self.deadline is not None and time.monotonic() >= self.deadline:
+            limit = f"{self._duration:g} s"
+        running = self.child.poll() is None
         self.child.stop(grace)
         self.status = self.child.wait()
+        if running and limit is not None:
+            self.stopped_after, self.status = limit, 0
 
     def _take_reaped_status(self) -> None:
         reaped = self.engine.exited(self.child.pid)  # a tracer that reaped the child knows how it ended
@@ -389,7 +397,7 @@ def run_trace(args: argparse.Namespace) -> int:
         run = _Run(args, stack, stacks=_stack_limits(args) if args.stack else None)
         writer = (ChromeTraceWriter(out, run.probes) if args.format == "chrome"
                   else EventWriter(out, args.format == "json"))
-        seen = 0
+        seen, limit = 0, ""
         try:
             run.go()
             while True:
@@ -402,7 +410,7 @@ def run_trace(args: argparse.Namespace) -> int:
                     for event in events.events()[:args.max_events - seen]:
                         writer.event(event)
                     seen = args.max_events
-                    finished = True
+                    limit, finished = f"{args.max_events} event{'s' if args.max_events != 1 else ''}", True
                 if finished:
                     break
                 out.flush()
@@ -411,7 +419,7 @@ def run_trace(args: argparse.Namespace) -> int:
                 writer.event(event)
             run.interrupted(stop)
         else:
-            run.end_command()
+            run.end_command(limit=limit or None)
         run.engine.close()
         for event in run.engine.leftover():  # records read while detaching
             if args.max_events and seen >= args.max_events:
@@ -432,7 +440,9 @@ def _report_notes(run: _Run) -> None:
     for note in run.engine.report():
         print(f"uprobes: {note}", file=sys.stderr)
     returncode = run.child.returncode if run.child else None
-    if returncode is not None and returncode < 0:
+    if run.stopped_after is not None:
+        print(f"uprobes: stopped the command after {run.stopped_after}, as asked", file=sys.stderr)
+    elif returncode is not None and returncode < 0:
         signum = signal.Signals(-returncode)
         print(f"uprobes: the command was killed by {signum.name} ({signal.strsignal(signum)})", file=sys.stderr)
 
