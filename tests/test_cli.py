@@ -358,3 +358,17 @@ def test_version_and_cleanup_say_what_they_are():
 
     assert run_cli("--version", check=True).stdout == f"uprobes {version('uprobes')}\n"
     assert "left behind by uprobes runs whose process died" in " ".join(run_cli("cleanup", "--help").stdout.split())
+
+
+def test_a_list_that_would_show_nothing_says_why(targets):
+    """Issue 24, item 10 (part): a stripped file says so and what to do; a pattern nothing matches offers the
+    closest names; both exit 2."""
+    stripped = "/usr/bin/sleep"  # Debian's: stripped, and no markers
+    result = run_cli("list", stripped)
+    assert result.status == 2 and result.stderr.startswith(f"uprobes: error: {stripped} is stripped: it has no "
+                                                           f"function symbols")
+    assert result.stderr.endswith(f"or probe it by offset, 'p {stripped}:0xOFFSET'\n")
+    calls = str(targets / "calls")
+    result = run_cli("list", calls, "wrok*")
+    assert result.status == 2 and result.stderr == \
+        f"uprobes: error: no function or marker matches 'wrok*' in {calls}; closest: work\n"

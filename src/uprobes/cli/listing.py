@@ -32,6 +32,7 @@ def run_list(args: argparse.Namespace) -> int:
         raise UprobesError("list needs a TARGET file or -p PID")
     else:
         paths = [find_object(args.target)]
+        _check_matches(ElfObject.open(paths[0]), pattern)
     listings = []
     mappings = read_maps(args.pid) if args.pid is not None else None
     for path in paths:
@@ -57,6 +58,20 @@ def run_list(args: argparse.Namespace) -> int:
         if not shown:
             out.write(f"process {args.pid}: nothing matches '{pattern}' in the {len(listings)} objects it maps\n")
     return 0
+
+
+def _check_matches(obj: ElfObject, pattern: str) -> None:
+    """A file's list that would show nothing is an error saying why: a stripped file, or the closest names."""
+    listing = _listing(obj, pattern)
+    if listing["functions"] or listing["markers"]:
+        return
+    if not obj.symbols.functions and not read_markers(obj):
+        raise UprobesError(f"{obj.path} is stripped: it has no function symbols (no .symtab, and no debug file "
+                           f"found by build-id or .gnu_debuglink); install its debug symbols (Debian: the -dbgsym "
+                           f"package) or probe it by offset, 'p {obj.path}:0xOFFSET'")
+    close = obj.symbols.closest_names(pattern)
+    hint = f"; closest: {', '.join(close)}" if close else ""
+    raise UprobesError(f"no function or marker matches '{pattern}' in {obj.path}{hint}")
 
 
 def _listing(obj: ElfObject, pattern: str) -> dict:
