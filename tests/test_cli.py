@@ -372,3 +372,14 @@ def test_a_list_that_would_show_nothing_says_why(targets):
     result = run_cli("list", calls, "wrok*")
     assert result.status == 2 and result.stderr == \
         f"uprobes: error: no function or marker matches 'wrok*' in {calls}; closest: work\n"
+
+
+@pytest.mark.parametrize("command", ["list", "trace", "count", "latency", "hist", "stacks", "resolve", "cleanup"])
+def test_each_help_page_has_its_own_examples(command):
+    """Issue 24, item 7 (part): every page showed one block of everyone's examples, misaligned."""
+    page = run_cli(command, "--help", check=True).stdout
+    examples = page.split("examples:\n", 1)[1].splitlines()
+    assert examples and all(line.startswith(f"  uprobes {command}") for line in examples[0::2])
+    assert all(line.startswith("      ") and not line.startswith("       ") for line in examples[1::2])
+    if command == "latency":
+        assert "FUNCTION [FUNCTION ...]" in page and "without fetch arguments" in page

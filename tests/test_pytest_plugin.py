@@ -47,7 +47,8 @@ def test_libc_of_a_command(uprobes):
     run.assert_order("opendir", "closedir")
 
 def test_a_python_marker(uprobes):
-    run = uprobes.run([PYTHON, "-c", "import json"], f"usdt:{PYTHON}:python:import__find__load__start module=arg0:string")
+    run = uprobes.run([PYTHON, "-c", "import json"],
+                      f"usdt:{PYTHON}:python:import__find__load__start module=arg0:string")
     run.assert_called("python:import__find__load__start", with_args={"module": "json"}, times=1)
 ''')
     result = pytester.runpytest("-p", "no:cacheprovider")

@@ -12,23 +12,37 @@ from .tracing import add_return_mode_option, add_stack_options, add_tracing_opti
 
 __all__ = ["main"]
 
-_EXAMPLES = """\
-examples:
-  uprobes list /usr/bin/python3.11 'python:*'     SDT markers of python3.11, with semaphores and arguments
-  uprobes list libc 'malloc*'                      functions of libc.so.6 whose names start with malloc
-  uprobes list -p 1234                             every object mapped in process 1234
-  uprobes resolve 'uretprobe:libc:malloc ret=$retval:x64'
-                                                   the uprobe_events line the probe stands for
-  uprobes trace -c 'ls /' 'uretprobe:libc:malloc ret=$retval'   every malloc of ls and what it returned
-  uprobes trace --format chrome -o ls.json -c 'ls /' 'uprobe:libc:malloc' 'uretprobe:libc:malloc'
-                                                   malloc's calls as slices, for https://ui.perfetto.dev
-  uprobes count -d 5 'uprobe:libc:mem*'                     calls of libc's mem* functions, system-wide, 5 s
-  uprobes latency -p 1234 'uprobe:libc:malloc'             how long malloc takes in process 1234
-  uprobes count --by size -c 'ls /' 'uprobe:libc:malloc size=%di:u64'   which sizes ls mallocs, how often
-  uprobes hist -c 'ls /' 'uprobe:libc:malloc size=%di:u64' size        the sizes as a log2 histogram
-  uprobes stacks -d 5 -p 1234 'uprobe:libc:malloc' -o malloc.folded
-                                                   who calls malloc, as folded stacks for a flame graph
-"""
+_EXAMPLES = {
+    "list": [("uprobes list /usr/bin/python3.11 'python:*'", "SDT markers of python3.11, semaphores and arguments"),
+             ("uprobes list libc 'malloc*'", "functions of libc.so.6 whose names start with malloc"),
+             ("uprobes list -p 1234", "every object mapped in process 1234"),
+             ("uprobes list --vars libc malloc", "the variables a probe can read at malloc (with libc6-dbg)")],
+    "trace": [("uprobes trace --engine ptrace 'uretprobe:libc:malloc ret=$retval' -- ls /",
+               "every malloc of ls and what it returned, without root"),
+              ("uprobes trace 'uprobe:libc:malloc size=%di:u64 if size >= 1048576' -- ls -R /usr",
+               "only the mallocs of 1 MiB or more"),
+              ("uprobes trace --format chrome -o ls.json 'uprobe:libc:malloc' 'uretprobe:libc:malloc' -- ls /",
+               "malloc's calls as slices, for https://ui.perfetto.dev")],
+    "count": [("uprobes count -d 5 'uprobe:libc:mem*'", "calls of libc's mem* functions, system-wide (root), 5 s"),
+              ("uprobes count --engine ptrace 'uprobe:libc:malloc' -- ls /", "malloc's calls in ls, without root"),
+              ("uprobes count --by size 'uprobe:libc:malloc size=%di:u64' -- ls /", "which sizes, how often")],
+    "latency": [("uprobes latency -p 1234 'uprobe:libc:malloc'", "how long malloc takes in process 1234"),
+                ("uprobes latency --engine ptrace 'uprobe:libc:malloc' -- ls /", "the same for ls, without root")],
+    "hist": [("uprobes hist 'uprobe:libc:malloc size=%di:u64' size -- ls /", "malloc's sizes as a log2 histogram"),
+             ("uprobes hist --linear 64 --by '$comm' 'uprobe:libc:malloc size=%di:u64' size -d 5",
+              "per program, in buckets of 64 bytes, 5 s")],
+    "stacks": [("uprobes stacks -d 5 -p 1234 'uprobe:libc:malloc' -o malloc.folded",
+                "who calls malloc, as folded stacks for a flame graph")],
+    "resolve": [("uprobes resolve 'uretprobe:libc:malloc ret=$retval:x64'", "the uprobe_events line it stands for"),
+                ("uprobes resolve --engine ptrace 'uprobe:libc:malloc'", "and whether the ptrace engine jumps there")],
+    "cleanup": [("uprobes cleanup", "delete what runs killed by SIGKILL left in tracefs")],
+}
+
+
+def _examples(*commands: str) -> str:
+    """The examples of ``commands``, for an epilog: each command, then what it does on the line below."""
+    lines = [f"  {command}\n      {what}" for name in commands for command, what in _EXAMPLES[name]]
+    return "examples:\n" + "\n".join(lines) + "\n"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,12 +61,13 @@ def _version() -> str:
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="uprobes", description="Linux user-space probes for x86-64 programs.",
-                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)
+                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog=_examples("list", "trace", "count", "latency", "hist", "stacks", "resolve"))
     parser.add_argument("--version", action="version", version=f"uprobes {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     listing = commands.add_parser("list", help="list the functions and SDT markers of a file or a process",
-                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)
+                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_examples("list"))
     listing.add_argument("target", nargs="?", metavar="TARGET",
                          help="a path, a program in PATH (python3) or a library (libc, libc.so.6)")
     listing.add_argument("pattern", nargs="?", default="*", metavar="PATTERN",
@@ -67,7 +82,7 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="the source lines of the function PATTERN that a line probe can go on (from DWARF)")
 
     trace = commands.add_parser("trace", help="print every hit of the probes, with its arguments",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_examples("trace"))
     add_tracing_options(trace)
     trace.add_argument("--stack", action="store_true",
                        help="add each hit's user stack (ptrace engine: every probe then stops the program)")
@@ -78,7 +93,7 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="text (the default), json (JSON lines, as --json) or chrome (trace-event JSON for "
                             "https://ui.perfetto.dev and chrome://tracing: calls as slices; needs -o FILE)")
     count = commands.add_parser("count", help="count the hits of each probe",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_examples("count"))
     add_tracing_options(count)
     count.add_argument("--interval", type=positive(float, "--interval", "a number of seconds"), metavar="SECONDS",
                        help="also print the counts every SECONDS (with --by: the counts of those SECONDS)")
@@ -88,7 +103,7 @@ def _build_parser() -> argparse.ArgumentParser:
     count.add_argument("--top", type=positive(int, "--top", "a number of keys"), metavar="N",
                        help="with --by: only the N keys with the most hits")
     hist = commands.add_parser("hist", help="a histogram of an argument's values: uprobes hist PROBE... ARG",
-                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)
+                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_examples("hist"))
     add_tracing_options(hist)
     hist.add_argument("--linear", type=positive(int, "--linear", "a step"), metavar="STEP",
                       help="buckets of STEP values each (default: powers of two, as latency's)")
@@ -96,18 +111,20 @@ def _build_parser() -> argparse.ArgumentParser:
     hist.add_argument("--interval", type=positive(float, "--interval", "a number of seconds"), metavar="SECONDS",
                       help="also print the histograms of the last SECONDS, every SECONDS")
     latency = commands.add_parser("latency", help="time each call of a function, as a log2 histogram",
-                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)
-    add_tracing_options(latency)
+                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_examples("latency"))
+    add_tracing_options(latency, "FUNCTION", "the function to time: uprobe:PATH:FUNCTION (a glob matching one), "
+                                             "without fetch arguments ('if EXPR' may follow)")
     stacks = commands.add_parser("stacks", help="count hits per distinct user stack, as folded lines for flame graphs",
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_examples("stacks"))
     add_tracing_options(stacks)
     add_stack_options(stacks)
     commands.add_parser("cleanup", help="delete the kernel uprobe events that runs which died left behind",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_examples("cleanup"),
                         description="Delete the kernel uprobe events (tracefs) left behind by uprobes runs whose "
                                     "process died (SIGKILLed, say); those of live runs are left alone. Needs root.")
 
     resolve = commands.add_parser("resolve", help="show the probe points a probe names, as uprobe_events lines",
-                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES)
+                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_examples("resolve"))
     resolve.add_argument("probes", nargs="+", metavar="PROBE", help="a probe with its fetch arguments, quoted")
     resolve.add_argument("--json", action="store_true", help="one JSON object per probe point")
     add_return_mode_option(resolve)

@@ -30,8 +30,8 @@ from ..stacks import StackLimits
 from ..x86_64.unwind import DEFAULT_DEPTH, STACK_BYTES
 from . import STOP_SIGNALS
 
-__all__ = ["add_tracing_options", "add_return_mode_option", "add_stack_options", "positive", "run_trace", "run_count", "run_latency",
-           "run_stacks", "run_hist"]
+__all__ = ["add_tracing_options", "add_return_mode_option", "add_stack_options", "positive", "run_trace", "run_count",
+           "run_latency", "run_stacks", "run_hist"]
 
 _POLL_SECONDS = 0.1
 
@@ -44,7 +44,8 @@ class _Stop(KeyboardInterrupt):
         self.signum = signum
 
 
-def add_tracing_options(parser: argparse.ArgumentParser) -> None:
+def add_tracing_options(parser: argparse.ArgumentParser, metavar: str = "PROBE",
+                        words: str = "probes, each with its fetch arguments (and 'if EXPR')") -> None:
     parser.add_argument("--engine", choices=("auto", "kernel", "ptrace"), default="auto",
                         help="kernel: the kernel's uprobes through tracefs and perf (root); "
                              "ptrace: our own engine; auto: the kernel engine where it is usable")
@@ -66,7 +67,7 @@ def add_tracing_options(parser: argparse.ArgumentParser) -> None:
                         help="stop after SECONDS")
     parser.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     parser.add_argument("--json", action="store_true", help="JSON lines instead of text")
-    parser.add_argument("words", nargs="+", metavar="PROBE", help="probes, each with its fetch arguments")
+    parser.add_argument("words", nargs="+", metavar=metavar, help=words)
 
 
 def add_return_mode_option(parser: argparse.ArgumentParser) -> None:
