@@ -383,3 +383,19 @@ def test_each_help_page_has_its_own_examples(command):
     assert all(line.startswith("      ") and not line.startswith("       ") for line in examples[1::2])
     if command == "latency":
         assert "FUNCTION [FUNCTION ...]" in page and "without fetch arguments" in page
+
+
+def test_list_of_one_object_a_process_maps(targets):
+    """Issue 24, item 10 (part): list -p PID OBJECT PATTERN lists that object as the process maps it (it was
+    'give either a TARGET or -p PID, not both')."""
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        result = run_cli("list", "--json", "-p", str(sleeper.pid), "libc", "malloc_tr*", check=True)
+        document = json.loads(result.stdout)
+        assert document["pid"] == sleeper.pid and len(document["objects"]) == 1
+        (libc,) = document["objects"]
+        assert libc["path"].endswith("/libc.so.6") and [f["name"] for f in libc["functions"]] == \
+            ["malloc_trim@@GLIBC_2.2.5"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()

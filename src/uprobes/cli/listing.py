@@ -23,9 +23,10 @@ __all__ = ["run_list", "describe_argument"]
 
 def run_list(args: argparse.Namespace) -> int:
     pattern = args.pattern
-    if args.pid is not None:
-        if args.pattern != "*":
-            raise UprobesError("give either a TARGET or -p PID, not both")
+    if args.pid is not None and args.pattern != "*":  # -p PID OBJECT PATTERN: one object it maps
+        pattern = args.pattern
+        paths = [find_object(args.target, args.pid)]
+    elif args.pid is not None:
         pattern = args.target or "*"  # with -p, the one positional word is the pattern
         paths = [path_in_process(args.pid, p) for p in mapped_objects(args.pid)]
     elif args.target is None:
@@ -44,7 +45,7 @@ def run_list(args: argparse.Namespace) -> int:
             if args.pid is None:
                 raise
             print(f"uprobes: warning: skipping {exc}", file=sys.stderr)
-    if args.pid is not None:
+    if args.pid is not None and args.pattern == "*":  # every object it maps, not one named
         listings += _jit_listing(args.pid, pattern)
     out = sys.stdout
     if args.json:
