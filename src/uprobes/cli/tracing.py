@@ -16,9 +16,9 @@ from contextlib import ExitStack
 
 from ..errors import UprobesError
 from ..output.chrome import ChromeTraceWriter
+from ..output.aggregate import SPECIAL_KEYS, CountsByKey, HistogramsByKey
 from ..output.columns import EventColumns
 from ..output.event import Event
-from ..output.aggregate import SPECIAL_KEYS, CountsByKey, HistogramsByKey
 from ..output.writers import EventWriter, count_records, format_count_table, format_keyed_counts
 from ..probes.predicate import INTEGER
 from ..probes.resolve import RETURN_MODES, Probe, ReturnMode, argument_kinds, resolve_texts, return_probes

@@ -260,6 +260,15 @@ class FetchType:
         """Bytes this argument takes in a trace record."""
         return _TYPE_SIZES[self.name] * (self.array or 1)
 
+    @property
+    def integer(self) -> tuple[int, bool] | None:
+        """The bits and sign of a plain integer type (``u``, ``s``, ``x``); None for the others (strings, chars,
+        bitfields, arrays)."""
+        if self.bitfield is not None or self.array is not None or self.name[0] not in "usx" \
+                or not self.name[1:].isdigit():
+            return None
+        return _TYPE_SIZES[self.name] * 8, self.name[0] == "s"
+
     def format(self) -> str:
         base = self.name if self.bitfield is None else "b{}@{}/{}".format(*self.bitfield)
         return base if self.array is None else f"{base}[{self.array}]"

@@ -30,7 +30,8 @@ from ..x86_64.exits import FunctionExit, function_exits
 from ..x86_64.registers import BY_KERNEL_NAME
 from .abiargs import ABI_TOKEN, abi_fetcharg
 from .computed import DwarfValue
-from .fetchargs import Comm, Deref, FetchArg, Immediate, ImmediateString, Register, RetVal, parse_fetchargs
+from .fetchargs import (Comm, Deref, FetchArg, FetchType, Immediate, ImmediateString, Register, RetVal,
+                        parse_fetchargs)
 from .markerargs import kernel_fetchable, kernel_limitation, marker_fetchargs
 from .predicate import ARRAY, INTEGER, STRING, Predicate, parse_predicate
 from .spec import MAX_NAME_LEN, ProbeSpec, parse_probe
@@ -175,10 +176,7 @@ class ReturnMode:
 
 def _field_type(arg: FetchArg) -> tuple[int | None, bool]:
     """The bits and sign of the record field tracefs makes of ``arg`` (bits None: a string)."""
-    text = arg.type_text
-    if text in ("string", "ustring", "char"):
-        return None, False
-    return int(text[1:]), text[0] == "s"
+    return (arg.type or FetchType(arg.type_text)).integer or (None, False)
 
 
 def resolve_text(text: str, returns: ReturnMode = ReturnMode()) -> list[Probe]:

@@ -11,7 +11,6 @@ stopped.
 from __future__ import annotations
 
 import collections
-import re
 from dataclasses import replace
 
 from ...probes.fetchargs import (Address, Comm, Deref, FetchArg, FileOffset, Immediate, ImmediateString, Register,
@@ -65,13 +64,12 @@ def register_arguments(probe: Probe) -> dict[str, tuple[str, int, bool]]:
     retyped = {name for name, _ in probe.retyped}
     found = {}
     for arg in probe.fetchargs:
-        fetch_type = arg.type
-        if not isinstance(arg.source, Register) or arg.name in retyped or fetch_type is None \
-                or fetch_type.array or fetch_type.bitfield or not re.fullmatch(r"[usx](8|16|32|64)", fetch_type.name):
+        integer = arg.type.integer if arg.type is not None else None
+        if not isinstance(arg.source, Register) or arg.name in retyped or integer is None:
             continue
         register = BY_KERNEL_NAME.get(arg.source.name)
         if register is not None and register.general:
-            found[arg.name] = (register.field, fetch_type.size * 8, fetch_type.name[0] == "s")
+            found[arg.name] = (register.field, *integer)
     return found
 
 
