@@ -99,7 +99,7 @@ def test_one_histogram_per_key(engine, targets):
         sizes = [size for size, name, _, _ in calls if name == record["key"]["name"]]
         assert [(b["low"], b["high"], b["count"]) for b in record["buckets"]] == _buckets(sizes, _log2_bucket)
     text = run_cli("hist", "--engine", engine, "--by", "name", _take(targets), "size", "--", takes, "8").stdout
-    assert 'take: size (name="alpha")' in text and text.count("count 2  mean") == 4
+    assert 'take: size (name="alpha")' in text and text.count("count 2  min ") == 4
 
 
 @pytest.mark.parametrize("args, message", [
@@ -166,3 +166,12 @@ def test_interval_reports_start_from_zero_each_time(targets):
     for record in records:
         total[record["key"]["name"]] += record["hits"]
     assert total == {"alpha": 75, "beta": 75, "gamma": 75, "delta": 75}
+
+
+@pytest.mark.parametrize("ns, text", [(0, "0ns"), (999, "999ns"), (1000, "1µs"), (1024, "1.02µs"), (16384, "16.4µs"),
+                                      (999_499, "999µs"), (999_500, "1ms"), (2_065_309, "2.07ms"),
+                                      (1_073_741_824, "1.07s")])
+def test_durations_are_written_in_the_unit_that_suits(ns, text):
+    from uprobes.output.histogram import duration
+
+    assert duration(ns) == text

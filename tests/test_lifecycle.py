@@ -276,9 +276,40 @@ def test_latency_histogram_counts_every_call(targets, engine):
     assert report["count"] == 2 * 21 + 4  # fact(1..6) from two threads, and fact(4)
     assert sum(b["count"] for b in report["buckets"]) == report["count"]
     assert report["min_ns"] <= report["p50_ns"] <= report["p99_ns"] <= report["max_ns"]
+    assert ("engine_ns" in report) == engine.startswith("ptrace")
     text = run_cli("latency", "--engine", engine.removesuffix("-trap"), f"uprobe:{lifecycle}:fact", "--",
                    str(lifecycle), "recurse", "3", "1", check=True).stdout
-    assert re.search(r"count 10  mean \S+  p50 \S+  p99 \S+  max \S+", text) and "|@" in text
+    duration = r"\d+(\.\d+)?(ns|µs|ms|s)"
+    assert re.search(rf"count 10  min {duration}  mean {duration}  p50 {duration}  p99 {duration}  max {duration}$",
+                     text, re.M), text
+    assert re.search(rf"^\[{duration}, {duration}\) +\d+ \|@", text, re.M), text
+
+
+@pytest.mark.parametrize("trap", [False, True], ids=["jump", "trap"])
+def test_latency_says_what_the_ptrace_engine_adds_to_each_call(targets, trap):
+    """The engine's own time per call, measured on a call that does nothing timed the same way, is printed
+    beside the figures (and in JSON)."""
+    calls = targets / "calls"
+    records, proc = _run("ptrace-trap" if trap else "ptrace", "latency", [f"uprobe:{calls}:work"], [str(calls), "50"])
+    (report,) = records
+    assert report["count"] == 50 and 0 < report["engine_ns"], report
+    assert ("2 of 2 probe points were jumps" in proc.stderr) != trap, proc.stderr
+    text = run_cli("latency", "--engine", "ptrace", *(["--trap"] if trap else []), f"uprobe:{calls}:work", "--",
+                   str(calls), "5", check=True).stdout
+    assert re.search(r"^each time includes the engine's own, about \S+ \(a call that does nothing, timed the same "
+                     r"way\)$", text, re.M), text
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_latency_counts_every_call_or_says_events_were_lost(targets, engine):
+    calls = targets / "calls"
+    records, proc = _run(engine, "latency", [f"uprobe:{calls}:work"], [str(calls), "20000"])
+    (report,) = records
+    assert proc.returncode == 0 and proc.stdout.startswith("calls 20000 ")
+    if report.get("lost"):
+        assert report["count"] < 20000 and f"{report['lost']} events were lost" in proc.stderr
+    else:
+        assert report["count"] == 20000 and "lost" not in proc.stderr
 
 
 def test_a_return_probe_must_start_at_a_function_entry(targets):

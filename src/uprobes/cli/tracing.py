@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -250,6 +251,24 @@ class _Run:
         """Let stop signals in: one that came while the run was set up ends it now, as a stop does, inside the
         caller's ``try`` (so what was counted or seen is still reported)."""
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS - self._mask)
+
+    def collect(self, take: Callable[[list[Event]], None]) -> None:
+        """Run until the command or process ends, the duration is over or a stop signal comes, giving ``take``
+        every event: those polled, those seen before a stop signal and those read while detaching."""
+        try:
+            self.go()
+            while True:
+                finished = self.finished()
+                take(self.poll(0 if finished else _POLL_SECONDS))
+                if finished:
+                    break
+        except KeyboardInterrupt as stop:
+            take(self.poll(0))
+            self.interrupted(stop)
+        else:
+            self.end_command()
+        self.engine.close()
+        take(self.engine.leftover())
 
     def poll(self, timeout: float) -> list:
         """The engine's events of up to ``timeout`` seconds, those its probes' predicates keep; its warnings
@@ -521,39 +540,79 @@ def run_count(args: argparse.Namespace) -> int:
 
 
 def run_latency(args: argparse.Namespace) -> int:
-    """Time each call of a function from entry to return; a log2 histogram at the end."""
-    from ..output.histogram import Histogram
+    """Time each call of a function from entry to return; a log2 histogram at the end, and the engine's own time
+    per call beside it (ptrace engine)."""
+    from ..output.histogram import duration
 
     with ExitStack() as stack:
         out = _open_output(args, stack)
         run = _Run(args, stack, pair_returns=True)
-        histogram = Histogram()
-        started: dict[int, list[int]] = {}  # tid -> entry times of the calls in flight (innermost last)
-        try:
-            run.go()
-            while True:
-                finished = run.finished()
-                for event in run.poll(0 if finished else _POLL_SECONDS):
-                    calls = started.setdefault(event.tid, [])
-                    if not event.is_return:
-                        calls.append(event.ts_ns)
-                    elif calls:
-                        histogram.add(max(0, event.ts_ns - calls.pop()))
-                if finished:
-                    break
-        except KeyboardInterrupt as stop:
-            run.interrupted(stop)
-        else:
-            run.end_command()
+        calls = _CallTimes()
+        run.collect(calls.add)
+        own = None
+        if run.engine.name == "ptrace" and calls.histogram.values:
+            own = _ptrace_time_per_call(args, trap=not set(range(len(run.probes))) <= run.engine.jumped())
         if args.json:
-            out.write(json.dumps({"probe": run.probes[0].name, **histogram.summary("_ns"),
+            out.write(json.dumps({"probe": run.probes[0].name, **calls.histogram.summary("_ns"),
                                   "buckets": [{"low_ns": lo, "high_ns": hi, "count": n}
-                                              for lo, hi, n in histogram.buckets()]}) + "\n")
+                                              for lo, hi, n in calls.histogram.buckets()],
+                                  **({"engine_ns": own} if own is not None else {}),
+                                  **({"lost": run.engine.lost} if run.engine.lost else {})}) + "\n")
         else:
             out.write(f"{run.probes[0].name}: time from entry to return\n"
-                      f"{histogram.render('ns', empty='no calls completed')}")
+                      f"{calls.histogram.render(duration, empty='no calls completed')}")
+            if own is not None:
+                out.write(f"each time includes the engine's own, about {duration(own)} (a call that does nothing, "
+                          f"timed the same way)\n")
+        if run.engine.lost:
+            print(f"uprobes: {run.engine.lost} events were lost (the buffers overflowed): the calls they end or begin "
+                  f"are not in the histogram", file=sys.stderr)
         _report_notes(run)
         return run.status
+
+
+class _CallTimes:
+    """Calls timed from their entry and return events, per thread (nested calls innermost first)."""
+
+    def __init__(self) -> None:
+        from ..output.histogram import Histogram
+
+        self.histogram = Histogram()
+        self._started: dict[int, list[int]] = {}  # tid -> entry times of the calls in flight (innermost last)
+
+    def add(self, events: list[Event]) -> None:
+        for event in events:
+            calls = self._started.setdefault(event.tid, [])
+            if not event.is_return:
+                calls.append(event.ts_ns)
+            elif calls:
+                self.histogram.add(max(0, event.ts_ns - calls.pop()))
+
+
+# A call that does nothing: libc's abs, called by a Python child through ctypes (so no compiler is needed).
+_EMPTY_CALLS = 300
+_EMPTY_CALL_PROGRAM = f"import ctypes\nabs = ctypes.CDLL(None).abs\nfor _ in range({_EMPTY_CALLS}): abs(-1)\n"
+
+
+def _ptrace_time_per_call(args: argparse.Namespace, trap: bool) -> int | None:
+    """The ptrace engine's own time in each call it times: the median time of a call that does nothing, timed
+    the same way (jumps or traps, the same return mode); None where that cannot be measured (said why)."""
+    calibration = argparse.Namespace(**{**vars(args), "words": ["uprobe:libc:abs"], "pid": None,
+                                        "command_line": None, "dash_command": [sys.executable, "-c", _EMPTY_CALL_PROGRAM],
+                                        "duration": None, "trap": trap, "no_follow": True})
+    said = io.StringIO()
+    try:
+        with ExitStack() as stack, contextlib.redirect_stderr(said):
+            run = _Run(calibration, stack, pair_returns=True)
+            calls = _CallTimes()
+            run.collect(calls.add)
+            if run.status != 0 or len(calls.histogram.values) < _EMPTY_CALLS // 2:
+                raise UprobesError(f"the empty calls ended with status {run.status}, {len(calls.histogram.values)} "
+                                   f"timed")
+    except UprobesError as exc:
+        print(f"uprobes: warning: the engine's own time per call was not measured: {exc}", file=sys.stderr)
+        return None
+    return calls.histogram.summary()["p50"]
 
 
 def _write_counts(out, probes: list[Probe], hits: list[int], as_json: bool) -> None:
@@ -573,20 +632,7 @@ def run_stacks(args: argparse.Namespace) -> int:
         out = _open_output(args, stack)
         run = _Run(args, stack, stacks=_stack_limits(args))
         counts = StackCounts()
-        try:
-            run.go()
-            while True:
-                finished = run.finished()
-                counts.add(run.poll(0 if finished else _POLL_SECONDS))
-                if finished:
-                    break
-        except KeyboardInterrupt as stop:
-            counts.add(run.poll(0))
-            run.interrupted(stop)
-        else:
-            run.end_command()
-        run.engine.close()
-        counts.add(run.engine.leftover())
+        run.collect(counts.add)
         out.write(counts.json_lines() if args.json else counts.folded())
         _report_uncounted(out, run.engine.lost, args.json, "each hit's stack is a large record); probe fewer hits")
         _report_notes(run)

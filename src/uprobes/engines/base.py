@@ -101,6 +101,10 @@ class Engine(ABC):
         """What the user should hear at the end (probes never placed, return probes skipped)."""
         return []
 
+    def jumped(self) -> set[int]:
+        """The probes (by index) placed as jumps to generated code: no stop, no trap per hit."""
+        return set()
+
     def exited(self, pid: int) -> int | None:
         """How ``pid`` ended (as ``os.waitstatus_to_exitcode``), when this engine reaped it."""
         return None

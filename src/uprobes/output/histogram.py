@@ -9,7 +9,9 @@ and highest value. Empty buckets between used ones are listed, unless there woul
 
 from __future__ import annotations
 
-__all__ = ["Histogram", "MOST_BUCKETS"]
+from collections.abc import Callable
+
+__all__ = ["Histogram", "MOST_BUCKETS", "duration"]
 
 _BAR_WIDTH = 52
 MOST_BUCKETS = 1024  # a range of more buckets lists only those used
@@ -71,8 +73,10 @@ class Histogram:
                 f"p50{suffix}": _percentile(ordered, 0.5), f"p99{suffix}": _percentile(ordered, 0.99),
                 f"max{suffix}": ordered[-1], f"min{suffix}": ordered[0]}
 
-    def render(self, unit: str = "", empty: str = "no values") -> str:
-        """The histogram as text: ``[1K, 2K)   12 |@@@@@   |`` lines, then count, mean, p50, p99, max."""
+    def render(self, label: Callable[[int], str] | None = None, empty: str = "no values") -> str:
+        """The histogram as text: ``[1K, 2K)   12 |@@@@@   |`` lines, then count, min, mean, p50, p99, max;
+        ``label`` writes a value (:func:`duration` for nanoseconds)."""
+        label = label or _human
         buckets = self.buckets()
         if not buckets:
             return f"{empty}\n"
@@ -81,12 +85,20 @@ class Histogram:
         for low, high, count in buckets:
             bar = "@" * (count * _BAR_WIDTH // peak if peak else 0)
             mirrored = low < 0 and self.step is None
-            label = f"({_human(low - 1)}, {_human(high)}]" if mirrored else f"[{_human(low)}, {_human(high + 1)})"
-            lines.append(f"{label:<14} {count:>8} |{bar:<{_BAR_WIDTH}}|")
+            bounds = f"({label(low - 1)}, {label(high)}]" if mirrored else f"[{label(low)}, {label(high + 1)})"
+            lines.append(f"{bounds:<16} {count:>8} |{bar:<{_BAR_WIDTH}}|")
         s = self.summary()
-        lines.append(f"count {s['count']}  mean {_human(s['mean'])}{unit}  p50 {_human(s['p50'])}{unit}  "
-                     f"p99 {_human(s['p99'])}{unit}  max {_human(s['max'])}{unit}")
+        lines.append(f"count {s['count']}  " + "  ".join(f"{name} {label(s[name])}"
+                                                        for name in ("min", "mean", "p50", "p99", "max")))
         return "\n".join(lines) + "\n"
+
+
+def duration(ns: int) -> str:
+    """``ns`` nanoseconds to three significant digits, in the unit that suits: 512ns, 16.4µs, 1.05ms, 2.5s."""
+    for unit, scale in (("s", 10**9), ("ms", 10**6), ("µs", 10**3)):
+        if abs(ns) >= scale - scale // 2000:  # 999.5µs is 1ms, not 1e+03µs
+            return f"{ns / scale:.3g}{unit}"
+    return f"{ns}ns"
 
 
 def _human(value: int) -> str:

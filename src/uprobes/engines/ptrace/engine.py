@@ -169,6 +169,9 @@ class PtraceEngine(Engine):
         jumped = self.placement.jumps.counts(len(self._reporter.hits))
         return [traps + jumps for traps, jumps in zip(self._reporter.hits, jumped)]
 
+    def jumped(self) -> set[int]:
+        return self.placement.jumps.jumped()
+
     def notices(self) -> list[str]:
         notices, self.placement.notices = self.placement.notices, []
         notices += self.placement.jumps.notices
