@@ -111,10 +111,10 @@ def test_one_histogram_per_key(engine, targets):
     (["hist", "name"], "hist name: probe '{probe}' fetches it as string; a histogram draws integers"),
     (["hist", "--by", "$comm", "bogus"], "hist bogus: probe '{probe}' has no argument 'bogus' (its arguments: "
                                          "size, name, flags; and $pid, $tid, $comm)"),
-    (["hist", "--linear", "0", "size"], "uprobes hist: error: argument --linear: --linear takes a step above 0, "
-                                        "not '0' (see --help)"),
-    (["count", "--by", "size", "--top", "-2"], "uprobes count: error: argument --top: --top takes a number of keys "
-                                               "above 0, not '-2' (see --help)"),
+    (["hist", "--linear", "0", "size"], "uprobes: error: argument --linear: --linear takes a step above 0, "
+                                        "not '0' (see uprobes hist --help)"),
+    (["count", "--by", "size", "--top", "-2"], "uprobes: error: argument --top: --top takes a number of keys "
+                                               "above 0, not '-2' (see uprobes count --help)"),
 ])
 def test_aggregation_errors_are_one_line(targets, args, message):
     probe = _take(targets)
@@ -122,7 +122,7 @@ def test_aggregation_errors_are_one_line(targets, args, message):
     words = [*options[:-1], probe, options[-1]] if command == "hist" else [*options, probe]
     result = run_cli(command, "--engine", "ptrace", *words, "--", str(targets / "takes"), "1")
     expected = message.format(probe=probe)
-    assert result.status == 2 and result.stderr == (expected if expected.startswith("uprobes ") else
+    assert result.status == 2 and result.stderr == (expected if expected.startswith("uprobes: ") else
                                                     f"uprobes: error: {expected}") + "\n"
     assert run_cli("hist", "--engine", "ptrace", probe, "--", "true").stderr.startswith(
         "uprobes: error: hist PROBE... ARG: give the name of the argument to draw last")

@@ -275,7 +275,7 @@ def test_durations_counts_and_intervals_must_be_above_zero(command, option, valu
     result = run_cli(command, option, value, "uprobe:libc:malloc", "--", "true")
     long_option = {"-d": "-d/--duration", "-n": "-n/--max-events"}.get(option, option)
     assert result.status == 2 and result.stderr == \
-        f"uprobes {command}: error: argument {long_option}: {message} (see --help)\n"
+        f"uprobes: error: argument {long_option}: {message} (see uprobes {command} --help)\n"
 
 
 @pytest.mark.parametrize("command, message", [
@@ -399,3 +399,54 @@ def test_list_of_one_object_a_process_maps(targets):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_text_output_writes_pointers_in_hex_and_a_null_string_as_null(targets, engine):
+    """The argument types decide how text writes them; a string whose pointer is NULL is NULL on both engines
+    (JSON: null, with the reason "NULL"); the run says '1 probe point' of one."""
+    calls = targets / "calls"
+    probes = [f"uprobe:{calls}:work i label=%dx:x64 same=%dx:u64 text=+0(%dx):string"]
+    text = run_cli("trace", "--engine", engine, *probes, "--", str(calls), "2", check=True)
+    lines = [line for line in text.stdout.splitlines() if " work " in line]
+    assert len(lines) == 2, text.stdout
+    for i, line in enumerate(lines):
+        fields = dict(word.split("=", 1) for word in line.split() if "=" in word)
+        assert fields["i"] == str(i) and fields["text"] == f'"s{i}"'
+        assert fields["label"] == hex(int(fields["same"])) and fields["label"].startswith("0x7ff"), line
+    assert "uprobes: 1 probe point attached" in text.stderr
+    getenv = "uretprobe:libc:getenv value=+0($retval):string"
+    program = [sys.executable, "-c", "import ctypes; libc = ctypes.CDLL(None); libc.getenv(b'HOME'); "
+                                     "libc.getenv(b'UPROBES_NOT_SET')"]
+    env = {**os.environ, "HOME": "/home/of/test"}
+    text = subprocess.run([sys.executable, "-m", "uprobes", "trace", "--engine", engine, getenv, "--", *program],
+                          capture_output=True, text=True, env={k: v for k, v in env.items()
+                                                               if k != "UPROBES_NOT_SET"}, timeout=60)
+    assert text.returncode == 0, text.stderr
+    values = [line.split("value=", 1)[1].split()[0] for line in text.stdout.splitlines() if "value=" in line]
+    assert '"/home/of/test"' in values and values[-1] == "NULL" and "NULL)" not in text.stdout, text.stdout
+
+
+def test_json_events_give_wall_clock_time_when_asked(targets, engine):
+    calls = targets / "calls"
+    before = time.time_ns()
+    result = run_cli("trace", "--json", "--wall-clock", "--engine", engine, f"uprobe:{calls}:work i", "--", str(calls),
+                     "3", check=True)
+    after = time.time_ns()
+    events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"probe"')]
+    assert [e["args"]["i"] for e in events] == [0, 1, 2]
+    assert all(before < e["realtime_ns"] < after for e in events), (before, events, after)
+    offsets = {e["realtime_ns"] - e["ts_ns"] for e in events}
+    assert len(offsets) == 1  # the same moment on the other clock
+    result = run_cli("trace", "--wall-clock", f"uprobe:{calls}:work", "--", str(calls))
+    assert result.status == 2 and "--wall-clock adds each event's wall-clock time to JSON: give --json" in result.stderr
+
+
+def test_interval_reports_are_headed_with_the_time_and_never_cumulative(targets):
+    calls = targets / "calls"
+    result = run_cli("count", "--engine", "ptrace", "--interval", "0.3", f"uprobe:{calls}:work", "--", str(calls),
+                     "8", "100", check=True)
+    headings = re.findall(r"^\d\d:\d\d:\d\d  interval (\d+): the last (\d+\.\d) s \(not cumulative\)$",
+                          result.stdout, re.M)
+    hits = [int(n) for n in re.findall(r"^work +(\d+) ", result.stdout, re.M)]
+    assert [int(n) for n, _ in headings] == list(range(1, len(headings) + 1)) and len(headings) >= 2
+    assert len(hits) == len(headings) and sum(hits) == 8, result.stdout

@@ -156,7 +156,8 @@ def count_hits(engine: str, path: str, instructions: list[Instruction], command:
     proc = subprocess.run([sys.executable, "-m", "uprobes", "count", "--engine", engine, "--json", "-o",
                            str(output), *probes, "--", *command], capture_output=True, text=True, timeout=300)
     assert "Traceback" not in proc.stderr, proc.stderr
-    assert f"{len(probes)} probe points attached ({engine} engine" in proc.stderr, proc.stderr
+    assert f"{len(probes)} probe point{'s' if len(probes) != 1 else ''} attached ({engine} engine" in proc.stderr, \
+        proc.stderr
     records = [json.loads(line) for line in output.read_text().splitlines()]
     assert all(r["path"] == path for r in records)
     hits = {r["offset"]: r["hits"] for r in records}

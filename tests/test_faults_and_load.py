@@ -70,17 +70,19 @@ def test_more_threads_than_out_of_line_slots_wait_and_lose_nothing(targets):
 
 
 def _memory_of_a_long_run(targets: Path, calls: int) -> list[tuple[int, int]]:
-    """(hits so far, the tool's RSS in KiB) sampled while `uprobes count` serves ``calls`` hits."""
+    """(hits so far, the tool's RSS in KiB) sampled while `uprobes count` serves ``calls`` hits (its reports
+    give each interval's hits: summed here)."""
     faults = str(targets / "faults")
     tool = subprocess.Popen([sys.executable, "-m", "uprobes", "count", "--engine", "ptrace", "--json",
                              "--interval", "0.5", f"uprobe:{faults}:stepped", "--", faults, "wide", "1", str(calls)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    samples = []
+    samples, hits = [], 0
     for line in tool.stdout:
         if line.startswith('{"probe"'):
             rss = next(int(f.split()[1]) for f in Path(f"/proc/{tool.pid}/status").read_text().splitlines()
                        if f.startswith("VmRSS:"))
-            samples.append((json.loads(line)["hits"], rss))
+            hits += json.loads(line)["hits"]
+            samples.append((hits, rss))
     tool.wait(timeout=60)
     assert tool.returncode == 0, tool.stderr.read()
     return samples

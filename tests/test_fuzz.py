@@ -116,3 +116,40 @@ def test_cli_on_malformed_elf_is_one_line_or_a_listing(corpus, name):
         assert str(corpus[name]) in result.stderr
     else:
         assert result.stdout
+
+
+_SUBCOMMANDS = ("trace", "count", "latency", "hist", "stacks", "resolve", "list")
+_OPTIONS = ("-d", "-n", "--interval", "--top", "--linear", "-p", "-c", "--by", "--engine", "--return-mode",
+            "--max-stack", "--stack-size", "--format", "-o")
+_FLAGS = ("--json", "--wall-clock", "--trap", "--no-follow", "--stack", "--version", "--functions")
+_VALUES = ("-1", "0", "nan", "inf", "1e999", "2", "x", "", "99999999999999999999", "ptrace", 'ls "unclosed', "json",
+           "chrome", "insn", "size,name", "/nonexistent/dir/out")
+_PROBES = ("p:/bin/ls:main", "uprobe:libc:malloc+99999999999999999999999999", "p libc:0xffffffffffffffffff",
+           "uprobe:libc:malloc x=", "uprobe:libc:malloc", "ls", "uprobe:/tmp:x", "uretprobe:libc:malloc $retval",
+           "usdt:/bin/ls:a:b", "uprobe:libc:malloc if size >", "size")
+# Every command line ends with a target that cannot run (so nothing is ever traced): a missing program, a
+# directory, a file that is not executable, a pid that does not exist or a kernel thread.
+_TARGETS = (["--", "/nonexistent/program"], ["--", "/tmp"], ["--", "/etc/passwd"], ["-p", "99999999"], ["-p", "2"])
+
+
+@st.composite
+def _command_lines(draw) -> list[str]:
+    words = [draw(st.sampled_from(_SUBCOMMANDS))]
+    for _ in range(draw(st.integers(0, 4))):
+        words += draw(st.one_of(st.tuples(st.sampled_from(_OPTIONS), st.sampled_from(_VALUES)).map(list),
+                                st.sampled_from(_FLAGS).map(lambda flag: [flag])))
+    words += draw(st.lists(st.sampled_from(_PROBES), max_size=3))
+    return words + draw(st.sampled_from(_TARGETS))
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(_command_lines())
+def test_the_command_line_answers_any_input_with_a_result_or_one_line(argv):
+    """The papercut cases of the newcomer's hour (bad numbers, unclosed quotes, a probe written p:PATH, numbers past
+    64 bits, a kernel thread, a directory as the command...) in any mix: exit 0, or 2 with one line saying what is
+    wrong; never a traceback."""
+    result = run_cli(*argv)
+    assert "Traceback" not in result.stderr, (argv, result.stderr)
+    if result.status != 0:
+        lines = [line for line in result.stderr.splitlines() if not line.startswith("uprobes: warning: ")]
+        assert result.status == 2 and len(lines) == 1 and lines[0].startswith("uprobes: error: "), (argv, result)

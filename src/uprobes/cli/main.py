@@ -48,7 +48,7 @@ def _examples(*commands: str) -> str:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line and exit 2, as for every other input error
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"uprobes: error: {message} (see {self.prog} --help)\n")
 
 
 def _version() -> str:
@@ -93,11 +93,15 @@ def _build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--format", choices=("text", "json", "chrome"),
                        help="text (the default), json (JSON lines, as --json) or chrome (trace-event JSON for "
                             "https://ui.perfetto.dev and chrome://tracing: calls as slices; needs -o FILE)")
+    trace.add_argument("--wall-clock", action="store_true",
+                       help="JSON: each event also gives realtime_ns, its wall-clock time (CLOCK_REALTIME, ns since "
+                            "1970) beside ts_ns (CLOCK_MONOTONIC, ns since boot)")
     count = commands.add_parser("count", help="count the hits of each probe",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_examples("count"))
     add_tracing_options(count)
     count.add_argument("--interval", type=positive(float, "--interval", "a number of seconds"), metavar="SECONDS",
-                       help="also print the counts every SECONDS (with --by: the counts of those SECONDS)")
+                       help="print the counts of each SECONDS as they pass, and of the rest at the end (each report "
+                            "its own interval's: not cumulative)")
     count.add_argument("--by", metavar="ARG[,ARG...]",
                        help="count hits per distinct value of these fetch arguments (or $pid, $tid, $comm), most "
                             "first")
@@ -205,6 +209,9 @@ def _trace_format(args: argparse.Namespace) -> str:
     if output_format == "chrome" and not args.output:
         raise UprobesError("--format chrome writes one JSON document to a file: add -o FILE, then open FILE in "
                            "https://ui.perfetto.dev or chrome://tracing")
+    if args.wall_clock and output_format != "json":
+        raise UprobesError("--wall-clock adds each event's wall-clock time to JSON: give --json too (text shows the "
+                           "time of day already)")
     return output_format
 
 

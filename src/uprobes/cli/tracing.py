@@ -237,7 +237,8 @@ class _Run:
         self.engine.attach(self.probes, self.child.pid if self.child else self.pid, counting=self.counting,
                            held=self.child is not None, follow_forks=not args.no_follow, stacks=stacks)
         scope = _pid_text(self.pid) if self.pid else "the command" if self.child else "every process"
-        print(f"uprobes: {len(self.probes)} probe points attached ({self.engine.name} engine, {scope})",
+        points = f"{len(self.probes)} probe point{'s' if len(self.probes) != 1 else ''}"
+        print(f"uprobes: {points} attached ({self.engine.name} engine, {scope})",
               file=sys.stderr, flush=True)
         self.deadline = time.monotonic() + args.duration if args.duration else None
         self._duration = args.duration
@@ -416,7 +417,8 @@ def run_trace(args: argparse.Namespace) -> int:
         out = _open_output(args, stack)
         run = _Run(args, stack, stacks=_stack_limits(args) if args.stack else None)
         writer = (ChromeTraceWriter(out, run.probes) if args.format == "chrome"
-                  else EventWriter(out, args.format == "json"))
+                  else EventWriter(out, args.format == "json", [probe.hex_names for probe in run.probes],
+                                 args.wall_clock))
         seen, limit = 0, ""
         try:
             run.go()
@@ -516,14 +518,21 @@ def run_count(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         out = _open_output(args, stack)
         run = _Run(args, stack, counting=True)
-        next_report = time.monotonic() + args.interval if args.interval else None
+        intervals = _Intervals(args.interval)
+        reported = [0] * len(run.probes)  # hits up to the last interval's report
+
+        def report() -> None:
+            hits = run.hit_counts()
+            _write_counts(out, run.probes, [now - before for now, before in zip(hits, reported)], args.json,
+                          intervals)
+            reported[:] = hits
+
         try:
             run.go()
             while not run.finished():
                 run.poll_columns(_POLL_SECONDS)  # the ptrace engine services its target in here
-                if next_report is not None and time.monotonic() >= next_report:
-                    _write_counts(out, run.probes, run.hit_counts(), args.json)
-                    next_report += args.interval
+                if intervals.due():
+                    report()
         except KeyboardInterrupt as stop:
             run.poll_columns(0)  # what was seen before the signal
             run.interrupted(stop)
@@ -533,7 +542,8 @@ def run_count(args: argparse.Namespace) -> int:
             run.engine.close()
             run.judged(run.engine.leftover())
         # The kernel's counters hold every hit up to now, so nothing is lost between reports.
-        _write_counts(out, run.probes, run.hit_counts(), args.json)
+        intervals.due(at_end=True)
+        report()
         _report_uncounted(out, run.engine.lost, args.json)
         _report_notes(run)
         return run.status
@@ -615,12 +625,47 @@ def _ptrace_time_per_call(args: argparse.Namespace, trap: bool) -> int | None:
     return calls.histogram.summary()["p50"]
 
 
-def _write_counts(out, probes: list[Probe], hits: list[int], as_json: bool) -> None:
+class _Intervals:
+    """``--interval SECONDS``: when the figures of the last interval are due, and how each report says which
+    interval it covers (every report covers its own interval: nothing is cumulative)."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.number = 0
+        self._started = time.monotonic()
+        self._next = self._started + seconds if seconds else None
+        self._covered = 0.0  # seconds the report being written covers
+
+    def due(self, at_end: bool = False) -> bool:
+        """True when a report is due (``at_end``: the last one, of whatever time is left); it is then counted."""
+        now = time.monotonic()
+        if self._next is None or not at_end and now < self._next:
+            return False
+        self.number += 1
+        self._covered, self._started = now - self._started, now
+        self._next = now + self.seconds
+        return True
+
+    def heading(self) -> str:
+        """Text: the wall-clock time and the interval's length above each report (nothing without --interval)."""
+        if self.seconds is None:
+            return ""
+        return f"{time.strftime('%H:%M:%S')}  interval {self.number}: the last {self._covered:.1f} s (not cumulative)\n"
+
+    def fields(self) -> dict:
+        """JSON: the interval's number, its end as wall-clock time and its length."""
+        if self.seconds is None:
+            return {}
+        return {"interval": self.number, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "seconds": round(self._covered, 3)}
+
+
+def _write_counts(out, probes: list[Probe], hits: list[int], as_json: bool, intervals: _Intervals) -> None:
     counts = [(p.name, p.path, p.offset, n) for p, n in zip(probes, hits)]
     if as_json:
-        out.writelines(json.dumps(record) + "\n" for record in count_records(counts))
+        out.writelines(json.dumps({**record, **intervals.fields()}) + "\n" for record in count_records(counts))
     else:
-        out.write(format_count_table(counts))
+        out.write(intervals.heading() + format_count_table(counts))
     out.flush()
 
 
@@ -664,16 +709,14 @@ def _run_aggregation(args: argparse.Namespace, aggregate, keys: tuple[str, ...],
                 _check_integer(probes, arg)
 
         run = _Run(args, stack, check=check)
-        next_report = time.monotonic() + args.interval if args.interval else None
-        args.reports = 0
+        intervals = _Intervals(args.interval)
         try:
             run.go()
             while not run.finished():
                 aggregate.add(run.poll_columns(_POLL_SECONDS))
-                if next_report is not None and time.monotonic() >= next_report:
-                    _write_aggregate(out, run.probes, aggregate, args)
+                if intervals.due():
+                    _write_aggregate(out, run.probes, aggregate, args, intervals)
                     aggregate.clear()
-                    next_report += args.interval
         except KeyboardInterrupt as stop:
             aggregate.add(run.poll_columns(0))  # what was seen before the signal
             run.interrupted(stop)
@@ -681,7 +724,8 @@ def _run_aggregation(args: argparse.Namespace, aggregate, keys: tuple[str, ...],
             run.end_command()
         run.engine.close()
         aggregate.add(EventColumns(single=run.judged(run.engine.leftover())))
-        _write_aggregate(out, run.probes, aggregate, args)
+        intervals.due(at_end=True)
+        _write_aggregate(out, run.probes, aggregate, args, intervals)
         _report_lost_aggregated(run.engine.lost)
         _report_notes(run)
         return run.status
@@ -696,13 +740,12 @@ def _check_integer(probes: list[Probe], arg: str) -> None:
                                f"a histogram draws integers")
 
 
-def _write_aggregate(out, probes: list[Probe], aggregate, args: argparse.Namespace) -> None:
-    """The figures so far; with ``--interval``, those of an interval, numbered (JSON) or timed (text)."""
+def _write_aggregate(out, probes: list[Probe], aggregate, args: argparse.Namespace, intervals: _Intervals) -> None:
+    """The figures so far; with ``--interval``, those of the last interval (headed in text, numbered in JSON)."""
     keys = aggregate.keys
-    args.reports += 1
-    interval = {"interval": args.reports} if args.interval else {}
-    if args.interval and not args.json:
-        out.write(f"{time.strftime('%H:%M:%S')}\n")
+    interval = intervals.fields()
+    if not args.json:
+        out.write(intervals.heading())
     if isinstance(aggregate, CountsByKey):
         rows = aggregate.rows(args.top)
         if args.json:

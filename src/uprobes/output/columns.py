@@ -59,20 +59,24 @@ class Group:
                        ts_ns=pick(self.ts_ns), cpu=pick(self.cpu),
                        retval=None if self.retval is None else pick(self.retval))
 
-    def json_bytes(self) -> bytes:
+    def json_bytes(self, realtime_offset_ns: int | None = None) -> bytes:
         """The events as :meth:`Event.to_json` writes them, a line each in UTF-8, in the group's order."""
         if not self.ts_ns:
             return b""
+        realtime = "" if realtime_offset_ns is None else '"realtime_ns": %d, '
+        times = [self.ts_ns] if realtime_offset_ns is None else [self.ts_ns, [ts + realtime_offset_ns
+                                                                               for ts in self.ts_ns]]
         args = ", ".join(f"{json_string(name)}: " + ("%d" if name in self.columns
                                                      else encode_json(self.fixed[name]).replace("%", "%%"))
                          for name in self.names)
         head = (f'{{"probe": {json_string(self.probe)}, "pid": {self.pid}, "tid": {self.tid}, '
                 f'"comm": {json_string(self.comm)}, ').replace("%", "%%")
         retval = ', "retval": %d' if self.retval is not None else ""
-        template = (head + f'"ts_ns": %d, "cpu": %d, "ip": {self.ip}, "args": {{{args}}}{retval}}}\n').encode()
+        template = (head + f'"ts_ns": %d, {realtime}"cpu": %d, "ip": {self.ip}, "args": {{{args}}}{retval}}}\n'
+                    ).encode()
         varying = [self.columns[name] for name in self.names if name in self.columns]
         values = tuple(itertools.chain.from_iterable(
-            zip(self.ts_ns, self.cpu, *varying, *([self.retval] if self.retval is not None else []))))
+            zip(*times, self.cpu, *varying, *([self.retval] if self.retval is not None else []))))
         return template * len(self.ts_ns) % values
 
 
@@ -91,14 +95,16 @@ class EventColumns:
         events = [event for group in self.groups for event in group.events()]
         return sorted(events + self.single, key=_BY_TIME)
 
-    def json_lines(self) -> bytes:
-        """Every event as a JSON line in UTF-8, in time order: what writing :meth:`events` one by one would give."""
+    def json_lines(self, realtime_offset_ns: int | None = None) -> bytes:
+        """Every event as a JSON line in UTF-8, in time order: what writing :meth:`events` one by one would give
+        (with ``realtime_offset_ns``, each with its wall-clock time: :meth:`Event.to_json`)."""
+        offset = realtime_offset_ns
         if not self.groups:
-            return "".join(event.to_json() + "\n" for event in sorted(self.single, key=_BY_TIME)).encode()
+            return "".join(event.to_json(offset) + "\n" for event in sorted(self.single, key=_BY_TIME)).encode()
         if len(self.groups) == 1 and not self.single:
-            return self.groups[0].json_bytes()
-        lines = [line for group in self.groups for line in group.json_bytes().split(b"\n")[:-1]]
-        lines += [event.to_json().encode() for event in self.single]
+            return self.groups[0].json_bytes(offset)
+        lines = [line for group in self.groups for line in group.json_bytes(offset).split(b"\n")[:-1]]
+        lines += [event.to_json(offset).encode() for event in self.single]
         import numpy  # loaded by whoever made the groups (the ring reader): not for single events
 
         times = numpy.concatenate([numpy.asarray(group.ts_ns, numpy.int64) for group in self.groups]

@@ -4,40 +4,53 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from typing import TextIO
 
 from .columns import EventColumns
 from .event import ArgValue, Event
+from ..probes.fetchargs import NULL_POINTER
 
 __all__ = ["EventWriter", "format_count_table", "count_records"]
 
 
-def _value(value: ArgValue) -> str:
+def _value(value: ArgValue, in_hex: bool = False, error: str | None = None) -> str:
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)
     if value is None:
-        return "?"
+        return NULL_POINTER if error == NULL_POINTER else "?"
+    if in_hex and isinstance(value, int):
+        return hex(value)
+    if in_hex and isinstance(value, list):
+        return f"[{', '.join(_value(item, True) for item in value)}]"
     return str(value)
 
 
 class EventWriter:
     """Writes one line per event, and the lost-event report at the end."""
 
-    def __init__(self, out: TextIO, as_json: bool) -> None:
+    def __init__(self, out: TextIO, as_json: bool, hex_names: Sequence[frozenset[str]] = (),
+                 wall_clock: bool = False) -> None:
+        """``hex_names``: per probe (by index), the arguments text writes in hex (their types are ``x``);
+        ``wall_clock``: JSON events give their wall-clock time too."""
         self.out = out
         self.as_json = as_json
+        self._hex_names = hex_names
         # CLOCK_MONOTONIC timestamps are shown as wall-clock time of day.
         self._wall_offset_ns = time.time_ns() - time.monotonic_ns()
+        self._json_offset = self._wall_offset_ns if wall_clock else None
 
     def event(self, event: Event) -> None:
         if self.as_json:
-            self.out.write(event.to_json() + "\n")
+            self.out.write(event.to_json(self._json_offset) + "\n")
             return
         wall = (event.ts_ns + self._wall_offset_ns) / 1e9
         clock = time.strftime("%H:%M:%S", time.localtime(wall)) + f".{int(wall % 1 * 1e6):06d}"
-        args = " ".join(f"{name}={_value(value)}" for name, value in event.args.items())
+        in_hex = self._hex_names[event.probe_index] if event.probe_index < len(self._hex_names) else ()
+        errors = event.errors or {}
+        args = " ".join(f"{name}={_value(value, name in in_hex, errors.get(name))}" for name, value in event.args.items())
         ret = f" retval={_value(event.retval)}" if event.is_return else ""
-        errors = "".join(f" ({name}: {reason})" for name, reason in (event.errors or {}).items())
+        errors = "".join(f" ({name}: {reason})" for name, reason in errors.items() if reason != NULL_POINTER)
         stack = "".join(f"        {frame}\n" for frame in event.stack or ())
         self.out.write(f"{clock} {event.comm:<16} {event.pid}/{event.tid} {event.probe}"
                        f"{' ' + args if args else ''}{ret}{errors}\n{stack}")
@@ -47,7 +60,7 @@ class EventWriter:
         if self.as_json:
             if len(events):
                 self.out.flush()  # what was written as text goes first
-                self.out.buffer.write(events.json_lines())
+                self.out.buffer.write(events.json_lines(self._json_offset))
             return
         for event in events.events():
             self.event(event)

@@ -13,7 +13,7 @@ from typing import Protocol
 
 from ..x86_64.registers import BY_KERNEL_NAME, DWARF_REGISTERS
 from .computed import DwarfValue
-from .fetchargs import (STRING_LIMIT, Address, Comm, Deref, FetchArg, FileOffset, Immediate, ImmediateString,
+from .fetchargs import (NULL_POINTER, STRING_LIMIT, Address, Comm, Deref, FetchArg, FileOffset, Immediate, ImmediateString,
                         Register, RetVal, StackPointer, StackSlot)
 from .markerargs import MarkerOperand
 
@@ -168,6 +168,8 @@ def _string(source, hit: HitContext) -> str:
     if isinstance(source, Comm):
         return hit.comm
     address = source.value & _MASK64 if isinstance(source, Immediate) else _address(source, hit)
+    if address == 0:
+        raise _Fault(NULL_POINTER)
     try:
         return hit.memory.read_string(address).decode("utf-8", "replace")
     except OSError:

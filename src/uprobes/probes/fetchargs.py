@@ -19,6 +19,7 @@ from uprobes.x86_64.registers import FETCHARG_NAMES
 
 __all__ = [
     "STRING_LIMIT",
+    "NULL_POINTER",
     "MAX_TRACE_ARGS",
     "MAX_ARG_NAME_LEN",
     "MAX_ARGSTR_LEN",
@@ -73,6 +74,7 @@ _KERNEL_ONLY_TYPES = {
     "%pd": "it prints kernel dentries",
     "%pD": "it prints kernel files",
 }
+NULL_POINTER = "NULL"  # why a string was not read: its pointer is NULL (text output prints it so)
 _DEFAULT_TYPE = "x64"  # a fetch argument without a type, but for strings
 _BITFIELD_CONTAINERS = {8: "u8", 16: "u16", 32: "u32", 64: "u64"}
 
@@ -296,6 +298,11 @@ class FetchArg:
         if self.type is not None:
             return self.type.format()
         return "string" if isinstance(self.source, (Comm, ImmediateString)) else _DEFAULT_TYPE
+
+    @property
+    def reads_string_at_retval(self) -> bool:
+        """``+0($retval):string``: the string a returned pointer points to."""
+        return self.type is not None and self.type.is_string and self.source == Deref(0, RetVal())
 
     def body(self) -> str:
         """``FETCHARG[:TYPE]`` as the kernel accepts it."""

@@ -116,6 +116,12 @@ class Probe:
         """The fetch arguments tracefs can express (all but the marker operands only an engine can decode)."""
         return kernel_fetchable(self.fetchargs)
 
+    @property
+    def hex_names(self) -> frozenset[str]:
+        """The arguments whose type is hexadecimal (``x64``, a pointer): text output writes them so."""
+        retyped = {name for name, _ in self.retyped}
+        return frozenset(arg.name for arg in self.fetchargs if arg.type_text.startswith("x") and arg.name not in retyped)
+
     def typed(self, values: dict) -> dict:
         """``values`` as fetched, retyped as the marker's spec or the DWARF says: float bits as numbers, signed
         high bytes and bitfields, enumerators by name."""

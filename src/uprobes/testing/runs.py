@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -161,7 +162,7 @@ def attach_probed(pid: int, probes: tuple[str, ...], engine: str = "ptrace", tim
         started = []
         for line in tracer.stderr:  # until the probes are in place (or the tool gave up)
             started.append(line)
-            if b"probe points attached" in line or line.startswith(b"uprobes: error: "):
+            if re.match(rb"uprobes: \d+ probe points? attached", line) or line.startswith(b"uprobes: error: "):
                 break
         run = ProbedRun(None, b"", b"", [])
         try:

@@ -28,7 +28,8 @@ from ...consumers import Consumer
 from ...errors import KernelEngineError
 from ...output.columns import EventColumns, Group
 from ...output.event import Event
-from ...probes.fetchargs import Comm, Deref, FetchArg, FetchType, Immediate, Register, RetVal, StackPointer
+from ...probes.fetchargs import (NULL_POINTER, Comm, Deref, FetchArg, FetchType, Immediate, Register, RetVal,
+                                  StackPointer)
 from ...probes.markerargs import kernel_fetchable, kernel_limitation
 from ...probes.resolve import Probe
 from ...stacks import INCOMPLETE, StackLimits, StackReader
@@ -451,6 +452,9 @@ class KernelEngine(Engine):
             errors.pop("__comm", None)  # a thread that is gone: its name is ""
             for name in errors.keys() & args.keys():
                 args[name] = None  # the reason is in errors
+            if retval is not None and values[retval] == 0:
+                errors.update((arg.name, NULL_POINTER) for arg in probe.fetchargs
+                              if arg.name in errors and arg.reads_string_at_retval)
         if attached.left_out:
             errors = {**errors, **attached.left_out}
             args = {arg.name: args.get(arg.name) for arg in probe.fetchargs} | args  # in the order asked for

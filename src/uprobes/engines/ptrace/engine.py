@@ -185,7 +185,9 @@ class PtraceEngine(Engine):
         jumps = self.placement.jumps
         if jumps.eligible:
             jumped = jumps.jumped()
-            notes.append(f"{len(jumped)} of {len(self.placement.placed)} probe points were jumps (no stop per hit)")
+            placed = len(self.placement.placed)
+            notes.append(f"{len(jumped)} of {placed} probe points were jumps (no stop per hit)" if placed != 1 else
+                         f"the probe point was {'a jump (no stop per hit)' if jumped else 'not a jump'}")
             # one line per probe and reason: a return probe's exits often give the same
             refusals = collections.Counter((self.placement.probes[index].name, why)
                                            for index, why in sorted(jumps.refused.items()))
