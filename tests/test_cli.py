@@ -73,6 +73,14 @@ def test_list_of_a_process_covers_every_mapped_object(targets):
         assert paths[0] == str(targets / "demo")
         assert os.path.realpath("/lib/x86_64-linux-gnu/libc.so.6") in paths
         assert listing["pid"] == demo.pid
+        demo_functions = function_symbols(str(targets / "demo"))
+        assert listing["objects"][0]["function_count"] == len(demo_functions) > 0
+        # text: one line per object, the same counts; --functions lists every function of each
+        lines = run_cli("list", "-p", str(demo.pid), check=True).stdout.splitlines()
+        assert len(lines) == len(paths) + 1 and lines[-1].startswith(f"({len(paths)} objects;")
+        assert lines[0].split()[:3] == [str(targets / "demo"), "pie", str(len(demo_functions))]
+        every = json.loads(run_cli("list", "-p", str(demo.pid), "--functions", "--json", check=True).stdout)
+        assert [len(o["functions"]) for o in every["objects"]] == [o["function_count"] for o in listing["objects"]]
         text = run_cli("list", "-p", str(demo.pid), "process_order", check=True).stdout
         assert "process_order" in text and "marker" not in text
     finally:

@@ -146,7 +146,7 @@ def test_list_reads_a_jit_map_file_in_the_process_namespace(tmp_path):
         assert jit["path"] == "/tmp/perf-1.map"
         assert [(f["name"], f["address"], f["size"]) for f in jit["functions"]] == [
             ("jit::hot_loop", 0x7F0000001000, 0x40), ("jit::cold path", 0x7F0000001040, 0x20)]
-        assert "jit::hot_loop" in run_cli("list", "-p", str(pid), check=True).stdout
+        assert "jit::hot_loop" in run_cli("list", "-p", str(pid), "--functions", check=True).stdout
     finally:
         subprocess.run(["pkill", "-KILL", "-P", str(outer.pid)])  # the namespace's pid 1, and with it the namespace
         outer.kill()

@@ -29,6 +29,8 @@ def run_list(args: argparse.Namespace) -> int:
     elif args.pid is not None:
         pattern = args.target or "*"  # with -p, the one positional word is the pattern
         paths = [path_in_process(args.pid, p) for p in mapped_objects(args.pid)]
+        if args.target is None and not args.functions:
+            return _list_objects(args, paths)
     elif args.target is None:
         raise UprobesError("list needs a TARGET file or -p PID")
     else:
@@ -58,6 +60,33 @@ def run_list(args: argparse.Namespace) -> int:
             _print_text(listing, out)
         if not shown:
             out.write(f"process {args.pid}: nothing matches '{pattern}' in the {len(listings)} objects it maps\n")
+    return 0
+
+
+def _list_objects(args: argparse.Namespace, paths: list[str]) -> int:
+    """``list -p PID``: the objects the process maps, one line each, with how many functions and markers each has."""
+    objects = []
+    for path in paths:
+        try:
+            obj = ElfObject.open(path)
+        except UprobesError as exc:
+            print(f"uprobes: warning: skipping {exc}", file=sys.stderr)
+            continue
+        objects.append({"path": obj.path, "kind": obj.kind, "build_id": obj.build_id,
+                        "function_count": len(obj.symbols.functions), "marker_count": len(read_markers(obj))})
+    perf_map = PerfMap(args.pid)
+    if perf_map.functions:
+        objects.append({"path": perf_map.path, "kind": "jit", "build_id": None,
+                        "function_count": len(perf_map.functions), "marker_count": 0})
+    if args.json:
+        sys.stdout.write(json.dumps({"pid": args.pid, "objects": objects}) + "\n")
+        return 0
+    width = max(len(o["path"]) for o in objects) if objects else 0
+    for o in objects:
+        sys.stdout.write(f"{o['path']:<{width}}  {o['kind']:<6}  {o['function_count']:>6} functions  "
+                         f"{o['marker_count']:>3} markers\n")
+    sys.stdout.write(f"({len(objects)} objects; 'uprobes list -p {args.pid} PATTERN' or --functions lists their "
+                     f"functions and markers)\n")
     return 0
 
 

@@ -73,7 +73,10 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="a path, a program in PATH (python3) or a library (libc, libc.so.6)")
     listing.add_argument("pattern", nargs="?", default="*", metavar="PATTERN",
                          help="glob over function names and PROVIDER:NAME of markers (default: everything)")
-    listing.add_argument("-p", "--pid", type=int, help="list every object mapped in this process")
+    listing.add_argument("-p", "--pid", type=int, help="list every object mapped in this process: one line each, "
+                                                      "unless a PATTERN or --functions is given")
+    listing.add_argument("--functions", action="store_true",
+                         help="with -p: every function and marker of every object (as a PATTERN of '*')")
     listing.add_argument("--json", action="store_true", help="one JSON document instead of text")
     source = listing.add_mutually_exclusive_group()
     source.add_argument("--vars", action="store_true",
