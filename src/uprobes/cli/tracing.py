@@ -529,8 +529,11 @@ def run_count(args: argparse.Namespace) -> int:
 
         try:
             run.go()
-            while not run.finished():
-                run.poll_columns(_POLL_SECONDS)  # the ptrace engine services its target in here
+            while True:
+                finished = run.finished()
+                run.poll_columns(0 if finished else _POLL_SECONDS)  # the ptrace engine services its target in here
+                if finished:  # that poll took what the last moments left in the buffers
+                    break
                 if intervals.due():
                     report()
         except KeyboardInterrupt as stop:
@@ -712,8 +715,11 @@ def _run_aggregation(args: argparse.Namespace, aggregate, keys: tuple[str, ...],
         intervals = _Intervals(args.interval)
         try:
             run.go()
-            while not run.finished():
-                aggregate.add(run.poll_columns(_POLL_SECONDS))
+            while True:
+                finished = run.finished()
+                aggregate.add(run.poll_columns(0 if finished else _POLL_SECONDS))
+                if finished:  # that poll took what the last moments left in the buffers
+                    break
                 if intervals.due():
                     _write_aggregate(out, run.probes, aggregate, args, intervals)
                     aggregate.clear()
