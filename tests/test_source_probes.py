@@ -78,6 +78,43 @@ def test_a_line_of_an_inlined_function_is_probed_in_every_copy(targets, engine):
     assert {record["hits"] for record in records} == {_printed(stdout, "counted")}
 
 
+LINES = (TARGETS_DIR / "lines.c").read_text().splitlines()
+LINE_OF = {word: next(n for n, text in enumerate(LINES, 1) if f"COUNTED {word} " in text)
+           for word in ("CLAMP", "SPREAD", "AFTER")}
+BUMPED = "lines.h:" + str(next(n for n, text in enumerate((TARGETS_DIR / "lines.h").read_text().splitlines(), 1)
+                               if "bump_runs++" in text))  # bump:+2, as events name it
+
+
+@pytest.mark.parametrize("build", ["O0", "O2", "clang-O2"])
+def test_lines_that_inlining_a_loop_exit_and_a_spread_statement_make_hard_to_count(targets, engine, build):
+    """Each line once per execution, as lines.c counts it: clampx()'s first line in both of its copies inlined
+    into both() (gcc -O2 merges them into one instruction and starts each copy where its ranges do not: a
+    probe point per copy, at one address); the line after a loop, which clang -O2 enters by a branch into the
+    middle of its code (a row that is not a statement); a printf written over three lines, whose -O0 code goes
+    back and forth between them; the first line of bump(), a static function of two files (FUNCTION:+N probes
+    both)."""
+    program = str(targets / f"lines-{build}")
+    probes = {"clamp": f"lines.c:{LINE_OF['CLAMP']}", "spread": f"lines.c:{LINE_OF['SPREAD']}",
+              "spread_2": f"lines.c:{LINE_OF['SPREAD'] + 1}", "after": f"lines.c:{LINE_OF['AFTER']}",
+              "bump": "bump:+2"}
+    if build == "clang-O2":
+        # clang's DWARF gives clampx's merged first line to the first copy only: no tool can tell the other's
+        del probes["clamp"]
+    if build == "O2":
+        del probes["spread_2"]  # no code of its own at -O2
+    records, proc = run_json("count", "--engine", engine,
+                             *(f"uprobe:{program}:{where}" for where in probes.values()), "--", program, "4")
+    assert proc.returncode == 0, proc.stderr
+    printed = dict(zip(*[iter(proc.stdout.splitlines()[-1].split())] * 2))  # clamp C after A spread S bump B
+    expected = {"clamp": printed["clamp"], "spread": printed["spread"], "spread_2": printed["spread"],
+                "after": printed["after"], "bump": printed["bump"]}
+    hits = {name: 0 for name in probes}
+    for record in records:
+        name = next(name for name, where in probes.items() if record["probe"] == where.replace("bump:+2", BUMPED))
+        hits[name] += record["hits"]
+    assert {name: str(n) for name, n in hits.items()} == {name: expected[name] for name in probes}, records
+
+
 @pytest.mark.parametrize("build", BUILDS)
 def test_function_relative_lines_are_the_same_probe_points(targets, build):
     program = _program(targets, build)

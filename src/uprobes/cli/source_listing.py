@@ -75,7 +75,7 @@ def _print_variables(places: list[dict]) -> None:
 
 
 def _lines(info: DebugInfo, function: str) -> dict:
-    file_name, first, copies = function_line(info, function, 0, f"list --lines {function}")
+    file_name, first, copies = function_line(info, function, 0, f"list --lines {function}")[0]
     with_code = lines_with_code_in(info, copies)
     try:
         with open(file_name, encoding="utf-8", errors="replace") as f:

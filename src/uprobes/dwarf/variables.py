@@ -252,7 +252,7 @@ def _locate(context: _Context, die: DIE, scope: Scope | None, name: str) -> _Pla
     unit = context.info.unit(die.cu)
     expression = unit.location_at(die, context.address)
     if not expression:
-        raise context.error(f"'{name}' is optimised out at {context.where()}{_lives(unit, die)}")
+        raise context.error(f"'{name}' is optimised out at {context.where()}{_lives(context, unit, die)}")
     return _place(context, expression, die_type, scope, name, unit, die)
 
 
@@ -262,18 +262,32 @@ def _declared_type(die: DIE) -> DIE | None:
     return typed.get_DIE_from_attribute("DW_AT_type") if "DW_AT_type" in typed.attributes else None
 
 
-def _lives(unit: Unit, die: DIE) -> str:
-    """Where the variable has a location: ``; it lives at lines 47-48 of sourcevars.c``."""
+_MOST_LINES_TRIED = 64  # the lines a hint checks, each placed as a probe would be
+
+
+def _lives(context: _Context, unit: Unit, die: DIE) -> str:
+    """Where the variable can be read: ``; it lives at lines 47, 48 of sourcevars.c`` (lines of the function
+    probed whose every probe point is in its lifetime)."""
+    from .lines import line_points
+
     ranges = [r for r in unit.lifetime(die) if r[1] - r[0] < 1 << 63]
-    lines = sorted({(row.file.rsplit("/", 1)[-1], row.line) for row in unit.rows
-                    if row.is_stmt and not row.end_sequence and any(low <= row.address < high for low, high in ranges)})
-    if not lines:
+    rows = {(row.file, row.line) for row in unit.rows
+            if row.is_stmt and not row.end_sequence and any(low <= row.address < high for low, high in ranges)}
+    if not rows:
         return "; it has no location anywhere (write it out: use it, or build with -O0)"
     decl_file = origin_of(die).attributes.get("DW_AT_decl_file")
     own = unit.file_name(decl_file.value) if decl_file is not None else None
-    files = sorted({file for file, _ in lines}, key=lambda file: (file != os.path.basename(own or ""), file))
-    numbers = ", ".join(str(line) for file, line in lines if file == files[0])
-    return f"; it lives at lines {numbers} of {files[0]} (probe one of those)"
+    file = min({file for file, _ in rows}, key=lambda file: (file != own, file))
+    here = [scope for scope in context.scopes if scope.kind != "block"]
+
+    def readable(line: int) -> bool:
+        points = line_points(context.info, file, line, context.text, within=here, missing_ok=True)
+        return bool(points) and all(any(low <= point.address < high for low, high in ranges) for point in points)
+
+    lines = [line for line in sorted(line for f, line in rows if f == file)[:_MOST_LINES_TRIED] if readable(line)]
+    if not lines:
+        return "; no line of this function has it at each of its probe points (probe an address, or build with -O0)"
+    return f"; it lives at lines {', '.join(map(str, lines))} of {os.path.basename(file)} (probe one of those)"
 
 
 def _place(context: _Context, expression: list[int], die_type: DIE | None, scope: Scope | None, name: str,
@@ -282,7 +296,7 @@ def _place(context: _Context, expression: list[int], die_type: DIE | None, scope
         operations = unit.expressions.parse_expr(expression)
     except _UNPARSABLE:
         raise context.error(f"'{name}' is located at {context.where()} by a DWARF operation uprobes cannot read "
-                            f"({expression[:1]}){_lives(unit, die)}") from None
+                            f"({expression[:1]}){_lives(context, unit, die)}") from None
     names = [op.op_name for op in operations]
     if len(names) == 2 and names[1] == "DW_OP_piece":
         operations = operations[:1]
@@ -321,11 +335,11 @@ def _place(context: _Context, expression: list[int], die_type: DIE | None, scope
             if context.address == entry and len(inner) == 1 and inner[0].op_name.startswith("DW_OP_reg"):
                 return _Place(_register(context, int(inner[0].op_name[len("DW_OP_reg"):]), name), False, die_type)
             raise context.error(f"'{name}' is optimised out at {context.where()}: only its value at the function's "
-                                f"entry is known there{_lives(unit, die)}")
+                                f"entry is known there{_lives(context, unit, die)}")
     missing = unsupported(operations)
     if missing is not None:
         raise context.error(f"'{name}' is computed at {context.where()} with {missing}, which uprobes does not "
-                            f"evaluate{_lives(unit, die)}")
+                            f"evaluate{_lives(context, unit, die)}")
     frame_base = None
     if any(op in ("DW_OP_fbreg", "DW_OP_call_frame_cfa") for op in names):
         frame_base = _frame_base_rule(context, scope, name)
@@ -495,7 +509,7 @@ def _finish(context: _Context, place: _Place, name: str, wanted: str | None, exp
         if die_type is not None and die_type.tag == "DW_TAG_pointer_type":
             source, fetch_type = _deref(0, place.value()), "string"
         elif die_type is not None and die_type.tag == "DW_TAG_array_type" and place.memory:
-            source, fetch_type = place.source, "string"
+            source, fetch_type = place.source, _char_array(die_type, place)
         else:
             raise context.error(f"'{expression}' is {describe_type(place.die_type)}; ':string' reads what a char "
                                 f"pointer or a char array holds")
@@ -514,6 +528,14 @@ def _finish(context: _Context, place: _Place, name: str, wanted: str | None, exp
         source, fetch_type, retype = _natural(context, place, die_type, expression)
     text = f"{name}={source}:{fetch_type}" if fetch_type else f"{name}={source}"
     return VariableFetch(text, name, retype, computed=place.computed)
+
+
+def _char_array(die_type: DIE, place: _Place) -> str:
+    """A char array read as text: its N bytes up to the first NUL (``char[N]``); as a string where its length is
+    not known."""
+    dims = place.dims if place.dims is not None else _subranges(die_type)
+    count = math.prod(dims) if dims and None not in dims else None
+    return f"char[{count}]" if count else "string"
 
 
 def _natural(context: _Context, place: _Place, die_type: DIE | None, expression: str):
@@ -547,7 +569,7 @@ def _natural(context: _Context, place: _Place, die_type: DIE | None, expression:
             raise context.error(f"'{expression}' is an array not in memory at {context.where()}")
         if len(dims) == 1 and element is not None and element.tag == "DW_TAG_base_type" and _size(element) == 1 \
                 and _encoding(element) in ("DW_ATE_signed_char", "DW_ATE_unsigned_char"):
-            return place.source, "string", None
+            return place.source, _char_array(die_type, place), None
         if element is None or element.tag != "DW_TAG_base_type" or count is None:
             raise context.error(f"'{expression}' is {describe_type(die_type)}; name an element: {expression}[0]")
         if count > _MAX_ARRAY:

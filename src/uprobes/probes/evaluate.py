@@ -142,6 +142,8 @@ def _fetch(arg: FetchArg, hit: HitContext):
             raw = _operand_bytes(source, hit)[:size * fetch_type.array]
         else:
             raw = _read(hit, _address(source, hit), size * fetch_type.array)
+        if name == "char":  # text, as the kernel's trace gives it: up to the first NUL
+            return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
         return [_integer(raw[i:i + size], name) for i in range(0, len(raw), size)]
     size = 1 if name == "char" else _INT_SIZES[name.lstrip("usxb")] if name[0] in "usx" else 8
     if isinstance(source, _MEMORY_SOURCES):

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from ..dwarf.info import DebugInfo
-from ..dwarf.lines import function_line, line_points, prologue_end
+from ..dwarf.lines import entry_line, function_line, line_points, lines_with_code_in, prologue_end
 from ..dwarf.variables import is_variable_expression, retval_fetcharg, variable_fetcharg
 from ..elf.locate import find_object
 from ..elf.objfile import ElfObject
@@ -559,8 +559,18 @@ def _resolve_line(spec: ProbeSpec, obj: ElfObject) -> list[Probe]:
     except ResolveError as exc:
         raise ResolveError(f"probe '{spec.text}': {exc}") from None
     if spec.source_function is not None:
-        file_name, line, copies = function_line(info, spec.source_function, spec.line, spec.text)
-        points = line_points(info, file_name, line, spec.text, within=copies)
+        points = []
+        for file_name, line, copies in function_line(info, spec.source_function, spec.line, spec.text):
+            if spec.line == 0:
+                line = entry_line(info, copies, file_name, line)
+            try:
+                points += line_points(info, file_name, line, spec.text, within=copies)
+            except ResolveError:
+                first = line - spec.line
+                with_code = ", ".join(f"+{n - first}" for n in sorted(lines_with_code_in(info, copies)))
+                raise ResolveError(f"probe '{spec.text}': {spec.source_function}:+{spec.line} "
+                                   f"({os.path.basename(file_name)}:{line}) has no code; the lines of "
+                                   f"{spec.source_function} with code are {with_code or 'none'}") from None
     else:
         points = line_points(info, spec.source_file, spec.line, spec.text)
     probes = []
@@ -569,8 +579,10 @@ def _resolve_line(spec: ProbeSpec, obj: ElfObject) -> list[Probe]:
         _check_code_address(obj, point.address, spec)
         fetch = _source_fetchargs(spec, obj, point.address, function_entry=False)
         base = spec.event or _identifier(f"{point.function}_L{point.line}")
-        # Points of one event must agree on argument names and types (the kernel refuses siblings that differ).
-        signature = (base, *((arg.name, arg.type) for arg in fetch.fetchargs), fetch.retyped)
+        # Points of one event must agree on argument names and types (the kernel refuses siblings that differ),
+        # and be at different addresses (copies inlined at one place share theirs: each gets an event).
+        shared = sum(p.address == point.address for p in probes)
+        signature = (base, *((arg.name, arg.type) for arg in fetch.fetchargs), fetch.retyped, shared)
         event = signatures.setdefault(signature, _identifier(base, f"_{len(signatures) + 1}") if any(
             known[0] == base for known in signatures) else base)
         location = f"{os.path.basename(point.file)}:{point.line}"
