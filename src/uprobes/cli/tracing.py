@@ -417,8 +417,7 @@ def run_trace(args: argparse.Namespace) -> int:
         out = _open_output(args, stack)
         run = _Run(args, stack, stacks=_stack_limits(args) if args.stack else None)
         writer = (ChromeTraceWriter(out, run.probes) if args.format == "chrome"
-                  else EventWriter(out, args.format == "json", [probe.hex_names for probe in run.probes],
-                                 args.wall_clock))
+                  else EventWriter(out, args.format == "json", run.probes, args.wall_clock))
         seen, limit = 0, ""
         try:
             run.go()

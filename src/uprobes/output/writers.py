@@ -10,6 +10,7 @@ from typing import TextIO
 from .columns import EventColumns
 from .event import ArgValue, Event
 from ..probes.fetchargs import NULL_POINTER
+from ..probes.resolve import Probe
 
 __all__ = ["EventWriter", "format_count_table", "count_records"]
 
@@ -29,13 +30,14 @@ def _value(value: ArgValue, in_hex: bool = False, error: str | None = None) -> s
 class EventWriter:
     """Writes one line per event, and the lost-event report at the end."""
 
-    def __init__(self, out: TextIO, as_json: bool, hex_names: Sequence[frozenset[str]] = (),
-                 wall_clock: bool = False) -> None:
-        """``hex_names``: per probe (by index), the arguments text writes in hex (their types are ``x``);
-        ``wall_clock``: JSON events give their wall-clock time too."""
+    def __init__(self, out: TextIO, as_json: bool, probes: Sequence[Probe] = (), wall_clock: bool = False) -> None:
+        """``probes``: the run's, by index (text writes their ``x``-typed arguments in hex, and leaves out the
+        raw ``retval`` of those that fetch ``$retval`` typed); ``wall_clock``: JSON events give their wall-clock
+        time too."""
         self.out = out
         self.as_json = as_json
-        self._hex_names = hex_names
+        self._hex_names = [probe.hex_names for probe in probes]
+        self._raw_retval = [not probe.fetches_retval for probe in probes]
         # CLOCK_MONOTONIC timestamps are shown as wall-clock time of day.
         self._wall_offset_ns = time.time_ns() - time.monotonic_ns()
         self._json_offset = self._wall_offset_ns if wall_clock else None
@@ -49,7 +51,8 @@ class EventWriter:
         in_hex = self._hex_names[event.probe_index] if event.probe_index < len(self._hex_names) else ()
         errors = event.errors or {}
         args = " ".join(f"{name}={_value(value, name in in_hex, errors.get(name))}" for name, value in event.args.items())
-        ret = f" retval={_value(event.retval)}" if event.is_return else ""
+        raw = self._raw_retval[event.probe_index] if event.probe_index < len(self._raw_retval) else True
+        ret = f" retval={_value(event.retval)}" if event.is_return and raw else ""
         errors = "".join(f" ({name}: {reason})" for name, reason in errors.items() if reason != NULL_POINTER)
         stack = "".join(f"        {frame}\n" for frame in event.stack or ())
         self.out.write(f"{clock} {event.comm:<16} {event.pid}/{event.tid} {event.probe}"

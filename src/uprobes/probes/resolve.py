@@ -117,6 +117,15 @@ class Probe:
         return kernel_fetchable(self.fetchargs)
 
     @property
+    def fetches_retval(self) -> bool:
+        """Whether an argument reads ``$retval`` (typed by the DWARF where the object has it)."""
+        def reads_retval(source) -> bool:
+            return isinstance(source, RetVal) or isinstance(source, Deref) and reads_retval(source.inner) or \
+                isinstance(source, DwarfValue) and source.text == "$retval"  # a float returned in %xmm0
+
+        return any(reads_retval(arg.source) for arg in self.fetchargs)
+
+    @property
     def hex_names(self) -> frozenset[str]:
         """The arguments whose type is hexadecimal (``x64``, a pointer): text output writes them so."""
         retyped = {name for name, _ in self.retyped}
