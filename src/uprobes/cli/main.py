@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 from ..errors import UprobesError
+from .serving import listen_address
 from .tracing import add_return_mode_option, add_stack_options, add_tracing_options, positive
 
 __all__ = ["main"]
@@ -37,6 +38,10 @@ _EXAMPLES = {
     "resolve": [("uprobes resolve 'uretprobe:libc:malloc ret=$retval:x64'", "the uprobe_events line it stands for"),
                 ("uprobes resolve --engine ptrace 'uprobe:libc:malloc'", "and whether the ptrace engine jumps there")],
     "cleanup": [("uprobes cleanup", "delete what runs killed by SIGKILL left in tracefs")],
+    "serve": [("uprobes serve -p 1234 'uprobe:libc:malloc' --latency 'uprobe:libc:free'",
+               "malloc's hits and free's durations in process 1234, at http://127.0.0.1:9930/metrics"),
+              ("uprobes serve --listen :9930 --by size 'uprobe:libc:malloc size=%di:u64'",
+               "malloc's hits per size, system-wide (root), served on every address")],
 }
 
 
@@ -118,21 +123,35 @@ def _build_parser() -> argparse.ArgumentParser:
     hist.add_argument("--by", metavar="ARG[,ARG...]", help="one histogram per distinct value of these arguments")
     hist.add_argument("--interval", type=positive(float, "--interval", "a number of seconds"), metavar="SECONDS",
                       help="also print the histograms of the last SECONDS, every SECONDS")
-    latency = commands.add_parser(
-        "latency", help="time each call of a function, as a log2 histogram",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_examples("latency"),
-        description=textwrap.fill("Time each call of a function from its entry to its return. Each time includes the engine's own "
-                    "part: on the ptrace engine about 20 ns where its probes are jumps and tens of microseconds where "
-                    "they trap (measured after the run on a call that does nothing, and printed below the "
-                    "histogram); on the kernel engine its trap at the return and its handling of the function's "
-                    "first instruction (about 1 us where the kernel emulates it, 10 us where it single-steps it in a "
-                    "virtual machine).", 79))
+    latency = _described(commands, "latency", "time each call of a function, as a log2 histogram",
+                         "Time each call of a function from its entry to its return. Each time includes the "
+                         "engine's own part: on the ptrace engine about 20 ns where its probes are jumps and tens of "
+                         "microseconds where they trap (measured after the run on a call that does nothing, and "
+                         "printed below the histogram); on the kernel engine its trap at the return and its handling "
+                         "of the function's first instruction (about 1 us where the kernel emulates it, 10 us where "
+                         "it single-steps it in a virtual machine).")
     add_tracing_options(latency, "FUNCTION", "the function to time: uprobe:PATH:FUNCTION (a glob matching one), "
                                              "without fetch arguments ('if EXPR' may follow)")
     stacks = commands.add_parser("stacks", help="count hits per distinct user stack, as folded lines for flame graphs",
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_examples("stacks"))
     add_tracing_options(stacks)
     add_stack_options(stacks)
+    serve = _described(commands, "serve", "serve the probes' hits and call durations as Prometheus metrics",
+                       "Run the probes and serve, at http://ADDR:PORT/metrics, uprobes_hits_total per probe point (and "
+                       "--by key), uprobes_latency_seconds per --latency function, and the run's health "
+                       "(uprobes_lost_events_total, uprobes_probes_placed, uprobes_target_up), until a stop signal "
+                       "or -d. When the target ends, what was counted stays served (uprobes_target_up 0).")
+    add_tracing_options(serve, writes=False, some="*")
+    serve.add_argument("--listen", type=listen_address, default="127.0.0.1:9930", metavar="ADDR:PORT",
+                       help="where to serve /metrics (default 127.0.0.1:9930; :PORT for every address)")
+    serve.add_argument("--latency", action="append", metavar="FUNCTION",
+                       help="time each call of FUNCTION (uprobe:PATH:FUNCTION), as uprobes_latency_seconds "
+                            "(repeatable)")
+    serve.add_argument("--by", metavar="ARG[,ARG...]", help="count hits per distinct value of these arguments (a "
+                                                            "label each)")
+    serve.add_argument("--max-series", type=positive(int, "--max-series", "a number of keys"), default=1000,
+                       metavar="N", help="at most N distinct --by keys per probe; hits past them count under "
+                                         "__other__ (default 1000)")
     commands.add_parser("cleanup", help="delete the kernel uprobe events that runs which died left behind",
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_examples("cleanup"),
                         description="Delete the kernel uprobe events (tracefs) left behind by uprobes runs whose "
@@ -147,6 +166,12 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="ptrace: also say how that engine places each probe point: a jump (no stop per hit; "
                               "counted, or traced too) or an int3, and why not a jump")
     return parser
+
+
+def _described(commands, name: str, summary: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help has a paragraph of its own, wrapped, above its options and examples."""
+    return commands.add_parser(name, help=summary, formatter_class=argparse.RawDescriptionHelpFormatter,
+                               epilog=_examples(name), description=textwrap.fill(description, 79))
 
 
 def _split_dash_command(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -200,6 +225,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .guard import work_in_a_child
 
         work_in_a_child()  # the traced process survives a SIGKILL of the pid the user holds
+    if args.command == "serve":
+        from .serving import run_serve
+
+        return run_serve(args)
     return {"trace": run_trace, "count": run_count, "latency": run_latency, "stacks": run_stacks,
             "hist": run_hist}[args.command](args)
 

@@ -31,10 +31,10 @@ from ..stacks import StackLimits
 from ..x86_64.unwind import DEFAULT_DEPTH, STACK_BYTES
 from . import STOP_SIGNALS
 
-__all__ = ["add_tracing_options", "add_return_mode_option", "add_stack_options", "positive", "run_trace", "run_count",
-           "run_latency", "run_stacks", "run_hist"]
+__all__ = ["Run", "POLL_SECONDS", "key_names", "check_names", "add_tracing_options", "add_return_mode_option",
+           "add_stack_options", "positive", "run_trace", "run_count", "run_latency", "run_stacks", "run_hist"]
 
-_POLL_SECONDS = 0.1
+POLL_SECONDS = 0.1
 
 
 class _Stop(KeyboardInterrupt):
@@ -46,7 +46,9 @@ class _Stop(KeyboardInterrupt):
 
 
 def add_tracing_options(parser: argparse.ArgumentParser, metavar: str = "PROBE",
-                        words: str = "probes, each with its fetch arguments (and 'if EXPR')") -> None:
+                        words: str = "probes, each with its fetch arguments (and 'if EXPR')", writes: bool = True,
+                        some: str = "+") -> None:
+    """The options of every command that runs probes; ``writes``: -o and --json; ``some``: how many PROBEs."""
     parser.add_argument("--engine", choices=("auto", "kernel", "ptrace"), default="auto",
                         help="kernel: the kernel's uprobes through tracefs and perf (root); "
                              "ptrace: our own engine; auto: the kernel engine where it is usable")
@@ -66,9 +68,10 @@ def add_tracing_options(parser: argparse.ArgumentParser, metavar: str = "PROBE",
     add_return_mode_option(parser)
     parser.add_argument("-d", "--duration", type=positive(float, "-d", "a number of seconds"), metavar="SECONDS",
                         help="stop after SECONDS")
-    parser.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
-    parser.add_argument("--json", action="store_true", help="JSON lines instead of text")
-    parser.add_argument("words", nargs="+", metavar=metavar, help=words)
+    if writes:
+        parser.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+        parser.add_argument("--json", action="store_true", help="JSON lines instead of text")
+    parser.add_argument("words", nargs=some, metavar=metavar, help=words)
 
 
 def add_return_mode_option(parser: argparse.ArgumentParser) -> None:
@@ -191,13 +194,16 @@ def _engine(name: str, system_wide: bool, jumps: bool = True):
     return PtraceEngine(jumps=jumps)
 
 
-class _Run:
-    """What trace and count share: probes resolved, engine attached, command launched, signals handled."""
+class Run:
+    """What every command that runs probes shares: probes resolved, engine attached, command launched, signals
+    handled."""
 
     def __init__(self, args: argparse.Namespace, stack: ExitStack, counting: bool = False,
                  pair_returns: bool = False, stacks: StackLimits | None = None,
-                 check: Callable[[list[Probe]], None] | None = None) -> None:
-        """``check``: raises an error about the probes, once resolved, before anything is placed."""
+                 check: Callable[[list[Probe]], None] | None = None, timed: tuple[str, ...] = ()) -> None:
+        """``check``: raises an error about the probes, once resolved, before anything is placed; ``timed``:
+        functions whose calls are timed, each an entry probe and its return probes after the others (their
+        indexes in :attr:`timed`)."""
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, _raise_stop)
         # Stop signals wait until the run is set up: raised in the middle of an import (the engine's modules load
@@ -206,6 +212,7 @@ class _Run:
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         texts, command = _split_command(args)
         self.pid = args.pid
+        self.command = command
         if self.pid is not None:
             _check_process(self.pid, read_maps(self.pid))  # a clear error now if it is gone or not ours
         self.engine = stack.enter_context(_engine(args.engine, system_wide=self.pid is None and not command,
@@ -219,6 +226,14 @@ class _Run:
             self.probes = _entry_and_return(self.probes, returns)
         if check is not None:
             check(self.probes)
+        self.timed: list[range] = []
+        for text in timed:
+            try:
+                pair = _entry_and_return(resolve_texts([text], args.pid, returns), returns)
+            except UprobesError as exc:
+                raise UprobesError(f"--latency {text}: {exc}") from None
+            self.timed.append(range(len(self.probes), len(self.probes) + len(pair)))
+            self.probes += pair
         self._predicates = {i: p.predicate for i, p in enumerate(self.probes) if p.predicate is not None}
         # a predicate judges each hit's arguments: counted from events, unless the engine's counters can
         self.counting = counting and all(p.predicate is None or self.engine.counts_filtered and p.kernel_filter
@@ -236,9 +251,10 @@ class _Run:
             self.child.traced = self.engine.reaps_children
         self.engine.attach(self.probes, self.child.pid if self.child else self.pid, counting=self.counting,
                            held=self.child is not None, follow_forks=not args.no_follow, stacks=stacks)
-        scope = _pid_text(self.pid) if self.pid else "the command" if self.child else "every process"
+        #: What the probes are on: "pid 1234", "the command", "every process".
+        self.scope = _pid_text(self.pid) if self.pid else "the command" if self.child else "every process"
         points = f"{len(self.probes)} probe point{'s' if len(self.probes) != 1 else ''}"
-        print(f"uprobes: {points} attached ({self.engine.name} engine, {scope})",
+        print(f"uprobes: {points} attached ({self.engine.name} engine, {self.scope})",
               file=sys.stderr, flush=True)
         self.deadline = time.monotonic() + args.duration if args.duration else None
         self._duration = args.duration
@@ -260,7 +276,7 @@ class _Run:
             self.go()
             while True:
                 finished = self.finished()
-                take(self.poll(0 if finished else _POLL_SECONDS))
+                take(self.poll(0 if finished else POLL_SECONDS))
                 if finished:
                     break
         except KeyboardInterrupt as stop:
@@ -415,7 +431,7 @@ def _pid_text(pid: int) -> str:
 def run_trace(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         out = _open_output(args, stack)
-        run = _Run(args, stack, stacks=_stack_limits(args) if args.stack else None)
+        run = Run(args, stack, stacks=_stack_limits(args) if args.stack else None)
         writer = (ChromeTraceWriter(out, run.probes) if args.format == "chrome"
                   else EventWriter(out, args.format == "json", run.probes, args.wall_clock))
         seen, limit = 0, ""
@@ -423,7 +439,7 @@ def run_trace(args: argparse.Namespace) -> int:
             run.go()
             while True:
                 finished = run.finished()
-                events = run.poll_columns(0 if finished else _POLL_SECONDS)
+                events = run.poll_columns(0 if finished else POLL_SECONDS)
                 if not args.max_events or seen + len(events) < args.max_events:
                     writer.columns(events)
                     seen += len(events)
@@ -455,7 +471,7 @@ def run_trace(args: argparse.Namespace) -> int:
         return run.status
 
 
-def _report_notes(run: _Run) -> None:
+def _report_notes(run: Run) -> None:
     run.engine.close()  # what detaching found is part of the report
     run.warn()
     for note in run.engine.report():
@@ -485,7 +501,7 @@ def _report_lost(writer: EventWriter | ChromeTraceWriter, lost: int) -> None:
               file=sys.stderr)
 
 
-def _key_names(text: str | None, option: str) -> tuple[str, ...]:
+def key_names(text: str | None, option: str) -> tuple[str, ...]:
     """``--by size,name``: the names, each a fetch argument's or ``$pid``, ``$tid``, ``$comm``."""
     if text is None:
         return ()
@@ -497,7 +513,7 @@ def _key_names(text: str | None, option: str) -> tuple[str, ...]:
     return names
 
 
-def _check_names(probes: list[Probe], names: tuple[str, ...], option: str) -> None:
+def check_names(probes: list[Probe], names: tuple[str, ...], option: str) -> None:
     """Every probe fetches each of ``names`` (or it is a special): a one-line error naming what is missing."""
     for probe in probes:
         fetched = [arg.name for arg in probe.fetchargs]
@@ -509,14 +525,14 @@ def _check_names(probes: list[Probe], names: tuple[str, ...], option: str) -> No
 
 
 def run_count(args: argparse.Namespace) -> int:
-    keys = _key_names(args.by, "--by")
+    keys = key_names(args.by, "--by")
     if args.top is not None and not keys:
         raise UprobesError("--top N keeps the N keys with the most hits: give --by ARG too")
     if keys:
         return _run_aggregation(args, CountsByKey(keys), keys)
     with ExitStack() as stack:
         out = _open_output(args, stack)
-        run = _Run(args, stack, counting=True)
+        run = Run(args, stack, counting=True)
         intervals = _Intervals(args.interval)
         reported = [0] * len(run.probes)  # hits up to the last interval's report
 
@@ -530,7 +546,7 @@ def run_count(args: argparse.Namespace) -> int:
             run.go()
             while True:
                 finished = run.finished()
-                run.poll_columns(0 if finished else _POLL_SECONDS)  # the ptrace engine services its target in here
+                run.poll_columns(0 if finished else POLL_SECONDS)  # the ptrace engine services its target in here
                 if finished:  # that poll took what the last moments left in the buffers
                     break
                 if intervals.due():
@@ -558,7 +574,7 @@ def run_latency(args: argparse.Namespace) -> int:
 
     with ExitStack() as stack:
         out = _open_output(args, stack)
-        run = _Run(args, stack, pair_returns=True)
+        run = Run(args, stack, pair_returns=True)
         calls = _CallTimes()
         run.collect(calls.add)
         own = None
@@ -609,13 +625,13 @@ _EMPTY_CALL_PROGRAM = f"import ctypes\nabs = ctypes.CDLL(None).abs\nfor _ in ran
 def _ptrace_time_per_call(args: argparse.Namespace, trap: bool) -> int | None:
     """The ptrace engine's own time in each call it times: the median time of a call that does nothing, timed
     the same way (jumps or traps, the same return mode); None where that cannot be measured (said why)."""
-    calibration = argparse.Namespace(**{**vars(args), "words": ["uprobe:libc:abs"], "pid": None,
-                                        "command_line": None, "dash_command": [sys.executable, "-c", _EMPTY_CALL_PROGRAM],
-                                        "duration": None, "trap": trap, "no_follow": True})
+    empty_call = [sys.executable, "-c", _EMPTY_CALL_PROGRAM]
+    calibration = argparse.Namespace(**{**vars(args), "words": ["uprobe:libc:abs"], "pid": None, "command_line": None,
+                                        "dash_command": empty_call, "duration": None, "trap": trap, "no_follow": True})
     said = io.StringIO()
     try:
         with ExitStack() as stack, contextlib.redirect_stderr(said):
-            run = _Run(calibration, stack, pair_returns=True)
+            run = Run(calibration, stack, pair_returns=True)
             calls = _CallTimes()
             run.collect(calls.add)
             if run.status != 0 or len(calls.histogram.values) < _EMPTY_CALLS // 2:
@@ -677,7 +693,7 @@ def run_stacks(args: argparse.Namespace) -> int:
 
     with ExitStack() as stack:
         out = _open_output(args, stack)
-        run = _Run(args, stack, stacks=_stack_limits(args))
+        run = Run(args, stack, stacks=_stack_limits(args))
         counts = StackCounts()
         run.collect(counts.add)
         out.write(counts.json_lines() if args.json else counts.folded())
@@ -695,7 +711,7 @@ def run_hist(args: argparse.Namespace) -> int:
     arg = args.words.pop()
     if not args.words:
         raise UprobesError(f"hist PROBE... ARG: give a probe that fetches {arg}")
-    keys = _key_names(args.by, "--by")
+    keys = key_names(args.by, "--by")
     return _run_aggregation(args, HistogramsByKey(arg, keys, args.linear), keys, arg)
 
 
@@ -705,18 +721,18 @@ def _run_aggregation(args: argparse.Namespace, aggregate, keys: tuple[str, ...],
     with ExitStack() as stack:
         out = _open_output(args, stack)
         def check(probes: list[Probe]) -> None:
-            _check_names(probes, keys, "--by")
+            check_names(probes, keys, "--by")
             if arg is not None:
-                _check_names(probes, (arg,), "hist")
+                check_names(probes, (arg,), "hist")
                 _check_integer(probes, arg)
 
-        run = _Run(args, stack, check=check)
+        run = Run(args, stack, check=check)
         intervals = _Intervals(args.interval)
         try:
             run.go()
             while True:
                 finished = run.finished()
-                aggregate.add(run.poll_columns(0 if finished else _POLL_SECONDS))
+                aggregate.add(run.poll_columns(0 if finished else POLL_SECONDS))
                 if finished:  # that poll took what the last moments left in the buffers
                     break
                 if intervals.due():

@@ -27,8 +27,8 @@ from ..errors import ResolveError
 from ..x86_64.flow import Predecessors, predecessors
 from .info import DebugInfo, LineRow, Scope, Unit
 
-__all__ = ["LinePoint", "line_points", "function_line", "entry_line", "lines_with_code", "lines_with_code_in", "file_matches",
-           "prologue_end"]
+__all__ = ["LinePoint", "line_points", "function_line", "entry_line", "lines_with_code", "lines_with_code_in",
+           "file_matches", "prologue_end"]
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,8 @@ class EventWriter:
         clock = time.strftime("%H:%M:%S", time.localtime(wall)) + f".{int(wall % 1 * 1e6):06d}"
         in_hex = self._hex_names[event.probe_index] if event.probe_index < len(self._hex_names) else ()
         errors = event.errors or {}
-        args = " ".join(f"{name}={_value(value, name in in_hex, errors.get(name))}" for name, value in event.args.items())
+        args = " ".join(f"{name}={_value(value, name in in_hex, errors.get(name))}"
+                        for name, value in event.args.items())
         raw = self._raw_retval[event.probe_index] if event.probe_index < len(self._raw_retval) else True
         ret = f" retval={_value(event.retval)}" if event.is_return and raw else ""
         errors = "".join(f" ({name}: {reason})" for name, reason in errors.items() if reason != NULL_POINTER)

@@ -13,8 +13,8 @@ from typing import Protocol
 
 from ..x86_64.registers import BY_KERNEL_NAME, DWARF_REGISTERS
 from .computed import DwarfValue
-from .fetchargs import (NULL_POINTER, STRING_LIMIT, Address, Comm, Deref, FetchArg, FileOffset, Immediate, ImmediateString,
-                        Register, RetVal, StackPointer, StackSlot)
+from .fetchargs import (NULL_POINTER, STRING_LIMIT, Address, Comm, Deref, FetchArg, FileOffset, Immediate,
+                        ImmediateString, Register, RetVal, StackPointer, StackSlot)
 from .markerargs import MarkerOperand
 
 __all__ = ["HitContext", "Memory", "evaluate"]

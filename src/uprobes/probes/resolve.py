@@ -129,7 +129,8 @@ class Probe:
     def hex_names(self) -> frozenset[str]:
         """The arguments whose type is hexadecimal (``x64``, a pointer): text output writes them so."""
         retyped = {name for name, _ in self.retyped}
-        return frozenset(arg.name for arg in self.fetchargs if arg.type_text.startswith("x") and arg.name not in retyped)
+        return frozenset(arg.name for arg in self.fetchargs
+                         if arg.type_text.startswith("x") and arg.name not in retyped)
 
     def typed(self, values: dict) -> dict:
         """``values`` as fetched, retyped as the marker's spec or the DWARF says: float bits as numbers, signed
