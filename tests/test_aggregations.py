@@ -170,7 +170,7 @@ def test_interval_reports_start_from_zero_each_time(targets):
 
 @pytest.mark.parametrize("ns, text", [(0, "0ns"), (999, "999ns"), (1000, "1µs"), (1024, "1.02µs"), (16384, "16.4µs"),
                                       (999_499, "999µs"), (999_500, "1ms"), (2_065_309, "2.07ms"),
-                                      (1_073_741_824, "1.07s")])
+                                      (1_073_741_824, "1.07s"), (1_234_000_000_000, "1234s")])
 def test_durations_are_written_in_the_unit_that_suits(ns, text):
     from uprobes.output.histogram import duration
 

@@ -195,7 +195,9 @@ def test_a_process_is_served_while_it_runs_and_left_as_it_was(targets, serving):
 @pytest.mark.parametrize("args, message", [
     ([], "serve needs probes to count (PROBE...) or functions to time (--latency FUNCTION)"),
     (["--listen", "127.0.0.1:99999", "uprobe:libc:malloc"], "--listen takes ADDR:PORT"),
-    (["--by", "probe", "uprobe:libc:malloc probe=%di"], "--by probe: 'probe' and 'path' are labels of their own"),
+    (["--by", "probe", "uprobe:libc:malloc probe=%di"], "--by probe: a label 'probe' is there already"),
+    (["--by", "size,size", "uprobe:libc:malloc size=%di"], "--by size: a label 'size' is there already"),
+    (["--by", "pid,$pid", "uprobe:libc:malloc pid=%di"], "--by $pid: a label 'pid' is there already"),
     (["--latency", "uprobe:libc:malloc size=%di"], "--latency uprobe:libc:malloc size=%di: latency times calls and "
                                                      "fetches nothing"),
 ])
@@ -221,3 +223,33 @@ def test_the_readme_alert_rules_are_valid_prometheus_rules():
     rules = Path(__file__).resolve().parent.parent / "examples" / "uprobes-alerts.yml"
     result = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True)
     assert result.returncode == 0 and "SUCCESS: 3 rules found" in result.stdout, result.stdout + result.stderr
+
+
+def test_the_probe_points_of_one_probe_are_one_series(targets, serving):
+    """clampx's first line has a probe point in each of its two copies inlined into both() (lines.c): one series,
+    the sum, as Prometheus keeps one sample per set of labels."""
+    program = os.path.realpath(targets / "lines-O2")
+    clamp = next(n for n, text in enumerate((targets.parent / "lines.c").read_text().splitlines(), 1)
+                 if "COUNTED CLAMP" in text)
+    server = serving("--engine", "ptrace", f"uprobe:{program}:lines.c:{clamp}", "--", program, "4")
+    server.wait_said("the target has ended")
+    assert "2 probe points attached" in server.said
+    assert server.metrics()["uprobes_hits_total"] == [({"probe": f"lines.c:{clamp}", "path": program}, 8.0)]
+    status, out, _ = server.stop()
+    assert status == 0 and "clamp 8 " in out
+
+
+def test_calls_are_timed_in_the_order_they_happened_whatever_the_order_of_the_groups():
+    """A poll's events come in groups, one per probe and thread: entries [1, 3] and returns [2, 4] of one thread
+    are two calls of 1 ns each, not 0 and 3 ns."""
+    from uprobes.output.columns import EventColumns, Group
+    from uprobes.output.prometheus import ProbeMetrics
+
+    metrics = ProbeMetrics(["f", "f%return"], ["/bin/x", "/bin/x"], timed=[range(0, 2)])
+    def group(index: int, times: list[int]) -> Group:
+        return Group(["f", "f%return"][index], index, 10, 10, "x", 0x1000, (), {}, {}, times, [0] * len(times))
+    metrics.add(EventColumns([group(1, [2_000, 4_000]), group(0, [1_000, 3_000])]))
+    latency = {sample.name: sample for family in metrics.collect() for sample in family.samples
+               if family.name == "uprobes_latency_seconds" and sample.labels.get("le") in (None, "1e-07", "+Inf")}
+    assert latency["uprobes_latency_seconds_count"].value == 2
+    assert latency["uprobes_latency_seconds_sum"].value == pytest.approx(2e-6)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import signal
 import sys
 import time
 from contextlib import ExitStack
@@ -11,9 +13,12 @@ from contextlib import ExitStack
 from ..errors import UprobesError
 from ..output.columns import EventColumns
 from ..proc.status import thread_comm
+from . import STOP_SIGNALS
 from .tracing import POLL_SECONDS, Run, check_names, key_names
 
 __all__ = ["run_serve", "listen_address"]
+
+_LABEL = re.compile(r"(?!__)[A-Za-z_][A-Za-z0-9_]*")
 
 
 def listen_address(text: str) -> tuple[str, int]:
@@ -34,20 +39,32 @@ def run_serve(args: argparse.Namespace) -> int:
     keys = key_names(args.by, "--by")
     if not args.words and not args.latency:
         raise UprobesError("serve needs probes to count (PROBE...) or functions to time (--latency FUNCTION)")
+    labels = ["probe", "path"]
     for key in keys:
-        if label_name(key) in ("probe", "path"):
-            raise UprobesError(f"--by {key}: 'probe' and 'path' are labels of their own; name the argument "
-                               f"otherwise ({key}2=...)")
+        label = label_name(key)
+        if label in labels:
+            raise UprobesError(f"--by {key}: a label '{label}' is there already (probe and path are labels of their "
+                               f"own); name the argument otherwise ({label}2=...)")
+        if not _LABEL.fullmatch(label):
+            raise UprobesError(f"--by {key}: Prometheus labels are ASCII letters, digits and _, not starting with "
+                               f"__; name the argument otherwise")
+        labels.append(label)
     host, port = args.listen
     registry = CollectorRegistry(auto_describe=False)
+    # The server's thread must not take the signals the run waits for (SIGCHLD) or holds back (stop signals):
+    # a thread starts with the mask of the one that made it.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS | {signal.SIGCHLD})
     try:
         server, _ = start_http_server(port, host, registry=registry)
     except OSError as exc:
         raise UprobesError(f"cannot serve on {host}:{port}: {exc.strerror}") from None
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     with ExitStack() as stack:
         stack.callback(server.shutdown)
         run = Run(args, stack, counting=not keys and not args.latency,
-                  check=lambda probes: check_names(probes, keys, "--by"), timed=tuple(args.latency or ()))
+                  check=lambda probes: check_names(probes, keys, "--by"),
+                  timed=tuple(dict.fromkeys(args.latency or ())))
         metrics = ProbeMetrics([p.name for p in run.probes], [p.path for p in run.probes], keys, run.timed,
                                _target(run), args.max_series)
         metrics.placed, metrics.up = len(run.probes), 1
@@ -63,16 +80,19 @@ def run_serve(args: argparse.Namespace) -> int:
                 metrics.lost = run.engine.lost
                 if finished:
                     break
+            expired = run.deadline is not None and time.monotonic() >= run.deadline
             run.end_command()
             run.engine.close()
             metrics.add(EventColumns(single=run.judged(run.engine.leftover())))
             with metrics.lock:
-                metrics.up, metrics.placed = 0, 0
+                metrics.up, metrics.placed, metrics.lost = 0, 0, run.engine.lost
             if run.counting:
                 metrics.set_hits(run.hit_counts())
-            print("uprobes: the target has ended; serving what was counted until stopped", file=sys.stderr, flush=True)
-            while run.deadline is None or time.monotonic() < run.deadline:
-                time.sleep(POLL_SECONDS)
+            if not expired:
+                print("uprobes: the target has ended; serving what was counted until stopped", file=sys.stderr,
+                      flush=True)
+                while run.deadline is None or time.monotonic() < run.deadline:
+                    time.sleep(POLL_SECONDS)
         except KeyboardInterrupt as stop:
             run.interrupted(stop)  # a command still running is stopped
         run.engine.close()

@@ -285,7 +285,7 @@ class Run:
         else:
             self.end_command()
         self.engine.close()
-        take(self.engine.leftover())
+        take(self.judged(self.engine.leftover()))
 
     def poll(self, timeout: float) -> list:
         """The engine's events of up to ``timeout`` seconds, those its probes' predicates keep; its warnings
@@ -458,7 +458,7 @@ def run_trace(args: argparse.Namespace) -> int:
         else:
             run.end_command(limit=limit or None)
         run.engine.close()
-        for event in run.engine.leftover():  # records read while detaching
+        for event in run.judged(run.engine.leftover()):  # records read while detaching
             if args.max_events and seen >= args.max_events:
                 break
             writer.event(event)

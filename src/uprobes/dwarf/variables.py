@@ -27,6 +27,7 @@ from elftools.dwarf.locationlists import LocationExpr
 from ..elf.objfile import ElfObject
 from ..errors import ResolveError
 from ..probes.computed import DwarfValue
+from ..probes.fetchargs import MAX_ARRAY_LEN
 from ..x86_64.registers import DWARF_REGISTERS
 from .expression import unsupported
 from .info import DebugInfo, Scope, Unit, die_name, origin_of
@@ -531,11 +532,11 @@ def _finish(context: _Context, place: _Place, name: str, wanted: str | None, exp
 
 
 def _char_array(die_type: DIE, place: _Place) -> str:
-    """A char array read as text: its N bytes up to the first NUL (``char[N]``); as a string where its length is
-    not known."""
+    """A char array read as text: its N bytes up to the first NUL (``char[N]``); as a string, to its NUL, where
+    its length is not known or past what a fetch argument's array holds."""
     dims = place.dims if place.dims is not None else _subranges(die_type)
     count = math.prod(dims) if dims and None not in dims else None
-    return f"char[{count}]" if count else "string"
+    return f"char[{count}]" if count and count <= MAX_ARRAY_LEN else "string"
 
 
 def _natural(context: _Context, place: _Place, die_type: DIE | None, expression: str):

@@ -95,6 +95,8 @@ class Histogram:
 
 def duration(ns: int) -> str:
     """``ns`` nanoseconds to three significant digits, in the unit that suits: 512ns, 16.4µs, 1.05ms, 2.5s."""
+    if abs(ns) >= 999_500_000_000:
+        return f"{ns / 10**9:.0f}s"
     for unit, scale in (("s", 10**9), ("ms", 10**6), ("µs", 10**3)):
         if abs(ns) >= scale - scale // 2000:  # 999.5µs is 1ms, not 1e+03µs
             return f"{ns / scale:.3g}{unit}"

@@ -22,6 +22,9 @@ __all__ = ["LATENCY_BUCKETS", "OTHER", "ProbeMetrics", "label_name"]
 # Upper bounds of the call-duration buckets, in seconds: 1, 2.5, 5 per decade from 100 ns to 10 s.
 LATENCY_BUCKETS = tuple(mantissa * 10.0 ** exponent for exponent in range(-7, 1) for mantissa in (1, 2.5, 5)) + (10.0,)
 OTHER = "__other__"  # the key value of hits past a probe's max_series distinct keys
+# Calls in flight kept per timed function: threads, and calls nested in one thread (the oldest go first)
+_MOST_THREADS = 4096
+_MOST_NESTED = 64
 _SPECIAL_LABELS = {"$pid": "pid", "$tid": "tid", "$comm": "comm"}
 
 
@@ -40,7 +43,14 @@ class _Calls:
         self.started: dict[int, list[int]] = {}  # tid -> entry times of calls in flight, innermost last
 
     def entry(self, tid: int, ts_ns: int) -> None:
-        self.started.setdefault(tid, []).append(ts_ns)
+        calls = self.started.get(tid)
+        if calls is None:
+            if len(self.started) >= _MOST_THREADS:  # entries whose returns never came (lost, longjmp, exit)
+                del self.started[next(iter(self.started))]
+            calls = self.started[tid] = []
+        elif len(calls) >= _MOST_NESTED:
+            del calls[0]
+        calls.append(ts_ns)
 
     def exit(self, tid: int, ts_ns: int) -> None:
         calls = self.started.get(tid)
@@ -48,6 +58,8 @@ class _Calls:
             seconds = max(0, ts_ns - calls.pop()) / 1e9
             self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
             self.sum_seconds += seconds
+            if not calls:
+                del self.started[tid]
 
 
 class ProbeMetrics:
@@ -82,19 +94,25 @@ class ProbeMetrics:
     def add(self, events: EventColumns) -> None:
         """The events of one poll: counted per probe (and key), and timed where they are a function's."""
         with self.lock:
+            timed: list[tuple[int, bool, int, _Calls]] = []  # time, is it a return, thread, function
             for group in events.groups:
-                self._add_group(group)
+                timing = self._timing.get(group.probe_index)
+                if timing is None:
+                    self._count_group(group)
+                else:
+                    timed += [(ts_ns, timing[1], group.tid, timing[0]) for ts_ns in group.ts_ns]
             for event in events.single:
-                self._add_event(event)
+                timing = self._timing.get(event.probe_index)
+                if timing is None:
+                    self._count_event(event)
+                else:
+                    timed.append((event.ts_ns, timing[1], event.tid, timing[0]))
+            timed.sort(key=lambda hit: hit[:2])  # a return meets the entry before it in its thread
+            for ts_ns, is_return, tid, calls in timed:
+                (calls.exit if is_return else calls.entry)(tid, ts_ns)
 
-    def _add_group(self, group: Group) -> None:
+    def _count_group(self, group: Group) -> None:
         index = group.probe_index
-        timing = self._timing.get(index)
-        if timing is not None:
-            calls, is_return = timing
-            for ts_ns in group.ts_ns:
-                (calls.exit if is_return else calls.entry)(group.tid, ts_ns)
-            return
         self.hits[index] += len(group.ts_ns)
         if self.keys:
             special = {"$pid": group.pid, "$tid": group.tid, "$comm": group.comm}
@@ -104,13 +122,8 @@ class ProbeMetrics:
             for key in zip(*columns):
                 self._count_key(index, key)
 
-    def _add_event(self, event: Event) -> None:
+    def _count_event(self, event: Event) -> None:
         index = event.probe_index
-        timing = self._timing.get(index)
-        if timing is not None:
-            calls, is_return = timing
-            (calls.exit if is_return else calls.entry)(event.tid, event.ts_ns)
-            return
         self.hits[index] += 1
         if self.keys:
             special = {"$pid": event.pid, "$tid": event.tid, "$comm": event.comm}
@@ -133,23 +146,28 @@ class ProbeMetrics:
             yield from self._health()
 
     def _hits(self) -> Iterator[Metric]:
-        labels = ["probe", "path", *(label_name(key) for key in self.keys)]
-        hits = CounterMetricFamily("uprobes_hits", "Hits of each probe point (and key of --by)", labels=labels)
+        # The probe points of one probe and object (a marker's sites, a function's rets, a line's copies) are one
+        # series: Prometheus keeps one sample per set of labels.
+        totals: dict[tuple, int] = {}
+        dropped: dict[tuple, int] = {}
         for index, counted in enumerate(self._counted):
             if not counted:
                 continue
-            if not self.keys:
-                hits.add_metric([self.names[index], self.paths[index]], self.hits[index])
-            for key, count in self.by_key[index].items():
-                hits.add_metric([self.names[index], self.paths[index], *key], count)
+            where = (self.names[index], self.paths[index])
+            for key, count in self.by_key[index].items() if self.keys else [((), self.hits[index])]:
+                totals[where + key] = totals.get(where + key, 0) + count
+            dropped[where] = dropped.get(where, 0) + self.dropped[index]
+        labels = ["probe", "path", *(label_name(key) for key in self.keys)]
+        hits = CounterMetricFamily("uprobes_hits", "Hits of each probe (and key of --by)", labels=labels)
+        for values, count in totals.items():
+            hits.add_metric(list(values), count)
         yield hits
         if self.keys:
-            dropped = CounterMetricFamily("uprobes_series_dropped", "Hits counted under the key __other__: their "
-                                          "probe had --max-series distinct keys already", labels=["probe", "path"])
-            for index, counted in enumerate(self._counted):
-                if counted:
-                    dropped.add_metric([self.names[index], self.paths[index]], self.dropped[index])
-            yield dropped
+            past = CounterMetricFamily("uprobes_series_dropped", "Hits counted under the key __other__: their probe "
+                                       "had --max-series distinct keys already", labels=["probe", "path"])
+            for values, count in dropped.items():
+                past.add_metric(list(values), count)
+            yield past
 
     def _latency(self) -> Iterator[Metric]:
         if not self._calls:

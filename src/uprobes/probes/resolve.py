@@ -569,18 +569,20 @@ def _resolve_line(spec: ProbeSpec, obj: ElfObject) -> list[Probe]:
     except ResolveError as exc:
         raise ResolveError(f"probe '{spec.text}': {exc}") from None
     if spec.source_function is not None:
-        points = []
+        points, missing = [], None
         for file_name, line, copies in function_line(info, spec.source_function, spec.line, spec.text):
+            first = line - spec.line
             if spec.line == 0:
                 line = entry_line(info, copies, file_name, line)
-            try:
-                points += line_points(info, file_name, line, spec.text, within=copies)
-            except ResolveError:
-                first = line - spec.line
+            found = line_points(info, file_name, line, spec.text, within=copies, missing_ok=True)
+            points += found
+            if not found and missing is None:
                 with_code = ", ".join(f"+{n - first}" for n in sorted(lines_with_code_in(info, copies)))
-                raise ResolveError(f"probe '{spec.text}': {spec.source_function}:+{spec.line} "
-                                   f"({os.path.basename(file_name)}:{line}) has no code; the lines of "
-                                   f"{spec.source_function} with code are {with_code or 'none'}") from None
+                missing = (f"probe '{spec.text}': {spec.source_function}:+{spec.line} ({os.path.basename(file_name)}:"
+                           f"{line}) has no code; the lines of {spec.source_function} with code are "
+                           f"{with_code or 'none'}")
+        if not points:
+            raise ResolveError(missing)
     else:
         points = line_points(info, spec.source_file, spec.line, spec.text)
     probes = []
