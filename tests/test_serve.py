@@ -5,6 +5,7 @@ itself is read with prometheus-client's parser."""
 from __future__ import annotations
 
 import json
+import select
 import os
 import signal
 import socket
@@ -35,14 +36,17 @@ def _get(url: str) -> bytes:
 
 
 class _Serving:
-    """``uprobes serve --listen 127.0.0.1:PORT ARGS`` in the background, until it says it serves."""
+    """``uprobes serve --listen 127.0.0.1:PORT ARGS`` in the background, until it says it serves (or pushes:
+    ``--otlp`` alone, ``listen`` False, serves nothing)."""
 
-    def __init__(self, *args: str) -> None:
-        self.port = _free_port()
-        self.proc = subprocess.Popen([sys.executable, "-m", "uprobes", "serve", "--listen", f"127.0.0.1:{self.port}",
-                                      *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def __init__(self, *args: str, listen: bool = True, port: int | None = None) -> None:
+        """``port``: where it serves when ARGS say (a configuration file)."""
+        self.port = port or _free_port()
+        listening = ["--listen", f"127.0.0.1:{self.port}"] if listen else []
+        self.proc = subprocess.Popen([sys.executable, "-m", "uprobes", "serve", *listening, *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.said = ""
-        while "serving metrics on" not in self.said:
+        while "serving metrics on" not in self.said and "pushing metrics to" not in self.said:
             line = self.proc.stderr.readline()
             assert line, self.said + self.proc.stderr.read()
             self.said += line
@@ -72,8 +76,8 @@ class _Serving:
 def serving():
     started = []
 
-    def start(*args: str) -> _Serving:
-        started.append(_Serving(*args))
+    def start(*args: str, listen: bool = True, port: int | None = None) -> _Serving:
+        started.append(_Serving(*args, listen=listen, port=port))
         return started[-1]
 
     yield start
@@ -243,7 +247,7 @@ def test_calls_are_timed_in_the_order_they_happened_whatever_the_order_of_the_gr
     """A poll's events come in groups, one per probe and thread: entries [1, 3] and returns [2, 4] of one thread
     are two calls of 1 ns each, not 0 and 3 ns."""
     from uprobes.output.columns import EventColumns, Group
-    from uprobes.output.prometheus import ProbeMetrics
+    from uprobes.output.metrics import ProbeMetrics
 
     metrics = ProbeMetrics(["f", "f%return"], ["/bin/x", "/bin/x"], timed=[range(0, 2)])
     def group(index: int, times: list[int]) -> Group:
@@ -253,3 +257,209 @@ def test_calls_are_timed_in_the_order_they_happened_whatever_the_order_of_the_gr
                if family.name == "uprobes_latency_seconds" and sample.labels.get("le") in (None, "1e-07", "+Inf")}
     assert latency["uprobes_latency_seconds_count"].value == 2
     assert latency["uprobes_latency_seconds_sum"].value == pytest.approx(2e-6)
+
+
+class _OtlpReceiver:
+    """An OTLP/HTTP metrics receiver on a loopback port: each request decoded with the protocol's own schema
+    (opentelemetry-proto's ExportMetricsServiceRequest). No OpenTelemetry Collector installs here (Debian has none,
+    Prometheus 2.42 has no OTLP receiver): this is what such a receiver would be handed."""
+
+    def __init__(self) -> None:
+        import gzip
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (ExportMetricsServiceRequest,
+                                                                                  ExportMetricsServiceResponse)
+        self.requests: list = []
+        received = self.requests
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                request = ExportMetricsServiceRequest()
+                request.ParseFromString(body)
+                received.append((self.path, self.headers["Content-Type"], request))
+                answer = ExportMetricsServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1/metrics"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def last(self) -> dict[str, list]:
+        """The last request's data points by metric name: (attributes, the point)."""
+        _, _, request = self.requests[-1]
+        points: dict[str, list] = {}
+        for resource in request.resource_metrics:
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    data = getattr(metric, metric.WhichOneof("data"))
+                    points[metric.name] = [({a.key: a.value.string_value for a in p.attributes}, p)
+                                           for p in data.data_points]
+        return points
+
+
+def test_the_metrics_are_pushed_over_otlp(targets, serving):
+    receiver = _OtlpReceiver()
+    calls = os.path.realpath(targets / "calls")
+    try:
+        server = serving("--engine", "ptrace", "--otlp", receiver.url, "--otlp-interval", "0.3", "--latency",
+                         f"uprobe:{calls}:work", f"uprobe:{calls}:work", "--", calls, "40", listen=False)
+        server.wait_said("the target has ended")
+        deadline = time.monotonic() + 30
+        while not receiver.requests:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        status, out, said = server.stop()  # a last push, with the final figures
+        assert status == 0 and out.startswith("calls 40 ") and "failed" not in said, said
+        assert "serving metrics" not in said  # --otlp alone serves nothing
+    finally:
+        receiver.server.shutdown()
+    path, content_type, request = receiver.requests[-1]
+    assert path == "/v1/metrics" and content_type == "application/x-protobuf"
+    resource = {a.key: a.value for a in request.resource_metrics[0].resource.attributes}
+    assert resource["service.name"].string_value == "uprobes"
+    points = receiver.last()
+    ((attributes, hits),) = points["uprobes_hits"]
+    assert attributes == {"probe": "work", "path": calls} and hits.as_int == 40
+    ((attributes, latency),) = points["uprobes_latency_seconds"]
+    assert attributes == {"function": "work", "path": calls} and latency.count == 40 == sum(latency.bucket_counts)
+    assert list(latency.explicit_bounds) == pytest.approx([1e-7, 2.5e-7, 5e-7] + [m * 10.0 ** e for e in range(-6, 1)
+                                                                                     for m in (1, 2.5, 5)] + [10.0])
+    assert 0 < latency.min <= latency.max and latency.sum > 0
+    assert [p.as_int for _, p in points["uprobes_otlp_failures"]] == [0]
+    assert [(a, p.as_int) for a, p in points["uprobes_target_up"]] == [({"target": "calls"}, 0)]
+    assert len(receiver.requests) >= 2  # at the interval, and the last at the end
+
+
+def test_an_argument_drawn_as_a_histogram_has_the_program_s_values(targets, serving):
+    """--hist size: takes' sizes (as the program prints them) in uprobes_argument's buckets, 0 then powers of two."""
+    from oracles import takes_calls
+
+    takes = os.path.realpath(targets / "takes")
+    server = serving("--engine", "ptrace", "--hist", "size", f"uprobe:{takes}:take size=%di:s64", "--", takes, "300")
+    server.wait_said("the target has ended")
+    samples = server.metrics()
+    status, out, _ = server.stop()
+    assert status == 0
+    sizes = [size for size, *_ in takes_calls(out, 300)]
+    bounds = [0.0, *(float(2 ** k) for k in range(41)), float("inf")]
+    buckets = sorted((float(labels["le"]), value) for labels, value in samples["uprobes_argument_bucket"])
+    assert buckets == [(bound, float(sum(size <= bound for size in sizes))) for bound in bounds]
+    assert samples["uprobes_argument_count"] == [({"probe": "take", "path": takes, "arg": "size"}, 300.0)]
+    assert samples["uprobes_argument_sum"] == [({"probe": "take", "path": takes, "arg": "size"}, float(sum(sizes)))]
+    result = run_cli("serve", "--hist", "name", f"uprobe:{takes}:take name=+0(%si):string", "--", takes, "1")
+    assert result.status == 2 and "--hist name: probe" in result.stderr and "a histogram draws integers" in \
+        result.stderr
+
+
+@pytest.mark.stress
+def test_a_long_serve_keeps_its_memory_flat_and_its_series_bounded(targets, serving):
+    """Two million calls, each with its own key (--by i: bounded by --max-series), timed (--latency) and drawn
+    (--hist): the exporter's memory stays flat once it runs, and every hit is counted or counted as lost."""
+    calls = os.path.realpath(targets / "calls")
+    n = 2_000_000
+    server = serving("--engine", "ptrace", "--by", "i", "--hist", "i", "--latency", f"uprobe:{calls}:work",
+                     f"uprobe:{calls}:work i=%di:s32", "--", calls, str(n))
+    samples = []
+    while server.proc.poll() is None and "the target has ended" not in server.said:
+        metrics = server.metrics()
+        hits = sum(value for _, value in metrics["uprobes_hits_total"])
+        with open(f"/proc/{server.proc.pid}/status") as status:
+            rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+        samples.append((hits, rss))
+        time.sleep(0.5)
+        if server.proc.stderr in select.select([server.proc.stderr], [], [], 0)[0]:
+            server.said += server.proc.stderr.readline()
+    metrics = server.metrics()
+    hits = sum(value for _, value in metrics["uprobes_hits_total"])
+    lost = metrics["uprobes_lost_events_total"][0][1]
+    assert len(metrics["uprobes_hits_total"]) == 1001  # 1000 keys and __other__
+    status, out, said = server.stop()
+    assert status == 0 and out.startswith(f"calls {n} "), said
+    assert hits + lost >= n and hits <= n
+    later = [rss for counted, rss in samples if counted >= n // 5]
+    print(f"\nRSS from {n // 5:,} to {n:,} hits: {min(later)}-{max(later)} KiB over {len(later)} samples; "
+          f"lost {lost:g}")
+    assert len(later) >= 3 and max(later) - min(later) < 4096, samples  # KiB
+
+
+def test_a_configuration_file_gives_the_probes_and_options(targets, tmp_path, serving):
+    """The keys are the options' names; the command line's own win (its --max-series here), its probes add."""
+    calls = os.path.realpath(targets / "calls")
+    port = _free_port()
+    config = tmp_path / "serve.toml"
+    config.write_text(f'''# shipped by configuration management
+engine = "ptrace"
+listen = "127.0.0.1:{port}"
+probes = ["uprobe:{calls}:work i=%di:s32"]
+latency = ["uprobe:{calls}:work"]
+by = "i"
+max_series = 50
+command = ["{calls}", "20"]
+''')
+    server = serving("--config", str(config), "--max-series", "5", f"usdt:{calls}:calls:step i=arg0", listen=False,
+                     port=port)
+    server.wait_said("the target has ended")
+    samples = server.metrics()
+    by_i = {(labels["probe"], labels["i"]): value for labels, value in samples["uprobes_hits_total"]}
+    assert by_i == {**{("work", str(i)): 1.0 for i in range(5)}, ("work", "__other__"): 15.0,
+                    **{("calls:step", str(i)): 1.0 for i in range(5)}, ("calls:step", "__other__"): 15.0}
+    assert [value for _, value in samples["uprobes_latency_seconds_count"]] == [20.0]
+    status, out, _ = server.stop()
+    assert status == 0 and out.startswith("calls 20 ")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('engine = "ptrace"\nbogus = 3\n', "{path}:2: unknown key 'bogus'; the keys are probes, latency,"),
+    ('probes = ["uprobe:libc:malloc"]\n\nmax_series = -3\n', "{path}:3: max_series: max_series takes a number of "
+                                                             "keys above 0, not '-3'"),
+    ('probes = "uprobe:libc:malloc"\n', "{path}:1: probes: expected a list of strings (at least one), not "
+                                        "'uprobe:libc:malloc'"),
+    ('engine = "ptrace\n', "{path}: Illegal character"),
+])
+def test_a_bad_configuration_is_one_line_naming_the_file_the_line_and_the_key(tmp_path, text, message):
+    config = tmp_path / "serve.toml"
+    config.write_text(text)
+    result = run_cli("serve", "--config", str(config))
+    assert result.status == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("uprobes: error: " + message.format(path=config)), result.stderr
+
+
+def test_the_command_line_wins_over_the_file_even_with_the_default_value(targets, tmp_path, serving):
+    """A file's engine = "kernel" and max_series are defaults: --engine ptrace (and --max-series 1000, the
+    built-in default) given on the command line win; the command line's target wins over the file's."""
+    calls = os.path.realpath(targets / "calls")
+    config = tmp_path / "serve.toml"
+    config.write_text(f'engine = "kernel"\nmax_series = 2\nby = "i"\npid = 1\nprobes = ["uprobe:{calls}:work i=%di"]\n')
+    server = serving("--config", str(config), "--engine", "ptrace", "--max-series", "1000", "--", calls, "5")
+    server.wait_said("the target has ended")
+    keys = sorted(labels["i"] for labels, _ in server.metrics()["uprobes_hits_total"])
+    assert server.stop()[0] == 0
+    assert "(ptrace engine, the command)" in server.said
+    assert keys == ["0", "1", "2", "3", "4"]  # five keys: not the file's 2
+
+
+def test_a_push_to_a_receiver_that_is_not_there_is_counted_and_said_once(targets, serving):
+    calls = os.path.realpath(targets / "calls")
+    receiver = f"http://user:secret@127.0.0.1:{_free_port()}"
+    server = serving("--engine", "ptrace", "--otlp", receiver, "--otlp-interval", "0.2", f"uprobe:{calls}:work",
+                     "--", calls, "3")
+    server.wait_said("the target has ended")
+    time.sleep(1)
+    failures = server.metrics()["uprobes_otlp_failures_total"][0][1]
+    status, _, said = server.stop()
+    assert status == 0 and failures >= 1 and "Traceback" not in said
+    assert said.count("a push to http://127.0.0.1:") == 1 and "secret" not in said, said
+    assert "/v1/metrics" in said  # the protocol's own path, where the URL gave none
+    assert "the last push to" in said

@@ -9,7 +9,8 @@ import sys
 import textwrap
 
 from ..errors import UprobesError
-from .serving import listen_address
+from .serve_config import config_of
+from .serving import listen_address, otlp_url
 from .tracing import add_return_mode_option, add_stack_options, add_tracing_options, positive
 
 __all__ = ["main"]
@@ -65,7 +66,8 @@ def _version() -> str:
         return "(not installed)"
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser(serve_defaults: dict | None = None) -> argparse.ArgumentParser:
+    """The command line; ``serve_defaults``: option values a ``serve --config`` file gives."""
     parser = _Parser(prog="uprobes", description="Linux user-space probes for x86-64 programs.",
                      formatter_class=argparse.RawDescriptionHelpFormatter,
                      epilog=_examples("list", "trace", "count", "latency", "hist", "stacks", "resolve"))
@@ -136,22 +138,38 @@ def _build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_examples("stacks"))
     add_tracing_options(stacks)
     add_stack_options(stacks)
-    serve = _described(commands, "serve", "serve the probes' hits and call durations as Prometheus metrics",
-                       "Run the probes and serve, at http://ADDR:PORT/metrics, uprobes_hits_total per probe point (and "
-                       "--by key), uprobes_latency_seconds per --latency function, and the run's health "
-                       "(uprobes_lost_events_total, uprobes_probes_placed, uprobes_target_up), until a stop signal "
-                       "or -d. When the target ends, what was counted stays served (uprobes_target_up 0).")
+    serve = _described(commands, "serve", "export the probes' hits, call durations and values, for Prometheus "
+                                          "and OpenTelemetry",
+                       "Run the probes and serve at http://ADDR:PORT/metrics (and/or push over OTLP to --otlp URL) "
+                       "uprobes_hits_total per probe (and --by key), uprobes_latency_seconds per --latency function, "
+                       "uprobes_argument per --hist argument, and the run's health (uprobes_lost_events_total, "
+                       "uprobes_probes_placed, uprobes_target_up), until a stop signal or -d. When the target ends, "
+                       "what was counted stays served (uprobes_target_up 0).")
     add_tracing_options(serve, writes=False, some="*")
-    serve.add_argument("--listen", type=listen_address, default="127.0.0.1:9930", metavar="ADDR:PORT",
-                       help="where to serve /metrics (default 127.0.0.1:9930; :PORT for every address)")
+    serve.add_argument("--listen", type=listen_address, metavar="ADDR:PORT",
+                       help="where to serve /metrics (default 127.0.0.1:9930 unless --otlp is given; :PORT for every "
+                            "IPv4 address)")
+    serve.add_argument("--otlp", type=otlp_url, metavar="URL",
+                       help="push the metrics to an OTLP/HTTP receiver, e.g. http://collector:4318/v1/metrics")
+    serve.add_argument("--otlp-interval", type=positive(float, "--otlp-interval", "a number of seconds", 86400),
+                       default=10.0,
+                       metavar="SECONDS", help="push every SECONDS (default 10), and once more at the end")
     serve.add_argument("--latency", action="append", metavar="FUNCTION",
                        help="time each call of FUNCTION (uprobe:PATH:FUNCTION), as uprobes_latency_seconds "
                             "(repeatable)")
     serve.add_argument("--by", metavar="ARG[,ARG...]", help="count hits per distinct value of these arguments (a "
                                                             "label each)")
+    serve.add_argument("--config", metavar="FILE",
+                       help="probes and options from a TOML file, its keys the options' names (probes = [...], "
+                            "latency = [...], by, hist, listen, otlp, otlp_interval, max_series, engine, pid, command, "
+                            "no_follow, trap, return_mode, duration); the command line's own win")
+    serve.add_argument("--hist", metavar="ARG[,ARG...]",
+                       help="draw the values of these arguments, per probe that fetches them, as the histogram "
+                            "uprobes_argument (0, then powers of two to 2^40)")
     serve.add_argument("--max-series", type=positive(int, "--max-series", "a number of keys"), default=1000,
                        metavar="N", help="at most N distinct --by keys per probe; hits past them count under "
                                          "__other__ (default 1000)")
+    serve.set_defaults(**(serve_defaults or {}))  # after every option: it changes their defaults
     commands.add_parser("cleanup", help="delete the kernel uprobe events that runs which died left behind",
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_examples("cleanup"),
                         description="Delete the kernel uprobe events (tracefs) left behind by uprobes runs whose "
@@ -185,8 +203,15 @@ def _split_dash_command(argv: list[str]) -> tuple[list[str], list[str]]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``uprobes`` console script; returns the exit status."""
     argv, dash_command = _split_dash_command(sys.argv[1:] if argv is None else argv)
-    args = _build_parser().parse_args(argv)
+    try:
+        config = config_of(argv)  # serve --config FILE: the file's values are the defaults of the options
+    except UprobesError as exc:
+        print(f"uprobes: error: {exc}", file=sys.stderr)
+        return 2
+    args = _build_parser(config.defaults if config else {}).parse_args(argv)
     args.dash_command = dash_command
+    if config is not None:
+        config.complete(args)
     try:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is a KeyboardInterrupt again
         return _dispatch(args)

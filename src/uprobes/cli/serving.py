@@ -1,4 +1,5 @@
-"""``uprobes serve``: the probes' counts and call durations as a Prometheus exporter, for as long as it runs."""
+"""``uprobes serve``: the probes' counts and call durations for Prometheus (served) and OpenTelemetry (pushed
+over OTLP), for as long as it runs."""
 
 from __future__ import annotations
 
@@ -8,17 +9,19 @@ import re
 import signal
 import sys
 import time
-from contextlib import ExitStack
+import urllib.parse
+from contextlib import ExitStack, contextmanager
 
 from ..errors import UprobesError
 from ..output.columns import EventColumns
 from ..proc.status import thread_comm
 from . import STOP_SIGNALS
-from .tracing import POLL_SECONDS, Run, check_names, key_names
+from .tracing import POLL_SECONDS, Run, check_integer, check_names, key_names
 
-__all__ = ["run_serve", "listen_address"]
+__all__ = ["run_serve", "listen_address", "otlp_url"]
 
 _LABEL = re.compile(r"(?!__)[A-Za-z_][A-Za-z0-9_]*")
+_DEFAULT_LISTEN = "127.0.0.1:9930"
 
 
 def listen_address(text: str) -> tuple[str, int]:
@@ -29,14 +32,37 @@ def listen_address(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def otlp_url(text: str) -> str:
+    """``--otlp URL``: an http(s) URL of an OTLP/HTTP receiver, as argparse's type; without a path, the
+    protocol's own for metrics (``/v1/metrics``)."""
+    parsed = urllib.parse.urlsplit(text)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise argparse.ArgumentTypeError(f"--otlp takes the URL of an OTLP/HTTP receiver "
+                                         f"(http://collector:4318/v1/metrics), not {text!r}")
+    return text if parsed.path not in ("", "/") else urllib.parse.urlunsplit(parsed._replace(path="/v1/metrics"))
+
+
+@contextmanager
+def _threads_without_signals():
+    """Threads started here never take the signals the run waits for (SIGCHLD) or holds back (stop signals): a
+    thread starts with the signal mask of the one that made it."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS | {signal.SIGCHLD})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 def run_serve(args: argparse.Namespace) -> int:
-    """Run the probes and serve their metrics on ``--listen`` until a stop signal (or ``-d``); the target
-    ending leaves what was counted served, with ``uprobes_target_up`` 0."""
+    """Run the probes and export their metrics (served on ``--listen``, pushed to ``--otlp``) until a stop signal
+    (or ``-d``); the target ending leaves what was counted served, with ``uprobes_target_up`` 0."""
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from ..output.prometheus import ProbeMetrics, label_name
+    from ..output.metrics import ProbeMetrics, label_name
+    from ..output.otlp import OtlpPush, redacted
 
     keys = key_names(args.by, "--by")
+    drawn = key_names(args.hist, "--hist")
     if not args.words and not args.latency:
         raise UprobesError("serve needs probes to count (PROBE...) or functions to time (--latency FUNCTION)")
     labels = ["probe", "path"]
@@ -49,27 +75,33 @@ def run_serve(args: argparse.Namespace) -> int:
             raise UprobesError(f"--by {key}: Prometheus labels are ASCII letters, digits and _, not starting with "
                                f"__; name the argument otherwise")
         labels.append(label)
-    host, port = args.listen
+    listen = args.listen or (None if args.otlp else listen_address(_DEFAULT_LISTEN))
     registry = CollectorRegistry(auto_describe=False)
-    # The server's thread must not take the signals the run waits for (SIGCHLD) or holds back (stop signals):
-    # a thread starts with the mask of the one that made it.
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS | {signal.SIGCHLD})
-    try:
-        server, _ = start_http_server(port, host, registry=registry)
-    except OSError as exc:
-        raise UprobesError(f"cannot serve on {host}:{port}: {exc.strerror}") from None
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     with ExitStack() as stack:
-        stack.callback(server.shutdown)
-        run = Run(args, stack, counting=not keys and not args.latency,
-                  check=lambda probes: check_names(probes, keys, "--by"),
+        if listen is not None:
+            host, port = listen
+            try:
+                with _threads_without_signals():
+                    server, _ = start_http_server(port, host, registry=registry)
+            except OSError as exc:
+                raise UprobesError(f"cannot serve on {host}:{port}: {exc.strerror}") from None
+            stack.callback(server.shutdown)
+        run = Run(args, stack, counting=not keys and not args.latency and not drawn,
+                  check=lambda probes: _check_arguments(probes, keys, drawn),
                   timed=tuple(dict.fromkeys(args.latency or ())))
         metrics = ProbeMetrics([p.name for p in run.probes], [p.path for p in run.probes], keys, run.timed,
-                               _target(run), args.max_series)
+                               _target(run), args.max_series, drawn)
         metrics.placed, metrics.up = len(run.probes), 1
         registry.register(metrics)
-        print(f"uprobes: serving metrics on http://{host}:{port}/metrics", file=sys.stderr, flush=True)
+        push = None
+        if args.otlp:
+            with _threads_without_signals():
+                push = OtlpPush(metrics, args.otlp, args.otlp_interval)
+        if listen is not None:
+            print(f"uprobes: serving metrics on http://{listen[0]}:{listen[1]}/metrics", file=sys.stderr, flush=True)
+        if push is not None:
+            print(f"uprobes: pushing metrics to {redacted(args.otlp)} every {args.otlp_interval:g} s", file=sys.stderr,
+                  flush=True)
         try:
             run.go()
             while True:
@@ -82,12 +114,7 @@ def run_serve(args: argparse.Namespace) -> int:
                     break
             expired = run.deadline is not None and time.monotonic() >= run.deadline
             run.end_command()
-            run.engine.close()
-            metrics.add(EventColumns(single=run.judged(run.engine.leftover())))
-            with metrics.lock:
-                metrics.up, metrics.placed, metrics.lost = 0, 0, run.engine.lost
-            if run.counting:
-                metrics.set_hits(run.hit_counts())
+            _finish(run, metrics)
             if not expired:
                 print("uprobes: the target has ended; serving what was counted until stopped", file=sys.stderr,
                       flush=True)
@@ -95,8 +122,31 @@ def run_serve(args: argparse.Namespace) -> int:
                     time.sleep(POLL_SECONDS)
         except KeyboardInterrupt as stop:
             run.interrupted(stop)  # a command still running is stopped
-        run.engine.close()
+            _finish(run, metrics)
+        if push is not None and not push.close():
+            print(f"uprobes: warning: the last push to {redacted(args.otlp)} failed ({push.failures} failed in all)",
+                  file=sys.stderr)
         return 0  # a stop signal is how a server ends
+
+
+def _finish(run: Run, metrics) -> None:
+    """Every probe removed: the metrics as they end, with what was read while detaching."""
+    run.engine.close()
+    metrics.add(EventColumns(single=run.judged(run.engine.leftover())))
+    if run.counting:
+        metrics.set_hits(run.hit_counts())
+    with metrics.lock:
+        metrics.up, metrics.placed, metrics.lost = 0, 0, run.engine.lost
+
+
+def _check_arguments(probes: list, keys: tuple[str, ...], drawn: tuple[str, ...]) -> None:
+    """--by keys are arguments of every probe; --hist arguments of at least one, integers."""
+    check_names(probes, keys, "--by")
+    for name in drawn:
+        fetching = [probe for probe in probes if any(arg.name == name for arg in probe.fetchargs)]
+        if not fetching:
+            raise UprobesError(f"--hist {name}: no probe fetches an argument '{name}'")
+        check_integer(fetching, name, "--hist")
 
 
 def _target(run: Run) -> str:

@@ -31,8 +31,9 @@ from ..stacks import StackLimits
 from ..x86_64.unwind import DEFAULT_DEPTH, STACK_BYTES
 from . import STOP_SIGNALS
 
-__all__ = ["Run", "POLL_SECONDS", "key_names", "check_names", "add_tracing_options", "add_return_mode_option",
-           "add_stack_options", "positive", "run_trace", "run_count", "run_latency", "run_stacks", "run_hist"]
+__all__ = ["Run", "POLL_SECONDS", "key_names", "check_names", "check_integer", "add_tracing_options",
+           "add_return_mode_option", "add_stack_options", "positive", "run_trace", "run_count", "run_latency",
+           "run_stacks", "run_hist"]
 
 POLL_SECONDS = 0.1
 
@@ -110,8 +111,8 @@ def _number(option: str, what: str, low: int, high: int, multiple: int = 1):
     return parse
 
 
-def positive(kind: type, option: str, what: str):
-    """An argparse type: a number of ``kind`` above zero."""
+def positive(kind: type, option: str, what: str, most: float = float("inf")):
+    """An argparse type: a number of ``kind`` above zero (and at most ``most``)."""
     def parse(text: str):
         try:
             value = kind(text)
@@ -119,6 +120,8 @@ def positive(kind: type, option: str, what: str):
             value = None
         if value is None or not value > 0 or value == float("inf"):
             raise argparse.ArgumentTypeError(f"{option} takes {what} above 0, not {text!r}")
+        if value > most:
+            raise argparse.ArgumentTypeError(f"{option} takes {what} up to {most:g}, not {text!r}")
         return value
     return parse
 
@@ -724,7 +727,7 @@ def _run_aggregation(args: argparse.Namespace, aggregate, keys: tuple[str, ...],
             check_names(probes, keys, "--by")
             if arg is not None:
                 check_names(probes, (arg,), "hist")
-                _check_integer(probes, arg)
+                check_integer(probes, arg)
 
         run = Run(args, stack, check=check)
         intervals = _Intervals(args.interval)
@@ -752,12 +755,13 @@ def _run_aggregation(args: argparse.Namespace, aggregate, keys: tuple[str, ...],
         return run.status
 
 
-def _check_integer(probes: list[Probe], arg: str) -> None:
+def check_integer(probes: list[Probe], arg: str, option: str = "hist") -> None:
+    """Each of ``probes`` fetches ``arg`` as an integer (a histogram draws integers)."""
     for probe in probes:
         kind = argument_kinds(probe)[arg]
         if kind != INTEGER:
             fetcharg = next(a for a in probe.fetchargs if a.name == arg)
-            raise UprobesError(f"hist {arg}: probe '{probe.spec}' fetches it as {fetcharg.type_text or kind}; "
+            raise UprobesError(f"{option} {arg}: probe '{probe.spec}' fetches it as {fetcharg.type_text or kind}; "
                                f"a histogram draws integers")
 
 

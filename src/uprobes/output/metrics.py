@@ -1,0 +1,300 @@
+"""Probe metrics (``uprobes serve``): hits per probe, call durations, and the run's own health, kept as a run
+goes; a snapshot of them for any exporter (:mod:`uprobes.output.otlp`), and prometheus-client's collector
+interface for a scrape.
+
+The run's thread adds what it polls (:meth:`ProbeMetrics.add`); an exporter's thread takes snapshots
+(:meth:`ProbeMetrics.snapshot`, :meth:`ProbeMetrics.collect`); a lock keeps them apart. Label values are
+bounded: past ``max_series`` distinct ``--by`` keys of a probe, hits count under the key ``__other__`` and in
+``uprobes_series_dropped_total``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
+
+from .columns import EventColumns, Group
+from .event import Event
+
+__all__ = ["LATENCY_BUCKETS", "OTHER", "Distribution", "Family", "ProbeMetrics", "Series", "label_name"]
+
+# Upper bounds of the call-duration buckets, in seconds: 1, 2.5, 5 per decade from 100 ns to 10 s.
+LATENCY_BUCKETS = (*(float(f"{mantissa}e{exponent}") for exponent in range(-7, 1) for mantissa in (1, 2.5, 5)),
+                   10.0)
+# Upper bounds of the argument-value buckets (--hist): 0 (and below), then powers of two to 2**40.
+ARGUMENT_BUCKETS = (0.0, *(float(2 ** k) for k in range(41)))
+OTHER = "__other__"  # the key value of hits past a probe's max_series distinct keys
+# Calls in flight kept per timed function: threads, and calls nested in one thread (the oldest go first)
+_MOST_THREADS = 4096
+_MOST_NESTED = 64
+_SPECIAL_LABELS = {"$pid": "pid", "$tid": "tid", "$comm": "comm"}
+
+
+@dataclass
+class Series:
+    """One value of a counter or gauge, with its labels."""
+
+    labels: dict[str, str]
+    value: float
+
+
+@dataclass
+class Distribution:
+    """One histogram: ``counts`` per bucket, those of ``bounds`` (upper, inclusive) and a last one above them."""
+
+    labels: dict[str, str]
+    bounds: tuple[float, ...]
+    counts: list[int]
+    sum: float
+    min: float
+    max: float
+
+
+@dataclass
+class Family:
+    """A metric and its series: ``kind`` is counter, gauge or histogram; ``unit`` as OpenTelemetry writes it
+    (``{hit}``: a count of hits; empty: none)."""
+
+    name: str
+    kind: str
+    help: str
+    unit: str
+    series: list
+
+
+def label_name(key: str) -> str:
+    """The Prometheus label of a ``--by`` key: a fetch argument's name as it is, ``$pid`` as ``pid``..."""
+    return _SPECIAL_LABELS.get(key, key)
+
+
+class _Buckets:
+    """Values counted in buckets of ``bounds`` (upper, inclusive) and one above them, with their sum, the least
+    and the most (0 before the first)."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+        self.least = self.most = 0.0
+
+    def add(self, value: float) -> None:
+        if not math.isfinite(value):
+            return
+        first = not any(self.counts)
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.least = value if first else min(self.least, value)
+        self.most = value if first else max(self.most, value)
+
+    def merge(self, other: _Buckets) -> None:
+        if not any(other.counts):
+            return
+        first = not any(self.counts)
+        self.counts = [mine + theirs for mine, theirs in zip(self.counts, other.counts)]
+        self.sum += other.sum
+        self.least = other.least if first else min(self.least, other.least)
+        self.most = other.most if first else max(self.most, other.most)
+
+    def distribution(self, labels: dict[str, str]) -> Distribution:
+        return Distribution(labels, self.bounds, list(self.counts), self.sum, self.least, self.most)
+
+
+class _Calls:
+    """One timed function: its calls' durations in buckets, as each return meets its thread's last entry."""
+
+    def __init__(self, name: str, path: str) -> None:
+        self.name, self.path = name, path
+        self.durations = _Buckets(LATENCY_BUCKETS)
+        self.started: dict[int, list[int]] = {}  # tid -> entry times of calls in flight, innermost last
+
+    def entry(self, tid: int, ts_ns: int) -> None:
+        calls = self.started.get(tid)
+        if calls is None:
+            if len(self.started) >= _MOST_THREADS:  # entries whose returns never came (lost, longjmp, exit)
+                del self.started[next(iter(self.started))]
+            calls = self.started[tid] = []
+        elif len(calls) >= _MOST_NESTED:
+            del calls[0]
+        calls.append(ts_ns)
+
+    def exit(self, tid: int, ts_ns: int) -> None:
+        calls = self.started.get(tid)
+        if calls:
+            self.durations.add(max(0, ts_ns - calls.pop()) / 1e9)
+            if not calls:
+                del self.started[tid]
+
+
+class ProbeMetrics:
+    """What ``uprobes serve`` exports: ``names`` and ``paths`` of the probe points, the ``--by`` ``keys``,
+    the ``timed`` functions (each the range of its entry and return probes' indexes) and the ``target``."""
+
+    def __init__(self, names: Sequence[str], paths: Sequence[str], keys: tuple[str, ...] = (),
+                 timed: Sequence[range] = (), target: str = "", max_series: int = 1000,
+                 drawn: tuple[str, ...] = ()) -> None:
+        """``drawn``: arguments whose values each probe that fetches them draws as a histogram (``--hist``)."""
+        self.lock = threading.Lock()
+        #: Metrics exporters add about themselves (OTLP push failures), called at each snapshot.
+        self.more: list[Callable[[], list[Family]]] = []
+        self.names, self.paths, self.keys = list(names), list(paths), keys
+        self.max_series = max_series
+        self.target = target
+        self.up = 0
+        self.placed = 0
+        self.lost = 0
+        self.hits = [0] * len(self.names)
+        self.by_key: list[dict[tuple, int]] = [{} for _ in self.names]
+        self.dropped = [0] * len(self.names)
+        self._calls: list[_Calls] = []
+        self._timing: dict[int, tuple[_Calls, bool]] = {}  # probe index -> its function's calls, is it a return
+        for indexes in timed:
+            calls = _Calls(self.names[indexes[0]], self.paths[indexes[0]])
+            self._calls.append(calls)
+            self._timing.update((index, (calls, index != indexes[0])) for index in indexes)
+        self._counted = [index not in self._timing for index in range(len(self.names))]
+        self._drawn = drawn
+        self._values: dict[tuple[int, str], _Buckets] = {}  # (probe index, argument) -> its values
+
+    def set_hits(self, hits: Sequence[int]) -> None:
+        """Hits per probe as the engine counts them (a run that counts without events)."""
+        with self.lock:
+            self.hits = list(hits)
+
+    def add(self, events: EventColumns) -> None:
+        """The events of one poll: counted per probe (and key), and timed where they are a function's."""
+        with self.lock:
+            timed: list[tuple[int, bool, int, _Calls]] = []  # time, is it a return, thread, function
+            for group in events.groups:
+                timing = self._timing.get(group.probe_index)
+                if timing is None:
+                    self._count_group(group)
+                else:
+                    timed += [(ts_ns, timing[1], group.tid, timing[0]) for ts_ns in group.ts_ns]
+            for event in events.single:
+                timing = self._timing.get(event.probe_index)
+                if timing is None:
+                    self._count_event(event)
+                else:
+                    timed.append((event.ts_ns, timing[1], event.tid, timing[0]))
+            timed.sort(key=lambda hit: hit[:2])  # a return meets the entry before it in its thread
+            for ts_ns, is_return, tid, calls in timed:
+                (calls.exit if is_return else calls.entry)(tid, ts_ns)
+
+    def _count_group(self, group: Group) -> None:
+        index = group.probe_index
+        self.hits[index] += len(group.ts_ns)
+        for name in self._drawn:
+            values = group.columns.get(name) or [group.fixed.get(name)] * len(group.ts_ns)
+            self._draw(index, name, values)
+        if self.keys:
+            special = {"$pid": group.pid, "$tid": group.tid, "$comm": group.comm}
+            columns = [group.columns[key] if key in group.columns else
+                       [special[key] if key in special else group.fixed.get(key)] * len(group.ts_ns)
+                       for key in self.keys]
+            for key in zip(*columns):
+                self._count_key(index, key)
+
+    def _count_event(self, event: Event) -> None:
+        index = event.probe_index
+        self.hits[index] += 1
+        for name in self._drawn:
+            self._draw(index, name, [event.args.get(name)])
+        if self.keys:
+            special = {"$pid": event.pid, "$tid": event.tid, "$comm": event.comm}
+            self._count_key(index, tuple(special[key] if key in special else event.args.get(key)
+                                         for key in self.keys))
+
+    def _draw(self, index: int, name: str, values: list) -> None:
+        for value in values:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                buckets = self._values.get((index, name))
+                if buckets is None:
+                    buckets = self._values[index, name] = _Buckets(ARGUMENT_BUCKETS)
+                buckets.add(value)
+
+    def _count_key(self, index: int, key: tuple) -> None:
+        counts = self.by_key[index]
+        key = tuple("" if value is None else str(value) for value in key)
+        if key not in counts and len(counts) >= self.max_series:
+            self.dropped[index] += 1
+            key = (OTHER,) * len(self.keys)
+        counts[key] = counts.get(key, 0) + 1
+
+    def snapshot(self) -> list[Family]:
+        """The metrics as they are now, for any exporter."""
+        with self.lock:
+            return [*self._hits(), *self._latency(), *self._arguments(), *self._health(),
+                    *(family for more in self.more for family in more())]
+
+    def collect(self) -> Iterator[Metric]:
+        """The metrics as they are now (prometheus-client's collector interface)."""
+        for family in self.snapshot():
+            names = list(family.series[0].labels) if family.series else []
+            if family.kind == "histogram":
+                metric = HistogramMetricFamily(family.name, family.help, labels=names)
+                for series in family.series:
+                    cumulative = list(zip((*(floatToGoString(bound) for bound in series.bounds), "+Inf"),
+                                          itertools.accumulate(series.counts)))
+                    metric.add_metric(list(series.labels.values()), cumulative, series.sum)
+            else:
+                kind = CounterMetricFamily if family.kind == "counter" else GaugeMetricFamily
+                metric = kind(family.name.removesuffix("_total"), family.help, labels=names)
+                for series in family.series:
+                    metric.add_metric(list(series.labels.values()), series.value)
+            yield metric
+
+    def _hits(self) -> list[Family]:
+        # The probe points of one probe and object (a marker's sites, a function's rets, a line's copies) are one
+        # series: Prometheus keeps one sample per set of labels.
+        totals: dict[tuple, int] = {}
+        dropped: dict[tuple, int] = {}
+        for index, counted in enumerate(self._counted):
+            if not counted:
+                continue
+            where = (self.names[index], self.paths[index])
+            for key, count in self.by_key[index].items() if self.keys else [((), self.hits[index])]:
+                totals[where + key] = totals.get(where + key, 0) + count
+            dropped[where] = dropped.get(where, 0) + self.dropped[index]
+        labels = ["probe", "path", *(label_name(key) for key in self.keys)]
+        families = [Family("uprobes_hits_total", "counter", "Hits of each probe (and key of --by)", "{hit}",
+                           [Series(dict(zip(labels, values)), count) for values, count in totals.items()])]
+        if self.keys:
+            families.append(Family("uprobes_series_dropped_total", "counter", "Hits counted under the key __other__: "
+                                   "their probe had --max-series distinct keys already", "{hit}",
+                                   [Series(dict(zip(("probe", "path"), where)), count)
+                                    for where, count in dropped.items()]))
+        return families
+
+    def _latency(self) -> list[Family]:
+        if not self._calls:
+            return []
+        return [Family("uprobes_latency_seconds", "histogram", "Time from a function's entry to its return "
+                       "(including the engine's own part: see uprobes latency --help)", "s",
+                       [calls.durations.distribution({"function": calls.name, "path": calls.path})
+                        for calls in self._calls])]
+
+    def _arguments(self) -> list[Family]:
+        if not self._drawn:
+            return []
+        merged: dict[tuple[str, str, str], _Buckets] = {}  # the probe points of one probe are one series
+        for (index, name), buckets in self._values.items():
+            where = (self.names[index], self.paths[index], name)
+            merged.setdefault(where, _Buckets(ARGUMENT_BUCKETS)).merge(buckets)
+        return [Family("uprobes_argument", "histogram", "Values of the arguments --hist names, per probe", "",
+                       [buckets.distribution({"probe": probe, "path": path, "arg": name})
+                        for (probe, path, name), buckets in merged.items()])]
+
+    def _health(self) -> list[Family]:
+        return [Family("uprobes_lost_events_total", "counter", "Events the buffers had no room for (left out of "
+                       "every figure)", "{event}", [Series({}, self.lost)]),
+                Family("uprobes_probes_placed", "gauge", "Probe points in place now", "{probe}",
+                       [Series({}, self.placed)]),
+                Family("uprobes_target_up", "gauge", "1 while the probes are on the target, 0 once it has ended", "",
+                       [Series({"target": self.target}, self.up)])]
