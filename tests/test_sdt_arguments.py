@@ -428,20 +428,24 @@ def test_random_input_never_raises():
 
 
 @pytest.mark.parametrize(
-    "text",
+    "text, error",
     [
-        "8@$" + "(" * 5000 + "1" + ")" * 5000,
-        "8@$" + "-" * 5000 + "1",
-        "8@" + "(" * 5000 + "%rax" + ")" * 5000,
-        "8@$" + "9" * 5000,
-        "8@" + "1+" * 20000 + "1(%rbp)",
-        "9" * 5000 + "@%rax",
+        ("8@$" + "(" * 5000 + "1" + ")" * 5000, "expression nested too deeply"),
+        ("8@$" + "-" * 5000 + "1", "expression nested too deeply"),
+        ("8@" + "(" * 5000 + "%rax" + ")" * 5000, "expression nested too deeply"),
+        ("8@$" + "9" * 5000, "does not fit"),
+        ("9" * 5000 + "@%rax", "unsupported size"),
     ],
 )
-def test_pathological_input_is_invalid_not_a_crash(text):
+def test_pathological_input_is_invalid_not_a_crash(text, error):
     arg = one(text)
-    assert arg.kind in ("invalid", "mem")
-    assert arg.error is None or len(arg.error) < 200
+    assert arg.kind == "invalid" and error in arg.error and len(arg.error) < 200, arg.error
+
+
+def test_a_long_but_flat_displacement_is_summed():
+    """20,001 ones added: no nesting, so an operand as GDB reads it, not an error."""
+    arg = one("8@" + "1+" * 20000 + "1(%rbp)")
+    assert (arg.kind, arg.disp, arg.base) == ("mem", 20001, "rbp")
 
 
 @pytest.mark.parametrize("engine", ["ptrace", "kernel"])
