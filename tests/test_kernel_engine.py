@@ -35,11 +35,22 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the kernel engine nee
 
 @pytest.fixture(autouse=True)
 def nothing_left_behind(tracefs):
-    """After every test, no run that has ended left an event of its group in uprobe_events (groups that were
-    there before are not the test's: other test sessions on this machine own them)."""
+    """After every test, uprobe_events holds no group it did not hold before, but those of processes alive now
+    that are not this one (another test session on this machine): a group the test left is caught whether its
+    process has ended (a CLI run) or not (an engine run inside pytest). Read from tracefs itself, not judged by
+    the tool's own stale_groups()."""
     before = {event.group for event in Tracefs().defined_events()}
     yield
-    assert set(stale_groups(Tracefs().defined_events())) - before == set()
+    appeared = {event.group for event in Tracefs().defined_events()} - before
+    others = {group for group in appeared if (pid := _group_pid(group)) not in (None, os.getpid())
+              and Path(f"/proc/{pid}").exists()}
+    assert appeared - others == set()
+
+
+def _group_pid(group: str) -> int | None:
+    """The pid a group of ours is named after (uprobes_<pid>_<start>_<n>), None for another's group."""
+    match = re.fullmatch(rf"{GROUP_PREFIX}(\d+)(?:_\d+_\d+)?", group)
+    return int(match[1]) if match else None
 
 
 def _trace_json(*args: str, timeout: float = 60) -> tuple[list[dict], subprocess.CompletedProcess]:
