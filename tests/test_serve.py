@@ -365,16 +365,18 @@ def test_an_argument_drawn_as_a_histogram_has_the_program_s_values(targets, serv
 
 @pytest.mark.stress
 def test_a_long_serve_keeps_its_memory_flat_and_its_series_bounded(targets, serving):
-    """Two million calls, each with its own key (--by i: bounded by --max-series), timed (--latency) and drawn
-    (--hist): the exporter's memory stays flat once it runs, and every hit is counted or counted as lost."""
+    """Two minutes of calls, a thousand a second, each with its own key (--by i: bounded by --max-series), timed
+    (--latency) and drawn (--hist): the exporter's memory stays flat once it has run a while (it grows by about
+    60 bytes an event over the first 60,000 or so, then stays), and every hit is counted or counted as lost. (At
+    full speed, with an event per hit, most would be lost: README says so.)"""
     calls = os.path.realpath(targets / "calls")
-    n = 2_000_000
+    n = 120_000
     server = serving("--engine", "ptrace", "--by", "i", "--hist", "i", "--latency", f"uprobe:{calls}:work",
-                     f"uprobe:{calls}:work i=%di:s32", "--", calls, str(n))
+                     f"uprobe:{calls}:work i=%di:s32", "--", calls, str(n), "1")
     samples = []
     while server.proc.poll() is None and "the target has ended" not in server.said:
         metrics = server.metrics()
-        hits = sum(value for _, value in metrics["uprobes_hits_total"])
+        hits = sum(value for _, value in metrics.get("uprobes_hits_total", []))
         with open(f"/proc/{server.proc.pid}/status") as status:
             rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
         samples.append((hits, rss))
@@ -388,10 +390,11 @@ def test_a_long_serve_keeps_its_memory_flat_and_its_series_bounded(targets, serv
     status, out, said = server.stop()
     assert status == 0 and out.startswith(f"calls {n} "), said
     assert hits + lost >= n and hits <= n
-    later = [rss for counted, rss in samples if counted >= n // 5]
-    print(f"\nRSS from {n // 5:,} to {n:,} hits: {min(later)}-{max(later)} KiB over {len(later)} samples; "
+    settled = n * 3 // 5
+    later = [rss for counted, rss in samples if counted >= settled]
+    print(f"\nRSS from {settled:,} to {n:,} hits: {min(later)}-{max(later)} KiB over {len(later)} samples; "
           f"lost {lost:g}")
-    assert len(later) >= 3 and max(later) - min(later) < 4096, samples  # KiB
+    assert len(later) >= 3 and max(later) - min(later) < 2048, samples[::10]  # KiB
 
 
 def test_a_configuration_file_gives_the_probes_and_options(targets, tmp_path, serving):
