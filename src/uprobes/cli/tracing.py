@@ -17,7 +17,7 @@ from contextlib import ExitStack
 
 from ..errors import UprobesError
 from ..output.chrome import ChromeTraceWriter
-from ..output.aggregate import SPECIAL_KEYS, CountsByKey, HistogramsByKey
+from ..output.aggregate import SPECIAL_KEYS, CallsInFlight, CountsByKey, HistogramsByKey
 from ..output.columns import EventColumns
 from ..output.event import Event
 from ..output.writers import EventWriter, count_records, format_count_table, format_keyed_counts
@@ -609,15 +609,14 @@ class _CallTimes:
         from ..output.histogram import Histogram
 
         self.histogram = Histogram()
-        self._started: dict[int, list[int]] = {}  # tid -> entry times of the calls in flight (innermost last)
+        self._in_flight = CallsInFlight()
 
     def add(self, events: list[Event]) -> None:
         for event in events:
-            calls = self._started.setdefault(event.tid, [])
             if not event.is_return:
-                calls.append(event.ts_ns)
-            elif calls:
-                self.histogram.add(max(0, event.ts_ns - calls.pop()))
+                self._in_flight.entry(event.tid, event.ts_ns)
+            elif (duration := self._in_flight.exit(event.tid, event.ts_ns)) is not None:
+                self.histogram.add(duration)
 
 
 # A call that does nothing: libc's abs, called by a Python child through ctypes (so no compiler is needed).

@@ -31,6 +31,7 @@ from ..probes.fetchargs import MAX_ARRAY_LEN
 from ..x86_64.registers import DWARF_REGISTERS
 from .expression import unsupported
 from .info import DebugInfo, Scope, Unit, die_name, origin_of
+from .lines import line_points
 
 __all__ = ["VariableFetch", "VariableInfo", "is_variable_expression", "variable_fetcharg", "retval_fetcharg",
            "variables_at", "variables_described", "describe_type", "member_offset"]
@@ -269,8 +270,6 @@ _MOST_LINES_TRIED = 64  # the lines a hint checks, each placed as a probe would 
 def _lives(context: _Context, unit: Unit, die: DIE) -> str:
     """Where the variable can be read: ``; it lives at lines 47, 48 of sourcevars.c`` (lines of the function
     probed whose every probe point is in its lifetime)."""
-    from .lines import line_points
-
     ranges = [r for r in unit.lifetime(die) if r[1] - r[0] < 1 << 63]
     rows = {(row.file, row.line) for row in unit.rows
             if row.is_stmt and not row.end_sequence and any(low <= row.address < high for low, high in ranges)}

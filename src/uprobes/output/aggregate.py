@@ -14,7 +14,7 @@ from .columns import EventColumns, Group
 from .event import Event
 from .histogram import Histogram
 
-__all__ = ["SPECIAL_KEYS", "CountsByKey", "HistogramsByKey"]
+__all__ = ["SPECIAL_KEYS", "CallsInFlight", "CountsByKey", "HistogramsByKey", "rows_of"]
 
 SPECIAL_KEYS = ("$pid", "$tid", "$comm")
 
@@ -31,7 +31,7 @@ def _event_value(event: Event, name: str):
     return special[name] if name in special else event.args.get(name)
 
 
-def _rows(columns: EventColumns, names: tuple[str, ...]) -> Iterator[tuple[int, Iterator[tuple]]]:
+def rows_of(columns: EventColumns, names: tuple[str, ...]) -> Iterator[tuple[int, Iterator[tuple]]]:
     """For each group and event: its probe, and the values of ``names`` of each of its hits."""
     for group in columns.groups:
         yield group.probe_index, zip(*(_group_values(group, name) for name in names))
@@ -48,6 +48,36 @@ def _hashable(value):
     return tuple(value) if isinstance(value, list) else value
 
 
+class CallsInFlight:
+    """A function's calls in flight: the entry time of each, per thread (innermost last); a return ends the last
+    of its thread's. ``most_threads`` and ``most_nested`` bound them (the oldest go first), for runs so long that
+    entries whose returns never come (lost, longjmp, exit) would pile up."""
+
+    def __init__(self, most_threads: int | None = None, most_nested: int | None = None) -> None:
+        self.most_threads, self.most_nested = most_threads, most_nested
+        self._started: dict[int, list[int]] = {}
+
+    def entry(self, tid: int, ts_ns: int) -> None:
+        calls = self._started.get(tid)
+        if calls is None:
+            if self.most_threads is not None and len(self._started) >= self.most_threads:
+                del self._started[next(iter(self._started))]
+            calls = self._started[tid] = []
+        elif self.most_nested is not None and len(calls) >= self.most_nested:
+            del calls[0]
+        calls.append(ts_ns)
+
+    def exit(self, tid: int, ts_ns: int) -> int | None:
+        """The duration of the call a return at ``ts_ns`` ends, in ns; None where no entry is in flight."""
+        calls = self._started.get(tid)
+        if not calls:
+            return None
+        duration = max(0, ts_ns - calls.pop())
+        if not calls:
+            del self._started[tid]
+        return duration
+
+
 class CountsByKey:
     """Hits per probe and distinct value of the ``keys`` (names of fetch arguments or specials)."""
 
@@ -56,7 +86,7 @@ class CountsByKey:
         self.counts: collections.Counter[tuple[int, tuple]] = collections.Counter()
 
     def add(self, columns: EventColumns) -> None:
-        for probe, keys in _rows(columns, self.keys):
+        for probe, keys in rows_of(columns, self.keys):
             self.counts.update((probe, tuple(map(_hashable, key))) for key in keys)
 
     def rows(self, top: int | None = None) -> list[tuple[int, tuple, int]]:
@@ -77,7 +107,7 @@ class HistogramsByKey:
         self.histograms: dict[tuple[int, tuple], Histogram] = {}
 
     def add(self, columns: EventColumns) -> None:
-        for probe, rows in _rows(columns, (self.arg, *self.keys)):
+        for probe, rows in rows_of(columns, (self.arg, *self.keys)):
             for value, *key in rows:
                 if value is None:
                     continue

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
-from .columns import EventColumns, Group
-from .event import Event
+from .aggregate import CallsInFlight, rows_of
+from .columns import EventColumns
 
 __all__ = ["LATENCY_BUCKETS", "OTHER", "Distribution", "Family", "ProbeMetrics", "Series", "label_name"]
 
@@ -112,24 +112,15 @@ class _Calls:
     def __init__(self, name: str, path: str) -> None:
         self.name, self.path = name, path
         self.durations = _Buckets(LATENCY_BUCKETS)
-        self.started: dict[int, list[int]] = {}  # tid -> entry times of calls in flight, innermost last
+        self.in_flight = CallsInFlight(_MOST_THREADS, _MOST_NESTED)
 
     def entry(self, tid: int, ts_ns: int) -> None:
-        calls = self.started.get(tid)
-        if calls is None:
-            if len(self.started) >= _MOST_THREADS:  # entries whose returns never came (lost, longjmp, exit)
-                del self.started[next(iter(self.started))]
-            calls = self.started[tid] = []
-        elif len(calls) >= _MOST_NESTED:
-            del calls[0]
-        calls.append(ts_ns)
+        self.in_flight.entry(tid, ts_ns)
 
     def exit(self, tid: int, ts_ns: int) -> None:
-        calls = self.started.get(tid)
-        if calls:
-            self.durations.add(max(0, ts_ns - calls.pop()) / 1e9)
-            if not calls:
-                del self.started[tid]
+        duration = self.in_flight.exit(tid, ts_ns)
+        if duration is not None:
+            self.durations.add(duration / 1e9)
 
 
 class ProbeMetrics:
@@ -168,56 +159,39 @@ class ProbeMetrics:
             self.hits = list(hits)
 
     def add(self, events: EventColumns) -> None:
-        """The events of one poll: counted per probe (and key), and timed where they are a function's."""
+        """The events of one poll: counted per probe (and key), drawn, and timed where they are a function's."""
         with self.lock:
             timed: list[tuple[int, bool, int, _Calls]] = []  # time, is it a return, thread, function
             for group in events.groups:
                 timing = self._timing.get(group.probe_index)
                 if timing is None:
-                    self._count_group(group)
+                    self.hits[group.probe_index] += len(group.ts_ns)
                 else:
                     timed += [(ts_ns, timing[1], group.tid, timing[0]) for ts_ns in group.ts_ns]
             for event in events.single:
                 timing = self._timing.get(event.probe_index)
                 if timing is None:
-                    self._count_event(event)
+                    self.hits[event.probe_index] += 1
                 else:
                     timed.append((event.ts_ns, timing[1], event.tid, timing[0]))
+            if self.keys or self._drawn:
+                for index, rows in rows_of(events, (*self._drawn, *self.keys)):
+                    if index not in self._timing:
+                        for row in rows:
+                            for name, value in zip(self._drawn, row):
+                                self._draw(index, name, value)
+                            if self.keys:
+                                self._count_key(index, row[len(self._drawn):])
             timed.sort(key=lambda hit: hit[:2])  # a return meets the entry before it in its thread
             for ts_ns, is_return, tid, calls in timed:
                 (calls.exit if is_return else calls.entry)(tid, ts_ns)
 
-    def _count_group(self, group: Group) -> None:
-        index = group.probe_index
-        self.hits[index] += len(group.ts_ns)
-        for name in self._drawn:
-            values = group.columns.get(name) or [group.fixed.get(name)] * len(group.ts_ns)
-            self._draw(index, name, values)
-        if self.keys:
-            special = {"$pid": group.pid, "$tid": group.tid, "$comm": group.comm}
-            columns = [group.columns[key] if key in group.columns else
-                       [special[key] if key in special else group.fixed.get(key)] * len(group.ts_ns)
-                       for key in self.keys]
-            for key in zip(*columns):
-                self._count_key(index, key)
-
-    def _count_event(self, event: Event) -> None:
-        index = event.probe_index
-        self.hits[index] += 1
-        for name in self._drawn:
-            self._draw(index, name, [event.args.get(name)])
-        if self.keys:
-            special = {"$pid": event.pid, "$tid": event.tid, "$comm": event.comm}
-            self._count_key(index, tuple(special[key] if key in special else event.args.get(key)
-                                         for key in self.keys))
-
-    def _draw(self, index: int, name: str, values: list) -> None:
-        for value in values:
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                buckets = self._values.get((index, name))
-                if buckets is None:
-                    buckets = self._values[index, name] = _Buckets(ARGUMENT_BUCKETS)
-                buckets.add(value)
+    def _draw(self, index: int, name: str, value) -> None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            buckets = self._values.get((index, name))
+            if buckets is None:
+                buckets = self._values[index, name] = _Buckets(ARGUMENT_BUCKETS)
+            buckets.add(value)
 
     def _count_key(self, index: int, key: tuple) -> None:
         counts = self.by_key[index]
