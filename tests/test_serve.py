@@ -226,7 +226,8 @@ def test_a_port_in_use_is_named_before_anything_is_placed(targets):
 def test_the_readme_alert_rules_are_valid_prometheus_rules():
     rules = Path(__file__).resolve().parent.parent / "examples" / "uprobes-alerts.yml"
     result = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True)
-    assert result.returncode == 0 and "SUCCESS: 3 rules found" in result.stdout, result.stdout + result.stderr
+    alerts = rules.read_text().count("- alert:")
+    assert result.returncode == 0 and f"SUCCESS: {alerts} rules found" in result.stdout, result.stdout + result.stderr
 
 
 def test_the_probe_points_of_one_probe_are_one_series(targets, serving):
@@ -466,3 +467,111 @@ def test_a_push_to_a_receiver_that_is_not_there_is_counted_and_said_once(targets
     assert said.count("a push to http://127.0.0.1:") == 1 and "secret" not in said, said
     assert "/v1/metrics" in said  # the protocol's own path, where the URL gave none
     assert "the last push to" in said
+
+
+# A program that names itself (its comm, what --match matches), then calls getppid as many times as each line
+# on stdin says, printing "done" after each; with "traceme" first, its parent traces it (so no one else may).
+_NAMED = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if sys.argv[2:] == ["traceme"]:
+    assert libc.ptrace(0, 0, None, None) == 0
+libc.prctl(15, sys.argv[1].encode(), 0, 0, 0)  # PR_SET_NAME
+print("ready", flush=True)
+for line in sys.stdin:
+    for _ in range(int(line)):
+        os.getppid()
+    print("done", flush=True)
+"""
+
+
+class _Named:
+    """A process of ``_NAMED``, named ``name``."""
+
+    def __init__(self, name: str, *options: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", _NAMED, name, *options], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline() == "ready\n"
+
+    def calls(self, n: int) -> None:
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline() == "done\n"
+
+    def end(self) -> int:
+        self.proc.stdin.close()
+        return self.proc.wait(timeout=30)
+
+
+def _until(server: _Serving, metric: str, labels: dict, value: float, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while (labels, value) not in server.metrics().get(metric, []):
+        assert time.monotonic() < deadline, (metric, labels, value, server.metrics().get(metric), server.said)
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("engine", ["ptrace", "kernel"])
+def test_processes_that_match_are_traced_as_they_come_and_go(serving, prometheus, engine):
+    """--match: processes of a name traced from when they start to when they end, the hits of all of them (one
+    restarted meanwhile) in one series that Prometheus reads; a glob no process matches is a target that is down;
+    a process still running when the exporter stops is left as it was."""
+    name = f"served{os.getpid() % 100000}"
+    server = serving("--engine", engine, "--match", name, "--match", f"{name}x*", "uprobe:libc:getppid")
+    query = prometheus(server.port)
+    target = {"target": name}
+    first = _Named(name)
+    _until(server, "uprobes_target_processes", target, 1)
+    first.calls(300)
+    second = _Named(name)
+    _until(server, "uprobes_target_processes", target, 2)
+    second.calls(200)
+    assert first.end() == 0
+    _until(server, "uprobes_target_processes", target, 1)
+    restarted = _Named(name)
+    _until(server, "uprobes_target_processes", target, 2)
+    restarted.calls(100)
+    _until(server, "uprobes_hits_total", {"probe": "getppid", "path": os.path.realpath(_libc())}, 600)
+    hits = _settled(query, "sum(uprobes_hits_total)", [((), 600.0)])
+    assert hits == [((), 600.0)]
+    up = _settled(query, "max by (target) (uprobes_target_up)", [((("target", name),), 1.0),
+                                                                  ((("target", f"{name}x*"),), 0.0)])
+    assert up == [((("target", name),), 1.0), ((("target", f"{name}x*"),), 0.0)]
+    try:
+        assert restarted.end() == 0
+        status, _, said = server.stop()
+        assert status == 0 and "Traceback" not in said, said
+        second.calls(5)  # still running, as it was
+        if engine == "ptrace":  # the kernel's own area ([uprobes]) stays, as after any kernel uprobe
+            with open(f"/proc/{second.proc.pid}/maps") as maps:
+                assert "uprobes" not in maps.read()
+        else:
+            with open("/sys/kernel/tracing/uprobe_events") as events:
+                assert f"uprobes_{server.proc.pid}_" not in events.read()
+    finally:
+        second.end()
+
+
+def test_a_process_that_cannot_be_traced_is_counted_and_the_others_are_served(serving):
+    """A matching process another tracer holds is named once and counted in uprobes_attach_failures_total; the
+    one that can be traced is, exactly."""
+    name = f"refused{os.getpid() % 100000}"
+    held = _Named(name, "traceme")
+    server = serving("--engine", "ptrace", "--match", name, "uprobe:libc:getppid")
+    free = _Named(name)
+    try:
+        _until(server, "uprobes_target_processes", {"target": name}, 1)
+        _until(server, "uprobes_attach_failures_total", {"target": name}, 1)
+        free.calls(50)
+        held.calls(70)
+        _until(server, "uprobes_hits_total", {"probe": "getppid", "path": os.path.realpath(_libc())}, 50)
+        status, _, said = server.stop()
+        assert status == 0, said
+        assert said.count(f"it is already traced by process {os.getpid()}") == 1, said
+    finally:
+        assert free.end() == 0 and held.end() == 0
+
+
+def _libc() -> str:
+    """The C library the test's processes map."""
+    with open("/proc/self/maps") as maps:
+        return next(line.split()[-1] for line in maps if "/libc.so" in line)

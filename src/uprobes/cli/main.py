@@ -143,8 +143,9 @@ def _build_parser(serve_defaults: dict | None = None) -> argparse.ArgumentParser
                        "Run the probes and serve at http://ADDR:PORT/metrics (and/or push over OTLP to --otlp URL) "
                        "uprobes_hits_total per probe (and --by key), uprobes_latency_seconds per --latency function, "
                        "uprobes_argument per --hist argument, and the run's health (uprobes_lost_events_total, "
-                       "uprobes_probes_placed, uprobes_target_up), until a stop signal or -d. When the target ends, "
-                       "what was counted stays served (uprobes_target_up 0).")
+                       "uprobes_probes_placed, uprobes_target_up...), until a stop signal or -d. When the target "
+                       "ends, what was counted stays served (uprobes_target_up 0). With --match, every process whose "
+                       "name or command line matches is traced, those that start later too, each while it runs.")
     add_tracing_options(serve, writes=False, some="*")
     serve.add_argument("--listen", type=listen_address, metavar="ADDR:PORT",
                        help="where to serve /metrics (default 127.0.0.1:9930 unless --otlp is given; :PORT for every "
@@ -161,11 +162,15 @@ def _build_parser(serve_defaults: dict | None = None) -> argparse.ArgumentParser
                                                             "label each)")
     serve.add_argument("--config", metavar="FILE",
                        help="probes and options from a TOML file, its keys the options' names (probes = [...], "
-                            "latency = [...], by, hist, listen, otlp, otlp_interval, max_series, engine, pid, command, "
+                            "latency = [...], match = [...], by, hist, listen, otlp, otlp_interval, max_series, engine, pid, command, "
                             "no_follow, trap, return_mode, duration); the command line's own win")
     serve.add_argument("--hist", metavar="ARG[,ARG...]",
                        help="draw the values of these arguments, per probe that fetches them, as the histogram "
                             "uprobes_argument (0, then powers of two to 2^40)")
+    serve.add_argument("--match", action="append", metavar="GLOB",
+                       help="trace every process, running or started later, whose name (as ps -e shows it) or "
+                            "command line matches GLOB (repeatable; instead of -p or a command; forks are traced "
+                            "when they match too)")
     serve.add_argument("--max-series", type=positive(int, "--max-series", "a number of keys"), default=1000,
                        metavar="N", help="at most N distinct --by keys per probe; hits past them count under "
                                          "__other__ (default 1000)")

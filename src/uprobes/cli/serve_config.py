@@ -1,7 +1,7 @@
 """``uprobes serve --config FILE``: the exporter's probes and options from a TOML file, as configuration
 management ships it. Its keys are the command line's options (``probes`` for the PROBE words): the file's values
 are the parser's defaults, so an option given on the command line wins; the probes of both run; the file's
-target (``pid``, ``command``) is used where the command line gives none.
+target (``pid``, ``command``, ``match``) is used where the command line gives none.
 
     listen = ":9930"
     engine = "kernel"
@@ -45,7 +45,7 @@ def _pid(text: str) -> int:
 # key -> (the attribute it sets, how a value becomes it: _TEXTS, _FLAG, or the option's own type)
 _KEYS = {
     "probes": ("probes", _TEXTS), "latency": ("latency", _TEXTS), "by": ("by", _TEXTS), "hist": ("hist", _TEXTS),
-    "command": ("command", _TEXTS), "no_follow": ("no_follow", _FLAG), "trap": ("trap", _FLAG),
+    "command": ("command", _TEXTS), "match": ("match", _TEXTS), "no_follow": ("no_follow", _FLAG), "trap": ("trap", _FLAG),
     "listen": ("listen", listen_address), "otlp": ("otlp", otlp_url),
     "otlp_interval": ("otlp_interval", positive(float, "otlp_interval", "a number of seconds", 86400)),
     "max_series": ("max_series", positive(int, "max_series", "a number of keys")),
@@ -65,14 +65,16 @@ class ServeConfig:
     latency: list[str] = field(default_factory=list)
     pid: int | None = None
     command: list[str] | None = None
+    match: list[str] | None = None
 
     def complete(self, args: argparse.Namespace) -> None:
         """Add the file's probes to ``args``, and its target where the command line gives none."""
         args.words = [*self.probes, *args.words]
         args.latency = [*self.latency, *(args.latency or [])] or None
-        if args.pid is None and not args.command_line and not args.dash_command:
+        if args.pid is None and not args.command_line and not args.dash_command and not args.match:
             args.pid = self.pid
             args.dash_command = self.command or []
+            args.match = self.match
 
 
 def config_of(argv: list[str]) -> ServeConfig | None:
@@ -106,7 +108,7 @@ def load_config(path: str) -> ServeConfig:
             converted = _converted(key, value, kind)
         except (argparse.ArgumentTypeError, ValueError) as exc:
             raise UprobesError(f"{where}: {key}: {exc}") from None
-        if attribute in ("probes", "latency", "pid", "command"):
+        if attribute in ("probes", "latency", "pid", "command", "match"):
             setattr(config, attribute, converted)
         else:
             config.defaults[attribute] = converted
@@ -116,7 +118,7 @@ def load_config(path: str) -> ServeConfig:
 def _converted(key: str, value, kind):
     """``value`` as the option makes it; ValueError (or argparse's error) where it is not what it should be."""
     if kind == _TEXTS:
-        if isinstance(value, str) and key in ("by", "hist", "command"):
+        if isinstance(value, str) and key in ("by", "hist", "command", "match"):
             value = [value]
         if not isinstance(value, list) or not value or not all(isinstance(item, str) for item in value):
             raise ValueError(f"expected {kind} (at least one), not {value!r}")

@@ -14,7 +14,8 @@ from contextlib import ExitStack, contextmanager
 
 from ..errors import UprobesError
 from ..output.columns import EventColumns
-from ..proc.status import thread_comm
+from ..proc.matching import matching_processes
+from ..proc.status import has_ended, start_time, thread_comm
 from . import STOP_SIGNALS
 from .tracing import POLL_SECONDS, Run, check_integer, check_names, key_names
 
@@ -22,6 +23,7 @@ __all__ = ["run_serve", "listen_address", "otlp_url"]
 
 _LABEL = re.compile(r"(?!__)[A-Za-z_][A-Za-z0-9_]*")
 _DEFAULT_LISTEN = "127.0.0.1:9930"
+_SCAN_SECONDS = 0.5  # how often --match looks for new processes
 
 
 def listen_address(text: str) -> tuple[str, int]:
@@ -88,10 +90,13 @@ def run_serve(args: argparse.Namespace) -> int:
             stack.callback(server.shutdown)
         run = Run(args, stack, counting=not keys and not args.latency and not drawn,
                   check=lambda probes: _check_arguments(probes, keys, drawn),
-                  timed=tuple(dict.fromkeys(args.latency or ())))
+                  timed=tuple(dict.fromkeys(args.latency or ())), matching=tuple(dict.fromkeys(args.match or ())))
         metrics = ProbeMetrics([p.name for p in run.probes], [p.path for p in run.probes], keys, run.timed,
-                               _target(run), args.max_series, drawn)
-        metrics.placed, metrics.up = len(run.probes), 1
+                               run.matching or [_target(run)], args.max_series, drawn)
+        metrics.placed = len(run.probes)
+        matcher = _Matcher(run, metrics) if run.matching else None
+        if matcher is None:
+            metrics.targets[_target(run)].processes = 1
         registry.register(metrics)
         push = None
         if args.otlp:
@@ -105,6 +110,8 @@ def run_serve(args: argparse.Namespace) -> int:
         try:
             run.go()
             while True:
+                if matcher is not None:
+                    matcher.scan()
                 finished = run.finished()
                 metrics.add(run.poll_columns(0 if finished else POLL_SECONDS))
                 if run.counting:
@@ -136,7 +143,50 @@ def _finish(run: Run, metrics) -> None:
     if run.counting:
         metrics.set_hits(run.hit_counts())
     with metrics.lock:
-        metrics.up, metrics.placed, metrics.lost = 0, 0, run.engine.lost
+        metrics.placed, metrics.lost = 0, run.engine.lost
+        for health in metrics.targets.values():
+            health.processes = 0
+
+
+class _Matcher:
+    """``--match``: every process whose command matches a glob traced from when a scan finds it (every
+    :data:`_SCAN_SECONDS`) until it ends; one that cannot be traced is said (the first of each glob) and
+    counted, and the others go on."""
+
+    def __init__(self, run: Run, metrics) -> None:
+        self.run, self.metrics = run, metrics
+        self.traced: dict[int, str] = {}  # pid -> the glob it matched
+        self.refused: set[tuple[int, int | None]] = set()  # (pid, start time): not tried again
+        self.said: set[str] = set()  # globs whose first failure was said
+        self.next_scan = 0.0
+
+    def scan(self) -> None:
+        now = time.monotonic()
+        if now < self.next_scan:
+            return
+        self.next_scan = now + _SCAN_SECONDS
+        self.traced = {pid: glob for pid, glob in self.traced.items() if not has_ended(pid)}
+        self.refused = {(pid, started) for pid, started in self.refused if start_time(pid) == started}
+        for pid, glob in matching_processes(self.run.matching).items():
+            if pid in self.traced or (pid, start_time(pid)) in self.refused:
+                continue
+            try:
+                self.run.engine.add_process(pid)
+            except UprobesError as exc:
+                if has_ended(pid):
+                    continue  # it ended before it could be traced: nothing failed
+                self.refused.add((pid, start_time(pid)))
+                if glob not in self.said:  # said before it is counted, where a scrape could see it
+                    self.said.add(glob)
+                    print(f"uprobes: warning: --match {glob}: {exc}; the others are traced (more failures are "
+                          f"counted in uprobes_attach_failures_total)", file=sys.stderr, flush=True)
+                with self.metrics.lock:
+                    self.metrics.targets[glob].failures += 1
+                continue
+            self.traced[pid] = glob
+        with self.metrics.lock:
+            for glob, health in self.metrics.targets.items():
+                health.processes = sum(1 for matched in self.traced.values() if matched == glob)
 
 
 def _check_arguments(probes: list, keys: tuple[str, ...], drawn: tuple[str, ...]) -> None:

@@ -203,10 +203,12 @@ class Run:
 
     def __init__(self, args: argparse.Namespace, stack: ExitStack, counting: bool = False,
                  pair_returns: bool = False, stacks: StackLimits | None = None,
-                 check: Callable[[list[Probe]], None] | None = None, timed: tuple[str, ...] = ()) -> None:
+                 check: Callable[[list[Probe]], None] | None = None, timed: tuple[str, ...] = (),
+                 matching: tuple[str, ...] = ()) -> None:
         """``check``: raises an error about the probes, once resolved, before anything is placed; ``timed``:
         functions whose calls are timed, each an entry probe and its return probes after the others (their
-        indexes in :attr:`timed`)."""
+        indexes in :attr:`timed`); ``matching``: globs of the processes to trace, none at first (the caller
+        adds each with ``engine.add_process``), each on its own (its forks are not followed)."""
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, _raise_stop)
         # Stop signals wait until the run is set up: raised in the middle of an import (the engine's modules load
@@ -216,10 +218,13 @@ class Run:
         texts, command = _split_command(args)
         self.pid = args.pid
         self.command = command
+        self.matching = matching
+        if matching and (self.pid is not None or command):
+            raise UprobesError("--match finds the processes to trace: give it without -p or a command")
         if self.pid is not None:
             _check_process(self.pid, read_maps(self.pid))  # a clear error now if it is gone or not ours
-        self.engine = stack.enter_context(_engine(args.engine, system_wide=self.pid is None and not command,
-                                                          jumps=not args.trap))
+        self.engine = stack.enter_context(_engine(args.engine, jumps=not args.trap,
+                                                  system_wide=self.pid is None and not command and not matching))
         returns = ReturnMode(args.return_mode, self.engine.unwinder_meets_stack)
         try:
             self.probes: list[Probe] = resolve_texts(texts, args.pid, returns)
@@ -252,10 +257,12 @@ class Run:
             print(f"uprobes: warning: {note}", file=sys.stderr)
         if self.child is not None:
             self.child.traced = self.engine.reaps_children
-        self.engine.attach(self.probes, self.child.pid if self.child else self.pid, counting=self.counting,
-                           held=self.child is not None, follow_forks=not args.no_follow, stacks=stacks)
-        #: What the probes are on: "pid 1234", "the command", "every process".
-        self.scope = _pid_text(self.pid) if self.pid else "the command" if self.child else "every process"
+        self.engine.attach(self.probes, () if matching else self.child.pid if self.child else self.pid,
+                           counting=self.counting, held=self.child is not None,
+                           follow_forks=not args.no_follow and not matching, stacks=stacks)
+        #: What the probes are on: "pid 1234", "the command", "every process", "processes matching 'GLOB'".
+        self.scope = (_pid_text(self.pid) if self.pid else "the command" if self.child else
+                      f"processes matching {' or '.join(map(repr, matching))}" if matching else "every process")
         points = f"{len(self.probes)} probe point{'s' if len(self.probes) != 1 else ''}"
         print(f"uprobes: {points} attached ({self.engine.name} engine, {self.scope})",
               file=sys.stderr, flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import signal
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 from ..consumers import Consumer
 from ..output.columns import EventColumns
@@ -68,12 +69,19 @@ class Engine(ABC):
         self.close()
 
     @abstractmethod
-    def attach(self, probes: list[Probe], pid: int | None, *, counting: bool = False, held: bool = False,
-               follow_forks: bool = True, consumers: dict[int, list[Consumer]] | None = None,
+    def attach(self, probes: list[Probe], pid: int | Sequence[int] | None, *, counting: bool = False,
+               held: bool = False, follow_forks: bool = True, consumers: dict[int, list[Consumer]] | None = None,
                stacks: StackLimits | None = None) -> None:
-        """Place ``probes``; ``held``: ``pid`` is a command held before its exec; ``counting``: count hits
-        without building events; ``consumers``: Python handlers by probe index (where the engine runs them);
-        ``stacks``: each event carries its user stack, within those limits."""
+        """Place ``probes`` in process ``pid``, in several (a sequence, perhaps empty: more come with
+        :meth:`add_process`), or in every process (None, where the engine can); ``held``: ``pid`` is a command
+        held before its exec; ``counting``: count hits without building events; ``consumers``: Python handlers
+        by probe index (where the engine runs them); ``stacks``: each event carries its user stack, within
+        those limits."""
+
+    @abstractmethod
+    def add_process(self, pid: int) -> None:
+        """Trace running process ``pid`` too, as one of :meth:`attach`'s. Where it cannot be, an error says why
+        and nothing of it is left placed; the processes traced already go on."""
 
     @abstractmethod
     def poll(self, timeout: float) -> list[Event]:

@@ -23,7 +23,8 @@ from prometheus_client.utils import floatToGoString
 from .aggregate import CallsInFlight, rows_of
 from .columns import EventColumns
 
-__all__ = ["LATENCY_BUCKETS", "OTHER", "Distribution", "Family", "ProbeMetrics", "Series", "label_name"]
+__all__ = ["LATENCY_BUCKETS", "OTHER", "Distribution", "Family", "ProbeMetrics", "Series", "TargetHealth",
+           "label_name"]
 
 # Upper bounds of the call-duration buckets, in seconds: 1, 2.5, 5 per decade from 100 ns to 10 s.
 LATENCY_BUCKETS = (*(float(f"{mantissa}e{exponent}") for exponent in range(-7, 1) for mantissa in (1, 2.5, 5)),
@@ -43,6 +44,15 @@ class Series:
 
     labels: dict[str, str]
     value: float
+
+
+@dataclass
+class TargetHealth:
+    """One target (a process, a command, a ``--match`` glob): how many of its processes are traced now, and how
+    many matched but could not be traced."""
+
+    processes: int = 0
+    failures: int = 0
 
 
 @dataclass
@@ -125,10 +135,10 @@ class _Calls:
 
 class ProbeMetrics:
     """What ``uprobes serve`` exports: ``names`` and ``paths`` of the probe points, the ``--by`` ``keys``,
-    the ``timed`` functions (each the range of its entry and return probes' indexes) and the ``target``."""
+    the ``timed`` functions (each the range of its entry and return probes' indexes) and the ``targets``."""
 
     def __init__(self, names: Sequence[str], paths: Sequence[str], keys: tuple[str, ...] = (),
-                 timed: Sequence[range] = (), target: str = "", max_series: int = 1000,
+                 timed: Sequence[range] = (), targets: Sequence[str] = (), max_series: int = 1000,
                  drawn: tuple[str, ...] = ()) -> None:
         """``drawn``: arguments whose values each probe that fetches them draws as a histogram (``--hist``)."""
         self.lock = threading.Lock()
@@ -136,8 +146,7 @@ class ProbeMetrics:
         self.more: list[Callable[[], list[Family]]] = []
         self.names, self.paths, self.keys = list(names), list(paths), keys
         self.max_series = max_series
-        self.target = target
-        self.up = 0
+        self.targets = {target: TargetHealth() for target in targets}
         self.placed = 0
         self.lost = 0
         self.hits = [0] * len(self.names)
@@ -270,5 +279,11 @@ class ProbeMetrics:
                        "every figure)", "{event}", [Series({}, self.lost)]),
                 Family("uprobes_probes_placed", "gauge", "Probe points in place now", "{probe}",
                        [Series({}, self.placed)]),
-                Family("uprobes_target_up", "gauge", "1 while the probes are on the target, 0 once it has ended", "",
-                       [Series({"target": self.target}, self.up)])]
+                Family("uprobes_target_up", "gauge", "1 while the probes are on a process of the target, 0 while "
+                       "none runs (or none could be traced)", "", [Series({"target": target}, int(health.processes > 0))
+                                                                   for target, health in self.targets.items()]),
+                Family("uprobes_target_processes", "gauge", "Processes of the target traced now", "{process}",
+                       [Series({"target": target}, health.processes) for target, health in self.targets.items()]),
+                Family("uprobes_attach_failures_total", "counter", "Processes of the target that could not be traced "
+                       "(each named once on stderr)", "{process}",
+                       [Series({"target": target}, health.failures) for target, health in self.targets.items()])]

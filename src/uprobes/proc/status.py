@@ -7,7 +7,7 @@ import errno
 import os
 
 __all__ = ["AT_BASE", "auxv", "cpu_flags", "thread_ids", "start_time", "tgid", "thread_comm", "last_cpu",
-           "signal_pending", "shadow_stack", "status_field", "explain_seize_error"]
+           "signal_pending", "shadow_stack", "status_field", "explain_seize_error", "has_ended"]
 
 AT_BASE = 7  # where the dynamic linker is loaded
 
@@ -41,6 +41,12 @@ def start_time(pid: int) -> int | None:
     except OSError:
         return None
     return int(stat[stat.rindex(b")") + 2:].split()[19])  # after the command name, which may hold anything
+
+
+def has_ended(pid: int) -> bool:
+    """Whether process ``pid`` has ended (gone, or a zombie its parent has not reaped yet)."""
+    state = status_field(f"/proc/{pid}/status", "State")
+    return state is None or state[:1] in ("Z", "X")
 
 
 def tgid(tid: int) -> int:

@@ -20,6 +20,7 @@ import functools
 import operator
 import signal
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy
@@ -204,11 +205,11 @@ class KernelEngine(Engine):
         self._read_counters()
         return self._lost
 
-    def attach(self, probes: list[Probe], pid: int | None, *, counting: bool = False, held: bool = False,
-               follow_forks: bool = True, consumers: dict[int, list[Consumer]] | None = None,
+    def attach(self, probes: list[Probe], pid: int | Sequence[int] | None, *, counting: bool = False,
+               held: bool = False, follow_forks: bool = True, consumers: dict[int, list[Consumer]] | None = None,
                stacks: StackLimits | None = None) -> None:
-        """Define every probe and start collecting its hits (of every thread of ``pid`` and what it starts,
-        or of everyone).
+        """Define every probe and start collecting its hits (of every thread of ``pid``, or of each process of
+        a sequence, and what they start; or of everyone).
 
         ``counting`` only counts hits (read them with :meth:`hit_counts`): no events, none lost. ``held``
         (a launched command held before exec): the events are enabled by its exec, so nothing the child runs
@@ -262,6 +263,16 @@ class KernelEngine(Engine):
                 self._reader.enable()
         except OSError as exc:
             raise KernelEngineError(f"cannot enable the uprobe events: {exc.strerror}") from None
+
+    def add_process(self, pid: int) -> None:
+        """Collect the hits of running process ``pid`` (and what it starts) too: its own perf events, so the
+        kernel places the breakpoints in its memory, and counts its hits, as for the processes of :meth:`attach`."""
+        if self._reader is None:
+            raise KernelEngineError("add a process to an attached engine")
+        try:
+            self._reader.add_process(pid)
+        except OSError as exc:
+            raise KernelEngineError(f"cannot trace process {pid}: {exc.strerror}") from None
 
     def _define(self, events: dict[tuple, _Event], signature: tuple, index: int, probe: Probe,
                 fetchargs: tuple[FetchArg, ...], event_filter: str | None = None) -> _Attached:

@@ -24,6 +24,7 @@ exact per-event counters (``PERF_FORMAT_LOST``, Linux 6.0+).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import enum
 import errno
@@ -32,8 +33,9 @@ import mmap
 import os
 import select
 import struct
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,7 +43,7 @@ import numpy
 
 from ...errors import KernelEngineError
 from ...proc.maps import Mapping
-from ...proc.status import thread_ids
+from ...proc.status import has_ended, thread_ids
 
 __all__ = ["Sample", "Samples", "TaskChange", "TaskRecord", "TracepointReader", "online_cpus"]
 
@@ -345,16 +347,27 @@ class _RingBuffer:
         self.map.close()
 
 
+@dataclass
+class _TaskSet:
+    """The descriptors (and buffers) of the events on one process's threads, or on every task."""
+
+    fds: list[int] = field(default_factory=list)
+    buffers: list[_RingBuffer] = field(default_factory=list)
+    idents: list[int] = field(default_factory=list)  # of its sampling descriptors (PERF_EVENT_IOC_ID)
+
+
 class TracepointReader:
     """Samples of the tracepoints ``event_ids`` from process ``pid`` (every thread it has, and the threads and
-    children it starts later), or from every process when ``pid`` is None; ``pages`` (a power of two) data
-    pages per CPU.
+    children it starts later), of several processes (a sequence of pids; more added with :meth:`add_process`),
+    or from every process when ``pid`` is None; ``pages`` (a power of two) data pages per CPU. A process's
+    descriptors are closed once it has ended and its samples were read; its counts are kept.
 
     Events start disabled: call :meth:`enable`. Close it (or use ``with``) before deleting the events:
     the kernel refuses to delete an event a perf descriptor still holds (EBUSY).
     """
 
-    def __init__(self, event_ids: Sequence[int], pid: int | None, pages: int = 64, sampling: bool = True,
+    def __init__(self, event_ids: Sequence[int], pid: int | Sequence[int] | None, pages: int = 64,
+                 sampling: bool = True,
                  follow_forks: bool = True, enable_on_exec: bool = False,
                  names: dict[int, str] | None = None, raw_only: bool = False,
                  user_stack: tuple[int, int] | None = None, without_stack: set[int] = frozenset(),
@@ -372,8 +385,14 @@ class TracepointReader:
             raise KernelEngineError(f"perf buffer pages must be a power of two, not {pages}")
         self.lost = 0
         self.task_records: list[TaskRecord] = []
-        self._fds: list[int] = []
-        self._buffers: list[_RingBuffer] = []
+        self._event_ids = list(event_ids)
+        self._sets: dict[int, _TaskSet] = {}  # by process, or _EVERY_TASK
+        self._opening = _TaskSet()
+        self._enabled = False
+        self._ended_counts: dict[int, int] = {}  # hits per tracepoint of the processes whose set was closed
+        self._ended_lost = 0
+        self._checked_ends = 0.0  # time.monotonic() when the processes were last checked for their ends
+        self._hung_up = False  # a descriptor reported POLLHUP: a thread or process has ended
         self._tracepoint_of: dict[int, int] = {}  # perf event id (PERF_EVENT_IOC_ID) -> tracepoint id
         self._poll = select.poll()
         self._pages = pages
@@ -388,15 +407,17 @@ class TracepointReader:
         self._filters = filters or {}
         try:
             if pid is None:
-                self._open_set(event_ids, [_EVERY_TASK])
+                self._sets[_EVERY_TASK] = self._open_set([_EVERY_TASK])[0]
             else:
-                self._open_process(event_ids, pid)
+                for each in [pid] if isinstance(pid, int) else pid:
+                    self.add_process(each)
         except BaseException:
             self.close()
             raise
 
-    def _open_process(self, event_ids: Sequence[int], pid: int) -> None:
-        """Events on every thread of ``pid``, inherited by the threads (and children) each starts later.
+    def add_process(self, pid: int) -> None:
+        """Events on every thread of ``pid``, inherited by the threads (and children) each starts later;
+        enabled at once if the reader is.
 
         perf_event_open takes one thread, and inheritance only reaches what a thread starts once its own
         events exist. A thread started while the events are being opened, by a thread not covered yet, has
@@ -406,47 +427,80 @@ class TracepointReader:
         :meth:`enable`, and closing is cheap while the new set keeps each uprobe registered. A process that
         still starts threads from new threads after the last round may have those missed.
         """
+        if pid in self._sets:
+            return
         threads = thread_ids(pid)
-        self._open_threads(event_ids, pid, threads)
+        opened = self._open_threads(pid, threads)
         for _ in range(_ATTACH_ROUNDS):
             now = thread_ids(pid)
             if now <= threads:
-                return
+                break
             threads = now
-            previous = self._hand_over()
+            previous = opened
             try:
-                self._open_threads(event_ids, pid, threads)
+                opened = self._open_threads(pid, threads)
             finally:
-                _close(*previous)
+                self._close_set(previous)
+        self._sets[pid] = opened
+        if self._enabled:
+            for fd in opened.fds:
+                fcntl.ioctl(fd, _PERF_EVENT_IOC_ENABLE, 0)
 
-    def _open_threads(self, event_ids: Sequence[int], pid: int, threads: set[int]) -> None:
+    @property
+    def processes(self) -> list[int]:
+        """The processes whose events are open (none for a reader of every process)."""
+        return [pid for pid in self._sets if pid != _EVERY_TASK]
+
+    def _open_threads(self, pid: int, threads: set[int]) -> _TaskSet:
         # The main thread first: it usually starts the others, so it is covered before it can.
-        if not self._open_set(event_ids, [pid, *sorted(threads - {pid})]):
+        opened, alive = self._open_set([pid, *sorted(threads - {pid})])
+        if not alive:
+            self._close_set(opened)
             raise KernelEngineError(f"process {pid} does not exist")
+        return opened
 
-    def _open_set(self, event_ids: Sequence[int], tasks: list[int]) -> set[int]:
-        """Open every event on every task (CPU by CPU when sampling); returns the tasks that still exist."""
+    def _open_set(self, tasks: list[int]) -> tuple[_TaskSet, set[int]]:
+        """Open every event on every task (CPU by CPU when sampling): the descriptors, and the tasks that still
+        exist. Where one cannot be opened, those opened so far are closed."""
         cpus = online_cpus() if self._sampling or tasks == [_EVERY_TASK] else [_EVERY_CPU]
         alive = set()
-        for cpu in cpus:
-            buffer = None
-            for task in tasks:
-                for event_id in event_ids:
-                    fd = self._open(event_id, task, cpu, tracking=event_id == event_ids[0])
-                    if fd is None:
-                        break
-                    alive.add(task)
-                    self._event_of_fd[fd] = event_id
-                    if not self._sampling:
-                        continue
-                    if buffer is None:
-                        buffer = self._map(fd, self._pages)
-                    else:
-                        fcntl.ioctl(fd, _PERF_EVENT_IOC_SET_OUTPUT, buffer.fd)
-                    ident = bytearray(_U64.size)
-                    fcntl.ioctl(fd, _PERF_EVENT_IOC_ID, ident)
-                    self._tracepoint_of[_U64.unpack(ident)[0]] = event_id
-        return alive
+        self._opening = opened = _TaskSet()
+        try:
+            for cpu in cpus:
+                buffer = None
+                for task in tasks:
+                    for event_id in self._event_ids:
+                        fd = self._open(event_id, task, cpu, tracking=event_id == self._event_ids[0])
+                        if fd is None:
+                            break
+                        alive.add(task)
+                        self._event_of_fd[fd] = event_id
+                        if not self._sampling:
+                            continue
+                        if buffer is None:
+                            buffer = self._map(fd, self._pages)
+                        else:
+                            fcntl.ioctl(fd, _PERF_EVENT_IOC_SET_OUTPUT, buffer.fd)
+                        ident = bytearray(_U64.size)
+                        fcntl.ioctl(fd, _PERF_EVENT_IOC_ID, ident)
+                        opened.idents.append(_U64.unpack(ident)[0])
+                        self._tracepoint_of[opened.idents[-1]] = event_id
+        except BaseException:
+            self._close_set(opened)
+            raise
+        finally:
+            self._opening = _TaskSet()
+        return opened, alive
+
+    def _close_set(self, opened: _TaskSet) -> None:
+        for buffer in opened.buffers:
+            with contextlib.suppress(KeyError):  # hung up, unregistered already
+                self._poll.unregister(buffer.fd)
+        for ident in opened.idents:
+            self._tracepoint_of.pop(ident, None)
+        for fd in opened.fds:
+            self._event_of_fd.pop(fd, None)
+        _close(opened.buffers, opened.fds)
 
     def _open(self, event_id: int, task: int, cpu: int, tracking: bool = False) -> int | None:
         """One event's descriptor; None when the thread ``task`` has ended. ``tracking``: this one of the
@@ -473,7 +527,7 @@ class TracepointReader:
                 return None
             what = self._names.get(event_id, f"tracepoint {event_id}")
             raise KernelEngineError(_open_error(exc.errno, what, cpu)) from None
-        self._fds.append(fd)
+        self._opening.fds.append(fd)
         if event_id in self._filters:
             try:
                 fcntl.ioctl(fd, _PERF_EVENT_IOC_SET_FILTER, self._filters[event_id].encode() + b"\0")
@@ -489,33 +543,66 @@ class TracepointReader:
         except OSError as exc:
             raise KernelEngineError(f"cannot map a perf buffer of {pages} pages: {exc.strerror} "
                                     f"(see /proc/sys/kernel/perf_event_mlock_kb)") from None
-        self._buffers.append(buffer)
+        self._opening.buffers.append(buffer)
         self._poll.register(fd, select.POLLIN)
         return buffer
 
     def enable(self) -> None:
         """Start sampling (the uprobes are inserted now)."""
-        for fd in self._fds:
+        self._enabled = True
+        for fd in self._fds():
             fcntl.ioctl(fd, _PERF_EVENT_IOC_ENABLE, 0)
 
     def disable(self) -> None:
         """Stop sampling; samples already in the buffers can still be read."""
-        for fd in self._fds:
+        self._enabled = False
+        for fd in self._fds():
             fcntl.ioctl(fd, _PERF_EVENT_IOC_DISABLE, 0)
+
+    def _fds(self) -> list[int]:
+        return [fd for opened in self._sets.values() for fd in opened.fds]
+
+    def _buffers(self) -> list[_RingBuffer]:
+        return [buffer for opened in self._sets.values() for buffer in opened.buffers]
 
     def poll(self, timeout_s: float) -> bool:
         """True when :meth:`read` has samples: at once if a buffer holds some, else after waiting for a
         buffer to be an eighth full, or at the end of ``timeout_s`` if any arrived meanwhile.
 
-        So at low rates a sample waits at most ``timeout_s``. Once a traced process has exited, its events
-        report POLLHUP and this returns True at once, every time: loop on the process's state, not on this.
+        So at low rates a sample waits at most ``timeout_s``. Once a traced thread has exited, its events
+        report POLLHUP and this returns True at once, until its process has ended and been read (then its
+        descriptors are closed): loop on the processes' state, not on this.
         """
         if self._pending():
             return True
-        return bool(self._poll.poll(max(0, round(timeout_s * 1000)))) or self._pending()
+        ready = self._poll.poll(max(0, round(timeout_s * 1000)))
+        for fd, flags in ready:
+            if flags & select.POLLHUP:  # for good: its buffer is still read, but no wait ends on it any more
+                self._poll.unregister(fd)
+                self._hung_up = True
+        return bool(ready) or self._pending()
 
     def _pending(self) -> bool:
-        return any(buffer.pending() for buffer in self._buffers)
+        return any(buffer.pending() for buffer in self._buffers())
+
+    def _ended(self) -> list[int]:
+        """The processes that have ended, checked where a descriptor hung up, and at least every second."""
+        now = time.monotonic()
+        if not self._hung_up and now - self._checked_ends < 1:
+            return []
+        self._hung_up, self._checked_ends = False, now
+        return [pid for pid in self.processes if has_ended(pid)]
+
+    def _close_ended(self, ended: list[int]) -> None:
+        """Close the sets of ``ended`` processes (their samples read), keeping their counts."""
+        for pid in ended:
+            opened = self._sets.pop(pid)
+            for fd in opened.fds:
+                count, lost = _READ_LOST.unpack(os.read(fd, _READ_LOST.size))
+                event_id = self._event_of_fd[fd]
+                self._ended_counts[event_id] = self._ended_counts.get(event_id, 0) + count
+                self._ended_lost += lost
+            self._close_set(opened)
 
     def read(self) -> list[Sample]:
         """Drain every buffer. Samples come sorted by time within one call; a later call can still return
@@ -529,7 +616,8 @@ class TracepointReader:
 
     def read_samples(self) -> Samples:
         """Drain every buffer: its samples in columns, sorted by time (stable: one CPU's keep their order)."""
-        chunks = [chunk for buffer in self._buffers if (chunk := buffer.take())]
+        ended = self._ended()  # before the last of their samples are read
+        chunks = [chunk for buffer in self._buffers() if (chunk := buffer.take())]
         data = b"".join(chunks)
         starts, base = [], 0
         for chunk in chunks:
@@ -540,6 +628,7 @@ class TracepointReader:
         idents, where = numpy.unique(_gather(view, at + _IDENT_AT, "<u8"), return_inverse=True)
         tracepoints = numpy.array([self._tracepoint_of.get(ident, -1) for ident in idents.tolist()],
                                   numpy.int64)[where]
+        self._close_ended(ended)
         time_ns = _gather(view, at + _TIME_AT, "<u8")
         order = numpy.argsort(time_ns, kind="stable")
         at = at[order]
@@ -551,12 +640,14 @@ class TracepointReader:
         """Drain every buffer of a ``raw_only`` reader: the unsigned field of ``size`` bytes (4 or 8) at
         ``offset`` in each sample's raw record."""
         fields = []
-        for buffer in self._buffers:
+        ended = self._ended()
+        for buffer in self._buffers():
             chunk = buffer.take()
             if chunk:
                 at = self._sample_offsets(chunk, len(chunk) - len(_PAD))
                 fields.append(_gather(numpy.frombuffer(chunk, numpy.uint8), at + _RAW_SAMPLE.size + offset,
                                       f"<u{size}"))
+        self._close_ended(ended)
         return numpy.concatenate(fields) if fields else numpy.empty(0, f"<u{size}")
 
     def _sample_offsets(self, chunk: bytes, end: int) -> numpy.ndarray:
@@ -600,7 +691,10 @@ class TracepointReader:
     def counts(self) -> dict[int, int]:
         """Hits per tracepoint id as the kernel counts them, summed over CPUs and threads (and over the
         threads and children that ended: the kernel adds an inherited event's count to its parent's)."""
-        totals = dict.fromkeys(self._event_of_fd.values(), 0)
+        if not self._sampling:  # no samples to read first: ended processes are closed here
+            self._close_ended(self._ended())
+        totals = dict.fromkeys(self._event_ids, 0)
+        totals.update(self._ended_counts)
         for fd, event_id in self._event_of_fd.items():
             totals[event_id] += _READ_LOST.unpack(os.read(fd, _READ_LOST.size))[0]
         return totals
@@ -608,18 +702,13 @@ class TracepointReader:
     def count_lost(self) -> int:
         """Samples the kernel dropped so far, exactly (``PERF_FORMAT_LOST``): unlike :attr:`lost`, this
         includes drops no ``PERF_RECORD_LOST`` has reported yet."""
-        return sum(_READ_LOST.unpack(os.read(fd, _READ_LOST.size))[1] for fd in self._fds)
+        return self._ended_lost + sum(_READ_LOST.unpack(os.read(fd, _READ_LOST.size))[1] for fd in self._fds())
 
     def close(self) -> None:
         """Unmap the buffers and close every descriptor; closing twice is harmless."""
-        _close(*self._hand_over())
-
-    def _hand_over(self) -> tuple[list[_RingBuffer], list[int]]:
-        """The buffers and descriptors opened so far, for the caller to close; this reader starts empty."""
-        previous = self._buffers, self._fds
-        self._buffers, self._fds, self._event_of_fd, self._tracepoint_of = [], [], {}, {}
-        self._poll = select.poll()
-        return previous
+        sets, self._sets = self._sets, {}
+        for opened in sets.values():
+            self._close_set(opened)
 
     def __enter__(self) -> TracepointReader:
         return self

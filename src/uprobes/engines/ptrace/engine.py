@@ -24,10 +24,12 @@ Hazards of section 4 of the ptrace note are named where they are handled (``haza
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ...consumers import Consumer, Hit
@@ -38,7 +40,7 @@ from ...probes.resolve import Probe
 from ...stacks import StackLimits
 from ...x86_64.abi import RETURN_VALUE, return_value
 from ..base import STOP_SIGNALS, Engine, uninterrupted
-from .family import Family
+from .family import Family, when_stopped
 from .hits import Reporter
 from .jumps import FULL, Jump
 from .linker import role_sites
@@ -46,9 +48,10 @@ from .placement import INT3, Breakpoint, Placement, Role
 from .returns import MAX_RETURN_DEPTH, caught, hijack, put_back, returned
 from .stops import Phase, drain
 from .strategies import Boost, retry_step
-from .syscalls import EXITKILL, OPTIONS, SI_KERNEL, Regs, ptrace_getregs, ptrace_getsiginfo, ptrace_setregs
+from .syscalls import (EXITKILL, OPTIONS, SI_KERNEL, Regs, ptrace_detach, ptrace_getregs, ptrace_getsiginfo,
+                       ptrace_interrupt, ptrace_setregs)
 from .tracee import LISTENING, TRAPPED, Process, Thread
-from .world import detach_all, stop_world
+from .world import detach_all, let_process_go, stop_world
 
 if TYPE_CHECKING:
     from .records import Recorder
@@ -83,17 +86,19 @@ class PtraceEngine(Engine):
         self._returns_wanted = False
         self._sigchld_blocked = False
         self.skipped_returns = 0
+        self._processes_may_come = False  # with none traced, a poll waits for one (add_process)
         self._last_stop = 0.0  # time.perf_counter() when stops were last handled
         self._stop_gap = math.inf  # and how long before that the previous ones were
 
     # -- attaching ---------------------------------------------------------------------------------------
 
     @uninterrupted
-    def attach(self, probes: list[Probe], pid: int | None, *, counting: bool = False, held: bool = False,
-               follow_forks: bool = True, consumers: dict[int, list[Consumer]] | None = None,
+    def attach(self, probes: list[Probe], pid: int | Sequence[int] | None, *, counting: bool = False,
+               held: bool = False, follow_forks: bool = True, consumers: dict[int, list[Consumer]] | None = None,
                stacks: StackLimits | None = None) -> None:
-        """Place ``probes`` in process ``pid``: a running one (every thread is seized), or, with ``held``, a
-        child held before its exec (probes go in at the exec, before the program's first instruction).
+        """Place ``probes`` in process ``pid``: a running one (every thread is seized), several (a sequence, more
+        added with :meth:`add_process`), or, with ``held``, a child held before its exec (probes go in at the
+        exec, before the program's first instruction).
         Children it forks are traced too, unless ``follow_forks`` is False: then they are let go, every
         byte we wrote taken out of their copy of memory first. With ``stacks``, every probe traps: the
         stack is copied at the stop (a trampoline records none)."""
@@ -120,11 +125,44 @@ class PtraceEngine(Engine):
         if held:
             self.family.seize_held(pid, OPTIONS | EXITKILL)  # dies with us, not of SIGTRAP (hazard 25)
             return  # the probes go in at PTRACE_EVENT_EXEC
-        process = self.family.seize_all(pid, OPTIONS)
+        self._processes_may_come = not isinstance(pid, int)
+        for each in [pid] if isinstance(pid, int) else pid:
+            self.add_process(each)
+
+    @uninterrupted
+    def add_process(self, pid: int) -> None:
+        """Seize every thread of running process ``pid`` and place the probes in it; the processes traced
+        already are stopped meanwhile (as a hit that turns breakpoints into jumps stops them)."""
+        if pid in self.family.processes:
+            return
+        group_stopped = {tid for tid, thread in self.family.threads.items() if thread.state is LISTENING}
+        if self.family.threads:
+            stop_world(self, detaching=False)
         try:
-            self.insert(process, self.family.stopped_in(process).tid)
+            process = self.family.seize_all(pid, OPTIONS)
+            try:
+                self.insert(process, self.family.stopped_in(process).tid)
+            except BaseException:
+                let_process_go(self, process)
+                raise
+        except BaseException:
+            self._let_seized_go(pid)
+            raise
         finally:
-            self.family.let_run()  # a signal met while seizing goes on now
+            self.family.let_run(group_stopped)  # a signal met while seizing goes on now
+
+    def _let_seized_go(self, pid: int) -> None:
+        """The threads of ``pid`` seized before seizing it failed: stopped, detached, forgotten."""
+        seized = [tid for tid, thread in self.family.threads.items() if thread.process.pid == pid]
+        for tid in seized:
+            with contextlib.suppress(ProcessLookupError):
+                ptrace_interrupt(tid)
+        when_stopped(seized, 2, lambda tid: ptrace_detach(tid, 0))
+        for tid in seized:
+            del self.family.threads[tid]
+        process = self.family.processes.pop(pid, None)
+        if process is not None:
+            process.memory.close()
 
     def insert(self, process: Process, via: int, strict: bool = True) -> None:
         """Place every probe and role whose object ``process`` maps now (at attach, exec, and each time the
@@ -233,9 +271,9 @@ class PtraceEngine(Engine):
                     and not handled:
                 break
             remaining = deadline - time.monotonic()
-            if not self.family.threads or remaining <= 0:
+            if remaining <= 0 or not self.family.threads and not self._processes_may_come:
                 break
-            if not handled and not self._spin():
+            if not handled and (not self.family.threads or not self._spin()):
                 if recorder is not None and recorder.rings:
                     remaining = min(remaining, _RING_READ_S)
                 woken = signal.sigtimedwait(_WAKERS, remaining)

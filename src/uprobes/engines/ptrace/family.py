@@ -62,11 +62,12 @@ class Family:
         """SEIZE and INTERRUPT every thread, re-reading the task list until no new thread turns up (hazard 6);
         every thread is stopped when this returns."""
         process = self.processes[pid] = Process(pid, ProcessMemory(pid))
+        seized: set[int] = set()
         while True:
             tids = thread_ids(pid)
             if not tids:
                 raise ProcessError(f"process {pid} does not exist")
-            new = tids - self.threads.keys()
+            new = tids - seized
             if not new:
                 break
             for tid in sorted(new):
@@ -78,7 +79,8 @@ class Family:
                         raise
                     continue  # the thread exited meanwhile
                 self.threads[tid] = Thread(tid, process)
-        self._await_interrupt_stops(set(self.threads))
+                seized.add(tid)
+        self._await_interrupt_stops(seized)
         return process
 
     def _await_interrupt_stops(self, seized: set[int]) -> None:

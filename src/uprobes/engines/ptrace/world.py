@@ -18,12 +18,12 @@ from .returns import put_back, returned
 from .stops import Phase, dispatch
 from .strategies import Boost
 from .syscalls import WALL, ptrace_detach, ptrace_getregs, ptrace_interrupt, ptrace_setregs
-from .tracee import EXITING, STOPPED, Thread
+from .tracee import EXITING, STOPPED, Process, Thread
 
 if TYPE_CHECKING:
     from .engine import PtraceEngine
 
-__all__ = ["stop_world", "detach_all"]
+__all__ = ["stop_world", "detach_all", "let_process_go", "restore"]
 
 _STOP_SECONDS = 10
 
@@ -85,23 +85,49 @@ def detach_all(engine: PtraceEngine) -> None:
     family = engine.family
     family.let_go_unadopted()
     for process in list(family.processes.values()):
-        via = family.stopped_in(process)
-        if not process.owns_memory or via is None:
-            continue
-        for thread in family.threads.values():
-            if thread.process is process or thread.process.memory_owner is process:
-                put_back(process.memory, [*thread.returns, *thread.set_aside], process.area, via.tid)
-                thread.returns.clear()
-                thread.set_aside.clear()
-        engine.placement.restore(process, via.tid)
-        engine.placement.jumps.unmap(process, via.tid)
-        if process.area is not None:
-            process.area.unmap(via.tid)
-            process.area = None
+        restore(engine, process)
+    _let_go(family.threads.values())
+
+
+def restore(engine: PtraceEngine, process: Process) -> None:
+    """With the world stopped: every byte we wrote in ``process`` restored (return addresses too), its areas
+    unmapped."""
+    family = engine.family
+    via = family.stopped_in(process)
+    if not process.owns_memory or via is None:
+        return
+    for thread in family.threads.values():
+        if thread.process is process or thread.process.memory_owner is process:
+            put_back(process.memory, [*thread.returns, *thread.set_aside], process.area, via.tid)
+            thread.returns.clear()
+            thread.set_aside.clear()
+    engine.placement.restore(process, via.tid)
+    engine.placement.jumps.unmap(process, via.tid)
+    if process.area is not None:
+        process.area.unmap(via.tid)
+        process.area = None
+
+
+def let_process_go(engine: PtraceEngine, process: Process) -> None:
+    """With ``process``'s threads stopped (the others may run): everything of ours taken out of it, its threads
+    detached, and it forgotten."""
+    family = engine.family
+    restore(engine, process)
+    threads = [thread for thread in family.threads.values() if thread.process is process]
+    _let_go(threads)
+    for thread in threads:
+        family.threads.pop(thread.tid, None)
+    family.processes.pop(process.pid, None)
+    engine.placement.jumps.forget(process)
+    process.memory.close()
+
+
+def _let_go(threads) -> None:
+    """Detach ``threads`` (stopped), each with the signals held for it."""
     # A held signal may end the process (Ctrl-C reached it too): its threads still traced would then stop at
     # their exit for a tracer that has left, and the process would never end. So those go last.
     dying = []
-    for thread in sorted(family.threads.values(), key=lambda t: bool(t.held)):
+    for thread in sorted(threads, key=lambda t: bool(t.held)):
         if thread.state is EXITING:
             dying.append(thread.tid)
             continue
