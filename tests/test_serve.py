@@ -60,9 +60,9 @@ class _Serving:
                 samples.setdefault(sample.name, []).append((sample.labels, sample.value))
         return samples
 
-    def wait_said(self, words: str, timeout: float = 60) -> None:
+    def wait_said(self, words: str, timeout: float = 60, times: int = 1) -> None:
         deadline = time.monotonic() + timeout
-        while words not in self.said:
+        while self.said.count(words) < times:
             assert time.monotonic() < deadline, self.said
             self.said += self.proc.stderr.readline()
 
@@ -469,8 +469,9 @@ def test_a_push_to_a_receiver_that_is_not_there_is_counted_and_said_once(targets
     assert "the last push to" in said
 
 
-# A program that names itself (its comm, what --match matches), then calls getppid as many times as each line
-# on stdin says, printing "done" after each; with "traceme" first, its parent traces it (so no one else may).
+# A program that names itself (its comm, what --match matches), then calls getppid (or the os function the line
+# names) as many times as each line on stdin says, printing "done" after each; with "traceme" first, its parent
+# traces it (so no one else may).
 _NAMED = """
 import ctypes, os, sys
 libc = ctypes.CDLL(None, use_errno=True)
@@ -479,8 +480,9 @@ if sys.argv[2:] == ["traceme"]:
 libc.prctl(15, sys.argv[1].encode(), 0, 0, 0)  # PR_SET_NAME
 print("ready", flush=True)
 for line in sys.stdin:
-    for _ in range(int(line)):
-        os.getppid()
+    n, function = (line.split() + ["getppid"])[:2]
+    for _ in range(int(n)):
+        getattr(os, function)()
     print("done", flush=True)
 """
 
@@ -493,8 +495,8 @@ class _Named:
                                      stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout.readline() == "ready\n"
 
-    def calls(self, n: int) -> None:
-        self.proc.stdin.write(f"{n}\n")
+    def calls(self, n: int, function: str = "getppid") -> None:
+        self.proc.stdin.write(f"{n} {function}\n")
         self.proc.stdin.flush()
         assert self.proc.stdout.readline() == "done\n"
 
@@ -575,3 +577,45 @@ def _libc() -> str:
     """The C library the test's processes map."""
     with open("/proc/self/maps") as maps:
         return next(line.split()[-1] for line in maps if "/libc.so" in line)
+
+
+@pytest.mark.parametrize("engine", ["ptrace", "kernel"])
+def test_sighup_reloads_the_configuration_and_the_series_that_stay_go_on(tmp_path, serving, engine):
+    """SIGHUP: the --config file read again, a probe added and one removed; the series of the probe that stays go
+    on from its count; a file that has gone bad is named and the running configuration goes on."""
+    name = f"reload{os.getpid() % 100000}"
+    config = tmp_path / "serve.toml"
+    config.write_text(f'engine = "{engine}"\nmatch = ["{name}"]\nprobes = ["uprobe:libc:getppid"]\n')
+    program = _Named(name)
+    server = serving("--config", str(config))
+    libc = os.path.realpath(_libc())
+    try:
+        _until(server, "uprobes_target_processes", {"target": name}, 1)
+        program.calls(100)
+        _until(server, "uprobes_hits_total", {"probe": "getppid", "path": libc}, 100)
+        config.write_text(f'engine = "{engine}"\nmatch = ["{name}"]\n'
+                          f'probes = ["uprobe:libc:getppid", "uprobe:libc:getuid"]\n')
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_said("reloaded")
+        _until(server, "uprobes_target_processes", {"target": name}, 1)
+        program.calls(50)
+        program.calls(30, "getuid")
+        _until(server, "uprobes_hits_total", {"probe": "getppid", "path": libc}, 150)
+        _until(server, "uprobes_hits_total", {"probe": "getuid", "path": libc}, 30)
+        config.write_text(config.read_text() + "max_series = -3\n")
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_said("the configuration as it was goes on")
+        assert "serve.toml:4: max_series" in server.said
+        program.calls(20)
+        _until(server, "uprobes_hits_total", {"probe": "getppid", "path": libc}, 170)
+        config.write_text(f'engine = "{engine}"\nmatch = ["{name}"]\nprobes = ["uprobe:libc:getuid"]\n')
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_said("reloaded", times=2)
+        _until(server, "uprobes_target_processes", {"target": name}, 1)
+        program.calls(5, "getuid")
+        _until(server, "uprobes_hits_total", {"probe": "getuid", "path": libc}, 35)
+        assert [labels["probe"] for labels, _ in server.metrics()["uprobes_hits_total"]] == ["getuid"]
+        status, _, said = server.stop()
+        assert status == 0 and said.count("reloaded") == 2 and "Traceback" not in said, said
+    finally:
+        assert program.end() == 0

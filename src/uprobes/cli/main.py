@@ -163,7 +163,7 @@ def _build_parser(serve_defaults: dict | None = None) -> argparse.ArgumentParser
     serve.add_argument("--config", metavar="FILE",
                        help="probes and options from a TOML file, its keys the options' names (probes = [...], "
                             "latency = [...], match = [...], by, hist, listen, otlp, otlp_interval, max_series, engine, pid, command, "
-                            "no_follow, trap, return_mode, duration); the command line's own win")
+                            "no_follow, trap, return_mode, duration); the command line's own win; SIGHUP reads it again")
     serve.add_argument("--hist", metavar="ARG[,ARG...]",
                        help="draw the values of these arguments, per probe that fetches them, as the histogram "
                             "uprobes_argument (0, then powers of two to 2^40)")
@@ -205,18 +205,25 @@ def _split_dash_command(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    """The command line ``argv`` (and a ``serve --config`` file's values, read now: a problem with it is an
+    UprobesError); ``argv`` is kept in the result, for ``serve`` to read the file again."""
+    words, dash_command = _split_dash_command(argv)
+    config = config_of(words)  # serve --config FILE: the file's values are the defaults of the options
+    args = _build_parser(config.defaults if config else {}).parse_args(words)
+    args.dash_command, args.argv = dash_command, argv
+    if config is not None:
+        config.complete(args)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``uprobes`` console script; returns the exit status."""
-    argv, dash_command = _split_dash_command(sys.argv[1:] if argv is None else argv)
     try:
-        config = config_of(argv)  # serve --config FILE: the file's values are the defaults of the options
+        args = parse_arguments(sys.argv[1:] if argv is None else argv)
     except UprobesError as exc:
         print(f"uprobes: error: {exc}", file=sys.stderr)
         return 2
-    args = _build_parser(config.defaults if config else {}).parse_args(argv)
-    args.dash_command = dash_command
-    if config is not None:
-        config.complete(args)
     try:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is a KeyboardInterrupt again
         return _dispatch(args)

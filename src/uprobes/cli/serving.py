@@ -57,26 +57,14 @@ def _threads_without_signals():
 
 def run_serve(args: argparse.Namespace) -> int:
     """Run the probes and export their metrics (served on ``--listen``, pushed to ``--otlp``) until a stop signal
-    (or ``-d``); the target ending leaves what was counted served, with ``uprobes_target_up`` 0."""
+    (or ``-d``); the target ending leaves what was counted served, with ``uprobes_target_up`` 0. SIGHUP reads
+    the ``--config`` file again and runs its probes, the series that stay going on from their values."""
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from ..output.metrics import ProbeMetrics, label_name
+    from ..output.metrics import ProbeMetrics
     from ..output.otlp import OtlpPush, redacted
 
-    keys = key_names(args.by, "--by")
-    drawn = key_names(args.hist, "--hist")
-    if not args.words and not args.latency:
-        raise UprobesError("serve needs probes to count (PROBE...) or functions to time (--latency FUNCTION)")
-    labels = ["probe", "path"]
-    for key in keys:
-        label = label_name(key)
-        if label in labels:
-            raise UprobesError(f"--by {key}: a label '{label}' is there already (probe and path are labels of their "
-                               f"own); name the argument otherwise ({label}2=...)")
-        if not _LABEL.fullmatch(label):
-            raise UprobesError(f"--by {key}: Prometheus labels are ASCII letters, digits and _, not starting with "
-                               f"__; name the argument otherwise")
-        labels.append(label)
+    _check_options(args)
     listen = args.listen or (None if args.otlp else listen_address(_DEFAULT_LISTEN))
     registry = CollectorRegistry(auto_describe=False)
     with ExitStack() as stack:
@@ -88,15 +76,10 @@ def run_serve(args: argparse.Namespace) -> int:
             except OSError as exc:
                 raise UprobesError(f"cannot serve on {host}:{port}: {exc.strerror}") from None
             stack.callback(server.shutdown)
-        run = Run(args, stack, counting=not keys and not args.latency and not drawn,
-                  check=lambda probes: _check_arguments(probes, keys, drawn),
-                  timed=tuple(dict.fromkeys(args.latency or ())), matching=tuple(dict.fromkeys(args.match or ())))
-        metrics = ProbeMetrics([p.name for p in run.probes], [p.path for p in run.probes], keys, run.timed,
-                               run.matching or [_target(run)], args.max_series, drawn)
-        metrics.placed = len(run.probes)
-        matcher = _Matcher(run, metrics) if run.matching else None
-        if matcher is None:
-            metrics.targets[_target(run)].processes = 1
+        serving = _Serving(args)
+        stack.callback(lambda: serving.stack.close())  # the configuration running then
+        metrics = ProbeMetrics(*serving.plan())
+        serving.started(metrics)
         registry.register(metrics)
         push = None
         if args.otlp:
@@ -108,10 +91,18 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"uprobes: pushing metrics to {redacted(args.otlp)} every {args.otlp_interval:g} s", file=sys.stderr,
                   flush=True)
         try:
-            run.go()
+            serving.run.go()
             while True:
-                if matcher is not None:
-                    matcher.scan()
+                if serving.reload_wanted:
+                    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # one of the two runs is ours
+                    try:
+                        serving = serving.reloaded(metrics)
+                    finally:
+                        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                    continue
+                run = serving.run
+                if serving.matcher is not None:
+                    serving.matcher.scan()
                 finished = run.finished()
                 metrics.add(run.poll_columns(0 if finished else POLL_SECONDS))
                 if run.counting:
@@ -119,6 +110,7 @@ def run_serve(args: argparse.Namespace) -> int:
                 metrics.lost = run.engine.lost
                 if finished:
                     break
+            run = serving.run
             expired = run.deadline is not None and time.monotonic() >= run.deadline
             run.end_command()
             _finish(run, metrics)
@@ -128,12 +120,105 @@ def run_serve(args: argparse.Namespace) -> int:
                 while run.deadline is None or time.monotonic() < run.deadline:
                     time.sleep(POLL_SECONDS)
         except KeyboardInterrupt as stop:
-            run.interrupted(stop)  # a command still running is stopped
-            _finish(run, metrics)
+            serving.run.interrupted(stop)  # a command still running is stopped
+            _finish(serving.run, metrics)
         if push is not None and not push.close():
             print(f"uprobes: warning: the last push to {redacted(args.otlp)} failed ({push.failures} failed in all)",
                   file=sys.stderr)
         return 0  # a stop signal is how a server ends
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Probes to run, and ``--by`` keys that can be Prometheus labels."""
+    from ..output.metrics import label_name
+
+    if not args.words and not args.latency:
+        raise UprobesError("serve needs probes to count (PROBE...) or functions to time (--latency FUNCTION)")
+    labels = ["probe", "path"]
+    for key in key_names(args.by, "--by"):
+        label = label_name(key)
+        if label in labels:
+            raise UprobesError(f"--by {key}: a label '{label}' is there already (probe and path are labels of their "
+                               f"own); name the argument otherwise ({label}2=...)")
+        if not _LABEL.fullmatch(label):
+            raise UprobesError(f"--by {key}: Prometheus labels are ASCII letters, digits and _, not starting with "
+                               f"__; name the argument otherwise")
+        labels.append(label)
+
+
+class _Serving:
+    """One configuration running: its probes attached (:attr:`run`), its processes found (:attr:`matcher`)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.keys = key_names(args.by, "--by")
+        self.drawn = key_names(args.hist, "--hist")
+        self.stack = ExitStack()
+        try:
+            self.run = Run(args, self.stack, counting=not self.keys and not args.latency and not self.drawn,
+                           check=lambda probes: _check_arguments(probes, self.keys, self.drawn),
+                           timed=tuple(dict.fromkeys(args.latency or ())),
+                           matching=tuple(dict.fromkeys(args.match or ())))
+        except BaseException:
+            self.stack.close()
+            raise
+        self.matcher: _Matcher | None = None
+        self.reload_wanted = False
+        if args.config is not None:  # SIGHUP reloads the file (without one, it stops the run, as SIGTERM does)
+            signal.signal(signal.SIGHUP, self._want_reload)
+
+    def _want_reload(self, signum, frame) -> None:
+        self.reload_wanted = True
+
+    def plan(self) -> tuple:
+        """What :class:`ProbeMetrics` (and its ``reload``) take for this configuration."""
+        run = self.run
+        return ([p.name for p in run.probes], [p.path for p in run.probes], self.keys, run.timed,
+                run.matching or [_target(run)], self.args.max_series, self.drawn)
+
+    def started(self, metrics) -> None:
+        """Its metrics in place: its probes counted as placed, its target up (or its processes looked for)."""
+        metrics.placed = len(self.run.probes)
+        if self.run.matching:
+            self.matcher = _Matcher(self.run, metrics)
+        else:
+            metrics.targets[_target(self.run)].processes = 1
+
+    def reloaded(self, metrics) -> _Serving:
+        """The ``--config`` file read again and its configuration running, every probe of this one removed first;
+        where it cannot run, this one again (a reload never leaves the exporter without probes)."""
+        from .main import parse_arguments
+
+        self.reload_wanted = False
+        try:
+            args = parse_arguments(self.args.argv)
+            _check_options(args)
+            unchanged = [option for option in ("listen", "otlp", "otlp_interval") if
+                         getattr(args, option) != getattr(self.args, option)]
+            if self.run.command:
+                raise UprobesError("a launched command is not reloaded (restart to change its probes)")
+        except UprobesError as exc:
+            print(f"uprobes: warning: reload: {exc}; the configuration as it was goes on", file=sys.stderr,
+                  flush=True)
+            return self
+        if unchanged:
+            print(f"uprobes: warning: reload: {', '.join('--' + o.replace('_', '-') for o in unchanged)} take effect "
+                  f"at a restart", file=sys.stderr, flush=True)
+            for option in unchanged:
+                setattr(args, option, getattr(self.args, option))
+        _finish(self.run, metrics)
+        self.stack.close()
+        try:
+            serving = _Serving(args)
+        except UprobesError as exc:
+            print(f"uprobes: warning: reload: {exc}; the configuration as it was goes on", file=sys.stderr,
+                  flush=True)
+            serving = _Serving(self.args)
+        else:
+            print(f"uprobes: reloaded {args.config}", file=sys.stderr, flush=True)
+        metrics.reload(*serving.plan())
+        serving.started(metrics)
+        return serving
 
 
 def _finish(run: Run, metrics) -> None:

@@ -15,7 +15,7 @@ import itertools
 import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
@@ -77,6 +77,23 @@ class Family:
     help: str
     unit: str
     series: list
+
+
+def _add_carried(family: Family, carried: Series | Distribution) -> None:
+    """A value from before a reload added to its series in ``family`` (or made its series)."""
+    series = next((series for series in family.series if series.labels == carried.labels), None)
+    if series is None:
+        family.series.append(replace(carried, counts=list(carried.counts)) if isinstance(carried, Distribution)
+                             else replace(carried))
+    elif isinstance(series, Distribution):
+        if any(carried.counts):
+            first = not any(series.counts)
+            series.counts = [mine + theirs for mine, theirs in zip(series.counts, carried.counts)]
+            series.sum += carried.sum
+            series.min = carried.min if first else min(series.min, carried.min)
+            series.max = carried.max if first else max(series.max, carried.max)
+    else:
+        series.value += carried.value
 
 
 def label_name(key: str) -> str:
@@ -144,6 +161,36 @@ class ProbeMetrics:
         self.lock = threading.Lock()
         #: Metrics exporters add about themselves (OTLP push failures), called at each snapshot.
         self.more: list[Callable[[], list[Family]]] = []
+        self._carried: dict[tuple, Series | Distribution] = {}  # (metric, labels) -> its value before a reload
+        self._start(names, paths, keys, timed, targets, max_series, drawn)
+
+    def reload(self, names: Sequence[str], paths: Sequence[str], keys: tuple[str, ...] = (),
+               timed: Sequence[range] = (), targets: Sequence[str] = (), max_series: int = 1000,
+               drawn: tuple[str, ...] = ()) -> None:
+        """Other probes (a configuration reloaded), as for a new instance: the series that stay (the same probe,
+        object and labels; the same function; the same target) go on from their values, the others end."""
+        with self.lock:
+            before = self._own()
+            self._start(names, paths, keys, timed, targets, max_series, drawn)
+            self._carried = {(family.name, tuple(series.labels.items())): series for family in before
+                             if family.kind != "gauge" for series in family.series
+                             if self._stays(family.name, series.labels)}
+
+    def _stays(self, metric: str, labels: dict[str, str]) -> bool:
+        if metric == "uprobes_hits_total" and list(labels) != ["probe", "path", *map(label_name, self.keys)]:
+            return False
+        if "arg" in labels and labels["arg"] not in self._drawn:
+            return False
+        if "target" in labels:
+            return labels["target"] in self.targets
+        if metric == "uprobes_latency_seconds":
+            return any((calls.name, calls.path) == (labels["function"], labels["path"]) for calls in self._calls)
+        if "probe" in labels:
+            return (labels["probe"], labels["path"]) in zip(self.names, self.paths)
+        return True
+
+    def _start(self, names: Sequence[str], paths: Sequence[str], keys: tuple[str, ...], timed: Sequence[range],
+               targets: Sequence[str], max_series: int, drawn: tuple[str, ...]) -> None:
         self.names, self.paths, self.keys = list(names), list(paths), keys
         self.max_series = max_series
         self.targets = {target: TargetHealth() for target in targets}
@@ -213,8 +260,15 @@ class ProbeMetrics:
     def snapshot(self) -> list[Family]:
         """The metrics as they are now, for any exporter."""
         with self.lock:
-            return [*self._hits(), *self._latency(), *self._arguments(), *self._health(),
-                    *(family for more in self.more for family in more())]
+            return [*self._own(), *(family for more in self.more for family in more())]
+
+    def _own(self) -> list[Family]:
+        families = [*self._hits(), *self._latency(), *self._arguments(), *self._health()]
+        for family in families:
+            for key, carried in self._carried.items():
+                if key[0] == family.name:
+                    _add_carried(family, carried)
+        return families
 
     def collect(self) -> Iterator[Metric]:
         """The metrics as they are now (prometheus-client's collector interface)."""
