@@ -17,7 +17,7 @@ from collections import Counter
 import pytest
 from pathlib import Path
 
-from conftest import error_as_nobody, run_cli, run_json
+from conftest import RunningTool, error_as_nobody, no_run_group_left_behind, run_cli, run_json
 from oracles import tool_output
 from uprobes.cli.tracing import _report_uncounted
 from uprobes.engines.kernel import perfbuf
@@ -35,22 +35,9 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the kernel engine nee
 
 @pytest.fixture(autouse=True)
 def nothing_left_behind(tracefs):
-    """After every test, uprobe_events holds no group it did not hold before, but those of processes alive now
-    that are not this one (another test session on this machine): a group the test left is caught whether its
-    process has ended (a CLI run) or not (an engine run inside pytest). Read from tracefs itself, not judged by
-    the tool's own stale_groups()."""
-    before = {event.group for event in Tracefs().defined_events()}
-    yield
-    appeared = {event.group for event in Tracefs().defined_events()} - before
-    others = {group for group in appeared if (pid := _group_pid(group)) not in (None, os.getpid())
-              and Path(f"/proc/{pid}").exists()}
-    assert appeared - others == set()
-
-
-def _group_pid(group: str) -> int | None:
-    """The pid a group of ours is named after (uprobes_<pid>_<start>_<n>), None for another's group."""
-    match = re.fullmatch(rf"{GROUP_PREFIX}(\d+)(?:_\d+_\d+)?", group)
-    return int(match[1]) if match else None
+    """After every test, no group of a run it made is left in uprobe_events (conftest.no_run_group_left_behind)."""
+    with no_run_group_left_behind():
+        yield
 
 
 def _trace_json(*args: str, timeout: float = 60) -> tuple[list[dict], subprocess.CompletedProcess]:
@@ -243,15 +230,14 @@ def _start_tracer(*args: str) -> subprocess.Popen:
 
 def test_system_wide_mode_catches_processes_started_later(targets):
     calls = targets / "calls"
-    tracer = _start_tracer("trace", "--json", "-d", "30", f"uprobe:{calls}:work i=%di:s32")
-    first = subprocess.run([str(calls), "3"], capture_output=True)
-    second = subprocess.Popen([str(calls), "4"], stdout=subprocess.DEVNULL)
-    second.wait()
-    time.sleep(0.3)
-    tracer.send_signal(signal.SIGINT)
-    out, err = tracer.communicate(timeout=30)
-    assert "Traceback" not in err
-    events = [json.loads(line) for line in out.splitlines()]
+    with RunningTool("trace", "--json", f"uprobe:{calls}:work i=%di:s32") as tracer:
+        tracer.wait_attached()
+        first = subprocess.run([str(calls), "3"], capture_output=True)
+        second = subprocess.Popen([str(calls), "4"], stdout=subprocess.DEVNULL)
+        second.wait()
+        tracer.wait_for(lambda: len(tracer.events()) >= 7, "the seven calls' events")
+        tracer.finish()
+    events = tracer.records()
     by_pid = {}
     for event in events[:-1]:
         by_pid.setdefault(event["pid"], []).append(event["args"]["i"])
@@ -266,11 +252,13 @@ def test_pid_mode_catches_only_its_process(targets):
     mine = subprocess.Popen([str(calls), "100000", "10"], stdout=subprocess.DEVNULL)
     other = subprocess.Popen([str(calls), "100000", "10"], stdout=subprocess.DEVNULL)
     try:
-        records, proc = _trace_json("-p", str(mine.pid), "-d", "1.5", f"uprobe:{calls}:work")
-        assert proc.returncode == 0
+        with RunningTool("trace", "--json", "-p", str(mine.pid), f"uprobe:{calls}:work") as tracer:
+            tracer.wait_for(lambda: len(tracer.events()) > 10, "ten hits")
+            tracer.finish()
+        assert tracer.proc.returncode == 128 + signal.SIGINT
+        records = tracer.records()
         pids = {r["pid"] for r in records if "probe" in r}
-        assert pids == {mine.pid}
-        assert len(records) > 10
+        assert pids == {mine.pid} and records[-1] == {"lost": 0}
     finally:
         for p in (mine, other):
             p.kill()
@@ -282,8 +270,11 @@ def test_detach_leaves_the_semaphore_at_zero(targets):
     target = subprocess.Popen([str(calls), "300", "10"], stdout=subprocess.PIPE, text=True)
     try:
         time.sleep(0.3)
-        records, proc = _trace_json("-p", str(target.pid), "-d", "1", f"usdt:{calls}:calls:step")
-        assert proc.returncode == 0 and len(records) > 10
+        with RunningTool("trace", "--json", "-p", str(target.pid), f"usdt:{calls}:calls:step") as tracer:
+            tracer.wait_for(lambda: len(tracer.events()) > 10, "ten hits")
+            tracer.finish()
+        records = tracer.records()
+        assert tracer.proc.returncode == 128 + signal.SIGINT and records[-1] == {"lost": 0}
         out, _ = target.communicate(timeout=30)
         guarded = int(out.split()[-1])
         assert len(records) - 1 <= guarded < 300  # open while we listened, closed again after

@@ -16,13 +16,12 @@ import random
 import re
 import signal
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from conftest import RunningTool, children_of
 from oracles import (anonymous_executable_mappings, shared_mappings_left, file_offset, objdump_instruction_starts,
                      text_differs_from_files)
 
@@ -58,46 +57,12 @@ def _left_behind(pid: int, path: str) -> list[str]:
     return problems
 
 
-def _children(pid: int) -> list[int]:
-    children = []
-    for entry in os.listdir("/proc"):
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except (OSError, ValueError):
-            continue
-        if entry.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            children.append(int(entry))
-    return children
-
-
 def _wait_gone(pids: list[int], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     for pid in pids:
         while Path(f"/proc/{pid}").exists():
             assert time.monotonic() < deadline, f"process {pid} is still there"
             time.sleep(0.01)
-
-
-class _Said:
-    """The tool's stderr, read line by line as it comes: whether it has said its probes are attached yet."""
-
-    def __init__(self, tool: subprocess.Popen) -> None:
-        self.lines: list[str] = []
-        self.attached = threading.Event()
-        self._reader = threading.Thread(target=self._read, args=(tool.stderr,), daemon=True)
-        self._reader.start()
-
-    def _read(self, stream) -> None:
-        for line in stream:
-            self.lines.append(line)
-            if " attached (" in line:
-                self.attached.set()
-
-    def text(self, timeout: float = 120) -> str:
-        """All it said, once every process writing to its stderr (the front, the worker) has closed it."""
-        self._reader.join(timeout)
-        assert not self._reader.is_alive(), f"the tool still writes to stderr: {''.join(self.lines)!r}"
-        return "".join(self.lines)
 
 
 def kill_trials(targets: Path, signum: int, trials: int, seed: int, command: str = "trace") -> dict:
@@ -128,18 +93,16 @@ def kill_trials(targets: Path, signum: int, trials: int, seed: int, command: str
         for trial in range(trials):
             waits_for_attach = trial % 2 == 1
             delay = rng.uniform(0, 0.6) if waits_for_attach else rng.uniform(0, 1.2)
-            tool = subprocess.Popen([sys.executable, "-m", "uprobes", command, "--engine", "ptrace", "-p",
-                                     str(target.pid), "-o", os.devnull, *probes],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            said = _Said(tool)
+            running = RunningTool(command, "--engine", "ptrace", "-p", str(target.pid), "-o", os.devnull, *probes,
+                                  stdout=False)
+            tool = running.proc
             if waits_for_attach:
-                assert said.attached.wait(60), f"the tool did not attach: {tool.poll()}, {''.join(said.lines)!r}"
+                running.wait_attached()
             time.sleep(delay)
-            workers = _children(tool.pid)
-            attached = said.attached.is_set()
+            workers = children_of(tool.pid)
+            attached = running.attached.is_set()
             tool.send_signal(signum)
-            err = said.text()
-            tool.wait(timeout=60)
+            _, err = running.ended()
             _wait_gone(workers)  # after a SIGKILL of the front, its child detaches on its own
             tally["trials"] += 1
             tally["after_attached" if attached else "before_attached"] += 1
