@@ -231,6 +231,33 @@ def test_list_of_a_process_says_when_nothing_matches(targets):
         target.wait()
 
 
+def test_make_demo_lists_the_demos_markers_and_traces_each_order(targets):
+    """README's first command: the Makefile's demo target itself (its installation steps already done: this run's
+    virtualenv and the built targets, given as done), which lists the demo's markers as readelf shows them and
+    traces a run of 3 orders, each order's marker, call and return with the values the demo prints."""
+    if os.geteuid() != 0:
+        pytest.skip("make demo traces with the kernel engine: it needs root")
+    venv = Path(sys.executable).parent.parent
+    if not (venv / "bin" / "uprobes").exists():
+        pytest.skip(f"{sys.executable} is not in a virtualenv with uprobes installed, which the Makefile runs")
+    root = Path(__file__).parent.parent
+    proc = subprocess.run(["make", "-s", "-o", "venv", "-o", "targets", f"VENV={venv}", "demo"], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    demo = str(targets / "demo")
+    for note in readelf_sdt_notes(demo):
+        assert re.search(rf"marker {note.provider}:{note.name} .*\n\s+offset {file_offset(demo, note.location):#x} "
+                         rf".*args: {re.escape(note.arguments)}\n", proc.stdout), (note, proc.stdout)
+    orders = re.findall(r"^order (\d+): (\d+) x (\w+) = (\d+)$", proc.stdout, re.M)  # the demo's own lines
+    assert [int(order[0]) for order in orders] == [1, 2, 3]
+    events = re.findall(r"^\S+ demo +\d+/\d+ (.*)$", proc.stdout, re.M)
+    assert events == [event for number, quantity, item, total in orders for event in (
+        f'demo:order__start id={number} item="{item}" quantity={quantity}',
+        f'price_of item="{item}" quantity={quantity}', f"price_of%return retval={total}",
+        f"demo:order__done arg0={number} arg1={total}")]
+    assert "uprobes: 4 probe points attached (kernel engine, the command)" in proc.stderr
+
+
 def test_readme_dwarf_examples_run_as_written(targets):
     """The shell block of the README's DWARF section, run from tests/targets as it says (ptrace engine)."""
     readme = (Path(__file__).parent.parent / "README.md").read_text()

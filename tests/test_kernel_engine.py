@@ -17,8 +17,9 @@ from collections import Counter
 import pytest
 from pathlib import Path
 
-from conftest import RunningTool, error_as_nobody, no_run_group_left_behind, run_cli, run_json
-from oracles import tool_output
+from conftest import (RunningTool, children_of, error_as_nobody, kernel_groups, no_run_group_left_behind, run_cli,
+                      run_groups_of, run_json)
+from oracles import text_differs_from_files, tool_output
 from uprobes.cli.tracing import _report_uncounted
 from uprobes.engines.kernel import perfbuf
 from uprobes.engines.kernel.engine import KernelEngine
@@ -212,6 +213,42 @@ def test_count_reports_along_the_way_and_loses_nothing_at_the_end(targets, other
     for record in records:
         totals[record["probe"]] += record["hits"]
     assert totals == dict(list(every.items())[:1 + others])
+
+
+def test_events_the_buffers_drop_are_counted_exactly_and_said(targets, tmp_path):
+    """README: lost events are counted and reported. A marker hit 1,000,000 times at full speed, each hit an event
+    written as text: most find the perf buffers full, and the number the run says it lost is exactly the hits the
+    program made (its own count of the marker's guard, open at every hit) less the events written."""
+    calls, out = targets / "calls", tmp_path / "events.txt"
+    result = run_cli("trace", "--engine", "kernel", "-o", str(out), f"usdt:{calls}:calls:step", "--", str(calls),
+                     "1000000", check=True)
+    hits = int(re.search(r"guarded (\d+)\n", result.stdout)[1])
+    written = [int(i) for i in re.findall(r" calls:step arg0=(\d+) ", out.read_text())]
+    lost = re.findall(r"^uprobes: lost (\d+) events \(the ring buffers overflowed", result.stderr, re.M)
+    assert hits == 1_000_000 and len(lost) == 1 and int(lost[0]) > 0, result.stderr
+    assert int(lost[0]) == hits - len(written)
+    assert written == sorted(set(written))  # those written, each once and in order
+
+
+def test_a_sigkill_of_the_pid_the_user_holds_still_removes_the_runs_group(targets):
+    """README: with -p the pid the user holds only waits; its worker defines the events and, when that pid dies
+    of SIGKILL, gets a SIGTERM and removes them: the run's group goes, the process lives on."""
+    calls = targets / "calls"
+    target = subprocess.Popen([str(calls), "100000", "10"], stdout=subprocess.DEVNULL)
+    try:
+        with RunningTool("trace", "--engine", "kernel", "-p", str(target.pid), f"uprobe:{calls}:work",
+                         stdout=False) as tracer:
+            tracer.wait_attached()
+            workers = children_of(tracer.proc.pid)
+            (group,) = run_groups_of(set(workers))  # named after the worker, not the pid killed
+            tracer.proc.kill()
+            _, err = tracer.ended()  # its worker, which shares its stderr, has ended too
+        assert tracer.proc.returncode == -signal.SIGKILL and "Traceback" not in err, err
+        assert group not in kernel_groups()
+        assert target.poll() is None and text_differs_from_files(target.pid) == []
+    finally:
+        target.kill()
+        target.wait()
 
 
 def test_a_fetch_argument_cannot_smuggle_a_second_definition(targets):

@@ -3,6 +3,7 @@ the Python API. Its counts are checked against the kernel engine's where both ca
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -260,6 +261,31 @@ def test_a_bad_pointer_gives_an_error_value_not_a_crash(targets):
     events = [json.loads(line) for line in records if line.startswith('{"probe"')]
     assert [e["args"] for e in events] == [{"bad": None, "x": None}] * 2
     assert set(events[0]["errors"]) == {"bad", "x"}
+
+
+@pytest.mark.parametrize("stop", [False, True], ids=["records", "stopped"])
+def test_a_handlers_memory_read_of_a_bad_address_raises_oserror(targets, stop):
+    """README (the Python API): hit.memory reads the target's memory and raises OSError on a bad address, never
+    harming the target: each call's label buffer is read, page 0 is not, and the program computes what it does
+    alone. (Run from records, the buffer is read as it is then: the program may have written a later label.)"""
+    calls = str(targets / "calls")
+    seen = []
+
+    def handler(hit):
+        label = hit.memory.read_string(hit.regs.rdx)
+        try:
+            hit.memory.read(0, 8)
+            seen.append((label, "read"))
+        except OSError as error:
+            seen.append((label, errno.errorcode[error.errno]))
+
+    untraced = subprocess.run([calls, "3"], capture_output=True, text=True)
+    with Session(command=[calls, "3"]) as session:
+        session.probe(f"uprobe:{calls}:work", handler, stop=stop)
+        assert session.run() == untraced.returncode == 0
+    assert len(seen) == 3 and all(reason in ("EFAULT", "EIO") for _, reason in seen), seen
+    labels = [label for label, _ in seen]
+    assert labels == [b"s0", b"s1", b"s2"] if stop else all(label in (b"s0", b"s1", b"s2") for label in labels)
 
 
 def test_a_handler_that_raises_ends_in_a_clean_detach(targets):
