@@ -173,10 +173,14 @@ def tracefs() -> Path:
     return TRACEFS
 
 
+def _group_of(definition: str) -> str:
+    """The group of a uprobe_events line (``p:GROUP/EVENT PATH:OFFSET ...``)."""
+    return definition.split()[0].split(":", 1)[1].split("/")[0]
+
+
 def kernel_groups() -> set[str]:
     """The group of every uprobe event defined now, as uprobe_events lists them (anyone's)."""
-    return {line.split()[0].split(":", 1)[1].split("/")[0]
-            for line in (TRACEFS / "uprobe_events").read_text().splitlines() if line.strip()}
+    return {_group_of(line) for line in (TRACEFS / "uprobe_events").read_text().splitlines() if line.strip()}
 
 
 def run_group_pid(group: str) -> int | None:
@@ -191,6 +195,20 @@ def run_groups_of(pids: set[int]) -> set[str]:
     return {group for group in kernel_groups() if run_group_pid(group) in pids}
 
 
+def _of_another_live_run(group: str) -> bool:
+    """Whether ``group`` is a run's of a process alive now that is not this one (another test session's)."""
+    pid = run_group_pid(group)
+    return pid not in (None, os.getpid()) and Path(f"/proc/{pid}").exists()
+
+
+def definitions_since(before: str) -> list[str]:
+    """The lines of uprobe_events now that were not in ``before`` (its text then), but those of another live
+    process's runs."""
+    lines = set(before.splitlines())
+    return [line for line in (TRACEFS / "uprobe_events").read_text().splitlines()
+            if line not in lines and not _of_another_live_run(_group_of(line))]
+
+
 @contextmanager
 def no_run_group_left_behind() -> Iterator[None]:
     """Around a test: afterwards, uprobe_events holds no run's group it did not hold before, but those of
@@ -201,9 +219,7 @@ def no_run_group_left_behind() -> Iterator[None]:
     before = kernel_groups()
     yield
     appeared = {group for group in kernel_groups() - before if run_group_pid(group) is not None}
-    others = {group for group in appeared if (pid := run_group_pid(group)) != os.getpid()
-              and Path(f"/proc/{pid}").exists()}
-    assert appeared - others == set()
+    assert {group for group in appeared if not _of_another_live_run(group)} == set()
 
 
 def children_of(pid: int) -> list[int]:

@@ -71,8 +71,8 @@ def kill_trials(targets: Path, signum: int, trials: int, seed: int, command: str
     marker jumps (tests/test_jump_probes.py checks that they are), with hit()'s returns through a return
     trampoline, trace-jumps makes them jumps that write records (with two arguments at hit(), a dereference
     and a string its trampoline reads with system calls, the string into the slots after the record's first).
-    Every other trial waits for the tool to say it attached and sends the signal 0-0.6 s later (while it
-    serves hits), the others 0-1.2 s after the tool started (while Python starts, while the tool attaches, or
+    Every other trial waits for the tool to say it attached and sends the signal 0-0.4 s later (while it
+    serves hits), the others 0-1 s after the tool started (while Python starts, while the tool attaches, or
     after): however slow start-up is, half the trials hit a tool that has attached. A trial counts as after
     "attached" when the tool had said it before the signal was sent. Returns a tally; raises AssertionError at
     the first trial that leaves the target dead or changed, or that ends with a status the signal cannot
@@ -92,7 +92,7 @@ def kill_trials(targets: Path, signum: int, trials: int, seed: int, command: str
         time.sleep(0.2)
         for trial in range(trials):
             waits_for_attach = trial % 2 == 1
-            delay = rng.uniform(0, 0.6) if waits_for_attach else rng.uniform(0, 1.2)
+            delay = rng.uniform(0, 0.4) if waits_for_attach else rng.uniform(0, 1.0)
             running = RunningTool(command, "--engine", "ptrace", "-p", str(target.pid), "-o", os.devnull, *probes,
                                   stdout=False)
             tool = running.proc
