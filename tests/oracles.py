@@ -46,6 +46,58 @@ def readelf_sdt_notes(path: str) -> list[ReadelfNote]:
     return notes
 
 
+def readelf_marker_arguments(path: str, provider: str, name: str) -> list[list[str]]:
+    """The arguments of each site of marker ``provider:name``, in address order, as ``readelf -n`` prints them
+    (one ``SIZE@OPERAND`` word each)."""
+    sites = sorted((n for n in readelf_sdt_notes(path) if (n.provider, n.name) == (provider, name)),
+                   key=lambda n: n.location)
+    assert sites, f"readelf shows no marker {provider}:{name} in {path}"
+    return [n.arguments.split() for n in sites]
+
+
+@dataclass(frozen=True)
+class SdtOperand:
+    """One marker argument as sys/sdt.h writes it: ``[-]N[f]@OPERAND`` (signed when negative, a float with f)."""
+    size: int
+    signed: bool
+    is_float: bool
+    operand: str
+
+    @classmethod
+    def parse(cls, word: str) -> SdtOperand:
+        size, operand = word.split("@", 1)
+        return cls(abs(int(size.rstrip("f"))), size.startswith("-"), size.endswith("f"), operand)
+
+    @property
+    def tracefs_type(self) -> str:
+        """The fetch type tracefs reads it as: s/u BITS, and a float's bits as x BITS (tracefs has no floats)."""
+        return f"{'x' if self.is_float else 's' if self.signed else 'u'}{self.size * 8}"
+
+
+# x86-64's general registers by the name of their pt_regs slot (what tracefs calls them, %ax for all of rax),
+# each with every name of its parts (Intel's manual, vol. 1, 3.4.1.1). The high bytes (ah...) are bits 8-15.
+_REGISTER_PARTS = {"ax": "rax eax ax al ah", "bx": "rbx ebx bx bl bh", "cx": "rcx ecx cx cl ch",
+                   "dx": "rdx edx dx dl dh", "si": "rsi esi si sil", "di": "rdi edi di dil",
+                   "bp": "rbp ebp bp bpl", "sp": "rsp esp sp spl",
+                   **{f"r{n}": f"r{n} r{n}d r{n}w r{n}b" for n in range(8, 16)}}
+
+
+def pt_regs_slot(register: str) -> tuple[str, int]:
+    """The pt_regs slot that holds x86-64 register ``register`` (``%r8d``, ``%ah``) and the bit its value
+    starts at."""
+    name = register.removeprefix("%")
+    (slot,) = [slot for slot, parts in _REGISTER_PARTS.items() if name in parts.split()]
+    return slot, 8 if name in ("ah", "bh", "ch", "dh") else 0
+
+
+def tracefs_register_fetcharg(word: str) -> str:
+    """How tracefs fetches marker argument ``word``, a register (``-4@%r8d``): its pt_regs slot with the
+    argument's type, a high byte as the bitfield of bits 8-15 of its slot."""
+    argument = SdtOperand.parse(word)
+    slot, bit = pt_regs_slot(argument.operand)
+    return f"%{slot}:b{argument.size * 8}@{bit}/64" if bit else f"%{slot}:{argument.tracefs_type}"
+
+
 @dataclass(frozen=True)
 class ReadelfSegment:
     offset: int

@@ -191,6 +191,32 @@ def test_calls_deeper_than_the_returns_an_engine_keeps_are_instants(engine, targ
         assert deep == [("fact", {"a": k}) for k in range(100 - 64, -1, -1)]
 
 
+def _fact_depths(calls: list[Call], depth: int = 0) -> list[int]:
+    """How many calls of fact each call of fact is nested in, fact's own included (1 for the outermost)."""
+    depths = []
+    for call in calls:
+        inner = depth + (call.name == "fact")
+        depths += ([inner] if call.name == "fact" else []) + _fact_depths(call.children, inner)
+    return depths
+
+
+def test_returns_past_64_nested_calls_are_counted_and_the_ptrace_engine_says_how_many(engine, targets):
+    """README: a return probe keeps 64 nested calls per thread: counted, fact's returns are those of its calls
+    nested at most 64 deep (as the program's own account of its calls tells), on both engines (the ptrace
+    engine's jumps and traps both); the ptrace engine says how many it skipped (the kernel, only in its log)."""
+    nest = str(targets / "nest")
+    for options in ([], ["--trap"]) if engine == "ptrace" else ([],):
+        records, proc = run_json("count", "--engine", engine, *options, f"uprobe:{nest}:fact",
+                                 f"uretprobe:{nest}:fact", "--", nest, "1", "100")
+        assert proc.returncode == 0, proc.stderr
+        depths = [depth for calls in program_calls(proc.stdout).values() for depth in _fact_depths(calls)]
+        assert max(depths) > 64
+        hits = {record["probe"]: record["hits"] for record in records}
+        assert hits == {"fact": len(depths), "fact%return": sum(depth <= 64 for depth in depths)}, options
+        skipped = re.findall(r"^uprobes: (\d+) return probes skipped \(nesting deeper than 64", proc.stderr, re.M)
+        assert skipped == ([str(sum(depth > 64 for depth in depths))] if engine == "ptrace" else []), proc.stderr
+
+
 def test_return_probes_on_the_exits_give_every_slice_at_any_depth(engine, targets):
     """With the return probes on each function's ret instructions (--return-mode insn), no return address is
     replaced, so there is no limit of 64 nested calls: fact's 100 levels are slices, each with its value.

@@ -17,8 +17,9 @@ from collections import Counter
 import pytest
 from pathlib import Path
 
-from conftest import error_as_nobody, run_cli, run_json
-from oracles import tool_output
+from conftest import (RunningTool, children_of, definitions_since, error_as_nobody, kernel_groups,
+                      no_run_group_left_behind, run_cli, run_groups_of, run_json)
+from oracles import text_differs_from_files, tool_output
 from uprobes.cli.tracing import _report_uncounted
 from uprobes.engines.kernel import perfbuf
 from uprobes.engines.kernel.engine import KernelEngine
@@ -35,22 +36,9 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the kernel engine nee
 
 @pytest.fixture(autouse=True)
 def nothing_left_behind(tracefs):
-    """After every test, uprobe_events holds no group it did not hold before, but those of processes alive now
-    that are not this one (another test session on this machine): a group the test left is caught whether its
-    process has ended (a CLI run) or not (an engine run inside pytest). Read from tracefs itself, not judged by
-    the tool's own stale_groups()."""
-    before = {event.group for event in Tracefs().defined_events()}
-    yield
-    appeared = {event.group for event in Tracefs().defined_events()} - before
-    others = {group for group in appeared if (pid := _group_pid(group)) not in (None, os.getpid())
-              and Path(f"/proc/{pid}").exists()}
-    assert appeared - others == set()
-
-
-def _group_pid(group: str) -> int | None:
-    """The pid a group of ours is named after (uprobes_<pid>_<start>_<n>), None for another's group."""
-    match = re.fullmatch(rf"{GROUP_PREFIX}(\d+)(?:_\d+_\d+)?", group)
-    return int(match[1]) if match else None
+    """After every test, no group of a run it made is left in uprobe_events (conftest.no_run_group_left_behind)."""
+    with no_run_group_left_behind():
+        yield
 
 
 def _trace_json(*args: str, timeout: float = 60) -> tuple[list[dict], subprocess.CompletedProcess]:
@@ -227,6 +215,42 @@ def test_count_reports_along_the_way_and_loses_nothing_at_the_end(targets, other
     assert totals == dict(list(every.items())[:1 + others])
 
 
+def test_events_the_buffers_drop_are_counted_exactly_and_said(targets, tmp_path):
+    """README: lost events are counted and reported. A marker hit 1,000,000 times at full speed, each hit an event
+    written as text: most find the perf buffers full, and the number the run says it lost is exactly the hits the
+    program made (its own count of the marker's guard, open at every hit) less the events written."""
+    calls, out = targets / "calls", tmp_path / "events.txt"
+    result = run_cli("trace", "--engine", "kernel", "-o", str(out), f"usdt:{calls}:calls:step", "--", str(calls),
+                     "1000000", check=True)
+    hits = int(re.search(r"guarded (\d+)\n", result.stdout)[1])
+    written = [int(i) for i in re.findall(r" calls:step arg0=(\d+) ", out.read_text())]
+    lost = re.findall(r"^uprobes: lost (\d+) events \(the ring buffers overflowed", result.stderr, re.M)
+    assert hits == 1_000_000 and len(lost) == 1 and int(lost[0]) > 0, result.stderr
+    assert int(lost[0]) == hits - len(written)
+    assert written == sorted(set(written))  # those written, each once and in order
+
+
+def test_a_sigkill_of_the_pid_the_user_holds_still_removes_the_runs_group(targets):
+    """README: with -p the pid the user holds only waits; its worker defines the events and, when that pid dies
+    of SIGKILL, gets a SIGTERM and removes them: the run's group goes, the process lives on."""
+    calls = targets / "calls"
+    target = subprocess.Popen([str(calls), "100000", "10"], stdout=subprocess.DEVNULL)
+    try:
+        with RunningTool("trace", "--engine", "kernel", "-p", str(target.pid), f"uprobe:{calls}:work",
+                         stdout=False) as tracer:
+            tracer.wait_attached()
+            workers = children_of(tracer.proc.pid)
+            (group,) = run_groups_of(set(workers))  # named after the worker, not the pid killed
+            tracer.proc.kill()
+            _, err = tracer.ended()  # its worker, which shares its stderr, has ended too
+        assert tracer.proc.returncode == -signal.SIGKILL and "Traceback" not in err, err
+        assert group not in kernel_groups()
+        assert target.poll() is None and text_differs_from_files(target.pid) == []
+    finally:
+        target.kill()
+        target.wait()
+
+
 def test_a_fetch_argument_cannot_smuggle_a_second_definition(targets):
     result = run_cli("trace", "-d", "1", f"p:grp/ev {targets / 'calls'}:work\n-:grp/other")
     assert result.status == 2 and "bad fetch argument '-:grp/other'" in result.stderr
@@ -243,15 +267,14 @@ def _start_tracer(*args: str) -> subprocess.Popen:
 
 def test_system_wide_mode_catches_processes_started_later(targets):
     calls = targets / "calls"
-    tracer = _start_tracer("trace", "--json", "-d", "30", f"uprobe:{calls}:work i=%di:s32")
-    first = subprocess.run([str(calls), "3"], capture_output=True)
-    second = subprocess.Popen([str(calls), "4"], stdout=subprocess.DEVNULL)
-    second.wait()
-    time.sleep(0.3)
-    tracer.send_signal(signal.SIGINT)
-    out, err = tracer.communicate(timeout=30)
-    assert "Traceback" not in err
-    events = [json.loads(line) for line in out.splitlines()]
+    with RunningTool("trace", "--json", f"uprobe:{calls}:work i=%di:s32") as tracer:
+        tracer.wait_attached()
+        first = subprocess.run([str(calls), "3"], capture_output=True)
+        second = subprocess.Popen([str(calls), "4"], stdout=subprocess.DEVNULL)
+        second.wait()
+        tracer.wait_for(lambda: len(tracer.events()) >= 7, "the seven calls' events")
+        tracer.finish()
+    events = tracer.records()
     by_pid = {}
     for event in events[:-1]:
         by_pid.setdefault(event["pid"], []).append(event["args"]["i"])
@@ -266,11 +289,13 @@ def test_pid_mode_catches_only_its_process(targets):
     mine = subprocess.Popen([str(calls), "100000", "10"], stdout=subprocess.DEVNULL)
     other = subprocess.Popen([str(calls), "100000", "10"], stdout=subprocess.DEVNULL)
     try:
-        records, proc = _trace_json("-p", str(mine.pid), "-d", "1.5", f"uprobe:{calls}:work")
-        assert proc.returncode == 0
+        with RunningTool("trace", "--json", "-p", str(mine.pid), f"uprobe:{calls}:work") as tracer:
+            tracer.wait_for(lambda: len(tracer.events()) > 10, "ten hits")
+            tracer.finish()
+        assert tracer.proc.returncode == 128 + signal.SIGINT
+        records = tracer.records()
         pids = {r["pid"] for r in records if "probe" in r}
-        assert pids == {mine.pid}
-        assert len(records) > 10
+        assert pids == {mine.pid} and records[-1] == {"lost": 0}
     finally:
         for p in (mine, other):
             p.kill()
@@ -282,8 +307,11 @@ def test_detach_leaves_the_semaphore_at_zero(targets):
     target = subprocess.Popen([str(calls), "300", "10"], stdout=subprocess.PIPE, text=True)
     try:
         time.sleep(0.3)
-        records, proc = _trace_json("-p", str(target.pid), "-d", "1", f"usdt:{calls}:calls:step")
-        assert proc.returncode == 0 and len(records) > 10
+        with RunningTool("trace", "--json", "-p", str(target.pid), f"usdt:{calls}:calls:step") as tracer:
+            tracer.wait_for(lambda: len(tracer.events()) > 10, "ten hits")
+            tracer.finish()
+        records = tracer.records()
+        assert tracer.proc.returncode == 128 + signal.SIGINT and records[-1] == {"lost": 0}
         out, _ = target.communicate(timeout=30)
         guarded = int(out.split()[-1])
         assert len(records) - 1 <= guarded < 300  # open while we listened, closed again after
@@ -328,7 +356,7 @@ def test_a_path_that_would_inject_a_second_command_is_refused(targets, tmp_path,
         result = run_cli(*command, f"uprobe:{link}:price_of")
         assert result.status == 2
         assert result.stderr.count("\n") == 1 and "cannot take a path with blanks, '#' or control" in result.stderr
-    assert (Path(tracefs) / "uprobe_events").read_text() == before
+    assert definitions_since(before) == []
     records, proc = run_json("trace", "--engine", "ptrace", f"uprobe:{link}:price_of", "--", str(weird), "1")
     hits = [r for r in records if "probe" in r]
     assert proc.returncode == 0 and hits and all(r["probe"] == "price_of" for r in hits)
@@ -341,7 +369,7 @@ def test_names_and_arguments_that_would_inject_a_line_are_rejected(tracefs, text
     before = (Path(tracefs) / "uprobe_events").read_text()
     result = run_cli("trace", "-d", "1", *text.split(" "))
     assert result.status == 2 and result.stderr.count("\n") == 1, result.stderr
-    assert (Path(tracefs) / "uprobe_events").read_text() == before
+    assert definitions_since(before) == []
 
 
 def test_system_wide_tracing_with_the_ptrace_engine_is_refused_clearly(targets):

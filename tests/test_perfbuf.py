@@ -3,12 +3,13 @@
 The program calls ``hit(i, "s<i>")`` N times; ``hit`` returns ``3 * i``. Its mode letters: ``b`` waits for a
 line on stdin before the loop, ``a`` prints "done" after it and waits for a line before one last
 ``hit(-1, "flush")``, ``n`` adds ``hit(-2, NULL)`` and ``hit(-3, "")`` after the loop, ``l`` calls ``locked()``,
-whose first instruction has a lock prefix.
+whose first instruction has a lock prefix, ``e`` calls ``every(-7, "hello", {{1, -2, 3, -4}, 'c'}, {"x", NULL})``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import error_as_nobody
-from uprobes.engines.kernel.eventformat import FAULT, EventFormat, load_event_format, parse_event_format
+from uprobes.engines.kernel.eventformat import FAULT, EventFormat, load_event_format
 from uprobes.engines.kernel.perfbuf import Sample, TracepointReader, online_cpus
 from uprobes.engines.kernel.tracefs import DefinedEvent, Tracefs
 from uprobes.errors import KernelEngineError
@@ -34,6 +35,16 @@ __attribute__((noinline, noipa, patchable_function_entry(1))) int hit(int i, con
 {
     __asm__ volatile("" : : "r"(s) : "memory");
     return i * 3;
+}
+
+/* Every kind of fetch argument at once: a string, an array, a char, an array of strings (one NULL). */
+struct data { int arr[4]; char c; };
+
+__attribute__((noinline, noipa, patchable_function_entry(1)))
+int every(int i, const char *s, const struct data *d, const char *const *ss)
+{
+    __asm__ volatile("" : : "r"(s), "r"(d), "r"(ss) : "memory");
+    return i;
 }
 
 int counter;
@@ -61,6 +72,11 @@ int main(int argc, char **argv)
         wait_line();
     if (strchr(mode, 'l'))
         locked();
+    if (strchr(mode, 'e')) {
+        static const struct data d = {{1, -2, 3, -4}, 'c'};
+        static const char *const ss[2] = {"x", NULL};
+        sum += every(-7, "hello", &d, ss);
+    }
     for (long i = 0; i < n; i++) {
         snprintf(buf, sizeof buf, "s%ld", i);
         sum += hit((int)i, buf);
@@ -77,27 +93,10 @@ int main(int argc, char **argv)
 }
 """
 
-# A real format file of this kernel for a probe with every kind of fetch argument:
-# p:pbx/hit PATH:OFFS i=%di:s32 s=+0(%si):string arr=+0(%dx):s32[4] c=+16(%dx):char ss=+0(%si):string[2]
-FORMAT = """\
-name: hit
-ID: 2326
-format:
-\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
-\tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;
-\tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;
-\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
-
-\tfield:unsigned long __probe_ip;\toffset:8;\tsize:8;\tsigned:0;
-\tfield:s32 i;\toffset:16;\tsize:4;\tsigned:1;
-\tfield:__data_loc char[] s;\toffset:20;\tsize:4;\tsigned:1;
-\tfield:s32 arr[];\toffset:24;\tsize:16;\tsigned:1;
-\tfield:u8 c;\toffset:40;\tsize:1;\tsigned:0;
-\tfield:__data_loc char[][2] ss;\toffset:41;\tsize:8;\tsigned:1;
-
-print fmt: "(%lx) i=%d s=\\"%s\\" arr={%d,%d,%d,%d} c='%c' ss={\\"%s\\",\\"%s\\"}", REC->__probe_ip, REC->i, \
-__get_str(s), REC->arr[0], REC->arr[1], REC->arr[2], REC->arr[3], REC->c, __get_str(ss[0]), __get_str(ss[1])
-"""
+# An event with every kind of fetch argument tracefs has, on every(): its format file is the kernel's.
+EVERY_KIND = "i=%di:s32 s=+0(%si):string arr=+0(%dx):s32[4] c=+16(%dx):char ss=+0(%cx):string[2]"
+# What every() is called with (mode e): the values each of those fetches must give.
+EVERY_ARGUMENTS = {"i": -7, "s": "hello", "arr": [1, -2, 3, -4], "c": "c", "ss": ["x", ""]}
 
 
 @dataclass
@@ -105,6 +104,7 @@ class Target:
     path: Path
     offset: int
     locked_offset: int
+    every_offset: int
 
 
 @dataclass
@@ -139,7 +139,7 @@ def target(tmp_path_factory) -> Target:
     # patchable_function_entry puts a nop first in hit(), which the kernel emulates: one trap per hit
     # instead of a trap and a single-step, so the 200k-hit tests take a fraction of the time.
     subprocess.run(["gcc", "-O1", "-fno-inline", "-o", str(binary), str(source)], check=True)
-    return Target(binary, _function_file_offset(binary, "hit"), _function_file_offset(binary, "locked"))
+    return Target(binary, *(_function_file_offset(binary, name) for name in ("hit", "locked", "every")))
 
 
 @pytest.fixture(scope="module")
@@ -187,30 +187,47 @@ def _split(samples: list[Sample], events: Events) -> tuple[list[dict], list[dict
     return hits, rets
 
 
-def test_a_format_file_gives_fields_with_offsets_kinds_and_array_lengths():
-    fmt = parse_event_format(FORMAT)
-    assert (fmt.name, fmt.id) == ("hit", 2326)
+@pytest.fixture
+def every_kind(tracefs: Path, target: Target) -> Iterator[tuple[EventFormat, str]]:
+    """An event of EVERY_KIND on every(): its format as we parse it and the text of its format file, as tracefs
+    gives them; deleted after, even when the test fails."""
+    fs = Tracefs(tracefs)
+    group = f"uprobes_pbtest{os.getpid()}_every"
+    event = fs.define(f"p:{group}/every {target.path}:{target.every_offset:#x} {EVERY_KIND}", "every")
+    try:
+        yield load_event_format(tracefs, group, "every"), (tracefs / "events" / group / "every" / "format").read_text()
+    finally:
+        fs.delete(event)
+        assert f"{group}/" not in (tracefs / "uprobe_events").read_text()
+
+
+def test_a_format_file_gives_fields_with_offsets_kinds_and_array_lengths(every_kind):
+    fmt, text = every_kind
+    assert (fmt.name, fmt.id) == ("every", int(re.search(r"^ID: (\d+)$", text, re.M)[1]))
+    # each field line of the file: "field:TYPE NAME[...];\toffset:N;\tsize:N;\tsigned:N;"
+    lines = re.findall(r"^\tfield:(.*?) ?(\w+)((?:\[\d*\])*);\toffset:(\d+);\tsize:(\d+);\tsigned:(\d);$", text, re.M)
+    assert [(f.name, f.offset, f.size, f.signed) for f in fmt.fields] == [
+        (name, int(offset), int(size), signed == "1") for _, name, _, offset, size, signed in lines]
+    assert [f.name for f in fmt.fields] == ["common_type", "common_flags", "common_preempt_count", "common_pid",
+                                            "__probe_ip", *EVERY_ARGUMENTS]
     by_name = {f.name: f for f in fmt.fields}
-    assert [f.name for f in fmt.fields][:5] == ["common_type", "common_flags", "common_preempt_count",
-                                                "common_pid", "__probe_ip"]
-    assert (by_name["s"].data_loc, by_name["s"].offset, by_name["s"].count) == (True, 20, 0)
+    assert (by_name["s"].data_loc, by_name["s"].count) == (True, 0)
     assert (by_name["arr"].count, by_name["arr"].signed) == (4, True)
     assert by_name["c"].char and not by_name["common_flags"].char
     assert (by_name["ss"].data_loc, by_name["ss"].count) == (True, 2)
 
 
-def test_decode_reads_strings_arrays_chars_and_reports_a_zero_length_string_as_a_fault():
-    fmt = parse_event_format(FORMAT)
-    # The fixed part ends at 49, where the strings start: "hello" at 49, "x" at 55; ss[1] faulted (length 0).
-    strings = b"hello\0" + b"x\0"
-    fixed = (b"\x16\x09\x00\x01" + (4242).to_bytes(4, "little") + (0x55550000).to_bytes(8, "little")
-             + (-7).to_bytes(4, "little", signed=True) + ((6 << 16) | 49).to_bytes(4, "little")
-             + b"".join(v.to_bytes(4, "little", signed=True) for v in (1, -2, 3, -4)) + b"c"
-             + ((2 << 16) | 55).to_bytes(4, "little") + ((0 << 16) | 57).to_bytes(4, "little"))
-    record = fmt.decode(fixed + strings)
-    assert record == {"common_type": 2326, "common_flags": 0, "common_preempt_count": 1, "common_pid": 4242,
-                      "__probe_ip": 0x55550000, "i": -7, "s": "hello", "arr": [1, -2, 3, -4], "c": "c",
-                      "ss": ["x", ""]}
+def test_decode_reads_strings_arrays_chars_and_reports_a_zero_length_string_as_a_fault(target, every_kind):
+    """A real record of every(): each value the program passed, and ss[1], a NULL the kernel could not read,
+    an empty string with its fault."""
+    fmt, _ = every_kind
+    with TracepointReader([fmt.id], None) as reader:
+        reader.enable()
+        proc = _start(target, 0, "e")
+        (sample,) = _collect(reader, proc)
+    record = fmt.decode(sample.raw)
+    assert {name: record[name] for name in EVERY_ARGUMENTS} == EVERY_ARGUMENTS
+    assert (record["common_type"], record["common_pid"]) == (fmt.id, proc.pid)
     assert record.errors == {"ss[1]": FAULT}
 
 

@@ -10,9 +10,7 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -20,13 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TRACEFS, run_cli
+from conftest import RunningTool, children_of, kernel_groups, run_cli, run_groups_of, wait_until
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 POSTGRES = str(PG_BIN / "postgres")
 PSQL = str(PG_BIN / "psql")
 PORT = 54329  # on a unix socket in a directory of our own: no other server can clash with it
-TRACE_SECONDS = 5.0
 PROBES = [f"usdt:{POSTGRES}:postgresql:query__start arg0:string",
           f"usdt:{POSTGRES}:postgresql:transaction__start",
           f"usdt:{POSTGRES}:postgresql:transaction__commit"]
@@ -74,7 +71,7 @@ class Server:
         rows = self.psql(*STATEMENTS)
         backend = rows[0].rpartition("|")[2]
         assert rows == [f"{MARKER}|{backend}", "42", "6"]
-        _wait_until(lambda: not _alive(int(backend)), f"backend {backend} to exit")
+        wait_until(lambda: not _alive(int(backend)), f"backend {backend} to exit")
         return int(backend)
 
     @contextmanager
@@ -108,13 +105,6 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _wait_until(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 def _as_postgres(*command: str) -> None:
     proc = subprocess.run(command, capture_output=True, text=True, timeout=120, **AS_POSTGRES)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -142,7 +132,7 @@ def server() -> Iterator[Server]:
             assert postmaster.poll() is None, f"the server did not start:\n{running.log()}"
             return subprocess.run(ready, env=running._client_env(), **AS_POSTGRES).returncode == 0
 
-        _wait_until(accepting, "the server to accept connections")
+        wait_until(accepting, "the server to accept connections")
         yield running
     finally:
         if postmaster is not None:
@@ -157,9 +147,7 @@ def server() -> Iterator[Server]:
 
 @dataclass
 class Tracing:
-    tracer: subprocess.Popen
-    output: Path
-    deadline: float  # the tracer stops at -d SECONDS after it said it attached
+    tracer: RunningTool
     records: list[dict] = field(default_factory=list)
     stderr: str = ""
 
@@ -170,44 +158,32 @@ class Tracing:
 
 @contextmanager
 def _tracing(server: Server, engine: str) -> Iterator[Tracing]:
-    """``uprobes trace --json -p POSTMASTER -d TRACE_SECONDS PROBES`` with ``engine``: the body runs once the
-    tracer has attached; on leaving, the tracer has ended on its own (status 0, nothing else said) and its
-    records are read."""
+    """``uprobes trace --json -p POSTMASTER PROBES`` with ``engine``: the body runs once the tracer has attached
+    (with the kernel engine, its run's group defined); on leaving, the tracer is stopped with SIGINT and has
+    ended cleanly (status 130, nothing else said, its group gone) and its records are read. No deadline: the
+    clients take as long as the machine needs."""
     output = server.directory / f"events-{engine}-{os.urandom(4).hex()}.jsonl"
-    groups_before = _groups()
-    tracer = subprocess.Popen([sys.executable, "-m", "uprobes", "trace", "--engine", engine, "--json",
-                               "-o", str(output), "-p", str(server.pid), "-d", str(TRACE_SECONDS), *PROBES],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = tracer.stderr.readline()
-        assert f"3 probe points attached ({engine} engine, pid {server.pid})" in line, line + tracer.stderr.read()
-        tracing = Tracing(tracer, output, time.monotonic() + TRACE_SECONDS - 0.25)  # its own, give or take
+    with RunningTool("trace", "--engine", engine, "--json", "-o", str(output), "-p", str(server.pid),
+                     *PROBES) as tracer:
+        tracer.wait_attached()
+        assert f"3 probe points attached ({engine} engine, pid {server.pid})" in tracer.err.lines[0]
+        # the run's own group, named after the tool or the worker it forked to trace (cli/guard.py)
+        own = run_groups_of({tracer.proc.pid, *children_of(tracer.proc.pid)}) if engine == "kernel" else set()
+        assert len(own) == (engine == "kernel")
+        tracing = Tracing(tracer)
         yield tracing
-        assert time.monotonic() < tracing.deadline, f"the clients took longer than -d {TRACE_SECONDS}"
-        out, tracing.stderr = tracer.communicate(timeout=TRACE_SECONDS + 60)
-    finally:
-        if tracer.poll() is None:  # the body failed: a clean detach still, or the server would die of our int3s
-            tracer.terminate()
-            try:
-                tracer.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                tracer.kill()
-                tracer.wait()
-    assert "Traceback" not in tracing.stderr and tracer.returncode == 0, tracing.stderr
+        out, tracing.stderr = tracer.finish()
+    assert tracer.proc.returncode == 128 + signal.SIGINT, tracing.stderr
     # the events went to the file; no warning, no note but how the ptrace engine placed the probes
     notes = [line for line in tracing.stderr.splitlines()
-             if not re.match(r"uprobes: (\d+ of \d+ probe points were jumps|\S+ trapped at an int3)", line)]
+             if not re.match(r"uprobes: (\d+ of \d+ probe points were jumps|\S+ trapped at an int3|\d+ probe points "
+                             r"attached)", line)]
     assert out == "" and notes == [], tracing.stderr
     tracing.records = [json.loads(line) for line in output.read_text().splitlines()]
     output.unlink()
     assert tracing.records[-1] == {"lost": 0}
     if engine == "kernel":
-        assert _groups() <= groups_before  # the run's own group went with it
-
-
-def _groups() -> set[str]:
-    return {line.split()[0].split(":")[1].split("/")[0]
-            for line in (TRACEFS / "uprobe_events").read_text().splitlines()}
+        assert not own & kernel_groups()  # the run's own group went with it
 
 
 def _query_start_semaphore(pid: int) -> int:

@@ -8,7 +8,8 @@ from dataclasses import replace
 
 import pytest
 
-from oracles import file_offset, function_symbols, objdump_instruction_starts, readelf_sdt_notes, tool_output
+from oracles import (SdtOperand, file_offset, function_symbols, objdump_instruction_starts, pt_regs_slot,
+                     readelf_marker_arguments, readelf_sdt_notes, tool_output, tracefs_register_fetcharg)
 from uprobes.errors import ProbeSyntaxError, ResolveError, UprobesError
 from uprobes.probes.resolve import resolve_text
 from uprobes.probes.spec import group_probe_words, parse_probe
@@ -226,10 +227,17 @@ def test_unknown_marker_names_the_closest(targets):
 
 
 def test_marker_arguments_become_fetch_arguments():
+    """Their registers and types are readelf's: python:audit's first argument a pointer in a register, every
+    argument of postgresql:checkpoint__done a value at a %rip-relative address (tracefs: @+FILE_OFFSET)."""
     (probe,) = resolve_text(f"usdt:{PYTHON}:python:audit arg0:string")
-    assert probe.uprobe_events_line().endswith(" arg0=+0(%bx):string")
+    (audit,) = readelf_marker_arguments(PYTHON, "python", "audit")
+    slot, _ = pt_regs_slot(SdtOperand.parse(audit[0]).operand)
+    assert probe.uprobe_events_line().endswith(f" arg0=+0(%{slot}):string")
     (probe,) = resolve_text(f"usdt:{POSTGRES}:postgresql:checkpoint__done")
-    assert [a.format().split(":")[1] for a in probe.fetchargs] == ["s32"] * 5
+    (done,) = [[SdtOperand.parse(word) for word in site]
+               for site in readelf_marker_arguments(POSTGRES, "postgresql", "checkpoint__done")]
+    assert all(argument.operand.endswith("(%rip)") for argument in done)
+    assert [a.format().split(":")[1] for a in probe.fetchargs] == [argument.tracefs_type for argument in done]
     assert all(a.format().split("=")[1].startswith("@+") for a in probe.fetchargs)
 
 
@@ -331,7 +339,10 @@ def test_local_functions_come_from_the_debug_file_found_by_build_id():
 
 def test_a_high_byte_marker_argument_takes_no_type(targets):
     forms = targets / "forms"
-    assert _one(f"usdt:{forms}:forms:high_byte arg0").uprobe_events_line().endswith("arg0=%ax:b8@8/64")
+    (high_byte,) = readelf_marker_arguments(str(forms), "forms", "high_byte")
+    assert pt_regs_slot(high_byte[0].split("@")[1])[1] == 8  # its first argument is one (%ah)
+    assert _one(f"usdt:{forms}:forms:high_byte arg0").uprobe_events_line().endswith(
+        f" arg0={tracefs_register_fetcharg(high_byte[0])}")
     for typed in ("arg0:u16", "arg0:string"):
-        with pytest.raises(ProbeSyntaxError, match="high-byte register .-1@%ah.*give it no type"):
+        with pytest.raises(ProbeSyntaxError, match=f"high-byte register .{re.escape(high_byte[0])}.*give it no type"):
             resolve_text(f"usdt:{forms}:forms:high_byte {typed}")

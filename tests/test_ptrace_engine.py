@@ -3,6 +3,7 @@ the Python API. Its counts are checked against the kernel engine's where both ca
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, run_json
+from conftest import RunningTool, run_cli, run_json
 from oracles import (anonymous_executable_mappings, file_offset, function_symbols, objdump_instruction_starts,
                      text_differs_from_files)
 from uprobes.api import REMOVE, Session
@@ -74,9 +75,11 @@ def test_attach_trace_and_detach_a_running_multithreaded_program(targets):
         maps_before = Path(f"/proc/{target.pid}/maps").read_text()
         path = str(targets / "threads")
         probes = [f"p {path}:{file_offset(path, a):#x}" for a in objdump_instruction_starts(path, "hit")]
-        result = run_cli("trace", "--engine", "ptrace", "--json", "-p", str(target.pid), "-d", "1.5", *probes,
-                         check=True)
-        events = [json.loads(line) for line in result.stdout.splitlines()]
+        with RunningTool("trace", "--engine", "ptrace", "--json", "-p", str(target.pid), *probes) as tracer:
+            tracer.wait_for(lambda: len({e["tid"] for e in tracer.events()}) == 4, "hits of all four threads")
+            tracer.finish()
+        assert tracer.proc.returncode == 128 + signal.SIGINT
+        events = tracer.records()
         hits = [e for e in events if "probe" in e]
         assert hits and events[-1] == {"lost": 0}
         assert {e["pid"] for e in hits} == {target.pid} and len({e["tid"] for e in hits}) == 4
@@ -186,6 +189,14 @@ def test_python_handlers_see_registers_memory_and_arguments(targets):
     assert len([e for e in events if e.probe == "lib_add"]) == 1
 
 
+def _run_until(session: Session, condition, what: str, timeout: float = 120) -> None:
+    """Service the session's process until ``condition()`` holds (a generous ``timeout`` for a loaded machine)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        assert session.run(duration=0.05) is None, "the process ended"
+
+
 def _tracer_of(pid: int) -> int:
     return int(re.search(r"TracerPid:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())[1])
 
@@ -206,12 +217,15 @@ def test_the_last_handler_removed_takes_its_probe_out_at_once_and_filters_pick_a
             session.probe(f"uprobe:{calls}:work", lambda hit: ours.append(hit.pid) or REMOVE, pid=target.pid,
                           stop=stop)
             session.probe(f"uprobe:{calls}:work", others.append, pid=1, stop=stop)  # never this process
-            session.run(duration=1)
+            _run_until(session, lambda: ours, "the handler's first hit")
+            removed_with = session.hit_counts()[0]
+            _run_until(session, lambda: session.hit_counts()[1] >= removed_with + 5, "five more hits")
             with open(f"/proc/{target.pid}/mem", "rb") as mem:
                 mem.seek(address)
                 byte_while_attached = mem.read(1)
             counts = session.hit_counts()
         assert ours == [target.pid] and others == [] and (counts[0] == 1 if stop else counts[0] >= 1)
+        assert counts[0] == removed_with  # no hit of the removed probe counted since
         assert counts[1] > counts[0]  # the other probe on the same instruction kept its breakpoint until detach
         assert byte_while_attached == (b"\xcc" if stop else b"\xe9")
     finally:
@@ -226,10 +240,12 @@ def test_a_lone_handler_removed_restores_its_byte_while_attached(targets, stop):
     try:
         time.sleep(0.2)
         with Session(pid=target.pid) as session:
-            session.probe(f"uprobe:{calls}:work", lambda hit: REMOVE, stop=stop)
-            session.run(duration=1)
+            removed = []
+            session.probe(f"uprobe:{calls}:work", lambda hit: removed.append(hit) or REMOVE, stop=stop)
+            _run_until(session, lambda: removed, "the handler's first hit")
             counts = session.hit_counts()
             assert counts == [1] if stop else counts[0] >= 1
+            assert len(removed) == 1
             # while still attached (ld.so keeps the engine's own breakpoint at the rendezvous)
             assert [line for line in text_differs_from_files(target.pid) if line.endswith(calls)] == []
             assert _tracer_of(target.pid) != 0
@@ -245,6 +261,31 @@ def test_a_bad_pointer_gives_an_error_value_not_a_crash(targets):
     events = [json.loads(line) for line in records if line.startswith('{"probe"')]
     assert [e["args"] for e in events] == [{"bad": None, "x": None}] * 2
     assert set(events[0]["errors"]) == {"bad", "x"}
+
+
+@pytest.mark.parametrize("stop", [False, True], ids=["records", "stopped"])
+def test_a_handlers_memory_read_of_a_bad_address_raises_oserror(targets, stop):
+    """README (the Python API): hit.memory reads the target's memory and raises OSError on a bad address, never
+    harming the target: each call's label buffer is read, page 0 is not, and the program computes what it does
+    alone. (Run from records, the buffer is read as it is then: the program may have written a later label.)"""
+    calls = str(targets / "calls")
+    seen = []
+
+    def handler(hit):
+        label = hit.memory.read_string(hit.regs.rdx)
+        try:
+            hit.memory.read(0, 8)
+            seen.append((label, "read"))
+        except OSError as error:
+            seen.append((label, errno.errorcode[error.errno]))
+
+    untraced = subprocess.run([calls, "3"], capture_output=True, text=True)
+    with Session(command=[calls, "3"]) as session:
+        session.probe(f"uprobe:{calls}:work", handler, stop=stop)
+        assert session.run() == untraced.returncode == 0
+    assert len(seen) == 3 and all(reason in ("EFAULT", "EIO") for _, reason in seen), seen
+    labels = [label for label, _ in seen]
+    assert labels == [b"s0", b"s1", b"s2"] if stop else all(label in (b"s0", b"s1", b"s2") for label in labels)
 
 
 def test_a_handler_that_raises_ends_in_a_clean_detach(targets):
@@ -280,9 +321,12 @@ def test_semaphores_are_raised_while_attached_and_lowered_after(targets):
     target = subprocess.Popen([str(calls), "300", "10"], stdout=subprocess.PIPE, text=True)
     try:
         time.sleep(0.3)
-        result = run_cli("trace", "--engine", "ptrace", "--json", "-p", str(target.pid), "-d", "2",
-                         f"usdt:{calls}:calls:step", f"usdt:{targets / 'libprobed.so'}:demo:order__done", check=True)
-        events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"probe"')]
+        with RunningTool("trace", "--engine", "ptrace", "--json", "-p", str(target.pid), f"usdt:{calls}:calls:step",
+                         f"usdt:{targets / 'libprobed.so'}:demo:order__done") as tracer:
+            tracer.wait_for(lambda: sum(e["probe"] == "calls:step" for e in tracer.events()) >= 5, "five steps")
+            tracer.finish()
+        assert tracer.proc.returncode == 128 + signal.SIGINT
+        events = tracer.events()
         steps = [e for e in events if e["probe"] == "calls:step"]
         done = [e for e in events if e["probe"] == "demo:order__done"]
         assert len(steps) >= 5 and abs(len(done) - len(steps)) <= 1  # the library's marker: once per loop

@@ -8,15 +8,12 @@ import ast
 import json
 import signal
 import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, run_json
-from uprobes.engines.kernel.tracefs import Tracefs, stale_groups
+from conftest import OutputLines, RunningTool, no_run_group_left_behind, run_cli, run_json, wait_until
 
 PYTHON = "/usr/bin/python3.11"  # Debian's, built with the markers (python3.11 in PATH may be a pyenv shim)
 ENGINES = ["ptrace", "kernel"]
@@ -28,12 +25,14 @@ def _marker(name: str, *fetchargs: str) -> str:
 
 @pytest.fixture(params=ENGINES)
 def engine(request) -> str:
-    """Each engine in turn; the kernel's needs tracefs and must leave no event of ours behind."""
+    """Each engine in turn; the kernel's needs tracefs, and its runs must leave no group of theirs behind
+    (conftest.no_run_group_left_behind: the test's own groups, not every group on the machine)."""
     if request.param == "kernel":
         request.getfixturevalue("tracefs")
-    yield request.param
-    if request.param == "kernel":
-        assert stale_groups(Tracefs().defined_events()) == []
+        with no_run_group_left_behind():
+            yield request.param
+    else:
+        yield request.param
 
 
 def _script(tmp_path: Path, name: str, source: str) -> list[str]:
@@ -91,13 +90,13 @@ def test_both_engines_see_the_same_audit_events(tracefs, tmp_path):
     """Not only our seven events: the interpreter's own, in the same order, are the same with either engine."""
     seen = {}
     for engine in ENGINES:
-        events, _, _ = _audit_run(engine, tmp_path)
+        with no_run_group_left_behind():
+            events, _, _ = _audit_run(engine, tmp_path)
         seen[engine] = [(e["probe"], e["args"]["arg0"], e["args"]["value"] if e["args"]["arg0"] == "uprobes.test"
                          else None) for e in events]
     assert seen["ptrace"] == seen["kernel"]
     assert [event for event in seen["ptrace"] if event[1] == "uprobes.test"] == [
         ("python:audit", "uprobes.test", 100 + i) for i in range(7)]
-    assert stale_groups(Tracefs().defined_events()) == []
 
 
 IMPORT_SCRIPT = """\
@@ -206,6 +205,10 @@ def _audit_semaphore(pid: int) -> int:
     return site["semaphore_value"]
 
 
+def _ticks(events: list[dict]) -> list[int]:
+    return [event["args"]["n"] for event in events if event["args"]["arg0"] == "uprobes.tick"]
+
+
 def test_audit_semaphore_is_raised_while_attached_and_lowered_after(engine, tmp_path):
     """python3.11's markers have semaphores: a trace attached with -p raises python:audit's in its process (and
     in no other python3.11) for as long as it traces, and lowers it again at SIGINT; the process goes on
@@ -215,31 +218,31 @@ def test_audit_semaphore_is_raised_while_attached_and_lowered_after(engine, tmp_
     bystander = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         assert target.stdout.readline() == bystander.stdout.readline() == "tick 0\n"
+        output = OutputLines(target.stdout)  # from "tick 1"
         assert _audit_semaphore(target.pid) == 0
         assert "= 0 (disabled)" in run_cli("list", "-p", str(target.pid), "python:audit", check=True).stdout
-        tracer = subprocess.Popen([sys.executable, "-m", "uprobes", "trace", "--engine", engine, "--json", "-p",
-                                   str(target.pid), _marker("audit", "arg0:string", "n=+24(+24(arg1)):u32")],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert "attached" in tracer.stderr.readline()
-        time.sleep(0.3)
-        during = _audit_semaphore(target.pid), _audit_semaphore(bystander.pid)
-        assert "= 1 (enabled)" in run_cli("list", "-p", str(target.pid), "python:audit", check=True).stdout
-        tracer.send_signal(signal.SIGINT)
-        out, err = tracer.communicate(timeout=30)
-        assert "Traceback" not in err and tracer.returncode == 128 + signal.SIGINT
+        with RunningTool("trace", "--engine", engine, "--json", "-p", str(target.pid),
+                         _marker("audit", "arg0:string", "n=+24(+24(arg1)):u32")) as tracer:
+            tracer.wait_for(lambda: len(_ticks(tracer.events())) >= 10, "ten ticks traced")
+            during = _audit_semaphore(target.pid), _audit_semaphore(bystander.pid)
+            assert "= 1 (enabled)" in run_cli("list", "-p", str(target.pid), "python:audit", check=True).stdout
+            tracer.finish()
+        assert tracer.proc.returncode == 128 + signal.SIGINT
         after = _audit_semaphore(target.pid), _audit_semaphore(bystander.pid)
-        time.sleep(0.2)
+        records = tracer.records()
+        ticks = _ticks(records[:-1])
+        wait_until(lambda: output.lines and int(output.lines[-1].split()[1]) > ticks[-1] + 5,
+                   "five more ticks printed after the tracer left")
         assert target.poll() is None and bystander.poll() is None  # still running
         target.terminate()
-        printed = [int(line.split()[1]) for line in target.communicate(timeout=30)[0].splitlines()]
+        target.wait(timeout=30)
+        printed = [int(line.split()[1]) for line in output.closed().splitlines()]
     finally:
         for process in (target, bystander):
             process.kill()
             process.wait()
     assert (during, after) == ((1, 0), (0, 0))
-    records = [json.loads(line) for line in out.splitlines()]
     assert records[-1] == {"lost": 0}
-    ticks = [r["args"]["n"] for r in records[:-1] if r["args"]["arg0"] == "uprobes.tick"]
     assert len(ticks) >= 10 and ticks == list(range(ticks[0], ticks[0] + len(ticks)))
     assert {r["pid"] for r in records[:-1]} == {target.pid}
     assert printed == list(range(1, len(printed) + 1))  # every line, in order, before, during and after

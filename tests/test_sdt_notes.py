@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import struct
 
 import pytest
 
-from oracles import file_offset, readelf_sdt_notes
+from oracles import SdtOperand, file_offset, readelf_marker_arguments, readelf_sdt_notes
 from uprobes.elf.objfile import ElfObject
 from uprobes.sdt.notes import read_markers
 
@@ -67,11 +68,17 @@ def test_libstdcxx_markers_have_no_semaphore():
 
 
 def test_postgres_symbol_operands_parse():
+    """postgresql:checkpoint__done's arguments are values at symbols, %rip-relative (``-4@40+CheckpointStats(%rip)``
+    in readelf): each one's size, sign and symbol are readelf's."""
     sites = {s.qualified_name: s for s in _sites(POSTGRES)}
     args = sites["postgresql:checkpoint__done"].args
-    assert [a.kind for a in args] == ["mem"] * 5
-    assert {a.symbol for a in args} == {"CheckpointStats", "NBuffers"}
-    assert all(a.base == "rip" and a.size == 4 and a.signed for a in args)
+    (words,) = readelf_marker_arguments(POSTGRES, "postgresql", "checkpoint__done")
+    expected = [(SdtOperand.parse(word), re.fullmatch(r"(?:\d+\+)?(\w+)\(%rip\)", word.split("@")[1]))
+                for word in words]
+    assert all(symbol for _, symbol in expected)
+    assert [a.kind for a in args] == ["mem"] * len(words)
+    assert [(a.symbol, a.base, a.size, a.signed) for a in args] == [
+        (symbol[1], "rip", operand.size, operand.signed) for operand, symbol in expected]
 
 
 def test_semaphore_markers_point_at_the_writable_segment(targets):
@@ -83,9 +90,14 @@ def test_semaphore_markers_point_at_the_writable_segment(targets):
 
 
 def test_inlined_marker_keeps_each_sites_arguments(targets):
-    marker = next(m for m in read_markers(ElfObject.open(str(targets / "forms"))) if m.name == "inlined")
-    assert [s.args_text for s in marker.sites] == ["8@%rdi", "-4@%esi"]
-    assert [(a.size, a.signed) for s in marker.sites for a in s.args] == [(8, False), (4, True)]
+    forms = str(targets / "forms")
+    marker = next(m for m in read_markers(ElfObject.open(forms)) if m.name == "inlined")
+    sites = sorted(marker.sites, key=lambda site: site.address)
+    expected = readelf_marker_arguments(forms, "forms", "inlined")
+    assert len(expected) == 2 and expected[0] != expected[1]  # two copies, their arguments in other registers
+    assert [s.args_text for s in sites] == [" ".join(words) for words in expected]
+    assert [[(a.size, a.signed) for a in s.args] for s in sites] == [
+        [(SdtOperand.parse(word).size, SdtOperand.parse(word).signed) for word in words] for words in expected]
 
 
 def test_object_without_markers_has_none(targets):
