@@ -573,6 +573,12 @@ def test_a_process_that_cannot_be_traced_is_counted_and_the_others_are_served(se
         assert free.end() == 0 and held.end() == 0
 
 
+def _worker(server: _Serving) -> int:
+    """The process of ``uprobes serve`` that traces: the one the test started waits for it (cli/guard.py)."""
+    with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as children:
+        return int(children.read().split()[0])
+
+
 def _libc() -> str:
     """The C library the test's processes map."""
     with open("/proc/self/maps") as maps:
@@ -581,11 +587,13 @@ def _libc() -> str:
 
 @pytest.mark.parametrize("engine", ["ptrace", "kernel"])
 def test_sighup_reloads_the_configuration_and_the_series_that_stay_go_on(tmp_path, serving, engine):
-    """SIGHUP: the --config file read again, a probe added and one removed; the series of the probe that stays go
-    on from its count; a file that has gone bad is named and the running configuration goes on."""
+    """SIGHUP: the --config file read again, the engine changed, a probe added and one removed; the series of the
+    probe that stays go on from its count; a file that has gone bad, or a probe that does not resolve, is named and
+    the running configuration goes on."""
     name = f"reload{os.getpid() % 100000}"
     config = tmp_path / "serve.toml"
-    config.write_text(f'engine = "{engine}"\nmatch = ["{name}"]\nprobes = ["uprobe:libc:getppid"]\n')
+    other = "kernel" if engine == "ptrace" else "ptrace"
+    config.write_text(f'engine = "{other}"\nmatch = ["{name}"]\nprobes = ["uprobe:libc:getppid"]\n')
     program = _Named(name)
     server = serving("--config", str(config))
     libc = os.path.realpath(_libc())
@@ -602,10 +610,15 @@ def test_sighup_reloads_the_configuration_and_the_series_that_stay_go_on(tmp_pat
         program.calls(30, "getuid")
         _until(server, "uprobes_hits_total", {"probe": "getppid", "path": libc}, 150)
         _until(server, "uprobes_hits_total", {"probe": "getuid", "path": libc}, 30)
-        config.write_text(config.read_text() + "max_series = -3\n")
+        good = config.read_text()
+        config.write_text(good + "max_series = -3\n")
         server.proc.send_signal(signal.SIGHUP)
         server.wait_said("the configuration as it was goes on")
         assert "serve.toml:4: max_series" in server.said
+        config.write_text(good.replace("getuid", "no_such_function_here"))
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_said("the configuration as it was goes on", times=2)
+        assert "no_such_function_here" in server.said
         program.calls(20)
         _until(server, "uprobes_hits_total", {"probe": "getppid", "path": libc}, 170)
         config.write_text(f'engine = "{engine}"\nmatch = ["{name}"]\nprobes = ["uprobe:libc:getuid"]\n')
@@ -619,3 +632,81 @@ def test_sighup_reloads_the_configuration_and_the_series_that_stay_go_on(tmp_pat
         assert status == 0 and said.count("reloaded") == 2 and "Traceback" not in said, said
     finally:
         assert program.end() == 0
+
+
+@pytest.mark.stress
+@pytest.mark.parametrize("engine", ["ptrace", "kernel"])
+def test_processes_coming_and_going_for_a_long_time_leave_nothing_growing(serving, engine):
+    """--match over a hundred processes that start, make calls and end, one after another: every call counted,
+    and the exporter's descriptors and memory as they were once it had run a while (each process's perf
+    descriptors closed, each ptrace family forgotten)."""
+    name = f"churn{os.getpid() % 100000}"
+    server = serving("--engine", engine, "--match", name, "uprobe:libc:getppid")
+    target = {"target": name}
+    libc = os.path.realpath(_libc())
+    rounds, calls = 100, 10
+    measured = []
+    for round_ in range(rounds):
+        program = _Named(name)
+        _until(server, "uprobes_target_processes", target, 1)
+        program.calls(calls)
+        _until(server, "uprobes_hits_total", {"probe": "getppid", "path": libc}, (round_ + 1) * calls)
+        assert program.end() == 0
+        _until(server, "uprobes_target_processes", target, 0)
+        if round_ in (rounds // 5, rounds - 1):
+            worker = _worker(server)
+            with open(f"/proc/{worker}/status") as status:
+                rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+            measured.append((len(os.listdir(f"/proc/{worker}/fd")), rss))
+    status, _, said = server.stop()
+    assert status == 0 and "Traceback" not in said, said
+    (fds_then, rss_then), (fds_now, rss_now) = measured
+    print(f"\n{engine}: descriptors {fds_then} -> {fds_now}, RSS {rss_then} -> {rss_now} KiB over {rounds * 4 // 5} "
+          f"processes")
+    assert fds_now == fds_then and rss_now - rss_then < 2048
+
+
+_FORKING = """
+import ctypes, os, sys, time
+ctypes.CDLL(None).prctl(15, sys.argv[1].encode(), 0, 0, 0)  # PR_SET_NAME: its children keep the name
+print("ready", flush=True)
+children = []
+for i in range(int(sys.argv[2])):
+    child = os.fork()
+    if child == 0:
+        time.sleep(0.02 * (i % 10))
+        os._exit(0)
+    children.append(child)
+    time.sleep(0.01)
+for child in children:
+    os.waitpid(child, 0)
+"""
+
+
+@pytest.mark.parametrize("engine", ["ptrace", "kernel"])
+def test_a_server_forking_short_lived_workers_is_served_without_a_false_failure(serving, engine):
+    """--match '*NAME*' on a process that forks 300 short-lived children of its name: the exporter goes on (a
+    child that ends while it is being traced is no failure), never traces itself (its own command line holds
+    the glob) nor the process it runs under, and leaves a stopped process stopped."""
+    name = f"forker{os.getpid() % 100000}"
+    stopped = _Named(name)
+    os.kill(stopped.proc.pid, signal.SIGSTOP)
+    server = serving("--engine", engine, "--match", f"*{name}*", "uprobe:libc:getppid")
+    try:
+        _until(server, "uprobes_target_processes", {"target": f"*{name}*"}, 1)
+        stopped.proc.stdin.write("10\n")
+        stopped.proc.stdin.flush()
+        forker = subprocess.Popen([sys.executable, "-c", _FORKING, name, "300"], stdout=subprocess.PIPE, text=True)
+        assert forker.stdout.readline() == "ready\n"
+        assert forker.wait(timeout=120) == 0
+        assert not select.select([stopped.proc.stdout], [], [], 0)[0]  # traced, and still stopped meanwhile
+        os.kill(stopped.proc.pid, signal.SIGCONT)
+        assert stopped.proc.stdout.readline() == "done\n"
+        _until(server, "uprobes_hits_total", {"probe": "getppid", "path": os.path.realpath(_libc())}, 10)
+        samples = server.metrics()
+        assert samples["uprobes_attach_failures_total"] == [({"target": f"*{name}*"}, 0.0)], server.said
+        status, _, said = server.stop()
+        assert status == 0 and "Traceback" not in said and "warning" not in said, said
+    finally:
+        os.kill(stopped.proc.pid, signal.SIGCONT)
+        stopped.end()

@@ -17,7 +17,7 @@ from ..output.columns import EventColumns
 from ..proc.matching import matching_processes
 from ..proc.status import has_ended, start_time, thread_comm
 from . import STOP_SIGNALS
-from .tracing import POLL_SECONDS, Run, check_integer, check_names, key_names
+from .tracing import POLL_SECONDS, Run, check_integer, check_names, key_names, launches_command
 
 __all__ = ["run_serve", "listen_address", "otlp_url"]
 
@@ -97,8 +97,8 @@ def run_serve(args: argparse.Namespace) -> int:
                     mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # one of the two runs is ours
                     try:
                         serving = serving.reloaded(metrics)
-                    finally:
-                        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                    finally:  # not SETMASK: the new engine's own blocked signals (SIGCHLD for ptrace) stay so
+                        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS - mask)
                     continue
                 run = serving.run
                 if serving.matcher is not None:
@@ -149,22 +149,34 @@ def _check_options(args: argparse.Namespace) -> None:
 class _Serving:
     """One configuration running: its probes attached (:attr:`run`), its processes found (:attr:`matcher`)."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, start: bool = True) -> None:
+        """``start`` False: its probes resolved and checked only, until :meth:`start`."""
         self.args = args
         self.keys = key_names(args.by, "--by")
         self.drawn = key_names(args.hist, "--hist")
         self.stack = ExitStack()
+        self.matcher: _Matcher | None = None
+        self.reload_wanted = False
         try:
             self.run = Run(args, self.stack, counting=not self.keys and not args.latency and not self.drawn,
                            check=lambda probes: _check_arguments(probes, self.keys, self.drawn),
                            timed=tuple(dict.fromkeys(args.latency or ())),
-                           matching=tuple(dict.fromkeys(args.match or ())))
+                           matching=tuple(dict.fromkeys(args.match or ())), start=start)
         except BaseException:
             self.stack.close()
             raise
-        self.matcher: _Matcher | None = None
-        self.reload_wanted = False
-        if args.config is not None:  # SIGHUP reloads the file (without one, it stops the run, as SIGTERM does)
+        self.listen()
+
+    def start(self) -> None:
+        try:
+            self.run.start()
+        except BaseException:
+            self.stack.close()
+            raise
+
+    def listen(self) -> None:
+        """SIGHUP reloads the file (without one, it stops the run, as SIGTERM does)."""
+        if self.args.config is not None:
             signal.signal(signal.SIGHUP, self._want_reload)
 
     def _want_reload(self, signum, frame) -> None:
@@ -185,31 +197,35 @@ class _Serving:
             metrics.targets[_target(self.run)].processes = 1
 
     def reloaded(self, metrics) -> _Serving:
-        """The ``--config`` file read again and its configuration running, every probe of this one removed first;
-        where it cannot run, this one again (a reload never leaves the exporter without probes)."""
+        """The ``--config`` file read again and, once its probes resolve and check, its configuration running in
+        place of this one; where it cannot be, this one goes on (or again, if placing the new one failed)."""
         from .main import parse_arguments
 
         self.reload_wanted = False
         try:
-            args = parse_arguments(self.args.argv)
-            _check_options(args)
-            unchanged = [option for option in ("listen", "otlp", "otlp_interval") if
-                         getattr(args, option) != getattr(self.args, option)]
             if self.run.command:
                 raise UprobesError("a launched command is not reloaded (restart to change its probes)")
+            args = parse_arguments(self.args.argv)
+            _check_options(args)
+            if launches_command(args):
+                raise UprobesError("the file gives a command to launch: a reload does not launch one (restart)")
+            need_restart = [option for option in ("listen", "otlp", "otlp_interval") if
+                            getattr(args, option) != getattr(self.args, option)]
+            serving = _Serving(args, start=False)
         except UprobesError as exc:
             print(f"uprobes: warning: reload: {exc}; the configuration as it was goes on", file=sys.stderr,
                   flush=True)
+            self.listen()
             return self
-        if unchanged:
-            print(f"uprobes: warning: reload: {', '.join('--' + o.replace('_', '-') for o in unchanged)} take effect "
-                  f"at a restart", file=sys.stderr, flush=True)
-            for option in unchanged:
+        if need_restart:
+            print(f"uprobes: warning: reload: {', '.join('--' + o.replace('_', '-') for o in need_restart)} take "
+                  f"effect at a restart", file=sys.stderr, flush=True)
+            for option in need_restart:
                 setattr(args, option, getattr(self.args, option))
         _finish(self.run, metrics)
         self.stack.close()
         try:
-            serving = _Serving(args)
+            serving.start()
         except UprobesError as exc:
             print(f"uprobes: warning: reload: {exc}; the configuration as it was goes on", file=sys.stderr,
                   flush=True)
@@ -235,13 +251,14 @@ def _finish(run: Run, metrics) -> None:
 
 class _Matcher:
     """``--match``: every process whose command matches a glob traced from when a scan finds it (every
-    :data:`_SCAN_SECONDS`) until it ends; one that cannot be traced is said (the first of each glob) and
-    counted, and the others go on."""
+    :data:`_SCAN_SECONDS`) until it ends; one that cannot be traced, and is still there at the next scan (not one
+    that was ending), is said (the first of each glob) and counted, and the others go on."""
 
     def __init__(self, run: Run, metrics) -> None:
         self.run, self.metrics = run, metrics
-        self.traced: dict[int, str] = {}  # pid -> the glob it matched
-        self.refused: set[tuple[int, int | None]] = set()  # (pid, start time): not tried again
+        self.traced: dict[tuple[int, int | None], str] = {}  # (pid, start time) -> the glob it matched
+        self.failed: dict[tuple[int, int | None], tuple[str, str]] = {}  # -> glob, why: judged at the next scan
+        self.refused: set[tuple[int, int | None]] = set()  # not tried again
         self.said: set[str] = set()  # globs whose first failure was said
         self.next_scan = 0.0
 
@@ -250,28 +267,40 @@ class _Matcher:
         if now < self.next_scan:
             return
         self.next_scan = now + _SCAN_SECONDS
-        self.traced = {pid: glob for pid, glob in self.traced.items() if not has_ended(pid)}
-        self.refused = {(pid, started) for pid, started in self.refused if start_time(pid) == started}
+        self.traced = {process: glob for process, glob in self.traced.items() if self._lives(process)}
+        self.refused = {process for process in self.refused if self._lives(process)}
+        failed, self.failed = self.failed, {}
+        for process, (glob, why) in failed.items():
+            if self._lives(process):
+                self._refuse(process, glob, why)
         for pid, glob in matching_processes(self.run.matching).items():
-            if pid in self.traced or (pid, start_time(pid)) in self.refused:
+            process = (pid, start_time(pid))
+            if process in self.traced or process in self.refused:
                 continue
             try:
                 self.run.engine.add_process(pid)
             except UprobesError as exc:
-                if has_ended(pid):
-                    continue  # it ended before it could be traced: nothing failed
-                self.refused.add((pid, start_time(pid)))
-                if glob not in self.said:  # said before it is counted, where a scrape could see it
-                    self.said.add(glob)
-                    print(f"uprobes: warning: --match {glob}: {exc}; the others are traced (more failures are "
-                          f"counted in uprobes_attach_failures_total)", file=sys.stderr, flush=True)
-                with self.metrics.lock:
-                    self.metrics.targets[glob].failures += 1
+                if not has_ended(pid):
+                    self.failed[process] = (glob, str(exc))
                 continue
-            self.traced[pid] = glob
+            self.traced[process] = glob
         with self.metrics.lock:
             for glob, health in self.metrics.targets.items():
                 health.processes = sum(1 for matched in self.traced.values() if matched == glob)
+
+    @staticmethod
+    def _lives(process: tuple[int, int | None]) -> bool:
+        pid, started = process
+        return not has_ended(pid) and start_time(pid) == started
+
+    def _refuse(self, process: tuple[int, int | None], glob: str, why: str) -> None:
+        self.refused.add(process)
+        if glob not in self.said:  # said before it is counted, where a scrape could see it
+            self.said.add(glob)
+            print(f"uprobes: warning: --match {glob}: {why}; the others are traced (more failures are counted in "
+                  f"uprobes_attach_failures_total)", file=sys.stderr, flush=True)
+        with self.metrics.lock:
+            self.metrics.targets[glob].failures += 1
 
 
 def _check_arguments(probes: list, keys: tuple[str, ...], drawn: tuple[str, ...]) -> None:

@@ -204,11 +204,12 @@ class Run:
     def __init__(self, args: argparse.Namespace, stack: ExitStack, counting: bool = False,
                  pair_returns: bool = False, stacks: StackLimits | None = None,
                  check: Callable[[list[Probe]], None] | None = None, timed: tuple[str, ...] = (),
-                 matching: tuple[str, ...] = ()) -> None:
+                 matching: tuple[str, ...] = (), start: bool = True) -> None:
         """``check``: raises an error about the probes, once resolved, before anything is placed; ``timed``:
         functions whose calls are timed, each an entry probe and its return probes after the others (their
         indexes in :attr:`timed`); ``matching``: globs of the processes to trace, none at first (the caller
-        adds each with ``engine.add_process``), each on its own (its forks are not followed)."""
+        adds each with ``engine.add_process``), each on its own (its forks are not followed); ``start`` False:
+        the probes are resolved and checked, and nothing is placed or launched until :meth:`start`."""
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, _raise_stop)
         # Stop signals wait until the run is set up: raised in the middle of an import (the engine's modules load
@@ -247,9 +248,18 @@ class Run:
         self.counting = counting and all(p.predicate is None or self.engine.counts_filtered and p.kernel_filter
                                          for p in self.probes)
         self.hits = [0] * len(self.probes)
+        self.status = 0
+        self._mask = mask
+        self._args, self._stack, self._stacks = args, stack, stacks
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Launch the command (held), place the probes, let the command go."""
+        args, command, matching = self._args, self.command, self.matching
         self.child = (HeldCommand(command, ptraced_by_user=self.engine.reaps_children and os.geteuid() != 0,
-                                  signal_mask=mask) if command else None)
-        stack.callback(self._stop_child)
+                                  signal_mask=self._mask) if command else None)
+        self._stack.callback(self._stop_child)
         for note in (f"{p.name} at {p.path}:{p.offset:#x}: left out {u}" for p in self.probes
                      for u in p.unavailable + (p.kernel_unavailable if self.engine.name == "kernel" else ())):
             print(f"uprobes: warning: {note}", file=sys.stderr)
@@ -259,7 +269,7 @@ class Run:
             self.child.traced = self.engine.reaps_children
         self.engine.attach(self.probes, () if matching else self.child.pid if self.child else self.pid,
                            counting=self.counting, held=self.child is not None,
-                           follow_forks=not args.no_follow and not matching, stacks=stacks)
+                           follow_forks=not args.no_follow and not matching, stacks=self._stacks)
         #: What the probes are on: "pid 1234", "the command", "every process", "processes matching 'GLOB'".
         self.scope = (_pid_text(self.pid) if self.pid else "the command" if self.child else
                       f"processes matching {' or '.join(map(repr, matching))}" if matching else "every process")
@@ -271,8 +281,6 @@ class Run:
         self.stopped_after: str | None = None  # the run's limit that stopped the command
         if self.child:
             self.child.release()
-        self.status = 0
-        self._mask = mask
 
     def go(self) -> None:
         """Let stop signals in: one that came while the run was set up ends it now, as a stop does, inside the

@@ -33,8 +33,10 @@ def uninterrupted(method):
             if isinstance(result, EventColumns) and kept:
                 result = EventColumns([group for columns in (*kept, result) for group in columns.groups],
                                       [event for columns in (*kept, result) for event in columns.single])
+                kept = []
             return result
         finally:
+            engine.undelivered[:0] = kept  # not handed out (another method, or an error): for the next poll
             try:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS - previous)
             except BaseException:

@@ -177,8 +177,8 @@ class ProbeMetrics:
                              if self._stays(family.name, series.labels)}
 
     def _stays(self, metric: str, labels: dict[str, str]) -> bool:
-        if metric == "uprobes_hits_total" and list(labels) != ["probe", "path", *map(label_name, self.keys)]:
-            return False
+        if metric == "uprobes_hits_total" and set(labels) != {"probe", "path", *map(label_name, self.keys)}:
+            return False  # a series is its set of labels
         if "arg" in labels and labels["arg"] not in self._drawn:
             return False
         if "target" in labels:

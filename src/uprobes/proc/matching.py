@@ -8,17 +8,20 @@ import os
 import re
 from collections.abc import Sequence
 
+from .status import status_field
+
 __all__ = ["matching_processes"]
 
 
 def matching_processes(globs: Sequence[str]) -> dict[int, str]:
-    """Each process (not a kernel thread, not a zombie, not this one) whose name (``comm``, as ``ps -e`` shows
+    """Each process (not a kernel thread, not a zombie, not this one nor one it runs under) whose name (``comm``, as ``ps -e`` shows
     it) or command line (its arguments joined by spaces) matches one of ``globs`` (``*``, ``?``, ``[...]``,
     case-sensitive): pid -> the first glob it matches."""
     patterns = [(glob, re.compile(fnmatch.translate(glob))) for glob in globs]
+    ours = _ancestors(os.getpid())
     found = {}
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+        if not entry.name.isdigit() or int(entry.name) in ours:
             continue
         try:
             with open(f"/proc/{entry.name}/cmdline", "rb") as f:
@@ -35,4 +38,13 @@ def matching_processes(globs: Sequence[str]) -> dict[int, str]:
                     None)
         if glob is not None:
             found[int(entry.name)] = glob
+    return found
+
+
+def _ancestors(pid: int) -> set[int]:
+    """``pid`` and the processes it runs under (the front of ``uprobes``, a sudo, a shell), up to init."""
+    found = set()
+    while pid > 0 and pid not in found:
+        found.add(pid)
+        pid = int(status_field(f"/proc/{pid}/status", "PPid") or 0)
     return found

@@ -43,10 +43,21 @@ def start_time(pid: int) -> int | None:
     return int(stat[stat.rindex(b")") + 2:].split()[19])  # after the command name, which may hold anything
 
 
+_PF_EXITING = 0x4  # include/linux/sched.h: the task is on its way out
+
+
 def has_ended(pid: int) -> bool:
-    """Whether process ``pid`` has ended (gone, or a zombie its parent has not reaped yet)."""
-    state = status_field(f"/proc/{pid}/status", "State")
-    return state is None or state[:1] in ("Z", "X")
+    """Whether process ``pid`` has ended or is ending: gone, a zombie its parent has not reaped yet, or exiting,
+    with no other thread left (its first thread ending while others run is not the process ending)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    fields = stat[stat.rindex(b")") + 2:].split()  # after the command name, which may hold anything
+    if fields[0] not in (b"Z", b"X") and not int(fields[6]) & _PF_EXITING:
+        return False
+    return len(thread_ids(pid)) <= 1
 
 
 def tgid(tid: int) -> int:

@@ -43,7 +43,7 @@ import numpy
 
 from ...errors import KernelEngineError
 from ...proc.maps import Mapping
-from ...proc.status import has_ended, thread_ids
+from ...proc.status import has_ended, start_time, thread_ids
 
 __all__ = ["Sample", "Samples", "TaskChange", "TaskRecord", "TracepointReader", "online_cpus"]
 
@@ -110,7 +110,7 @@ _MMAP2 = struct.Struct("<8xIIQQQIIQQII")  # pid, tid, addr, len, pgoff, maj, min
 _READ_LOST = struct.Struct("<QQ")  # read() with read_format PERF_FORMAT_LOST: value, lost
 _EVERY_CPU = -1
 _EVERY_TASK = -1
-# Rounds of opening every thread's events again while the process keeps starting threads (see _open_process).
+# Rounds of opening every thread's events again while the process keeps starting threads (see add_process).
 _ATTACH_ROUNDS = 4
 
 _ERRNO_REASONS = {
@@ -354,6 +354,7 @@ class _TaskSet:
     fds: list[int] = field(default_factory=list)
     buffers: list[_RingBuffer] = field(default_factory=list)
     idents: list[int] = field(default_factory=list)  # of its sampling descriptors (PERF_EVENT_IOC_ID)
+    started: int | None = None  # when its process started (a pid is used again by another, later)
 
 
 class TracepointReader:
@@ -427,8 +428,11 @@ class TracepointReader:
         :meth:`enable`, and closing is cheap while the new set keeps each uprobe registered. A process that
         still starts threads from new threads after the last round may have those missed.
         """
+        started = start_time(pid)
         if pid in self._sets:
-            return
+            if self._sets[pid].started == started:
+                return
+            self._close_ended([pid])  # that process has ended, and its pid is another's now
         threads = thread_ids(pid)
         opened = self._open_threads(pid, threads)
         for _ in range(_ATTACH_ROUNDS):
@@ -441,10 +445,14 @@ class TracepointReader:
                 opened = self._open_threads(pid, threads)
             finally:
                 self._close_set(previous)
-        self._sets[pid] = opened
-        if self._enabled:
-            for fd in opened.fds:
+        opened.started = started
+        try:
+            for fd in opened.fds if self._enabled else ():
                 fcntl.ioctl(fd, _PERF_EVENT_IOC_ENABLE, 0)
+        except BaseException:
+            self._close_set(opened)
+            raise
+        self._sets[pid] = opened
 
     @property
     def processes(self) -> list[int]:
@@ -573,7 +581,7 @@ class TracepointReader:
         report POLLHUP and this returns True at once, until its process has ended and been read (then its
         descriptors are closed): loop on the processes' state, not on this.
         """
-        if self._pending():
+        if self._pending() or self._ends_due():
             return True
         ready = self._poll.poll(max(0, round(timeout_s * 1000)))
         for fd, flags in ready:
@@ -585,13 +593,18 @@ class TracepointReader:
     def _pending(self) -> bool:
         return any(buffer.pending() for buffer in self._buffers())
 
+    def _ends_due(self) -> bool:
+        """Whether the processes are to be checked for their ends (by the next read): where a descriptor hung
+        up, and every second (one that hung up while its process was still exiting)."""
+        return bool(self.processes) and (self._hung_up or time.monotonic() - self._checked_ends >= 1)
+
     def _ended(self) -> list[int]:
-        """The processes that have ended, checked where a descriptor hung up, and at least every second."""
-        now = time.monotonic()
-        if not self._hung_up and now - self._checked_ends < 1:
+        """The processes that have ended, when they are due to be checked."""
+        if not self._ends_due():
             return []
-        self._hung_up, self._checked_ends = False, now
-        return [pid for pid in self.processes if has_ended(pid)]
+        self._hung_up, self._checked_ends = False, time.monotonic()
+        return [pid for pid, opened in self._sets.items()
+                if pid != _EVERY_TASK and (has_ended(pid) or start_time(pid) != opened.started)]
 
     def _close_ended(self, ended: list[int]) -> None:
         """Close the sets of ``ended`` processes (their samples read), keeping their counts."""

@@ -24,7 +24,6 @@ Hazards of section 4 of the ptrace note are named where they are handled (``haza
 from __future__ import annotations
 
 import collections
-import contextlib
 import math
 import signal
 import threading
@@ -33,7 +32,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ...consumers import Consumer, Hit
-from ...errors import UprobesError
+from ...errors import ProcessError, UprobesError
 from ...output.columns import EventColumns
 from ...output.event import Event
 from ...probes.resolve import Probe
@@ -136,15 +135,22 @@ class PtraceEngine(Engine):
         if pid in self.family.processes:
             return
         group_stopped = {tid for tid, thread in self.family.threads.items() if thread.state is LISTENING}
-        if self.family.threads:
-            stop_world(self, detaching=False)
         try:
+            if self.family.threads:
+                stop_world(self, detaching=False)
             process = self.family.seize_all(pid, OPTIONS)
+            group_stopped |= self.family.group_stopped  # stopped by SIGSTOP or Ctrl-Z: they stay so
+            via = self.family.stopped_in(process)
+            if via is None:
+                raise ProcessError(f"process {pid} has ended")
             try:
-                self.insert(process, self.family.stopped_in(process).tid)
+                self.insert(process, via.tid)
             except BaseException:
                 let_process_go(self, process)
                 raise
+        except (ProcessLookupError, FileNotFoundError):
+            self._let_seized_go(pid)
+            raise ProcessError(f"process {pid} has ended") from None
         except BaseException:
             self._let_seized_go(pid)
             raise
@@ -152,14 +158,21 @@ class PtraceEngine(Engine):
             self.family.let_run(group_stopped)  # a signal met while seizing goes on now
 
     def _let_seized_go(self, pid: int) -> None:
-        """The threads of ``pid`` seized before seizing it failed: stopped, detached, forgotten."""
-        seized = [tid for tid, thread in self.family.threads.items() if thread.process.pid == pid]
-        for tid in seized:
-            with contextlib.suppress(ProcessLookupError):
-                ptrace_interrupt(tid)
-        when_stopped(seized, 2, lambda tid: ptrace_detach(tid, 0))
-        for tid in seized:
-            del self.family.threads[tid]
+        """The threads of ``pid`` still ours after adding it failed: stopped, detached, forgotten."""
+        seized = [thread for thread in self.family.threads.values() if thread.process.pid == pid]
+        running = []
+        for thread in seized:
+            try:
+                if thread.state.stopped:
+                    ptrace_detach(thread.tid, thread.take_held())
+                else:
+                    ptrace_interrupt(thread.tid)
+                    running.append(thread.tid)
+            except ProcessLookupError:
+                pass  # gone
+        when_stopped(running, 2, lambda tid: ptrace_detach(tid, 0))
+        for thread in seized:
+            del self.family.threads[thread.tid]
         process = self.family.processes.pop(pid, None)
         if process is not None:
             process.memory.close()

@@ -8,6 +8,7 @@ until it execs or exits (hazard 15).
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -20,8 +21,10 @@ from .placement import Placement
 from .returns import Return, put_back
 from .shadow import Forked
 from .semaphores import Semaphores
-from .syscalls import (EVENT_CLONE, EVENT_EXEC, EVENT_FORK, EVENT_VFORK, WALL, ptrace_cont, ptrace_detach, ptrace_geteventmsg,
-                       ptrace_getsiginfo, ptrace_interrupt, ptrace_seize, same_memory)
+from .strategies import GROUP_STOP_SIGNALS
+from .syscalls import (EVENT_CLONE, EVENT_EXEC, EVENT_FORK, EVENT_STOP, EVENT_VFORK, WALL, ptrace_cont,
+                       ptrace_detach, ptrace_geteventmsg, ptrace_getsiginfo, ptrace_interrupt, ptrace_seize,
+                       same_memory)
 from .tracee import EXITING, RUNNING, STOPPED, Process, Thread
 from .xol import XolArea
 
@@ -42,6 +45,7 @@ class Family:
         self.exit_status: dict[int, int] = {}
         self._newborn: dict[int, int] = {}  # stops of tids we have not been told about yet (hazard 7)
         self._children: dict[int, _Announced] = {}  # forks announced, not yet stopped
+        self.group_stopped: set[int] = set()  # threads the last seize_all found in a group-stop (SIGSTOP, Ctrl-Z)
 
     # -- seizing ----------------------------------------------------------------------------------------------
 
@@ -63,6 +67,7 @@ class Family:
         every thread is stopped when this returns."""
         process = self.processes[pid] = Process(pid, ProcessMemory(pid))
         seized: set[int] = set()
+        self.group_stopped = set()
         while True:
             tids = thread_ids(pid)
             if not tids:
@@ -112,6 +117,8 @@ class Family:
                         continue  # let go
                 elif event == 0 and sig != signal.SIGTRAP:
                     thread.held.append((sig, ptrace_getsiginfo(tid)))
+                elif event == EVENT_STOP and sig in GROUP_STOP_SIGNALS:
+                    self.group_stopped.add(tid)
                 thread.in_signal_stop = not event
                 if tid in seized and thread.vfork_child is not None:
                     thread.vfork_child = None
@@ -136,11 +143,22 @@ class Family:
                 continue
             try:
                 if tid in group_stopped:
-                    thread.listen()
+                    self._listen(thread)
                 else:
                     thread.resume(thread.take_held())
             except ProcessLookupError:
                 self.gone(tid, None)
+
+    @staticmethod
+    def _listen(thread: Thread) -> None:
+        try:
+            thread.listen()
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            # It left its group-stop to run our code (an area mapped as it was seized): stopped again, it
+            # reports the stop, which is listened to then.
+            thread.resume(signal.SIGSTOP)
 
     def sharing(self, process: Process) -> list[Thread]:
         """Every thread running in the memory of ``process``: its own, and those of children sharing it."""

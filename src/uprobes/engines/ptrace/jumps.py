@@ -304,13 +304,27 @@ class Jump(Strategy):
         ptrace_setregs(thread.tid, regs)
 
 
+def _hits_of(jump: Jump) -> dict[int, int]:
+    """What ``jump`` counted for each of its probes (those taken out of it: until then)."""
+    hits = dict(jump.frozen)
+    for indices, count in ((jump.breakpoint.entries, jump.hits), (jump.breakpoint.returns, jump.return_hits)):
+        for index in indices:
+            if index not in jump.frozen:
+                hits[index] = hits.get(index, 0) + count
+    return hits
+
+
 @dataclass
 class Jumps:
     """The jump probes of a run: which probes may be jumps, the areas of each address space, the counts."""
 
     eligible: frozenset[int] = frozenset()  # probe indices that may be jumps: no handler that wants a stop
     recorded: frozenset[int] = frozenset()  # those whose hits a jump records (traced, or run by a handler)
-    placed: list[Jump] = field(default_factory=list)  # every jump ever placed, in every process
+    placed: list[Jump] = field(default_factory=list)  # every jump placed, in every process that still has it
+    # what the jumps of address spaces that are gone counted (probe index -> hits), placed and demoted
+    _gone_hits: collections.Counter = field(default_factory=collections.Counter)
+    _gone_jumped: set[int] = field(default_factory=set)
+    _gone_demoted: set[int] = field(default_factory=set)
     refused: dict[int, str] = field(default_factory=dict)  # probe index -> why one of its sites stays a trap
     notices: list[str] = field(default_factory=list)
     # Areas mapped in each address space now (one that is unmapped, or gone with its memory, leaves the list)
@@ -465,11 +479,12 @@ class Jumps:
 
     def jumped(self) -> set[int]:
         """The probes placed as a jump somewhere."""
-        return {index for jump in self.placed for index in (*jump.breakpoint.probes, *jump.frozen)}
+        return self._gone_jumped | {index for jump in self.placed for index in (*jump.breakpoint.probes, *jump.frozen)}
 
     def demoted(self) -> list[int]:
         """The probes of jumps that trap for good, in order (a load for a record faulted)."""
-        return sorted({index for jump in self.placed if jump.demoted for index in jump.breakpoint.entries})
+        return sorted(self._gone_demoted | {index for jump in self.placed if jump.demoted
+                                            for index in jump.breakpoint.entries})
 
     def _refuse(self, breakpoint: Breakpoint, reason: str) -> None:
         self._declined[id(breakpoint)] = breakpoint  # kept: an id is unique only while its object lives
@@ -562,13 +577,23 @@ class Jumps:
         shadow = self._shadows.pop(process, None)
         if shadow is not None:
             shadow.retire()
-        for area in self._areas.pop(process, []):
+        retired = self._areas.pop(process, [])
+        for area in retired:
             area.retire()
         self._broken.discard(process)
         self._recordable.pop(process, None)
         self._readable.pop(process, None)
         if self.recorder is not None:
             self.recorder.forget(process)
+        # their counts kept, the jumps let go: a server whose processes come and go runs for days
+        gone = [jump for jump in self.placed if jump.area in retired]
+        for jump in gone:
+            self._gone_hits.update(_hits_of(jump))
+            self._gone_jumped.update(jump.breakpoint.probes, jump.frozen)
+            if jump.demoted:
+                self._gone_demoted.update(jump.breakpoint.entries)
+        if gone:
+            self.placed = [jump for jump in self.placed if jump.area not in retired]
 
     def started(self, thread: Thread) -> None:
         """A new thread, stopped before its first instruction: its key (fs base) is known from now on."""
@@ -601,14 +626,10 @@ class Jumps:
         """Hits per probe (``number`` of them) counted or recorded by jumps so far, in every process."""
         if self.recorder is not None:
             self.recorder.read_all()
-        totals = [0] * number
+        totals = collections.Counter(self._gone_hits)
         for jump in self.placed:
-            for indices, hits in ((jump.breakpoint.entries, jump.hits), (jump.breakpoint.returns, jump.return_hits)):
-                for index in indices:
-                    totals[index] += hits if index not in jump.frozen else 0
-            for index, hits in jump.frozen.items():
-                totals[index] += hits
-        return totals
+            totals.update(_hits_of(jump))
+        return [totals[index] for index in range(number)]
 
     def freeze(self, index: int) -> None:
         """Probe ``index`` is being taken out: its count so far stays, whatever its jumps count from now on."""
