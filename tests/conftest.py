@@ -266,3 +266,39 @@ def error_as_nobody(action) -> str:
         message = pipe.read()
     os.waitpid(pid, 0)
     return message
+
+
+# A program that names itself (its comm, what --match matches), then calls getppid (or the os function the line
+# names) as many times as each line on stdin says, printing "done" after each; with "traceme" first, its parent
+# traces it (so no one else may).
+_CALLER = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if sys.argv[2:] == ["traceme"]:
+    assert libc.ptrace(0, 0, None, None) == 0
+libc.prctl(15, sys.argv[1].encode(), 0, 0, 0)  # PR_SET_NAME
+print("ready", flush=True)
+for line in sys.stdin:
+    n, function = (line.split() + ["getppid"])[:2]
+    for _ in range(int(n)):
+        getattr(os, function)()
+    print("done", flush=True)
+"""
+
+
+class Caller:
+    """A process of ``_CALLER``, named ``name`` (its comm): it makes the calls it is asked for, each time."""
+
+    def __init__(self, name: str, *options: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", _CALLER, name, *options], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline() == "ready\n"
+
+    def calls(self, n: int, function: str = "getppid") -> None:
+        self.proc.stdin.write(f"{n} {function}\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline() == "done\n"
+
+    def end(self) -> int:
+        self.proc.stdin.close()
+        return self.proc.wait(timeout=30)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import run_cli
+from conftest import Caller, run_cli
 
 PROMETHEUS = "/usr/bin/prometheus"
 
@@ -469,42 +469,6 @@ def test_a_push_to_a_receiver_that_is_not_there_is_counted_and_said_once(targets
     assert "the last push to" in said
 
 
-# A program that names itself (its comm, what --match matches), then calls getppid (or the os function the line
-# names) as many times as each line on stdin says, printing "done" after each; with "traceme" first, its parent
-# traces it (so no one else may).
-_NAMED = """
-import ctypes, os, sys
-libc = ctypes.CDLL(None, use_errno=True)
-if sys.argv[2:] == ["traceme"]:
-    assert libc.ptrace(0, 0, None, None) == 0
-libc.prctl(15, sys.argv[1].encode(), 0, 0, 0)  # PR_SET_NAME
-print("ready", flush=True)
-for line in sys.stdin:
-    n, function = (line.split() + ["getppid"])[:2]
-    for _ in range(int(n)):
-        getattr(os, function)()
-    print("done", flush=True)
-"""
-
-
-class _Named:
-    """A process of ``_NAMED``, named ``name``."""
-
-    def __init__(self, name: str, *options: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", _NAMED, name, *options], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout.readline() == "ready\n"
-
-    def calls(self, n: int, function: str = "getppid") -> None:
-        self.proc.stdin.write(f"{n} {function}\n")
-        self.proc.stdin.flush()
-        assert self.proc.stdout.readline() == "done\n"
-
-    def end(self) -> int:
-        self.proc.stdin.close()
-        return self.proc.wait(timeout=30)
-
-
 def _until(server: _Serving, metric: str, labels: dict, value: float, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while (labels, value) not in server.metrics().get(metric, []):
@@ -521,15 +485,15 @@ def test_processes_that_match_are_traced_as_they_come_and_go(serving, prometheus
     server = serving("--engine", engine, "--match", name, "--match", f"{name}x*", "uprobe:libc:getppid")
     query = prometheus(server.port)
     target = {"target": name}
-    first = _Named(name)
+    first = Caller(name)
     _until(server, "uprobes_target_processes", target, 1)
     first.calls(300)
-    second = _Named(name)
+    second = Caller(name)
     _until(server, "uprobes_target_processes", target, 2)
     second.calls(200)
     assert first.end() == 0
     _until(server, "uprobes_target_processes", target, 1)
-    restarted = _Named(name)
+    restarted = Caller(name)
     _until(server, "uprobes_target_processes", target, 2)
     restarted.calls(100)
     _until(server, "uprobes_hits_total", {"probe": "getppid", "path": os.path.realpath(_libc())}, 600)
@@ -557,9 +521,9 @@ def test_a_process_that_cannot_be_traced_is_counted_and_the_others_are_served(se
     """A matching process another tracer holds is named once and counted in uprobes_attach_failures_total; the
     one that can be traced is, exactly."""
     name = f"refused{os.getpid() % 100000}"
-    held = _Named(name, "traceme")
+    held = Caller(name, "traceme")
     server = serving("--engine", "ptrace", "--match", name, "uprobe:libc:getppid")
-    free = _Named(name)
+    free = Caller(name)
     try:
         _until(server, "uprobes_target_processes", {"target": name}, 1)
         _until(server, "uprobes_attach_failures_total", {"target": name}, 1)
@@ -594,7 +558,7 @@ def test_sighup_reloads_the_configuration_and_the_series_that_stay_go_on(tmp_pat
     config = tmp_path / "serve.toml"
     other = "kernel" if engine == "ptrace" else "ptrace"
     config.write_text(f'engine = "{other}"\nmatch = ["{name}"]\nprobes = ["uprobe:libc:getppid"]\n')
-    program = _Named(name)
+    program = Caller(name)
     server = serving("--config", str(config))
     libc = os.path.realpath(_libc())
     try:
@@ -647,7 +611,7 @@ def test_processes_coming_and_going_for_a_long_time_leave_nothing_growing(servin
     rounds, calls = 100, 10
     measured = []
     for round_ in range(rounds):
-        program = _Named(name)
+        program = Caller(name)
         _until(server, "uprobes_target_processes", target, 1)
         program.calls(calls)
         _until(server, "uprobes_hits_total", {"probe": "getppid", "path": libc}, (round_ + 1) * calls)
@@ -689,7 +653,7 @@ def test_a_server_forking_short_lived_workers_is_served_without_a_false_failure(
     child that ends while it is being traced is no failure), never traces itself (its own command line holds
     the glob) nor the process it runs under, and leaves a stopped process stopped."""
     name = f"forker{os.getpid() % 100000}"
-    stopped = _Named(name)
+    stopped = Caller(name)
     os.kill(stopped.proc.pid, signal.SIGSTOP)
     server = serving("--engine", engine, "--match", f"*{name}*", "uprobe:libc:getppid")
     try:

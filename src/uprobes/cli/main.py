@@ -11,7 +11,7 @@ import textwrap
 from ..errors import UprobesError
 from .serve_config import config_of
 from .serving import listen_address, otlp_url
-from .tracing import add_return_mode_option, add_stack_options, add_tracing_options, positive
+from .tracing import add_return_mode_option, add_stack_options, add_tracing_options, pids_of, positive
 
 __all__ = ["main"]
 
@@ -212,6 +212,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     config = config_of(words)  # serve --config FILE: the file's values are the defaults of the options
     args = _build_parser(config.defaults if config else {}).parse_args(words)
     args.dash_command, args.argv = dash_command, argv
+    if hasattr(args, "pids"):
+        pids_of(args)
     if config is not None:
         config.complete(args)
     return args

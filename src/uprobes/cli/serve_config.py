@@ -71,8 +71,8 @@ class ServeConfig:
         """Add the file's probes to ``args``, and its target where the command line gives none."""
         args.words = [*self.probes, *args.words]
         args.latency = [*self.latency, *(args.latency or [])] or None
-        if args.pid is None and not args.command_line and not args.dash_command and not args.match:
-            args.pid = self.pid
+        if not args.pids and not args.command_line and not args.dash_command and not args.match:
+            args.pids = [self.pid] if self.pid is not None else []
             args.dash_command = self.command or []
             args.match = self.match
 

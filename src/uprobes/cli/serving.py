@@ -317,6 +317,6 @@ def _target(run: Run) -> str:
     """The target as a label that outlives a restart: the command's name, the process's, or every process."""
     if run.command:
         return os.path.basename(run.command[0])
-    if run.pid is not None:
-        return thread_comm(run.pid, run.pid) or f"pid {run.pid}"
+    if run.pids:
+        return ", ".join(dict.fromkeys(thread_comm(pid, pid) or f"pid {pid}" for pid in run.pids))
     return "every process"

@@ -26,12 +26,12 @@ from ..probes.resolve import RETURN_MODES, Probe, ReturnMode, argument_kinds, re
 from ..probes.spec import group_probe_words
 from ..proc.launch import HeldCommand
 from ..proc.maps import read_maps
-from ..proc.status import namespace_pid, status_field, tgid, thread_comm
+from ..proc.status import has_ended, namespace_pid, status_field, tgid, thread_comm
 from ..stacks import StackLimits
 from ..x86_64.unwind import DEFAULT_DEPTH, STACK_BYTES
 from . import STOP_SIGNALS
 
-__all__ = ["Run", "POLL_SECONDS", "key_names", "check_names", "check_integer", "add_tracing_options",
+__all__ = ["Run", "POLL_SECONDS", "key_names", "check_names", "check_integer", "add_tracing_options", "pids_of",
            "add_return_mode_option", "add_stack_options", "positive", "run_trace", "run_count", "run_latency",
            "run_stacks", "run_hist"]
 
@@ -54,11 +54,15 @@ def add_tracing_options(parser: argparse.ArgumentParser, metavar: str = "PROBE",
                         help="kernel: the kernel's uprobes through tracefs and perf (root); "
                              "ptrace: our own engine; auto: the kernel engine where it is usable")
     target = parser.add_mutually_exclusive_group()
-    target.add_argument("-p", "--pid", type=int, help="only this process (and the threads and children it makes)")
+    target.add_argument("-p", "--pid", dest="pids", action="append", type=_pid_list, metavar="PID[,PID...]",
+                        help="only these processes (and the threads and children each makes); repeatable")
     target.add_argument("-c", "--command", dest="command_line", metavar="CMD",
                         help="run CMD with every probe in place, and trace it (CMD is split into words as a shell "
                              "would, but no shell runs it: for redirections or pipes, -c \"sh -c '...'\" or -- sh -c "
                              "'...')")
+    parser.add_argument("--all-or-nothing", action="store_true",
+                        help="with several -p: end with an error if one of them cannot be traced (by default it is "
+                             "named, and the others are traced)")
     parser.add_argument("--no-follow", action="store_true",
                         help="leave the children the process forks alone (by default they are traced too)")
     parser.add_argument("--trap", action="store_true",
@@ -95,6 +99,19 @@ def add_stack_options(parser: argparse.ArgumentParser) -> None:
 
 
 _MAX_STACK_SIZE = 65528  # perf's limit: a sample is at most 64 KiB
+
+
+def _pid_list(text: str) -> list[int]:
+    """``-p 1234`` or ``-p 1234,5678``, as argparse's type."""
+    words = text.split(",")
+    if not all(word.strip().isdigit() and int(word) > 0 for word in words):
+        raise argparse.ArgumentTypeError(f"-p takes process ids (1234, or 1234,5678), not {text!r}")
+    return [int(word) for word in words]
+
+
+def pids_of(args: argparse.Namespace) -> None:
+    """``args.pids``: the processes every -p gave, once each, in order."""
+    args.pids = list(dict.fromkeys(pid for group in args.pids or () for pid in group))
 
 
 def _number(option: str, what: str, low: int, high: int, multiple: int = 1):
@@ -146,7 +163,7 @@ def _split_command(args: argparse.Namespace) -> tuple[list[str], list[str] | Non
     if command == []:
         raise UprobesError("-c '': empty command")
     if args.dash_command:
-        if command is not None or args.pid is not None:
+        if command is not None or args.pids:
             raise UprobesError("give the command once: with -c 'CMD' or after --, not with -p")
         command = args.dash_command
     return group_probe_words(words), command
@@ -163,6 +180,24 @@ def _check_process(pid: int, mappings: list) -> None:
     if leader != pid:
         raise UprobesError(f"{pid} is a thread of process {leader}: -p takes the process, whose threads are all "
                            f"traced; give -p {leader}")
+
+
+def _traceable(pids: list[int], all_or_nothing: bool) -> list[int]:
+    """The processes of -p that run code of their own: one alone must (an error says why not); of several,
+    those that do (the others named, or an error with ``all_or_nothing``)."""
+    kept = []
+    for pid in pids:
+        try:
+            _check_process(pid, read_maps(pid))
+        except UprobesError as exc:
+            if len(pids) == 1 or all_or_nothing:
+                raise UprobesError(f"{exc}{' (--all-or-nothing)' if len(pids) > 1 else ''}") from None
+            print(f"uprobes: warning: {exc}; the other processes are traced", file=sys.stderr)
+            continue
+        kept.append(pid)
+    if pids and not kept:
+        raise UprobesError("none of the processes given with -p could be traced")
+    return kept
 
 
 def _forgotten_dashes(texts: list[str], command: list[str] | None) -> str:
@@ -217,18 +252,18 @@ class Run:
         # (seen in the kill trials).
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         texts, command = _split_command(args)
-        self.pid = args.pid
         self.command = command
         self.matching = matching
-        if matching and (self.pid is not None or command):
+        if matching and (args.pids or command):
             raise UprobesError("--match finds the processes to trace: give it without -p or a command")
-        if self.pid is not None:
-            _check_process(self.pid, read_maps(self.pid))  # a clear error now if it is gone or not ours
+        #: The processes given with -p (those that can be traced, where several were given).
+        self.pids = _traceable(args.pids, args.all_or_nothing)
         self.engine = stack.enter_context(_engine(args.engine, jumps=not args.trap,
-                                                  system_wide=self.pid is None and not command and not matching))
+                                                  system_wide=not self.pids and not command and not matching))
         returns = ReturnMode(args.return_mode, self.engine.unwinder_meets_stack)
+        seen_by = self.pids[0] if self.pids else None  # paths as the (first) process sees them
         try:
-            self.probes: list[Probe] = resolve_texts(texts, args.pid, returns)
+            self.probes: list[Probe] = resolve_texts(texts, seen_by, returns)
         except UprobesError as exc:
             raise UprobesError(f"{exc}{_forgotten_dashes(texts, command)}") from None
         if pair_returns:
@@ -238,7 +273,7 @@ class Run:
         self.timed: list[range] = []
         for text in timed:
             try:
-                pair = _entry_and_return(resolve_texts([text], args.pid, returns), returns)
+                pair = _entry_and_return(resolve_texts([text], seen_by, returns), returns)
             except UprobesError as exc:
                 raise UprobesError(f"--latency {text}: {exc}") from None
             self.timed.append(range(len(self.probes), len(self.probes) + len(pair)))
@@ -267,11 +302,16 @@ class Run:
             print(f"uprobes: warning: {note}", file=sys.stderr)
         if self.child is not None:
             self.child.traced = self.engine.reaps_children
-        self.engine.attach(self.probes, () if matching else self.child.pid if self.child else self.pid,
-                           counting=self.counting, held=self.child is not None,
+        several = len(self.pids) > 1
+        self.engine.attach(self.probes, () if matching or several else self.child.pid if self.child else
+                           self.pids[0] if self.pids else None, counting=self.counting, held=self.child is not None,
                            follow_forks=not args.no_follow and not matching, stacks=self._stacks)
+        if several:
+            self.pids = [pid for pid in self.pids if self._added(pid, args.all_or_nothing)]
+            if not self.pids:
+                raise UprobesError("none of the processes given with -p could be traced")
         #: What the probes are on: "pid 1234", "the command", "every process", "processes matching 'GLOB'".
-        self.scope = (_pid_text(self.pid) if self.pid else "the command" if self.child else
+        self.scope = (", ".join(map(_pid_text, self.pids)) if self.pids else "the command" if self.child else
                       f"processes matching {' or '.join(map(repr, matching))}" if matching else "every process")
         points = f"{len(self.probes)} probe point{'s' if len(self.probes) != 1 else ''}"
         print(f"uprobes: {points} attached ({self.engine.name} engine, {self.scope})",
@@ -362,12 +402,20 @@ class Run:
             if status is not None:
                 self.status = status
                 return True
-        if self.pid is not None:
-            try:
-                read_maps(self.pid)
-            except UprobesError:
-                return True
+        if self.pids and all(has_ended(pid) for pid in self.pids):
+            return True
         return False
+
+    def _added(self, pid: int, all_or_nothing: bool) -> bool:
+        """One of several processes traced; one that cannot be is named (an error with ``all_or_nothing``)."""
+        try:
+            self.engine.add_process(pid)
+        except UprobesError as exc:
+            if all_or_nothing:
+                raise UprobesError(f"{exc} (--all-or-nothing)") from None
+            print(f"uprobes: warning: {exc}; the other processes are traced", file=sys.stderr)
+            return False
+        return True
 
     def interrupted(self, stop: KeyboardInterrupt) -> None:
         """Ctrl-C, SIGTERM or SIGHUP: a command we started is stopped too and its status becomes ours."""

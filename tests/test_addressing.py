@@ -1,0 +1,56 @@
+"""Issue 26, probe addressing the way people write it: several processes at once (``-p A -p B``, ``-p A,B``)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import Caller, RunningTool, run_cli
+
+ENGINES = [pytest.param("ptrace"), pytest.param("kernel", marks=pytest.mark.skipif(
+    os.geteuid() != 0, reason="the kernel engine needs root"))]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("spelling", ["repeated", "comma"])
+def test_several_processes_are_traced_each_as_one(engine, spelling):
+    """Two processes, each making its own number of calls: the run counts each one's by pid, and ends when both
+    have; a third pid that does not exist is named, and the others traced."""
+    first, second = Caller("pids_first"), Caller("pids_second")
+    pids = ["-p", str(first.proc.pid), "-p", f"{second.proc.pid},999999"] if spelling == "repeated" else \
+        ["-p", f"{first.proc.pid},{second.proc.pid},999999"]
+    with RunningTool("count", "--engine", engine, "--json", *pids, "--by", "$pid", "uprobe:libc:getppid") as tool:
+        tool.wait_attached()
+        first.calls(30)
+        second.calls(20)
+        assert first.end() == 0 and second.end() == 0
+        out, err = tool.finish(None)  # it ends by itself once both have
+    assert tool.proc.returncode == 0, err
+    assert "process 999999 does not exist; the other processes are traced" in err
+    assert f"pid {first.proc.pid}, pid {second.proc.pid})" in err
+    rows = [json.loads(line) for line in out.splitlines()]
+    by_pid = {row["key"]["$pid"]: row["hits"] for row in rows if "key" in row}
+    assert by_pid == {first.proc.pid: 30, second.proc.pid: 20}, rows
+
+
+def test_all_or_nothing_refuses_a_list_with_a_process_that_cannot_be_traced():
+    caller = Caller("pids_alone")
+    try:
+        result = run_cli("count", "--engine", "ptrace", "--all-or-nothing", "-p", f"{caller.proc.pid},999999",
+                         "uprobe:libc:getppid")
+        assert result.status == 2
+        assert result.stderr == "uprobes: error: process 999999 does not exist (--all-or-nothing)\n"
+        caller.calls(5)  # untouched
+        with open(f"/proc/{caller.proc.pid}/status") as status:
+            assert "TracerPid:\t0\n" in status.read()
+    finally:
+        assert caller.end() == 0
+
+
+@pytest.mark.parametrize("text", ["0", "12,", "a,b", "-3", "1,,2"])
+def test_a_bad_pid_list_is_one_line(text):
+    result = run_cli("count", "--engine", "ptrace", "-p", text, "uprobe:libc:getppid")
+    assert result.status == 2 and result.stderr.count("\n") == 1
+    assert f"-p takes process ids (1234, or 1234,5678), not {text!r}" in result.stderr
