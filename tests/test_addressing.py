@@ -1,13 +1,16 @@
-"""Issue 26, probe addressing the way people write it: several processes at once (``-p A -p B``, ``-p A,B``)."""
+"""Issue 26, probe addressing the way people write it: several processes at once (``-p A -p B``, ``-p A,B``),
+marker names as the notes store them (quotes included)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
-from conftest import Caller, RunningTool, run_cli
+from conftest import Caller, RunningTool, run_cli, run_json
+from oracles import readelf_sdt_notes
 
 ENGINES = [pytest.param("ptrace"), pytest.param("kernel", marks=pytest.mark.skipif(
     os.geteuid() != 0, reason="the kernel engine needs root"))]
@@ -54,3 +57,20 @@ def test_a_bad_pid_list_is_one_line(text):
     result = run_cli("count", "--engine", "ptrace", "-p", text, "uprobe:libc:getppid")
     assert result.status == 2 and result.stderr.count("\n") == 1
     assert f"-p takes process ids (1234, or 1234,5678), not {text!r}" in result.stderr
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_marker_list_shows_is_probe_syntax_quotes_and_all(targets, engine):
+    """A marker whose name carries quotes (STAP_PROBE(test, "probe1")), as readelf shows the note: `list` shows
+    it as PROVIDER:NAME, and that text (and a glob over it) after usdt:PATH: traces its hits."""
+    quoted = str(targets / "quoted")
+    notes = readelf_sdt_notes(quoted)
+    assert {(note.provider, note.name) for note in notes} == {("test", '"probe1"'), ("test", "probe2")}
+    listed = re.findall(r"^  marker (\S+)", run_cli("list", quoted, check=True).stdout, re.M)
+    assert sorted(listed) == sorted(f"{note.provider}:{note.name}" for note in notes)
+    for name in [*listed, 'test:"probe*"', '"probe1"']:
+        records, proc = run_json("trace", "--engine", engine, f"usdt:{quoted}:{name} i=arg0", "--", quoted, "4")
+        shown = name if ":" in name else f"test:{name}"
+        assert proc.returncode == 0 and proc.stdout.startswith("4\n"), proc.stderr
+        hits = [r for r in records if "probe" in r]
+        assert [(r["probe"], r["args"]["i"]) for r in hits] == [(shown.replace("*", "1"), i) for i in range(4)]

@@ -231,7 +231,7 @@ def _parse_usdt(text: str, rest: str, fetchargs: tuple[str, ...]) -> ProbeSpec:
     else:
         path = ":".join(parts[:-1]).rstrip(":")
     for label, value in (("provider", provider), ("marker name", parts[-1])):
-        if value is not None and not re.fullmatch(r"[\w?*\[\]-]+", value):
+        if value is not None and not re.fullmatch(r"[\w?*\[\]\"-]+", value):  # quotes: as some headers write names
             raise ProbeSyntaxError(f"probe '{text}': invalid {label} '{value}'")
     return ProbeSpec(text, False, path, provider=provider, marker=parts[-1], fetchargs=fetchargs)
 
