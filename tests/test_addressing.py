@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import subprocess
 
 import pytest
 
@@ -74,3 +76,58 @@ def test_every_marker_list_shows_is_probe_syntax_quotes_and_all(targets, engine)
         assert proc.returncode == 0 and proc.stdout.startswith("4\n"), proc.stderr
         hits = [r for r in records if "probe" in r]
         assert [(r["probe"], r["args"]["i"]) for r in hits] == [(shown.replace("*", "1"), i) for i in range(4)]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_glob_in_the_path_probes_every_file_it_matches(targets, tmp_path, engine):
+    """Two builds of a program (copies), a link to one and a file that is not ELF, matched by one glob: each
+    build's calls are counted once (the link is the same file), and `list` lists both."""
+    for build in ("server-a", "server-b"):
+        shutil.copy(targets / "calls", tmp_path / build)
+    shutil.copy(targets / "libprobed.so", tmp_path)  # what calls needs, found beside it ($ORIGIN)
+    (tmp_path / "server-link").symlink_to(tmp_path / "server-a")
+    (tmp_path / "server-notes").write_text("not a program\n")
+    records, proc = run_json("count", "--engine", engine, f"uprobe:{tmp_path}/server*:work", "--", "sh", "-c",
+                             f"{tmp_path}/server-a 3 && {tmp_path}/server-b 4")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted((r["path"], r["hits"]) for r in records) == [(str(tmp_path / "server-a"), 3),
+                                                               (str(tmp_path / "server-b"), 4)]
+    listed = run_cli("list", "--json", f"{tmp_path}/server-?", "work", check=True)
+    assert [(o["path"], [f["name"] for f in o["functions"]]) for o in json.loads(listed.stdout)["objects"]] == [
+        (str(tmp_path / "server-a"), ["work"]), (str(tmp_path / "server-b"), ["work"])]
+
+
+def test_a_glob_that_matches_no_elf_file_is_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a program\n")
+    result = run_cli("count", "--engine", "ptrace", f"uprobe:{tmp_path}/*.txt:work", "--", "true")
+    assert result.status == 2 and result.stderr == f"uprobes: error: {tmp_path}/*.txt: no ELF file matches\n"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_star_as_path_is_every_object_the_process_maps(targets, engine):
+    """-p PID 'usdt:*:demo:order__done': the marker is in a library the program loads (libprobed.so), found
+    only through '*'; beside it 'uprobe:*:lib_twice', the function that hits it once a call: the same calls seen
+    by both, each once, in order. Without -p, '*' is a one-line error saying why."""
+    target = subprocess.Popen([str(targets / "calls"), "1000000", "2"], stdout=subprocess.DEVNULL)
+    try:
+        with RunningTool("trace", "--engine", engine, "--json", "-p", str(target.pid),
+                         "usdt:*:demo:order__done a=arg0", "uprobe:*:lib_twice a=%di:s32") as tool:
+            tool.wait_attached()
+            tool.wait_for(lambda: len(tool.events()) >= 40, "twenty calls")
+            tool.finish()
+        events = tool.events()
+        library = os.path.realpath(targets / "libprobed.so")
+        resolved = run_cli("resolve", "--json", "-p", str(target.pid), "usdt:*:demo:order__done",
+                           "uprobe:*:lib_twice", check=True)
+        assert {json.loads(line)["path"] for line in resolved.stdout.splitlines()} == {library}
+    finally:
+        target.kill()
+        target.wait()
+    marked = [e["args"]["a"] for e in events if e["probe"] == "demo:order__done"]
+    called = [e["args"]["a"] for e in events if e["probe"] == "lib_twice"]
+    assert marked == list(range(marked[0], marked[0] + len(marked))) and len(marked) >= 19
+    assert called == list(range(called[0], called[0] + len(called)))
+    assert len(set(marked) ^ set(called)) <= 2  # a call under way as the run began or ended
+    result = run_cli("trace", "--engine", engine, "usdt:*:demo:order__done", "--", "true")
+    assert result.status == 2 and result.stderr == ("uprobes: error: PATH '*' is every object a process maps: give "
+                                                    "-p PID (or a path, or a glob of paths)\n")

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import glob
 import json
 import re
 import sys
 from dataclasses import asdict
 
-from ..elf.locate import find_object
+from ..elf.locate import find_objects
 from ..elf.objfile import ElfObject
 from ..errors import UprobesError
 from ..proc.maps import mapped_objects, path_in_process, read_maps, runtime_addresses
@@ -25,7 +26,7 @@ def run_list(args: argparse.Namespace) -> int:
     pattern = args.pattern
     if args.pid is not None and args.pattern != "*":  # -p PID OBJECT PATTERN: one object it maps
         pattern = args.pattern
-        paths = [find_object(args.target, args.pid)]
+        paths = find_objects(args.target, args.pid)
     elif args.pid is not None:
         pattern = args.target or "*"  # with -p, the one positional word is the pattern
         paths = [path_in_process(args.pid, p) for p in mapped_objects(args.pid)]
@@ -34,8 +35,9 @@ def run_list(args: argparse.Namespace) -> int:
     elif args.target is None:
         raise UprobesError("list needs a TARGET file or -p PID")
     else:
-        paths = [find_object(args.target)]
-        _check_matches(ElfObject.open(paths[0]), pattern)
+        paths = find_objects(args.target)
+        if len(paths) == 1:
+            _check_matches(ElfObject.open(paths[0]), pattern)
     listings = []
     mappings = read_maps(args.pid) if args.pid is not None else None
     for path in paths:
@@ -51,7 +53,9 @@ def run_list(args: argparse.Namespace) -> int:
         listings += _jit_listing(args.pid, pattern)
     out = sys.stdout
     if args.json:
-        document = {"pid": args.pid, "objects": listings} if args.pid is not None else listings[0]
+        several = args.pid is not None or glob.has_magic(args.target)  # a glob: {"objects": [...]}, however many
+        document = (({"pid": args.pid} if args.pid is not None else {}) | {"objects": listings} if several
+                    else listings[0])
         out.write(json.dumps(document) + "\n")  # no indent: the C encoder is ten times faster on big objects
     else:
         shown = [listing for listing in listings

@@ -184,6 +184,8 @@ def _build_parser(serve_defaults: dict | None = None) -> argparse.ArgumentParser
                                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_examples("resolve"))
     resolve.add_argument("probes", nargs="+", metavar="PROBE", help="a probe with its fetch arguments, quoted")
     resolve.add_argument("--json", action="store_true", help="one JSON object per probe point")
+    resolve.add_argument("-p", "--pid", type=int, help="paths as this process sees them, and '*' as every object "
+                                                      "it maps")
     add_return_mode_option(resolve)
     resolve.add_argument("--engine", choices=("ptrace",),
                          help="ptrace: also say how that engine places each probe point: a jump (no stop per hit; "

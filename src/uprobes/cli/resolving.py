@@ -15,7 +15,7 @@ __all__ = ["run_resolve"]
 
 def run_resolve(args: argparse.Namespace) -> int:
     returns = ReturnMode(args.return_mode, unwinder_meets_stack=args.engine != "ptrace")
-    probes = resolve_texts(group_probe_words(args.probes), returns=returns)
+    probes = resolve_texts(group_probe_words(args.probes), args.pid, returns)
     for probe in probes:
         placement = _ptrace_placement(probe) if args.engine == "ptrace" else None
         if args.json:

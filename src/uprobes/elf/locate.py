@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+import glob
 import os
 import re
 import shutil
@@ -9,7 +11,7 @@ import struct
 
 from ..errors import ElfError, UprobesError
 
-__all__ = ["find_object", "read_ld_cache", "real_path"]
+__all__ = ["find_object", "find_objects", "read_ld_cache", "real_path"]
 
 LD_CACHE = "/etc/ld.so.cache"
 _NEW_MAGIC = b"glibc-ld.so.cache1.1"
@@ -121,6 +123,32 @@ def find_object(name: str, pid: int | None = None) -> str:
         return real_path(name)
     raise ElfError(f"{name}: no such file, program in PATH or library in the linker cache "
                    f"(give a path, or check `ldconfig -p`)")
+
+
+def find_objects(name: str, pid: int | None = None) -> list[str]:
+    """:func:`find_object`, and where ``name`` holds a glob (``*``, ``?``, ``[...]``), every ELF file it matches
+    (with ``pid``, those of the process's file system, and the objects it maps that match), each file once
+    (by device and inode), in path order; a glob that matches none is an error."""
+    if not glob.has_magic(name):
+        return [find_object(name, pid)]
+    if name == "*" and pid is None:
+        raise ElfError("PATH '*' is every object a process maps: give -p PID (or a path, or a glob of paths)")
+    from ..proc.maps import mapped_objects  # local, as in _in_process
+
+    root = f"/proc/{pid}/root" if pid is not None else ""
+    candidates = glob.glob(root + name) if name.startswith("/") or pid is None else []
+    if pid is not None:
+        candidates += [root + path for path in mapped_objects(pid)
+                       if fnmatch.fnmatchcase(path, name) or fnmatch.fnmatchcase(os.path.basename(path), name)]
+    found: dict[tuple[int, int], str] = {}
+    for candidate in sorted(candidates):
+        if os.path.isfile(candidate) and _is_elf(candidate):
+            stat = os.stat(candidate)
+            found.setdefault((stat.st_dev, stat.st_ino), real_path(candidate))
+    if not found:
+        where = f" (as process {pid} sees its files, and the objects it maps)" if pid is not None else ""
+        raise ElfError(f"{name}: no ELF file matches{where}")
+    return list(found.values())
 
 
 def _in_process(name: str, pid: int) -> str | None:

@@ -10,6 +10,7 @@ kernel accepts for it:
 from __future__ import annotations
 
 import fnmatch
+import glob
 import os
 import re
 import struct
@@ -20,7 +21,7 @@ from dataclasses import dataclass, replace
 from ..dwarf.info import DebugInfo
 from ..dwarf.lines import entry_line, function_line, line_points, lines_with_code_in, prologue_end
 from ..dwarf.variables import is_variable_expression, retval_fetcharg, variable_fetcharg
-from ..elf.locate import find_object
+from ..elf.locate import find_object, find_objects
 from ..elf.objfile import ElfObject
 from ..elf.symbols import Symbol
 from ..errors import ProbeSyntaxError, ResolveError
@@ -212,7 +213,18 @@ def resolve_probe(spec: ProbeSpec, objects: dict[str, ElfObject] | None = None, 
                   returns: ReturnMode = ReturnMode()) -> list[Probe]:
     """Every probe point ``spec`` names; raise :class:`ResolveError` when it names nothing. ``objects``: the
     files opened so far, by the name a probe gave them (kept for the next); ``pid``: the process whose view of
-    the file system names them; ``returns``: how return probes are placed."""
+    the file system names them; ``returns``: how return probes are placed. A glob in PATH: the probe in every
+    file it matches (an error if it names nothing in any of them)."""
+    if glob.has_magic(spec.target):
+        probes, errors = [], []
+        for path in find_objects(spec.target, pid):
+            try:
+                probes += resolve_probe(replace(spec, target=path), objects, pid, returns)
+            except ResolveError as exc:
+                errors.append(exc)
+        if not probes:
+            raise errors[0]
+        return probes
     obj = objects.get(spec.target) if objects is not None else None
     if obj is None:
         obj = ElfObject.open(find_object(spec.target, pid))
