@@ -118,7 +118,8 @@ def test_star_as_path_is_every_object_the_process_maps(targets, engine):
         events = tool.events()
         library = os.path.realpath(targets / "libprobed.so")
         resolved = run_cli("resolve", "--json", "-p", str(target.pid), "usdt:*:demo:order__done",
-                           "uprobe:*:lib_twice", check=True)
+                           "uprobe:*:lib_twice", "usdt::demo:order__done", "usdt:::order__done", "uprobe::lib_twice",
+                           check=True)  # bpftrace's spellings too
         assert {json.loads(line)["path"] for line in resolved.stdout.splitlines()} == {library}
     finally:
         target.kill()
@@ -129,5 +130,5 @@ def test_star_as_path_is_every_object_the_process_maps(targets, engine):
     assert called == list(range(called[0], called[0] + len(called)))
     assert len(set(marked) ^ set(called)) <= 2  # a call under way as the run began or ended
     result = run_cli("trace", "--engine", engine, "usdt:*:demo:order__done", "--", "true")
-    assert result.status == 2 and result.stderr == ("uprobes: error: PATH '*' is every object a process maps: give "
-                                                    "-p PID (or a path, or a glob of paths)\n")
+    assert result.status == 2 and result.stderr == ("uprobes: error: PATH '*' (or none) is every object a process "
+                                                    "maps: give -p PID (or a path, or a glob of paths)\n")

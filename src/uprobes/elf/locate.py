@@ -132,7 +132,8 @@ def find_objects(name: str, pid: int | None = None) -> list[str]:
     if not glob.has_magic(name):
         return [find_object(name, pid)]
     if name == "*" and pid is None:
-        raise ElfError("PATH '*' is every object a process maps: give -p PID (or a path, or a glob of paths)")
+        raise ElfError("PATH '*' (or none) is every object a process maps: give -p PID (or a path, or a glob "
+                       "of paths)")
     from ..proc.maps import mapped_objects  # local, as in _in_process
 
     root = f"/proc/{pid}/root" if pid is not None else ""

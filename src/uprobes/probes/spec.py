@@ -186,6 +186,7 @@ def _parse_bpftrace(text: str, head: str, fetchargs: tuple[str, ...]) -> ProbeSp
         return _parse_usdt(text, rest, fetchargs)
     is_return = _BPFTRACE_KINDS[kind]
     path, colon, where = rest.rpartition(":")
+    path = path or ("*" if colon else "")  # uprobe::SYMBOL: every object of the process
     if not colon or not path or not where:
         raise ProbeSyntaxError(f"probe '{text}': write {kind}:PATH:SYMBOL[+OFFSET]"
                                f"{'' if is_return else ' or uprobe:PATH:0xADDRESS'}")
@@ -223,13 +224,14 @@ def _source_line(text: str, path: str, where: str, fetchargs: tuple[str, ...]) -
 
 def _parse_usdt(text: str, rest: str, fetchargs: tuple[str, ...]) -> ProbeSpec:
     parts = rest.split(":")
-    if len(parts) < 2 or not parts[0] or not parts[-1]:
+    if len(parts) < 2 or not parts[-1]:
         raise ProbeSyntaxError(f"probe '{text}': write usdt:PATH:[PROVIDER:]NAME")
     provider = None
     if len(parts) >= 3 and parts[-2]:
         path, provider = ":".join(parts[:-2]), parts[-2]
     else:
         path = ":".join(parts[:-1]).rstrip(":")
+    path = path or "*"  # usdt::PROVIDER:NAME, as bpftrace writes every object of the process
     for label, value in (("provider", provider), ("marker name", parts[-1])):
         if value is not None and not re.fullmatch(r"[\w?*\[\]\"-]+", value):  # quotes: as some headers write names
             raise ProbeSyntaxError(f"probe '{text}': invalid {label} '{value}'")
