@@ -132,3 +132,39 @@ def test_star_as_path_is_every_object_the_process_maps(targets, engine):
     result = run_cli("trace", "--engine", engine, "usdt:*:demo:order__done", "--", "true")
     assert result.status == 2 and result.stderr == ("uprobes: error: PATH '*' (or none) is every object a process "
                                                     "maps: give -p PID (or a path, or a glob of paths)\n")
+
+
+@pytest.mark.parametrize("spelling", ["uprobe:{flat}:0x0 x=%di:s64", "p {flat}:0 x=%di:s64"])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_code_mapped_from_a_file_that_is_not_elf_is_probed_by_offset(targets, engine, spelling):
+    """flat.bin is one function's machine code and nothing else (objcopy -O binary); flatcode maps it executable
+    and calls it: probed at file offset 0, each call is seen with its argument, after one warning that the
+    offset cannot be checked. (-p: the ptrace engine finds a file a program maps itself when it attaches, or at
+    the next library the linker loads; the kernel finds it at the mmap.)"""
+    flat = os.path.realpath(targets / "flat.bin")
+    program = subprocess.Popen([str(targets / "flatcode"), flat, "5", "wait"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert program.stdout.readline() == "mapped\n"
+        with RunningTool("trace", "--engine", engine, "--json", "-p", str(program.pid),
+                         spelling.format(flat=flat)) as tool:
+            tool.wait_attached()
+            out, _ = program.communicate("go\n", timeout=60)
+            _, err = tool.finish(None)
+    finally:
+        program.kill()
+        program.wait()
+    assert out == f"flat {sum(2 * x + 1 for x in range(5))}\n"
+    assert [e["args"]["x"] for e in tool.events()] == list(range(5))
+    assert err.count("is not an ELF file: 0x0 is taken as the start of an instruction, unchecked") == 1, err
+
+
+def test_a_file_that_is_not_elf_takes_offsets_only(targets):
+    flat = os.path.realpath(targets / "flat.bin")
+    for text in (f"uprobe:{flat}:twice_plus_one", f"uretprobe:{flat}:0x0", f"usdt:{flat}:a:b"):
+        result = run_cli("resolve", text)
+        assert result.status == 2 and result.stderr == (
+            f"uprobes: error: probe '{text}': {flat} is not an ELF file: probe its code by file offset, as "
+            f"uprobe:{flat}:0xOFFSET or p {flat}:0xOFFSET (no symbols, markers or returns)\n")
+    result = run_cli("resolve", f"p {flat}:0x1000")
+    assert result.status == 2 and "offset 0x1000 is past the end of" in result.stderr

@@ -11,7 +11,7 @@ import struct
 
 from ..errors import ElfError, UprobesError
 
-__all__ = ["find_object", "find_objects", "read_ld_cache", "real_path"]
+__all__ = ["find_object", "find_objects", "is_elf", "read_ld_cache", "real_path"]
 
 LD_CACHE = "/etc/ld.so.cache"
 _NEW_MAGIC = b"glibc-ld.so.cache1.1"
@@ -143,7 +143,7 @@ def find_objects(name: str, pid: int | None = None) -> list[str]:
                        if fnmatch.fnmatchcase(path, name) or fnmatch.fnmatchcase(os.path.basename(path), name)]
     found: dict[tuple[int, int], str] = {}
     for candidate in sorted(candidates):
-        if os.path.isfile(candidate) and _is_elf(candidate):
+        if os.path.isfile(candidate) and is_elf(candidate):
             stat = os.stat(candidate)
             found.setdefault((stat.st_dev, stat.st_ino), real_path(candidate))
     if not found:
@@ -184,12 +184,13 @@ def _from_path(name: str) -> str | None:
         candidate = shutil.which(name, path=directory or ".")
         if candidate:
             found.append(candidate)
-            if _is_elf(candidate):
+            if is_elf(candidate):
                 return candidate
     return found[0] if found else None
 
 
-def _is_elf(path: str) -> bool:
+def is_elf(path: str) -> bool:
+    """Whether the file at ``path`` starts as an ELF file does."""
     try:
         with open(path, "rb") as f:
             return f.read(4) == b"\x7fELF"

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from ..dwarf.info import DebugInfo
 from ..dwarf.lines import entry_line, function_line, line_points, lines_with_code_in, prologue_end
 from ..dwarf.variables import is_variable_expression, retval_fetcharg, variable_fetcharg
-from ..elf.locate import find_object, find_objects
+from ..elf.locate import find_object, find_objects, is_elf
 from ..elf.objfile import ElfObject
 from ..elf.symbols import Symbol
 from ..errors import ProbeSyntaxError, ResolveError
@@ -226,22 +226,47 @@ def resolve_probe(spec: ProbeSpec, objects: dict[str, ElfObject] | None = None, 
             raise errors[0]
         return probes
     obj = objects.get(spec.target) if objects is not None else None
-    if obj is None:
-        obj = ElfObject.open(find_object(spec.target, pid))
+    path = find_object(spec.target, pid) if obj is None else obj.path
+    if obj is None and not is_elf(path) and os.path.isfile(path):
+        probes = _resolve_raw(spec, path)
+    else:
+        obj = obj or ElfObject.open(path)
         if objects is not None:
             objects[spec.target] = obj
+        probes = _resolve_in(spec, obj, returns)
+    if spec.predicate is None:
+        return probes
+    return [replace(probe, predicate=parse_predicate(spec.predicate, argument_kinds(probe))) for probe in probes]
+
+
+def _resolve_in(spec: ProbeSpec, obj: ElfObject, returns: ReturnMode) -> list[Probe]:
     if obj.kind == "debug":
         raise ResolveError(f"probe '{spec.text}': {obj.path} is a separate debug file, which holds no code; "
                            f"probe the program or library it belongs to")
     if spec.is_usdt:
-        probes = _resolve_marker(spec, obj)
-    elif spec.is_line:
-        probes = _resolve_line(spec, obj)
-    else:
-        probes = _resolve_code(spec, obj, returns)
-    if spec.predicate is None:
-        return probes
-    return [replace(probe, predicate=parse_predicate(spec.predicate, argument_kinds(probe))) for probe in probes]
+        return _resolve_marker(spec, obj)
+    if spec.is_line:
+        return _resolve_line(spec, obj)
+    return _resolve_code(spec, obj, returns)
+
+
+def _resolve_raw(spec: ProbeSpec, path: str) -> list[Probe]:
+    """A probe by file offset in a file that is not ELF (a JIT's code cache, flat code a program maps), as the
+    kernel takes any file: no symbols to name it, no instruction boundary to check it against."""
+    offset = spec.offset if spec.offset is not None else spec.address
+    if offset is None or spec.is_return or spec.is_usdt or spec.is_line:
+        raise ResolveError(f"probe '{spec.text}': {path} is not an ELF file: probe its code by file offset, as "
+                           f"uprobe:{path}:0xOFFSET or p {path}:0xOFFSET (no symbols, markers or returns)")
+    if offset >= os.path.getsize(path):
+        raise ResolveError(f"probe '{spec.text}': offset {offset:#x} is past the end of {path} "
+                           f"({os.path.getsize(path)} bytes)")
+    stem = re.split(r"[.\-_]", path.rsplit("/", 1)[-1], maxsplit=1)[0]
+    probe = Probe(spec.text, False, spec.group or DEFAULT_GROUP, spec.event or _identifier(f"p_{stem}_{offset:#x}"),
+                  path, offset, offset, f"{offset:#x}", spec.ref_ctr_offset,
+                  parse_fetchargs(list(spec.fetchargs), is_return=False), explicit_event=spec.event is not None,
+                  notes=(f"{path} is not an ELF file: {offset:#x} is taken as the start of an instruction, "
+                         f"unchecked",))
+    return [probe]
 
 
 def argument_kinds(probe: Probe) -> dict[str, str]:
