@@ -29,8 +29,8 @@ from ...consumers import Consumer
 from ...errors import KernelEngineError
 from ...output.columns import EventColumns, Group
 from ...output.event import Event
-from ...probes.fetchargs import (NULL_POINTER, Comm, Deref, FetchArg, FetchType, Immediate, Register, RetVal,
-                                  StackPointer)
+from ...probes.fetchargs import (NULL_POINTER, Comm, Deref, FetchArg, FetchType, Immediate, ImmediateString,
+                                  Register, RetVal, StackPointer)
 from ...probes.markerargs import kernel_fetchable, kernel_limitation
 from ...probes.resolve import Probe
 from ...stacks import INCOMPLETE, StackLimits, StackReader
@@ -86,6 +86,16 @@ class _Attached:
                      if name not in _HIDDEN_FIELDS and not name.startswith("common_"))
         ip = index["__probe_func" if self.probe.replaces_return else "__probe_ip"]
         return args, index["__comm"], ip, index.get("__retval")
+
+    @functools.cached_property
+    def constants(self) -> dict[str, str]:
+        """The probe's string constants (``\\"STR"``), by name: given by us, not the kernel (see :func:`_fetched`)."""
+        return {arg.name: arg.source.text for arg in self.probe.fetchargs if isinstance(arg.source, ImmediateString)}
+
+    @functools.cached_property
+    def names(self) -> tuple[str, ...]:
+        """Its arguments' names, in the order asked for."""
+        return tuple(arg.name for arg in self.probe.fetchargs)
 
     @functools.cached_property
     def left_out(self) -> dict[str, str]:
@@ -164,6 +174,12 @@ def _naming(probes: list[_Attached], most: int = 3) -> str:
     return named + (f" (or {len(probes) - most} more probes of that event)" if len(probes) > most else "")
 
 
+def _fetched(probe: Probe) -> tuple[FetchArg, ...]:
+    """What the kernel fetches of the probe's arguments: all but string constants, which a uprobe event reads
+    as user memory at the kernel's address of the string (a fault, every hit), and which we give instead."""
+    return tuple(arg for arg in probe.fetchargs if not isinstance(arg.source, ImmediateString))
+
+
 def _signature(is_return: bool, fetchargs: tuple[FetchArg, ...], alone: bool, index: int) -> tuple:
     """What probes share to be appended to one event (the kernel wants the same kind, and the same name and
     type for each argument); ``alone``: each probe is its own."""
@@ -226,7 +242,7 @@ class KernelEngine(Engine):
             if tallied:
                 fetchargs = () if probe.replaces_return else (_PAD_ARG,)
             else:
-                fetchargs = probe.fetchargs + (_COMM_ARG,) + (
+                fetchargs = _fetched(probe) + (_COMM_ARG,) + (
                     (_RETVAL_ARG,) if probe.replaces_return else (_EXIT_RETVAL_ARG,) if probe.reports_retval else ())
             signature = _signature(probe.replaces_return, fetchargs, counting and not tallied, index)
             event_filter = None if tallied else probe.kernel_filter
@@ -377,7 +393,9 @@ class KernelEngine(Engine):
             attached = event.probes[int(tags[first])]
             groups.append(Group(attached.probe.name, attached.index, int(pids[first]), int(tids[first]),
                                 names[first].decode("utf-8", "replace"),
-                                attached.probe.reported_address(int(ips[first])), layout.names, {},
+                                attached.probe.reported_address(int(ips[first])),
+                                tuple(name for name in attached.names if name not in attached.left_out),
+                                attached.constants,
                                 {name: column[group].tolist() for name, column in values.items()},
                                 samples.time_ns[rows[group]].tolist(), samples.cpu[rows[group]].tolist(),
                                 None if retvals is None else retvals[group].tolist()))
@@ -466,9 +484,9 @@ class KernelEngine(Engine):
             if retval is not None and values[retval] == 0:
                 errors.update((arg.name, NULL_POINTER) for arg in probe.fetchargs
                               if arg.name in errors and arg.reads_string_at_retval)
-        if attached.left_out:
+        if attached.left_out or attached.constants:
             errors = {**errors, **attached.left_out}
-            args = {arg.name: args.get(arg.name) for arg in probe.fetchargs} | args  # in the order asked for
+            args = {name: attached.constants.get(name, args.get(name)) for name in attached.names}  # in order
         return Event(probe.name, pid, tid, values[comm], time_ns, cpu, probe.reported_address(values[ip]),
                      probe.typed(args) if probe.retyped else args, None if retval is None else values[retval],
                      errors or None, probe.is_return, attached.index)

@@ -20,6 +20,14 @@ from .syscalls import process_vm_writev, ptrace_peektext, ptrace_poketext
 __all__ = ["ProcessMemory", "ThreadMemory", "ProgramMemory"]
 
 
+def _pread(fd: int, size: int, address: int) -> bytes:
+    """pread of /proc/PID/mem, where an address past the 63 bits of a file offset is a fault like any address
+    no mapping holds (no user address is that high: a wild pointer, or a kernel one)."""
+    if not 0 <= address < 1 << 63:
+        raise OSError(errno.EFAULT, f"no user memory at {address:#x}")
+    return os.pread(fd, size, address)
+
+
 class ProcessMemory:
     """The memory of one address space; reopen it after an exec (hazard 10)."""
 
@@ -37,14 +45,14 @@ class ProcessMemory:
 
     def read(self, address: int, size: int) -> bytes:
         """``size`` bytes at ``address``; OSError (EIO/EFAULT) if any of them is not mapped."""
-        data = os.pread(self._fd, size, address)
+        data = _pread(self._fd, size, address)
         if len(data) != size:
             raise OSError(errno.EFAULT, f"short read at {address:#x}")
         return data
 
     def read_available(self, address: int, size: int) -> bytes:
         """Up to ``size`` bytes at ``address``: fewer where the mapping ends; OSError if none is mapped."""
-        return os.pread(self._fd, size, address)
+        return _pread(self._fd, size, address)
 
     def read_string(self, address: int, limit: int = STRING_LIMIT) -> bytes:
         """The NUL-terminated bytes at ``address`` (without the NUL), at most ``limit``; stops at unmapped memory."""
@@ -52,7 +60,7 @@ class ProcessMemory:
         while len(result) < limit:
             chunk_size = min(256, limit - len(result), 4096 - (address + len(result)) % 4096)
             try:
-                chunk = os.pread(self._fd, chunk_size, address + len(result))
+                chunk = _pread(self._fd, chunk_size, address + len(result))
             except OSError:
                 if not result:
                     raise
