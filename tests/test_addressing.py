@@ -55,7 +55,7 @@ def test_all_or_nothing_refuses_a_list_with_a_process_that_cannot_be_traced():
         assert caller.end() == 0
 
 
-@pytest.mark.parametrize("text", ["0", "12,", "a,b", "-3", "1,,2"])
+@pytest.mark.parametrize("text", ["0", "12,", "a,b", "-3", "1,,2", "\u00b2"])
 def test_a_bad_pid_list_is_one_line(text):
     result = run_cli("count", "--engine", "ptrace", "-p", text, "uprobe:libc:getppid")
     assert result.status == 2 and result.stderr.count("\n") == 1
@@ -208,3 +208,38 @@ def test_every_fetch_type_prints_the_same_on_both_engines(targets):
     text = {engine: [line.split(None, 3)[3] for line in seen[engine, "text"].splitlines() if " work" in line
                      or " calls:step" in line] for engine in ("ptrace", "kernel")}
     assert text["ptrace"] == text["kernel"] and len(text["ptrace"]) == 9
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_each_process_of_several_is_probed_in_its_own_files(targets, tmp_path, engine):
+    """-p A,B 'uprobe:*:work' where A runs calls and B a copy of it: '*' is each process's own objects, so both
+    are probed (not only what the first maps); an address under a glob that matches several files is refused."""
+    shutil.copy(targets / "calls", tmp_path / "calls2")
+    shutil.copy(targets / "libprobed.so", tmp_path)
+    first = subprocess.Popen([str(targets / "calls"), "1000000", "2"], stdout=subprocess.DEVNULL)
+    second = subprocess.Popen([str(tmp_path / "calls2"), "1000000", "2"], stdout=subprocess.DEVNULL)
+    try:
+        with RunningTool("trace", "--engine", engine, "--json", "-p", f"{first.pid},{second.pid}",
+                         "uprobe:*:work i=%di:s32") as tool:
+            tool.wait_attached()
+            tool.wait_for(lambda: {e["pid"] for e in tool.events()} == {first.pid, second.pid}, "both processes")
+            tool.finish()
+        for pid in (first.pid, second.pid):
+            seen = [e["args"]["i"] for e in tool.events() if e["pid"] == pid]
+            assert seen == list(range(seen[0], seen[0] + len(seen)))  # its calls, each once, in order
+        result = run_cli("resolve", "-p", str(first.pid), "uprobe:*:0x1310")
+        assert result.status == 2 and result.stderr.count("\n") == 1
+        assert "an address is a place in one file, and '*' matches" in result.stderr
+    finally:
+        for proc in (first, second):
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_predicate_on_a_string_constant_is_judged_on_both_engines(targets, engine):
+    calls = str(targets / "calls")
+    records, proc = run_json("trace", "--engine", engine, f'uprobe:{calls}:work s=\\"abc" i=%di:s32 '
+                             'if s == "abc" && i < 2', "--", calls, "5")
+    assert proc.returncode == 0, proc.stderr
+    assert [r["args"] for r in records if "probe" in r] == [{"s": "abc", "i": 0}, {"s": "abc", "i": 1}]

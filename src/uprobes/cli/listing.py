@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import glob
 import json
 import re
 import sys
 from dataclasses import asdict
 
-from ..elf.locate import find_objects
+from ..elf.locate import find_objects, is_glob
 from ..elf.objfile import ElfObject
 from ..errors import UprobesError
 from ..proc.maps import mapped_objects, path_in_process, read_maps, runtime_addresses
@@ -46,14 +45,16 @@ def run_list(args: argparse.Namespace) -> int:
             if mappings is not None:
                 _read_semaphores(listings[-1], args.pid, mappings)
         except UprobesError as exc:
-            if args.pid is None:
+            if args.pid is None and len(paths) == 1:
                 raise
             print(f"uprobes: warning: skipping {exc}", file=sys.stderr)
+    if args.pid is None and len(paths) > 1 and not any(l["functions"] or l["markers"] for l in listings):
+        raise UprobesError(f"nothing matches '{pattern}' in the {len(paths)} files '{args.target}' matches")
     if args.pid is not None and args.pattern == "*":  # every object it maps, not one named
         listings += _jit_listing(args.pid, pattern)
     out = sys.stdout
     if args.json:
-        several = args.pid is not None or glob.has_magic(args.target)  # a glob: {"objects": [...]}, however many
+        several = args.pid is not None or is_glob(args.target)  # a glob: {"objects": [...]}, however many
         document = (({"pid": args.pid} if args.pid is not None else {}) | {"objects": listings} if several
                     else listings[0])
         out.write(json.dumps(document) + "\n")  # no indent: the C encoder is ten times faster on big objects

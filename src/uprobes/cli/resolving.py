@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from ..elf.locate import is_elf
 from ..elf.objfile import ElfObject
 from ..probes.resolve import Probe, ReturnMode, resolve_texts
 from ..probes.spec import group_probe_words
@@ -17,7 +18,7 @@ def run_resolve(args: argparse.Namespace) -> int:
     returns = ReturnMode(args.return_mode, unwinder_meets_stack=args.engine != "ptrace")
     probes = resolve_texts(group_probe_words(args.probes), args.pid, returns)
     for probe in probes:
-        placement = _ptrace_placement(probe) if args.engine == "ptrace" else None
+        placement = _ptrace_placement(probe) if args.engine == "ptrace" and is_elf(probe.path) else None
         if args.json:
             record = {"probe": f"{probe.group}/{probe.event}", "path": probe.path, "offset": probe.offset,
                       "address": probe.address, "location": probe.location, "return": probe.is_return,

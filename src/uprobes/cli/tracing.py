@@ -104,7 +104,7 @@ _MAX_STACK_SIZE = 65528  # perf's limit: a sample is at most 64 KiB
 def _pid_list(text: str) -> list[int]:
     """``-p 1234`` or ``-p 1234,5678``, as argparse's type."""
     words = text.split(",")
-    if not all(word.strip().isdigit() and int(word) > 0 for word in words):
+    if not all(word.isascii() and word.isdigit() and int(word) > 0 for word in words):
         raise argparse.ArgumentTypeError(f"-p takes process ids (1234, or 1234,5678), not {text!r}")
     return [int(word) for word in words]
 
@@ -200,6 +200,29 @@ def _traceable(pids: list[int], all_or_nothing: bool) -> list[int]:
     return kept
 
 
+def _resolved(texts: list[str], pids: list[int], returns: ReturnMode) -> list[Probe]:
+    """The probe points of ``texts``, with -p as each process sees its files (a container's; the objects it maps,
+    for '*'), each point once (a file by device and inode); a text is an error only where it names nothing in
+    any of them."""
+    if len(pids) <= 1:
+        return resolve_texts(texts, pids[0] if pids else None, returns)
+    probes: list[Probe] = []
+    for text in texts:
+        found: dict[tuple, Probe] = {}
+        errors = []
+        for pid in pids:
+            try:
+                for probe in resolve_texts([text], pid, returns):
+                    file = os.stat(probe.path)
+                    found.setdefault((file.st_dev, file.st_ino, probe.offset, probe.is_return, probe.event), probe)
+            except UprobesError as exc:
+                errors.append(exc)
+        if not found:
+            raise errors[0]
+        probes += found.values()
+    return probes
+
+
 def _forgotten_dashes(texts: list[str], command: list[str] | None) -> str:
     """A hint for an error in the probes when their last word is a program and no command was given: the
     ``--`` before it was forgotten."""
@@ -261,9 +284,8 @@ class Run:
         self.engine = stack.enter_context(_engine(args.engine, jumps=not args.trap,
                                                   system_wide=not self.pids and not command and not matching))
         returns = ReturnMode(args.return_mode, self.engine.unwinder_meets_stack)
-        seen_by = self.pids[0] if self.pids else None  # paths as the (first) process sees them
         try:
-            self.probes: list[Probe] = resolve_texts(texts, seen_by, returns)
+            self.probes: list[Probe] = _resolved(texts, self.pids, returns)
         except UprobesError as exc:
             raise UprobesError(f"{exc}{_forgotten_dashes(texts, command)}") from None
         if pair_returns:
@@ -273,7 +295,7 @@ class Run:
         self.timed: list[range] = []
         for text in timed:
             try:
-                pair = _entry_and_return(resolve_texts([text], seen_by, returns), returns)
+                pair = _entry_and_return(_resolved([text], self.pids, returns), returns)
             except UprobesError as exc:
                 raise UprobesError(f"--latency {text}: {exc}") from None
             self.timed.append(range(len(self.probes), len(self.probes) + len(pair)))
@@ -691,7 +713,7 @@ def _ptrace_time_per_call(args: argparse.Namespace, trap: bool) -> int | None:
     """The ptrace engine's own time in each call it times: the median time of a call that does nothing, timed
     the same way (jumps or traps, the same return mode); None where that cannot be measured (said why)."""
     empty_call = [sys.executable, "-c", _EMPTY_CALL_PROGRAM]
-    calibration = argparse.Namespace(**{**vars(args), "words": ["uprobe:libc:abs"], "pid": None, "command_line": None,
+    calibration = argparse.Namespace(**{**vars(args), "words": ["uprobe:libc:abs"], "pids": [], "command_line": None,
                                         "dash_command": empty_call, "duration": None, "trap": trap, "no_follow": True})
     said = io.StringIO()
     try:

@@ -11,7 +11,7 @@ import struct
 
 from ..errors import ElfError, UprobesError
 
-__all__ = ["find_object", "find_objects", "is_elf", "read_ld_cache", "real_path"]
+__all__ = ["find_object", "find_objects", "is_elf", "is_glob", "read_ld_cache", "real_path"]
 
 LD_CACHE = "/etc/ld.so.cache"
 _NEW_MAGIC = b"glibc-ld.so.cache1.1"
@@ -129,18 +129,19 @@ def find_objects(name: str, pid: int | None = None) -> list[str]:
     """:func:`find_object`, and where ``name`` holds a glob (``*``, ``?``, ``[...]``), every ELF file it matches
     (with ``pid``, those of the process's file system, and the objects it maps that match), each file once
     (by device and inode), in path order; a glob that matches none is an error."""
-    if not glob.has_magic(name):
+    if not is_glob(name):
         return [find_object(name, pid)]
     if name == "*" and pid is None:
         raise ElfError("PATH '*' (or none) is every object a process maps: give -p PID (or a path, or a glob "
                        "of paths)")
     from ..proc.maps import mapped_objects  # local, as in _in_process
 
-    root = f"/proc/{pid}/root" if pid is not None else ""
-    candidates = glob.glob(root + name) if name.startswith("/") or pid is None else []
+    # with -p a bare name (libc*, *) is of the objects it maps; a path, of its files too (its root's, for an
+    # absolute one)
+    root = f"/proc/{pid}/root" if pid is not None and name.startswith("/") else ""
+    candidates = glob.glob(root + name) if pid is None or "/" in name else []
     if pid is not None:
-        candidates += [root + path for path in mapped_objects(pid)
-                       if fnmatch.fnmatchcase(path, name) or fnmatch.fnmatchcase(os.path.basename(path), name)]
+        candidates += [f"/proc/{pid}/root" + path for path in mapped_objects(pid) if _glob_matches(path, name)]
     found: dict[tuple[int, int], str] = {}
     for candidate in sorted(candidates):
         if os.path.isfile(candidate) and is_elf(candidate):
@@ -150,6 +151,20 @@ def find_objects(name: str, pid: int | None = None) -> list[str]:
         where = f" (as process {pid} sees its files, and the objects it maps)" if pid is not None else ""
         raise ElfError(f"{name}: no ELF file matches{where}")
     return list(found.values())
+
+
+def is_glob(name: str) -> bool:
+    """Whether ``name`` is a glob (``*``, ``?``, ``[...]``), and not the name of a file that has those."""
+    return glob.has_magic(name) and not os.path.exists(name)
+
+
+def _glob_matches(path: str, pattern: str) -> bool:
+    """Whether a mapped object's ``path`` matches ``pattern`` as a file-system glob would (``*`` within one
+    component); a pattern without ``/`` is matched against the file name."""
+    if "/" not in pattern:
+        return fnmatch.fnmatchcase(os.path.basename(path), pattern)
+    parts, patterns = path.split("/"), pattern.split("/")
+    return len(parts) == len(patterns) and all(map(fnmatch.fnmatchcase, parts, patterns))
 
 
 def _in_process(name: str, pid: int) -> str | None:

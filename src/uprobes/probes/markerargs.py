@@ -18,8 +18,8 @@ from ..sdt.arguments import SdtArgument
 from ..sdt.notes import SdtSite
 from ..x86_64.registers import BY_FIELD
 from .computed import DwarfValue
-from .fetchargs import (Address, Deref, FetchArg, FetchType, FileOffset, Immediate, Register, UsdtArg,
-                        parse_fetcharg, parse_fetchargs)
+from .fetchargs import (Address, Deref, FetchArg, FetchType, FileOffset, Immediate, ImmediateString, Register,
+                        UsdtArg, parse_fetcharg, parse_fetchargs)
 
 __all__ = ["MarkerFetch", "MarkerOperand", "marker_fetchargs", "kernel_limitation", "Unexpressible"]
 
@@ -106,8 +106,11 @@ def kernel_limitation(fetcharg: FetchArg) -> str | None:
 
 
 def kernel_fetchable(fetchargs: tuple[FetchArg, ...]) -> tuple[FetchArg, ...]:
-    """The fetch arguments tracefs can express (all but the marker operands only an engine can decode)."""
-    return tuple(arg for arg in fetchargs if kernel_limitation(arg) is None)
+    """The fetch arguments tracefs is given: all but the marker operands only an engine can decode, and string
+    constants, which a uprobe event reads as user memory at the kernel's address of the string (a fault, every
+    hit): the kernel engine gives those itself."""
+    return tuple(arg for arg in fetchargs if kernel_limitation(arg) is None and not isinstance(arg.source,
+                                                                                              ImmediateString))
 
 
 def _operand(source) -> MarkerOperand | DwarfValue | None:

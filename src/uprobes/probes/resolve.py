@@ -10,7 +10,6 @@ kernel accepts for it:
 from __future__ import annotations
 
 import fnmatch
-import glob
 import os
 import re
 import struct
@@ -21,10 +20,10 @@ from dataclasses import dataclass, replace
 from ..dwarf.info import DebugInfo
 from ..dwarf.lines import entry_line, function_line, line_points, lines_with_code_in, prologue_end
 from ..dwarf.variables import is_variable_expression, retval_fetcharg, variable_fetcharg
-from ..elf.locate import find_object, find_objects, is_elf
+from ..elf.locate import find_object, find_objects, is_elf, is_glob
 from ..elf.objfile import ElfObject
 from ..elf.symbols import Symbol
-from ..errors import ProbeSyntaxError, ResolveError
+from ..errors import ProbeSyntaxError, ResolveError, UprobesError
 from ..sdt.notes import SdtSite, read_markers
 from ..x86_64.decode import instruction_containing, instruction_starts
 from ..x86_64.exits import FunctionExit, function_exits
@@ -215,15 +214,21 @@ def resolve_probe(spec: ProbeSpec, objects: dict[str, ElfObject] | None = None, 
     files opened so far, by the name a probe gave them (kept for the next); ``pid``: the process whose view of
     the file system names them; ``returns``: how return probes are placed. A glob in PATH: the probe in every
     file it matches (an error if it names nothing in any of them)."""
-    if glob.has_magic(spec.target):
+    if is_glob(spec.target):
+        paths = find_objects(spec.target, pid)
+        if len(paths) > 1 and (spec.address is not None or spec.offset is not None):
+            raise ResolveError(f"probe '{spec.text}': an address is a place in one file, and '{spec.target}' "
+                               f"matches {len(paths)} ({', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''})")
         probes, errors = [], []
-        for path in find_objects(spec.target, pid):
+        for path in paths:
             try:
                 probes += resolve_probe(replace(spec, target=path), objects, pid, returns)
-            except ResolveError as exc:
+            except UprobesError as exc:  # that file has none, or is no object to probe (a truncated one)
                 errors.append(exc)
         if not probes:
-            raise errors[0]
+            raise errors[0] if len(paths) == 1 else ResolveError(
+                f"probe '{spec.text}': none of the {len(paths)} files '{spec.target}' matches has it "
+                f"(in {paths[0]}: {errors[0]})")
         return probes
     obj = objects.get(spec.target) if objects is not None else None
     path = find_object(spec.target, pid) if obj is None else obj.path

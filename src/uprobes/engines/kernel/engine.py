@@ -89,7 +89,7 @@ class _Attached:
 
     @functools.cached_property
     def constants(self) -> dict[str, str]:
-        """The probe's string constants (``\\"STR"``), by name: given by us, not the kernel (see :func:`_fetched`)."""
+        """The probe's string constants (``\\"STR"``), by name: given by us, not the kernel (``kernel_fetchable``)."""
         return {arg.name: arg.source.text for arg in self.probe.fetchargs if isinstance(arg.source, ImmediateString)}
 
     @functools.cached_property
@@ -174,12 +174,6 @@ def _naming(probes: list[_Attached], most: int = 3) -> str:
     return named + (f" (or {len(probes) - most} more probes of that event)" if len(probes) > most else "")
 
 
-def _fetched(probe: Probe) -> tuple[FetchArg, ...]:
-    """What the kernel fetches of the probe's arguments: all but string constants, which a uprobe event reads
-    as user memory at the kernel's address of the string (a fault, every hit), and which we give instead."""
-    return tuple(arg for arg in probe.fetchargs if not isinstance(arg.source, ImmediateString))
-
-
 def _signature(is_return: bool, fetchargs: tuple[FetchArg, ...], alone: bool, index: int) -> tuple:
     """What probes share to be appended to one event (the kernel wants the same kind, and the same name and
     type for each argument); ``alone``: each probe is its own."""
@@ -242,7 +236,7 @@ class KernelEngine(Engine):
             if tallied:
                 fetchargs = () if probe.replaces_return else (_PAD_ARG,)
             else:
-                fetchargs = _fetched(probe) + (_COMM_ARG,) + (
+                fetchargs = probe.fetchargs + (_COMM_ARG,) + (
                     (_RETVAL_ARG,) if probe.replaces_return else (_EXIT_RETVAL_ARG,) if probe.reports_retval else ())
             signature = _signature(probe.replaces_return, fetchargs, counting and not tallied, index)
             event_filter = None if tallied else probe.kernel_filter

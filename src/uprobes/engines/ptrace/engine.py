@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ...consumers import Consumer, Hit
+from ...elf.locate import is_elf
 from ...errors import ProcessError, UprobesError
 from ...output.columns import EventColumns
 from ...output.event import Event
@@ -231,7 +232,9 @@ class PtraceEngine(Engine):
 
     def report(self) -> list[str]:
         """What the user should hear at the end: probes that never found their object, skipped returns."""
-        notes = [f"never mapped: {probe.name} ({probe.path}); the program did not load it"
+        notes = [f"never mapped: {probe.name} ({probe.path}); the program did not load it" + (
+                 "" if is_elf(probe.path) else " through the dynamic linker (a file a program maps itself is found "
+                 "when the ptrace engine attaches, -p, or at a library load; the kernel engine finds it at the mmap)")
                  for index, probe in enumerate(self.placement.probes) if index not in self.placement.placed]
         jumps = self.placement.jumps
         if jumps.eligible:
