@@ -232,7 +232,7 @@ def resolve_probe(spec: ProbeSpec, objects: dict[str, ElfObject] | None = None, 
         return probes
     obj = objects.get(spec.target) if objects is not None else None
     path = find_object(spec.target, pid) if obj is None else obj.path
-    if obj is None and not is_elf(path) and os.path.isfile(path):
+    if obj is None and os.path.isfile(path) and os.access(path, os.R_OK) and not is_elf(path):
         probes = _resolve_raw(spec, path)
     else:
         obj = obj or ElfObject.open(path)
@@ -265,8 +265,7 @@ def _resolve_raw(spec: ProbeSpec, path: str) -> list[Probe]:
     if offset >= os.path.getsize(path):
         raise ResolveError(f"probe '{spec.text}': offset {offset:#x} is past the end of {path} "
                            f"({os.path.getsize(path)} bytes)")
-    stem = re.split(r"[.\-_]", path.rsplit("/", 1)[-1], maxsplit=1)[0]
-    probe = Probe(spec.text, False, spec.group or DEFAULT_GROUP, spec.event or _identifier(f"p_{stem}_{offset:#x}"),
+    probe = Probe(spec.text, False, spec.group or DEFAULT_GROUP, spec.event or _kernel_default_event(path, offset),
                   path, offset, offset, f"{offset:#x}", spec.ref_ctr_offset,
                   parse_fetchargs(list(spec.fetchargs), is_return=False), explicit_event=spec.event is not None,
                   notes=(f"{path} is not an ELF file: {offset:#x} is taken as the start of an instruction, "
@@ -565,9 +564,14 @@ def _event_name(spec: ProbeSpec, obj: ElfObject, address: int, sym: Symbol | Non
     if sym is not None:
         where = "" if address == sym.value else f"_{address - sym.value:#x}"
         return _identifier(sym.name, where + ("__return" if spec.is_return else ""))
-    # The kernel's own default: p_<file name up to the first '.', '-' or '_'>_0x<offset>.
-    stem = re.split(r"[.\-_]", obj.path.rsplit("/", 1)[-1], maxsplit=1)[0]
-    return _identifier(f"p_{stem}_{obj.vaddr_to_offset(address):#x}")
+    return _kernel_default_event(obj.path, obj.vaddr_to_offset(address))
+
+
+def _kernel_default_event(path: str, offset: int) -> str:
+    """The kernel's own default name of a probe at ``offset`` of ``path``: p_<file name up to the first '.',
+    '-' or '_'>_0x<offset>."""
+    stem = re.split(r"[.\-_]", path.rsplit("/", 1)[-1], maxsplit=1)[0]
+    return _identifier(f"p_{stem}_{offset:#x}")
 
 
 def _identifier(stem: str, suffix: str = "") -> str:
