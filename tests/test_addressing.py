@@ -15,11 +15,6 @@ import pytest
 from conftest import Caller, RunningTool, run_cli, run_json
 from oracles import file_offset, readelf_sdt_notes
 
-ENGINES = [pytest.param("ptrace"), pytest.param("kernel", marks=pytest.mark.skipif(
-    os.geteuid() != 0, reason="the kernel engine needs root"))]
-
-
-@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("spelling", ["repeated", "comma"])
 def test_several_processes_are_traced_each_as_one(engine, spelling):
     """Two processes, each making its own number of calls: the run counts each one's by pid, and ends when both
@@ -62,7 +57,6 @@ def test_a_bad_pid_list_is_one_line(text):
     assert f"-p takes process ids (1234, or 1234,5678), not {text!r}" in result.stderr
 
 
-@pytest.mark.parametrize("engine", ENGINES)
 def test_every_marker_list_shows_is_probe_syntax_quotes_and_all(targets, engine):
     """A marker whose name carries quotes (STAP_PROBE(test, "probe1")), as readelf shows the note: `list` shows
     it as PROVIDER:NAME, and that text (and a glob over it) after usdt:PATH: traces its hits."""
@@ -79,7 +73,6 @@ def test_every_marker_list_shows_is_probe_syntax_quotes_and_all(targets, engine)
         assert [(r["probe"], r["args"]["i"]) for r in hits] == [(shown.replace("*", "1"), i) for i in range(4)]
 
 
-@pytest.mark.parametrize("engine", ENGINES)
 def test_a_glob_in_the_path_probes_every_file_it_matches(targets, tmp_path, engine):
     """Two builds of a program (copies), a link to one and a file that is not ELF, matched by one glob: each
     build's calls are counted once (the link is the same file), and `list` lists both."""
@@ -104,7 +97,6 @@ def test_a_glob_that_matches_no_elf_file_is_one_line(tmp_path):
     assert result.status == 2 and result.stderr == f"uprobes: error: {tmp_path}/*.txt: no ELF file matches\n"
 
 
-@pytest.mark.parametrize("engine", ENGINES)
 def test_star_as_path_is_every_object_the_process_maps(targets, engine):
     """-p PID 'usdt:*:demo:order__done': the marker is in a library the program loads (libprobed.so), found
     only through '*'; beside it 'uprobe:*:lib_twice', the function that hits it once a call: the same calls seen
@@ -136,7 +128,6 @@ def test_star_as_path_is_every_object_the_process_maps(targets, engine):
 
 
 @pytest.mark.parametrize("spelling", ["uprobe:{flat}:0x0 x=%di:s64", "p {flat}:0 x=%di:s64"])
-@pytest.mark.parametrize("engine", ENGINES)
 def test_code_mapped_from_a_file_that_is_not_elf_is_probed_by_offset(targets, engine, spelling):
     """flat.bin is one function's machine code and nothing else (objcopy -O binary); flatcode maps it executable
     and calls it: probed at file offset 0, each call is seen with its argument, after one warning that the
@@ -171,12 +162,10 @@ def test_a_file_that_is_not_elf_takes_offsets_only(targets):
     assert result.status == 2 and "offset 0x1000 is past the end of" in result.stderr
 
 
-def test_every_fetch_type_prints_the_same_on_both_engines(targets):
+def test_every_fetch_type_prints_the_same_on_both_engines(targets, tracefs):
     """Every FETCHARG and TYPE of README's table on one function and its return, and a marker's arguments, run
     on each engine over the same program (address-space randomisation off, so that addresses agree): the events
     are the same, field by field, in the same order, and so is the text each engine writes."""
-    if os.geteuid() != 0:
-        pytest.skip("the kernel engine needs root")
     calls = os.path.realpath(targets / "calls")
     semaphore = next(int(line.split()[0], 16) for line in subprocess.run(
         ["nm", calls], capture_output=True, text=True, check=True).stdout.splitlines()
@@ -210,7 +199,6 @@ def test_every_fetch_type_prints_the_same_on_both_engines(targets):
     assert text["ptrace"] == text["kernel"] and len(text["ptrace"]) == 9
 
 
-@pytest.mark.parametrize("engine", ENGINES)
 def test_each_process_of_several_is_probed_in_its_own_files(targets, tmp_path, engine):
     """-p A,B 'uprobe:*:work' where A runs calls and B a copy of it: '*' is each process's own objects, so both
     are probed (not only what the first maps); an address under a glob that matches several files is refused."""
@@ -236,7 +224,6 @@ def test_each_process_of_several_is_probed_in_its_own_files(targets, tmp_path, e
             proc.wait()
 
 
-@pytest.mark.parametrize("engine", ENGINES)
 def test_a_predicate_on_a_string_constant_is_judged_on_both_engines(targets, engine):
     calls = str(targets / "calls")
     records, proc = run_json("trace", "--engine", engine, f'uprobe:{calls}:work s=\\"abc" i=%di:s32 '

@@ -476,7 +476,6 @@ def _until(server: _Serving, metric: str, labels: dict, value: float, timeout: f
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("engine", ["ptrace", "kernel"])
 def test_processes_that_match_are_traced_as_they_come_and_go(serving, prometheus, engine):
     """--match: processes of a name traced from when they start to when they end, the hits of all of them (one
     restarted meanwhile) in one series that Prometheus reads; a glob no process matches is a target that is down;
@@ -549,7 +548,6 @@ def _libc() -> str:
         return next(line.split()[-1] for line in maps if "/libc.so" in line)
 
 
-@pytest.mark.parametrize("engine", ["ptrace", "kernel"])
 def test_sighup_reloads_the_configuration_and_the_series_that_stay_go_on(tmp_path, serving, engine):
     """SIGHUP: the --config file read again, the engine changed, a probe added and one removed; the series of the
     probe that stays go on from its count; a file that has gone bad, or a probe that does not resolve, is named and
@@ -599,7 +597,6 @@ def test_sighup_reloads_the_configuration_and_the_series_that_stay_go_on(tmp_pat
 
 
 @pytest.mark.stress
-@pytest.mark.parametrize("engine", ["ptrace", "kernel"])
 def test_processes_coming_and_going_for_a_long_time_leave_nothing_growing(serving, engine):
     """--match over a hundred processes that start, make calls and end, one after another: every call counted,
     and the exporter's descriptors and memory as they were once it had run a while (each process's perf
@@ -648,7 +645,6 @@ for child in children:
 """
 
 
-@pytest.mark.parametrize("engine", ["ptrace", "kernel"])
 def test_a_server_forking_short_lived_workers_is_served_without_a_false_failure(serving, engine):
     """--match '*NAME*' on a process that forks 300 short-lived children of its name: the exporter goes on (a
     child that ends while it is being traced is no failure), never traces itself (its own command line holds

@@ -213,8 +213,7 @@ class _Serving:
                             getattr(args, option) != getattr(self.args, option)]
             serving = _Serving(args, start=False)
         except UprobesError as exc:
-            print(f"uprobes: warning: reload: {exc}; the configuration as it was goes on", file=sys.stderr,
-                  flush=True)
+            _reload_failed(exc)
             self.listen()
             return self
         if need_restart:
@@ -227,14 +226,17 @@ class _Serving:
         try:
             serving.start()
         except UprobesError as exc:
-            print(f"uprobes: warning: reload: {exc}; the configuration as it was goes on", file=sys.stderr,
-                  flush=True)
+            _reload_failed(exc)
             serving = _Serving(self.args)
         else:
             print(f"uprobes: reloaded {args.config}", file=sys.stderr, flush=True)
         metrics.reload(*serving.plan())
         serving.started(metrics)
         return serving
+
+
+def _reload_failed(error: UprobesError) -> None:
+    print(f"uprobes: warning: reload: {error}; the configuration as it was goes on", file=sys.stderr, flush=True)
 
 
 def _finish(run: Run, metrics) -> None:

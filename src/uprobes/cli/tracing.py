@@ -190,14 +190,22 @@ def _traceable(pids: list[int], all_or_nothing: bool) -> list[int]:
         try:
             _check_process(pid, read_maps(pid))
         except UprobesError as exc:
-            if len(pids) == 1 or all_or_nothing:
-                raise UprobesError(f"{exc}{' (--all-or-nothing)' if len(pids) > 1 else ''}") from None
-            print(f"uprobes: warning: {exc}; the other processes are traced", file=sys.stderr)
+            if len(pids) == 1:
+                raise
+            _left_out(exc, all_or_nothing)
             continue
         kept.append(pid)
     if pids and not kept:
         raise UprobesError("none of the processes given with -p could be traced")
     return kept
+
+
+def _left_out(error: UprobesError, all_or_nothing: bool) -> None:
+    """One of several processes of -p cannot be traced: said, and the others are (an error with
+    ``all_or_nothing``)."""
+    if all_or_nothing:
+        raise UprobesError(f"{error} (--all-or-nothing)") from None
+    print(f"uprobes: warning: {error}; the other processes are traced", file=sys.stderr)
 
 
 def _resolved(texts: list[str], pids: list[int], returns: ReturnMode) -> list[Probe]:
@@ -433,9 +441,7 @@ class Run:
         try:
             self.engine.add_process(pid)
         except UprobesError as exc:
-            if all_or_nothing:
-                raise UprobesError(f"{exc} (--all-or-nothing)") from None
-            print(f"uprobes: warning: {exc}; the other processes are traced", file=sys.stderr)
+            _left_out(exc, all_or_nothing)
             return False
         return True
 

@@ -79,21 +79,29 @@ class Family:
     series: list
 
 
-def _add_carried(family: Family, carried: Series | Distribution) -> None:
-    """A value from before a reload added to its series in ``family`` (or made its series)."""
-    series = next((series for series in family.series if series.labels == carried.labels), None)
-    if series is None:
-        family.series.append(replace(carried, counts=list(carried.counts)) if isinstance(carried, Distribution)
-                             else replace(carried))
-    elif isinstance(series, Distribution):
-        if any(carried.counts):
-            first = not any(series.counts)
-            series.counts = [mine + theirs for mine, theirs in zip(series.counts, carried.counts)]
-            series.sum += carried.sum
-            series.min = carried.min if first else min(series.min, carried.min)
-            series.max = carried.max if first else max(series.max, carried.max)
-    else:
-        series.value += carried.value
+def _merge(into: _Buckets | Distribution, other: _Buckets | Distribution) -> None:
+    """``other``'s values (buckets of the same bounds) counted in ``into`` too: counts, sum, least and most."""
+    if not any(other.counts):
+        return
+    first = not any(into.counts)
+    into.counts = [mine + theirs for mine, theirs in zip(into.counts, other.counts)]
+    into.sum += other.sum
+    into.min = other.min if first else min(into.min, other.min)
+    into.max = other.max if first else max(into.max, other.max)
+
+
+def _add_carried(family: Family, carried: list[Series | Distribution]) -> None:
+    """Values from before a reload added to their series in ``family`` (or made their series)."""
+    by_labels = {tuple(series.labels.items()): series for series in family.series}
+    for value in carried:
+        series = by_labels.get(tuple(value.labels.items()))
+        if series is None:
+            family.series.append(replace(value, counts=list(value.counts)) if isinstance(value, Distribution)
+                                 else replace(value))
+        elif isinstance(series, Distribution):
+            _merge(series, value)
+        else:
+            series.value += value.value
 
 
 def label_name(key: str) -> str:
@@ -103,13 +111,13 @@ def label_name(key: str) -> str:
 
 class _Buckets:
     """Values counted in buckets of ``bounds`` (upper, inclusive) and one above them, with their sum, the least
-    and the most (0 before the first)."""
+    (``min``) and the most (``max``; 0 before the first)."""
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
-        self.least = self.most = 0.0
+        self.min = self.max = 0.0
 
     def add(self, value: float) -> None:
         if not math.isfinite(value):
@@ -117,20 +125,11 @@ class _Buckets:
         first = not any(self.counts)
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
-        self.least = value if first else min(self.least, value)
-        self.most = value if first else max(self.most, value)
-
-    def merge(self, other: _Buckets) -> None:
-        if not any(other.counts):
-            return
-        first = not any(self.counts)
-        self.counts = [mine + theirs for mine, theirs in zip(self.counts, other.counts)]
-        self.sum += other.sum
-        self.least = other.least if first else min(self.least, other.least)
-        self.most = other.most if first else max(self.most, other.most)
+        self.min = value if first else min(self.min, value)
+        self.max = value if first else max(self.max, value)
 
     def distribution(self, labels: dict[str, str]) -> Distribution:
-        return Distribution(labels, self.bounds, list(self.counts), self.sum, self.least, self.most)
+        return Distribution(labels, self.bounds, list(self.counts), self.sum, self.min, self.max)
 
 
 class _Calls:
@@ -161,7 +160,7 @@ class ProbeMetrics:
         self.lock = threading.Lock()
         #: Metrics exporters add about themselves (OTLP push failures), called at each snapshot.
         self.more: list[Callable[[], list[Family]]] = []
-        self._carried: dict[tuple, Series | Distribution] = {}  # (metric, labels) -> its value before a reload
+        self._carried: dict[str, list[Series | Distribution]] = {}  # metric -> its series before a reload
         self._start(names, paths, keys, timed, targets, max_series, drawn)
 
     def reload(self, names: Sequence[str], paths: Sequence[str], keys: tuple[str, ...] = (),
@@ -172,9 +171,9 @@ class ProbeMetrics:
         with self.lock:
             before = self._own()
             self._start(names, paths, keys, timed, targets, max_series, drawn)
-            self._carried = {(family.name, tuple(series.labels.items())): series for family in before
-                             if family.kind != "gauge" for series in family.series
-                             if self._stays(family.name, series.labels)}
+            self._carried = {family.name: [series for series in family.series
+                                           if self._stays(family.name, series.labels)]
+                             for family in before if family.kind != "gauge"}
 
     def _stays(self, metric: str, labels: dict[str, str]) -> bool:
         if metric == "uprobes_hits_total" and set(labels) != {"probe", "path", *map(label_name, self.keys)}:
@@ -265,9 +264,7 @@ class ProbeMetrics:
     def _own(self) -> list[Family]:
         families = [*self._hits(), *self._latency(), *self._arguments(), *self._health()]
         for family in families:
-            for key, carried in self._carried.items():
-                if key[0] == family.name:
-                    _add_carried(family, carried)
+            _add_carried(family, self._carried.get(family.name, ()))
         return families
 
     def collect(self) -> Iterator[Metric]:
@@ -323,7 +320,7 @@ class ProbeMetrics:
         merged: dict[tuple[str, str, str], _Buckets] = {}  # the probe points of one probe are one series
         for (index, name), buckets in self._values.items():
             where = (self.names[index], self.paths[index], name)
-            merged.setdefault(where, _Buckets(ARGUMENT_BUCKETS)).merge(buckets)
+            _merge(merged.setdefault(where, _Buckets(ARGUMENT_BUCKETS)), buckets)
         return [Family("uprobes_argument", "histogram", "Values of the arguments --hist names, per probe", "",
                        [buckets.distribution({"probe": probe, "path": path, "arg": name})
                         for (probe, path, name), buckets in merged.items()])]

@@ -368,8 +368,7 @@ class TracepointReader:
     """
 
     def __init__(self, event_ids: Sequence[int], pid: int | Sequence[int] | None, pages: int = 64,
-                 sampling: bool = True,
-                 follow_forks: bool = True, enable_on_exec: bool = False,
+                 sampling: bool = True, follow_forks: bool = True, enable_on_exec: bool = False,
                  names: dict[int, str] | None = None, raw_only: bool = False,
                  user_stack: tuple[int, int] | None = None, without_stack: set[int] = frozenset(),
                  filters: dict[int, str] | None = None) -> None:
@@ -388,7 +387,6 @@ class TracepointReader:
         self.task_records: list[TaskRecord] = []
         self._event_ids = list(event_ids)
         self._sets: dict[int, _TaskSet] = {}  # by process, or _EVERY_TASK
-        self._opening = _TaskSet()
         self._enabled = False
         self._ended_counts: dict[int, int] = {}  # hits per tracepoint of the processes whose set was closed
         self._ended_lost = 0
@@ -472,13 +470,13 @@ class TracepointReader:
         exist. Where one cannot be opened, those opened so far are closed."""
         cpus = online_cpus() if self._sampling or tasks == [_EVERY_TASK] else [_EVERY_CPU]
         alive = set()
-        self._opening = opened = _TaskSet()
+        opened = _TaskSet()
         try:
             for cpu in cpus:
                 buffer = None
                 for task in tasks:
                     for event_id in self._event_ids:
-                        fd = self._open(event_id, task, cpu, tracking=event_id == self._event_ids[0])
+                        fd = self._open(event_id, task, cpu, opened, tracking=event_id == self._event_ids[0])
                         if fd is None:
                             break
                         alive.add(task)
@@ -486,7 +484,7 @@ class TracepointReader:
                         if not self._sampling:
                             continue
                         if buffer is None:
-                            buffer = self._map(fd, self._pages)
+                            buffer = self._map(fd, opened)
                         else:
                             fcntl.ioctl(fd, _PERF_EVENT_IOC_SET_OUTPUT, buffer.fd)
                         ident = bytearray(_U64.size)
@@ -496,8 +494,6 @@ class TracepointReader:
         except BaseException:
             self._close_set(opened)
             raise
-        finally:
-            self._opening = _TaskSet()
         return opened, alive
 
     def _close_set(self, opened: _TaskSet) -> None:
@@ -510,9 +506,10 @@ class TracepointReader:
             self._event_of_fd.pop(fd, None)
         _close(opened.buffers, opened.fds)
 
-    def _open(self, event_id: int, task: int, cpu: int, tracking: bool = False) -> int | None:
-        """One event's descriptor; None when the thread ``task`` has ended. ``tracking``: this one of the
-        task's events on that CPU reports its executable mappings, execs and forks (with ``user_stack``)."""
+    def _open(self, event_id: int, task: int, cpu: int, opened: _TaskSet, tracking: bool = False) -> int | None:
+        """One event's descriptor, kept in ``opened``; None when the thread ``task`` has ended. ``tracking``: this
+        one of the task's events on that CPU reports its executable mappings, execs and forks (with
+        ``user_stack``)."""
         process = task != _EVERY_TASK
         # inherit_thread: only clone(CLONE_THREAD) children inherit, so forked processes are left alone.
         attr = _PerfEventAttr(type=_PERF_TYPE_TRACEPOINT, size=ctypes.sizeof(_PerfEventAttr), config=event_id,
@@ -535,7 +532,7 @@ class TracepointReader:
                 return None
             what = self._names.get(event_id, f"tracepoint {event_id}")
             raise KernelEngineError(_open_error(exc.errno, what, cpu)) from None
-        self._opening.fds.append(fd)
+        opened.fds.append(fd)
         if event_id in self._filters:
             try:
                 fcntl.ioctl(fd, _PERF_EVENT_IOC_SET_FILTER, self._filters[event_id].encode() + b"\0")
@@ -545,13 +542,14 @@ class TracepointReader:
                                         f"{exc.strerror}") from None
         return fd
 
-    def _map(self, fd: int, pages: int) -> _RingBuffer:
+    def _map(self, fd: int, opened: _TaskSet) -> _RingBuffer:
+        pages = self._pages
         try:
             buffer = _RingBuffer(fd, pages)
         except OSError as exc:
             raise KernelEngineError(f"cannot map a perf buffer of {pages} pages: {exc.strerror} "
                                     f"(see /proc/sys/kernel/perf_event_mlock_kb)") from None
-        self._opening.buffers.append(buffer)
+        opened.buffers.append(buffer)
         self._poll.register(fd, select.POLLIN)
         return buffer
 
@@ -611,7 +609,7 @@ class TracepointReader:
         for pid in ended:
             opened = self._sets.pop(pid)
             for fd in opened.fds:
-                count, lost = _READ_LOST.unpack(os.read(fd, _READ_LOST.size))
+                count, lost = _count_and_lost(fd)
                 event_id = self._event_of_fd[fd]
                 self._ended_counts[event_id] = self._ended_counts.get(event_id, 0) + count
                 self._ended_lost += lost
@@ -709,13 +707,13 @@ class TracepointReader:
         totals = dict.fromkeys(self._event_ids, 0)
         totals.update(self._ended_counts)
         for fd, event_id in self._event_of_fd.items():
-            totals[event_id] += _READ_LOST.unpack(os.read(fd, _READ_LOST.size))[0]
+            totals[event_id] += _count_and_lost(fd)[0]
         return totals
 
     def count_lost(self) -> int:
         """Samples the kernel dropped so far, exactly (``PERF_FORMAT_LOST``): unlike :attr:`lost`, this
         includes drops no ``PERF_RECORD_LOST`` has reported yet."""
-        return self._ended_lost + sum(_READ_LOST.unpack(os.read(fd, _READ_LOST.size))[1] for fd in self._fds())
+        return self._ended_lost + sum(_count_and_lost(fd)[1] for fd in self._fds())
 
     def close(self) -> None:
         """Unmap the buffers and close every descriptor; closing twice is harmless."""
@@ -735,6 +733,11 @@ def _open_error(err: int, what: str, cpu: int) -> str:
     return f"{what}{where}: {_ERRNO_REASONS.get(err, os.strerror(err))}"
 
 
+
+
+def _count_and_lost(fd: int) -> tuple[int, int]:
+    """An event descriptor's count (its hits) and the samples the kernel dropped (``PERF_FORMAT_LOST``)."""
+    return _READ_LOST.unpack(os.read(fd, _READ_LOST.size))
 
 
 def _close(buffers: list[_RingBuffer], fds: list[int]) -> None:

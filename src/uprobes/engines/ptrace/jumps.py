@@ -304,6 +304,16 @@ class Jump(Strategy):
         ptrace_setregs(thread.tid, regs)
 
 
+def _jumped_of(jump: Jump) -> set[int]:
+    """The probes ``jump`` was placed for."""
+    return {*jump.breakpoint.probes, *jump.frozen}
+
+
+def _demoted_of(jump: Jump) -> set[int]:
+    """The probes of ``jump`` that trap for good (a load for a record faulted)."""
+    return set(jump.breakpoint.entries) if jump.demoted else set()
+
+
 def _hits_of(jump: Jump) -> dict[int, int]:
     """What ``jump`` counted for each of its probes (those taken out of it: until then)."""
     hits = dict(jump.frozen)
@@ -479,12 +489,11 @@ class Jumps:
 
     def jumped(self) -> set[int]:
         """The probes placed as a jump somewhere."""
-        return self._gone_jumped | {index for jump in self.placed for index in (*jump.breakpoint.probes, *jump.frozen)}
+        return self._gone_jumped.union(*map(_jumped_of, self.placed))
 
     def demoted(self) -> list[int]:
         """The probes of jumps that trap for good, in order (a load for a record faulted)."""
-        return sorted(self._gone_demoted | {index for jump in self.placed if jump.demoted
-                                            for index in jump.breakpoint.entries})
+        return sorted(self._gone_demoted.union(*map(_demoted_of, self.placed)))
 
     def _refuse(self, breakpoint: Breakpoint, reason: str) -> None:
         self._declined[id(breakpoint)] = breakpoint  # kept: an id is unique only while its object lives
@@ -589,9 +598,8 @@ class Jumps:
         gone = [jump for jump in self.placed if jump.area in retired]
         for jump in gone:
             self._gone_hits.update(_hits_of(jump))
-            self._gone_jumped.update(jump.breakpoint.probes, jump.frozen)
-            if jump.demoted:
-                self._gone_demoted.update(jump.breakpoint.entries)
+            self._gone_jumped |= _jumped_of(jump)
+            self._gone_demoted |= _demoted_of(jump)
         if gone:
             self.placed = [jump for jump in self.placed if jump.area not in retired]
 
