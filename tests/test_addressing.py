@@ -230,3 +230,25 @@ def test_a_predicate_on_a_string_constant_is_judged_on_both_engines(targets, eng
                              'if s == "abc" && i < 2', "--", calls, "5")
     assert proc.returncode == 0, proc.stderr
     assert [r["args"] for r in records if "probe" in r] == [{"s": "abc", "i": 0}, {"s": "abc", "i": 1}]
+
+
+def test_a_read_that_faults_gives_the_kernels_values_on_both_engines(targets, tracefs):
+    """Reads through a bad pointer (%si is 2*i, a small number) of every type: the values are the kernel's (a
+    string null, any other type its zero) on both engines; the ptrace engine names each fault, the kernel only a
+    string's."""
+    calls = str(targets / "calls")
+    probe = (f"uprobe:{calls}:work si=%si:s32 a=+0(%si):u32 b=+4(%si):s16 c=+0(%si):u8[2] d=+0(%si):char[3] "
+             f"e=+0(%si):b4@0/8 f=+0(%si):char g=+0(%si) s=+0(%si):string")
+    events = {}
+    for engine in ("ptrace", "kernel"):
+        records, proc = run_json("trace", "--engine", engine, probe, "--", calls, "2")
+        assert proc.returncode == 0, proc.stderr
+        events[engine] = [r for r in records if "probe" in r]
+    expected = {"a": 0, "b": 0, "c": [0, 0], "d": "", "e": 0, "f": "\0", "g": 0, "s": None}
+    for engine, seen in events.items():
+        assert [e["args"] for e in seen] == [{"si": 0, **expected}, {"si": 2, **expected}], engine
+    assert [e["errors"] for e in events["kernel"]] == [{"s": "fault"}] * 2
+    first, second = (e["errors"] for e in events["ptrace"])
+    assert first == {**{name: f"fault reading {size} bytes at {offset:#x}" for name, size, offset in (
+        ("a", 4, 0), ("b", 2, 4), ("c", 2, 0), ("d", 3, 0), ("e", 1, 0), ("f", 1, 0), ("g", 8, 0))}, "s": "NULL"}
+    assert second["s"] == "fault reading a string at 0x2" and second["b"] == "fault reading 2 bytes at 0x6"

@@ -255,11 +255,11 @@ def test_a_lone_handler_removed_restores_its_byte_while_attached(targets, stop):
         target.wait()
 
 
-def test_a_bad_pointer_gives_an_error_value_not_a_crash(targets):
+def test_a_bad_pointer_gives_the_kernels_value_and_an_error_not_a_crash(targets):
     records = run_cli("trace", "--engine", "ptrace", "--json", f"uprobe:{targets / 'calls'}:work bad=+0(%di):string",
                       "x=+8(%di):u64", "--", str(targets / "calls"), "2", check=True).stdout.splitlines()
     events = [json.loads(line) for line in records if line.startswith('{"probe"')]
-    assert [e["args"] for e in events] == [{"bad": None, "x": None}] * 2
+    assert [e["args"] for e in events] == [{"bad": None, "x": 0}] * 2
     assert set(events[0]["errors"]) == {"bad", "x"}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import signal
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..consumers import Consumer
 from ..output.columns import EventColumns
@@ -13,7 +13,12 @@ from ..output.event import Event
 from ..probes.resolve import Probe
 from ..stacks import StackLimits
 
-__all__ = ["Engine", "uninterrupted", "STOP_SIGNALS"]
+__all__ = ["Engine", "LaterProbes", "uninterrupted", "STOP_SIGNALS"]
+
+LaterProbes = Callable[[int, str], list[Probe]]
+"""Probes in an object a traced process maps after :meth:`Engine.attach` (``'*'`` or a glob as PATH): called
+with the process and the object's path as this tool can open it (``/proc/PID/root/...``), it returns the new
+probe points there, which take the next indexes, in order."""
 
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 """Ctrl-C, kill and a closed terminal: what ends a run, and what an engine defers while it must not stop."""
@@ -73,12 +78,14 @@ class Engine(ABC):
     @abstractmethod
     def attach(self, probes: list[Probe], pid: int | Sequence[int] | None, *, counting: bool = False,
                held: bool = False, follow_forks: bool = True, consumers: dict[int, list[Consumer]] | None = None,
-               stacks: StackLimits | None = None) -> None:
+               stacks: StackLimits | None = None, later: LaterProbes | None = None) -> None:
         """Place ``probes`` in process ``pid``, in several (a sequence, perhaps empty: more come with
         :meth:`add_process`), or in every process (None, where the engine can); ``held``: ``pid`` is a command
         held before its exec; ``counting``: count hits without building events; ``consumers``: Python handlers
         by probe index (where the engine runs them); ``stacks``: each event carries its user stack, within
-        those limits."""
+        those limits; ``later``: asked once for each object (by device and inode) a traced process maps
+        executable, at attach and after, for the probes to add there (placed as the others are, counted and
+        reported under the indexes that follow)."""
 
     @abstractmethod
     def add_process(self, pid: int) -> None:

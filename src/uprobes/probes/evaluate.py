@@ -1,14 +1,15 @@
 """Evaluating fetch arguments at a hit, from a thread's registers and its process's memory.
 
 An engine that sees the registers itself (the ptrace engine) calls :func:`evaluate` with them; the values
-mean what the kernel's uprobe tracer would fetch for the same arguments. A bad pointer gives ``None`` and a
-reason, never an exception.
+mean what the kernel's uprobe tracer would fetch for the same arguments. A bad pointer never raises: a string
+read through it is ``None``, any other type reads as the kernel's does, zero (0, zeros, an empty ``char[N]``),
+and either way the reason is given beside the value.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from ..x86_64.registers import BY_KERNEL_NAME, DWARF_REGISTERS
@@ -47,13 +48,34 @@ class _Fault(Exception):
     pass
 
 
+class _MemoryFault(_Fault):
+    """A read of the process's memory failed (not a value that cannot be had at all, such as an xmm register
+    out of reach)."""
+
+
+class _Zeros:
+    """Memory that reads as zeros everywhere: what the kernel's trace gives for a read that faults."""
+
+    def read(self, address: int, size: int) -> bytes:
+        return bytes(size)
+
+    def read_string(self, address: int, limit: int = STRING_LIMIT) -> bytes:
+        return b""
+
+
 def evaluate(fetchargs: tuple[FetchArg, ...], hit: HitContext) -> tuple[dict, dict[str, str]]:
-    """Values of ``fetchargs`` by name, and for each that could not be read, why (its value is None)."""
+    """Values of ``fetchargs`` by name, and for each that could not be read, why. Where a memory read faults, a
+    string is None and any other type its zero, as on the kernel engine (whose trace keeps no reason for it);
+    a value that cannot be had at all is None."""
     values: dict = {}
     errors: dict[str, str] = {}
     for arg in fetchargs:
         try:
             values[arg.name] = _fetch(arg, hit)
+        except _MemoryFault as fault:
+            values[arg.name] = None if arg.type is not None and arg.type.is_string else \
+                _fetch(arg, replace(hit, memory=_Zeros()))
+            errors[arg.name] = str(fault)
         except _Fault as fault:
             values[arg.name] = None
             errors[arg.name] = str(fault)
@@ -64,7 +86,7 @@ def _read(hit: HitContext, address: int, size: int) -> bytes:
     try:
         return hit.memory.read(address, size)
     except OSError:
-        raise _Fault(f"fault reading {size} bytes at {address:#x}") from None
+        raise _MemoryFault(f"fault reading {size} bytes at {address:#x}") from None
 
 
 def _address(source, hit: HitContext) -> int:
@@ -171,8 +193,8 @@ def _string(source, hit: HitContext) -> str:
         return hit.comm
     address = source.value & _MASK64 if isinstance(source, Immediate) else _address(source, hit)
     if address == 0:
-        raise _Fault(NULL_POINTER)
+        raise _MemoryFault(NULL_POINTER)
     try:
         return hit.memory.read_string(address).decode("utf-8", "replace")
     except OSError:
-        raise _Fault(f"fault reading a string at {address:#x}") from None
+        raise _MemoryFault(f"fault reading a string at {address:#x}") from None
