@@ -16,9 +16,9 @@ from ..stacks import StackLimits
 __all__ = ["Engine", "LaterProbes", "uninterrupted", "STOP_SIGNALS"]
 
 LaterProbes = Callable[[int, str], list[Probe]]
-"""Probes in an object a traced process maps after :meth:`Engine.attach` (``'*'`` or a glob as PATH): called
-with the process and the object's path as this tool can open it (``/proc/PID/root/...``), it returns the new
-probe points there, which take the next indexes, in order."""
+"""Probes in an object a traced process maps (``'*'`` or a glob as PATH): called with the process and the
+object's path as that process maps it (as its ``/proc/PID/maps`` shows it), it returns the probe points there
+not given before (perhaps none), which take the next indexes, in order."""
 
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 """Ctrl-C, kill and a closed terminal: what ends a run, and what an engine defers while it must not stop."""
@@ -83,9 +83,9 @@ class Engine(ABC):
         :meth:`add_process`), or in every process (None, where the engine can); ``held``: ``pid`` is a command
         held before its exec; ``counting``: count hits without building events; ``consumers``: Python handlers
         by probe index (where the engine runs them); ``stacks``: each event carries its user stack, within
-        those limits; ``later``: asked once for each object (by device and inode) a traced process maps
-        executable, at attach and after, for the probes to add there (placed as the others are, counted and
-        reported under the indexes that follow)."""
+        those limits; ``later``: asked for each object (by device and inode) a traced process maps executable
+        after attach (and perhaps for those it mapped already), for the probes to add there: placed as the others
+        are, counted and reported under the indexes that follow."""
 
     @abstractmethod
     def add_process(self, pid: int) -> None:
