@@ -97,11 +97,12 @@ class OutputLines:
 class RunningTool:
     """``uprobes ARGS`` started in the background, what it writes read as it comes, so that a test waits for
     what it needs to see (attached, N events) instead of for a time: a slow machine only takes longer.
-    ``stdout=False`` sends its standard output to /dev/null."""
+    ``stdout=False`` sends its standard output to /dev/null; ``stdin``: a descriptor it (and a command it runs)
+    reads."""
 
-    def __init__(self, *args: str, stdout: bool = True) -> None:
+    def __init__(self, *args: str, stdout: bool = True, stdin: int | None = None) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "uprobes", *args], text=True, stderr=subprocess.PIPE,
-                                     stdout=subprocess.PIPE if stdout else subprocess.DEVNULL)
+                                     stdout=subprocess.PIPE if stdout else subprocess.DEVNULL, stdin=stdin)
         self.attached = threading.Event()
         self.err = OutputLines(self.proc.stderr, lambda line: " attached (" in line and self.attached.set())
         self.out = OutputLines(self.proc.stdout) if stdout else None

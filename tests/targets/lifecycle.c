@@ -14,6 +14,8 @@
  *   lifecycle fault         load() reads a PROT_NONE page; the SIGSEGV handler opens it and the load runs again
  *   lifecycle tail N        tail calls: tail_f(N) jumps to tail_g, tail_h calls tail_f; acc() jumps to itself
  *   lifecycle later LIB     waits for a line on stdin, then dlopens LIB and calls lib_work(0..2)
+ *   lifecycle stages LIB N  waits for a line on stdin, dlopens LIB, prints "loaded", waits for another line, then
+ *                           calls lib_work(0..N-1)
  *   lifecycle orphans N     N children call handle(c, 0) after their parent has exited, and check that their
  *                           code is the file's, byte for byte
  *   lifecycle clonevm N     N children made by clone(CLONE_VM) (memory shared, not threads) call handle(c, 1);
@@ -333,6 +335,26 @@ int main(int argc, char **argv)
         for (int i = 0; i < 3; i++)
             sum += work(i);
         printf("later sum %ld\n", sum);
+        return 0;
+    }
+    if (!strcmp(mode, "stages")) {
+        char line[16];
+        if (!fgets(line, sizeof line, stdin))
+            return 1;
+        void *lib = dlopen(argv[2], RTLD_NOW);
+        if (!lib) {
+            fprintf(stderr, "%s\n", dlerror());
+            return 1;
+        }
+        printf("loaded\n");
+        fflush(stdout);
+        if (!fgets(line, sizeof line, stdin))
+            return 1;
+        long (*work)(long) = (long (*)(long))dlsym(lib, "lib_work");
+        long sum = 0;
+        for (int i = 0; i < atoi(argv[3]); i++)
+            sum += work(i);
+        printf("stages sum %ld\n", sum);
         return 0;
     }
     if (!strcmp(mode, "orphans")) {

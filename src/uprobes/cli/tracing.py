@@ -14,7 +14,9 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import replace
 
+from ..elf.locate import find_object, glob_matches, is_glob
 from ..errors import UprobesError
 from ..output.chrome import ChromeTraceWriter
 from ..output.aggregate import SPECIAL_KEYS, CallsInFlight, CountsByKey, HistogramsByKey
@@ -22,8 +24,9 @@ from ..output.columns import EventColumns
 from ..output.event import Event
 from ..output.writers import EventWriter, count_records, format_count_table, format_keyed_counts
 from ..probes.predicate import INTEGER
-from ..probes.resolve import RETURN_MODES, Probe, ReturnMode, argument_kinds, resolve_texts, return_probes
-from ..probes.spec import group_probe_words
+from ..probes.later import ObjectsLater, probe_point
+from ..probes.resolve import RETURN_MODES, Probe, ReturnMode, argument_kinds, resolve_probe, return_probes
+from ..probes.spec import group_probe_words, parse_probe
 from ..proc.launch import HeldCommand
 from ..proc.maps import read_maps
 from ..proc.status import has_ended, namespace_pid, status_field, tgid, thread_comm
@@ -208,27 +211,50 @@ def _left_out(error: UprobesError, all_or_nothing: bool) -> None:
     print(f"uprobes: warning: {error}; the other processes are traced", file=sys.stderr)
 
 
-def _resolved(texts: list[str], pids: list[int], returns: ReturnMode) -> list[Probe]:
+def _resolved(texts: list[str], pids: list[int], returns: ReturnMode, waiting: frozenset[str] = frozenset(),
+              program: str | None = None) -> list[Probe]:
     """The probe points of ``texts``, with -p as each process sees its files (a container's; the objects it maps,
     for '*'), each point once (a file by device and inode); a text is an error only where it names nothing in
-    any of them."""
-    if len(pids) <= 1:
-        return resolve_texts(texts, pids[0] if pids else None, returns)
+    any of them. A text of ``waiting`` (PATH '*' or a glob, whose objects mapped later are resolved then) may
+    name nothing yet: said, not an error; for a launched command (``program``, without -p) it is looked for in
+    the program only, whose other objects are not mapped yet."""
+    objects: dict[int | None, dict] = {pid: {} for pid in pids or [None]}  # the files opened, per process
     probes: list[Probe] = []
     for text in texts:
-        found: dict[tuple, Probe] = {}
+        spec = parse_probe(text)
+        found: dict = {}
         errors = []
-        for pid in pids:
+        for pid, opened in objects.items():
+            if text in waiting and pid is None:
+                if program is None or not glob_matches(program, spec.target):
+                    continue
+                spec = replace(spec, target=program)
             try:
-                for probe in resolve_texts([text], pid, returns):
-                    file = os.stat(probe.path)
-                    found.setdefault((file.st_dev, file.st_ino, probe.offset, probe.is_return, probe.event), probe)
+                for probe in resolve_probe(spec, opened, pid, returns):
+                    found.setdefault(probe_point(probe) if len(objects) > 1 else len(found), probe)
             except UprobesError as exc:
                 errors.append(exc)
-        if not found:
+        if errors and not found and text in waiting and pids:
+            print(f"uprobes: warning: '{text}' names nothing in the objects mapped now; it is looked for in each "
+                  f"object mapped from now on", file=sys.stderr)
+        elif errors and not found and text not in waiting:
             raise errors[0]
         probes += found.values()
     return probes
+
+
+def _of_mapped_objects(text: str) -> bool:
+    """Whether a probe's PATH is '*' or a glob of names (``libfoo*``): of the objects a process maps."""
+    target = parse_probe(text).target
+    return is_glob(target) and "/" not in target
+
+
+def _program(command: list[str]) -> str | None:
+    """The program a command runs, as a path (None where it names none: an error of its own at the launch)."""
+    try:
+        return find_object(command[0])
+    except UprobesError:
+        return None
 
 
 def _forgotten_dashes(texts: list[str], command: list[str] | None) -> str:
@@ -292,12 +318,19 @@ class Run:
         self.engine = stack.enter_context(_engine(args.engine, jumps=not args.trap,
                                                   system_wide=not self.pids and not command and not matching))
         returns = ReturnMode(args.return_mode, self.engine.unwinder_meets_stack)
+        # '*' and globs of names as PATH, with processes to trace: also every object they map later (a glob of
+        # paths is of the files there, found now)
+        waiting = frozenset(text for text in texts if (self.pids or command) and _of_mapped_objects(text))
         try:
-            self.probes: list[Probe] = _resolved(texts, self.pids, returns)
+            self.probes: list[Probe] = _resolved(texts, self.pids, returns, waiting,
+                                                 _program(command) if command else None)
         except UprobesError as exc:
             raise UprobesError(f"{exc}{_forgotten_dashes(texts, command)}") from None
         if pair_returns:
             self.probes = _entry_and_return(self.probes, returns)
+        self._added_notes: list[str] = []  # what _found_later added, said once the engine has placed it
+        self._later = ObjectsLater([parse_probe(text) for text in texts if text in waiting], self.probes, returns,
+                                   (lambda probes: _entry_and_return(probes, returns)) if pair_returns else None)
         if check is not None:
             check(self.probes)
         self.timed: list[range] = []
@@ -325,17 +358,14 @@ class Run:
         self.child = (HeldCommand(command, ptraced_by_user=self.engine.reaps_children and os.geteuid() != 0,
                                   signal_mask=self._mask) if command else None)
         self._stack.callback(self._stop_child)
-        for note in (f"{p.name} at {p.path}:{p.offset:#x}: left out {u}" for p in self.probes
-                     for u in p.unavailable + (p.kernel_unavailable if self.engine.name == "kernel" else ())):
-            print(f"uprobes: warning: {note}", file=sys.stderr)
-        for note in dict.fromkeys(f"{p.name}: {note}" for p in self.probes for note in p.notes):
-            print(f"uprobes: warning: {note}", file=sys.stderr)
+        self._warn_about(self.probes)
         if self.child is not None:
             self.child.traced = self.engine.reaps_children
         several = len(self.pids) > 1
         self.engine.attach(self.probes, () if matching or several else self.child.pid if self.child else
                            self.pids[0] if self.pids else None, counting=self.counting, held=self.child is not None,
-                           follow_forks=not args.no_follow and not matching, stacks=self._stacks)
+                           follow_forks=not args.no_follow and not matching, stacks=self._stacks,
+                           later=self._found_later if self._later.specs else None)
         if several:
             self.pids = [pid for pid in self.pids if self._added(pid, args.all_or_nothing)]
             if not self.pids:
@@ -344,13 +374,41 @@ class Run:
         self.scope = (", ".join(map(_pid_text, self.pids)) if self.pids else "the command" if self.child else
                       f"processes matching {' or '.join(map(repr, matching))}" if matching else "every process")
         points = f"{len(self.probes)} probe point{'s' if len(self.probes) != 1 else ''}"
-        print(f"uprobes: {points} attached ({self.engine.name} engine, {self.scope})",
+        more = "; more in the objects mapped from now on" if self._later.specs else ""
+        print(f"uprobes: {points} attached ({self.engine.name} engine, {self.scope}{more})",
               file=sys.stderr, flush=True)
         self.deadline = time.monotonic() + args.duration if args.duration else None
         self._duration = args.duration
         self.stopped_after: str | None = None  # the run's limit that stopped the command
         if self.child:
             self.child.release()
+
+    def _warn_about(self, probes: list[Probe]) -> None:
+        """What the user should know of these probes before they run: arguments left out, how they are placed."""
+        for note in (f"{p.name} at {p.path}:{p.offset:#x}: left out {u}" for p in probes
+                     for u in p.unavailable + (p.kernel_unavailable if self.engine.name == "kernel" else ())):
+            print(f"uprobes: warning: {note}", file=sys.stderr)
+        for note in dict.fromkeys(f"{p.name}: {note}" for p in probes for note in p.notes):
+            print(f"uprobes: warning: {note}", file=sys.stderr)
+
+    def _found_later(self, pid: int, path: str) -> list[Probe]:
+        """The engine's :data:`~uprobes.engines.base.LaterProbes`: the new points of the texts whose PATH is '*'
+        or a glob in an object process ``pid`` maps, made the run's probes (the next indexes)."""
+        found = self._later(pid, path)
+        for probe in found:
+            if probe.predicate is not None:
+                self._predicates[len(self.probes)] = probe.predicate
+            self.probes.append(probe)
+            self.hits.append(0)
+        if found:
+            self._warn_about(found)
+            points = f"{len(found)} probe point{'s' if len(found) != 1 else ''}"
+            self._added_notes.append(f"{points} added in {path} (mapped by process {pid})")
+        return found
+
+    def unfound(self) -> list[str]:
+        """The texts whose PATH is '*' or a glob that named nothing in any object the processes mapped."""
+        return self._later.unfound()
 
     def go(self) -> None:
         """Let stop signals in: one that came while the run was set up ends it now, as a stop does, inside the
@@ -415,8 +473,12 @@ class Run:
         return self.engine.hit_counts() if self.counting else list(self.hits)
 
     def warn(self) -> None:
+        """The engine's warnings, and the probe points it added in objects mapped since (once placed)."""
         for notice in self.engine.notices():
             print(f"uprobes: warning: {notice}", file=sys.stderr, flush=True)
+        for added in self._added_notes:
+            print(f"uprobes: {added}", file=sys.stderr, flush=True)
+        self._added_notes.clear()
 
     def _stop_child(self) -> None:
         if self.child and self.child.poll() is None:
@@ -477,7 +539,6 @@ class Run:
 
 def _entry_and_return(probes: list[Probe], returns: ReturnMode) -> list[Probe]:
     """For ``latency``: one function's entry probe and its return probes, without fetch arguments."""
-    from dataclasses import replace
 
     functions = {(p.path, p.entry_offset) for p in probes}
     if len(functions) != 1 or any(p.site is not None for p in probes):
@@ -570,6 +631,8 @@ def _report_notes(run: Run) -> None:
     run.warn()
     for note in run.engine.report():
         print(f"uprobes: {note}", file=sys.stderr)
+    for text in run.unfound():
+        print(f"uprobes: never found: '{text}' named nothing in any object the processes mapped", file=sys.stderr)
     returncode = run.child.returncode if run.child else None
     if run.stopped_after is not None:
         print(f"uprobes: stopped the command after {run.stopped_after}, as asked", file=sys.stderr)
@@ -632,6 +695,7 @@ def run_count(args: argparse.Namespace) -> int:
 
         def report() -> None:
             hits = run.hit_counts()
+            reported.extend([0] * (len(hits) - len(reported)))  # probes found in objects mapped since
             _write_counts(out, run.probes, [now - before for now, before in zip(hits, reported)], args.json,
                           intervals)
             reported[:] = hits

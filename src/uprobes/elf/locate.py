@@ -11,7 +11,7 @@ import struct
 
 from ..errors import ElfError, UprobesError
 
-__all__ = ["find_object", "find_objects", "is_elf", "is_glob", "read_ld_cache", "real_path"]
+__all__ = ["find_object", "find_objects", "glob_matches", "is_elf", "is_glob", "read_ld_cache", "real_path"]
 
 LD_CACHE = "/etc/ld.so.cache"
 _NEW_MAGIC = b"glibc-ld.so.cache1.1"
@@ -132,8 +132,8 @@ def find_objects(name: str, pid: int | None = None) -> list[str]:
     if not is_glob(name):
         return [find_object(name, pid)]
     if name == "*" and pid is None:
-        raise ElfError("PATH '*' (or none) is every object a process maps: give -p PID (or a path, or a glob "
-                       "of paths)")
+        raise ElfError("PATH '*' (or none) is every object a process maps: give -p PID or a command to run (or "
+                       "a path, or a glob of paths)")
     from ..proc.maps import mapped_objects  # local, as in _in_process
 
     # with -p a bare name (libc*, *) is of the objects it maps; a path, of its files too (its root's, for an
@@ -141,7 +141,7 @@ def find_objects(name: str, pid: int | None = None) -> list[str]:
     root = f"/proc/{pid}/root" if pid is not None and name.startswith("/") else ""
     candidates = glob.glob(root + name) if pid is None or "/" in name else []
     if pid is not None:
-        candidates += [f"/proc/{pid}/root" + path for path in mapped_objects(pid) if _glob_matches(path, name)]
+        candidates += [f"/proc/{pid}/root" + path for path in mapped_objects(pid) if glob_matches(path, name)]
     found: dict[tuple[int, int], str] = {}
     for candidate in sorted(candidates):
         if os.path.isfile(candidate) and is_elf(candidate):
@@ -158,7 +158,7 @@ def is_glob(name: str) -> bool:
     return glob.has_magic(name) and not os.path.exists(name)
 
 
-def _glob_matches(path: str, pattern: str) -> bool:
+def glob_matches(path: str, pattern: str) -> bool:
     """Whether a mapped object's ``path`` matches ``pattern`` as a file-system glob would (``*`` within one
     component); a pattern without ``/`` is matched against the file name."""
     if "/" not in pattern:

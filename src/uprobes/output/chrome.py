@@ -116,12 +116,12 @@ class ChromeTraceWriter:
     """Writes events as one Chrome trace-event JSON document; :meth:`close` finishes it."""
 
     def __init__(self, out: TextIO, probes: list[Probe]) -> None:
+        """``probes``: the run's, by index, a list that may grow as the run goes (probes in objects mapped
+        later)."""
         self.out = out
-        self._functions = _functions(probes)
-        # functions whose returns are probed on their exits: no return address is kept for them, so no limit
-        self._on_exits = {self._functions[i] for i, probe in enumerate(probes) if probe.exit is not None}
+        self._probes = probes
+        self._learn_probes()
         self._kept: dict[int, int] = {}  # tid -> its calls in flight whose return addresses an engine keeps
-        self._names = [json_string(probe.name) for probe in probes]
         self._open: dict[int, list[int]] = {}  # tid -> its calls in flight (entry probe indexes), innermost last
         self._thread_names: dict[int, str] = {}
         self._process_names: dict[int, str] = {}
@@ -129,8 +129,17 @@ class ChromeTraceWriter:
         self._separator = "\n"
         out.write('{"traceEvents": [')
 
+    def _learn_probes(self) -> None:
+        probes = self._probes
+        self._functions = _functions(probes)
+        # functions whose returns are probed on their exits: no return address is kept for them, so no limit
+        self._on_exits = {self._functions[i] for i, probe in enumerate(probes) if probe.exit is not None}
+        self._names = [json_string(probe.name) for probe in probes]
+
     def event(self, event: Event) -> None:
         """Write one event: a slice's beginning or end, or an instant."""
+        if event.probe_index >= len(self._names):
+            self._learn_probes()
         if event.comm:  # "": the kernel could not name a thread that was gone
             self._name_thread(event)
         function = self._functions[event.probe_index]

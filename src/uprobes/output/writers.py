@@ -32,12 +32,13 @@ class EventWriter:
 
     def __init__(self, out: TextIO, as_json: bool, probes: Sequence[Probe] = (), wall_clock: bool = False) -> None:
         """``probes``: the run's, by index (text writes their ``x``-typed arguments in hex, and leaves out the
-        raw ``retval`` of those that fetch ``$retval`` typed); ``wall_clock``: JSON events give their wall-clock
-        time too."""
+        raw ``retval`` of those that fetch ``$retval`` typed), a list that may grow as the run goes (probes in
+        objects mapped later); ``wall_clock``: JSON events give their wall-clock time too."""
         self.out = out
         self.as_json = as_json
-        self._hex_names = [probe.hex_names for probe in probes]
-        self._raw_retval = [not probe.fetches_retval for probe in probes]
+        self._probes = probes
+        self._hex_names: list[frozenset[str]] = []
+        self._raw_retval: list[bool] = []
         # CLOCK_MONOTONIC timestamps are shown as wall-clock time of day.
         self._wall_offset_ns = time.time_ns() - time.monotonic_ns()
         self._json_offset = self._wall_offset_ns if wall_clock else None
@@ -48,6 +49,10 @@ class EventWriter:
             return
         wall = (event.ts_ns + self._wall_offset_ns) / 1e9
         clock = time.strftime("%H:%M:%S", time.localtime(wall)) + f".{int(wall % 1 * 1e6):06d}"
+        if event.probe_index >= len(self._hex_names):
+            for probe in self._probes[len(self._hex_names):]:
+                self._hex_names.append(probe.hex_names)
+                self._raw_retval.append(not probe.fetches_retval)
         in_hex = self._hex_names[event.probe_index] if event.probe_index < len(self._hex_names) else ()
         errors = event.errors or {}
         args = " ".join(f"{name}={_value(value, name in in_hex, errors.get(name))}"

@@ -35,7 +35,7 @@ from ...probes.markerargs import kernel_fetchable, kernel_limitation
 from ...probes.resolve import Probe
 from ...stacks import INCOMPLETE, StackLimits, StackReader
 from ...x86_64.unwind import PERF_REGISTER_BITS, RSP, StackCopy
-from ..base import Engine, uninterrupted
+from ..base import Engine, LaterProbes, uninterrupted
 from .eventformat import EventFormat, Field, FieldKind, load_event_format
 from .instructions import refuse_unprobeable
 from .perfbuf import Samples, TaskChange, TaskRecord, TracepointReader
@@ -217,7 +217,7 @@ class KernelEngine(Engine):
 
     def attach(self, probes: list[Probe], pid: int | Sequence[int] | None, *, counting: bool = False,
                held: bool = False, follow_forks: bool = True, consumers: dict[int, list[Consumer]] | None = None,
-               stacks: StackLimits | None = None) -> None:
+               stacks: StackLimits | None = None, later: LaterProbes | None = None) -> None:
         """Define every probe and start collecting its hits (of every thread of ``pid``, or of each process of
         a sequence, and what they start; or of everyone).
 

@@ -39,7 +39,7 @@ from ...output.event import Event
 from ...probes.resolve import Probe
 from ...stacks import StackLimits
 from ...x86_64.abi import RETURN_VALUE, return_value
-from ..base import STOP_SIGNALS, Engine, uninterrupted
+from ..base import STOP_SIGNALS, Engine, LaterProbes, uninterrupted
 from .family import Family, when_stopped
 from .hits import Reporter
 from .jumps import FULL, Jump
@@ -95,31 +95,26 @@ class PtraceEngine(Engine):
     @uninterrupted
     def attach(self, probes: list[Probe], pid: int | Sequence[int] | None, *, counting: bool = False,
                held: bool = False, follow_forks: bool = True, consumers: dict[int, list[Consumer]] | None = None,
-               stacks: StackLimits | None = None) -> None:
+               stacks: StackLimits | None = None, later: LaterProbes | None = None) -> None:
         """Place ``probes`` in process ``pid``: a running one (every thread is seized), several (a sequence, more
         added with :meth:`add_process`), or, with ``held``, a child held before its exec (probes go in at the
         exec, before the program's first instruction).
         Children it forks are traced too, unless ``follow_forks`` is False: then they are let go, every
         byte we wrote taken out of their copy of memory first. With ``stacks``, every probe traps: the
-        stack is copied at the stop (a trampoline records none)."""
+        stack is copied at the stop (a trampoline records none). ``later``'s probes are placed where the
+        others of an object it maps are: at attach, exec, and the linker's rendezvous, before its code runs."""
         if pid is None:
             raise UprobesError("the ptrace engine traces one process: give -p PID or a command to run")
-        self.placement = Placement(list(probes))
+        self.placement = Placement(list(probes), later)
         consumers = consumers or {}
-        if self.jumps_allowed and stacks is None:
-            jumps = self.placement.jumps
-            jumps.eligible = frozenset(i for i in range(len(probes))
-                                       if not any(consumer.stop for consumer in consumers.get(i, ())))
-            handled = jumps.eligible.intersection(consumers)
-            jumps.recorded = handled if counting else jumps.eligible
-            if jumps.recorded:
-                from .records import Recorder  # numpy, the ring reader's: loaded only to trace
-                jumps.recorder = Recorder(self.placement.probes, counting, handled, self._ring_hit,
-                                          self.placement.removed)
+        self._jumps_wanted = self.jumps_allowed and stacks is None
+        self._counting = counting
+        self._consumers = consumers
         self.family = Family(self.placement, follow_forks)
         self._reporter = Reporter(self.placement.probes, consumers, counting, stacks)
         self._handlers_gone: list[int] = []  # probes whose last handler went in a record's call
-        self._returns_wanted = any(probe.replaces_return for probe in probes)
+        self._returns_wanted = False
+        self._took(range(len(probes)))
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # waited for with sigtimedwait
         self._sigchld_blocked = True
         if held:
@@ -178,10 +173,31 @@ class PtraceEngine(Engine):
         if process is not None:
             process.memory.close()
 
+    def _took(self, indexes: range) -> None:
+        """Probes ``indexes`` are the engine's (at attach, or found later): each may be a jump, recorded, unless
+        a handler wants its thread stopped."""
+        if not indexes:
+            return
+        self._reporter.hits += [0] * (len(self.placement.probes) - len(self._reporter.hits))
+        self._returns_wanted |= any(self.placement.probes[i].replaces_return for i in indexes)
+        if not self._jumps_wanted:
+            return
+        jumps = self.placement.jumps
+        eligible = frozenset(i for i in indexes if not any(consumer.stop for consumer in self._consumers.get(i, ())))
+        handled = eligible.intersection(self._consumers)
+        jumps.eligible |= eligible
+        jumps.recorded |= handled if self._counting else eligible
+        if jumps.recorded and jumps.recorder is None:
+            from .records import Recorder  # numpy, the ring reader's: loaded only to trace
+            jumps.recorder = Recorder(self.placement.probes, self._counting, handled, self._ring_hit,
+                                      self.placement.removed)
+
     def insert(self, process: Process, via: int, strict: bool = True) -> None:
         """Place every probe and role whose object ``process`` maps now (at attach, exec, and each time the
-        linker maps or unmaps objects, then not ``strict``)."""
+        linker maps or unmaps objects, then not ``strict``), with the probes found in objects mapped since."""
+        known = len(self.placement.probes)
         mappings = self.placement.insert(process, via, strict)
+        self._took(range(known, len(self.placement.probes)))
         for address, role, inode, function in role_sites(process.pid, mappings, self._returns_wanted):
             self.placement.add_role(process, address, role, inode, function, via)
         if self.placement.jumps.waiting(process, self.placement.probes):

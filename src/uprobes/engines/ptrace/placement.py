@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from ...errors import ProcessError, UnprobeableInstruction
 from ...probes.resolve import Probe
+from ..base import LaterProbes
 from ...proc.maps import Mapping, read_maps, runtime_addresses
 from ...proc.status import shadow_stack
 from ...x86_64.analysis import Plan, analyze
@@ -78,8 +79,11 @@ class Breakpoint:
 class Placement:
     """Which of ``probes`` are placed where, in every process of a run."""
 
-    def __init__(self, probes: list[Probe]) -> None:
+    def __init__(self, probes: list[Probe], later: LaterProbes | None = None) -> None:
+        """``later``: asked for the probes of each object a process maps (see :data:`LaterProbes`)."""
         self.probes = probes
+        self.later = later
+        self._offered: set[tuple[int, int]] = set()  # the objects (device, inode) ``later`` was asked about
         self.removed: set[int] = set()  # probes whose last consumer went
         self.placed: set[int] = set()  # probes placed in some process at some time
         self.notices: list[str] = []
@@ -101,6 +105,8 @@ class Placement:
                                f"cannot keep consistent; use --engine kernel")
         mappings = read_maps(process.pid)
         self._forget_unmapped(process, mappings)
+        if self.later is not None:
+            self._ask_later(process.pid, mappings)
         planned: dict[int, tuple[list[int], int, bytes]] = {}  # address -> (probe indices, file offset, code)
         for index, probe in enumerate(self.probes):
             if index in self.removed:
@@ -132,6 +138,14 @@ class Placement:
         self.placed.update(i for b in process.breakpoints.values() for i in b.probes)
         process.semaphores.raise_armed(process.memory, mappings, self.active(), via)
         return mappings
+
+    def _ask_later(self, pid: int, mappings: list[Mapping]) -> None:
+        """Add the probes ``later`` finds in the objects mapped executable that it was not asked about yet."""
+        for mapping in mappings:
+            key = (mapping.device, mapping.inode)
+            if mapping.executable and mapping.file_backed and key not in self._offered:
+                self._offered.add(key)
+                self.probes += self.later(pid, mapping.path)
 
     def add_role(self, process: Process, address: int, role: Role, inode: int, function: str, via: int) -> None:
         """Give the breakpoint at ``address`` (``function``) the engine's ``role``, placing one there if there is

@@ -1,0 +1,65 @@
+"""Probes whose PATH is ``*`` or a glob, in the objects traced processes map after a run has started.
+
+``uprobe:*:malloc`` with ``-p`` or a launched command is every object the process maps: those it maps when the
+run starts are resolved then, and each it maps later (a library it links, loads with ``dlopen``, a program it
+execs) is resolved when an engine sees it mapped (:data:`uprobes.engines.base.LaterProbes`). A probe point is
+given once, whichever process maps its file, by device and inode.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+
+from ..elf.locate import glob_matches
+from ..elf.objfile import ElfObject
+from ..errors import UprobesError
+from ..proc.maps import path_in_process
+from .resolve import Probe, ReturnMode, resolve_probe
+from .spec import ProbeSpec
+
+__all__ = ["ObjectsLater", "probe_point"]
+
+
+def probe_point(probe: Probe) -> tuple:
+    """What makes two probes one point: the file (device and inode), the offset, entry or return, the event."""
+    file = os.stat(probe.path)
+    return file.st_dev, file.st_ino, probe.offset, probe.is_return, probe.event
+
+
+class ObjectsLater:
+    """The probe points of ``specs`` (PATH ``*`` or a glob) in each object a process maps, those not given
+    before; ``shape`` makes a run's probes of what a text resolves to (``latency``: an entry and its returns)."""
+
+    def __init__(self, specs: list[ProbeSpec], known: Iterable[Probe], returns: ReturnMode,
+                 shape: Callable[[list[Probe]], list[Probe]] | None = None) -> None:
+        self.specs = specs
+        self._returns = returns
+        self._shape = shape
+        self._points = {probe_point(probe) for probe in known}
+        self._found = {spec.text for spec in specs if any(p.spec == spec.text for p in known)}
+        self._objects: dict[str, ElfObject] = {}
+
+    def __call__(self, pid: int, path: str) -> list[Probe]:
+        """The new probe points in the object process ``pid`` maps at ``path`` (as it sees it)."""
+        found = []
+        for spec in self.specs:
+            if not glob_matches(path, spec.target):
+                continue
+            try:
+                probes = resolve_probe(replace(spec, target=path_in_process(pid, path)), self._objects,
+                                       returns=self._returns)
+            except UprobesError:  # not in this object (or no object to probe: a file that is gone)
+                continue
+            self._found.add(spec.text)
+            for probe in self._shape(probes) if self._shape else probes:
+                point = probe_point(probe)
+                if point not in self._points:
+                    self._points.add(point)
+                    found.append(probe)
+        return found
+
+    def unfound(self) -> list[str]:
+        """The texts that named nothing in any object seen so far."""
+        return [spec.text for spec in self.specs if spec.text not in self._found]
