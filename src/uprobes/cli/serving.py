@@ -161,7 +161,7 @@ class _Serving:
             self.run = Run(args, self.stack, counting=not self.keys and not args.latency and not self.drawn,
                            check=lambda probes: _check_arguments(probes, self.keys, self.drawn),
                            timed=tuple(dict.fromkeys(args.latency or ())),
-                           matching=tuple(dict.fromkeys(args.match or ())), start=start)
+                           matching=tuple(dict.fromkeys(args.match or ())), start=start, objects_later=False)
         except BaseException:
             self.stack.close()
             raise

@@ -296,12 +296,13 @@ class Run:
     def __init__(self, args: argparse.Namespace, stack: ExitStack, counting: bool = False,
                  pair_returns: bool = False, stacks: StackLimits | None = None,
                  check: Callable[[list[Probe]], None] | None = None, timed: tuple[str, ...] = (),
-                 matching: tuple[str, ...] = (), start: bool = True) -> None:
+                 matching: tuple[str, ...] = (), start: bool = True, objects_later: bool = True) -> None:
         """``check``: raises an error about the probes, once resolved, before anything is placed; ``timed``:
         functions whose calls are timed, each an entry probe and its return probes after the others (their
         indexes in :attr:`timed`); ``matching``: globs of the processes to trace, none at first (the caller
         adds each with ``engine.add_process``), each on its own (its forks are not followed); ``start`` False:
-        the probes are resolved and checked, and nothing is placed or launched until :meth:`start`."""
+        the probes are resolved and checked, and nothing is placed or launched until :meth:`start`;
+        ``objects_later`` False: '*' is the objects mapped at the start only (the probes stay those resolved)."""
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, _raise_stop)
         # Stop signals wait until the run is set up: raised in the middle of an import (the engine's modules load
@@ -320,7 +321,8 @@ class Run:
         returns = ReturnMode(args.return_mode, self.engine.unwinder_meets_stack)
         # '*' and globs of names as PATH, with processes to trace: also every object they map later (a glob of
         # paths is of the files there, found now)
-        waiting = frozenset(text for text in texts if (self.pids or command) and _of_mapped_objects(text))
+        waiting = frozenset(text for text in texts
+                            if objects_later and (self.pids or command) and _of_mapped_objects(text))
         try:
             self.probes: list[Probe] = _resolved(texts, self.pids, returns, waiting,
                                                  _program(command) if command else None)
