@@ -67,17 +67,19 @@ def test_a_return_probe_keeps_the_returns_its_predicate_asks_for(engine, targets
                                                               if result > 5000]
 
 
-def test_a_value_that_cannot_be_fetched_makes_the_predicate_false(targets):
-    """+0(%dx) reads at address flags (0..15): a fault on the ptrace engine, and a predicate that reads it is
-    false, whatever else it says (the kernel engine reads a faulting integer as 0)."""
+def test_a_bad_pointer_reads_a_number_as_0_and_a_string_it_cannot_read_makes_the_predicate_false(targets):
+    """+0(%dx) reads at address flags (0..15), which faults: a number read there is 0, as on the kernel engine
+    (so ``bad == 0`` holds at every hit), and a string read there cannot be fetched, so a predicate that reads
+    it is false, whatever else it says."""
     takes = str(targets / "takes")
     runs = {}
-    for condition in ("flags == 3", "bad == 0 || flags == 3"):
-        records, proc = run_json("trace", "--engine", "ptrace",
-                                 f"uprobe:{takes}:take bad=+0(%dx):u64 flags=%dx:u32 if {condition}", "--", takes, "40")
+    for condition in ("flags == 3", "bad == 0 || flags == 3", 'text == "x" || flags == 3'):
+        records, proc = run_json("trace", "--engine", "ptrace", f"uprobe:{takes}:take bad=+0(%dx):u64 "
+                                 f"text=+0(%dx):string flags=%dx:u32 if {condition}", "--", takes, "40")
         assert proc.returncode == 0, proc.stderr
         runs[condition] = [r["args"]["flags"] for r in records if "probe" in r]
-    assert runs == {"flags == 3": [3, 3, 3], "bad == 0 || flags == 3": []}
+    every = [flags for _, _, flags, _ in takes_calls(proc.stdout, 40)]
+    assert runs == {"flags == 3": [3, 3, 3], "bad == 0 || flags == 3": every, 'text == "x" || flags == 3': []}
 
 
 def test_predicates_on_what_is_not_a_varying_integer(engine, targets):

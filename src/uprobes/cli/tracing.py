@@ -28,7 +28,7 @@ from ..probes.later import ObjectsLater, probe_point
 from ..probes.resolve import RETURN_MODES, Probe, ReturnMode, argument_kinds, resolve_probe, return_probes
 from ..probes.spec import group_probe_words, parse_probe
 from ..proc.launch import HeldCommand
-from ..proc.maps import read_maps
+from ..proc.maps import mapped_objects, path_in_process, read_maps
 from ..proc.status import has_ended, namespace_pid, status_field, tgid, thread_comm
 from ..stacks import StackLimits
 from ..x86_64.unwind import DEFAULT_DEPTH, STACK_BYTES
@@ -249,6 +249,14 @@ def _of_mapped_objects(text: str) -> bool:
     return is_glob(target) and "/" not in target
 
 
+def _objects_of(pid: int) -> list[str]:
+    """The objects process ``pid`` maps (none once it has ended)."""
+    try:
+        return mapped_objects(pid)
+    except UprobesError:
+        return []
+
+
 def _program(command: list[str]) -> str | None:
     """The program a command runs, as a path (None where it names none: an error of its own at the launch)."""
     try:
@@ -323,16 +331,19 @@ class Run:
         # paths is of the files there, found now)
         waiting = frozenset(text for text in texts
                             if objects_later and (self.pids or command) and _of_mapped_objects(text))
+        program = _program(command) if command and waiting else None
         try:
-            self.probes: list[Probe] = _resolved(texts, self.pids, returns, waiting,
-                                                 _program(command) if command else None)
+            self.probes: list[Probe] = _resolved(texts, self.pids, returns, waiting, program)
         except UprobesError as exc:
             raise UprobesError(f"{exc}{_forgotten_dashes(texts, command)}") from None
         if pair_returns:
             self.probes = _entry_and_return(self.probes, returns)
         self._added_notes: list[str] = []  # what _found_later added, said once the engine has placed it
+        searched = [program] if program else [path_in_process(pid, path) for pid in self.pids if waiting
+                                               for path in _objects_of(pid)]
         self._later = ObjectsLater([parse_probe(text) for text in texts if text in waiting], self.probes, returns,
-                                   (lambda probes: _entry_and_return(probes, returns)) if pair_returns else None)
+                                   searched, (lambda probes: _entry_and_return(probes, returns)) if pair_returns
+                                   else None)
         if check is not None:
             check(self.probes)
         self.timed: list[range] = []

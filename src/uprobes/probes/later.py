@@ -28,28 +28,42 @@ def probe_point(probe: Probe) -> tuple:
     return file.st_dev, file.st_ino, probe.offset, probe.is_return, probe.event
 
 
+def _file(path: str) -> tuple[int, int] | None:
+    try:
+        file = os.stat(path)
+    except OSError:
+        return None
+    return file.st_dev, file.st_ino
+
+
 class ObjectsLater:
     """The probe points of ``specs`` (PATH ``*`` or a glob) in each object a process maps, those not given
-    before; ``shape`` makes a run's probes of what a text resolves to (``latency``: an entry and its returns)."""
+    before; ``searched``: the files the specs were resolved in already (at the start), which are not searched
+    again; ``shape`` makes a run's probes of what a text resolves to (``latency``: an entry and its returns)."""
 
     def __init__(self, specs: list[ProbeSpec], known: Iterable[Probe], returns: ReturnMode,
-                 shape: Callable[[list[Probe]], list[Probe]] | None = None) -> None:
+                 searched: Iterable[str] = (), shape: Callable[[list[Probe]], list[Probe]] | None = None) -> None:
         self.specs = specs
         self._returns = returns
         self._shape = shape
+        self._searched = {_file(path) for path in searched} - {None}
         self._points = {probe_point(probe) for probe in known}
         self._found = {spec.text for spec in specs if any(p.spec == spec.text for p in known)}
         self._objects: dict[str, ElfObject] = {}
 
     def __call__(self, pid: int, path: str) -> list[Probe]:
         """The new probe points in the object process ``pid`` maps at ``path`` (as it sees it)."""
+        opened = path_in_process(pid, path)
+        file = _file(opened)
+        if file is None or file in self._searched:
+            return []
+        self._searched.add(file)
         found = []
         for spec in self.specs:
             if not glob_matches(path, spec.target):
                 continue
             try:
-                probes = resolve_probe(replace(spec, target=path_in_process(pid, path)), self._objects,
-                                       returns=self._returns)
+                probes = resolve_probe(replace(spec, target=opened), self._objects, returns=self._returns)
             except UprobesError:  # not in this object (or no object to probe: a file that is gone)
                 continue
             self._found.add(spec.text)
