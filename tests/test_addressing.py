@@ -319,3 +319,21 @@ def test_star_counts_in_a_library_a_command_loads_twice(targets, engine):
         assert set(counts) <= {("lib_work", library), ("lib_ctor", library)}
     assert "never found: 'uprobe:*:no_such_function' named nothing in any object the processes mapped" in \
         result.stderr
+
+
+def test_a_marker_found_through_star_in_a_library_loaded_later_is_armed_before_it_runs(targets):
+    """'usdt:::order__done' (bpftrace's spelling: any object, any provider) on a command that dlopens the
+    library with the marker and reads its semaphore at once: the ptrace engine has raised it by then, as it does
+    for the library named by its path, and every marker hit is seen with its arguments."""
+    lifecycle, library = str(targets / "lifecycle"), os.path.realpath(targets / "libprobed.so")
+    outputs = {}
+    for text in ("usdt:::order__done a=arg0 b=arg1", f"usdt:{library}:demo:order__done a=arg0 b=arg1"):
+        proc = subprocess.run([sys.executable, "-m", "uprobes", "trace", "--engine", "ptrace", "--json", text, "--",
+                               lifecycle, "marker", library, "4"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        events = [json.loads(line)["args"] for line in lines if line.startswith('{"probe"')]
+        outputs[text.split()[0]] = ([line for line in lines if not line.startswith("{")], events)
+    (star, named) = outputs.values()
+    assert star == named and star[0] == ["semaphore 2", "total 18"] and star[1] == [{"a": i, "b": 2 * i}
+                                                                                    for i in range(4)]
