@@ -36,6 +36,17 @@
 #include <ucontext.h>
 #include <unistd.h>
 
+/* dlopen PATH, or end the program saying why */
+static void *open_library(const char *path)
+{
+    void *lib = dlopen(path, RTLD_NOW);
+    if (!lib) {
+        fprintf(stderr, "%s\n", dlerror());
+        exit(1);
+    }
+    return lib;
+}
+
 static volatile sig_atomic_t stop_requested;
 
 static void request_stop(int sig)
@@ -270,11 +281,7 @@ int main(int argc, char **argv)
         int n = atoi(argv[3]);
         long sum = 0;
         for (int round = 0; round < 2; round++) {
-            void *lib = dlopen(argv[2], RTLD_NOW);
-            if (!lib) {
-                fprintf(stderr, "%s\n", dlerror());
-                return 1;
-            }
+            void *lib = open_library(argv[2]);
             long (*work)(long) = (long (*)(long))dlsym(lib, "lib_work");
             for (int i = 0; i < n; i++)
                 sum += work(i);
@@ -284,11 +291,7 @@ int main(int argc, char **argv)
         return 0;
     }
     if (!strcmp(mode, "marker") || !strcmp(mode, "watch")) {
-        void *lib = dlopen(argv[2], RTLD_NOW);
-        if (!lib) {
-            fprintf(stderr, "%s\n", dlerror());
-            return 1;
-        }
+        void *lib = open_library(argv[2]);
         unsigned (*semaphore)(void) = (unsigned (*)(void))dlsym(lib, "lib_order_done_semaphore");
         char line[64];
         if (!strcmp(mode, "watch")) {
@@ -325,11 +328,7 @@ int main(int argc, char **argv)
         char line[16];
         if (!fgets(line, sizeof line, stdin))
             return 1;
-        void *lib = dlopen(argv[2], RTLD_NOW);
-        if (!lib) {
-            fprintf(stderr, "%s\n", dlerror());
-            return 1;
-        }
+        void *lib = open_library(argv[2]);
         long (*work)(long) = (long (*)(long))dlsym(lib, "lib_work");
         long sum = 0;
         for (int i = 0; i < 3; i++)
@@ -341,11 +340,7 @@ int main(int argc, char **argv)
         char line[16];
         if (!fgets(line, sizeof line, stdin))
             return 1;
-        void *lib = dlopen(argv[2], RTLD_NOW);
-        if (!lib) {
-            fprintf(stderr, "%s\n", dlerror());
-            return 1;
-        }
+        void *lib = open_library(argv[2]);
         printf("loaded\n");
         fflush(stdout);
         if (!fgets(line, sizeof line, stdin))
