@@ -267,7 +267,7 @@ class KernelEngine(Engine):
                                         sampling=not counting or tallied, follow_forks=follow_forks,
                                         enable_on_exec=held, names=names, raw_only=tallied,
                                         user_stack=(_PERF_REGISTERS, stacks.size) if self._stacks else None,
-                                        without_stack={self._returns_event} - {None})
+                                        without_stack={self._returns_event} - {None}, tracking=self._stacks is not None)
         try:
             if not held:
                 self._reader.enable()
