@@ -9,7 +9,9 @@ counters are its exact hits, up to :data:`_COUNTED_ALONE` probes; beyond, they s
 hit a record of its tag alone, counted by tag in bulk (a record the kernel drops for a full buffer is counted
 in :attr:`KernelEngine.lost`, never silently). Events are opened through ``perf_event_open`` (which is when the kernel
 registers the uprobes and raises a marker's semaphore through ``REF_CTR_OFFSET``), on every thread of a
-process and what it starts when a pid is given, system-wide otherwise. Probes on instructions the kernel
+process and what it starts when a pid is given, system-wide otherwise. The probes in an object a traced
+process maps later (``later``), told by perf's records of its mappings, are events of their own, opened on
+each process that maps it (a child that forked since inherits them). Probes on instructions the kernel
 would refuse, or run wrongly, are refused before anything is defined. Everything we defined is deleted when
 the engine closes.
 """
@@ -20,19 +22,22 @@ import functools
 import operator
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy
 
 from ...consumers import Consumer
-from ...errors import KernelEngineError
+from ...errors import KernelEngineError, ProcessError, UprobesError
 from ...output.columns import EventColumns, Group
 from ...output.event import Event
 from ...probes.fetchargs import (NULL_POINTER, Comm, Deref, FetchArg, FetchType, Immediate, ImmediateString,
                                   Register, RetVal, StackPointer)
 from ...probes.markerargs import kernel_fetchable, kernel_limitation
 from ...probes.resolve import Probe
+from ...proc.maps import Mapping, read_maps
+from ...proc.status import has_ended
 from ...stacks import INCOMPLETE, StackLimits, StackReader
 from ...x86_64.unwind import PERF_REGISTER_BITS, RSP, StackCopy
 from ..base import Engine, LaterProbes, uninterrupted
@@ -68,6 +73,13 @@ _BY_TIME = operator.attrgetter("time_ns")
 # its trampoline there, and a stack read through the function needs the address it replaced.
 _SLOT_ARG = FetchArg("__slot", True, StackPointer(), FetchType("u64"))
 _CALLER_ARG = FetchArg("__caller", True, Deref(0, StackPointer()), FetchType("u64"))
+# Processes that hold the probes of objects mapped later, kept before those that ended are looked for.
+_HOLDERS_KEPT = 1024
+
+
+def _tag(index: int) -> FetchArg:
+    """The immediate argument that says a record is of probe ``index``."""
+    return FetchArg(_TAG, True, Immediate(index), FetchType("u32"))
 
 
 @dataclass
@@ -168,6 +180,16 @@ def _numpy_type(field: Field) -> str:
     return f"<{'i' if field.signed else 'u'}{field.size}"
 
 
+@dataclass
+class _LaterObject:
+    """The events of the probes ``later`` gave in an object mapped after attach, and the processes that have
+    them: each since when (CLOCK_MONOTONIC ns), opened on it or inherited at its fork."""
+
+    path: str
+    event_ids: list[int]
+    holders: dict[int, int]
+
+
 def _naming(probes: list[_Attached], most: int = 3) -> str:
     """The probes of one event, for an error about it: the first few of many."""
     named = " or ".join(f"probe {a.probe.name} at {a.probe.path}:{a.probe.offset:#x}" for a in probes[:most])
@@ -198,16 +220,22 @@ class KernelEngine(Engine):
         self.undelivered: list[EventColumns] = []
         self._counted_alone = counted_alone
         self._events: dict[int, _Event] = {}  # by tracepoint id
-        self._attached: list[_Attached] = []  # by probe index
-        self._records = numpy.zeros(0, numpy.int64)  # records read, by probe index
+        self._records = numpy.zeros(0, numpy.int64)  # records read, by probe index (one for each probe)
         self._defined: list[DefinedEvent] = []
         self._reader: TracepointReader | None = None
         self._counts: dict[int, int] = {}  # tracepoint id -> hits, as last read: kept once closed
         self._lost = 0
+        self._counting = False
         self._by_tag = False  # counting, each hit a record of its probe's tag
         self._stacks: StackReader | None = None
-        self._returns_event: int | None = None  # with stacks: the entries of the functions with a return probe
+        self._returns_events: set[int] = set()  # with stacks: the entries of the functions with a return probe
         self._pending: dict[int, dict[int, int]] = {}  # tid -> the return addresses the kernel replaced, by slot
+        self._later: LaterProbes | None = None
+        self._follow_forks = True
+        self._offered: set[tuple[int, int]] = set()  # the objects (device, inode) later was asked about
+        self._later_objects: dict[tuple[int, int], _LaterObject] = {}  # those with probes placed
+        self._holders_kept = _HOLDERS_KEPT
+        self._notices: list[str] = []
 
     @property
     def lost(self) -> int:
@@ -224,50 +252,32 @@ class KernelEngine(Engine):
         ``counting`` only counts hits (read them with :meth:`hit_counts`): no events, none lost. ``held``
         (a launched command held before exec): the events are enabled by its exec, so nothing the child runs
         before it (our own code) is counted. ``follow_forks`` False: the threads, not the forked children.
-        ``stacks``: perf copies the user registers and stack with each hit, unwound here.
+        ``stacks``: perf copies the user registers and stack with each hit, unwound here. ``later``: perf
+        reports the executable mappings and forks of the processes, read as :meth:`poll` reads the hits; the
+        probes in an object mapped later are placed then (the hits before are missed), in the process that
+        maps it and in those that map it afterwards, unless they inherited them at a fork.
         """
         if consumers:
             raise KernelEngineError("Python handlers run on the ptrace engine, in the traced process's stops")
-        refuse_unprobeable(probes)
+        if later is not None and pid is None:
+            raise KernelEngineError("probes in objects mapped later are placed in the processes traced, not "
+                                    "system-wide")
+        self._counting = counting
         # a probe with a predicate is counted alone: its counter counts what its filter keeps
-        tallied = counting and len(probes) > self._counted_alone and not any(p.predicate for p in probes)
-        events: dict[tuple, _Event] = {}
-        for index, probe in enumerate(probes):
-            if tallied:
-                fetchargs = () if probe.replaces_return else (_PAD_ARG,)
-            else:
-                fetchargs = probe.fetchargs + (_COMM_ARG,) + (
-                    (_RETVAL_ARG,) if probe.replaces_return else (_EXIT_RETVAL_ARG,) if probe.reports_retval else ())
-            signature = _signature(probe.replaces_return, fetchargs, counting and not tallied, index)
-            event_filter = None if tallied else probe.kernel_filter
-            self._attached.append(self._define(events, signature + (event_filter,), index, probe, fetchargs,
-                                               event_filter))
+        self._by_tag = counting and len(probes) > self._counted_alone and not any(p.predicate for p in probes)
         self._stacks = StackReader(stacks.depth) if stacks is not None and not counting else None
         self._pending = {}
-        returning = {(p.path, p.offset): p for p in probes if p.replaces_return} if self._stacks else {}
-        for index, probe in enumerate(returning.values(), len(probes)):  # tagged past the probes: never counted
-            entry = replace(probe, is_return=False, event=probe.event.removesuffix("__return"))
-            self._define(events, ("returns",), index, entry, (_SLOT_ARG, _CALLER_ARG))
-        self._returns_event = next((event_id for event_id, event in self._events.items()
-                                    if min(event.probes) >= len(probes)), None)
-        self._records = numpy.zeros(len(probes), numpy.int64)
+        self._later, self._follow_forks = later, follow_forks
+        self._define_probes(probes)
         # The kernel inserts the breakpoints when the perf events open; the reader explains its refusals.
         # A held child is still our own code until it execs: its events start at the exec, not before.
-        names = {event_id: _naming(list(event.probes.values())) for event_id, event in self._events.items()}
-        self._by_tag = tallied
-        if tallied:
-            if len({event.tag_offset for event in self._events.values()}) != 1:
-                raise KernelEngineError("the kernel laid out our events' records in an unexpected way; "
-                                        "count fewer probes at once")
         # Samples with stacks are large: 4 MiB a CPU hold 512 of 8 KiB, while the first stacks read symbols.
         pages = max(self._pages, _STACK_PAGES) if self._stacks else self._pages
-        self._reader = TracepointReader(list(self._events), pid, pages=pages,
-                                        filters={event_id: event.filter for event_id, event in self._events.items()
-                                                 if event.filter},
-                                        sampling=not counting or tallied, follow_forks=follow_forks,
-                                        enable_on_exec=held, names=names, raw_only=tallied,
+        self._reader = TracepointReader(list(self._events), pid, pages=pages, sampling=not counting or self._by_tag,
+                                        follow_forks=follow_forks, enable_on_exec=held, raw_only=self._by_tag,
                                         user_stack=(_PERF_REGISTERS, stacks.size) if self._stacks else None,
-                                        without_stack={self._returns_event} - {None})
+                                        tracking=self._stacks is not None or later is not None,
+                                        **self._opening(list(self._events)))
         try:
             if not held:
                 self._reader.enable()
@@ -276,41 +286,93 @@ class KernelEngine(Engine):
 
     def add_process(self, pid: int) -> None:
         """Collect the hits of running process ``pid`` (and what it starts) too: its own perf events, so the
-        kernel places the breakpoints in its memory, and counts its hits, as for the processes of :meth:`attach`."""
+        kernel places the breakpoints in its memory, and counts its hits, as for the processes of :meth:`attach`
+        (and of the objects it maps, as for one mapped later)."""
         if self._reader is None:
             raise KernelEngineError("add a process to an attached engine")
         try:
             self._reader.add_process(pid)
         except OSError as exc:
             raise KernelEngineError(f"cannot trace process {pid}: {exc.strerror}") from None
+        if self._later is not None:
+            for later in self._later_objects.values():
+                later.holders.pop(pid, None)  # of a process that had its pid before
+            try:
+                mappings = read_maps(pid)
+            except ProcessError:  # it has ended already
+                return
+            for mapping in mappings:
+                self._mapped(pid, mapping)
+
+    def _define_probes(self, probes: list[Probe]) -> list[int]:
+        """Define ``probes``, indexed from the probes defined before, in new events of ours as the run wants
+        them (and with stacks, the entries of the functions with a return probe); the events' tracepoint ids.
+        The events defined before are left alone: perf descriptors may hold them."""
+        first = len(self._records)
+        self._records = numpy.concatenate([self._records, numpy.zeros(len(probes), numpy.int64)])
+        refuse_unprobeable(probes)
+        events: dict[tuple, _Event] = {}
+        for index, probe in enumerate(probes, first):
+            event_filter = probe.kernel_filter
+            if self._by_tag:  # the tag where every record has it; the arguments a filter reads after it
+                fetchargs = (() if probe.replaces_return else (_PAD_ARG,)) + (_tag(index),) + (
+                    kernel_fetchable(probe.fetchargs) if event_filter else ())
+            else:
+                fetchargs = probe.fetchargs + (_COMM_ARG,) + (
+                    (_RETVAL_ARG,) if probe.replaces_return else (_EXIT_RETVAL_ARG,) if probe.reports_retval
+                    else ()) + (_tag(index),)
+            signature = _signature(probe.replaces_return, fetchargs, self._counting and not self._by_tag, index)
+            self._define(events, signature + (event_filter,), index, probe, fetchargs, event_filter)
+        if self._stacks is not None:
+            returning = {(p.path, p.offset): (index, p) for index, p in enumerate(probes, first) if p.replaces_return}
+            for index, probe in returning.values():  # never counted
+                entry = replace(probe, is_return=False, event=probe.event.removesuffix("__return"))
+                self._define(events, ("returns",), index, entry, (_SLOT_ARG, _CALLER_ARG, _tag(index)))
+        if self._by_tag and len({event.tag_offset for event in (*self._events.values(), *events.values())}) != 1:
+            raise KernelEngineError("the kernel laid out our events' records in an unexpected way; "
+                                    "count fewer probes at once")
+        self._events.update((event.format.id, event) for event in events.values())
+        if ("returns",) in events:
+            self._returns_events.add(events["returns",].format.id)
+        return [event.format.id for event in events.values()]
+
+    def _opening(self, event_ids: list[int]) -> dict:
+        """How the reader opens the events ``event_ids``: their names (for an error), filters and those without
+        stacks."""
+        return {"names": {event_id: _naming(list(self._events[event_id].probes.values())) for event_id in event_ids},
+                "filters": {event_id: self._events[event_id].filter for event_id in event_ids
+                            if self._events[event_id].filter},
+                "without_stack": self._returns_events & set(event_ids)}
+
+    def notices(self) -> list[str]:
+        notices, self._notices = self._notices, []
+        return notices
 
     def _define(self, events: dict[tuple, _Event], signature: tuple, index: int, probe: Probe,
-                fetchargs: tuple[FetchArg, ...], event_filter: str | None = None) -> _Attached:
-        """Define ``probe`` (tagged ``index``) in the event of its ``signature``, the event too if it is new."""
+                fetchargs: tuple[FetchArg, ...], event_filter: str | None = None) -> None:
+        """Define ``probe`` (its record tagged ``index`` among ``fetchargs``) in the event of its ``signature``,
+        the event too if it is new."""
         event = events.get(signature)
-        name = event.defined.event if event else f"e{len(events)}_{probe.event}"[:63]
-        tag = FetchArg(_TAG, True, Immediate(index), FetchType("u32"))
-        kernel_probe = replace(probe, group=self.group, event=name, fetchargs=fetchargs + (tag,))
+        name = event.defined.event if event else f"e{len(self._defined)}_{probe.event}"[:63]
+        kernel_probe = replace(probe, group=self.group, event=name, fetchargs=fetchargs)
         defined = self.tracefs.define(kernel_probe.uprobe_events_line(), probe.spec)
         if event is None:
             self._defined.append(defined)
             event_format = load_event_format(self.tracefs.root, defined.group, defined.event)
-            event = events[signature] = self._events[event_format.id] = _Event(defined, event_format, {},
-                                                                                event_filter)
+            event = events[signature] = _Event(defined, event_format, {}, event_filter)
         event.probes[index] = _Attached(index, probe, defined, event.format)
-        return event.probes[index]
 
     def hit_counts(self) -> list[int]:
-        """Hits so far per probe, in the order given to :meth:`attach`, as the kernel's counters say (after
-        :meth:`close`, the final counts); a probe that shares its event with others: the records of its hits
-        read so far."""
+        """Hits so far per probe, in the order given to :meth:`attach` (then those ``later`` gave), as the
+        kernel's counters say (after :meth:`close`, the final counts); a probe that shares its event with others:
+        the records of its hits read so far."""
         self._read_counters()
         if self._by_tag:
             self._tally()
             return self._records.tolist()
         hits = self._records.tolist()
         for event_id, event in self._events.items():
-            if len(event.probes) == 1 and event_id != self._returns_event:
+            if len(event.probes) == 1 and event_id not in self._returns_events:
                 (attached,) = event.probes.values()
                 hits[attached.index] = self._counts.get(event_id, 0)
         return hits
@@ -341,13 +403,28 @@ class KernelEngine(Engine):
         reader = self._reader
         if reader is None or not reader.poll(timeout):
             return EventColumns()
+        ended = self._ended_holders()  # before the buffers are read: every record of theirs is read then
         if self._by_tag:
             self._tally()
-            return EventColumns()
-        samples = reader.read_samples()
-        if self._stacks is not None:
-            records, reader.task_records = reader.task_records, []
-            return EventColumns(single=self._stacked_events(samples, records))
+            columns = EventColumns()
+        else:
+            samples = reader.read_samples()
+            columns = (EventColumns(single=self._stacked_events(samples, self._task_records()))
+                       if self._stacks is not None else self._columns(samples))
+        for record in self._task_records():  # with stacks, taken in order with the samples already
+            self._task_changed(record)
+        for later in self._later_objects.values():
+            for pid in ended:
+                later.holders.pop(pid, None)
+        return columns
+
+    def _task_records(self) -> list[TaskRecord]:
+        """What the traced processes did to their code, since the last call, in time order."""
+        records, self._reader.task_records = self._reader.task_records, []
+        return sorted(records, key=_BY_TIME)
+
+    def _columns(self, samples: Samples) -> EventColumns:
+        """The events of ``samples``: those of each event whose records hold integers only as groups, in columns."""
         columns = EventColumns()
         for event_id in numpy.unique(samples.event_id).tolist():
             event = self._events.get(event_id)
@@ -406,11 +483,10 @@ class KernelEngine(Engine):
 
     def _stacked_events(self, samples: Samples, records: list[TaskRecord]) -> list[Event]:
         """Every sample's event with its stack, in time order, and what the processes did to their code
-        (``records``) at its time: the entries of functions with a return probe (their return addresses) and
-        the mappings come before the stacks that pass through them."""
+        (``records``, in time order) at its time: the entries of functions with a return probe (their return
+        addresses) and the mappings come before the stacks that pass through them."""
         events, tags = [], []
         data = samples.data
-        records = sorted(records, key=_BY_TIME)
         done = 0
         for row, event_id, tid, time_ns, at, size in zip(range(len(samples.event_id)), samples.event_id.tolist(),
                                                          samples.tid.tolist(), samples.time_ns.tolist(),
@@ -425,7 +501,7 @@ class KernelEngine(Engine):
             attached = event.probes.get(values[event.tag])
             if attached is None:
                 continue
-            if event_id == self._returns_event:
+            if event_id in self._returns_events:
                 slot, caller = (values[i] for i in event.return_address)
                 # A slot still pending is a tail call's: the kernel's trampoline is there already, and the
                 # address it replaced is the one kept.
@@ -441,6 +517,17 @@ class KernelEngine(Engine):
         return events
 
     def _task_changed(self, record: TaskRecord) -> None:
+        """What a process did to its code: what its stacks are read against, and where later probes go."""
+        if self._stacks is not None:
+            self._stacks_follow(record)
+        if self._later is None:
+            return
+        if record.change is TaskChange.MAPPED and record.mapping.executable and record.mapping.file_backed:
+            self._mapped(record.pid, record.mapping)
+        elif record.change is TaskChange.FORKED and self._follow_forks:
+            self._forked(record.pid, record.parent, record.time_ns)
+
+    def _stacks_follow(self, record: TaskRecord) -> None:
         if record.change is TaskChange.MAPPED:
             self._stacks.mapped(record.pid, record.mapping)
         elif record.change is TaskChange.EXEC:
@@ -449,6 +536,63 @@ class KernelEngine(Engine):
             self._stacks.forked(record.pid, record.parent)
             if record.parent_tid in self._pending:
                 self._pending[record.tid] = dict(self._pending[record.parent_tid])
+
+    def _mapped(self, pid: int, mapping: Mapping) -> None:
+        """Process ``pid`` maps ``mapping`` (executable, of a file): the first time its object is seen, ``later``
+        is asked for the probes there, which are defined; their events are opened on each process that maps
+        it and has them not yet."""
+        key = mapping.device, mapping.inode
+        if key not in self._offered:
+            self._offered.add(key)
+            probes = self._later(pid, mapping.path)
+            if probes and (event_ids := self._define_later(probes, mapping.path)) is not None:
+                self._later_objects[key] = _LaterObject(mapping.path, event_ids, {})
+        later = self._later_objects.get(key)
+        if later is not None and pid not in later.holders:
+            self._open_later(later, pid)
+
+    def _define_later(self, probes: list[Probe], path: str) -> list[int] | None:
+        """Define the probes ``later`` gave in ``path`` (they take the next indexes whatever comes of them):
+        their events' tracepoint ids; None, and a notice, where they cannot be (nothing of theirs is left)."""
+        defined = len(self._defined)
+        try:
+            return self._define_probes(probes)
+        except (UprobesError, OSError) as exc:
+            while len(self._defined) > defined:
+                self.tracefs.delete(self._defined.pop())
+            self._notices.append(f"the probes in {path} are left out: {exc}")
+            return None
+
+    def _open_later(self, later: _LaterObject, pid: int) -> None:
+        """Open the events of ``later`` on process ``pid`` (inherited by the children it forks from now on)."""
+        later.holders[pid] = time.monotonic_ns()  # held from now, whatever comes of it: the children forked before
+        try:                                      # get them as the records of their forks come
+            self._reader.add_events(pid, later.event_ids, **self._opening(later.event_ids))
+        except (KernelEngineError, OSError) as exc:
+            if not has_ended(pid):
+                self._notices.append(f"the probes in {later.path} are left out of process {pid}: {exc}")
+
+    def _forked(self, child: int, parent: int, time_ns: int) -> None:
+        """A traced process forked at ``time_ns``: the child inherited the events its parent had then; those its
+        parent got since are opened on it (it has its parent's mappings)."""
+        for later in self._later_objects.values():
+            since = later.holders.get(parent)
+            if since is None:
+                later.holders.pop(child, None)  # its pid was another process's
+            elif since <= time_ns:
+                later.holders[child] = time_ns
+            else:
+                self._open_later(later, child)
+
+    def _ended_holders(self) -> set[int]:
+        """The processes that hold later probes and have ended, when they are many (a run of many short-lived
+        children); none otherwise."""
+        holders = {pid for later in self._later_objects.values() for pid in later.holders}
+        if len(holders) < self._holders_kept:
+            return set()
+        ended = {pid for pid in holders if has_ended(pid)}
+        self._holders_kept = max(_HOLDERS_KEPT, 2 * (len(holders) - len(ended)))
+        return ended
 
     def _stack(self, samples: Samples, row: int, pid: int, tid: int) -> list[str]:
         """The frames of sample ``row``'s user stack, innermost first, read through the kernel's return

@@ -3,9 +3,11 @@
 One perf event is opened per (tracepoint, thread, online CPU), as the kernel wants for a task event that
 is inherited and mapped (system-wide: per (tracepoint, CPU); counting a process needs no buffer, so one per
 (tracepoint, thread) on every CPU). Each CPU gets one ring buffer; the other events of that CPU write into it
-through ``PERF_EVENT_IOC_SET_OUTPUT``. A sample carries the event's perf id, which :class:`TracepointReader`
-maps back to the tracepoint id, and the raw tracepoint record that
-:meth:`~uprobes.engines.kernel.eventformat.EventFormat.decode` understands. ::
+through ``PERF_EVENT_IOC_SET_OUTPUT``, as do the tracepoints added to a process later and, where the reader
+tracks what the processes do, a dummy event per (thread, CPU) whose records tell their executable mappings,
+execs and forks. A sample carries the event's perf id, which :class:`TracepointReader` maps back to the
+tracepoint id, and the raw tracepoint record that :meth:`~uprobes.engines.kernel.eventformat.EventFormat.decode`
+understands. ::
 
     with TracepointReader([hit_id, ret_id], pid=child.pid) as reader:
         reader.enable()
@@ -34,7 +36,7 @@ import os
 import select
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -48,7 +50,9 @@ from ...proc.status import has_ended, start_time, thread_ids
 __all__ = ["Sample", "Samples", "TaskChange", "TaskRecord", "TracepointReader", "online_cpus"]
 
 _NR_PERF_EVENT_OPEN = 298  # x86-64
+_PERF_TYPE_SOFTWARE = 1
 _PERF_TYPE_TRACEPOINT = 2
+_PERF_COUNT_SW_DUMMY = 9  # counts nothing: a descriptor for the records of what the tasks do (perf's tracking)
 _PERF_FLAG_FD_CLOEXEC = 1 << 3
 _CLOCK_MONOTONIC = 1
 _PERF_ATTR_SIZE_VER8 = 136
@@ -67,6 +71,8 @@ _PERF_SAMPLE_STACK_USER = 1 << 13
 _PERF_SAMPLE_IDENTIFIER = 1 << 16
 _SAMPLE_TYPE = _PERF_SAMPLE_IDENTIFIER | _PERF_SAMPLE_TID | _PERF_SAMPLE_TIME | _PERF_SAMPLE_CPU | _PERF_SAMPLE_RAW
 _RAW_SAMPLE_TYPE = _PERF_SAMPLE_IDENTIFIER | _PERF_SAMPLE_RAW  # to tell hits apart by a field, nothing else
+# The trailer (sample_id_all) of a task record: pid, tid; time; cpu; identifier (_TRAILER_TIME)
+_TRACKING_SAMPLE_TYPE = _PERF_SAMPLE_IDENTIFIER | _PERF_SAMPLE_TID | _PERF_SAMPLE_TIME | _PERF_SAMPLE_CPU
 _PERF_FORMAT_LOST = 1 << 4
 
 # ioctls: _IO('$', n), and PERF_EVENT_IOC_ID = _IOR('$', 7, __u64 *)
@@ -147,7 +153,7 @@ class TaskChange(enum.Enum):
 
 
 class TaskRecord(NamedTuple):
-    """What a traced process did to its code, at ``time_ns`` (CLOCK_MONOTONIC), from a ``user_stack`` reader."""
+    """What a traced process did to its code, at ``time_ns`` (CLOCK_MONOTONIC), from a ``tracking`` reader."""
 
     change: TaskChange
     time_ns: int
@@ -352,7 +358,7 @@ class _TaskSet:
     """The descriptors (and buffers) of the events on one process's threads, or on every task."""
 
     fds: list[int] = field(default_factory=list)
-    buffers: list[_RingBuffer] = field(default_factory=list)
+    buffers: dict[int, _RingBuffer] = field(default_factory=dict)  # by CPU
     idents: list[int] = field(default_factory=list)  # of its sampling descriptors (PERF_EVENT_IOC_ID)
     started: int | None = None  # when its process started (a pid is used again by another, later)
 
@@ -371,16 +377,16 @@ class TracepointReader:
                  sampling: bool = True, follow_forks: bool = True, enable_on_exec: bool = False,
                  names: dict[int, str] | None = None, raw_only: bool = False,
                  user_stack: tuple[int, int] | None = None, without_stack: set[int] = frozenset(),
-                 filters: dict[int, str] | None = None) -> None:
+                 filters: dict[int, str] | None = None, tracking: bool = False) -> None:
         """``follow_forks`` False leaves the children the process forks alone (not its threads); ``names``:
         what each tracepoint stands for, to name it in an error; ``raw_only``: samples hold the raw record
         and nothing else, read with :meth:`read_field`; ``user_stack`` (a mask of ``enum perf_event_x86_regs``
         bits, a size in bytes): each sample also holds those user registers and that much of the user stack
-        (read with :meth:`Samples.user_stack`), but those of the tracepoints ``without_stack``, and
-        :attr:`task_records` say what the traced processes mapped executable, exec'd and forked meanwhile
-        (what the stacks are read against, as ``perf record`` does: the process may be gone when its samples
-        are read); ``filters``: a tracepoint's event filter (tracefs's grammar), applied in the kernel to
-        every descriptor of it."""
+        (read with :meth:`Samples.user_stack`), but those of the tracepoints ``without_stack``; ``filters``: a
+        tracepoint's event filter (tracefs's grammar), applied in the kernel to every descriptor of it;
+        ``tracking``: :attr:`task_records` say what the traced processes mapped executable, exec'd and forked
+        (what stacks are read against, as ``perf record`` does: the process may be gone when its samples are
+        read), taken from the buffers with the samples."""
         if pages < 1 or pages & (pages - 1):
             raise KernelEngineError(f"perf buffer pages must be a power of two, not {pages}")
         self.lost = 0
@@ -398,15 +404,17 @@ class TracepointReader:
         self._sampling = sampling
         self._sample_type = _RAW_SAMPLE_TYPE if raw_only else _SAMPLE_TYPE
         self._user_stack = user_stack
-        self._without_stack = without_stack
+        self._without_stack = set(without_stack)
+        self._tracking = tracking
         self._follow_forks = follow_forks
         self._enable_on_exec = enable_on_exec
         self._event_of_fd: dict[int, int] = {}
-        self._names = names or {}
-        self._filters = filters or {}
+        self._names = dict(names or {})
+        self._filters = dict(filters or {})
         try:
             if pid is None:
-                self._sets[_EVERY_TASK] = self._open_set([_EVERY_TASK])[0]
+                self._sets[_EVERY_TASK] = self._open_set([_EVERY_TASK], self._event_ids, tracking, enable_on_exec,
+                                                         {})[0]
             else:
                 for each in [pid] if isinstance(pid, int) else pid:
                     self.add_process(each)
@@ -426,24 +434,9 @@ class TracepointReader:
         :meth:`enable`, and closing is cheap while the new set keeps each uprobe registered. A process that
         still starts threads from new threads after the last round may have those missed.
         """
-        started = start_time(pid)
-        if pid in self._sets:
-            if self._sets[pid].started == started:
-                return
-            self._close_ended([pid])  # that process has ended, and its pid is another's now
-        threads = thread_ids(pid)
-        opened = self._open_threads(pid, threads)
-        for _ in range(_ATTACH_ROUNDS):
-            now = thread_ids(pid)
-            if now <= threads:
-                break
-            threads = now
-            previous = opened
-            try:
-                opened = self._open_threads(pid, threads)
-            finally:
-                self._close_set(previous)
-        opened.started = started
+        if self._current_set(pid) is not None:
+            return
+        opened = self._open_process(pid, self._event_ids, self._tracking, self._enable_on_exec, {})
         try:
             for fd in opened.fds if self._enabled else ():
                 fcntl.ioctl(fd, _PERF_EVENT_IOC_ENABLE, 0)
@@ -452,41 +445,100 @@ class TracepointReader:
             raise
         self._sets[pid] = opened
 
+    def add_events(self, pid: int, event_ids: Sequence[int], names: dict[int, str] | None = None,
+                   filters: dict[int, str] | None = None, without_stack: set[int] = frozenset()) -> None:
+        """Tracepoints ``event_ids`` too (of probes defined since; ``names``, ``filters`` and ``without_stack``
+        as for the constructor's), on every thread of process ``pid`` and inherited as its own, enabled at once:
+        their samples go to its buffers, or, in a process without descriptors of its own (a child that
+        inherited the others), to buffers of its own, closed as it ends. Where they cannot all be opened,
+        none is."""
+        self._names.update(names or {})
+        self._filters.update(filters or {})
+        self._without_stack |= without_stack
+        into = self._current_set(pid)
+        opened = self._open_process(pid, event_ids, False, False, into.buffers if into else {})
+        try:
+            for fd in opened.fds:
+                fcntl.ioctl(fd, _PERF_EVENT_IOC_ENABLE, 0)
+        except BaseException:
+            self._close_set(opened)
+            raise
+        if into is None:
+            self._sets[pid] = opened
+        else:
+            into.fds += opened.fds
+            into.idents += opened.idents
+            into.buffers.update(opened.buffers)
+
+    def _current_set(self, pid: int) -> _TaskSet | None:
+        """The descriptors of process ``pid``; None where it has none (those of a process that ended, whose pid
+        it has now, are closed)."""
+        opened = self._sets.get(pid)
+        if opened is not None and opened.started != start_time(pid):
+            self._close_ended([pid])
+            return None
+        return opened
+
     @property
     def processes(self) -> list[int]:
         """The processes whose events are open (none for a reader of every process)."""
         return [pid for pid in self._sets if pid != _EVERY_TASK]
 
-    def _open_threads(self, pid: int, threads: set[int]) -> _TaskSet:
+    def _open_process(self, pid: int, event_ids: Sequence[int], tracking: bool, on_exec: bool,
+                      buffers: dict[int, _RingBuffer]) -> _TaskSet:
+        """:meth:`_open_set` on every thread of ``pid`` (see :meth:`add_process`), again while new threads appear."""
+        threads = thread_ids(pid)
+        opened = self._open_threads(pid, threads, event_ids, tracking, on_exec, buffers)
+        for _ in range(_ATTACH_ROUNDS):
+            now = thread_ids(pid)
+            if now <= threads:
+                break
+            threads = now
+            previous = opened
+            try:
+                opened = self._open_threads(pid, threads, event_ids, tracking, on_exec, buffers)
+            finally:
+                self._close_set(previous)
+        opened.started = start_time(pid)
+        return opened
+
+    def _open_threads(self, pid: int, threads: set[int], event_ids: Sequence[int], tracking: bool, on_exec: bool,
+                      buffers: dict[int, _RingBuffer]) -> _TaskSet:
         # The main thread first: it usually starts the others, so it is covered before it can.
-        opened, alive = self._open_set([pid, *sorted(threads - {pid})])
+        opened, alive = self._open_set([pid, *sorted(threads - {pid})], event_ids, tracking, on_exec, buffers)
         if not alive:
             self._close_set(opened)
             raise KernelEngineError(f"process {pid} does not exist")
         return opened
 
-    def _open_set(self, tasks: list[int]) -> tuple[_TaskSet, set[int]]:
-        """Open every event on every task (CPU by CPU when sampling): the descriptors, and the tasks that still
-        exist. Where one cannot be opened, those opened so far are closed."""
-        cpus = online_cpus() if self._sampling or tasks == [_EVERY_TASK] else [_EVERY_CPU]
+    def _open_set(self, tasks: list[int], event_ids: Sequence[int], tracking: bool, on_exec: bool,
+                  buffers: dict[int, _RingBuffer]) -> tuple[_TaskSet, set[int]]:
+        """Open every event on every task (CPU by CPU when sampling), and with ``tracking`` the descriptors of
+        what the tasks do; enabled by an exec with ``on_exec``; their records into ``buffers`` (by CPU) or into
+        the set's own. The descriptors, and the tasks that still exist. Where one cannot be opened, those opened
+        so far are closed."""
         alive = set()
         opened = _TaskSet()
         try:
-            for cpu in cpus:
-                buffer = None
+            for cpu in online_cpus() if tracking else ():
                 for task in tasks:
-                    for event_id in self._event_ids:
-                        fd = self._open(event_id, task, cpu, opened, tracking=event_id == self._event_ids[0])
+                    fd = self._open(self._tracking_attr(), "the tracking of mappings and forks", task, cpu, opened,
+                                    on_exec)
+                    if fd is not None:
+                        alive.add(task)
+                        self._write_into(fd, cpu, buffers, opened)
+            for cpu in online_cpus() if self._sampling or tasks == [_EVERY_TASK] else [_EVERY_CPU]:
+                for task in tasks:
+                    for event_id in event_ids:
+                        fd = self._open(self._tracepoint_attr(event_id), self._names.get(event_id, f"tracepoint "
+                                        f"{event_id}"), task, cpu, opened, on_exec, self._filters.get(event_id))
                         if fd is None:
                             break
                         alive.add(task)
                         self._event_of_fd[fd] = event_id
                         if not self._sampling:
                             continue
-                        if buffer is None:
-                            buffer = self._map(fd, opened)
-                        else:
-                            fcntl.ioctl(fd, _PERF_EVENT_IOC_SET_OUTPUT, buffer.fd)
+                        self._write_into(fd, cpu, buffers, opened)
                         ident = bytearray(_U64.size)
                         fcntl.ioctl(fd, _PERF_EVENT_IOC_ID, ident)
                         opened.idents.append(_U64.unpack(ident)[0])
@@ -496,60 +548,76 @@ class TracepointReader:
             raise
         return opened, alive
 
+    def _write_into(self, fd: int, cpu: int, buffers: dict[int, _RingBuffer], opened: _TaskSet) -> None:
+        """Send descriptor ``fd``'s records to the buffer of ``cpu`` (of ``buffers``, or of ``opened``), a new one
+        of ``opened`` where there is none yet."""
+        buffer = buffers.get(cpu) or opened.buffers.get(cpu)
+        if buffer is None:
+            opened.buffers[cpu] = self._map(fd)
+        else:
+            fcntl.ioctl(fd, _PERF_EVENT_IOC_SET_OUTPUT, buffer.fd)
+
     def _close_set(self, opened: _TaskSet) -> None:
-        for buffer in opened.buffers:
+        for buffer in opened.buffers.values():
             with contextlib.suppress(KeyError):  # hung up, unregistered already
                 self._poll.unregister(buffer.fd)
         for ident in opened.idents:
             self._tracepoint_of.pop(ident, None)
         for fd in opened.fds:
             self._event_of_fd.pop(fd, None)
-        _close(opened.buffers, opened.fds)
+        _close(opened.buffers.values(), opened.fds)
 
-    def _open(self, event_id: int, task: int, cpu: int, opened: _TaskSet, tracking: bool = False) -> int | None:
-        """One event's descriptor, kept in ``opened``; None when the thread ``task`` has ended. ``tracking``: this
-        one of the task's events on that CPU reports its executable mappings, execs and forks (with
-        ``user_stack``)."""
-        process = task != _EVERY_TASK
-        # inherit_thread: only clone(CLONE_THREAD) children inherit, so forked processes are left alone.
-        attr = _PerfEventAttr(type=_PERF_TYPE_TRACEPOINT, size=ctypes.sizeof(_PerfEventAttr), config=event_id,
-                              read_format=_PERF_FORMAT_LOST, disabled=1, inherit=int(process),
-                              inherit_thread=int(process and not self._follow_forks),
-                              enable_on_exec=int(self._enable_on_exec))
+    def _tracepoint_attr(self, event_id: int) -> _PerfEventAttr:
+        attr = _PerfEventAttr(type=_PERF_TYPE_TRACEPOINT, config=event_id)
         if self._sampling:
             attr.sample_period, attr.sample_type = 1, self._sample_type
-            attr.watermark, attr.wakeup_watermark = 1, self._pages * mmap.PAGESIZE // _WAKEUP_FRACTION
-            attr.use_clockid, attr.clockid = 1, _CLOCK_MONOTONIC
             if self._user_stack and event_id not in self._without_stack:
                 attr.sample_type |= _PERF_SAMPLE_REGS_USER | _PERF_SAMPLE_STACK_USER
                 attr.sample_regs_user, attr.sample_stack_user = self._user_stack
-            if self._user_stack and tracking:  # with their time, to be read in order with the samples
-                attr.mmap = attr.mmap2 = attr.comm = attr.comm_exec = attr.task = attr.sample_id_all = 1
+        return attr
+
+    @staticmethod
+    def _tracking_attr() -> _PerfEventAttr:
+        """Executable mappings, execs and forks, each with its time (to be read in order with the samples)."""
+        attr = _PerfEventAttr(type=_PERF_TYPE_SOFTWARE, config=_PERF_COUNT_SW_DUMMY, sample_type=_TRACKING_SAMPLE_TYPE)
+        attr.mmap = attr.mmap2 = attr.comm = attr.comm_exec = attr.task = attr.sample_id_all = 1
+        return attr
+
+    def _open(self, attr: _PerfEventAttr, what: str, task: int, cpu: int, opened: _TaskSet, on_exec: bool,
+              event_filter: str | None = None) -> int | None:
+        """One descriptor of ``attr`` (``what``, for an error) with what every one of ours has, kept in
+        ``opened``; None when the thread ``task`` has ended."""
+        process = task != _EVERY_TASK
+        attr.size, attr.read_format, attr.disabled = ctypes.sizeof(_PerfEventAttr), _PERF_FORMAT_LOST, 1
+        # inherit_thread: only clone(CLONE_THREAD) children inherit, so forked processes are left alone.
+        attr.inherit, attr.inherit_thread = int(process), int(process and not self._follow_forks)
+        attr.enable_on_exec = int(on_exec)
+        # for a mapped buffer (whoever maps it sets when it wakes a poller): without samples, at each record
+        attr.watermark = 1
+        attr.wakeup_watermark = self._pages * mmap.PAGESIZE // _WAKEUP_FRACTION if self._sampling else 1
+        attr.use_clockid, attr.clockid = 1, _CLOCK_MONOTONIC
         try:
             fd = _perf_event_open(attr, task, cpu)
         except OSError as exc:
             if exc.errno == errno.ESRCH and process:
                 return None
-            what = self._names.get(event_id, f"tracepoint {event_id}")
             raise KernelEngineError(_open_error(exc.errno, what, cpu)) from None
         opened.fds.append(fd)
-        if event_id in self._filters:
+        if event_filter is not None:
             try:
-                fcntl.ioctl(fd, _PERF_EVENT_IOC_SET_FILTER, self._filters[event_id].encode() + b"\0")
+                fcntl.ioctl(fd, _PERF_EVENT_IOC_SET_FILTER, event_filter.encode() + b"\0")
             except OSError as exc:
-                what = self._names.get(event_id, f"tracepoint {event_id}")
-                raise KernelEngineError(f"the kernel refuses the filter '{self._filters[event_id]}' of {what}: "
+                raise KernelEngineError(f"the kernel refuses the filter '{event_filter}' of {what}: "
                                         f"{exc.strerror}") from None
         return fd
 
-    def _map(self, fd: int, opened: _TaskSet) -> _RingBuffer:
+    def _map(self, fd: int) -> _RingBuffer:
         pages = self._pages
         try:
             buffer = _RingBuffer(fd, pages)
         except OSError as exc:
             raise KernelEngineError(f"cannot map a perf buffer of {pages} pages: {exc.strerror} "
                                     f"(see /proc/sys/kernel/perf_event_mlock_kb)") from None
-        opened.buffers.append(buffer)
         self._poll.register(fd, select.POLLIN)
         return buffer
 
@@ -569,17 +637,18 @@ class TracepointReader:
         return [fd for opened in self._sets.values() for fd in opened.fds]
 
     def _buffers(self) -> list[_RingBuffer]:
-        return [buffer for opened in self._sets.values() for buffer in opened.buffers]
+        return [buffer for opened in self._sets.values() for buffer in opened.buffers.values()]
 
     def poll(self, timeout_s: float) -> bool:
-        """True when :meth:`read` has samples: at once if a buffer holds some, else after waiting for a
-        buffer to be an eighth full, or at the end of ``timeout_s`` if any arrived meanwhile.
+        """True when :meth:`read` has samples (or :attr:`task_records` some not taken yet): at once if a buffer
+        holds some, else after waiting for a buffer to be an eighth full (for a record of what a task did, where
+        there are no samples), or at the end of ``timeout_s`` if any arrived meanwhile.
 
         So at low rates a sample waits at most ``timeout_s``. Once a traced thread has exited, its events
         report POLLHUP and this returns True at once, until its process has ended and been read (then its
         descriptors are closed): loop on the processes' state, not on this.
         """
-        if self._pending() or self._ends_due():
+        if self._pending() or self._ends_due() or self.task_records:
             return True
         ready = self._poll.poll(max(0, round(timeout_s * 1000)))
         for fd, flags in ready:
@@ -609,8 +678,10 @@ class TracepointReader:
         for pid in ended:
             opened = self._sets.pop(pid)
             for fd in opened.fds:
+                event_id = self._event_of_fd.get(fd)
+                if event_id is None:  # a tracking descriptor
+                    continue
                 count, lost = _count_and_lost(fd)
-                event_id = self._event_of_fd[fd]
                 self._ended_counts[event_id] = self._ended_counts.get(event_id, 0) + count
                 self._ended_lost += lost
             self._close_set(opened)
@@ -707,13 +778,13 @@ class TracepointReader:
         totals = dict.fromkeys(self._event_ids, 0)
         totals.update(self._ended_counts)
         for fd, event_id in self._event_of_fd.items():
-            totals[event_id] += _count_and_lost(fd)[0]
+            totals[event_id] = totals.get(event_id, 0) + _count_and_lost(fd)[0]
         return totals
 
     def count_lost(self) -> int:
         """Samples the kernel dropped so far, exactly (``PERF_FORMAT_LOST``): unlike :attr:`lost`, this
         includes drops no ``PERF_RECORD_LOST`` has reported yet."""
-        return self._ended_lost + sum(_count_and_lost(fd)[1] for fd in self._fds())
+        return self._ended_lost + sum(_count_and_lost(fd)[1] for fd in self._event_of_fd)
 
     def close(self) -> None:
         """Unmap the buffers and close every descriptor; closing twice is harmless."""
@@ -740,7 +811,7 @@ def _count_and_lost(fd: int) -> tuple[int, int]:
     return _READ_LOST.unpack(os.read(fd, _READ_LOST.size))
 
 
-def _close(buffers: list[_RingBuffer], fds: list[int]) -> None:
+def _close(buffers: Iterable[_RingBuffer], fds: list[int]) -> None:
     for buffer in buffers:
         buffer.close()
     for fd in fds:
