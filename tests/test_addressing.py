@@ -305,18 +305,19 @@ def test_star_counts_in_a_library_a_command_loads_twice(targets, engine):
     """count 'uprobe:*:lib_work' 'uprobe::lib_ctor' on a command that dlopens a library, calls it, closes it, and
     again: each probe point is counted once, with the hits the program made where the ptrace engine places a
     library's probes before its code runs (the kernel engine, once it has read the mapping, may miss the first
-    calls); a text that named nothing anywhere is said at the end."""
+    calls), a predicate's probe only the hits it keeps; a text that named nothing anywhere is said at the end."""
     lifecycle, library = str(targets / "lifecycle"), os.path.realpath(targets / "libctor.so")
     result = run_cli("count", "--engine", engine, "--json", "uprobe:*:lib_work", "uprobe::lib_ctor",
-                     "uprobe:*:no_such_function", "--", lifecycle, "dlopen", library, "3")
+                     "p:big *:lib_work i=%di:s32 if i > 0", "uprobe:*:no_such_function", "--", lifecycle, "dlopen",
+                     library, "3")
     assert result.status == 0, result.stderr
     counts = {(r["probe"], r["path"]): r["hits"] for r in map(json.loads, result.stdout.splitlines()[1:])
               if "hits" in r}
     assert result.stdout.splitlines()[0] == "dlopen sum 12"
     if engine == "ptrace":  # before the library's constructor, each time it is loaded
-        assert counts == {("lib_work", library): 6, ("lib_ctor", library): 2}
+        assert counts == {("lib_work", library): 6, ("lib_ctor", library): 2, ("big", library): 4}
     else:
-        assert set(counts) <= {("lib_work", library), ("lib_ctor", library)}
+        assert set(counts) <= {("lib_work", library), ("lib_ctor", library), ("big", library)}
     assert "never found: 'uprobe:*:no_such_function' named nothing in any object the processes mapped" in \
         result.stderr
 

@@ -243,6 +243,10 @@ def _resolved(texts: list[str], pids: list[int], returns: ReturnMode, waiting: f
     return probes
 
 
+def _points(count: int) -> str:
+    return f"{count} probe point{'s' if count != 1 else ''}"
+
+
 def _of_mapped_objects(text: str) -> bool:
     """Whether a probe's PATH is '*' or a glob of names (``libfoo*``): of the objects a process maps."""
     target = parse_probe(text).target
@@ -357,7 +361,7 @@ class Run:
         self._predicates = {i: p.predicate for i, p in enumerate(self.probes) if p.predicate is not None}
         # a predicate judges each hit's arguments: counted from events, unless the engine's counters can
         self.counting = counting and all(p.predicate is None or self.engine.counts_filtered and p.kernel_filter
-                                         for p in self.probes)
+                                         for p in self.probes) and not any(s.predicate for s in self._later.specs)
         self.hits = [0] * len(self.probes)
         self.status = 0
         self._mask = mask
@@ -386,9 +390,8 @@ class Run:
         #: What the probes are on: "pid 1234", "the command", "every process", "processes matching 'GLOB'".
         self.scope = (", ".join(map(_pid_text, self.pids)) if self.pids else "the command" if self.child else
                       f"processes matching {' or '.join(map(repr, matching))}" if matching else "every process")
-        points = f"{len(self.probes)} probe point{'s' if len(self.probes) != 1 else ''}"
         more = "; more in the objects mapped from now on" if self._later.specs else ""
-        print(f"uprobes: {points} attached ({self.engine.name} engine, {self.scope}{more})",
+        print(f"uprobes: {_points(len(self.probes))} attached ({self.engine.name} engine, {self.scope}{more})",
               file=sys.stderr, flush=True)
         self.deadline = time.monotonic() + args.duration if args.duration else None
         self._duration = args.duration
@@ -415,8 +418,7 @@ class Run:
             self.hits.append(0)
         if found:
             self._warn_about(found)
-            points = f"{len(found)} probe point{'s' if len(found) != 1 else ''}"
-            self._added_notes.append(f"{points} added in {path} (mapped by process {pid})")
+            self._added_notes.append(f"{_points(len(found))} added in {path} (mapped by process {pid})")
         return found
 
     def unfound(self) -> list[str]:
