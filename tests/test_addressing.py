@@ -338,3 +338,15 @@ def test_a_marker_found_through_star_in_a_library_loaded_later_is_armed_before_i
     (star, named) = outputs.values()
     assert star == named and star[0] == ["semaphore 2", "total 18"] and star[1] == [{"a": i, "b": 2 * i}
                                                                                     for i in range(4)]
+
+
+def test_star_on_a_command_is_its_program_and_linked_libraries_from_the_first_instruction(targets, engine):
+    """count 'uprobe:*:lib_twice' -- calls 5: the library the program links (libprobed.so, found as ldd finds
+    it) is probed before the program starts, on both engines: every call counted, none missed at the start."""
+    library = os.path.realpath(targets / "libprobed.so")
+    result = run_cli("count", "--engine", engine, "--json", "uprobe:*:lib_twice", "uprobe:*:work", "--",
+                     str(targets / "calls"), "5")
+    assert result.status == 0, result.stderr
+    counts = {(r["probe"], r["path"]): r["hits"] for r in map(json.loads, result.stdout.splitlines()[1:])}
+    assert counts == {("lib_twice", library): 5, ("work", os.path.realpath(targets / "calls")): 5}
+    assert "2 probe points attached" in result.stderr and " added in " not in result.stderr

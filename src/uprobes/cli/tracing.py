@@ -16,7 +16,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import replace
 
-from ..elf.locate import find_object, glob_matches, is_glob
+from ..elf.locate import find_object, glob_matches, is_glob, linked_objects
 from ..errors import UprobesError
 from ..output.chrome import ChromeTraceWriter
 from ..output.aggregate import SPECIAL_KEYS, CallsInFlight, CountsByKey, HistogramsByKey
@@ -212,12 +212,12 @@ def _left_out(error: UprobesError, all_or_nothing: bool) -> None:
 
 
 def _resolved(texts: list[str], pids: list[int], returns: ReturnMode, waiting: frozenset[str] = frozenset(),
-              program: str | None = None) -> list[Probe]:
+              starting: list[str] = ()) -> list[Probe]:
     """The probe points of ``texts``, with -p as each process sees its files (a container's; the objects it maps,
     for '*'), each point once (a file by device and inode); a text is an error only where it names nothing in
     any of them. A text of ``waiting`` (PATH '*' or a glob, whose objects mapped later are resolved then) may
-    name nothing yet: said, not an error; for a launched command (``program``, without -p) it is looked for in
-    the program only, whose other objects are not mapped yet."""
+    name nothing yet: said, not an error; for a launched command (without -p) it is looked for in the objects
+    it maps as it starts (``starting``: its program and the libraries it links)."""
     objects: dict[int | None, dict] = {pid: {} for pid in pids or [None]}  # the files opened, per process
     probes: list[Probe] = []
     for text in texts:
@@ -225,15 +225,13 @@ def _resolved(texts: list[str], pids: list[int], returns: ReturnMode, waiting: f
         found: dict = {}
         errors = []
         for pid, opened in objects.items():
-            if text in waiting and pid is None:
-                if program is None or not glob_matches(program, spec.target):
-                    continue
-                spec = replace(spec, target=program)
-            try:
-                for probe in resolve_probe(spec, opened, pid, returns):
-                    found.setdefault(probe_point(probe) if len(objects) > 1 else len(found), probe)
-            except UprobesError as exc:
-                errors.append(exc)
+            for each in ([replace(spec, target=path) for path in starting if glob_matches(path, spec.target)]
+                         if text in waiting and pid is None else [spec]):
+                try:
+                    for probe in resolve_probe(each, opened, pid, returns):
+                        found.setdefault(probe_point(probe) if len(objects) > 1 else len(found), probe)
+                except UprobesError as exc:
+                    errors.append(exc)
         if errors and not found and text in waiting and pids:
             print(f"uprobes: warning: '{text}' names nothing in the objects mapped now; it is looked for in each "
                   f"object mapped from now on", file=sys.stderr)
@@ -261,12 +259,14 @@ def _objects_of(pid: int) -> list[str]:
         return []
 
 
-def _program(command: list[str]) -> str | None:
-    """The program a command runs, as a path (None where it names none: an error of its own at the launch)."""
+def _starting(command: list[str]) -> list[str]:
+    """The objects a command maps as it starts: its program and the libraries it links (none where it names no
+    program: an error of its own at the launch)."""
     try:
-        return find_object(command[0])
+        program = find_object(command[0])
     except UprobesError:
-        return None
+        return []
+    return [program, *linked_objects(program)]
 
 
 def _forgotten_dashes(texts: list[str], command: list[str] | None) -> str:
@@ -335,16 +335,15 @@ class Run:
         # paths is of the files there, found now)
         waiting = frozenset(text for text in texts
                             if objects_later and (self.pids or command) and _of_mapped_objects(text))
-        program = _program(command) if command and waiting else None
+        starting = _starting(command) if command and waiting else []
         try:
-            self.probes: list[Probe] = _resolved(texts, self.pids, returns, waiting, program)
+            self.probes: list[Probe] = _resolved(texts, self.pids, returns, waiting, starting)
         except UprobesError as exc:
             raise UprobesError(f"{exc}{_forgotten_dashes(texts, command)}") from None
         if pair_returns:
             self.probes = _entry_and_return(self.probes, returns)
         self._added_notes: list[str] = []  # what _found_later added, said once the engine has placed it
-        searched = [program] if program else [path_in_process(pid, path) for pid in self.pids if waiting
-                                               for path in _objects_of(pid)]
+        searched = starting or [path_in_process(pid, path) for pid in self.pids if waiting for path in _objects_of(pid)]
         self._later = ObjectsLater([parse_probe(text) for text in texts if text in waiting], self.probes, returns,
                                    searched, (lambda probes: _entry_and_return(probes, returns)) if pair_returns
                                    else None)

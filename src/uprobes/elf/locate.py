@@ -8,10 +8,12 @@ import os
 import re
 import shutil
 import struct
+import subprocess
 
 from ..errors import ElfError, UprobesError
 
-__all__ = ["find_object", "find_objects", "glob_matches", "is_elf", "is_glob", "read_ld_cache", "real_path"]
+__all__ = ["find_object", "find_objects", "glob_matches", "is_elf", "is_glob", "linked_objects", "read_ld_cache",
+           "real_path"]
 
 LD_CACHE = "/etc/ld.so.cache"
 _NEW_MAGIC = b"glibc-ld.so.cache1.1"
@@ -151,6 +153,26 @@ def find_objects(name: str, pid: int | None = None) -> list[str]:
         where = f" (as process {pid} sees its files, and the objects it maps)" if pid is not None else ""
         raise ElfError(f"{name}: no ELF file matches{where}")
     return list(found.values())
+
+
+def linked_objects(program: str) -> list[str]:
+    """The libraries ``program`` links, as its dynamic linker finds them (``ld.so --list``, which is what ldd
+    runs: the objects are mapped, none of their code runs), and the linker itself; none for a static program or
+    a file that is not one."""
+    from .objfile import ElfObject  # local: objfile uses this module's paths
+
+    try:
+        interpreter = (ElfObject.open(program).section_bytes(".interp") or b"").rstrip(b"\0").decode()
+    except (UprobesError, UnicodeDecodeError):
+        return []
+    if not interpreter:
+        return []
+    try:
+        listed = subprocess.run([interpreter, "--list", program], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    paths = [line.split("=>")[-1].split(" (0x")[0].strip() for line in listed.stdout.splitlines()]
+    return list(dict.fromkeys(real_path(path) for path in paths if path.startswith("/") and os.path.isfile(path)))
 
 
 def is_glob(name: str) -> bool:
