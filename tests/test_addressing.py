@@ -124,8 +124,8 @@ def test_star_as_path_is_every_object_the_process_maps(targets, engine):
     assert len(set(marked) ^ set(called)) <= 2  # a call under way as the run began or ended
     result = run_cli("resolve", "usdt:*:demo:order__done")
     assert result.status == 2 and result.stderr == ("uprobes: error: PATH '*' (or none) is every object a process "
-                                                    "maps: give -p PID or a command to run (or a path, or a glob of "
-                                                    "paths)\n")
+                                                    "maps: give -p PID (or, to trace, a command to run), or a path, or "
+                                                    "a glob of paths\n")
 
 
 @pytest.mark.parametrize("spelling", ["uprobe:{flat}:0x0 x=%di:s64", "p {flat}:0 x=%di:s64"])
@@ -350,3 +350,19 @@ def test_star_on_a_command_is_its_program_and_linked_libraries_from_the_first_in
     counts = {(r["probe"], r["path"]): r["hits"] for r in map(json.loads, result.stdout.splitlines()[1:])}
     assert counts == {("lib_twice", library): 5, ("work", os.path.realpath(targets / "calls")): 5}
     assert "2 probe points attached" in result.stderr and " added in " not in result.stderr
+
+
+def test_a_star_probe_that_is_wrong_where_it_is_found_is_named_and_an_address_under_star_refused(targets, engine):
+    """'uprobe:*:lib_work nosuchvar': the library loaded later has lib_work, without that variable: said there
+    (not hidden as a name found nowhere), and the run goes on; 'uprobe:*:0x1140' is refused in one line (an
+    address is a place in one file)."""
+    lifecycle, library = str(targets / "lifecycle"), os.path.realpath(targets / "libctor.so")
+    result = run_cli("trace", "--engine", engine, "uprobe:*:lib_work nosuchvar", "--", lifecycle, "dlopen",
+                     library, "1")
+    assert result.status == 0 and result.stdout == "dlopen sum 0\n", result.stderr
+    assert "no variable 'nosuchvar' at lib_work" in result.stderr and f"(in {library}): left out" in result.stderr
+    assert "never found" not in result.stderr and "Traceback" not in result.stderr
+    refused = run_cli("trace", "--engine", engine, "uprobe:*:0x1140", "--", lifecycle, "dlopen", library, "1")
+    assert refused.status == 2 and refused.stderr == (
+        "uprobes: error: probe 'uprobe:*:0x1140': an address is a place in one file, and '*' is every object the "
+        "process maps: give the file's path\n")

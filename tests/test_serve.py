@@ -671,3 +671,16 @@ def test_a_server_forking_short_lived_workers_is_served_without_a_false_failure(
     finally:
         os.kill(stopped.proc.pid, signal.SIGCONT)
         stopped.end()
+
+
+def test_star_on_a_served_command_is_its_program_and_linked_libraries(targets, serving, engine):
+    """serve 'uprobe:*:lib_twice' 'uprobe::work' -- calls 6: '*' is the objects the command maps as it starts
+    (its program, the library it links), resolved when serve starts: each series counts every call."""
+    library, program = os.path.realpath(targets / "libprobed.so"), os.path.realpath(targets / "calls")
+    server = serving("--engine", engine, "uprobe:*:lib_twice", "uprobe::work", "--", program, "6")
+    server.wait_said("the target has ended")
+    assert "2 probe points attached" in server.said
+    assert sorted((labels["probe"], labels["path"], value) for labels, value in
+                  server.metrics()["uprobes_hits_total"]) == [("lib_twice", library, 6.0), ("work", program, 6.0)]
+    status, out, _ = server.stop()
+    assert status == 0 and "calls 6 " in out

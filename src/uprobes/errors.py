@@ -29,6 +29,11 @@ class ResolveError(UprobesError):
     """A well-formed probe names something that is not there: a symbol, a marker, an offset."""
 
 
+class NotInObject(ResolveError):
+    """The object does not have what the probe names (its symbol, marker or source; or it is no ELF object to
+    name them in): another object may."""
+
+
 class ProcessError(UprobesError):
     """A process cannot be inspected: gone, or not ours to read."""
 

@@ -17,7 +17,7 @@ from contextlib import ExitStack
 from dataclasses import replace
 
 from ..elf.locate import find_object, glob_matches, is_glob, linked_objects
-from ..errors import UprobesError
+from ..errors import ElfError, NotInObject, UprobesError
 from ..output.chrome import ChromeTraceWriter
 from ..output.aggregate import SPECIAL_KEYS, CallsInFlight, CountsByKey, HistogramsByKey
 from ..output.columns import EventColumns
@@ -232,11 +232,14 @@ def _resolved(texts: list[str], pids: list[int], returns: ReturnMode, waiting: f
                         found.setdefault(probe_point(probe) if len(objects) > 1 else len(found), probe)
                 except UprobesError as exc:
                     errors.append(exc)
-        if errors and not found and text in waiting and pids:
+        real = [error for error in errors if text not in waiting or not isinstance(error, (NotInObject, ElfError))]
+        if real and not found:
+            raise real[0]
+        for error in real if text in waiting else ():  # where the others were found
+            print(f"uprobes: warning: {error}: left out", file=sys.stderr)
+        if errors and not found and pids:
             print(f"uprobes: warning: '{text}' names nothing in the objects mapped now; it is looked for in each "
                   f"object mapped from now on", file=sys.stderr)
-        elif errors and not found and text not in waiting:
-            raise errors[0]
         probes += found.values()
     return probes
 
@@ -246,9 +249,15 @@ def _points(count: int) -> str:
 
 
 def _of_mapped_objects(text: str) -> bool:
-    """Whether a probe's PATH is '*' or a glob of names (``libfoo*``): of the objects a process maps."""
-    target = parse_probe(text).target
-    return is_glob(target) and "/" not in target
+    """Whether a probe's PATH is '*' or a glob of names (``libfoo*``): of the objects a process maps (which
+    an address, a place in one file, cannot be)."""
+    spec = parse_probe(text)
+    if not is_glob(spec.target) or "/" in spec.target:
+        return False
+    if spec.address is not None or spec.offset is not None:
+        raise UprobesError(f"probe '{text}': an address is a place in one file, and '{spec.target}' is every "
+                           f"object the process maps: give the file's path")
+    return True
 
 
 def _objects_of(pid: int) -> list[str]:
@@ -314,7 +323,8 @@ class Run:
         indexes in :attr:`timed`); ``matching``: globs of the processes to trace, none at first (the caller
         adds each with ``engine.add_process``), each on its own (its forks are not followed); ``start`` False:
         the probes are resolved and checked, and nothing is placed or launched until :meth:`start`;
-        ``objects_later`` False: '*' is the objects mapped at the start only (the probes stay those resolved)."""
+        ``objects_later`` False: '*' is the objects mapped at the start (a command's: those it links) only, the
+        probes those resolved then."""
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, _raise_stop)
         # Stop signals wait until the run is set up: raised in the middle of an import (the engine's modules load
@@ -333,8 +343,7 @@ class Run:
         returns = ReturnMode(args.return_mode, self.engine.unwinder_meets_stack)
         # '*' and globs of names as PATH, with processes to trace: also every object they map later (a glob of
         # paths is of the files there, found now)
-        waiting = frozenset(text for text in texts
-                            if objects_later and (self.pids or command) and _of_mapped_objects(text))
+        waiting = frozenset(text for text in texts if (self.pids or command) and _of_mapped_objects(text))
         starting = _starting(command) if command and waiting else []
         try:
             self.probes: list[Probe] = _resolved(texts, self.pids, returns, waiting, starting)
@@ -343,6 +352,7 @@ class Run:
         if pair_returns:
             self.probes = _entry_and_return(self.probes, returns)
         self._added_notes: list[str] = []  # what _found_later added, said once the engine has placed it
+        self._objects_later = objects_later and bool(waiting)
         searched = starting or [path_in_process(pid, path) for pid in self.pids if waiting for path in _objects_of(pid)]
         self._later = ObjectsLater([parse_probe(text) for text in texts if text in waiting], self.probes, returns,
                                    searched, (lambda probes: _entry_and_return(probes, returns)) if pair_returns
@@ -381,7 +391,7 @@ class Run:
         self.engine.attach(self.probes, () if matching or several else self.child.pid if self.child else
                            self.pids[0] if self.pids else None, counting=self.counting, held=self.child is not None,
                            follow_forks=not args.no_follow and not matching, stacks=self._stacks,
-                           later=self._found_later if self._later.specs else None)
+                           later=self._found_later if self._objects_later else None)
         if several:
             self.pids = [pid for pid in self.pids if self._added(pid, args.all_or_nothing)]
             if not self.pids:
@@ -389,7 +399,7 @@ class Run:
         #: What the probes are on: "pid 1234", "the command", "every process", "processes matching 'GLOB'".
         self.scope = (", ".join(map(_pid_text, self.pids)) if self.pids else "the command" if self.child else
                       f"processes matching {' or '.join(map(repr, matching))}" if matching else "every process")
-        more = "; more in the objects mapped from now on" if self._later.specs else ""
+        more = "; more in the objects mapped from now on" if self._objects_later else ""
         print(f"uprobes: {_points(len(self.probes))} attached ({self.engine.name} engine, {self.scope}{more})",
               file=sys.stderr, flush=True)
         self.deadline = time.monotonic() + args.duration if args.duration else None
@@ -410,6 +420,8 @@ class Run:
         """The engine's :data:`~uprobes.engines.base.LaterProbes`: the new points of the texts whose PATH is '*'
         or a glob in an object process ``pid`` maps, made the run's probes (the next indexes)."""
         found = self._later(pid, path)
+        self._added_notes += (f"warning: {why}" for why in self._later.left_out)
+        self._later.left_out.clear()
         for probe in found:
             if probe.predicate is not None:
                 self._predicates[len(self.probes)] = probe.predicate

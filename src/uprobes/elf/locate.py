@@ -134,8 +134,8 @@ def find_objects(name: str, pid: int | None = None) -> list[str]:
     if not is_glob(name):
         return [find_object(name, pid)]
     if name == "*" and pid is None:
-        raise ElfError("PATH '*' (or none) is every object a process maps: give -p PID or a command to run (or "
-                       "a path, or a glob of paths)")
+        raise ElfError("PATH '*' (or none) is every object a process maps: give -p PID (or, to trace, a command "
+                       "to run), or a path, or a glob of paths")
     from ..proc.maps import mapped_objects  # local, as in _in_process
 
     # with -p a bare name (libc*, *) is of the objects it maps; a path, of its files too (its root's, for an

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from ..elf.locate import glob_matches
 from ..elf.objfile import ElfObject
-from ..errors import UprobesError
+from ..errors import ElfError, NotInObject, UprobesError
 from ..proc.maps import path_in_process
 from .resolve import Probe, ReturnMode, resolve_probe
 from .spec import ProbeSpec
@@ -50,6 +50,8 @@ class ObjectsLater:
         self._points = {probe_point(probe) for probe in known}
         self._found = {spec.text for spec in specs if any(p.spec == spec.text for p in known)}
         self._objects: dict[str, ElfObject] = {}
+        #: Probes found in an object but not placed there, and why (each to be said once).
+        self.left_out: list[str] = []
 
     def __call__(self, pid: int, path: str) -> list[Probe]:
         """The new probe points in the object process ``pid`` maps at ``path`` (as it sees it)."""
@@ -64,7 +66,11 @@ class ObjectsLater:
                 continue
             try:
                 probes = resolve_probe(replace(spec, target=opened), self._objects, returns=self._returns)
-            except UprobesError:  # not in this object (or no object to probe: a file that is gone)
+            except (NotInObject, ElfError):  # not in this object, or no object to probe (a file that is gone)
+                continue
+            except UprobesError as exc:  # there, but not as asked
+                self._found.add(spec.text)
+                self.left_out.append(f"{exc} (in {path}): left out")
                 continue
             self._found.add(spec.text)
             for probe in self._shape(probes) if self._shape else probes:

@@ -23,7 +23,7 @@ from ..dwarf.variables import is_variable_expression, retval_fetcharg, variable_
 from ..elf.locate import find_object, find_objects, is_elf, is_glob
 from ..elf.objfile import ElfObject
 from ..elf.symbols import Symbol
-from ..errors import ProbeSyntaxError, ResolveError, UprobesError
+from ..errors import ElfError, NotInObject, ProbeSyntaxError, ResolveError, UprobesError
 from ..sdt.notes import SdtSite, read_markers
 from ..x86_64.decode import instruction_containing, instruction_starts
 from ..x86_64.exits import FunctionExit, function_exits
@@ -226,9 +226,11 @@ def resolve_probe(spec: ProbeSpec, objects: dict[str, ElfObject] | None = None, 
             except UprobesError as exc:  # that file has none, or is no object to probe (a truncated one)
                 errors.append(exc)
         if not probes:
-            raise errors[0] if len(paths) == 1 else ResolveError(
-                f"probe '{spec.text}': none of the {len(paths)} files '{spec.target}' matches has it "
-                f"(in {paths[0]}: {errors[0]})")
+            real = [error for error in errors if not isinstance(error, (NotInObject, ElfError))]
+            if real or len(paths) == 1:
+                raise (real or errors)[0]
+            raise NotInObject(f"probe '{spec.text}': none of the {len(paths)} files '{spec.target}' matches has "
+                              f"it ({', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''})")
         return probes
     obj = objects.get(spec.target) if objects is not None else None
     path = find_object(spec.target, pid) if obj is None else obj.path
@@ -260,7 +262,7 @@ def _resolve_raw(spec: ProbeSpec, path: str) -> list[Probe]:
     kernel takes any file: no symbols to name it, no instruction boundary to check it against."""
     offset = spec.offset if spec.offset is not None else spec.address
     if offset is None or spec.is_return or spec.is_usdt or spec.is_line:
-        raise ResolveError(f"probe '{spec.text}': {path} is not an ELF file: probe its code by file offset, as "
+        raise NotInObject(f"probe '{spec.text}': {path} is not an ELF file: probe its code by file offset, as "
                            f"uprobe:{path}:0xOFFSET or p {path}:0xOFFSET (no symbols, markers or returns)")
     if offset >= os.path.getsize(path):
         raise ResolveError(f"probe '{spec.text}': offset {offset:#x} is past the end of {path} "
@@ -487,7 +489,7 @@ def _offset_to_address(obj: ElfObject, offset: int, spec: ProbeSpec) -> int:
 def _symbol_addresses(spec: ProbeSpec, obj: ElfObject) -> list[tuple[int, Symbol]]:
     matches = obj.symbols.match(spec.symbol)
     if not matches:
-        raise ResolveError(_no_symbol_message(spec, obj))
+        raise NotInObject(_no_symbol_message(spec, obj))
     by_address: dict[int, Symbol] = {}
     for sym in matches:  # aliases at one address are one probe point, named after the plainest alias
         known = by_address.get(sym.value)
@@ -590,7 +592,7 @@ def _resolve_marker(spec: ProbeSpec, obj: ElfObject) -> list[Probe]:
               if fnmatch.fnmatchcase(m.name, spec.marker)
               and (spec.provider is None or fnmatch.fnmatchcase(m.provider, spec.provider))]
     if not chosen:
-        raise ResolveError(_no_marker_message(spec, obj, [m.qualified_name for m in markers]))
+        raise NotInObject(_no_marker_message(spec, obj, [m.qualified_name for m in markers]))
     probes = []
     for marker in chosen:
         base = spec.event or _identifier(f"{marker.provider}_{marker.name}")
@@ -613,7 +615,7 @@ def _resolve_line(spec: ProbeSpec, obj: ElfObject) -> list[Probe]:
     try:
         info = DebugInfo.of(obj)
     except ResolveError as exc:
-        raise ResolveError(f"probe '{spec.text}': {exc}") from None
+        raise NotInObject(f"probe '{spec.text}': {exc}") from None
     if spec.source_function is not None:
         points, missing = [], None
         for file_name, line, copies in function_line(info, spec.source_function, spec.line, spec.text):

@@ -263,8 +263,10 @@ class KernelEngine(Engine):
             raise KernelEngineError("probes in objects mapped later are placed in the processes traced, not "
                                     "system-wide")
         self._counting = counting
-        # a probe with a predicate is counted alone: its counter counts what its filter keeps
-        self._by_tag = counting and len(probes) > self._counted_alone and not any(p.predicate for p in probes)
+        # a probe with a predicate is counted alone: its counter counts what its filter keeps; probes to come
+        # (later) may be many, each an event counted alone that takes its while to remove: they are counted by tag
+        self._by_tag = counting and (len(probes) > self._counted_alone or later is not None) and not any(
+            p.predicate for p in probes)
         self._stacks = StackReader(stacks.depth) if stacks is not None and not counting else None
         self._pending = {}
         self._later, self._follow_forks = later, follow_forks
