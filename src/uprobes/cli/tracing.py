@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import os
 import shlex
 import shutil
@@ -41,8 +42,13 @@ __all__ = ["Run", "POLL_SECONDS", "key_names", "check_names", "check_integer", "
 POLL_SECONDS = 0.1
 
 
+# A stop signal this soon after the one that is ending the run is that one again: sent to the process group, it
+# reaches the worker of an attached run both directly and passed on by the process in front (guard.py).
+_SAME_STOP_S = 1.0
+
+
 class _Stop(KeyboardInterrupt):
-    """Raised by the SIGTERM and SIGHUP handlers, so that they end a run exactly as Ctrl-C does."""
+    """Raised by the handlers of the stop signals, so that SIGTERM and SIGHUP end a run exactly as Ctrl-C does."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -325,7 +331,7 @@ class Run:
         the probes are resolved and checked, and nothing is placed or launched until :meth:`start`;
         ``objects_later`` False: '*' is the objects mapped at the start (a command's: those it links) only, the
         probes those resolved then."""
-        for signum in (signal.SIGTERM, signal.SIGHUP):
+        for signum in STOP_SIGNALS:
             signal.signal(signum, _raise_stop)
         # Stop signals wait until the run is set up: raised in the middle of an import (the engine's modules load
         # here), one lands in an import lock's callback, is printed as ignored, and the run goes on for ever
@@ -579,7 +585,15 @@ def _entry_and_return(probes: list[Probe], returns: ReturnMode) -> list[Probe]:
     return [entry, *return_probes(entry, returns)]
 
 
+_last_stop = -math.inf  # time.monotonic() of the stop signal that is ending the run
+
+
 def _raise_stop(signum, frame) -> None:
+    global _last_stop
+    now = time.monotonic()
+    if now - _last_stop < _SAME_STOP_S:  # the stop under way, once more: its clean-up and output go on
+        return
+    _last_stop = now
     raise _Stop(signum)
 
 
