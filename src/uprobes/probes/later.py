@@ -49,7 +49,6 @@ class ObjectsLater:
         self._searched = {_file(path) for path in searched} - {None}
         self._points = {probe_point(probe) for probe in known}
         self._found = {spec.text for spec in specs if any(p.spec == spec.text for p in known)}
-        self._objects: dict[str, ElfObject] = {}
         #: Probes found in an object but not placed there, and why (each to be said once).
         self.left_out: list[str] = []
 
@@ -61,11 +60,12 @@ class ObjectsLater:
             return []
         self._searched.add(file)
         found = []
+        opened_once: dict[str, ElfObject] = {}  # for the specs of this object only: a run may map thousands
         for spec in self.specs:
             if not glob_matches(path, spec.target):
                 continue
             try:
-                probes = resolve_probe(replace(spec, target=opened), self._objects, returns=self._returns)
+                probes = resolve_probe(replace(spec, target=opened), opened_once, returns=self._returns)
             except (NotInObject, ElfError):  # not in this object, or no object to probe (a file that is gone)
                 continue
             except UprobesError as exc:  # there, but not as asked
