@@ -261,10 +261,12 @@ def _added_in(tool: RunningTool, path: str) -> bool:
 
 
 @pytest.mark.parametrize("how", ["command", "pid"])
-def test_star_probes_a_library_mapped_after_the_start(targets, tmp_path, engine, how):
+@pytest.mark.parametrize("command", ["trace", "count"])
+def test_star_probes_a_library_mapped_after_the_start(targets, tmp_path, engine, how, command):
     """'uprobe:*:lib_work' on a program that dlopens its library only when told (lifecycle stages): the library
     is not mapped at the start (with -p: said once, and not an error), and once it is, its function is probed
-    (the tool says so) and every call after that is seen, once, with its argument, on both engines."""
+    (the tool says so) and every call after that is seen, once, with its argument, or counted (no probe at the
+    start: the kernel engine counts by tag, none yet), on both engines."""
     lifecycle, library = str(targets / "lifecycle"), os.path.realpath(targets / "libctor.so")
     events_file = tmp_path / "events.json"
     read, write = os.pipe()
@@ -275,7 +277,7 @@ def test_star_probes_a_library_mapped_after_the_start(targets, tmp_path, engine,
     else:
         where = ["--", lifecycle, "stages", library, "5"]
     try:
-        with RunningTool("trace", "--engine", engine, "--json", "-o", str(events_file),
+        with RunningTool(command, "--engine", engine, "--json", "-o", str(events_file),
                          "uprobe:*:lib_work i=%di:s32", *where, stdin=None if program else read) as tool:
             os.close(read)
             tool.wait_attached()
@@ -297,8 +299,11 @@ def test_star_probes_a_library_mapped_after_the_start(targets, tmp_path, engine,
     assert ("names nothing in the objects mapped now" in err) == (how == "pid"), err
     assert f"uprobes: 1 probe point added in {library} (mapped by process " in err
     assert "never found" not in err
-    events = [json.loads(line) for line in events_file.read_text().splitlines() if '"probe"' in line]
-    assert [(e["probe"], e["args"]) for e in events] == [("lib_work", {"i": i}) for i in range(5)]
+    records = [json.loads(line) for line in events_file.read_text().splitlines()]
+    if command == "count":
+        assert records == [{"probe": "lib_work", "path": library, "offset": records[0]["offset"], "hits": 5}]
+    else:
+        assert [(e["probe"], e["args"]) for e in records if "probe" in e] == [("lib_work", {"i": i}) for i in range(5)]
 
 
 def test_star_counts_in_a_library_a_command_loads_twice(targets, engine):

@@ -330,7 +330,7 @@ class KernelEngine(Engine):
             for index, probe in returning.values():  # never counted
                 entry = replace(probe, is_return=False, event=probe.event.removesuffix("__return"))
                 self._define(events, ("returns",), index, entry, (_SLOT_ARG, _CALLER_ARG, _tag(index)))
-        if self._by_tag and len({event.tag_offset for event in (*self._events.values(), *events.values())}) != 1:
+        if self._by_tag and len({event.tag_offset for event in (*self._events.values(), *events.values())}) > 1:
             raise KernelEngineError("the kernel laid out our events' records in an unexpected way; "
                                     "count fewer probes at once")
         self._events.update((event.format.id, event) for event in events.values())
@@ -386,9 +386,11 @@ class KernelEngine(Engine):
             self._lost = self._reader.count_lost()
 
     def _tally(self) -> None:
-        """Read the records of a run counting by tag."""
+        """Read the records of a run counting by tag (every event has its tag at one offset; with no event yet,
+        probes to come later, the buffers hold only what the processes map)."""
         if self._reader is not None:
-            self._count_records(self._reader.read_field(next(iter(self._events.values())).tag_offset, 4))
+            tag_offset = next(iter(self._events.values())).tag_offset if self._events else 0
+            self._count_records(self._reader.read_field(tag_offset, 4))
 
     def _count_records(self, tags: numpy.ndarray) -> None:
         """Count records read, by the probe index each one's tag holds."""
