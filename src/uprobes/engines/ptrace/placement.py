@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 from ...errors import ProcessError, UnprobeableInstruction
 from ...probes.resolve import Probe
-from ..base import LaterProbes
 from ...proc.maps import Mapping, read_maps, runtime_addresses
 from ...proc.status import shadow_stack
 from ...x86_64.analysis import Plan, analyze
+from ..base import LaterProbes
 from .jumps import Jumps
 from .memory import ProcessMemory
 from .semaphores import Semaphores
